@@ -1,0 +1,31 @@
+"""The pure job state machine (no I/O). See fsm.machine."""
+
+from .machine import (
+    ACTIVE,
+    HELD,
+    MACHINE,
+    TERMINAL,
+    TRANSITIONS,
+    Event,
+    JobModel,
+    JobState,
+    TransitionRefused,
+    allowed_pairs,
+    decide,
+    sources_of,
+)
+
+__all__ = [
+    "ACTIVE",
+    "HELD",
+    "MACHINE",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Event",
+    "JobModel",
+    "JobState",
+    "TransitionRefused",
+    "allowed_pairs",
+    "decide",
+    "sources_of",
+]

@@ -1,0 +1,149 @@
+"""The job state machine, declared once as data with `transitions`.
+
+Pure: no I/O, no Redis, no gRPC. The store asks `decide()` what an event does to a job, and derives
+the allow-lists it hands to the Lua scripts from `sources_of()`; docs/fsm.md and the diagram are
+rendered from the same `TRANSITIONS` by scripts/render_fsm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from transitions import EventData, Machine, MachineError
+
+
+class JobState(StrEnum):
+    """Every state a job can be in. NEW is the pseudo-state before submit; it is never stored."""
+
+    NEW = "new"
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class Event(StrEnum):
+    """Every event (trigger) of the machine."""
+
+    SUBMIT = "submit"
+    ASSIGN = "assign"
+    START = "start"
+    COMPLETE = "complete"
+    FAIL = "fail"
+    LEASE_EXPIRED = "lease_expired"
+    NODE_LOST = "node_lost"
+    UNAVAILABLE = "unavailable"
+    CANCEL = "cancel"
+    EXPIRE = "expire"
+
+
+TERMINAL: frozenset[JobState] = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
+)
+ACTIVE = [JobState.QUEUED, JobState.ASSIGNED, JobState.RUNNING]
+HELD = [JobState.ASSIGNED, JobState.RUNNING]
+
+# Order matters: for one (trigger, source), the first transition whose conditions hold wins.
+TRANSITIONS: list[dict[str, Any]] = [
+    {"trigger": Event.SUBMIT, "source": JobState.NEW, "dest": JobState.QUEUED},
+    {"trigger": Event.ASSIGN, "source": JobState.QUEUED, "dest": JobState.ASSIGNED},
+    {"trigger": Event.START, "source": JobState.ASSIGNED, "dest": JobState.RUNNING},
+    {"trigger": Event.COMPLETE, "source": HELD, "dest": JobState.SUCCEEDED},
+    {
+        "trigger": Event.FAIL,
+        "source": HELD,
+        "dest": JobState.QUEUED,
+        "conditions": ["is_retryable", "has_attempts_left"],
+    },
+    {"trigger": Event.FAIL, "source": HELD, "dest": JobState.FAILED},
+    # The node went away, went silent, or lacks the model: retry elsewhere while attempts remain.
+    *(
+        t
+        for event in (Event.LEASE_EXPIRED, Event.NODE_LOST, Event.UNAVAILABLE)
+        for t in (
+            {"trigger": event, "source": HELD, "dest": JobState.QUEUED, "conditions": ["has_attempts_left"]},
+            {"trigger": event, "source": HELD, "dest": JobState.FAILED},
+        )
+    ),
+    {"trigger": Event.CANCEL, "source": ACTIVE, "dest": JobState.CANCELLED},
+    {"trigger": Event.EXPIRE, "source": ACTIVE, "dest": JobState.EXPIRED},
+]
+
+
+@dataclass(slots=True)
+class JobModel:
+    """The light model bound to the shared machine for one decision."""
+
+    state: str
+    attempt: int = 0
+    max_attempts: int = 1
+
+    def is_retryable(self, event: EventData) -> bool:
+        return bool(event.kwargs.get("retryable", False))
+
+    def has_attempts_left(self, event: EventData) -> bool:
+        return self.attempt < self.max_attempts
+
+
+# Built once per process (a Machine costs ~0.3 ms to build); models are bound per call.
+def _plain(value: Any) -> Any:
+    """transitions names Enum states by member name; the store speaks the lowercase values."""
+    return [str(v) for v in value] if isinstance(value, list) else str(value)
+
+
+MACHINE = Machine(
+    model=None,
+    states=[str(s) for s in JobState],
+    transitions=[{k: (v if k == "conditions" else _plain(v)) for k, v in t.items()} for t in TRANSITIONS],
+    initial=None,
+    auto_transitions=False,
+    send_event=True,
+)
+
+
+class TransitionRefused(Exception):
+    """The event is not allowed from the job's current state."""
+
+    def __init__(self, state: str, event: str) -> None:
+        super().__init__(f"event {event!r} is not allowed in state {state!r}")
+        self.state = state
+        self.event = event
+
+
+def decide(
+    state: str, event: str, *, attempt: int = 0, max_attempts: int = 1, retryable: bool = False
+) -> JobState:
+    """Return the state `event` leads to from `state`, or raise TransitionRefused."""
+    model = JobModel(str(state), attempt, max_attempts)
+    trigger = MACHINE.events.get(str(event))
+    if trigger is None:
+        raise TransitionRefused(state, event)
+    try:
+        if not trigger.trigger(model, retryable=retryable):
+            raise TransitionRefused(state, event)
+    except (MachineError, ValueError) as err:
+        raise TransitionRefused(state, event) from err
+    return JobState(model.state)
+
+
+def sources_of(event: str, dest: str | None = None) -> list[JobState]:
+    """The states from which `event` can fire (leading to `dest`, when given), in declaration order."""
+    found: list[JobState] = []
+    for source, transitions in MACHINE.events[event].transitions.items():
+        if any(dest is None or t.dest == dest for t in transitions) and source not in found:
+            found.append(JobState(source))
+    return found
+
+
+def allowed_pairs() -> set[tuple[JobState, Event]]:
+    """Every (state, event) pair the machine accepts under some condition."""
+    return {
+        (JobState(source), Event(name))
+        for name, event in MACHINE.events.items()
+        for source in event.transitions
+    }

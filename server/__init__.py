@@ -1,0 +1,1 @@
+"""Lingua Scheduler server: gRPC servicers over the Redis job store."""

@@ -1,0 +1,103 @@
+"""Every Redis key and channel name. Nothing else formats a key.
+
+A job id starts with its partition's hash tag, `{src:tgt:p}`, so every key of a job and the keys of
+the partition it waits in share one Redis Cluster slot: one Lua call never crosses slots.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+PREFIX = "lingua:v1:"
+
+
+def pool_of(src_lang: str, tgt_lang: str) -> str:
+    """The directed pair a job waits in: `zh:en` is not `en:zh`."""
+    return f"{src_lang}:{tgt_lang}"
+
+
+def partition_tag(pool: str, partition: int) -> str:
+    """The hash tag of one partition of a pool: `{zh:en:3}`."""
+    return f"{{{pool}:{partition}}}"
+
+
+def partition_for(tenant_id: str, session_id: str, partitions: int) -> int:
+    """All jobs of one session land in one partition (stable across instances and restarts)."""
+    return zlib.crc32(f"{tenant_id}\x00{session_id}".encode()) % partitions
+
+
+def partition_tags(pool: str, partitions: int) -> list[str]:
+    return [partition_tag(pool, p) for p in range(partitions)]
+
+
+def tag_of(job_id: str) -> str:
+    """The partition tag a job id starts with; ValueError when the id has none."""
+    if not job_id.startswith("{"):
+        raise ValueError("job id must start with a partition tag such as {zh:en:0}")
+    end = job_id.find("}")
+    if end < 3 or end == len(job_id) - 1:
+        raise ValueError("job id must be a partition tag followed by an id")
+    return job_id[: end + 1]
+
+
+def pool_of_tag(tag: str) -> str:
+    """`{zh:en:3}` -> `zh:en`."""
+    return tag[1:-1].rsplit(":", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class JobKeys:
+    """The keys of one job (all in its partition's slot)."""
+
+    fsm: str
+    meta: str
+    payload: str
+    result: str
+    events: str
+
+    @classmethod
+    def of(cls, job_id: str) -> JobKeys:
+        base = f"{PREFIX}job:{job_id}:"
+        return cls(base + "fsm", base + "meta", base + "payload", base + "result", base + "events")
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKeys:
+    """The keys of one partition of a pool."""
+
+    queue: str  # ZSET job id -> priority band + enqueue time (oldest first within priority)
+    timers: str  # ZSET "l:<id>" lease, "d:<id>" deadline, "r:<id>" retry-ready -> due time (ms)
+    affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
+
+    @classmethod
+    def of(cls, tag: str) -> PartitionKeys:
+        return cls(f"{PREFIX}queue:{tag}", f"{PREFIX}timers:{tag}", f"{PREFIX}affinity:{tag}")
+
+
+def idempotency(tag: str, tenant_id: str, session_id: str, identity: str) -> str:
+    """Maps a submit's identity to its job id (same slot as the job)."""
+    return f"{PREFIX}idem:{tag}:{tenant_id}:{session_id}:{identity}"
+
+
+def session_field(tenant_id: str, session_id: str) -> str:
+    return f"{tenant_id}\x00{session_id}"
+
+
+def node(node_id: str) -> str:
+    """HASH: a registered node's capabilities, load and stream holder; expires unless renewed."""
+    return f"{PREFIX}node:{{{node_id}}}"
+
+
+NODES = PREFIX + "nodes"  # ZSET node id -> last renewal (ms): the index ListNodes reads
+POOLS = PREFIX + "pools"  # SET of pools that ever had a job: what the sweepers walk
+
+
+def wake_channel(pool: str) -> str:
+    """Pub/sub channel told about every job enqueued in `pool`."""
+    return f"{PREFIX}wake:{pool}"
+
+
+def node_channel(node_id: str) -> str:
+    """Pub/sub channel for messages to whichever instance holds `node_id`'s stream (cancels)."""
+    return f"{PREFIX}tonode:{node_id}"

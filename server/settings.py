@@ -1,0 +1,91 @@
+"""One frozen settings object, read from flags and LINGUA_* environment variables.
+
+Flags win over the environment, which wins over the defaults. Durations are in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where to listen ("host:port"; port 0 picks a free one).
+    listen: str = "127.0.0.1:50051"
+    # Redis to use; empty starts an embedded redis-server with its data in `data_dir`.
+    redis_url: str = ""
+    # Where the embedded Redis keeps its AOF and dump.
+    data_dir: str = ".lingua/redis"
+    # This instance's id, as shown in ListNodes and RegisterAck.
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Partitions per pool. Every instance must use the same number (it decides job ids' hash tags).
+    partitions: int = 4
+    # How long a finished job's record and result stay readable.
+    retention_ms: int = 3_600_000
+    # Deadline of a job submitted without one, and the furthest deadline accepted.
+    default_job_ttl_ms: int = 600_000
+    max_job_ttl_ms: int = 86_400_000
+    # Attempts of a job submitted with max_attempts 0, and the most accepted.
+    default_max_attempts: int = 3
+    max_attempts_cap: int = 20
+    # Execution timeout of a job submitted without one.
+    default_execution_timeout_ms: int = 300_000
+    # Largest inline payload / TTS audio accepted (RESOURCE_EXHAUSTED above), and largest Submit batch.
+    max_payload_bytes: int = 1_048_576
+    max_batch: int = 500
+    # A node must ack an assignment within ack_timeout, then heartbeat at least every heartbeat
+    # interval; a lease lasts lease_ms after the last ack or heartbeat.
+    ack_timeout_ms: int = 5_000
+    heartbeat_interval_ms: int = 1_000
+    lease_ms: int = 5_000
+    # After a node's stream closes, its jobs are requeued once this grace has passed without it back.
+    stream_grace_ms: int = 2_000
+    # Retry backoff: base * 2^(attempt-1), capped.
+    backoff_base_ms: int = 200
+    backoff_max_ms: int = 10_000
+    # A job of a session waits this long for the node that served the session last.
+    affinity_wait_ms: int = 50
+    # A session's binding to its node is forgotten after this long without a job.
+    affinity_ttl_ms: int = 600_000
+    # Slow poll behind the pub/sub wake-ups, and the period of the timer sweep.
+    poll_interval_ms: int = 250
+    sweep_interval_ms: int = 200
+    # Registry presence of a node (renewed while its stream is open).
+    node_ttl_ms: int = 15_000
+    # Grace period for streams to drain on SIGTERM.
+    shutdown_grace_s: float = 5.0
+    # Redis connection pool size.
+    redis_max_connections: int = 256
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+        """Settings from `argv` flags (--redis-url ...) over LINGUA_* variables over defaults."""
+        env = dict(os.environ) if env is None else env
+        parser = argparse.ArgumentParser(prog="lingua-scheduler", description="Lingua Scheduler server")
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            kind = type(getattr(cls(), f.name))
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+            raw = env.get("LINGUA_" + f.name.upper())
+            if raw is not None:
+                values[f.name] = kind(raw)
+        for name, value in vars(parser.parse_args(argv)).items():
+            if value is not None:
+                values[name] = value
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.partitions < 1 or self.partitions > 1024:
+            raise ValueError("partitions must be 1 to 1024")
+        if self.heartbeat_interval_ms * 2 > self.lease_ms:
+            raise ValueError("lease_ms must be at least twice heartbeat_interval_ms")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and value < 0:
+                raise ValueError(f"{f.name} must not be negative")
