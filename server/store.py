@@ -14,7 +14,7 @@ from typing import Any
 
 from ulid import ULID
 
-from ..fsm import TERMINAL, Event, JobState, TransitionRefused, decide, sources_of
+from ..fsm import HELD, TERMINAL, Event, JobState, TransitionRefused, decide, sources_of
 from . import keys
 from .errors import (
     ConcurrentModification,
@@ -260,13 +260,13 @@ class Store:
 
     # -- claims (queued -> assigned) ------------------------------------------------------------
 
-    async def peek(self, tags: list[str], count: int) -> dict[str, list[str]]:
-        """The first `count` queued job ids of each partition: candidates for claim()."""
+    async def peek(self, tags: list[str], count: int) -> dict[str, list[tuple[str, float]]]:
+        """The first `count` (job id, queue score) of each partition: candidates for claim()."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for tag in tags:
-                pipe.zrange(keys.PartitionKeys.of(tag).queue, 0, count - 1)
+                pipe.zrange(keys.PartitionKeys.of(tag).queue, 0, count - 1, withscores=True)
             replies = await pipe.execute()
-        return {tag: [_s(j) for j in ids] for tag, ids in zip(tags, replies, strict=True)}
+        return {tag: [(_s(j), score) for j, score in found] for tag, found in zip(tags, replies, strict=True)}
 
     async def claim(self, node_id: str, candidates: list[str], hint_count: int = 8) -> list[Claim]:
         """Try to claim each candidate for `node_id`, pipelined in one round trip."""
@@ -351,10 +351,7 @@ class Store:
         """Cancel; returns the change and the record read before it (who held the job)."""
         before = await self.record(job_id)
         error = pb.JobError(code="LINGUA_CANCELLED", message=reason or "cancelled by client")
-        changed = await self.transition(job_id, Event.CANCEL, error=error, record=before)
-        if changed.code == ScriptCode.APPLIED and before.state in (JobState.ASSIGNED, JobState.RUNNING):
-            await self.redis.publish(keys.node_channel(before.node), f"cancel {job_id} {before.attempt}")
-        return changed, before
+        return await self.transition(job_id, Event.CANCEL, error=error, record=before), before
 
     # -- the generic read / decide / compare-and-set path ---------------------------------------
 
@@ -389,7 +386,11 @@ class Store:
                 rec, event, dest, node, attempt, error, guard, avoid))
             if reply[0] == ScriptCode.VERSION_MISMATCH:
                 continue
-            return self._changed(job_id, reply, event, attempt or 0)
+            changed = self._changed(job_id, reply, event, attempt or 0)
+            if changed.code == ScriptCode.APPLIED and node is None and rec.state in HELD:
+                # Taken away from its node by someone else (cancel, expiry, lease): tell the node.
+                await self.redis.publish(keys.node_channel(rec.node), f"cancel {job_id} {rec.attempt}")
+            return changed
         raise ConcurrentModification(f"job {job_id} keeps changing; retry")
 
     def _transition_call(self, rec: JobRecord, event: Event, dest: JobState, node: str | None,

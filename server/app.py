@@ -1,0 +1,103 @@
+"""App wiring: Redis client, store, dispatcher, servicers, health and reflection on one grpc.aio server."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .dispatch import Dispatcher
+from .node import NodeSessions
+from .proto import scheduler_pb2 as pb
+from .proto import scheduler_pb2_grpc as pb_grpc
+from .service import SchedulerService
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+def connect_redis(settings: Settings) -> Any:
+    """A redis.asyncio client for settings.redis_url (bytes replies; health-checked connections)."""
+    return aioredis.from_url(
+        settings.redis_url, decode_responses=False, max_connections=settings.redis_max_connections,
+        health_check_interval=30,
+    )
+
+
+async def _config(client: Any, name: str) -> str:
+    reply = await client.config_get(name)
+    value = next(iter(reply.values()), b"") if reply else b""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def check_redis(client: Any) -> list[str]:
+    """Warnings about a Redis that can lose jobs (eviction on; no persistence)."""
+    warnings = []
+    policy = await _config(client, "maxmemory-policy")
+    if policy != "noeviction":
+        warnings.append(f"Redis maxmemory-policy is {policy!r}: it may evict job keys; set it to noeviction")
+    if await _config(client, "appendonly") != "yes":
+        warnings.append("Redis runs without AOF (appendonly no): a Redis restart loses jobs; "
+                        "production should run appendonly yes, appendfsync everysec")
+    return warnings
+
+
+@dataclass
+class App:
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    redis: Any
+    store: Store
+    dispatcher: Dispatcher
+    nodes: NodeSessions
+    health: health.aio.HealthServicer  # type: ignore[name-defined]
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+        await self.nodes.start()
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health to NOT_SERVING, stop accepting, let streams drain within the grace, close Redis."""
+        await self.health.enter_graceful_shutdown()
+        await self.nodes.drain_all()
+        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        await self.nodes.stop()
+        await self.dispatcher.stop()
+        await self.redis.aclose()
+
+
+def create_server(settings: Settings, redis: Any = None) -> App:
+    """Build the server bound to settings.listen (port 0 picks one: see App.port). Call start()."""
+    client = redis if redis is not None else connect_redis(settings)
+    store = Store(client, settings)
+    dispatcher = Dispatcher(store, settings)
+    nodes = NodeSessions(store, dispatcher, settings)
+    server = grpc.aio.server(options=[
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
+    ])
+    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(store, dispatcher, settings, nodes), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise RuntimeError(f"could not listen on {settings.listen}")
+    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer)

@@ -1,0 +1,216 @@
+"""Dispatch: claims work from Redis for the nodes whose streams (or long-polls) this instance holds.
+
+Pull, not push: nothing is routed to "the instance that owns a node". Each local consumer (a node
+stream with free slots, or a unary Assign waiting) claims for itself. A Redis pub/sub wake-up names
+the job just queued, so the claim usually costs one round trip; a slow poll (peek, then claim) backs
+up lost wake-ups. The same task sweeps the timers of every partition (leases, deadlines, retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from . import keys
+from .errors import ScriptCode
+from .settings import Settings
+from .store import Claim, Store
+
+log = logging.getLogger(__name__)
+
+
+class Consumer:
+    """A local taker of work: a node stream, or one unary Assign call."""
+
+    def __init__(self, node_id: str, pools: list[str], capacity: Callable[[], int]) -> None:
+        self.node_id = node_id
+        self.pools = pools
+        self.capacity = capacity
+        self.hints: deque[str] = deque(maxlen=64)
+        self.wake = asyncio.Event()
+        self.reserved_until = 0.0  # a job held back for another node becomes claimable then (ms)
+        self.avoided: set[str] = set()
+
+    def hint(self, job_id: str) -> None:
+        self.hints.append(job_id)
+        self.wake.set()
+
+
+class Dispatcher:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.consumers: dict[str, list[Consumer]] = {}  # pool -> consumers
+        # node id -> callback(verb, args) for messages to nodes held here (set by NodeSessions)
+        self.node_listeners: Any = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pools: list[str] = []
+        self._pools_at = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        ready = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._listen(ready), name="dispatch-listen"),
+            asyncio.create_task(self._sweep_forever(), name="dispatch-sweep"),
+        ]
+        await ready.wait()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    def add(self, consumer: Consumer) -> None:
+        for pool in consumer.pools:
+            self.consumers.setdefault(pool, []).append(consumer)
+
+    def remove(self, consumer: Consumer) -> None:
+        for pool in consumer.pools:
+            group = self.consumers.get(pool, [])
+            if consumer in group:
+                group.remove(consumer)
+            if not group:
+                self.consumers.pop(pool, None)
+
+    # -- claiming -------------------------------------------------------------------------------
+
+    async def claim_for(self, consumer: Consumer, want: int) -> list[Claim]:
+        """Claim up to `want` jobs for the consumer: hints first, else the oldest queued of its pools."""
+        got: list[Claim] = []
+        for _ in range(4):
+            need = want - len(got)
+            if need <= 0:
+                break
+            candidates: list[str] = []
+            while consumer.hints and len(candidates) < need:
+                job_id = consumer.hints.popleft()
+                if job_id not in candidates and job_id not in consumer.avoided:
+                    candidates.append(job_id)
+            if not candidates:
+                candidates = await self._oldest(consumer, need)
+            if not candidates:
+                break
+            for claim in await self.store.claim(consumer.node_id, candidates):
+                if claim.code == ScriptCode.APPLIED:
+                    got.append(claim)
+                elif claim.code == ScriptCode.AVOIDED:
+                    consumer.avoided.add(claim.job_id)
+                elif claim.code == ScriptCode.RESERVED:
+                    consumer.reserved_until = max(consumer.reserved_until, claim.reserved_until)
+                consumer.hints.extend(
+                    j for j in claim.candidates if j not in consumer.avoided and j != claim.job_id
+                )
+        return got
+
+    async def _oldest(self, consumer: Consumer, count: int) -> list[str]:
+        """The `count` oldest queued jobs (highest priority first) across the consumer's partitions."""
+        tags = [t for pool in consumer.pools for t in self.store.tags_of_pool(pool)]
+        peeked = await self.store.peek(tags, count + len(consumer.avoided))
+        merged = heapq.merge(*peeked.values(), key=lambda pair: pair[1])
+        out: list[str] = []
+        for job_id, _score in merged:
+            if job_id in consumer.avoided:
+                continue
+            out.append(job_id)
+            if len(out) >= count:
+                break
+        return out
+
+    async def wait_for_work(self, consumer: Consumer, timeout: float) -> None:
+        """Sleep until a wake-up for the consumer's pools, a reservation ends, or the poll interval."""
+        poll = self.settings.poll_interval_ms / 1000 * random.uniform(0.8, 1.2)
+        delay = min(timeout, poll)
+        if consumer.reserved_until:
+            delay = min(delay, max(0.0, consumer.reserved_until / 1000 - time.time()) + 0.001)
+            consumer.reserved_until = 0
+        if consumer.hints:
+            return
+        consumer.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(consumer.wake.wait(), delay)
+
+    # -- pub/sub --------------------------------------------------------------------------------
+
+    async def _listen(self, ready: asyncio.Event) -> None:
+        """Wake-ups (a job was queued) and messages for nodes held here (cancels)."""
+        while True:
+            pubsub = self.store.redis.pubsub()
+            try:
+                await pubsub.psubscribe(keys.wake_channel("*"), keys.node_channel("*"))
+                ready.set()
+                wake_prefix = len(keys.wake_channel(""))
+                node_prefix = len(keys.node_channel(""))
+                async for message in pubsub.listen():
+                    if message["type"] != "pmessage":
+                        continue
+                    channel = message["channel"].decode()
+                    data = message["data"].decode()
+                    if channel.startswith(keys.wake_channel("")):
+                        self._on_wake(channel[wake_prefix:], data)
+                    else:
+                        self._on_node_message(channel[node_prefix:], data)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as err:
+                ready.set()
+                log.warning("wake-up subscription lost (%s); polling covers it, resubscribing", err)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _on_wake(self, pool: str, data: str) -> None:
+        job_id, _, preferred = data.partition(" ")
+        group = [c for c in self.consumers.get(pool, ()) if c.capacity() > 0]
+        if not group:
+            return
+        chosen = next((c for c in group if c.node_id == preferred), None) or random.choice(group)
+        chosen.hint(job_id)
+
+    def _on_node_message(self, node_id: str, data: str) -> None:
+        verb, *args = data.split(" ")
+        listener = self.node_listeners.get(node_id)
+        if listener is not None:
+            listener(verb, args)
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_ms / 1000 * random.uniform(0.5, 1.5))
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as err:
+                log.warning("timer sweep failed: %s", err)
+
+    async def sweep_once(self) -> int:
+        """Fire every due timer of every pool's partitions; returns how many were acted on."""
+        if time.monotonic() - self._pools_at > 5 or not self._pools:
+            self._pools = sorted(await self.store.pools())
+            self._pools_at = time.monotonic()
+        tags = [t for pool in self._pools for t in self.store.tags_of_pool(pool)]
+        if not tags:
+            return 0
+        due = await self.store.due_timers(tags, int(time.time() * 1000) + 1)
+        fired = 0
+        for _tag, member in due:
+            if await self.store.fire_timer(member) is not None:
+                fired += 1
+        return fired
+

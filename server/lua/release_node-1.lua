@@ -1,0 +1,17 @@
+--[[
+  Removes a node from the registry when its stream ends, unless a newer stream took over.
+
+  Input:
+    KEYS[1] node hash
+    ARGV[1] session token of the ending stream
+
+  Output:
+    {1}   removed
+    {-5}  another stream of this node id holds it now; left alone
+]]
+local rcall = redis.call
+if (rcall("HGET", KEYS[1], "session") or "") ~= ARGV[1] then
+  return {-5}
+end
+rcall("DEL", KEYS[1])
+return {1}

@@ -1,0 +1,62 @@
+"""Entry point: `lingua-scheduler [--redis-url URL] [--listen HOST:PORT] ...` (or python -m).
+
+With no Redis URL it starts an embedded redis-server (data in --data-dir, AOF on) and stops it on exit.
+SIGTERM/SIGINT: health goes NOT_SERVING, no new work is handed out, streams drain within the grace,
+then Redis is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from .app import check_redis, create_server
+from .embedded import EmbeddedRedis
+from .settings import Settings
+
+log = logging.getLogger("lingua_scheduler")
+
+
+async def serve(settings: Settings) -> None:
+    app = create_server(settings)
+    for warning in await check_redis(app.redis):
+        log.warning("%s", warning)
+    await app.start()
+    log.info("listening on port %d (instance %s, redis %s)", app.port, settings.instance_id, settings.redis_url)
+    print(f"lingua-scheduler listening on {settings.listen.rsplit(':', 1)[0]}:{app.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining streams for up to %.1f s", settings.shutdown_grace_s)
+    await app.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("transitions").setLevel(logging.WARNING)  # it logs every transition at INFO
+    try:
+        settings = Settings.load(argv)
+    except ValueError as err:
+        print(f"lingua-scheduler: {err}", file=sys.stderr)
+        return 2
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir).start()
+        log.info("started embedded redis-server (data in %s)", embedded.data_dir)
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

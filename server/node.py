@@ -1,0 +1,357 @@
+"""NodeSession: a node's long-lived bidirectional stream.
+
+The first message registers the node; then the server pushes assignments while the node has free
+slots, and the node batches acks, heartbeats, results, "model not available" and drain in its
+messages. The liveness signal is the stream itself: leases are extended only by messages on it.
+When the stream ends, the node's leases shrink to a short grace; unless the node comes back (to any
+instance) and heartbeats within it, its jobs are requeued (node_lost), or by any instance's sweeper.
+
+Two live streams with one node id: the newest wins. The older stream is told `error: replaced` and
+closed; its jobs stay with the node (same node id: the fence still matches), so a node that
+reconnects after a network blip simply resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from ..fsm import Event
+from . import keys, validate
+from .dispatch import Consumer, Dispatcher
+from .errors import InvalidArgument, SchedulerError
+from .proto import scheduler_pb2 as pb
+from .registry import NodeEntry, Registry
+from .service import assignment_pb, error_status, lease_status_pb
+from .settings import Settings
+from .store import Store, Touched
+
+log = logging.getLogger(__name__)
+
+
+def _duration(ms: int) -> Duration:
+    d = Duration()
+    d.FromMilliseconds(ms)
+    return d
+
+
+def _refused(job_id: str, err: BaseException) -> pb.LeaseStatus:
+    code, text = error_status(err)
+    return pb.LeaseStatus(job_id=job_id, ok=False, error_code=code.name, error_message=text)
+
+
+def pools_of(reg: pb.Register) -> list[str]:
+    """The pools a registration serves: its pairs, plus every ASR language x TTS language."""
+    found = validate.pairs(reg.pairs, "register.pairs")
+    for i, lang in enumerate(reg.asr_langs):
+        validate.lang(lang, f"register.asr_langs[{i}]")
+    for i, lang in enumerate(reg.tts_langs):
+        validate.lang(lang, f"register.tts_langs[{i}]")
+    for src in reg.asr_langs:
+        for tgt in reg.tts_langs:
+            pool = keys.pool_of(src, tgt)
+            if pool not in found:
+                found.append(pool)
+    if not found:
+        raise InvalidArgument("register: declare pairs, or asr_langs and tts_langs")
+    if len(found) > 1024:
+        raise InvalidArgument("register: at most 1024 pools")
+    return found
+
+
+def check_register(reg: pb.Register) -> list[str]:
+    validate.node_id(reg.node_id, "register.node_id")
+    if not 1 <= reg.max_concurrency <= 1024:
+        raise InvalidArgument("register.max_concurrency: must be 1 to 1024")
+    if len(reg.labels) > 64 or any(len(k) > 64 or len(v) > 256 for k, v in reg.labels.items()):
+        raise InvalidArgument("register.labels: at most 64, keys up to 64 and values up to 256 characters")
+    if len(reg.version) > 64:
+        raise InvalidArgument("register.version: at most 64 characters")
+    return pools_of(reg)
+
+
+class Session:
+    """One open NodeSession stream."""
+
+    def __init__(self, owner: NodeSessions, reg: pb.Register, pools: list[str]) -> None:
+        self.owner = owner
+        self.node_id = reg.node_id
+        self.reg = reg
+        self.pools = pools
+        self.token = uuid.uuid4().hex
+        self.connected_ms = int(time.time() * 1000)
+        self.in_flight: dict[str, int] = {}  # job id -> attempt
+        self.draining = False
+        self.replaced = False
+        self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
+        self.consumer = Consumer(self.node_id, pools, self.free_slots)
+
+    def free_slots(self) -> int:
+        return 0 if self.draining else max(0, self.reg.max_concurrency - len(self.in_flight))
+
+    def entry(self) -> NodeEntry:
+        return NodeEntry(self.node_id, self.pools, self.reg.max_concurrency, len(self.in_flight),
+                         self.owner.settings.instance_id, dict(self.reg.labels), self.reg.version,
+                         self.connected_ms, self.draining)
+
+    def release(self, job_id: str) -> None:
+        if self.in_flight.pop(job_id, None) is not None:
+            self.consumer.wake.set()  # a slot is free: look for work
+            self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.draining and not self.in_flight:
+            self.outbox.put_nowait(None)
+
+    def on_message(self, verb: str, args: list[str]) -> None:
+        """From the dispatcher's subscription: cancels and take-overs for this node."""
+        if verb == "cancel" and len(args) == 2:
+            job_id, attempt = args[0], int(args[1] or 0)
+            if self.in_flight.get(job_id) == attempt:
+                self.outbox.put_nowait(pb.SchedulerMessage(cancels=[pb.JobLease(job_id=job_id, attempt=attempt)]))
+                self.release(job_id)
+        elif verb == "replaced" and args and args[0] == self.token:
+            self.replaced = True
+            self.outbox.put_nowait(pb.SchedulerMessage(error="replaced: a newer stream registered this node_id"))
+            self.outbox.put_nowait(None)
+
+
+class NodeSessions:
+    """Every NodeSession stream this instance holds."""
+
+    def __init__(self, store: Store, dispatcher: Dispatcher, settings: Settings) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.registry = Registry(store.redis, store.scripts, settings.node_ttl_ms)
+        self.sessions: dict[str, Session] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        dispatcher.node_listeners = self  # type: ignore[assignment]
+
+    # The dispatcher looks node ids up here to deliver node messages.
+    def get(self, node_id: str) -> Any:
+        session = self.sessions.get(node_id)
+        return session.on_message if session else None
+
+    async def start(self) -> None:
+        self._spawn(self._renew_forever())
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def drain_all(self) -> None:
+        """On shutdown: no new work for any node here; streams close as their work finishes."""
+        for session in list(self.sessions.values()):
+            session.draining = True
+            session._maybe_done()
+
+    async def list(self) -> list[pb.NodeInfo]:
+        out = []
+        for e in await self.registry.list():
+            info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency,
+                               in_flight=e.in_flight, instance_id=e.instance_id, labels=e.labels,
+                               version=e.version, draining=e.draining)
+            info.connected_at.FromMilliseconds(e.connected_ms)
+            out.append(info)
+        return out
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.node_ttl_ms / 3000)
+            for session in list(self.sessions.values()):
+                try:
+                    if await self.registry.register(session.entry(), session.token, renew=True) is None:
+                        session.on_message("replaced", [session.token])
+                except Exception as err:  # noqa: BLE001 - a failed renewal is retried next round
+                    log.warning("renewing node %s failed: %s", session.node_id, err)
+
+    # -- one stream -----------------------------------------------------------------------------
+
+    async def serve(self, requests: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        it = requests.__aiter__()
+        try:
+            first = await asyncio.wait_for(it.__anext__(), timeout=30)
+        except (StopAsyncIteration, TimeoutError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register: the first message must register")
+        if not first.HasField("register"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register: the first message must register")
+        try:
+            pools = check_register(first.register)
+        except SchedulerError as err:
+            await context.abort(err.status, str(err))
+        session = Session(self, first.register, pools)
+        try:
+            previous = await self.registry.register(session.entry(), session.token)
+        except Exception as err:
+            code, text = error_status(err)
+            await context.abort(code, text)
+        if previous and previous != session.token:
+            await self.store.redis.publish(keys.node_channel(session.node_id), f"replaced {previous}")
+        old = self.sessions.get(session.node_id)
+        if old is not None:
+            old.on_message("replaced", [old.token])
+        self.sessions[session.node_id] = session
+        s = self.settings
+        await context.write(pb.SchedulerMessage(registered=pb.RegisterAck(
+            instance_id=s.instance_id, heartbeat_interval=_duration(s.heartbeat_interval_ms),
+            lease_duration=_duration(s.lease_ms), ack_timeout=_duration(s.ack_timeout_ms), pools=pools,
+        )))
+        if first.register.holding:
+            await self._resume(session, first.register.holding)
+        self.dispatcher.add(session.consumer)
+        reader = asyncio.create_task(self._read(session, it))
+        feeder = asyncio.create_task(self._feed(session))
+        reader.add_done_callback(lambda _t: session.outbox.put_nowait(None))
+        try:
+            while (message := await session.outbox.get()) is not None:
+                await context.write(message)
+        finally:
+            self.dispatcher.remove(session.consumer)
+            for task in (reader, feeder):
+                task.cancel()
+            for task in (reader, feeder):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self.sessions.get(session.node_id) is session:
+                del self.sessions[session.node_id]
+            self._spawn(self._closed(session))
+
+    async def _resume(self, session: Session, holding: Any) -> None:
+        leases = []
+        for i, item in enumerate(holding):
+            try:
+                validate.lease(item, self.settings, f"register.holding[{i}]")
+            except SchedulerError as err:
+                session.outbox.put_nowait(pb.SchedulerMessage(refused=[_refused(item.job_id, err)]))
+                continue
+            leases.append((item.job_id, item.attempt))
+        for t in await self.store.touch(session.node_id, leases):
+            if t.code >= 0:
+                session.in_flight[t.job_id] = dict(leases)[t.job_id]
+            else:
+                session.outbox.put_nowait(pb.SchedulerMessage(refused=[lease_status_pb(t)]))
+
+    async def _feed(self, session: Session) -> None:
+        """Push assignments while the node has free slots."""
+        while True:
+            free = session.free_slots()
+            claims = await self.dispatcher.claim_for(session.consumer, free) if free else []
+            if claims:
+                for c in claims:
+                    session.in_flight[c.job_id] = c.attempt
+                session.outbox.put_nowait(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
+                continue
+            await self.dispatcher.wait_for_work(session.consumer, 1.0)
+
+    async def _read(self, session: Session, it: Any) -> None:
+        async for message in it:
+            try:
+                await self._handle(session, message)
+            except SchedulerError as err:
+                session.outbox.put_nowait(pb.SchedulerMessage(error=f"{err.status.name}: {err}"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                code, text = error_status(err)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("node %s: message failed", session.node_id)
+                session.outbox.put_nowait(pb.SchedulerMessage(error=f"{code.name}: {text}"))
+
+    async def _handle(self, session: Session, m: pb.NodeMessage) -> None:
+        if m.HasField("register"):
+            raise InvalidArgument("register: only the first message may register")
+        refused: list[pb.LeaseStatus] = []
+
+        def valid(items: Any, field: str) -> list[Any]:
+            ok = []
+            for i, item in enumerate(items):
+                lease = item.lease if field == "completions" else item
+                try:
+                    validate.lease(lease, self.settings, f"{field}[{i}].lease" if field == "completions"
+                                   else f"{field}[{i}]")
+                    if field == "completions":
+                        if item.WhichOneof("outcome") is None:
+                            raise InvalidArgument(f"completions[{i}]: set result or error")
+                        if item.WhichOneof("outcome") == "result":
+                            validate.result(item.result, self.settings, f"completions[{i}].result")
+                        else:
+                            validate.error(item.error, f"completions[{i}].error")
+                    ok.append(item)
+                except SchedulerError as err:
+                    refused.append(_refused(lease.job_id, err))
+            return ok
+
+        touches = valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
+        completions = valid(m.completions, "completions")
+        unavailable = valid(m.unavailable, "unavailable")
+        if touches:
+            for t in await self.store.touch(session.node_id, [(x.job_id, x.attempt) for x in touches]):
+                if t.code < 0:
+                    refused.append(lease_status_pb(t))
+                    session.release(t.job_id)
+        results = [c for c in completions if c.WhichOneof("outcome") == "result"]
+        if results:
+            done = await self.store.complete_many(
+                session.node_id, [(c.lease.job_id, c.lease.attempt, c.result) for c in results])
+            for c, outcome in zip(results, done, strict=True):
+                if isinstance(outcome, BaseException):
+                    refused.append(_refused(c.lease.job_id, outcome))
+                session.release(c.lease.job_id)
+        for c in completions:
+            if c.WhichOneof("outcome") == "error":
+                await self._fail(session, c.lease, Event.FAIL, c.error, refused)
+        for lease in unavailable:
+            error = pb.JobError(code="LINGUA_MODEL_UNAVAILABLE", retryable=True,
+                                message=f"node {session.node_id} has no model for this job")
+            await self._fail(session, lease, Event.UNAVAILABLE, error, refused)
+        if refused:
+            session.outbox.put_nowait(pb.SchedulerMessage(refused=refused))
+        if m.drain and not session.draining:
+            session.draining = True
+            await self.registry.register(session.entry(), session.token, renew=True)
+            session._maybe_done()
+
+    async def _fail(self, session: Session, lease: pb.JobLease, event: Event, error: pb.JobError,
+                    refused: list[pb.LeaseStatus]) -> None:
+        try:
+            await self.store.transition(lease.job_id, event, node=session.node_id, attempt=lease.attempt,
+                                        error=error, avoid=event == Event.UNAVAILABLE)
+        except SchedulerError as err:
+            refused.append(_refused(lease.job_id, err))
+        session.release(lease.job_id)
+
+    async def _closed(self, session: Session) -> None:
+        """After a stream ends: shrink its leases to the grace, then requeue what nobody took back."""
+        with contextlib.suppress(Exception):
+            await self.registry.release(session.node_id, session.token)
+        if session.replaced or not session.in_flight:
+            return
+        leases = list(session.in_flight.items())
+        grace = self.settings.stream_grace_ms
+        shortened: list[Touched] = await self.store.touch(session.node_id, leases, mode="shorten", lease_ms=grace)
+        await asyncio.sleep(grace / 1000)
+        for t in shortened:
+            if t.code < 0:
+                continue
+            error = pb.JobError(code="LINGUA_NODE_LOST", retryable=True,
+                                message=f"the stream of node {session.node_id} closed")
+            with contextlib.suppress(SchedulerError):
+                await self.store.transition(t.job_id, Event.NODE_LOST, node=session.node_id,
+                                            attempt=session.in_flight[t.job_id], error=error, guard="lease")

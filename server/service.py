@@ -1,0 +1,204 @@
+"""The Scheduler servicer: validates requests, converts protobuf <-> domain, maps errors to statuses."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from redis.exceptions import RedisError
+
+from ..fsm import TERMINAL, JobState
+from . import validate
+from .dispatch import Consumer, Dispatcher
+from .errors import SchedulerError, ScriptCode
+from .proto import scheduler_pb2 as pb
+from .proto import scheduler_pb2_grpc as pb_grpc
+from .settings import Settings
+from .store import Claim, JobView, Store, Touched
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STATE = {s.value: getattr(pb, f"JOB_STATE_{s.name}", pb.JOB_STATE_UNSPECIFIED) for s in JobState}
+
+
+def state_pb(state: str) -> int:
+    return _STATE.get(state, pb.JOB_STATE_UNSPECIFIED)
+
+
+def job_pb(view: JobView) -> pb.Job:
+    rec = view.record
+    job = pb.Job(job_id=rec.job_id, spec=view.spec, state=state_pb(rec.state), version=rec.version,  # type: ignore[arg-type]
+                 attempt=rec.attempt, node_id=rec.node, max_attempts=rec.max_attempts)
+    if view.payload:
+        job.spec.payload = view.payload
+    job.created_at.FromMilliseconds(rec.created)
+    job.updated_at.FromMilliseconds(rec.updated)
+    if rec.lease:
+        job.lease_deadline.FromMilliseconds(rec.lease)
+    if rec.error_code:
+        job.last_error.CopyFrom(pb.JobError(code=rec.error_code, message=rec.error_message,
+                                            retryable=rec.error_retryable))
+    if view.result is not None:
+        job.result.CopyFrom(view.result)
+    return job
+
+
+def assignment_pb(claim: Claim) -> pb.Assignment:
+    a = pb.Assignment(job_id=claim.job_id, attempt=claim.attempt, spec=pb.JobSpec.FromString(claim.meta))
+    if claim.payload:
+        a.spec.payload = claim.payload
+    a.lease_deadline.FromMilliseconds(claim.lease)
+    return a
+
+
+def lease_status_pb(t: Touched) -> pb.LeaseStatus:
+    status = pb.LeaseStatus(job_id=t.job_id, ok=t.code >= 0, state=state_pb(t.state))  # type: ignore[arg-type]
+    if t.code >= 0:
+        status.lease_deadline.FromMilliseconds(t.lease)
+    else:
+        status.error_code = "NOT_FOUND" if t.code == ScriptCode.JOB_NOT_FOUND else "FAILED_PRECONDITION"
+        status.error_message = {
+            ScriptCode.JOB_NOT_FOUND: "job not found",
+            ScriptCode.INVALID_TRANSITION: f"job is {t.detail}: the lease is no longer held",
+            ScriptCode.STALE_ATTEMPT: f"attempt is stale (current attempt {t.detail})",
+            ScriptCode.NOT_LEASE_HOLDER: "job is held by another node",
+        }.get(t.code, t.code.name)
+    return status
+
+
+def error_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one place that turns errors into gRPC statuses."""
+    if isinstance(err, SchedulerError):
+        return err.status, str(err)
+    if isinstance(err, RedisError | ConnectionError | OSError):
+        return grpc.StatusCode.UNAVAILABLE, f"job store unavailable: {err}"
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def handled(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Unary handlers: typed errors become their status; the unexpected is logged as INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:  # type: ignore[type-arg]
+        try:
+            return await method(self, request, context)
+        except Exception as err:
+            code, text = error_status(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method.__name__)
+            await context.abort(code, text)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class SchedulerService(pb_grpc.SchedulerServicer):
+    def __init__(self, store: Store, dispatcher: Dispatcher, settings: Settings,
+                 nodes: Any = None) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.nodes = nodes  # server.node.NodeSessions, set by the app
+
+    @handled
+    async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
+        validate.submit(request, self.settings)
+        done = await self.store.submit(list(request.jobs))
+        return pb.SubmitResponse(results=[
+            pb.SubmitResult(job_id=d.job_id, created=d.created, state=state_pb(d.state))  # type: ignore[arg-type]
+            for d in done
+        ])
+
+    @handled
+    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
+        validate.job_id(request.job_id, self.settings)
+        return job_pb(await self.store.get(request.job_id, include_payload=request.include_payload))
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
+        try:
+            validate.job_id(request.job_id, self.settings)
+            await self.store.record(request.job_id)  # NOT_FOUND before the stream starts
+            after = b"0"
+            while True:
+                entries = await self.store.events(request.job_id, after, block_ms=5_000)
+                if not entries and after != b"0":
+                    await self.store.record(request.job_id)  # still there? (records expire)
+                for entry_id, f in entries:
+                    after = entry_id
+                    event = pb.JobEvent(
+                        job_id=request.job_id, state=state_pb(f[b"s"].decode()),  # type: ignore[arg-type]
+                        version=int(f[b"v"]), attempt=int(f[b"a"]), node_id=f[b"n"].decode(),
+                        event=f[b"e"].decode(),
+                    )
+                    event.at.FromMilliseconds(int(entry_id.split(b"-")[0]))
+                    if f.get(b"ec"):
+                        event.error.CopyFrom(pb.JobError(code=f[b"ec"].decode(), message=f[b"em"].decode(),
+                                                         retryable=f[b"er"] == b"1"))
+                    yield event
+                    if f[b"s"].decode() in TERMINAL:
+                        return
+        except Exception as err:
+            code, text = error_status(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("WatchJob failed")
+            await context.abort(code, text)
+
+    @handled
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
+        validate.job_id(request.job_id, self.settings)
+        if len(request.reason) > 1024:
+            raise validate.InvalidArgument("reason: at most 1024 characters")
+        await self.store.cancel(request.job_id, request.reason)
+        return job_pb(await self.store.get(request.job_id))
+
+    @handled
+    async def Assign(self, request: pb.AssignRequest, context: Any) -> pb.AssignResponse:
+        pools = validate.assign(request)
+        want = request.max_jobs or 1
+        until = time.monotonic() + (request.wait.ToMilliseconds() / 1000 if request.HasField("wait") else 0)
+        consumer = Consumer(request.node_id, pools, capacity=lambda: 1)
+        self.dispatcher.add(consumer)
+        try:
+            while True:
+                claims = await self.dispatcher.claim_for(consumer, want)
+                remaining = until - time.monotonic()
+                if claims or remaining <= 0:
+                    return pb.AssignResponse(assignments=[assignment_pb(c) for c in claims])
+                await self.dispatcher.wait_for_work(consumer, remaining)
+        finally:
+            self.dispatcher.remove(consumer)
+
+    @handled
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        validate.node_id(request.node_id)
+        if not request.leases or len(request.leases) > 1000:
+            raise validate.InvalidArgument("leases: 1 to 1000 leases are required")
+        for i, item in enumerate(request.leases):
+            validate.lease(item, self.settings, f"leases[{i}]")
+        touched = await self.store.touch(request.node_id, [(x.job_id, x.attempt) for x in request.leases])
+        return pb.HeartbeatResponse(leases=[lease_status_pb(t) for t in touched])
+
+    @handled
+    async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        validate.complete(request, self.settings)
+        if request.WhichOneof("outcome") == "result":
+            changed = await self.store.complete(request.job_id, request.node_id, request.attempt, request.result)
+        else:
+            changed = await self.store.fail(request.job_id, request.node_id, request.attempt, request.error)
+        return pb.CompleteResponse(state=state_pb(changed.state), version=changed.version)  # type: ignore[arg-type]
+
+    async def NodeSession(self, request_iterator: Any, context: Any) -> None:
+        if self.nodes is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeSession is not enabled on this server")
+        await self.nodes.serve(request_iterator, context)
+
+    @handled
+    async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+        if self.nodes is None:
+            return pb.ListNodesResponse()
+        return pb.ListNodesResponse(nodes=await self.nodes.list())

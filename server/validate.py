@@ -1,0 +1,163 @@
+"""Request validation: every check raises InvalidArgument (or TooLarge) naming the field.
+
+Nothing here touches Redis, so a bad request is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from . import keys
+from .errors import InvalidArgument, TooLarge
+from .proto import scheduler_pb2 as pb
+from .settings import Settings
+
+LANG = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})?")
+TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+TOKEN = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: ids, keys
+URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:\S+")
+MAX_ATTEMPT_WINDOW_S = 60
+
+
+def _token(value: str, field: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{field}: required")
+    if not TOKEN.fullmatch(value):
+        raise InvalidArgument(f"{field}: 1 to 128 printable ASCII characters without spaces")
+
+
+def lang(value: str, field: str) -> None:
+    if not LANG.fullmatch(value):
+        raise InvalidArgument(f"{field}: {value!r} is not a language tag such as 'zh', 'en' or 'pt-br'")
+
+
+def node_id(value: str, field: str = "node_id") -> None:
+    _token(value, field)
+
+
+def job_id(value: str, settings: Settings, field: str = "job_id") -> None:
+    if not value:
+        raise InvalidArgument(f"{field}: required")
+    if len(value) > 200:
+        raise InvalidArgument(f"{field}: too long to be a job id")
+    try:
+        tag = keys.tag_of(value)
+    except ValueError as err:
+        raise InvalidArgument(f"{field}: {err}") from None
+    pool, _, part = tag[1:-1].rpartition(":")
+    src, _, tgt = pool.partition(":")
+    if not (LANG.fullmatch(src) and LANG.fullmatch(tgt) and part.isdigit() and int(part) < settings.partitions):
+        raise InvalidArgument(f"{field}: {value!r} is not a job id of this scheduler")
+
+
+def attempt(value: int, field: str = "attempt") -> None:
+    if value < 1:
+        raise InvalidArgument(f"{field}: must be 1 or more (the attempt the job was assigned with)")
+
+
+def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
+    if not TENANT.fullmatch(s.tenant_id):
+        raise InvalidArgument(f"{field}.tenant_id: required, 1 to 64 of A-Z a-z 0-9 . _ -")
+    _token(s.session_id, f"{field}.session_id")
+    if s.utterance_index < 0:
+        raise InvalidArgument(f"{field}.utterance_index: must not be negative")
+    lang(s.src_lang, f"{field}.src_lang")
+    lang(s.tgt_lang, f"{field}.tgt_lang")
+    if len(s.trace_id) > 128:
+        raise InvalidArgument(f"{field}.trace_id: at most 128 characters")
+    if not 0 <= s.priority <= 9:
+        raise InvalidArgument(f"{field}.priority: must be 0 to 9")
+    if not 0 <= s.max_attempts <= settings.max_attempts_cap:
+        raise InvalidArgument(f"{field}.max_attempts: must be 0 (default) to {settings.max_attempts_cap}")
+    if s.idempotency_key:
+        _token(s.idempotency_key, f"{field}.idempotency_key")
+    if s.HasField("deadline"):
+        now_ms = int(time.time() * 1000)
+        at = s.deadline.ToMilliseconds()
+        if at <= now_ms:
+            raise InvalidArgument(f"{field}.deadline: must be in the future")
+        if at > now_ms + settings.max_job_ttl_ms:
+            raise InvalidArgument(f"{field}.deadline: at most {settings.max_job_ttl_ms // 1000} s ahead")
+    if s.HasField("execution_timeout"):
+        ms = s.execution_timeout.ToMilliseconds()
+        if ms <= 0 or ms > settings.max_job_ttl_ms:
+            raise InvalidArgument(f"{field}.execution_timeout: must be positive and at most max job TTL")
+    if s.payload and s.payload_ref:
+        raise InvalidArgument(f"{field}: set payload or payload_ref, not both")
+    if not s.payload and not s.payload_ref:
+        raise InvalidArgument(f"{field}: payload or payload_ref is required")
+    if len(s.payload) > settings.max_payload_bytes:
+        raise TooLarge(f"{field}.payload: {len(s.payload)} bytes is over the cap of {settings.max_payload_bytes}")
+    if s.payload_ref and (len(s.payload_ref) > 2048 or not URI.fullmatch(s.payload_ref)):
+        raise InvalidArgument(f"{field}.payload_ref: must be a URI (scheme:...) of at most 2048 characters")
+
+
+def submit(req: pb.SubmitRequest, settings: Settings) -> None:
+    if not req.jobs:
+        raise InvalidArgument("jobs: at least one job is required")
+    if len(req.jobs) > settings.max_batch:
+        raise TooLarge(f"jobs: {len(req.jobs)} jobs is over the batch cap of {settings.max_batch}")
+    for i, s in enumerate(req.jobs):
+        spec(s, settings, f"jobs[{i}]")
+
+
+def pairs(items: list[pb.LanguagePair] | object, field: str = "pairs") -> list[str]:
+    found: list[str] = []
+    for i, p in enumerate(items):  # type: ignore[arg-type]
+        lang(p.src_lang, f"{field}[{i}].src_lang")
+        lang(p.tgt_lang, f"{field}[{i}].tgt_lang")
+        pool = keys.pool_of(p.src_lang, p.tgt_lang)
+        if pool not in found:
+            found.append(pool)
+    return found
+
+
+def assign(req: pb.AssignRequest) -> list[str]:
+    node_id(req.node_id)
+    if not req.pairs:
+        raise InvalidArgument("pairs: at least one language pair is required")
+    if len(req.pairs) > 256:
+        raise InvalidArgument("pairs: at most 256")
+    if not 0 <= req.max_jobs <= 100:
+        raise InvalidArgument("max_jobs: must be 1 to 100 (0 means 1)")
+    if req.HasField("wait") and not 0 <= req.wait.ToMilliseconds() <= 60_000:
+        raise InvalidArgument("wait: must be 0 to 60 s")
+    return pairs(req.pairs)
+
+
+def result(r: pb.JobResult, settings: Settings, field: str) -> None:
+    if len(r.tts_audio) > settings.max_payload_bytes:
+        raise TooLarge(f"{field}.tts_audio: {len(r.tts_audio)} bytes is over the cap of {settings.max_payload_bytes}")
+    if r.tts_audio and r.tts_audio_ref:
+        raise InvalidArgument(f"{field}: set tts_audio or tts_audio_ref, not both")
+    if r.tts_audio_ref and not URI.fullmatch(r.tts_audio_ref):
+        raise InvalidArgument(f"{field}.tts_audio_ref: must be a URI")
+    if r.ByteSize() > settings.max_payload_bytes + 65_536:
+        raise TooLarge(f"{field}: result is over the cap")
+
+
+def error(e: pb.JobError, field: str) -> None:
+    _token(e.code, f"{field}.code")
+    if e.code.startswith("LINGUA_"):
+        raise InvalidArgument(f"{field}.code: codes starting with LINGUA_ are the scheduler's own")
+    if len(e.message) > 4096:
+        raise InvalidArgument(f"{field}.message: at most 4096 characters")
+
+
+def lease(item: pb.JobLease, settings: Settings, field: str) -> None:
+    job_id(item.job_id, settings, f"{field}.job_id")
+    attempt(item.attempt, f"{field}.attempt")
+
+
+def complete(req: pb.CompleteRequest, settings: Settings) -> None:
+    job_id(req.job_id, settings)
+    attempt(req.attempt)
+    node_id(req.node_id)
+    outcome = req.WhichOneof("outcome")
+    if outcome is None:
+        raise InvalidArgument("outcome: set result or error")
+    if outcome == "result":
+        result(req.result, settings, "result")
+    else:
+        error(req.error, "error")
