@@ -103,18 +103,21 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._drain is not None:
-            self._drain.join(timeout)
-        self.process = None
+        self._reap(timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (used by the tests that restart Redis)."""
         if self.process is not None:
             self.process.kill()
             self.process.wait()
-            if self._drain is not None:
-                self._drain.join()
-            self.process = None
+            self._reap(10.0)
+
+    def _reap(self, timeout: float) -> None:
+        if self._drain is not None:
+            self._drain.join(timeout)
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+        self.process = None
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -1,0 +1,43 @@
+"""Generated artefacts stay in step with their sources: FSM docs and protobuf code."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fsm_docs_match_the_machine(repo_root: Path) -> None:
+    render = _load(repo_root / "scripts" / "render_fsm.py")
+    docs = repo_root / "docs"
+    dot = render.render_dot()
+    assert (docs / "fsm.md").read_text() == render.render_markdown(), "run python scripts/render_fsm.py"
+    assert (docs / "fsm.dot").read_text() == dot, "run python scripts/render_fsm.py"
+    assert render.svg_stamp(dot) in (docs / "fsm.svg").read_text(), "fsm.svg was drawn from another machine"
+    for state in ("queued", "assigned", "running", "succeeded", "failed", "cancelled", "expired"):
+        assert f"`{state}`" in (docs / "fsm.md").read_text()
+
+
+def test_generated_protobuf_code_is_current(repo_root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "repo"
+    shutil.copytree(repo_root / "protos", copy / "protos")
+    shutil.copytree(repo_root / "scripts", copy / "scripts")
+    (copy / "server").mkdir()
+    subprocess.run(["bash", str(copy / "scripts" / "gen_protos"), sys.executable], check=True)
+    fresh, committed = copy / "server" / "proto", repo_root / "server" / "proto"
+    names = sorted(p.name for p in fresh.iterdir())
+    assert names == sorted(p.name for p in committed.iterdir() if p.name != "__pycache__")
+    _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
+    assert not mismatch and not errors, f"run scripts/gen_protos: {mismatch or errors} differ"
