@@ -1,0 +1,328 @@
+"""End to end through real gRPC servers on one real Redis: the core flows of the Scheduler service."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import AppFactory
+from helpers import pair, spec
+from lingua_scheduler.server import keys
+from lingua_scheduler.server.app import App
+from lingua_scheduler.server.proto import scheduler_pb2 as pb
+from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+
+
+def stub_for(app: App) -> tuple[grpc.aio.Channel, pb_grpc.SchedulerStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    return channel, pb_grpc.SchedulerStub(channel)
+
+
+async def snapshot(redis: Any) -> dict[bytes, bytes]:
+    """Every key and its serialized value: equal snapshots mean nothing changed."""
+    return {k: await redis.dump(k) for k in sorted(await redis.keys("*"))}
+
+
+async def assign_one(stub: pb_grpc.SchedulerStub, node: str = "n1", wait_s: int = 2) -> pb.Assignment:
+    reply = await stub.Assign(pb.AssignRequest(node_id=node, pairs=[pair()], max_jobs=1,
+                                               wait=Duration(seconds=wait_s)))
+    assert len(reply.assignments) == 1
+    return reply.assignments[0]
+
+
+async def test_walkthrough_submit_assign_complete_read(stub: pb_grpc.SchedulerStub) -> None:
+    """The README's grpcurl walk-through, through the generated stub."""
+    submitted = await stub.Submit(pb.SubmitRequest(jobs=[spec(payload=b"", payload_ref="session://s1/0")]))
+    job_id = submitted.results[0].job_id
+    assert submitted.results[0].created and submitted.results[0].state == pb.JOB_STATE_QUEUED
+    a = await assign_one(stub)
+    assert (a.job_id, a.attempt, a.spec.payload_ref) == (job_id, 1, "session://s1/0")
+    done = await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1", result=pb.JobResult(
+        text_asr="ni hao", text_translated="hello", tts_audio_ref="s3://b/o.opus", tts_format="opus")))
+    assert done.state == pb.JOB_STATE_SUCCEEDED
+    job = await stub.GetJob(pb.GetJobRequest(job_id=job_id))
+    assert job.state == pb.JOB_STATE_SUCCEEDED and job.node_id == "n1" and job.attempt == 1
+    assert job.result.text_translated == "hello" and job.spec.session_id == "s1"
+
+
+async def test_payload_dropped_at_terminal_and_result_kept_for_retention(
+        stub: pb_grpc.SchedulerStub, redis: Any, app: App) -> None:
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(payload=b"pcm")]))).results[0].job_id
+    jk = keys.JobKeys.of(job_id)
+    got = await stub.GetJob(pb.GetJobRequest(job_id=job_id, include_payload=True))
+    assert got.spec.payload == b"pcm" and await redis.ttl(jk.fsm) == -1
+    a = await assign_one(stub)
+    assert a.spec.payload == b"pcm"
+    await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1", result=pb.JobResult(text_asr="x")))
+    assert await redis.exists(jk.payload) == 0
+    retention_s = app.settings.retention_ms / 1000
+    for key in (jk.fsm, jk.meta, jk.result, jk.events):
+        ttl = await redis.ttl(key)
+        assert retention_s - 5 < ttl <= app.settings.default_job_ttl_ms / 1000 + retention_s, key
+
+
+async def test_submit_is_idempotent_across_two_instances(make_app: AppFactory, redis: Any) -> None:
+    a, b = await make_app(), await make_app()
+    (ca, sa), (cb, sb) = stub_for(a), stub_for(b)
+    request = pb.SubmitRequest(jobs=[spec(idempotency_key="req-42")])
+    replies = await asyncio.gather(*[(sa if i % 2 else sb).Submit(request) for i in range(50)])
+    ids = {r.results[0].job_id for r in replies}
+    assert len(ids) == 1
+    assert sum(r.results[0].created for r in replies) == 1
+    assert len(await redis.keys("lingua:v1:job:*:fsm")) == 1
+    # Without a key, tenant + session + utterance + tgt_lang is the identity.
+    again = await sa.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=7), spec(utterance_index=7)]))
+    assert again.results[0].job_id == again.results[1].job_id
+    other = await sb.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=7, tgt_lang="fr")]))
+    assert other.results[0].job_id != again.results[0].job_id
+    await ca.close()
+    await cb.close()
+
+
+async def test_complete_race_has_one_winner(make_app: AppFactory, redis: Any) -> None:
+    a, b = await make_app(), await make_app()
+    (ca, sa), (cb, sb) = stub_for(a), stub_for(b)
+    for round_ in range(10):
+        job_id = (await sa.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=round_)]))).results[0].job_id
+        got = await assign_one(sa)
+        assert got.job_id == job_id
+
+        async def complete(stub: pb_grpc.SchedulerStub, text: str) -> str:
+            try:
+                await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1",
+                                                       result=pb.JobResult(text_translated=text)))
+                return text
+            except grpc.aio.AioRpcError as err:
+                assert err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED)
+                return ""
+
+        outcomes = await asyncio.gather(complete(sa, "from-a"), complete(sb, "from-b"))
+        winners = [o for o in outcomes if o]
+        assert len(winners) == 1
+        job = await sb.GetJob(pb.GetJobRequest(job_id=job_id))
+        assert job.result.text_translated == winners[0] and job.state == pb.JOB_STATE_SUCCEEDED
+        assert job.version == 3  # submit, assign, complete: the loser changed nothing
+    await ca.close()
+    await cb.close()
+
+
+async def test_foreign_node_and_stale_attempt_change_nothing(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+    await assign_one(stub, "n1")
+    before = await snapshot(redis)
+    for node, attempt in (("n2", 1), ("n1", 2), ("n1", 7)):
+        for outcome in (dict(result=pb.JobResult(text_asr="x")), dict(error=pb.JobError(code="OOM", retryable=True))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=attempt, node_id=node, **outcome))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    beat = await stub.Heartbeat(pb.HeartbeatRequest(node_id="n2", leases=[pb.JobLease(job_id=job_id, attempt=1)]))
+    assert not beat.leases[0].ok and beat.leases[0].error_code == "FAILED_PRECONDITION"
+    assert await snapshot(redis) == before
+
+
+async def test_watch_job_sees_every_change_made_on_another_instance(make_app: AppFactory) -> None:
+    a, b = await make_app(), await make_app()
+    (ca, sa), (cb, sb) = stub_for(a), stub_for(b)
+    job_id = (await sa.Submit(pb.SubmitRequest(jobs=[spec(max_attempts=2)]))).results[0].job_id
+    events: list[pb.JobEvent] = []
+    first = asyncio.Event()
+
+    async def watch() -> None:
+        async for event in sa.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+            events.append(event)
+            first.set()
+
+    watcher = asyncio.create_task(watch())
+    await first.wait()
+    # Every change below goes through instance B.
+    x = await assign_one(sb, "n1")
+    await sb.Heartbeat(pb.HeartbeatRequest(node_id="n1", leases=[pb.JobLease(job_id=job_id, attempt=x.attempt)]))
+    await sb.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1",
+                                         error=pb.JobError(code="OOM", message="gpu", retryable=True)))
+    y = await assign_one(sb, "n2", wait_s=5)  # after the retry backoff
+    await sb.Complete(pb.CompleteRequest(job_id=job_id, attempt=y.attempt, node_id="n2",
+                                         result=pb.JobResult(text_asr="ok")))
+    await asyncio.wait_for(watcher, 10)
+    S = pb
+    assert [e.state for e in events] == [S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING,
+                                         S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED, S.JOB_STATE_SUCCEEDED]
+    assert [e.version for e in events] == list(range(1, 7))
+    assert [e.event for e in events] == ["submit", "assign", "start", "fail", "assign", "complete"]
+    assert events[3].error.code == "OOM" and events[4].node_id == "n2" and events[4].attempt == 2
+    # Watching a finished job replays its history and ends.
+    replay = [e async for e in sb.WatchJob(pb.WatchJobRequest(job_id=job_id))]
+    assert [e.version for e in replay] == list(range(1, 7))
+    await ca.close()
+    await cb.close()
+
+
+def _past() -> Timestamp:
+    ts = Timestamp()
+    ts.FromSeconds(int(time.time()) - 10)
+    return ts
+
+
+BIG = b"x" * 1_048_577
+JOB = "{zh:en:0}01JDZZZZZZZZZZZZZZZZZZZZZZ"
+INVALID: list[tuple[str, Any, grpc.StatusCode, str]] = [
+    ("Submit", pb.SubmitRequest(), grpc.StatusCode.INVALID_ARGUMENT, "jobs"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(tenant_id="")]), grpc.StatusCode.INVALID_ARGUMENT, "jobs[0].tenant_id"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(), spec(tenant_id="a b")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "jobs[1].tenant_id"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(session_id="")]), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(utterance_index=-1)]), grpc.StatusCode.INVALID_ARGUMENT,
+     "utterance_index"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(src_lang="ZH")]), grpc.StatusCode.INVALID_ARGUMENT, "src_lang"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(tgt_lang="")]), grpc.StatusCode.INVALID_ARGUMENT, "tgt_lang"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(tgt_lang="e{n}")]), grpc.StatusCode.INVALID_ARGUMENT, "tgt_lang"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(priority=10)]), grpc.StatusCode.INVALID_ARGUMENT, "priority"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(max_attempts=-1)]), grpc.StatusCode.INVALID_ARGUMENT, "max_attempts"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(deadline=_past())]), grpc.StatusCode.INVALID_ARGUMENT, "deadline"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(payload_ref="s3://x")]), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(payload=b"")]), grpc.StatusCode.INVALID_ARGUMENT, "payload"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(payload=b"", payload_ref="no uri")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "payload_ref"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(payload=BIG)]), grpc.StatusCode.RESOURCE_EXHAUSTED, "jobs[0].payload"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(idempotency_key="a b")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "idempotency_key"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(trace_id="t" * 129)]), grpc.StatusCode.INVALID_ARGUMENT, "trace_id"),
+    ("Submit", pb.SubmitRequest(jobs=[spec(execution_timeout=Duration(seconds=-1))]),
+     grpc.StatusCode.INVALID_ARGUMENT, "execution_timeout"),
+    ("Submit", pb.SubmitRequest(jobs=[spec()] * 501), grpc.StatusCode.RESOURCE_EXHAUSTED, "batch cap"),
+    ("GetJob", pb.GetJobRequest(), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+    ("GetJob", pb.GetJobRequest(job_id="nope"), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+    ("GetJob", pb.GetJobRequest(job_id="{zh:en:9}01J"), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+    ("GetJob", pb.GetJobRequest(job_id=JOB), grpc.StatusCode.NOT_FOUND, "not found"),
+    ("CancelJob", pb.CancelJobRequest(), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+    ("CancelJob", pb.CancelJobRequest(job_id=JOB, reason="r" * 1025), grpc.StatusCode.INVALID_ARGUMENT, "reason"),
+    ("CancelJob", pb.CancelJobRequest(job_id=JOB), grpc.StatusCode.NOT_FOUND, "not found"),
+    ("Assign", pb.AssignRequest(pairs=[pair()]), grpc.StatusCode.INVALID_ARGUMENT, "node_id"),
+    ("Assign", pb.AssignRequest(node_id="n1"), grpc.StatusCode.INVALID_ARGUMENT, "pairs"),
+    ("Assign", pb.AssignRequest(node_id="n1", pairs=[pair("zh", "")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "pairs[0].tgt_lang"),
+    ("Assign", pb.AssignRequest(node_id="n1", pairs=[pair()], max_jobs=101), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_jobs"),
+    ("Assign", pb.AssignRequest(node_id="n1", pairs=[pair()], wait=Duration(seconds=61)),
+     grpc.StatusCode.INVALID_ARGUMENT, "wait"),
+    ("Heartbeat", pb.HeartbeatRequest(node_id="n1"), grpc.StatusCode.INVALID_ARGUMENT, "leases"),
+    ("Heartbeat", pb.HeartbeatRequest(node_id="n1", leases=[pb.JobLease(job_id=JOB)]),
+     grpc.StatusCode.INVALID_ARGUMENT, "leases[0].attempt"),
+    ("Complete", pb.CompleteRequest(attempt=1, node_id="n1", result=pb.JobResult()),
+     grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+    ("Complete", pb.CompleteRequest(job_id=JOB, node_id="n1", result=pb.JobResult()),
+     grpc.StatusCode.INVALID_ARGUMENT, "attempt"),
+    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, result=pb.JobResult()),
+     grpc.StatusCode.INVALID_ARGUMENT, "node_id"),
+    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1"), grpc.StatusCode.INVALID_ARGUMENT,
+     "outcome"),
+    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", error=pb.JobError()),
+     grpc.StatusCode.INVALID_ARGUMENT, "error.code"),
+    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", error=pb.JobError(code="LINGUA_X")),
+     grpc.StatusCode.INVALID_ARGUMENT, "error.code"),
+    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", result=pb.JobResult(tts_audio=BIG)),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "result.tts_audio"),
+    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", result=pb.JobResult()),
+     grpc.StatusCode.NOT_FOUND, "not found"),
+]
+
+
+async def test_invalid_requests_name_the_field_and_change_nothing(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=99)]))  # something to leave untouched
+    before = await snapshot(redis)
+    for method, request, code, text in INVALID:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await getattr(stub, method)(request)
+        assert err.value.code() == code, (method, request)
+        assert text in (err.value.details() or ""), (method, err.value.details())
+    for request, code in ((pb.WatchJobRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+                          (pb.WatchJobRequest(job_id=JOB), grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.WatchJob(request):
+                pass
+        assert err.value.code() == code
+    assert await snapshot(redis) == before
+
+
+async def test_cancel(stub: pb_grpc.SchedulerStub) -> None:
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+    job = await stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason="user hung up"))
+    assert job.state == pb.JOB_STATE_CANCELLED and job.last_error.message == "user hung up"
+    again = await stub.CancelJob(pb.CancelJobRequest(job_id=job_id))
+    assert again.version == job.version  # a repeat answers the job as it is
+    assert (await stub.Assign(pb.AssignRequest(node_id="n1", pairs=[pair()]))).assignments == []
+    done = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0].job_id
+    a = await assign_one(stub)
+    await stub.Complete(pb.CompleteRequest(job_id=done, attempt=a.attempt, node_id="n1", result=pb.JobResult()))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CancelJob(pb.CancelJobRequest(job_id=done))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_health_and_reflection(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "lingua.scheduler.v1.Scheduler"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = refl.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    await call.done_writing()
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"lingua.scheduler.v1.Scheduler", "grpc.health.v1.Health"} <= names
+
+
+async def start_process(redis_url: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int]:
+    """The real server as its own process (python -m lingua_scheduler.server); returns it and its port."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--redis-url", redis_url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert b"listening on" in line, line
+    return proc, int(line.split(b":")[-1])
+
+
+async def test_server_process_killed_and_replaced_loses_nothing(redis_server: Any, redis: Any) -> None:
+    proc, port = await start_process(redis_server.url)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+        ids = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(
+            jobs=[spec(utterance_index=i) for i in range(3)]))).results]
+        running = await assign_one(stub)
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", leases=[pb.JobLease(job_id=running.job_id, attempt=1)]))
+        assigned = await assign_one(stub)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    proc, port = await start_process(redis_server.url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.SchedulerStub(ch)
+            states = {i: (await stub.GetJob(pb.GetJobRequest(job_id=i))).state for i in ids}
+            assert states[running.job_id] == pb.JOB_STATE_RUNNING
+            assert states[assigned.job_id] == pb.JOB_STATE_ASSIGNED
+            (queued,) = [i for i in ids if states[i] == pb.JOB_STATE_QUEUED]
+            for held in (running, assigned):
+                await stub.Complete(pb.CompleteRequest(job_id=held.job_id, attempt=1, node_id="n1",
+                                                       result=pb.JobResult(text_asr="after restart")))
+            last = await assign_one(stub, "n2")
+            assert last.job_id == queued
+            await stub.Complete(pb.CompleteRequest(job_id=queued, attempt=1, node_id="n2", result=pb.JobResult()))
+            for i in ids:
+                assert (await stub.GetJob(pb.GetJobRequest(job_id=i))).state == pb.JOB_STATE_SUCCEEDED
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
