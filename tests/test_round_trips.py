@@ -1,0 +1,96 @@
+"""The hot paths cost one Redis round trip: watched with MONITOR on the private Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from conftest import AppFactory
+from helpers import pair, spec
+from lingua_scheduler.server.proto import scheduler_pb2 as pb
+from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+
+
+SETUP = {"HELLO", "CLIENT", "SELECT", "ECHO"}  # connection setup, not per-request cost
+
+
+class Monitor:
+    """Commands Redis executes, split into those sent by clients and those run inside Lua scripts."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.client: Counter[str] = Counter()
+        self.lua: Counter[str] = Counter()
+        self.changed = asyncio.Event()
+
+    async def seen(self, name: str, count: int) -> None:
+        """Wait until clients sent `count` commands `name` (an event, not a guess)."""
+        while self.client[name] < count:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 5)
+
+    @contextlib.asynccontextmanager
+    async def watch(self) -> AsyncIterator[Monitor]:
+        self.client.clear()
+        self.lua.clear()
+        marker = "lingua-monitor-end"
+        async with self.redis.monitor() as m:
+            async def consume() -> None:
+                async for cmd in m.listen():
+                    name = cmd["command"].split(" ", 1)[0].upper()
+                    if marker in cmd["command"]:
+                        return
+                    if name in SETUP:
+                        continue
+                    (self.lua if cmd.get("client_type") == "lua" else self.client)[name] += 1
+                    self.changed.set()
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0)
+            yield self
+            await self.redis.echo(marker)
+            await asyncio.wait_for(task, 5)
+
+
+async def test_commands_per_rpc(make_app: AppFactory, redis: Any) -> None:
+    app = await make_app(sweep_interval_ms=600_000, poll_interval_ms=600_000)
+    mon = Monitor(redis)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+        await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=100)]))  # the pool is now known
+        async with mon.watch():
+            job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+        assert mon.client == Counter(EVALSHA=1), mon.client
+        async with mon.watch():
+            await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=i) for i in range(1, 11)]))
+        assert mon.client == Counter(EVALSHA=10), mon.client  # one pipelined round trip
+
+        # A waiting Assign is woken by the submit's notification and claims the named job directly.
+        async with mon.watch():
+            waiting = asyncio.ensure_future(stub.Assign(pb.AssignRequest(
+                node_id="n2", pairs=[pair("en", "de")], max_jobs=1, wait=Duration(seconds=5))))
+            await mon.seen("ZRANGE", app.settings.partitions)  # it found nothing and waits
+        async with mon.watch():
+            woken = (await stub.Submit(pb.SubmitRequest(jobs=[spec(src_lang="en", tgt_lang="de")]))).results[0]
+            got = await waiting
+        assert got.assignments[0].job_id == woken.job_id
+        assert mon.client == Counter(EVALSHA=2, SADD=1), mon.client  # submit (+ first use of the pool), claim
+
+        async with mon.watch():
+            await stub.Heartbeat(pb.HeartbeatRequest(node_id="n2", leases=[pb.JobLease(job_id=woken.job_id, attempt=1)]))
+        assert mon.client == Counter(EVALSHA=1), mon.client
+        async with mon.watch():
+            await stub.Complete(pb.CompleteRequest(job_id=woken.job_id, attempt=1, node_id="n2", result=pb.JobResult()))
+        assert mon.client == Counter(EVALSHA=1), mon.client
+        async with mon.watch():
+            await stub.GetJob(pb.GetJobRequest(job_id=job_id))
+        assert mon.client == Counter(HGETALL=1, GET=2), mon.client  # one pipelined round trip
+        # A cold Assign (no notification) peeks every partition of the pool in one pipeline, then claims.
+        async with mon.watch():
+            await stub.Assign(pb.AssignRequest(node_id="n1", pairs=[pair()], max_jobs=1))
+        assert mon.client == Counter(ZRANGE=app.settings.partitions, EVALSHA=1), mon.client
