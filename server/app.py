@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -69,12 +70,19 @@ class App:
 
     async def stop(self, grace: float | None = None) -> None:
         """Health to NOT_SERVING, stop accepting, let streams drain within the grace, close Redis."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.nodes.drain_all()
-        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
-        await self.nodes.stop()
-        await self.dispatcher.stop()
-        await self.redis.aclose()
+        for name, step, limit in (
+            ("grpc server", self.server.stop(grace), grace + 5),
+            ("node sessions", self.nodes.stop(), 5),
+            ("dispatcher", self.dispatcher.stop(), 5),
+            ("redis", self.redis.aclose(), 5),
+        ):
+            try:
+                await asyncio.wait_for(step, limit)
+            except TimeoutError:
+                log.error("shutdown: %s did not stop within %.1f s; going on", name, limit)
 
 
 def create_server(settings: Settings, redis: Any = None) -> App:

@@ -116,7 +116,7 @@ async def test_touch_codes(store: Store) -> None:
     assert r[0] == ScriptCode.STALE_ATTEMPT
     r = await call(store.redis, "touch_job", *touch_args(job_id, node="n2"))
     assert r[0] == ScriptCode.NOT_LEASE_HOLDER
-    r = await call(store.redis, "touch_job", *touch_args(job_id[:-1] + "X"))
+    r = await call(store.redis, "touch_job", *touch_args(keys.tag_of(job_id) + "01GHOST"))
     assert r[0] == ScriptCode.JOB_NOT_FOUND
     await store.cancel(job_id, "")
     r = await call(store.redis, "touch_job", *touch_args(job_id))
@@ -141,7 +141,7 @@ async def test_finish_codes(store: Store) -> None:
         r = await call(store.redis, "finish_job", *finish_args(store, job_id, **kw))
         assert r[0] == expected, kw
         seen.add(r[0])
-    r = await call(store.redis, "finish_job", *finish_args(store, job_id[:-1] + "X"))
+    r = await call(store.redis, "finish_job", *finish_args(store, keys.tag_of(job_id) + "01GHOST"))
     seen.add(r[0])
     assert r[0] == ScriptCode.JOB_NOT_FOUND
     assert seen == documented_codes("finish_job")
@@ -162,7 +162,7 @@ async def test_requeue_codes(store: Store) -> None:
         r = await call(store.redis, "requeue_job", *requeue_args(job_id, **kw))
         assert r[0] == expected, kw
         seen.add(r[0])
-    r = await call(store.redis, "requeue_job", *requeue_args(job_id[:-1] + "X"))
+    r = await call(store.redis, "requeue_job", *requeue_args(keys.tag_of(job_id) + "01GHOST"))
     seen.add(r[0])
     assert seen == documented_codes("requeue_job")
 
