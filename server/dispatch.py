@@ -37,8 +37,15 @@ class Consumer:
         self.capacity = capacity
         self.hints: deque[str] = deque(maxlen=64)
         self.wake = asyncio.Event()
-        self.reserved_until = 0.0  # a job held back for another node becomes claimable then (ms)
-        self.avoided: set[str] = set()
+        self.reserved_until = 0.0  # a job held back from this node becomes claimable then (ms)
+        self.avoided: dict[str, float] = {}  # job id -> until (ms): jobs that keep away from this node
+
+    def avoids(self, job_id: str, now_ms: float) -> bool:
+        until = self.avoided.get(job_id)
+        if until is not None and until <= now_ms:
+            del self.avoided[job_id]
+            return False
+        return until is not None
 
     def hint(self, job_id: str) -> None:
         self.hints.append(job_id)
@@ -91,6 +98,7 @@ class Dispatcher:
     async def claim_for(self, consumer: Consumer, want: int) -> list[Claim]:
         """Claim up to `want` jobs for the consumer: hints first, else the oldest queued of its pools."""
         got: list[Claim] = []
+        now_ms = time.time() * 1000
         for _ in range(4):
             need = want - len(got)
             if need <= 0:
@@ -98,32 +106,32 @@ class Dispatcher:
             candidates: list[str] = []
             while consumer.hints and len(candidates) < need:
                 job_id = consumer.hints.popleft()
-                if job_id not in candidates and job_id not in consumer.avoided:
+                if job_id not in candidates and not consumer.avoids(job_id, now_ms):
                     candidates.append(job_id)
             if not candidates:
-                candidates = await self._oldest(consumer, need)
+                candidates = await self._oldest(consumer, need, now_ms)
             if not candidates:
                 break
             for claim in await self.store.claim(consumer.node_id, candidates):
                 if claim.code == ScriptCode.APPLIED:
                     got.append(claim)
-                elif claim.code == ScriptCode.AVOIDED:
-                    consumer.avoided.add(claim.job_id)
-                elif claim.code == ScriptCode.RESERVED:
+                elif claim.code in (ScriptCode.AVOIDED, ScriptCode.RESERVED):
+                    if claim.code == ScriptCode.AVOIDED:
+                        consumer.avoided[claim.job_id] = claim.reserved_until
                     consumer.reserved_until = max(consumer.reserved_until, claim.reserved_until)
                 consumer.hints.extend(
-                    j for j in claim.candidates if j not in consumer.avoided and j != claim.job_id
+                    j for j in claim.candidates if j != claim.job_id and not consumer.avoids(j, now_ms)
                 )
         return got
 
-    async def _oldest(self, consumer: Consumer, count: int) -> list[str]:
+    async def _oldest(self, consumer: Consumer, count: int, now_ms: float) -> list[str]:
         """The `count` oldest queued jobs (highest priority first) across the consumer's partitions."""
         tags = [t for pool in consumer.pools for t in self.store.tags_of_pool(pool)]
         peeked = await self.store.peek(tags, count + len(consumer.avoided))
         merged = heapq.merge(*peeked.values(), key=lambda pair: pair[1])
         out: list[str] = []
         for job_id, _score in merged:
-            if job_id in consumer.avoided:
+            if consumer.avoids(job_id, now_ms):
                 continue
             out.append(job_id)
             if len(out) >= count:
@@ -137,11 +145,13 @@ class Dispatcher:
         if consumer.reserved_until:
             delay = min(delay, max(0.0, consumer.reserved_until / 1000 - time.time()) + 0.001)
             consumer.reserved_until = 0
-        if consumer.hints:
+        if consumer.hints and consumer.capacity() > 0:
             return
         consumer.wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(consumer.wake.wait(), delay)
+            # asyncio.timeout, not wait_for: wait_for can swallow a cancel that races the wake-up.
+            async with asyncio.timeout(delay):
+                await consumer.wake.wait()
 
     # -- pub/sub --------------------------------------------------------------------------------
 

@@ -332,7 +332,7 @@ class NodeSessions:
                     refused: list[pb.LeaseStatus]) -> None:
         try:
             await self.store.transition(lease.job_id, event, node=session.node_id, attempt=lease.attempt,
-                                        error=error, avoid=event == Event.UNAVAILABLE)
+                                        error=error, avoid=True)
         except SchedulerError as err:
             refused.append(_refused(lease.job_id, err))
         session.release(lease.job_id)
@@ -354,4 +354,5 @@ class NodeSessions:
                                 message=f"the stream of node {session.node_id} closed")
             with contextlib.suppress(SchedulerError):
                 await self.store.transition(t.job_id, Event.NODE_LOST, node=session.node_id,
-                                            attempt=session.in_flight[t.job_id], error=error, guard="lease")
+                                            attempt=session.in_flight[t.job_id], error=error, guard="lease",
+                                            avoid=True)

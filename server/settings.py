@@ -49,6 +49,9 @@ class Settings:
     backoff_max_ms: int = 10_000
     # A job of a session waits this long for the node that served the session last.
     affinity_wait_ms: int = 50
+    # A requeued job keeps away this long from the node that lost it (or lacked its model); after
+    # that any node may take it, so a pool with a single node still makes progress.
+    avoid_ms: int = 2_000
     # A session's binding to its node is forgotten after this long without a job.
     affinity_ttl_ms: int = 600_000
     # Slow poll behind the pub/sub wake-ups, and the period of the timer sweep.

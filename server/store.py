@@ -279,7 +279,7 @@ class Store:
                 "claim_job",
                 [pk.queue, pk.timers, pk.affinity, jk.fsm, jk.meta, jk.payload, jk.events],
                 [job_id, node_id, s.ack_timeout_ms, s.affinity_wait_ms, self._assign_from,
-                 self._assign_dest, hint_count],
+                 self._assign_dest, hint_count, s.avoid_ms],
             ))
         out = []
         for job_id, r in zip(candidates, self._raise_errors(await self.scripts.call_many(self.redis, calls)),
@@ -289,7 +289,8 @@ class Store:
             if code == ScriptCode.APPLIED:
                 out.append(Claim(job_id, code, hints, int(r[2]), int(r[3]), r[4] or b"", r[5] or b""))
             else:
-                out.append(Claim(job_id, code, hints, reserved_until=int(r[2]) if code == ScriptCode.RESERVED else 0))
+                held = code in (ScriptCode.RESERVED, ScriptCode.AVOIDED)
+                out.append(Claim(job_id, code, hints, reserved_until=int(r[2]) if held else 0))
         return out
 
     # -- node reports ---------------------------------------------------------------------------
@@ -438,7 +439,8 @@ class Store:
                     message=f"node {rec.node} did not ack or heartbeat attempt {rec.attempt} in time, "
                     "or the attempt ran past its execution timeout",
                 )
-                return await self.transition(job_id, Event.LEASE_EXPIRED, error=error, guard="lease", record=rec)
+                return await self.transition(job_id, Event.LEASE_EXPIRED, error=error, guard="lease", record=rec,
+                                             avoid=True)
             if kind == "d":
                 error = pb.JobError(code="LINGUA_DEADLINE_EXCEEDED", message="the job's deadline passed")
                 return await self.transition(job_id, Event.EXPIRE, error=error, guard="deadline")

@@ -7,6 +7,7 @@ folder) and only those are flushed.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,13 @@ from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # simnode
+
 # Short timings so lease, grace and backoff paths run in well under a second.
 FAST = dict(
     partitions=2, ack_timeout_ms=1_000, heartbeat_interval_ms=200, lease_ms=1_000, stream_grace_ms=300,
     backoff_base_ms=50, backoff_max_ms=200, affinity_wait_ms=300, poll_interval_ms=100,
-    sweep_interval_ms=50, node_ttl_ms=3_000, shutdown_grace_s=0.5,
+    sweep_interval_ms=50, node_ttl_ms=3_000, shutdown_grace_s=0.5, avoid_ms=300,
 )
 
 

@@ -16,3 +16,20 @@ def spec(**overrides: Any) -> pb.JobSpec:
 
 def pair(src: str = "zh", tgt: str = "en") -> pb.LanguagePair:
     return pb.LanguagePair(src_lang=src, tgt_lang=tgt)
+
+
+async def watch_until(stub: Any, job_id: str, state: int, timeout: float = 10.0) -> list[pb.JobEvent]:
+    """The job's events up to the first one entering `state` (WatchJob replays history first)."""
+    import asyncio
+
+    events: list[pb.JobEvent] = []
+
+    async def run() -> None:
+        async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+            events.append(event)
+            if event.state == state:
+                return
+        raise AssertionError(f"job ended in {events[-1].state}, never reached {state}")
+
+    await asyncio.wait_for(run(), timeout)
+    return events

@@ -16,13 +16,14 @@
     ARGV[5] state a claim starts from (from the FSM: assign's source)
     ARGV[6] state a claim leads to (from the FSM: assign's destination)
     ARGV[7] how many queue heads to return as the next candidates
+    ARGV[8] avoid window, ms: how long a requeued job keeps away from the nodes it avoids
 
   Output: {code, next candidates, ...}
     {1, candidates, attempt, lease deadline ms, meta, payload}  claimed
     {-1, candidates}         job not found (its queue entry is dropped)
     {-2, candidates, state}  job not in the claimable state (its queue entry is dropped)
     {-7, candidates}         job no longer in the queue (someone else claimed it)
-    {-8, candidates}         the job avoids this node (it said the model was not available)
+    {-8, candidates, until}  the job avoids this node until `until` (ms): the node lost it or lacked the model
     {-9, candidates, until}  the job is held back for its session's node until `until` (ms)
 ]]
 local rcall = redis.call
@@ -47,11 +48,12 @@ if state ~= ARGV[5] then
   rcall("ZREM", queueKey, jobId)
   return {-2, heads(), state}
 end
-if string.find(f[4], "," .. nodeId .. ",", 1, true) then
-  return {-8, heads()}
-end
 local t = rcall("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local avoidUntil = tonumber(f[6]) + tonumber(ARGV[8])
+if now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true) then
+  return {-8, heads(), avoidUntil}
+end
 local heldUntil = tonumber(f[6]) + tonumber(ARGV[4])
 if f[5] ~= "" and f[5] ~= nodeId and now < heldUntil then
   return {-9, heads(), heldUntil}

@@ -1,0 +1,195 @@
+"""A simulated worker node on a real NodeSession stream, built on the generated stubs.
+
+Used by scripts/simulate (the command-line simulator), scripts/bench and the tests. It acks each
+assignment at once, "works" for a drawn processing time, heartbeats while working, and reports a
+result, a failure or "model not available"; it can crash (drop its stream, report nothing), go
+silent (keep the stream, stop heartbeating) or drain. Messages are batched: everything that is
+ready when the writer runs goes out in one NodeMessage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from lingua_scheduler.server.proto import scheduler_pb2 as pb
+from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Behaviour:
+    """What a simulated node does with each job."""
+
+    processing_s: Callable[[], float] = lambda: 0.0
+    fail_rate: float = 0.0  # retryable failure
+    fatal_rate: float = 0.0  # non-retryable failure
+    unavailable_rate: float = 0.0  # "model not available"
+    heartbeat: bool = True  # False: a silent node (stream open, no heartbeats)
+    rng: random.Random = field(default_factory=random.Random)
+
+
+@dataclass
+class Received:
+    job_id: str
+    attempt: int
+    at: float  # time.perf_counter() when the assignment arrived
+    spec: pb.JobSpec
+
+
+class SimNode:
+    def __init__(self, channel: grpc.aio.Channel, node_id: str, pairs: list[tuple[str, str]],
+                 max_concurrency: int = 4, behaviour: Behaviour | None = None,
+                 on_receive: Callable[[Received], None] | None = None) -> None:
+        self.stub = pb_grpc.SchedulerStub(channel)
+        self.node_id = node_id
+        self.pairs = pairs
+        self.max_concurrency = max_concurrency
+        self.behaviour = behaviour or Behaviour()
+        self.on_receive = on_receive
+        self.received: list[Received] = []
+        self.completed: list[str] = []
+        self.cancels: list[pb.JobLease] = []
+        self.refused: list[pb.LeaseStatus] = []
+        self.errors: list[str] = []
+        self.registered: pb.RegisterAck | None = None
+        self.working: dict[str, tuple[asyncio.Task[None], int]] = {}  # job id -> (work, attempt)
+        self.changed = asyncio.Event()  # set on every message from the scheduler
+        self._out: asyncio.Queue[pb.NodeMessage | None] = asyncio.Queue()
+        self._call: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.closed = asyncio.Event()
+        self.status: grpc.StatusCode | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, holding: list[pb.JobLease] | None = None) -> SimNode:
+        self._call = self.stub.NodeSession(self._requests())
+        self.send(pb.NodeMessage(register=pb.Register(
+            node_id=self.node_id, max_concurrency=self.max_concurrency, version="sim-1",
+            pairs=[pb.LanguagePair(src_lang=s, tgt_lang=t) for s, t in self.pairs], holding=holding or [],
+        )))
+        first = await self._call.read()
+        if first is grpc.aio.EOF or not first.HasField("registered"):
+            raise RuntimeError(f"{self.node_id}: not registered: {first}")
+        self.registered = first.registered
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._heartbeats())]
+        return self
+
+    async def _requests(self) -> Any:
+        while (message := await self._out.get()) is not None:
+            # Batch whatever else is ready into the same message.
+            while not self._out.empty():
+                more = self._out.get_nowait()
+                if more is None:
+                    yield message
+                    return
+                message.MergeFrom(more)
+            yield message
+
+    def send(self, message: pb.NodeMessage) -> None:
+        self._out.put_nowait(message)
+
+    async def stop(self) -> None:
+        """Close the stream politely (half-close), stop working."""
+        self._out.put_nowait(None)
+        await self._shutdown()
+
+    async def crash(self) -> None:
+        """Drop the stream abruptly and lose all work, as a killed process would."""
+        if self._call is not None:
+            self._call.cancel()
+        await self._shutdown()
+
+    async def drain(self) -> None:
+        self.send(pb.NodeMessage(drain=True))
+
+    async def _shutdown(self) -> None:
+        tasks = [t for t, _ in self.working.values()] + self._tasks
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.working.clear()
+        self.closed.set()
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        try:
+            while (m := await self._call.read()) is not grpc.aio.EOF:
+                for a in m.assignments:
+                    got = Received(a.job_id, a.attempt, time.perf_counter(), a.spec)
+                    self.received.append(got)
+                    if self.on_receive:
+                        self.on_receive(got)
+                    self._start_work(a)
+                for c in m.cancels:
+                    self.cancels.append(c)
+                    work = self.working.pop(c.job_id, None)
+                    if work:
+                        work[0].cancel()
+                self.refused.extend(m.refused)
+                if m.error:
+                    self.errors.append(m.error)
+                self.changed.set()
+        except grpc.aio.AioRpcError as err:
+            self.status = err.code()
+        except asyncio.CancelledError:
+            raise
+        else:
+            self.status = grpc.StatusCode.OK
+        finally:
+            self.closed.set()
+            self.changed.set()
+
+    def _start_work(self, a: pb.Assignment) -> None:
+        b = self.behaviour
+        lease = pb.JobLease(job_id=a.job_id, attempt=a.attempt)
+        roll = b.rng.random()
+        if roll < b.unavailable_rate:
+            self.send(pb.NodeMessage(unavailable=[lease]))
+            return
+        self.send(pb.NodeMessage(acks=[lease]))
+        self.working[a.job_id] = (asyncio.create_task(self._work(a, lease, roll)), a.attempt)
+
+    async def _work(self, a: pb.Assignment, lease: pb.JobLease, roll: float) -> None:
+        b = self.behaviour
+        seconds = b.processing_s()
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        if roll < b.unavailable_rate + b.fail_rate:
+            outcome = pb.Completion(lease=lease, error=pb.JobError(code="SIM_FAIL", message="simulated", retryable=True))
+        elif roll < b.unavailable_rate + b.fail_rate + b.fatal_rate:
+            outcome = pb.Completion(lease=lease, error=pb.JobError(code="SIM_FATAL", message="simulated"))
+        else:
+            outcome = pb.Completion(lease=lease, result=pb.JobResult(
+                text_asr=f"asr {a.spec.utterance_index}", text_translated=f"{a.spec.tgt_lang}:{a.job_id}",
+                extra={"node": self.node_id}))
+        self.working.pop(a.job_id, None)
+        self.completed.append(a.job_id)
+        self.send(pb.NodeMessage(completions=[outcome]))
+
+    async def _heartbeats(self) -> None:
+        assert self.registered is not None
+        interval = self.registered.heartbeat_interval.ToMilliseconds() / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if self.behaviour.heartbeat and self.working:
+                self.send(pb.NodeMessage(heartbeats=[
+                    pb.JobLease(job_id=j, attempt=a) for j, (_, a) in self.working.items()]))
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until predicate() holds, re-checking on every message from the scheduler."""
+        async def loop() -> None:
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+        await asyncio.wait_for(loop(), timeout)
