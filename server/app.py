@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -25,7 +26,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
 def connect_redis(settings: Settings) -> Any:
-    """A redis.asyncio client for settings.redis_url (bytes replies; health-checked connections)."""
+    """A redis.asyncio client (bytes replies): a RedisCluster for settings.redis_cluster seeds, else
+    a Redis for settings.redis_url."""
+    if settings.redis_cluster:
+        seeds = [ClusterNode(host, int(port)) for host, _, port in
+                 (seed.strip().rpartition(":") for seed in settings.redis_cluster.split(",") if seed.strip())]
+        return RedisCluster(startup_nodes=seeds, decode_responses=False,
+                            max_connections=settings.redis_max_connections)
     return aioredis.from_url(
         settings.redis_url, decode_responses=False, max_connections=settings.redis_max_connections,
         health_check_interval=30,
@@ -62,6 +69,7 @@ class App:
     health: health.aio.HealthServicer  # type: ignore[name-defined]
 
     async def start(self) -> None:
+        await self.redis.ping()  # fail fast on a wrong address; on a cluster, learns the slot map
         await self.dispatcher.start()
         await self.nodes.start()
         await self.server.start()
@@ -72,9 +80,9 @@ class App:
         """Health to NOT_SERVING, stop accepting, let streams drain within the grace, close Redis."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.nodes.drain_all()
+        await self.nodes.drain_all(grace)
         for name, step, limit in (
-            ("grpc server", self.server.stop(grace), grace + 5),
+            ("grpc server", self.server.stop(0), 5.0),
             ("node sessions", self.nodes.stop(), 5),
             ("dispatcher", self.dispatcher.stop(), 5),
             ("redis", self.redis.aclose(), 5),

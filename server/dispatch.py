@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError
 
 from . import keys
 from .errors import ScriptCode
@@ -175,9 +174,9 @@ class Dispatcher:
                         self._on_node_message(channel[node_prefix:], data)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - any failure: polling covers it; resubscribe
                 ready.set()
-                log.warning("wake-up subscription lost (%s); polling covers it, resubscribing", err)
+                log.warning("wake-up subscription lost (%r); polling covers it, resubscribing", err)
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
@@ -206,8 +205,8 @@ class Dispatcher:
                 await self.sweep_once()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as err:
-                log.warning("timer sweep failed: %s", err)
+            except Exception as err:  # noqa: BLE001 - the next sweep tries again
+                log.warning("timer sweep failed: %r", err)
 
     async def sweep_once(self) -> int:
         """Fire every due timer of every pool's partitions; returns how many were acted on."""

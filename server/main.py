@@ -26,7 +26,8 @@ async def serve(settings: Settings) -> None:
     for warning in await check_redis(app.redis):
         log.warning("%s", warning)
     await app.start()
-    log.info("listening on port %d (instance %s, redis %s)", app.port, settings.instance_id, settings.redis_url)
+    log.info("listening on port %d (instance %s, redis %s)", app.port, settings.instance_id,
+             settings.redis_cluster or settings.redis_url)
     print(f"lingua-scheduler listening on {settings.listen.rsplit(':', 1)[0]}:{app.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 2
     embedded = None
-    if not settings.redis_url:
+    if not settings.redis_url and not settings.redis_cluster:
         embedded = EmbeddedRedis(settings.data_dir).start()
         log.info("started embedded redis-server (data in %s)", embedded.data_dir)
         settings = dataclasses.replace(settings, redis_url=embedded.url)

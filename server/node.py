@@ -31,7 +31,7 @@ from .proto import scheduler_pb2 as pb
 from .registry import NodeEntry, Registry
 from .service import assignment_pb, error_status, lease_status_pb
 from .settings import Settings
-from .store import Store, Touched
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Session:
         self.replaced = False
         self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
         self.consumer = Consumer(self.node_id, pools, self.free_slots)
+        self.finished = asyncio.Event()  # the stream's handler is done, leases released
 
     def free_slots(self) -> int:
         return 0 if self.draining else max(0, self.reg.max_concurrency - len(self.in_flight))
@@ -131,7 +132,8 @@ class NodeSessions:
         self.dispatcher = dispatcher
         self.settings = settings
         self.registry = Registry(store.redis, store.scripts, settings.node_ttl_ms)
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # node id -> its current stream
+        self._open: set[Session] = set()  # every stream whose handler has not finished
         self._background: set[asyncio.Task[Any]] = set()
         dispatcher.node_listeners = self  # type: ignore[assignment]
 
@@ -150,11 +152,22 @@ class NodeSessions:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def drain_all(self) -> None:
-        """On shutdown: no new work for any node here; streams close as their work finishes."""
-        for session in list(self.sessions.values()):
+    async def drain_all(self, grace: float) -> None:
+        """On shutdown: no new work for any node here; streams close as their work finishes, and
+        those still open after `grace` are closed (their leases shrink, as for any closed stream)."""
+        sessions = list(self._open)
+        for session in sessions:
             session.draining = True
             session._maybe_done()
+        waits = [asyncio.create_task(s.finished.wait()) for s in sessions]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            for session in sessions:
+                session.outbox.put_nowait(None)
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+            for task in pending:
+                task.cancel()
 
     async def list(self) -> list[pb.NodeInfo]:
         out = []
@@ -197,6 +210,15 @@ class NodeSessions:
         except SchedulerError as err:
             await context.abort(err.status, str(err))
         session = Session(self, first.register, pools)
+        self._open.add(session)
+        try:
+            await self._serve(session, first, it, context)
+        finally:
+            session.finished.set()
+            self._open.discard(session)
+
+    async def _serve(self, session: Session, first: pb.NodeMessage, it: Any,
+                     context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         try:
             previous = await self.registry.register(session.entry(), session.token)
         except Exception as err:
@@ -211,7 +233,7 @@ class NodeSessions:
         s = self.settings
         await context.write(pb.SchedulerMessage(registered=pb.RegisterAck(
             instance_id=s.instance_id, heartbeat_interval=_duration(s.heartbeat_interval_ms),
-            lease_duration=_duration(s.lease_ms), ack_timeout=_duration(s.ack_timeout_ms), pools=pools,
+            lease_duration=_duration(s.lease_ms), ack_timeout=_duration(s.ack_timeout_ms), pools=session.pools,
         )))
         if first.register.holding:
             await self._resume(session, first.register.holding)
@@ -231,7 +253,7 @@ class NodeSessions:
                     await task
             if self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
-            self._spawn(self._closed(session))
+            await self._closed(session)
 
     async def _resume(self, session: Session, holding: Any) -> None:
         leases = []
@@ -252,7 +274,12 @@ class NodeSessions:
         """Push assignments while the node has free slots."""
         while True:
             free = session.free_slots()
-            claims = await self.dispatcher.claim_for(session.consumer, free) if free else []
+            try:
+                claims = await self.dispatcher.claim_for(session.consumer, free) if free else []
+            except Exception as err:  # noqa: BLE001 - Redis away: keep the stream, try again shortly
+                log.warning("node %s: claiming failed (%r); retrying", session.node_id, err)
+                await asyncio.sleep(self.settings.poll_interval_ms / 1000)
+                continue
             if claims:
                 for c in claims:
                     session.in_flight[c.job_id] = c.attempt
@@ -301,10 +328,14 @@ class NodeSessions:
         touches = valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
         completions = valid(m.completions, "completions")
         unavailable = valid(m.unavailable, "unavailable")
+        cancels: list[pb.JobLease] = []
         if touches:
             for t in await self.store.touch(session.node_id, [(x.job_id, x.attempt) for x in touches]):
                 if t.code < 0:
                     refused.append(lease_status_pb(t))
+                    attempt = session.in_flight.get(t.job_id)
+                    if attempt is not None:  # taken away (cancelled, expired, lease lost): say stop
+                        cancels.append(pb.JobLease(job_id=t.job_id, attempt=attempt))
                     session.release(t.job_id)
         results = [c for c in completions if c.WhichOneof("outcome") == "result"]
         if results:
@@ -321,8 +352,8 @@ class NodeSessions:
             error = pb.JobError(code="LINGUA_MODEL_UNAVAILABLE", retryable=True,
                                 message=f"node {session.node_id} has no model for this job")
             await self._fail(session, lease, Event.UNAVAILABLE, error, refused)
-        if refused:
-            session.outbox.put_nowait(pb.SchedulerMessage(refused=refused))
+        if refused or cancels:
+            session.outbox.put_nowait(pb.SchedulerMessage(refused=refused, cancels=cancels))
         if m.drain and not session.draining:
             session.draining = True
             await self.registry.register(session.entry(), session.token, renew=True)
@@ -338,21 +369,24 @@ class NodeSessions:
         session.release(lease.job_id)
 
     async def _closed(self, session: Session) -> None:
-        """After a stream ends: shrink its leases to the grace, then requeue what nobody took back."""
+        """After a stream ends: shrink its leases to the grace; unless the node is back (on any
+        instance) and heartbeats within it, its jobs are requeued: by this instance after the grace,
+        or by any instance's sweeper if this one is gone by then."""
         with contextlib.suppress(Exception):
             await self.registry.release(session.node_id, session.token)
         if session.replaced or not session.in_flight:
             return
         leases = list(session.in_flight.items())
         grace = self.settings.stream_grace_ms
-        shortened: list[Touched] = await self.store.touch(session.node_id, leases, mode="shorten", lease_ms=grace)
-        await asyncio.sleep(grace / 1000)
-        for t in shortened:
-            if t.code < 0:
-                continue
-            error = pb.JobError(code="LINGUA_NODE_LOST", retryable=True,
-                                message=f"the stream of node {session.node_id} closed")
+        shortened = await self.store.touch(session.node_id, leases, mode="shorten", lease_ms=grace)
+        held = [(t.job_id, session.in_flight[t.job_id]) for t in shortened if t.code >= 0]
+        if held:
+            self._spawn(self._requeue_after_grace(session.node_id, held, grace))
+
+    async def _requeue_after_grace(self, node_id: str, held: list[tuple[str, int]], grace_ms: int) -> None:
+        await asyncio.sleep(grace_ms / 1000)
+        error = pb.JobError(code="LINGUA_NODE_LOST", retryable=True, message=f"the stream of node {node_id} closed")
+        for job_id, attempt in held:
             with contextlib.suppress(SchedulerError):
-                await self.store.transition(t.job_id, Event.NODE_LOST, node=session.node_id,
-                                            attempt=session.in_flight[t.job_id], error=error, guard="lease",
-                                            avoid=True)
+                await self.store.transition(job_id, Event.NODE_LOST, node=node_id, attempt=attempt, error=error,
+                                            guard="lease", avoid=True)

@@ -86,5 +86,6 @@ class Scripts:
     async def _pipeline(self, client: Any, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
         async with client.pipeline(transaction=False) as pipe:
             for name, keys, argv in calls:
-                pipe.evalsha(*self.args(name, keys, argv))
+                # execute_command, not evalsha(): redis-py blocks the named method on cluster pipelines.
+                pipe.execute_command("EVALSHA", *self.args(name, keys, argv))
             return list(await pipe.execute(raise_on_error=False))

@@ -18,6 +18,8 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     # Redis to use; empty starts an embedded redis-server with its data in `data_dir`.
     redis_url: str = ""
+    # Redis Cluster seed nodes, "host:port,host:port"; when set, redis_url is not used.
+    redis_cluster: str = ""
     # Where the embedded Redis keeps its AOF and dump.
     data_dir: str = ".lingua/redis"
     # This instance's id, as shown in ListNodes and RegisterAck.

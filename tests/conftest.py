@@ -14,15 +14,16 @@ from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 
-from lingua_scheduler.server.app import App, create_server
+from lingua_scheduler.server.app import App, connect_redis, create_server
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # simnode
+
+from redis_cluster import LocalCluster  # noqa: E402
 
 # Short timings so lease, grace and backoff paths run in well under a second.
 FAST = dict(
@@ -39,18 +40,40 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), masters=3).start()
+    yield cluster
+    cluster.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "single_redis: run against one Redis only (not the cluster)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that touches Redis runs against one Redis and against a 3-master Redis Cluster."""
+    if "backend" in metafunc.fixturenames:
+        single = metafunc.definition.get_closest_marker("single_redis") is not None
+        metafunc.parametrize("backend", ["single"] if single else ["single", "cluster"])
+
+
 @pytest.fixture
-async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Any]:
-    client = aioredis.from_url(redis_server.url, decode_responses=False)
-    await client.flushall()  # our private server only
+def settings(backend: str, request: pytest.FixtureRequest) -> Settings:
+    if backend == "cluster":
+        seeds = request.getfixturevalue("redis_cluster").seeds
+        return Settings(listen="127.0.0.1:0", redis_cluster=seeds, **FAST)  # type: ignore[arg-type]
+    url = request.getfixturevalue("redis_server").url
+    return Settings(listen="127.0.0.1:0", redis_url=url, **FAST)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Any]:
+    client = connect_redis(settings)
+    await client.flushall()  # our private servers only
     await client.script_flush()
     yield client
     await client.aclose()
-
-
-@pytest.fixture
-def settings(redis_server: EmbeddedRedis) -> Settings:
-    return Settings(listen="127.0.0.1:0", redis_url=redis_server.url, **FAST)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
@@ -22,6 +21,7 @@ from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import App
 from lingua_scheduler.server.proto import scheduler_pb2 as pb
 from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+from lingua_scheduler.server.settings import Settings
 
 
 def stub_for(app: App) -> tuple[grpc.aio.Channel, pb_grpc.SchedulerStub]:
@@ -283,12 +283,12 @@ async def test_health_and_reflection(channel: grpc.aio.Channel) -> None:
     assert {"lingua.scheduler.v1.Scheduler", "grpc.health.v1.Health"} <= names
 
 
-async def start_process(redis_url: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int]:
+async def start_process(settings: Settings) -> tuple[asyncio.subprocess.Process, int]:
     """The real server as its own process (python -m lingua_scheduler.server); returns it and its port."""
+    where = ["--redis-cluster", settings.redis_cluster] if settings.redis_cluster else ["--redis-url", settings.redis_url]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--redis-url", redis_url,
+        sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", *where,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
     )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
@@ -296,8 +296,8 @@ async def start_process(redis_url: str, env: dict[str, str] | None = None) -> tu
     return proc, int(line.split(b":")[-1])
 
 
-async def test_server_process_killed_and_replaced_loses_nothing(redis_server: Any, redis: Any) -> None:
-    proc, port = await start_process(redis_server.url)
+async def test_server_process_killed_and_replaced_loses_nothing(settings: Settings, redis: Any) -> None:
+    proc, port = await start_process(settings)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = pb_grpc.SchedulerStub(ch)
         ids = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(
@@ -307,7 +307,7 @@ async def test_server_process_killed_and_replaced_loses_nothing(redis_server: An
         assigned = await assign_one(stub)
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
-    proc, port = await start_process(redis_server.url)
+    proc, port = await start_process(settings)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.SchedulerStub(ch)

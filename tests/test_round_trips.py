@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conftest import AppFactory
@@ -17,7 +18,7 @@ from lingua_scheduler.server.proto import scheduler_pb2 as pb
 from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
 
 
-SETUP = {"HELLO", "CLIENT", "SELECT", "ECHO"}  # connection setup, not per-request cost
+SETUP = {"HELLO", "CLIENT", "SELECT", "ECHO", "PING"}  # connection setup and health checks
 
 
 class Monitor:
@@ -57,6 +58,7 @@ class Monitor:
             await asyncio.wait_for(task, 5)
 
 
+@pytest.mark.single_redis
 async def test_commands_per_rpc(make_app: AppFactory, redis: Any) -> None:
     app = await make_app(sweep_interval_ms=600_000, poll_interval_ms=600_000)
     mon = Monitor(redis)

@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Chaos run: many jobs through 3 scheduler processes and simulated nodes while things get killed.
+
+  python scripts/chaos.py --mode single  --jobs 5000 --nodes 8     # one Redis (AOF everysec)
+  python scripts/chaos.py --mode cluster --jobs 5000 --nodes 8     # a 3-master Redis Cluster
+
+During the run, over and over: SIGKILL a random scheduler instance and start it again, crash and
+restart a random node, close a random node's stream abruptly; in single mode also restart Redis once
+(a clean restart: Redis fsyncs its AOF on SHUTDOWN; see docs/deployment.md for what a crash can lose).
+Clients retry a Submit that failed on another instance with the same idempotency key.
+
+At the end it checks, from Redis: every job is terminal; none is missing (each idempotency key has
+exactly one job, and every id a client was given exists); every succeeded job has exactly one accepted
+completion, from its last attempt and the node that held it; and it prints the table.
+tests/test_chaos.py runs a shorter version on both Redis modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grpc  # noqa: E402
+
+from lingua_scheduler.server import keys  # noqa: E402
+from lingua_scheduler.server.app import connect_redis  # noqa: E402
+from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
+from lingua_scheduler.server.proto import scheduler_pb2 as pb  # noqa: E402
+from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc  # noqa: E402
+from lingua_scheduler.server.settings import Settings  # noqa: E402
+from redis_cluster import LocalCluster  # noqa: E402
+from simnode import Behaviour, SimNode  # noqa: E402
+
+PAIRS = [("zh", "en"), ("en", "zh"), ("ja", "en")]
+TERMINAL = {b"succeeded", b"failed", b"cancelled", b"expired"}
+FAST_FLAGS = ["--ack-timeout-ms", "2000", "--lease-ms", "2000", "--heartbeat-interval-ms", "500",
+              "--stream-grace-ms", "500", "--backoff-base-ms", "50", "--backoff-max-ms", "500",
+              "--avoid-ms", "500", "--sweep-interval-ms", "100", "--poll-interval-ms", "200",
+              "--shutdown-grace-s", "0.5", "--partitions", "4"]
+
+
+@dataclass
+class Instance:
+    proc: asyncio.subprocess.Process
+    address: str
+
+
+@dataclass
+class Report:
+    submitted: int = 0
+    given_ids: int = 0
+    succeeded: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    other_terminal: dict[str, int] = field(default_factory=dict)
+    not_terminal: int = 0
+    missing: int = 0
+    duplicates: int = 0
+    retried_jobs: int = 0
+    requeues: int = 0
+    refused_completions: int = 0
+    bad_completions: int = 0
+    longest_to_terminal_s: float = 0.0
+    instance_kills: int = 0
+    node_crashes: int = 0
+    stream_closes: int = 0
+    redis_restarts: int = 0
+    submit_retries: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (self.not_terminal == 0 and self.missing == 0 and self.duplicates == 0 and self.bad_completions == 0
+                and self.given_ids == self.submitted)
+
+    def table(self, mode: str) -> str:
+        failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failed_by_reason.items())) or "0"
+        rows = [
+            ("Redis mode", mode),
+            ("jobs submitted (distinct idempotency keys)", self.submitted),
+            ("job ids the clients were given", self.given_ids),
+            ("succeeded", self.succeeded),
+            ("failed, by reason", failed),
+            ("other terminal", ", ".join(f"{k} {v}" for k, v in self.other_terminal.items()) or "0"),
+            ("not terminal at the end", self.not_terminal),
+            ("missing", self.missing),
+            ("duplicate jobs for one key", self.duplicates),
+            ("jobs retried (attempt > 1)", self.retried_jobs),
+            ("requeues (fail / lease_expired / node_lost / unavailable)", self.requeues),
+            ("late or duplicate completions refused", self.refused_completions),
+            ("succeeded jobs without exactly one accepted completion from the last attempt", self.bad_completions),
+            ("longest submit -> terminal", f"{self.longest_to_terminal_s:.2f} s"),
+            ("scheduler SIGKILLs / node crashes / streams cut / Redis restarts",
+             f"{self.instance_kills} / {self.node_crashes} / {self.stream_closes} / {self.redis_restarts}"),
+            ("Submit calls retried on another instance", self.submit_retries),
+            ("wall time", f"{self.seconds:.1f} s"),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join([f"| {'':{width}} | result |", f"|{'-' * (width + 2)}|--------|"]
+                         + [f"| {k:{width}} | {v} |" for k, v in rows])
+
+
+class Chaos:
+    def __init__(self, mode: str, jobs: int, nodes: int, seed: int, workdir: Path, quiet: bool = False) -> None:
+        self.mode, self.jobs, self.node_count = mode, jobs, nodes
+        self.rng = random.Random(seed)
+        self.workdir = workdir
+        self.quiet = quiet
+        self.redis: EmbeddedRedis | None = None
+        self.cluster: LocalCluster | None = None
+        self.instances: list[Instance] = []
+        self.report = Report()
+        self.ids: dict[int, str] = {}
+        self.nodes: dict[str, SimNode] = {}
+        self.refused_completions = 0
+        self.done = asyncio.Event()
+
+    def log(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    # -- the pieces -----------------------------------------------------------------------------
+
+    def redis_flags(self) -> list[str]:
+        if self.cluster is not None:
+            return ["--redis-cluster", self.cluster.seeds]
+        assert self.redis is not None
+        return ["--redis-url", self.redis.url]
+
+    async def start_instance(self) -> Instance:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", *self.redis_flags(),
+            *FAST_FLAGS, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        if "listening on" not in line:
+            raise RuntimeError(f"scheduler did not start: {line!r}")
+        return Instance(proc, line.rsplit(" ", 1)[-1].strip())
+
+    def live(self) -> list[Instance]:
+        return [i for i in self.instances if i.proc.returncode is None]
+
+    async def run_node(self, node_id: str, pairs: list[tuple[str, str]]) -> None:
+        """Keep one node connected to some live instance; reconnect after a crash or a lost stream."""
+        behaviour = Behaviour(processing_s=lambda: self.rng.uniform(0, 0.02), fail_rate=0.03,
+                              rng=random.Random(self.rng.random()))
+        while not self.done.is_set():
+            live = self.live()
+            if not live:
+                await asyncio.sleep(0.1)
+                continue
+            instance = self.rng.choice(live)
+            channel = grpc.aio.insecure_channel(instance.address)
+            node = SimNode(channel, node_id, pairs, 4, behaviour)
+            try:
+                await asyncio.wait_for(node.start(), 5)
+                self.nodes[node_id] = node
+                done = asyncio.create_task(self.done.wait())
+                closed = asyncio.create_task(node.closed.wait())
+                await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
+                done.cancel()
+                closed.cancel()
+            except Exception:  # noqa: BLE001 - the instance died under us: try another
+                pass
+            finally:
+                self.refused_completions += sum(
+                    1 for r in node.refused if r.job_id in node.completed)
+                with contextlib.suppress(Exception):
+                    await node.crash()
+                self.nodes.pop(node_id, None)
+                await channel.close()
+            await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+
+    async def submit_all(self) -> None:
+        batch = 50
+        for start in range(0, self.jobs, batch):
+            specs = []
+            for i in range(start, min(self.jobs, start + batch)):
+                src, tgt = PAIRS[i % len(PAIRS)]
+                specs.append(pb.JobSpec(tenant_id="chaos", session_id=f"s{i % 97}", utterance_index=i,
+                                        src_lang=src, tgt_lang=tgt, idempotency_key=f"chaos-{i}",
+                                        payload_ref=f"session://s{i % 97}/{i}", max_attempts=5))
+            while True:
+                live = self.live()
+                if not live:
+                    await asyncio.sleep(0.1)
+                    continue
+                try:
+                    async with grpc.aio.insecure_channel(self.rng.choice(live).address) as ch:
+                        reply = await pb_grpc.SchedulerStub(ch).Submit(pb.SubmitRequest(jobs=specs), timeout=5)
+                    break
+                except grpc.aio.AioRpcError:
+                    self.report.submit_retries += 1
+                    await asyncio.sleep(0.1)
+            for i, result in zip(range(start, start + len(specs)), reply.results, strict=True):
+                self.ids[i] = result.job_id
+            self.report.submitted = len(self.ids)
+            await asyncio.sleep(0.005)
+
+    async def chaos_loop(self, stop: asyncio.Event) -> None:
+        restarted_redis = self.mode == "cluster"
+        while not stop.is_set():
+            await asyncio.sleep(self.rng.uniform(0.3, 0.9))
+            roll = self.rng.random()
+            if not restarted_redis and self.report.submitted > self.jobs // 2:
+                restarted_redis = True
+                await self.restart_redis()
+            elif roll < 0.35:
+                victim = self.rng.choice(self.instances)
+                if victim.proc.returncode is None:
+                    victim.proc.kill()
+                    await victim.proc.wait()
+                    self.report.instance_kills += 1
+                    self.log(f"SIGKILL scheduler {victim.address}")
+                    self.instances[self.instances.index(victim)] = await self.start_instance()
+            elif roll < 0.7 and self.nodes:
+                node = self.nodes.get(self.rng.choice(list(self.nodes)))
+                if node is not None:
+                    self.report.node_crashes += 1
+                    await node.crash()
+            elif self.nodes:
+                node = self.nodes.get(self.rng.choice(list(self.nodes)))
+                if node is not None and node._call is not None:
+                    self.report.stream_closes += 1
+                    node._call.cancel()  # the stream is cut; the node notices and reconnects
+
+    async def restart_redis(self) -> None:
+        assert self.redis is not None
+        self.log("restarting Redis (SHUTDOWN: AOF fsynced)")
+        self.redis.stop()
+        self.redis.start()
+        self.report.redis_restarts += 1
+
+    # -- the run --------------------------------------------------------------------------------
+
+    async def run(self) -> Report:
+        started = time.monotonic()
+        if self.mode == "cluster":
+            self.cluster = LocalCluster(self.workdir / "cluster", masters=3, persistent=True).start()
+        else:
+            self.redis = EmbeddedRedis(self.workdir / "redis", persistent=True).start()
+        try:
+            self.instances = [await self.start_instance() for _ in range(3)]
+            runners = [asyncio.create_task(self.run_node(f"node-{n}", [PAIRS[n % 3], PAIRS[(n + 1) % 3]]))
+                       for n in range(self.node_count)]
+            stop_chaos = asyncio.Event()
+            chaos = asyncio.create_task(self.chaos_loop(stop_chaos))
+            await self.submit_all()
+            self.log(f"all {self.jobs} submitted")
+            await self.wait_terminal(stop_chaos, timeout=120 + self.jobs / 50)
+            stop_chaos.set()
+            await chaos
+            self.done.set()
+            await asyncio.gather(*runners, return_exceptions=True)
+            await self.verify()
+        finally:
+            for instance in self.instances:
+                if instance.proc.returncode is None:
+                    instance.proc.terminate()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(instance.proc.wait(), 10)
+            if self.cluster is not None:
+                self.cluster.stop()
+            if self.redis is not None:
+                self.redis.stop()
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    def store_settings(self) -> Settings:
+        if self.cluster is not None:
+            return Settings(redis_cluster=self.cluster.seeds)
+        assert self.redis is not None
+        return Settings(redis_url=self.redis.url)
+
+    async def wait_terminal(self, stop_chaos: asyncio.Event, timeout: float) -> None:
+        """Poll the job records until every job is terminal; chaos stops at 80% so the tail can drain."""
+        client = connect_redis(self.store_settings())
+        deadline = time.monotonic() + timeout
+        pending = list(self.ids.values())
+        try:
+            while pending and time.monotonic() < deadline:
+                try:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for job_id in pending:
+                            pipe.hget(keys.JobKeys.of(job_id).fsm, "state")
+                        states = await pipe.execute()
+                except Exception:  # noqa: BLE001 - Redis restarting
+                    await asyncio.sleep(0.2)
+                    continue
+                pending = [j for j, s in zip(pending, states, strict=True) if s not in TERMINAL]
+                if len(pending) < 0.2 * len(self.ids):
+                    stop_chaos.set()
+                await asyncio.sleep(0.25)
+        finally:
+            await client.aclose()
+
+    async def verify(self) -> None:
+        r, rep = self.report, self.report
+        client = connect_redis(self.store_settings())
+        try:
+            rep.given_ids = len(set(self.ids.values()))
+            fsm_keys = [k async for k in _scan(client, "lingua:v1:job:*:fsm")]
+            rep.duplicates = len(fsm_keys) - len(set(self.ids.values()))
+            for job_id in self.ids.values():
+                jk = keys.JobKeys.of(job_id)
+                h = await client.hgetall(jk.fsm)
+                if not h:
+                    rep.missing += 1
+                    continue
+                state = h[b"state"]
+                events = await client.xrange(jk.events)
+                if state not in TERMINAL:
+                    rep.not_terminal += 1
+                    continue
+                first, last = int(events[0][0].split(b"-")[0]), int(events[-1][0].split(b"-")[0])
+                rep.longest_to_terminal_s = max(rep.longest_to_terminal_s, (last - first) / 1000)
+                if int(h[b"att"]) > 1:
+                    rep.retried_jobs += 1
+                rep.requeues += sum(1 for _, f in events if f[b"s"] == b"queued" and f[b"e"] != b"submit")
+                if state == b"succeeded":
+                    r.succeeded += 1
+                    completes = [f for _, f in events if f[b"e"] == b"complete"]
+                    assigns = [f for _, f in events if f[b"e"] == b"assign"]
+                    result = pb.JobResult.FromString(await client.get(jk.result) or b"")
+                    if (len(completes) != 1 or completes[0][b"a"] != h[b"att"] or assigns[-1][b"n"] != completes[0][b"n"]
+                            or result.extra.get("node") != completes[0][b"n"].decode()):
+                        rep.bad_completions += 1
+                elif state == b"failed":
+                    code = h.get(b"ecode", b"?").decode()
+                    rep.failed_by_reason[code] = rep.failed_by_reason.get(code, 0) + 1
+                else:
+                    rep.other_terminal[state.decode()] = rep.other_terminal.get(state.decode(), 0) + 1
+            rep.refused_completions = self.refused_completions
+        finally:
+            await client.aclose()
+
+
+async def _scan(client: Any, pattern: str) -> Any:
+    if hasattr(client, "get_nodes"):  # cluster: every primary
+        for node in client.get_primaries():
+            async for key in client.scan_iter(match=pattern, count=1000, target_nodes=node):
+                yield key
+    else:
+        async for key in client.scan_iter(match=pattern, count=1000):
+            yield key
+
+
+async def chaos_run(mode: str, jobs: int, nodes: int, seed: int = 1, quiet: bool = False) -> Report:
+    with tempfile.TemporaryDirectory(prefix="lingua-chaos-") as tmp:
+        return await Chaos(mode, jobs, nodes, seed, Path(tmp), quiet).run()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["single", "cluster"], default="single")
+    p.add_argument("--jobs", type=int, default=5000)
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+    report = asyncio.run(chaos_run(args.mode, args.jobs, args.nodes, args.seed))
+    print(report.table(args.mode))
+    print("PASS" if report.ok else "FAIL")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
