@@ -27,11 +27,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
 
 from lingua_scheduler.server import keys  # noqa: E402
 from lingua_scheduler.server.app import connect_redis  # noqa: E402
@@ -69,6 +69,7 @@ class Report:
     retried_jobs: int = 0
     requeues: int = 0
     refused_completions: int = 0
+    late_accepted: int = 0
     bad_completions: int = 0
     longest_to_terminal_s: float = 0.0
     instance_kills: int = 0
@@ -97,6 +98,7 @@ class Report:
             ("duplicate jobs for one key", self.duplicates),
             ("jobs retried (attempt > 1)", self.retried_jobs),
             ("requeues (fail / lease_expired / node_lost / unavailable)", self.requeues),
+            ("late completions accepted (lease still held)", self.late_accepted),
             ("late or duplicate completions refused", self.refused_completions),
             ("succeeded jobs without exactly one accepted completion from the last attempt", self.bad_completions),
             ("longest submit -> terminal", f"{self.longest_to_terminal_s:.2f} s"),
@@ -111,8 +113,9 @@ class Report:
 
 
 class Chaos:
-    def __init__(self, mode: str, jobs: int, nodes: int, seed: int, workdir: Path, quiet: bool = False) -> None:
-        self.mode, self.jobs, self.node_count = mode, jobs, nodes
+    def __init__(self, mode: str, jobs: int, nodes: int, seed: int, workdir: Path, quiet: bool = False,
+                 rate: float = 250.0) -> None:
+        self.mode, self.jobs, self.node_count, self.rate = mode, jobs, nodes, rate
         self.rng = random.Random(seed)
         self.workdir = workdir
         self.quiet = quiet
@@ -152,7 +155,7 @@ class Chaos:
 
     async def run_node(self, node_id: str, pairs: list[tuple[str, str]]) -> None:
         """Keep one node connected to some live instance; reconnect after a crash or a lost stream."""
-        behaviour = Behaviour(processing_s=lambda: self.rng.uniform(0, 0.02), fail_rate=0.03,
+        behaviour = Behaviour(processing_s=lambda: self.rng.uniform(0, 0.05), fail_rate=0.03,
                               rng=random.Random(self.rng.random()))
         while not self.done.is_set():
             live = self.live()
@@ -182,8 +185,11 @@ class Chaos:
             await asyncio.sleep(self.rng.uniform(0.05, 0.3))
 
     async def submit_all(self) -> None:
-        batch = 50
+        """Batches of 25 at `rate` jobs/s, each batch retried on another instance until it is accepted."""
+        batch = 25
+        began = time.monotonic()
         for start in range(0, self.jobs, batch):
+            await asyncio.sleep(max(0.0, began + start / self.rate - time.monotonic()))
             specs = []
             for i in range(start, min(self.jobs, start + batch)):
                 src, tgt = PAIRS[i % len(PAIRS)]
@@ -205,7 +211,6 @@ class Chaos:
             for i, result in zip(range(start, start + len(specs)), reply.results, strict=True):
                 self.ids[i] = result.job_id
             self.report.submitted = len(self.ids)
-            await asyncio.sleep(0.005)
 
     async def chaos_loop(self, stop: asyncio.Event) -> None:
         restarted_redis = self.mode == "cluster"
@@ -232,7 +237,27 @@ class Chaos:
                 node = self.nodes.get(self.rng.choice(list(self.nodes)))
                 if node is not None and node._call is not None:
                     self.report.stream_closes += 1
+                    unfinished = [(job_id, attempt) for job_id, (_, attempt) in node.working.items()]
                     node._call.cancel()  # the stream is cut; the node notices and reconnects
+                    # ...and reports what it was working on later, by unary Complete on any instance:
+                    # accepted while it still holds the lease, refused once the job moved on.
+                    for job_id, attempt in unfinished:
+                        asyncio.create_task(self.late_complete(node.node_id, job_id, attempt))
+
+    async def late_complete(self, node_id: str, job_id: str, attempt: int) -> None:
+        await asyncio.sleep(self.rng.uniform(0.0, 1.5))
+        live = self.live()
+        if not live:
+            return
+        try:
+            async with grpc.aio.insecure_channel(self.rng.choice(live).address) as ch:
+                await pb_grpc.SchedulerStub(ch).Complete(pb.CompleteRequest(
+                    job_id=job_id, attempt=attempt, node_id=node_id,
+                    result=pb.JobResult(text_asr="late", extra={"node": node_id})), timeout=5)
+            self.report.late_accepted += 1
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                self.refused_completions += 1
 
     async def restart_redis(self) -> None:
         assert self.redis is not None
@@ -304,12 +329,23 @@ class Chaos:
         finally:
             await client.aclose()
 
+    async def scan(self, pattern: str) -> list[bytes]:
+        """Every key matching `pattern` on every Redis server (each cluster primary scanned directly)."""
+        urls = ([f"redis://127.0.0.1:{p}" for p in self.cluster.ports] if self.cluster is not None
+                else [self.redis.url] if self.redis is not None else [])
+        found: list[bytes] = []
+        for url in urls:
+            client = aioredis.from_url(url)
+            found += [k async for k in client.scan_iter(match=pattern, count=1000)]
+            await client.aclose()
+        return found
+
     async def verify(self) -> None:
         r, rep = self.report, self.report
         client = connect_redis(self.store_settings())
         try:
             rep.given_ids = len(set(self.ids.values()))
-            fsm_keys = [k async for k in _scan(client, "lingua:v1:job:*:fsm")]
+            fsm_keys = await self.scan("lingua:v1:job:*:fsm")
             rep.duplicates = len(fsm_keys) - len(set(self.ids.values()))
             for job_id in self.ids.values():
                 jk = keys.JobKeys.of(job_id)
@@ -340,24 +376,17 @@ class Chaos:
                     rep.failed_by_reason[code] = rep.failed_by_reason.get(code, 0) + 1
                 else:
                     rep.other_terminal[state.decode()] = rep.other_terminal.get(state.decode(), 0) + 1
-            rep.refused_completions = self.refused_completions
+            rep.refused_completions += self.refused_completions
         finally:
             await client.aclose()
 
 
-async def _scan(client: Any, pattern: str) -> Any:
-    if hasattr(client, "get_nodes"):  # cluster: every primary
-        for node in client.get_primaries():
-            async for key in client.scan_iter(match=pattern, count=1000, target_nodes=node):
-                yield key
-    else:
-        async for key in client.scan_iter(match=pattern, count=1000):
-            yield key
 
 
-async def chaos_run(mode: str, jobs: int, nodes: int, seed: int = 1, quiet: bool = False) -> Report:
+async def chaos_run(mode: str, jobs: int, nodes: int, seed: int = 1, quiet: bool = False,
+                    rate: float = 250.0) -> Report:
     with tempfile.TemporaryDirectory(prefix="lingua-chaos-") as tmp:
-        return await Chaos(mode, jobs, nodes, seed, Path(tmp), quiet).run()
+        return await Chaos(mode, jobs, nodes, seed, Path(tmp), quiet, rate).run()
 
 
 def main() -> int:
@@ -366,8 +395,9 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=5000)
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rate", type=float, default=250.0, help="jobs submitted per second")
     args = p.parse_args()
-    report = asyncio.run(chaos_run(args.mode, args.jobs, args.nodes, args.seed))
+    report = asyncio.run(chaos_run(args.mode, args.jobs, args.nodes, args.seed, rate=args.rate))
     print(report.table(args.mode))
     print("PASS" if report.ok else "FAIL")
     return 0 if report.ok else 1

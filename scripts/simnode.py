@@ -103,6 +103,7 @@ class SimNode:
 
     async def crash(self) -> None:
         """Drop the stream abruptly and lose all work, as a killed process would."""
+        self._out.put_nowait(None)  # ends the request generator, so no task is left waiting on it
         if self._call is not None:
             self._call.cancel()
         await self._shutdown()
