@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -25,18 +26,40 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
+def _addresses(text: str) -> list[tuple[str, int]]:
+    """ "host:port,host:port" -> [(host, port), ...]"""
+    out = []
+    for item in text.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if item.strip():
+            out.append((host, int(port)))
+    return out
+
+
 def connect_redis(settings: Settings) -> Any:
     """A redis.asyncio client (bytes replies): a RedisCluster for settings.redis_cluster seeds, else
     a Redis for settings.redis_url."""
     if settings.redis_cluster:
-        seeds = [ClusterNode(host, int(port)) for host, _, port in
-                 (seed.strip().rpartition(":") for seed in settings.redis_cluster.split(",") if seed.strip())]
+        seeds = [ClusterNode(host, port) for host, port in _addresses(settings.redis_cluster)]
         return RedisCluster(startup_nodes=seeds, decode_responses=False,
                             max_connections=settings.redis_max_connections)
+    if settings.redis_sentinel:
+        sentinel = Sentinel(_addresses(settings.redis_sentinel), socket_timeout=5)
+        return sentinel.master_for(settings.redis_sentinel_master, decode_responses=False,
+                                   max_connections=settings.redis_max_connections)
     return aioredis.from_url(
         settings.redis_url, decode_responses=False, max_connections=settings.redis_max_connections,
         health_check_interval=30,
     )
+
+
+async def close_redis(client: Any) -> None:
+    """Close the client, and for Sentinel mode its connections to the sentinels too."""
+    await client.aclose()
+    sentinels = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    if sentinels is not None:
+        for sentinel in sentinels.sentinels:
+            await sentinel.aclose()
 
 
 async def _config(client: Any, name: str) -> str:
@@ -85,7 +108,7 @@ class App:
             ("grpc server", self.server.stop(0), 5.0),
             ("node sessions", self.nodes.stop(), 5),
             ("dispatcher", self.dispatcher.stop(), 5),
-            ("redis", self.redis.aclose(), 5),
+            ("redis", close_redis(self.redis), 5),
         ):
             try:
                 await asyncio.wait_for(step, limit)

@@ -37,6 +37,8 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """Start with start(), stop with stop() (or use as a context manager); `url` says where it is."""
 
+    ready_marker = b"ready to accept connections"  # what the server logs once it serves
+
     def __init__(self, data_dir: str | os.PathLike[str], *, port: int | None = None,
                  extra: list[str] | None = None, persistent: bool = True) -> None:
         self.data_dir = Path(data_dir).resolve()
@@ -81,7 +83,7 @@ class EmbeddedRedis:
                     log.flush()
                     if not ready.is_set():
                         seen.append(line)
-                        if b"ready to accept connections" in line.lower():
+                        if self.ready_marker in line.lower():
                             ready.set()
             ready.set()  # the process ended: stop waiting
 

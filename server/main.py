@@ -27,7 +27,7 @@ async def serve(settings: Settings) -> None:
         log.warning("%s", warning)
     await app.start()
     log.info("listening on port %d (instance %s, redis %s)", app.port, settings.instance_id,
-             settings.redis_cluster or settings.redis_url)
+             settings.redis_cluster or settings.redis_sentinel or settings.redis_url)
     print(f"lingua-scheduler listening on {settings.listen.rsplit(':', 1)[0]}:{app.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 2
     embedded = None
-    if not settings.redis_url and not settings.redis_cluster:
+    if not (settings.redis_url or settings.redis_cluster or settings.redis_sentinel):
         embedded = EmbeddedRedis(settings.data_dir).start()
         log.info("started embedded redis-server (data in %s)", embedded.data_dir)
         settings = dataclasses.replace(settings, redis_url=embedded.url)

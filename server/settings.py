@@ -20,6 +20,10 @@ class Settings:
     redis_url: str = ""
     # Redis Cluster seed nodes, "host:port,host:port"; when set, redis_url is not used.
     redis_cluster: str = ""
+    # Redis Sentinel addresses, "host:port,host:port", and the monitored master's name; when set,
+    # the scheduler follows the master the sentinels name (and redis_url is not used).
+    redis_sentinel: str = ""
+    redis_sentinel_master: str = "lingua"
     # Where the embedded Redis keeps its AOF and dump.
     data_dir: str = ".lingua/redis"
     # This instance's id, as shown in ListNodes and RegisterAck.
