@@ -30,17 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
-
-from lingua_scheduler.server import keys  # noqa: E402
-from lingua_scheduler.server.app import connect_redis  # noqa: E402
-from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
-from lingua_scheduler.server.proto import scheduler_pb2 as pb  # noqa: E402
-from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc  # noqa: E402
-from lingua_scheduler.server.settings import Settings  # noqa: E402
-from redis_cluster import LocalCluster  # noqa: E402
-from simnode import Behaviour, SimNode  # noqa: E402
+import grpc
+import redis.asyncio as aioredis
+from lingua_scheduler.server import keys
+from lingua_scheduler.server.app import connect_redis
+from lingua_scheduler.server.embedded import EmbeddedRedis
+from lingua_scheduler.server.proto import scheduler_pb2 as pb
+from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+from lingua_scheduler.server.settings import Settings
+from redis_cluster import LocalCluster
+from simnode import Behaviour, SimNode
 
 PAIRS = [("zh", "en"), ("en", "zh"), ("ja", "en")]
 TERMINAL = {b"succeeded", b"failed", b"cancelled", b"expired"}
@@ -173,7 +172,7 @@ class Chaos:
                 await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
                 done.cancel()
                 closed.cancel()
-            except Exception:  # noqa: BLE001 - the instance died under us: try another
+            except Exception:
                 pass
             finally:
                 self.refused_completions += sum(
@@ -319,7 +318,7 @@ class Chaos:
                         for job_id in pending:
                             pipe.hget(keys.JobKeys.of(job_id).fsm, "state")
                         states = await pipe.execute()
-                except Exception:  # noqa: BLE001 - Redis restarting
+                except Exception:
                     await asyncio.sleep(0.2)
                     continue
                 pending = [j for j, s in zip(pending, states, strict=True) if s not in TERMINAL]

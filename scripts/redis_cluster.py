@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import redis
-
 from lingua_scheduler.server.embedded import EmbeddedRedis
 
 SLOTS = 16384

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from transitions.extensions import GraphMachine
-
 from lingua_scheduler.fsm import TRANSITIONS, JobState
+from transitions.extensions import GraphMachine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-
 from . import keys
 from .errors import ScriptCode
 from .settings import Settings
@@ -174,7 +173,7 @@ class Dispatcher:
                         self._on_node_message(channel[node_prefix:], data)
             except asyncio.CancelledError:
                 raise
-            except Exception as err:  # noqa: BLE001 - any failure: polling covers it; resubscribe
+            except Exception as err:
                 ready.set()
                 log.warning("wake-up subscription lost (%r); polling covers it, resubscribing", err)
                 await asyncio.sleep(0.5)
@@ -205,7 +204,7 @@ class Dispatcher:
                 await self.sweep_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as err:  # noqa: BLE001 - the next sweep tries again
+            except Exception as err:
                 log.warning("timer sweep failed: %r", err)
 
     async def sweep_once(self) -> int:

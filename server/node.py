@@ -192,7 +192,7 @@ class NodeSessions:
                 try:
                     if await self.registry.register(session.entry(), session.token, renew=True) is None:
                         session.on_message("replaced", [session.token])
-                except Exception as err:  # noqa: BLE001 - a failed renewal is retried next round
+                except Exception as err:
                     log.warning("renewing node %s failed: %s", session.node_id, err)
 
     # -- one stream -----------------------------------------------------------------------------
@@ -276,7 +276,7 @@ class NodeSessions:
             free = session.free_slots()
             try:
                 claims = await self.dispatcher.claim_for(session.consumer, free) if free else []
-            except Exception as err:  # noqa: BLE001 - Redis away: keep the stream, try again shortly
+            except Exception as err:
                 log.warning("node %s: claiming failed (%r); retrying", session.node_id, err)
                 await asyncio.sleep(self.settings.poll_interval_ms / 1000)
                 continue

@@ -340,7 +340,7 @@ class Store:
         for (job_id, attempt, _), r in zip(items, await self.scripts.call_many(self.redis, calls), strict=True):
             try:
                 out.append(self._changed(job_id, r, Event.COMPLETE, attempt))
-            except Exception as err:  # noqa: BLE001 - returned to the caller per job
+            except Exception as err:
                 out.append(err)
         return out
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-
 from lingua_scheduler.server.app import App, connect_redis, create_server
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
@@ -23,7 +22,7 @@ from lingua_scheduler.server.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # simnode
 
-from redis_cluster import LocalCluster  # noqa: E402
+from redis_cluster import LocalCluster
 
 # Short timings so lease, grace and backoff paths run in well under a second.
 FAST = dict(

@@ -5,7 +5,6 @@ scripts/chaos.py runs the long version (5,000+ jobs)."""
 from __future__ import annotations
 
 import pytest
-
 from chaos import chaos_run
 
 

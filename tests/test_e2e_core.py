@@ -10,12 +10,11 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import AppFactory
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from conftest import AppFactory
 from helpers import pair, spec
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import App

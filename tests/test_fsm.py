@@ -7,7 +7,6 @@ import itertools
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-
 from lingua_scheduler.fsm import (
     MACHINE,
     TERMINAL,

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.exceptions import NoScriptError
-
 from helpers import spec
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.proto import scheduler_pb2 as pb
 from lingua_scheduler.server.scripts import Scripts
 from lingua_scheduler.server.store import Store
+from redis.exceptions import NoScriptError
 
 LUA = Path(__file__).resolve().parent.parent / "server" / "lua"
 

@@ -8,9 +8,8 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.duration_pb2 import Duration
-
 from conftest import AppFactory
+from google.protobuf.duration_pb2 import Duration
 from helpers import pair, spec, watch_until
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import App

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from conftest import FAST
 from helpers import pair, spec
 from lingua_scheduler.server.app import create_server
