@@ -26,6 +26,28 @@ from .store import Claim, Store
 log = logging.getLogger(__name__)
 
 
+async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to `seconds`; True if `event` was set (time to stop). Stopping this way, rather than
+    by cancelling, never interrupts a Redis call halfway (which can leak its connection)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
+
+
+async def finish(tasks: list[asyncio.Task[Any]] | set[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Wait for tasks told to stop; cancel those still running after `timeout`."""
+    tasks = list(tasks)
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
 class Consumer:
     """A local taker of work: a node stream, or one unary Assign call."""
 
@@ -58,6 +80,7 @@ class Dispatcher:
         # node id -> callback(verb, args) for messages to nodes held here (set by NodeSessions)
         self.node_listeners: Any = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
         self._pools: list[str] = []
         self._pools_at = 0.0
 
@@ -72,11 +95,9 @@ class Dispatcher:
         await ready.wait()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self._stopping.set()
+        self._tasks[0].cancel()  # the subscription only waits for messages: cancelling it is safe
+        await finish(self._tasks)
         self._tasks = []
 
     def add(self, consumer: Consumer) -> None:
@@ -198,8 +219,7 @@ class Dispatcher:
     # -- timers ---------------------------------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval_ms / 1000 * random.uniform(0.5, 1.5))
+        while not await sleep_unless(self._stopping, self.settings.sweep_interval_ms / 1000 * random.uniform(0.5, 1.5)):
             try:
                 await self.sweep_once()
             except asyncio.CancelledError:

@@ -25,7 +25,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from ..fsm import Event
 from . import keys, validate
-from .dispatch import Consumer, Dispatcher
+from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import InvalidArgument, SchedulerError
 from .proto import scheduler_pb2 as pb
 from .registry import NodeEntry, Registry
@@ -135,6 +135,7 @@ class NodeSessions:
         self.sessions: dict[str, Session] = {}  # node id -> its current stream
         self._open: set[Session] = set()  # every stream whose handler has not finished
         self._background: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
         dispatcher.node_listeners = self  # type: ignore[assignment]
 
     # The dispatcher looks node ids up here to deliver node messages.
@@ -146,11 +147,8 @@ class NodeSessions:
         self._spawn(self._renew_forever())
 
     async def stop(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        for task in list(self._background):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self._stopping.set()
+        await finish(self._background)
 
     async def drain_all(self, grace: float) -> None:
         """On shutdown: no new work for any node here; streams close as their work finishes, and
@@ -186,8 +184,7 @@ class NodeSessions:
         return task
 
     async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.node_ttl_ms / 3000)
+        while not await sleep_unless(self._stopping, self.settings.node_ttl_ms / 3000):
             for session in list(self.sessions.values()):
                 try:
                     if await self.registry.register(session.entry(), session.token, renew=True) is None:
@@ -211,14 +208,29 @@ class NodeSessions:
             await context.abort(err.status, str(err))
         session = Session(self, first.register, pools)
         self._open.add(session)
+        tasks: list[asyncio.Task[None]] = []
         try:
-            await self._serve(session, first, it, context)
+            await self._serve(session, first, it, context, tasks)
+        finally:
+            # The cleanup runs as its own task: a client that drops the stream cancels this handler,
+            # and a cleanup cut halfway would leave the leases long (and a Redis connection open).
+            await asyncio.shield(self._spawn(self._end(session, tasks)))
+
+    async def _end(self, session: Session, tasks: list[asyncio.Task[None]]) -> None:
+        try:
+            self.dispatcher.remove(session.consumer)
+            for task in tasks:
+                task.cancel()
+            await finish(tasks)
+            if self.sessions.get(session.node_id) is session:
+                del self.sessions[session.node_id]
+            await self._closed(session)
         finally:
             session.finished.set()
             self._open.discard(session)
 
     async def _serve(self, session: Session, first: pb.NodeMessage, it: Any,
-                     context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+                     context: grpc.aio.ServicerContext, tasks: list[asyncio.Task[None]]) -> None:  # type: ignore[type-arg]
         try:
             previous = await self.registry.register(session.entry(), session.token)
         except Exception as err:
@@ -239,21 +251,10 @@ class NodeSessions:
             await self._resume(session, first.register.holding)
         self.dispatcher.add(session.consumer)
         reader = asyncio.create_task(self._read(session, it))
-        feeder = asyncio.create_task(self._feed(session))
+        tasks += [reader, asyncio.create_task(self._feed(session))]
         reader.add_done_callback(lambda _t: session.outbox.put_nowait(None))
-        try:
-            while (message := await session.outbox.get()) is not None:
-                await context.write(message)
-        finally:
-            self.dispatcher.remove(session.consumer)
-            for task in (reader, feeder):
-                task.cancel()
-            for task in (reader, feeder):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if self.sessions.get(session.node_id) is session:
-                del self.sessions[session.node_id]
-            await self._closed(session)
+        while (message := await session.outbox.get()) is not None:
+            await context.write(message)
 
     async def _resume(self, session: Session, holding: Any) -> None:
         leases = []
@@ -384,7 +385,8 @@ class NodeSessions:
             self._spawn(self._requeue_after_grace(session.node_id, held, grace))
 
     async def _requeue_after_grace(self, node_id: str, held: list[tuple[str, int]], grace_ms: int) -> None:
-        await asyncio.sleep(grace_ms / 1000)
+        if await sleep_unless(self._stopping, grace_ms / 1000):
+            return  # shutting down: the sweepers of the other instances take these leases back
         error = pb.JobError(code="LINGUA_NODE_LOST", retryable=True, message=f"the stream of node {node_id} closed")
         for job_id, attempt in held:
             with contextlib.suppress(SchedulerError):
