@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import contextlib
 import random
 import signal
@@ -353,22 +354,22 @@ class Chaos:
                     rep.missing += 1
                     continue
                 state = h[b"state"]
-                events = await client.xrange(jk.events)
+                events = [json.loads(e) for e in await client.lrange(jk.events, 0, -1)]
                 if state not in TERMINAL:
                     rep.not_terminal += 1
                     continue
-                first, last = int(events[0][0].split(b"-")[0]), int(events[-1][0].split(b"-")[0])
+                first, last = events[0]["t"], events[-1]["t"]
                 rep.longest_to_terminal_s = max(rep.longest_to_terminal_s, (last - first) / 1000)
                 if int(h[b"att"]) > 1:
                     rep.retried_jobs += 1
-                rep.requeues += sum(1 for _, f in events if f[b"s"] == b"queued" and f[b"e"] != b"submit")
+                rep.requeues += sum(1 for e in events if e["s"] == "queued" and e["e"] != "submit")
                 if state == b"succeeded":
                     r.succeeded += 1
-                    completes = [f for _, f in events if f[b"e"] == b"complete"]
-                    assigns = [f for _, f in events if f[b"e"] == b"assign"]
+                    completes = [e for e in events if e["e"] == "complete"]
+                    assigns = [e for e in events if e["e"] == "assign"]
                     result = pb.JobResult.FromString(await client.get(jk.result) or b"")
-                    if (len(completes) != 1 or completes[0][b"a"] != h[b"att"] or assigns[-1][b"n"] != completes[0][b"n"]
-                            or result.extra.get("node") != completes[0][b"n"].decode()):
+                    if (len(completes) != 1 or completes[0]["a"] != int(h[b"att"]) or assigns[-1]["n"] != completes[0]["n"]
+                            or result.extra.get("node") != completes[0]["n"]):
                         rep.bad_completions += 1
                 elif state == b"failed":
                     code = h.get(b"ecode", b"?").decode()

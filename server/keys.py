@@ -54,7 +54,7 @@ class JobKeys:
     meta: str
     payload: str
     result: str
-    events: str
+    events: str  # LIST of JSON state changes; also the pub/sub channel WatchJob listens on
 
     @classmethod
     def of(cls, job_id: str) -> JobKeys:

@@ -123,25 +123,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         try:
             validate.job_id(request.job_id, self.settings)
             await self.store.record(request.job_id)  # NOT_FOUND before the stream starts
-            after = b"0"
-            while True:
-                entries = await self.store.events(request.job_id, after, block_ms=5_000)
-                if not entries and after != b"0":
-                    await self.store.record(request.job_id)  # still there? (records expire)
-                for entry_id, f in entries:
-                    after = entry_id
-                    event = pb.JobEvent(
-                        job_id=request.job_id, state=state_pb(f[b"s"].decode()),  # type: ignore[arg-type]
-                        version=int(f[b"v"]), attempt=int(f[b"a"]), node_id=f[b"n"].decode(),
-                        event=f[b"e"].decode(),
-                    )
-                    event.at.FromMilliseconds(int(entry_id.split(b"-")[0]))
-                    if f.get(b"ec"):
-                        event.error.CopyFrom(pb.JobError(code=f[b"ec"].decode(), message=f[b"em"].decode(),
-                                                         retryable=f[b"er"] == b"1"))
-                    yield event
-                    if f[b"s"].decode() in TERMINAL:
-                        return
+            async for e in self.store.watch_events(request.job_id):
+                event = pb.JobEvent(job_id=request.job_id, state=state_pb(e["s"]),  # type: ignore[arg-type]
+                                    version=int(e["v"]), attempt=int(e["a"]), node_id=e["n"], event=e["e"])
+                event.at.FromMilliseconds(int(e["t"]))
+                if e.get("ec"):
+                    event.error.CopyFrom(pb.JobError(code=e["ec"], message=e["em"], retryable=e["er"] in ("1", 1)))
+                yield event
         except Exception as err:
             code, text = error_status(err)
             if code == grpc.StatusCode.INTERNAL:

@@ -8,7 +8,7 @@
     KEYS[4] job fsm hash
     KEYS[5] job meta
     KEYS[6] job payload
-    KEYS[7] job events stream
+    KEYS[7] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     ARGV[1] job id (a candidate read from the queue earlier)
     ARGV[2] node id
     ARGV[3] ack timeout, ms
@@ -67,5 +67,7 @@ rcall("HSET", fsmKey, "state", ARGV[6], "ver", version, "ev", "assign", "att", a
   "lease", lease, "started", 0, "updated", now)
 rcall("ZADD", timersKey, lease, "l:" .. jobId)
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
-rcall("XADD", eventsKey, "*", "s", ARGV[6], "v", version, "a", attempt, "n", nodeId, "e", "assign")
+local entry = cjson.encode({s = ARGV[6], v = version, a = attempt, n = nodeId, e = "assign", t = now})
+rcall("RPUSH", eventsKey, entry)
+rcall("PUBLISH", eventsKey, entry)
 return {1, heads(), attempt, lease, rcall("GET", metaKey), rcall("GET", payloadKey) or ""}

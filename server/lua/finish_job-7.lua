@@ -9,7 +9,7 @@
     KEYS[2] job meta
     KEYS[3] job payload
     KEYS[4] job result
-    KEYS[5] job events stream
+    KEYS[5] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[6] partition queue zset
     KEYS[7] partition timers zset
     ARGV[1] job id
@@ -85,8 +85,10 @@ if ARGV[8] == "1" then
 end
 rcall("ZREM", queueKey, jobId)
 rcall("ZREM", timersKey, "l:" .. jobId, "d:" .. jobId, "r:" .. jobId)
-rcall("XADD", eventsKey, "*", "s", dest, "v", version, "a", f[3], "n", f[4], "e", event,
-  "ec", ARGV[10], "em", ARGV[11], "er", ARGV[12])
+local entry = cjson.encode({s = dest, v = version, a = tonumber(f[3]), n = f[4], e = event, t = now,
+  ec = ARGV[10], em = ARGV[11], er = ARGV[12]})
+rcall("RPUSH", eventsKey, entry)
+rcall("PUBLISH", eventsKey, entry)
 local expireAt = math.max(now, deadline) + tonumber(ARGV[13])
 for _, key in ipairs({fsmKey, metaKey, resultKey, eventsKey}) do
   rcall("PEXPIREAT", key, expireAt)

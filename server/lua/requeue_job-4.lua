@@ -6,7 +6,7 @@
 
   Input:
     KEYS[1] job fsm hash
-    KEYS[2] job events stream
+    KEYS[2] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[3] partition queue zset
     KEYS[4] partition timers zset
     ARGV[1] job id
@@ -80,6 +80,8 @@ else
   rcall("ZADD", queueKey, f[6], jobId)
   rcall("PUBLISH", ARGV[14], jobId .. " ")
 end
-rcall("XADD", eventsKey, "*", "s", dest, "v", version, "a", f[3], "n", f[4], "e", event,
-  "ec", ARGV[9], "em", ARGV[10], "er", ARGV[11])
+local entry = cjson.encode({s = dest, v = version, a = tonumber(f[3]), n = f[4], e = event, t = now,
+  ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
+rcall("RPUSH", eventsKey, entry)
+rcall("PUBLISH", eventsKey, entry)
 return {1, dest, version}

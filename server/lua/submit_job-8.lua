@@ -6,7 +6,7 @@
     KEYS[2] job fsm hash
     KEYS[3] job meta (serialized JobSpec without payload)
     KEYS[4] job payload
-    KEYS[5] job events stream
+    KEYS[5] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[6] partition queue zset
     KEYS[7] partition timers zset
     KEYS[8] partition affinity hash
@@ -68,6 +68,8 @@ end
 rcall("SET", idemKey, jobId, "PXAT", deadline + retention)
 rcall("ZADD", queueKey, queueScore, jobId)
 rcall("ZADD", timersKey, deadline, "d:" .. jobId)
-rcall("XADD", eventsKey, "*", "s", state, "v", 1, "a", 0, "n", "", "e", "submit")
+local entry = cjson.encode({s = state, v = 1, a = 0, n = "", e = "submit", t = now})
+rcall("RPUSH", eventsKey, entry)
+rcall("PUBLISH", eventsKey, entry)
 rcall("PUBLISH", ARGV[12], jobId .. " " .. preferred)
 return {1, jobId, state}

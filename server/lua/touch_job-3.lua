@@ -5,7 +5,7 @@
 
   Input:
     KEYS[1] job fsm hash
-    KEYS[2] job events stream
+    KEYS[2] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[3] partition timers zset
     ARGV[1] job id
     ARGV[2] node id (fence)
@@ -56,7 +56,9 @@ elseif state == ARGV[6] then
   version = version + 1
   started = now
   rcall("HSET", fsmKey, "state", state, "ver", version, "ev", "start", "started", now, "updated", now)
-  rcall("XADD", eventsKey, "*", "s", state, "v", version, "a", f[3], "n", nodeId, "e", "start")
+  local entry = cjson.encode({s = state, v = version, a = tonumber(f[3]), n = nodeId, e = "start", t = now})
+  rcall("RPUSH", eventsKey, entry)
+  rcall("PUBLISH", eventsKey, entry)
 end
 local xto = tonumber(f[7])
 if started > 0 and xto > 0 then

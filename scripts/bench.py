@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""Benchmark: the full job lifecycle through one scheduler instance, beside RQ, arq and Celery.
+
+Run it as `scripts/bench` (it makes the virtualenvs). It starts its own Redis (one server for every
+system, appendonly off, noeviction) and scheduler process, then for several client x node
+concurrencies: clients Submit (batches), simulated nodes (zero processing time) receive over
+NodeSession, ack and complete (the ack rides with the result), clients learn the result (WatchJob).
+Then the same at half the best throughput, for dispatch latency. Then Redis memory per queued and per
+finished job. Then RQ, arq and Celery on the same Redis (scripts/bench_others.py). Writes
+docs/benchmarks.md and docs/benchmarks.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import grpc  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+
+from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
+from lingua_scheduler.server.proto import scheduler_pb2 as pb  # noqa: E402
+from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc  # noqa: E402
+from lingua_scheduler.server.settings import Settings  # noqa: E402
+from lingua_scheduler.server.store import Store  # noqa: E402
+from redis_cluster import free_ports  # noqa: E402
+from simnode import Received, SimNode  # noqa: E402
+
+TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def redis_counters(client: Any) -> dict[str, float]:
+    stats = await client.info("commandstats")
+    cpu = await client.info("cpu")
+    out = {k.removeprefix("cmdstat_"): float(v["calls"]) for k, v in stats.items()}
+    out["_cpu"] = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return out
+
+
+@dataclass
+class Run:
+    label: str
+    clients: int
+    nodes: int
+    batch: int
+    jobs: int = 0
+    seconds: float = 0.0
+    submit_ms: list[float] = field(default_factory=list)
+    dispatch_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    commands: float = 0.0
+    lua: float = 0.0
+    redis_cpu_us: float = 0.0
+    sched_cpu_per_1000: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds if self.seconds else 0.0
+
+
+class Lifecycle:
+    """Clients and simulated nodes against one scheduler process."""
+
+    def __init__(self, address: str, pid: int, redis_url: str) -> None:
+        self.address, self.pid, self.redis_url = address, pid, redis_url
+        self.sent: dict[tuple[str, int], float] = {}
+        self.seq = 0
+
+    def on_receive(self, run: Run, got: Received) -> None:
+        t0 = self.sent.pop((got.spec.session_id, got.spec.utterance_index), None)
+        if t0 is not None:
+            run.dispatch_ms.append((got.at - t0) * 1000)
+
+    async def one_batch(self, stub: Any, run: Run, size: int) -> None:
+        specs = []
+        for _ in range(size):
+            self.seq += 1
+            specs.append(pb.JobSpec(tenant_id="bench", session_id=f"s{self.seq % 500}", utterance_index=self.seq,
+                                    src_lang="zh", tgt_lang="en", payload_ref=f"session://s/{self.seq}"))
+        t0 = time.perf_counter()
+        for s in specs:
+            self.sent[(s.session_id, s.utterance_index)] = t0
+        reply = await stub.Submit(pb.SubmitRequest(jobs=specs))
+        run.submit_ms.append((time.perf_counter() - t0) * 1000)
+
+        async def watch(job_id: str) -> None:
+            async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+                if event.state in TERMINAL:
+                    run.e2e_ms.append((time.perf_counter() - t0) * 1000)
+                    return
+
+        await asyncio.gather(*[watch(r.job_id) for r in reply.results])
+
+    async def run(self, run: Run, jobs: int, rate: float = 0.0) -> Run:
+        redis = aioredis.from_url(self.redis_url)
+        channels = [grpc.aio.insecure_channel(self.address) for _ in range(max(run.clients, run.nodes))]
+        nodes = [await SimNode(channels[i], f"bench-{i}", [("zh", "en")], 64,
+                               on_receive=lambda got: self.on_receive(run, got)).start() for i in range(run.nodes)]
+        stubs = [pb_grpc.SchedulerStub(c) for c in channels[: run.clients]]
+        before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
+        if rate:  # open loop: a new lifecycle every 1/rate s
+            tasks = []
+            for i in range(jobs // run.batch):
+                await asyncio.sleep(max(0.0, t0 + i * run.batch / rate - time.perf_counter()))
+                tasks.append(asyncio.create_task(self.one_batch(stubs[i % len(stubs)], run, run.batch)))
+            await asyncio.gather(*tasks)
+        else:  # closed loop: each client submits its next batch once the last one's results are in
+            per_client = jobs // run.clients // run.batch
+
+            async def client(stub: Any) -> None:
+                for _ in range(per_client):
+                    await self.one_batch(stub, run, run.batch)
+
+            await asyncio.gather(*[client(s) for s in stubs])
+        run.seconds = time.perf_counter() - t0
+        after, cpu1 = await redis_counters(redis), cpu_seconds(self.pid)
+        run.jobs = len(run.e2e_ms)
+        run.lua = (after.get("evalsha", 0) - before.get("evalsha", 0)) / run.jobs
+        run.commands = sum(after[k] - before.get(k, 0) for k in after if not k.startswith("_") and k != "info") / run.jobs
+        run.redis_cpu_us = (after["_cpu"] - before["_cpu"]) / run.jobs * 1e6
+        run.sched_cpu_per_1000 = (cpu1 - cpu0) / run.jobs * 1000
+        for node in nodes:
+            await node.stop()
+        for channel in channels:
+            await channel.close()
+        await redis.aclose()
+        return run
+
+
+async def start_scheduler(redis_url: str, profile: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+    prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
+    proc = subprocess.Popen([*prefix, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0",
+                             "--redis-url", redis_url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if "listening on" not in line:
+        raise RuntimeError(f"scheduler did not start: {line!r}")
+    return proc, line.rsplit(" ", 1)[-1].strip()
+
+
+def stop_scheduler(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(60)
+    if proc.stdout:
+        proc.stdout.close()
+
+
+async def lifecycle(redis_url: str, run: Run, jobs: int, rate: float = 0.0, profile: Path | None = None) -> Run:
+    client = aioredis.from_url(redis_url)
+    await client.flushall()  # the bench's own Redis
+    await client.aclose()
+    proc, address = await start_scheduler(redis_url, profile)
+    try:
+        return await Lifecycle(address, proc.pid, redis_url).run(run, jobs, rate)
+    finally:
+        stop_scheduler(proc)
+
+
+async def memory(redis_url: str, count: int) -> dict[str, float]:
+    """Redis bytes per queued job and per retained finished job (no payload: payload_ref)."""
+    client = aioredis.from_url(redis_url)
+    await client.flushall()
+    store = Store(client, Settings(redis_url=redis_url))
+    specs = [pb.JobSpec(tenant_id="bench", session_id=f"s{i % 500}", utterance_index=i, src_lang="zh", tgt_lang="en",
+                        payload_ref=f"session://s{i % 500}/{i}") for i in range(count)]
+    await store.submit(specs[:1])  # pools set, affinity hash exist before the baseline
+    base = (await client.info("memory"))["used_memory"]
+    ids = []
+    for i in range(1, count, 500):
+        ids += [s.job_id for s in await store.submit(specs[i:i + 500])]
+    queued = (await client.info("memory"))["used_memory"]
+    for i in range(0, len(ids), 500):
+        claims = await store.claim("mem-node", ids[i:i + 500])
+        await store.complete_many("mem-node", [(c.job_id, c.attempt, pb.JobResult(
+            text_asr="ni hao shi jie", text_translated="hello world", tts_audio_ref="s3://tts/x.opus",
+            tts_format="opus")) for c in claims])
+    finished = (await client.info("memory"))["used_memory"]
+    await client.aclose()
+    return {"per_queued": (queued - base) / len(ids), "per_finished": (finished - base) / len(ids)}
+
+
+def others(redis_url: str, jobs: int, arq_python: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for system, python in (("rq", sys.executable), ("arq", arq_python), ("celery", sys.executable)):
+        client = __import__("redis").Redis.from_url(redis_url)
+        client.flushall()
+        client.close()
+        try:
+            done = subprocess.run([python, str(HERE / "bench_others.py"), system, "--redis-url", redis_url,
+                                   "--jobs", str(jobs)], capture_output=True, text=True, timeout=900, check=True)
+            out[system] = json.loads(done.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, ValueError, IndexError) as err:
+            out[system] = {"error": str(err)[-300:]}
+    return out
+
+
+def profile_summary(path: Path, jobs: int, top: int = 25) -> str:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    stats = pstats.Stats(str(path), stream=buf)
+    stats.sort_stats("tottime").print_stats(top)
+    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+    lines = [f"cProfile of the scheduler process, {jobs} lifecycles: {total:.2f} s of own time in Python functions "
+             f"= {total / jobs * 1e6:.0f} us per lifecycle (cProfile roughly doubles it). Top {top} by own time:", ""]
+    body = buf.getvalue()
+    start = body.find("   ncalls")
+    return "\n".join(lines) + "\n```\n" + body[start:].rstrip() + "\n```\n"
+
+
+def plot(runs: list[Run], comp: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.label for r in runs] + [k for k, v in comp.items() if "jobs_per_s" in v]
+    rates = [r.rate for r in runs] + [v["jobs_per_s"] for v in comp.values() if "jobs_per_s" in v]
+    colors = ["tab:blue"] * len(runs) + ["tab:gray"] * (len(labels) - len(runs))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.bar(labels, rates, color=colors)
+    ax.set_ylabel("lifecycles (jobs) per second")
+    ax.set_title("Full job lifecycle, one Redis, 2-core machine (blue: Lingua Scheduler, 1 instance)")
+    for i, v in enumerate(rates):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    plt.xticks(rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_report(args: argparse.Namespace, runs: list[Run], half: Run, mem: dict[str, float],
+                 comp: dict[str, dict[str, Any]], profile: str, out: Path) -> None:
+    import importlib.metadata as md
+
+    versions = ", ".join(f"{p} {md.version(p)}" for p in ("grpcio", "protobuf", "redis", "hiredis", "transitions"))
+    redis_v = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+    rows = [
+        f"| {r.label} | {r.rate:.0f} | {pct(r.submit_ms, 50):.2f} / {pct(r.submit_ms, 99):.2f} | "
+        f"{pct(r.dispatch_ms, 50):.2f} / {pct(r.dispatch_ms, 99):.2f} / {max(r.dispatch_ms):.1f} | "
+        f"{pct(r.e2e_ms, 50):.2f} / {pct(r.e2e_ms, 99):.2f} | {r.commands:.1f} | {r.lua:.2f} | {r.redis_cpu_us:.0f} | "
+        f"{r.sched_cpu_per_1000:.2f} |"
+        for r in [*runs, half]
+    ]
+    comp_rows = [
+        f"| {k} {v.get('version', '')} | {v['jobs_per_s']:.0f} | {v['drain_per_s']:.0f} | {v['p50_ms']:.1f} / {v['p99_ms']:.1f} |"
+        if "jobs_per_s" in v else f"| {k} | failed: {v.get('error', '')} | | |"
+        for k, v in comp.items()
+    ]
+    best = max(runs, key=lambda r: r.rate)
+    text = f"""# Benchmarks
+
+Generated by `scripts/bench` ({' '.join(sys.argv[1:]) or 'defaults'}); do not edit by hand: rerun it.
+Analysis and what was changed because of it: [performance.md](performance.md).
+
+Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, Redis {redis_v}
+(one private server for everything, appendonly off, noeviction), {versions}.
+
+![throughput](benchmarks.png)
+
+## Lingua Scheduler, one instance
+
+Each lifecycle: a client Submits (in batches of the size shown), a simulated node (zero processing time)
+receives it over NodeSession and acks + completes it in one message, the client learns the result over
+WatchJob. {args.jobs} jobs per row; the half-load row submits open-loop at half the best rate.
+Latencies in ms (p50 / p99 [/ max]); "cmds" counts every Redis command including those run inside Lua.
+
+| clients x nodes, batch | lifecycles/s | Submit | dispatch (submit -> node) | end to end | cmds/job | Lua calls/job | Redis CPU us/job | scheduler CPU s / 1000 jobs |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Redis memory, no payload (payload_ref), {args.memory_jobs} jobs: **{mem['per_queued']:.0f} bytes per queued
+job**, **{mem['per_finished']:.0f} bytes per retained finished job** (with a short text result).
+
+## Beside RQ, arq and Celery (same Redis, same run)
+
+The same trivial job (return its argument), {args.compare_jobs} jobs enqueued, drained by two workers,
+results on (RQ's default forking worker; arq with its defaults; Celery with the Redis broker and result
+backend, two solo workers). jobs/s counts from the first enqueue to the last result; drain is the
+workers' own pace between the first and the last finish; latency is enqueue -> finished.
+
+| system | jobs/s | drain jobs/s | latency p50 / p99 ms |
+|---|---|---|---|
+| Lingua Scheduler (best row above) | {best.rate:.0f} | | {pct(best.e2e_ms, 50):.1f} / {pct(best.e2e_ms, 99):.1f} |
+{chr(10).join(comp_rows)}
+
+## Where the time goes
+
+{profile}
+"""
+    out.write_text(text)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    docs = HERE.parent / "docs"
+    tmp = Path(tempfile.mkdtemp(prefix="lingua-bench-"))
+    redis = EmbeddedRedis(tmp / "redis", port=free_ports(1)[0], persistent=False).start()
+    try:
+        runs = []
+        for combo in args.combos.split(","):
+            c, rest = combo.split("x")
+            n, b = rest.split("b") if "b" in rest else (rest, "1")
+            run = Run(f"{c} x {n}, batch {b}", int(c), int(n), int(b))
+            await lifecycle(redis.url, run, args.jobs)
+            print(f"{run.label}: {run.rate:.0f}/s, dispatch p50 {pct(run.dispatch_ms, 50):.2f} ms, "
+                  f"e2e p50 {pct(run.e2e_ms, 50):.2f} ms, {run.lua:.2f} Lua/job, "
+                  f"{run.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+            runs.append(run)
+        best = max(runs, key=lambda r: r.rate)
+        half = Run(f"{best.clients} x {best.nodes}, batch {best.batch}, at half rate", best.clients, best.nodes, best.batch)
+        await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
+        print(f"half rate ({best.rate / 2:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
+              f"p99 {pct(half.dispatch_ms, 99):.2f} ms", flush=True)
+        mem = await memory(redis.url, args.memory_jobs)
+        print(f"memory: {mem}", flush=True)
+        profile = "(run with --profile for a cProfile of the hot paths)"
+        if args.profile:
+            prof = tmp / "sched.prof"
+            await lifecycle(redis.url, Run("profile", best.clients, best.nodes, best.batch), args.jobs, profile=prof)
+            profile = profile_summary(prof, args.jobs)
+        comp = others(redis.url, args.compare_jobs, args.arq_python) if args.compare_jobs else {}
+        print(json.dumps(comp), flush=True)
+        write_report(args, runs, half, mem, comp, profile, docs / "benchmarks.md")
+        plot(runs, comp, docs / "benchmarks.png")
+        print("wrote docs/benchmarks.md and docs/benchmarks.png")
+        return 0
+    finally:
+        redis.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=3000, help="lifecycles per row")
+    p.add_argument("--combos", default="1x1b1,8x2b1,8x2b10,16x2b25",
+                   help="clients x nodes [b batch], comma-separated")
+    p.add_argument("--memory-jobs", type=int, default=10_000)
+    p.add_argument("--compare-jobs", type=int, default=2000, help="jobs for RQ/arq/Celery (0: skip them)")
+    p.add_argument("--arq-python", default=sys.executable, help="python of a virtualenv with arq")
+    p.add_argument("--profile", action="store_true", help="also profile the scheduler (cProfile)")
+    return asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
