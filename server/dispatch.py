@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from . import keys
@@ -81,6 +81,9 @@ class Dispatcher:
         self.node_listeners: Any = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._pubsub: Any = None
+        self._watches: dict[str, set[asyncio.Event]] = {}  # channel -> watchers (WatchJob)
+        self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
         self._pools: list[str] = []
         self._pools_at = 0.0
 
@@ -180,18 +183,26 @@ class Dispatcher:
             pubsub = self.store.redis.pubsub()
             try:
                 await pubsub.psubscribe(keys.wake_channel("*"), keys.node_channel("*"))
+                if self._watches:
+                    await pubsub.subscribe(*self._watches)
+                self._pubsub = pubsub
                 ready.set()
                 wake_prefix = len(keys.wake_channel(""))
                 node_prefix = len(keys.node_channel(""))
                 async for message in pubsub.listen():
-                    if message["type"] != "pmessage":
-                        continue
+                    kind = message["type"]
                     channel = message["channel"].decode()
-                    data = message["data"].decode()
-                    if channel.startswith(keys.wake_channel("")):
-                        self._on_wake(channel[wake_prefix:], data)
-                    else:
-                        self._on_node_message(channel[node_prefix:], data)
+                    if kind == "message":
+                        for woken in self._watches.get(channel, ()):
+                            woken.set()
+                    elif kind == "subscribe" and channel in self._confirmed:
+                        self._confirmed[channel].set()
+                    elif kind == "pmessage":
+                        data = message["data"].decode()
+                        if channel.startswith(keys.wake_channel("")):
+                            self._on_wake(channel[wake_prefix:], data)
+                        else:
+                            self._on_node_message(channel[node_prefix:], data)
             except asyncio.CancelledError:
                 raise
             except Exception as err:
@@ -199,8 +210,38 @@ class Dispatcher:
                 log.warning("wake-up subscription lost (%r); polling covers it, resubscribing", err)
                 await asyncio.sleep(0.5)
             finally:
+                self._pubsub = None
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    @contextlib.asynccontextmanager
+    async def watching(self, channel: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever a message arrives on `channel`, over this instance's one shared
+        subscription (no connection per watcher). Returns once the subscription is confirmed, so
+        nothing published after that is missed; if the subscription is down, the caller's backstop
+        timeout covers it."""
+        woken = asyncio.Event()
+        group = self._watches.setdefault(channel, set())
+        first = not group
+        group.add(woken)
+        try:
+            if first:
+                self._confirmed[channel] = asyncio.Event()
+                if self._pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.subscribe(channel)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._confirmed[channel].wait()
+            yield woken
+        finally:
+            group.discard(woken)
+            if not group:
+                del self._watches[channel]
+                self._confirmed.pop(channel, None)
+                if self._pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.unsubscribe(channel)
 
     def _on_wake(self, pool: str, data: str) -> None:
         job_id, _, preferred = data.partition(" ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -12,7 +14,7 @@ import grpc
 from redis.exceptions import RedisError
 
 from ..fsm import TERMINAL, JobState
-from . import validate
+from . import keys, validate
 from .dispatch import Consumer, Dispatcher
 from .errors import SchedulerError, ScriptCode
 from .proto import scheduler_pb2 as pb
@@ -71,6 +73,15 @@ def lease_status_pb(t: Touched) -> pb.LeaseStatus:
     return status
 
 
+def watch_event_pb(job_id: str, e: dict[str, Any]) -> pb.JobEvent:
+    event = pb.JobEvent(job_id=job_id, state=state_pb(e["s"]), version=int(e["v"]),  # type: ignore[arg-type]
+                        attempt=int(e["a"]), node_id=e["n"], event=e["e"])
+    event.at.FromMilliseconds(int(e["t"]))
+    if e.get("ec"):
+        event.error.CopyFrom(pb.JobError(code=e["ec"], message=e["em"], retryable=e["er"] in ("1", 1)))
+    return event
+
+
 def error_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one place that turns errors into gRPC statuses."""
     if isinstance(err, SchedulerError):
@@ -123,13 +134,23 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         try:
             validate.job_id(request.job_id, self.settings)
             await self.store.record(request.job_id)  # NOT_FOUND before the stream starts
-            async for e in self.store.watch_events(request.job_id):
-                event = pb.JobEvent(job_id=request.job_id, state=state_pb(e["s"]),  # type: ignore[arg-type]
-                                    version=int(e["v"]), attempt=int(e["a"]), node_id=e["n"], event=e["e"])
-                event.at.FromMilliseconds(int(e["t"]))
-                if e.get("ec"):
-                    event.error.CopyFrom(pb.JobError(code=e["ec"], message=e["em"], retryable=e["er"] in ("1", 1)))
-                yield event
+            # The events list is the truth; its pub/sub channel only wakes us, so a lost message costs
+            # latency (up to the backstop), never an event.
+            async with self.dispatcher.watching(keys.JobKeys.of(request.job_id).events) as woken:
+                seen = 0
+                while True:
+                    woken.clear()
+                    entries = await self.store.events(request.job_id, seen)
+                    for e in entries:
+                        seen += 1
+                        yield watch_event_pb(request.job_id, e)
+                        if e["s"] in TERMINAL:
+                            return
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(5.0):
+                            await woken.wait()
+                    if not woken.is_set() and not entries:
+                        await self.store.record(request.job_id)  # still there? (records expire)
         except Exception as err:
             code, text = error_status(err)
             if code == grpc.StatusCode.INTERNAL:

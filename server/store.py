@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ulid import ULID
@@ -255,29 +254,6 @@ class Store:
     async def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
         """The job's state changes from index `start` on, oldest first."""
         return [json.loads(e) for e in await self.redis.lrange(keys.JobKeys.of(job_id).events, start, -1)]
-
-    async def watch_events(self, job_id: str, backstop_s: float = 5.0) -> AsyncIterator[dict[str, Any]]:
-        """Every state change of the job, oldest first, each once, ending after the terminal one.
-
-        The events list is the truth; its pub/sub channel only wakes the reader, so a lost message
-        costs latency (up to backstop_s), never an event."""
-        jk = keys.JobKeys.of(job_id)
-        pubsub = self.redis.pubsub()
-        try:
-            await pubsub.subscribe(jk.events)
-            seen = 0
-            while True:
-                entries = await self.events(job_id, seen)
-                for entry in entries:
-                    seen += 1
-                    yield entry
-                    if entry["s"] in TERMINAL:
-                        return
-                woken = await pubsub.get_message(ignore_subscribe_messages=True, timeout=backstop_s)
-                if woken is None and not entries and not await self.redis.exists(jk.fsm):
-                    raise JobNotFound(f"job {job_id} not found (its record expired)")
-        finally:
-            await pubsub.aclose()
 
     # -- claims (queued -> assigned) ------------------------------------------------------------
 
