@@ -157,12 +157,22 @@ class SimNode:
         if roll < b.unavailable_rate:
             self.send(pb.NodeMessage(unavailable=[lease]))
             return
-        self.send(pb.NodeMessage(acks=[lease]))
-        self.working[a.job_id] = (asyncio.create_task(self._work(a, lease, roll)), a.attempt)
-
-    async def _work(self, a: pb.Assignment, lease: pb.JobLease, roll: float) -> None:
-        b = self.behaviour
         seconds = b.processing_s()
+        if seconds <= 0 and roll >= b.unavailable_rate + b.fail_rate + b.fatal_rate:
+            # Quick work: the ack rides with the result, in one message.
+            self.completed.append(a.job_id)
+            self.send(pb.NodeMessage(acks=[lease], completions=[self._result(a, lease)]))
+            return
+        self.send(pb.NodeMessage(acks=[lease]))
+        self.working[a.job_id] = (asyncio.create_task(self._work(a, lease, roll, seconds)), a.attempt)
+
+    def _result(self, a: pb.Assignment, lease: pb.JobLease) -> pb.Completion:
+        return pb.Completion(lease=lease, result=pb.JobResult(
+            text_asr=f"asr {a.spec.utterance_index}", text_translated=f"{a.spec.tgt_lang}:{a.job_id}",
+            extra={"node": self.node_id}))
+
+    async def _work(self, a: pb.Assignment, lease: pb.JobLease, roll: float, seconds: float) -> None:
+        b = self.behaviour
         if seconds > 0:
             await asyncio.sleep(seconds)
         if roll < b.unavailable_rate + b.fail_rate:
@@ -170,9 +180,7 @@ class SimNode:
         elif roll < b.unavailable_rate + b.fail_rate + b.fatal_rate:
             outcome = pb.Completion(lease=lease, error=pb.JobError(code="SIM_FATAL", message="simulated"))
         else:
-            outcome = pb.Completion(lease=lease, result=pb.JobResult(
-                text_asr=f"asr {a.spec.utterance_index}", text_translated=f"{a.spec.tgt_lang}:{a.job_id}",
-                extra={"node": self.node_id}))
+            outcome = self._result(a, lease)
         self.working.pop(a.job_id, None)
         self.completed.append(a.job_id)
         self.send(pb.NodeMessage(completions=[outcome]))

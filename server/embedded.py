@@ -7,23 +7,12 @@ with the process that started it.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import shutil
 import subprocess
 import threading
 from pathlib import Path
 from types import TracebackType
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the starting process dies, however it dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def redis_server_binary() -> str:
@@ -80,7 +69,7 @@ class EmbeddedRedis:
         """Start the server and return once it accepts connections (it says so on stdout)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                        stdin=subprocess.DEVNULL)
         assert self.process.stdout is not None
         ready = threading.Event()
         seen: list[bytes] = []

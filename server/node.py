@@ -326,8 +326,12 @@ class NodeSessions:
                     refused.append(_refused(lease.job_id, err))
             return ok
 
-        touches = valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
         completions = valid(m.completions, "completions")
+        # An ack that rides with its job's result needs no state change of its own: complete is
+        # allowed from assigned, so the result alone moves the job (one Lua call saved).
+        finishing = {(c.lease.job_id, c.lease.attempt) for c in completions}
+        touches = [t for t in valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
+                   if (t.job_id, t.attempt) not in finishing]
         unavailable = valid(m.unavailable, "unavailable")
         cancels: list[pb.JobLease] = []
         if touches:

@@ -155,11 +155,15 @@ async def test_a_node_cannot_touch_another_nodes_job_or_an_old_attempt(
     thief = await node(ch, "thief", [("xx", "yy")])
     before = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
     mine, stale = pb.JobLease(job_id=job_id, attempt=1), pb.JobLease(job_id=job_id, attempt=2)
-    thief.send(pb.NodeMessage(acks=[mine], heartbeats=[mine], completions=[
-        pb.Completion(lease=mine, result=pb.JobResult(text_asr="stolen"))], unavailable=[mine]))
+    thief.send(pb.NodeMessage(acks=[mine], heartbeats=[mine]))
+    await thief.wait_for(lambda: len(thief.refused) >= 2)
+    thief.send(pb.NodeMessage(completions=[pb.Completion(lease=mine, result=pb.JobResult(text_asr="stolen"))],
+                              unavailable=[mine]))
     await thief.wait_for(lambda: len(thief.refused) >= 4)
     assert {r.error_code for r in thief.refused} == {"FAILED_PRECONDITION"}
-    holder.send(pb.NodeMessage(heartbeats=[stale], completions=[pb.Completion(lease=stale, result=pb.JobResult())]))
+    holder.send(pb.NodeMessage(heartbeats=[stale]))
+    await holder.wait_for(lambda: len(holder.refused) >= 1)
+    holder.send(pb.NodeMessage(completions=[pb.Completion(lease=stale, result=pb.JobResult())]))
     await holder.wait_for(lambda: len(holder.refused) >= 2)
     assert all("stale" in r.error_message for r in holder.refused)
     after = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
