@@ -71,8 +71,10 @@ def bench_rq(url: str, jobs: int) -> dict[str, float]:
             if all(j is not None and j.get_status() == "finished" for j in fetched):
                 break
             time.sleep(0.05)
-        ends = [j.ended_at.timestamp() for j in fetched]
-        lat = [(j.ended_at - j.enqueued_at).total_seconds() * 1000 for j in fetched]
+        # RQ 2+ keeps the end time on the job's Result (ended_at may stay empty).
+        finished = [j.ended_at or j.latest_result().created_at for j in fetched]
+        ends = [f.timestamp() for f in finished]
+        lat = [(f - j.enqueued_at).total_seconds() * 1000 for f, j in zip(finished, fetched, strict=True)]
         return summary(jobs, started, ends, lat)
     finally:
         stop(procs)
