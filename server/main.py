@@ -52,7 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("started embedded redis-server (data in %s)", embedded.data_dir)
         settings = dataclasses.replace(settings, redis_url=embedded.url)
     try:
-        asyncio.run(serve(settings))
+        if settings.uvloop:
+            import uvloop
+
+            uvloop.run(serve(settings))
+        else:
+            asyncio.run(serve(settings))
     finally:
         if embedded is not None:
             embedded.stop()

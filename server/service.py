@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from ..fsm import TERMINAL, JobState
 from . import keys, validate
 from .dispatch import Consumer, Dispatcher
-from .errors import SchedulerError, ScriptCode
+from .errors import JobNotFound, SchedulerError, ScriptCode
 from .proto import scheduler_pb2 as pb
 from .proto import scheduler_pb2_grpc as pb_grpc
 from .settings import Settings
@@ -133,7 +133,6 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
         try:
             validate.job_id(request.job_id, self.settings)
-            await self.store.record(request.job_id)  # NOT_FOUND before the stream starts
             # The events list is the truth; its pub/sub channel only wakes us, so a lost message costs
             # latency (up to the backstop), never an event.
             async with self.dispatcher.watching(keys.JobKeys.of(request.job_id).events) as woken:
@@ -141,6 +140,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 while True:
                     woken.clear()
                     entries = await self.store.events(request.job_id, seen)
+                    if not entries and not seen:  # every job has its submit event
+                        raise JobNotFound(f"job {request.job_id} not found")
                     for e in entries:
                         seen += 1
                         yield watch_event_pb(request.job_id, e)

@@ -67,6 +67,8 @@ class Settings:
     node_ttl_ms: int = 15_000
     # Grace period for streams to drain on SIGTERM.
     shutdown_grace_s: float = 5.0
+    # Run the event loop on uvloop (faster); --uvloop 0 for the standard asyncio loop.
+    uvloop: int = 1
     # Redis connection pool size.
     redis_max_connections: int = 256
 
