@@ -30,7 +30,6 @@ sys.path.insert(0, str(HERE))
 
 import grpc  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
-
 from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
 from lingua_scheduler.server.proto import scheduler_pb2 as pb  # noqa: E402
 from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc  # noqa: E402
@@ -151,7 +150,7 @@ class Lifecycle:
         return run
 
 
-async def start_scheduler(redis_url: str, profile: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+def start_scheduler(redis_url: str, profile: Path | None) -> tuple[subprocess.Popen[bytes], str]:
     prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
     proc = subprocess.Popen([*prefix, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0",
                              "--redis-url", redis_url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -173,7 +172,7 @@ async def lifecycle(redis_url: str, run: Run, jobs: int, rate: float = 0.0, prof
     client = aioredis.from_url(redis_url)
     await client.flushall()  # the bench's own Redis
     await client.aclose()
-    proc, address = await start_scheduler(redis_url, profile)
+    proc, address = start_scheduler(redis_url, profile)
     try:
         return await Lifecycle(address, proc.pid, redis_url).run(run, jobs, rate)
     finally:
@@ -289,7 +288,8 @@ receives it over NodeSession and acks + completes it in one message, the client 
 WatchJob. {args.jobs} jobs per row; the half-load row submits open-loop at half the best rate.
 Latencies in ms (p50 / p99 [/ max]); "cmds" counts every Redis command including those run inside Lua.
 
-| clients x nodes, batch | lifecycles/s | Submit | dispatch (submit -> node) | end to end | cmds/job | Lua calls/job | Redis CPU us/job | scheduler CPU s / 1000 jobs |
+| clients x nodes, batch | lifecycles/s | Submit | dispatch (submit -> node) | end to end | cmds/job | Lua calls/job \
+| Redis CPU us/job | scheduler CPU s / 1000 jobs |
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 

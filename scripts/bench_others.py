@@ -50,10 +50,9 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def bench_rq(url: str, jobs: int) -> dict[str, float]:
+    import bench_tasks
     from redis import Redis
     from rq import Queue
-
-    import bench_tasks
 
     conn = Redis.from_url(url)
     queue = Queue("bench", connection=conn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 
 def noop(i: int) -> int:
@@ -37,7 +37,7 @@ async def arq_noop(ctx: dict[str, Any], i: int) -> int:
 
 
 class ArqSettings:
-    functions = [arq_noop]
+    functions: ClassVar[list[Any]] = [arq_noop]
     max_jobs = 10
     burst = False
     keep_result = 600

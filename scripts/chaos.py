@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import contextlib
+import json
 import random
 import signal
 import sys
@@ -127,6 +127,7 @@ class Chaos:
         self.nodes: dict[str, SimNode] = {}
         self.refused_completions = 0
         self.done = asyncio.Event()
+        self.late: set[asyncio.Task[None]] = set()
 
     def log(self, text: str) -> None:
         if not self.quiet:
@@ -242,7 +243,9 @@ class Chaos:
                     # ...and reports what it was working on later, by unary Complete on any instance:
                     # accepted while it still holds the lease, refused once the job moved on.
                     for job_id, attempt in unfinished:
-                        asyncio.create_task(self.late_complete(node.node_id, job_id, attempt))
+                        task = asyncio.create_task(self.late_complete(node.node_id, job_id, attempt))
+                        self.late.add(task)
+                        task.add_done_callback(self.late.discard)
 
     async def late_complete(self, node_id: str, job_id: str, attempt: int) -> None:
         await asyncio.sleep(self.rng.uniform(0.0, 1.5))

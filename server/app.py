@@ -44,7 +44,7 @@ def connect_redis(settings: Settings) -> Any:
         return RedisCluster(startup_nodes=seeds, decode_responses=False,
                             max_connections=settings.redis_max_connections)
     if settings.redis_sentinel:
-        sentinel = Sentinel(_addresses(settings.redis_sentinel), socket_timeout=5)
+        sentinel = Sentinel(_addresses(settings.redis_sentinel), socket_timeout=5)  # type: ignore[no-untyped-call]
         return sentinel.master_for(settings.redis_sentinel_master, decode_responses=False,
                                    max_connections=settings.redis_max_connections)
     return aioredis.from_url(
@@ -129,8 +129,8 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
     ])
-    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(store, dispatcher, settings, nodes), server)
-    health_servicer = health.aio.HealthServicer()
+    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(store, dispatcher, settings, nodes), server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -136,7 +136,7 @@ class NodeSessions:
         self._open: set[Session] = set()  # every stream whose handler has not finished
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
-        dispatcher.node_listeners = self  # type: ignore[assignment]
+        dispatcher.node_listeners = self
 
     # The dispatcher looks node ids up here to deliver node messages.
     def get(self, node_id: str) -> Any:
@@ -167,9 +167,9 @@ class NodeSessions:
             for task in pending:
                 task.cancel()
 
-    async def list(self) -> list[pb.NodeInfo]:
+    async def list_nodes(self) -> list[pb.NodeInfo]:
         out = []
-        for e in await self.registry.list():
+        for e in await self.registry.entries():
             info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency,
                                in_flight=e.in_flight, instance_id=e.instance_id, labels=e.labels,
                                version=e.version, draining=e.draining)

@@ -42,7 +42,7 @@ class Registry:
         if reply[0] < 0:
             return None
         await self.redis.zadd(keys.NODES, {entry.node_id: entry.connected_ms})
-        return reply[1].decode()
+        return str(reply[1].decode())
 
     async def release(self, node_id: str, token: str) -> bool:
         reply = await self.scripts.call(self.redis, "release_node", [keys.node(node_id)], [token])
@@ -50,7 +50,7 @@ class Registry:
             await self.redis.zrem(keys.NODES, node_id)
         return bool(reply[0] > 0)
 
-    async def list(self) -> list[NodeEntry]:
+    async def entries(self) -> list[NodeEntry]:
         ids = [i.decode() for i in await self.redis.zrange(keys.NODES, 0, -1)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for node_id in ids:

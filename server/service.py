@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from ..fsm import TERMINAL, JobState
 from . import keys, validate
 from .dispatch import Consumer, Dispatcher
-from .errors import JobNotFound, SchedulerError, ScriptCode
+from .errors import InvalidArgument, JobNotFound, SchedulerError, ScriptCode
 from .proto import scheduler_pb2 as pb
 from .proto import scheduler_pb2_grpc as pb_grpc
 from .settings import Settings
@@ -162,7 +162,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
         validate.job_id(request.job_id, self.settings)
         if len(request.reason) > 1024:
-            raise validate.InvalidArgument("reason: at most 1024 characters")
+            raise InvalidArgument("reason: at most 1024 characters")
         await self.store.cancel(request.job_id, request.reason)
         return job_pb(await self.store.get(request.job_id))
 
@@ -187,7 +187,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         validate.node_id(request.node_id)
         if not request.leases or len(request.leases) > 1000:
-            raise validate.InvalidArgument("leases: 1 to 1000 leases are required")
+            raise InvalidArgument("leases: 1 to 1000 leases are required")
         for i, item in enumerate(request.leases):
             validate.lease(item, self.settings, f"leases[{i}]")
         touched = await self.store.touch(request.node_id, [(x.job_id, x.attempt) for x in request.leases])
@@ -211,4 +211,4 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
         if self.nodes is None:
             return pb.ListNodesResponse()
-        return pb.ListNodesResponse(nodes=await self.nodes.list())
+        return pb.ListNodesResponse(nodes=await self.nodes.list_nodes())

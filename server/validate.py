@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 
 from . import keys
 from .errors import InvalidArgument, TooLarge
@@ -102,9 +103,9 @@ def submit(req: pb.SubmitRequest, settings: Settings) -> None:
         spec(s, settings, f"jobs[{i}]")
 
 
-def pairs(items: list[pb.LanguagePair] | object, field: str = "pairs") -> list[str]:
+def pairs(items: Iterable[pb.LanguagePair], field: str = "pairs") -> list[str]:
     found: list[str] = []
-    for i, p in enumerate(items):  # type: ignore[arg-type]
+    for i, p in enumerate(items):
         lang(p.src_lang, f"{field}[{i}].src_lang")
         lang(p.tgt_lang, f"{field}[{i}].tgt_lang")
         pool = keys.pool_of(p.src_lang, p.tgt_lang)

@@ -97,7 +97,7 @@ async def test_complete_race_has_one_winner(make_app: AppFactory, redis: Any) ->
         got = await assign_one(sa)
         assert got.job_id == job_id
 
-        async def complete(stub: pb_grpc.SchedulerStub, text: str) -> str:
+        async def complete(stub: pb_grpc.SchedulerStub, text: str, job_id: str = job_id) -> str:
             try:
                 await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1",
                                                        result=pb.JobResult(text_translated=text)))
