@@ -377,10 +377,11 @@ class NodeSessions:
         """After a stream ends: shrink its leases to the grace; unless the node is back (on any
         instance) and heartbeats within it, its jobs are requeued: by this instance after the grace,
         or by any instance's sweeper if this one is gone by then."""
+        released = False
         with contextlib.suppress(Exception):
-            await self.registry.release(session.node_id, session.token)
-        if session.replaced or not session.in_flight:
-            return
+            released = await self.registry.release(session.node_id, session.token)
+        if session.replaced or not released or not session.in_flight:
+            return  # the node is back on a newer stream (or held nothing): its leases are its own
         leases = list(session.in_flight.items())
         grace = self.settings.stream_grace_ms
         shortened = await self.store.touch(session.node_id, leases, mode="shorten", lease_ms=grace)

@@ -292,3 +292,35 @@ async def test_drain_finishes_work_then_closes(ch: grpc.aio.Channel, sched: pb_g
     assert worker.status == grpc.StatusCode.OK
     assert (await watch_until(sched, job_id, pb.JOB_STATE_SUCCEEDED))[-1].node_id == "drainer"
     await worker.stop()
+
+
+async def test_a_node_that_reconnects_with_its_jobs_resumes_them(
+        make_app: AppFactory, redis: Any) -> None:
+    a, b = await make_app(), await make_app()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as cha, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as chb:
+        sb = pb_grpc.SchedulerStub(chb)
+        first = await node(cha, "phoenix", behaviour=Behaviour(processing_s=lambda: 30))
+        job_id = await submit(sb)
+        await watch_until(sb, job_id, pb.JOB_STATE_RUNNING)
+        await first.crash()  # the stream drops; the node process keeps its work
+        fsm = keys.JobKeys.of(job_id).fsm
+        shrunk = asyncio.Event()
+
+        async def lease_shrinks() -> None:  # instance A shrinks the lease to the stream grace (300 ms)
+            while True:
+                t, lease = await redis.time(), int(await redis.hget(fsm, "lease"))
+                if lease - (t[0] * 1000 + t[1] // 1000) <= a.settings.stream_grace_ms:
+                    return shrunk.set()
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(lease_shrinks(), 5)
+        again = await SimNode(chb, "phoenix", [("zh", "en")]).start(holding=[pb.JobLease(job_id=job_id, attempt=1)])
+        t, lease = await redis.time(), int(await redis.hget(fsm, "lease"))
+        assert lease - (t[0] * 1000 + t[1] // 1000) > a.settings.stream_grace_ms  # extended by the resume
+        again.send(pb.NodeMessage(completions=[pb.Completion(lease=pb.JobLease(job_id=job_id, attempt=1),
+                                                             result=pb.JobResult(text_asr="resumed"))]))
+        events = await watch_until(sb, job_id, pb.JOB_STATE_SUCCEEDED)
+        assert [e.event for e in events] == ["submit", "assign", "start", "complete"]  # never requeued
+        assert events[-1].node_id == "phoenix" and events[-1].attempt == 1 and not again.refused
+        await again.stop()
