@@ -325,3 +325,33 @@ async def test_server_process_killed_and_replaced_loses_nothing(settings: Settin
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+@pytest.mark.single_redis
+async def test_embedded_redis_keeps_jobs_across_restarts_and_stops_with_the_server(tmp_path: Any) -> None:
+    """No Redis URL: the server starts its own redis-server (AOF on) in --data-dir and stops it on exit."""
+
+    async def start() -> tuple[asyncio.subprocess.Process, int]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"listening on" in line, line
+        return proc, int(line.split(b":")[-1])
+
+    proc, port = await start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        job_id = (await pb_grpc.SchedulerStub(ch).Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert list(tmp_path.glob("appendonly*")), "AOF files in the data folder"
+    assert not (tmp_path / "redis.sock").exists(), "the embedded redis-server stopped with the server"
+    proc, port = await start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            job = await pb_grpc.SchedulerStub(ch).GetJob(pb.GetJobRequest(job_id=job_id))
+            assert job.state == pb.JOB_STATE_QUEUED
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
