@@ -82,7 +82,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._pubsub: Any = None
-        self._watches: dict[str, set[asyncio.Event]] = {}  # channel -> watchers (WatchJob)
+        self._watches: dict[str, set[asyncio.Queue[bytes]]] = {}  # channel -> watchers' inboxes (WatchJob)
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
         self._pools: list[str] = []
         self._pools_at = 0.0
@@ -193,8 +193,8 @@ class Dispatcher:
                     kind = message["type"]
                     channel = message["channel"].decode()
                     if kind == "message":
-                        for woken in self._watches.get(channel, ()):
-                            woken.set()
+                        for inbox in self._watches.get(channel, ()):
+                            inbox.put_nowait(message["data"])
                     elif kind == "subscribe" and channel in self._confirmed:
                         self._confirmed[channel].set()
                     elif kind == "pmessage":
@@ -215,15 +215,15 @@ class Dispatcher:
                     await pubsub.aclose()
 
     @contextlib.asynccontextmanager
-    async def watching(self, channel: str) -> AsyncIterator[asyncio.Event]:
-        """An event set whenever a message arrives on `channel`, over this instance's one shared
+    async def watching(self, channel: str) -> AsyncIterator[asyncio.Queue[bytes]]:
+        """An inbox of the messages published on `channel`, over this instance's one shared
         subscription (no connection per watcher). Returns once the subscription is confirmed, so
         nothing published after that is missed; if the subscription is down, the caller's backstop
         timeout covers it."""
-        woken = asyncio.Event()
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
         group = self._watches.setdefault(channel, set())
         first = not group
-        group.add(woken)
+        group.add(inbox)
         try:
             if first:
                 self._confirmed[channel] = asyncio.Event()
@@ -233,9 +233,9 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._confirmed[channel].wait()
-            yield woken
+            yield inbox
         finally:
-            group.discard(woken)
+            group.discard(inbox)
             if not group:
                 del self._watches[channel]
                 self._confirmed.pop(channel, None)

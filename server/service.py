@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -133,25 +133,30 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
         try:
             validate.job_id(request.job_id, self.settings)
-            # The events list is the truth; its pub/sub channel only wakes us, so a lost message costs
-            # latency (up to the backstop), never an event.
-            async with self.dispatcher.watching(keys.JobKeys.of(request.job_id).events) as woken:
-                seen = 0
+            # The events list is the truth. Its pub/sub channel carries each new entry: delivered as is
+            # when it is the next version, else (a gap, a lost message, the backstop) the list is re-read.
+            async with self.dispatcher.watching(keys.JobKeys.of(request.job_id).events) as inbox:
+                entries = await self.store.events(request.job_id)
+                if not entries:  # every job has its submit event
+                    raise JobNotFound(f"job {request.job_id} not found")
+                version = 0
                 while True:
-                    woken.clear()
-                    entries = await self.store.events(request.job_id, seen)
-                    if not entries and not seen:  # every job has its submit event
-                        raise JobNotFound(f"job {request.job_id} not found")
                     for e in entries:
-                        seen += 1
+                        if int(e["v"]) <= version:
+                            continue  # already sent (read from the list and heard on the channel)
+                        version = int(e["v"])
                         yield watch_event_pb(request.job_id, e)
                         if e["s"] in TERMINAL:
                             return
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         async with asyncio.timeout(5.0):
-                            await woken.wait()
-                    if not woken.is_set() and not entries:
-                        await self.store.record(request.job_id)  # still there? (records expire)
+                            e = json.loads(await inbox.get())
+                    except TimeoutError:
+                        entries = await self.store.events(request.job_id, version)
+                        if not entries:
+                            await self.store.record(request.job_id)  # still there? (records expire)
+                        continue
+                    entries = [e] if int(e["v"]) <= version + 1 else await self.store.events(request.job_id, version)
         except Exception as err:
             code, text = error_status(err)
             if code == grpc.StatusCode.INTERNAL:
