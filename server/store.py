@@ -318,11 +318,10 @@ class Store:
 
     async def complete(self, job_id: str, node_id: str, attempt: int, result: pb.JobResult) -> Changed:
         """Success, fenced by node + attempt: one round trip (allow-list from the FSM)."""
-        r = await self.scripts.call(self.redis, "finish_job", self._finish_keys(job_id), [
-            job_id, Event.COMPLETE, self._complete_from, self._complete_dest, "", node_id, attempt,
-            1, result.SerializeToString(), "", "", 0, self.settings.retention_ms, "",
-        ])
-        return self._changed(job_id, r, Event.COMPLETE, attempt)
+        (outcome,) = await self.complete_many(node_id, [(job_id, attempt, result)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     async def complete_many(self, node_id: str, items: list[tuple[str, int, pb.JobResult]]) -> list[Changed | Exception]:
         """complete() for several jobs in one round trip; per-job errors are returned, not raised."""
