@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-
 from helpers import spec
 from lingua_scheduler.server.embedded import EmbeddedRedis, redis_server_binary
 from lingua_scheduler.server.errors import ScriptCode
