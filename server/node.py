@@ -307,26 +307,18 @@ class NodeSessions:
             raise InvalidArgument("register: only the first message may register")
         refused: list[pb.LeaseStatus] = []
 
-        def valid(items: Any, field: str) -> list[Any]:
+        def valid(items: Any, field: str, check: Any = validate.lease) -> list[Any]:
+            """The entries that pass `check`; each other one is refused, naming its field."""
             ok = []
             for i, item in enumerate(items):
-                lease = item.lease if field == "completions" else item
                 try:
-                    validate.lease(lease, self.settings, f"{field}[{i}].lease" if field == "completions"
-                                   else f"{field}[{i}]")
-                    if field == "completions":
-                        if item.WhichOneof("outcome") is None:
-                            raise InvalidArgument(f"completions[{i}]: set result or error")
-                        if item.WhichOneof("outcome") == "result":
-                            validate.result(item.result, self.settings, f"completions[{i}].result")
-                        else:
-                            validate.error(item.error, f"completions[{i}].error")
+                    check(item, self.settings, f"{field}[{i}]")
                     ok.append(item)
                 except SchedulerError as err:
-                    refused.append(_refused(lease.job_id, err))
+                    refused.append(_refused(getattr(item, "lease", item).job_id, err))
             return ok
 
-        completions = valid(m.completions, "completions")
+        completions = valid(m.completions, "completions", validate.completion)
         # An ack that rides with its job's result needs no state change of its own: complete is
         # allowed from assigned, so the result alone moves the job (one Lua call saved).
         finishing = {(c.lease.job_id, c.lease.attempt) for c in completions}

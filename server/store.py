@@ -312,8 +312,8 @@ class Store:
             if code >= 0:
                 out.append(Touched(job_id, code, int(r[1]), _s(r[2])))
             else:
-                detail = r[1].decode() if len(r) > 1 and isinstance(r[1], bytes) else str(r[1] if len(r) > 1 else "")
-                out.append(Touched(job_id, code, detail=detail))
+                detail = r[1] if len(r) > 1 else b""  # the state, attempt or node that refused it
+                out.append(Touched(job_id, code, detail=detail.decode() if isinstance(detail, bytes) else str(detail)))
         return out
 
     async def complete(self, job_id: str, node_id: str, attempt: int, result: pb.JobResult) -> Changed:
@@ -344,11 +344,10 @@ class Store:
         """A failed attempt, fenced: requeued with backoff while retryable with attempts left, else failed."""
         return await self.transition(job_id, Event.FAIL, node=node_id, attempt=attempt, error=error)
 
-    async def cancel(self, job_id: str, reason: str) -> tuple[Changed, JobRecord]:
-        """Cancel; returns the change and the record read before it (who held the job)."""
-        before = await self.record(job_id)
+    async def cancel(self, job_id: str, reason: str) -> Changed:
+        """Cancel; a node holding the job is told (see transition())."""
         error = pb.JobError(code="LINGUA_CANCELLED", message=reason or "cancelled by client")
-        return await self.transition(job_id, Event.CANCEL, error=error, record=before), before
+        return await self.transition(job_id, Event.CANCEL, error=error)
 
     # -- the generic read / decide / compare-and-set path ---------------------------------------
 

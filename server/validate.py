@@ -151,14 +151,24 @@ def lease(item: pb.JobLease, settings: Settings, field: str) -> None:
     attempt(item.attempt, f"{field}.attempt")
 
 
+def outcome(msg: pb.CompleteRequest | pb.Completion, settings: Settings, prefix: str = "") -> None:
+    """The result-or-error oneof of a Complete call or a stream Completion."""
+    which = msg.WhichOneof("outcome")
+    if which is None:
+        raise InvalidArgument(f"{prefix}outcome: set result or error")
+    if which == "result":
+        result(msg.result, settings, f"{prefix}result")
+    else:
+        error(msg.error, f"{prefix}error")
+
+
+def completion(c: pb.Completion, settings: Settings, field: str) -> None:
+    lease(c.lease, settings, f"{field}.lease")
+    outcome(c, settings, f"{field}.")
+
+
 def complete(req: pb.CompleteRequest, settings: Settings) -> None:
     job_id(req.job_id, settings)
     attempt(req.attempt)
     node_id(req.node_id)
-    outcome = req.WhichOneof("outcome")
-    if outcome is None:
-        raise InvalidArgument("outcome: set result or error")
-    if outcome == "result":
-        result(req.result, settings, "result")
-    else:
-        error(req.error, "error")
+    outcome(req, settings)
