@@ -88,7 +88,10 @@ class SchedulerServicer:
 
     def Submit(self, request, context):
         """Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
-        the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job.
+        the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
+        the repeat asks for the same work: a repeat whose content differs (payload or payload_ref, pair,
+        priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
+        trace_id and deadline may differ between repeats.
         The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -135,7 +138,7 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Complete(self, request, context):
-        """Reports the outcome of one attempt of a job, fenced by job_id + attempt + node_id.
+        """Reports the outcome of one attempt of a job, fenced by job_id + node_id + lease_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
