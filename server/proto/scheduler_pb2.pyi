@@ -343,18 +343,20 @@ class NodeMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., acks: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., heartbeats: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., unavailable: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., drain: _Optional[bool] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
-    __slots__ = ("registered", "assignments", "cancels", "refused", "error")
+    __slots__ = ("registered", "assignments", "cancels", "refused", "error", "confirmed")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     CANCELS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
     registered: RegisterAck
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
     cancels: _containers.RepeatedCompositeFieldContainer[JobLease]
     refused: _containers.RepeatedCompositeFieldContainer[LeaseStatus]
     error: str
-    def __init__(self, registered: _Optional[_Union[RegisterAck, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    confirmed: _containers.RepeatedCompositeFieldContainer[LeaseStatus]
+    def __init__(self, registered: _Optional[_Union[RegisterAck, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., error: _Optional[str] = ..., confirmed: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
     __slots__ = ("instance_id", "heartbeat_interval", "lease_duration", "ack_timeout", "pools")
