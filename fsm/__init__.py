@@ -12,6 +12,9 @@ from .machine import (
     TransitionRefused,
     allowed_pairs,
     decide,
+    dests_of,
+    fixed_dest,
+    is_repeat,
     sources_of,
 )
 
@@ -27,5 +30,8 @@ __all__ = [
     "TransitionRefused",
     "allowed_pairs",
     "decide",
+    "dests_of",
+    "fixed_dest",
+    "is_repeat",
     "sources_of",
 ]

@@ -38,6 +38,7 @@ class Event(StrEnum):
     LEASE_EXPIRED = "lease_expired"
     NODE_LOST = "node_lost"
     UNAVAILABLE = "unavailable"
+    RELEASE = "release"
     CANCEL = "cancel"
     EXPIRE = "expire"
 
@@ -53,6 +54,9 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": Event.SUBMIT, "source": JobState.NEW, "dest": JobState.QUEUED},
     {"trigger": Event.ASSIGN, "source": JobState.QUEUED, "dest": JobState.ASSIGNED},
     {"trigger": Event.START, "source": JobState.ASSIGNED, "dest": JobState.RUNNING},
+    # A claim whose assignment never reached its node (the reply was lost, the stream or the long-poll
+    # ended first): back in the queue, and the attempt it took is given back.
+    {"trigger": Event.RELEASE, "source": JobState.ASSIGNED, "dest": JobState.QUEUED},
     {"trigger": Event.COMPLETE, "source": HELD, "dest": JobState.SUCCEEDED},
     {
         "trigger": Event.FAIL,
@@ -138,6 +142,32 @@ def sources_of(event: str, dest: str | None = None) -> list[JobState]:
         if any(dest is None or t.dest == dest for t in transitions) and source not in found:
             found.append(JobState(source))
     return found
+
+
+def dests_of(event: str) -> list[JobState]:
+    """Every state `event` can lead to, in declaration order."""
+    found: list[JobState] = []
+    for transitions in MACHINE.events[event].transitions.values():
+        for t in transitions:
+            if t.dest is not None and JobState(t.dest) not in found:
+                found.append(JobState(t.dest))
+    return found
+
+
+def fixed_dest(event: str) -> JobState:
+    """The one state `event` leads to from every source, for events without conditions; ValueError
+    otherwise (those need the job's record: see decide())."""
+    dests = dests_of(event)
+    conditional = any(t.conditions for ts in MACHINE.events[event].transitions.values() for t in ts)
+    if conditional or len(dests) != 1:
+        raise ValueError(f"event {event!r} has no fixed destination")
+    return dests[0]
+
+
+def is_repeat(state: str, last_event: str, event: str) -> bool:
+    """A repeat of an event already applied: the job's last event is `event` and it is still in a
+    state `event` leads to. Answered with the current state (idempotent), not an error."""
+    return last_event == event and state in dests_of(event)
 
 
 def allowed_pairs() -> set[tuple[JobState, Event]]:

@@ -30,11 +30,12 @@ sys.path.insert(0, str(HERE))
 
 import grpc  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
+from lingua_scheduler.server.dispatch import new_lease_token  # noqa: E402
 from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
 from lingua_scheduler.server.proto import scheduler_pb2 as pb  # noqa: E402
 from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc  # noqa: E402
 from lingua_scheduler.server.settings import Settings  # noqa: E402
-from lingua_scheduler.server.store import Store  # noqa: E402
+from lingua_scheduler.server.store import Lease, Store  # noqa: E402
 from redis_cluster import free_ports  # noqa: E402
 from simnode import Received, SimNode  # noqa: E402
 
@@ -193,8 +194,8 @@ async def memory(redis_url: str, count: int) -> dict[str, float]:
         ids += [s.job_id for s in await store.submit(specs[i:i + 500])]
     queued = (await client.info("memory"))["used_memory"]
     for i in range(0, len(ids), 500):
-        claims = await store.claim("mem-node", ids[i:i + 500])
-        await store.complete_many("mem-node", [(c.job_id, c.attempt, pb.JobResult(
+        claims = await store.claim("mem-node", [(job_id, new_lease_token()) for job_id in ids[i:i + 500]])
+        await store.complete_many("mem-node", [(Lease(c.job_id, c.token), pb.JobResult(
             text_asr="ni hao shi jie", text_translated="hello world", tts_audio_ref="s3://tts/x.opus",
             tts_format="opus")) for c in claims])
     finished = (await client.info("memory"))["used_memory"]

@@ -45,7 +45,7 @@ from simnode import Behaviour, SimNode
 PAIRS = [("zh", "en"), ("en", "zh"), ("ja", "en")]
 TERMINAL = {b"succeeded", b"failed", b"cancelled", b"expired"}
 FAST_FLAGS = ["--ack-timeout-ms", "2000", "--lease-ms", "2000", "--heartbeat-interval-ms", "500",
-              "--stream-grace-ms", "500", "--backoff-base-ms", "50", "--backoff-max-ms", "500",
+              "--stream-grace-ms", "800", "--backoff-base-ms", "50", "--backoff-max-ms", "500",
               "--avoid-ms", "500", "--sweep-interval-ms", "100", "--poll-interval-ms", "200",
               "--shutdown-grace-s", "0.5", "--partitions", "4"]
 
@@ -238,16 +238,16 @@ class Chaos:
                 node = self.nodes.get(self.rng.choice(list(self.nodes)))
                 if node is not None and node._call is not None:
                     self.report.stream_closes += 1
-                    unfinished = [(job_id, attempt) for job_id, (_, attempt) in node.working.items()]
+                    unfinished = [lease for _, lease in node.working.values()]
                     node._call.cancel()  # the stream is cut; the node notices and reconnects
                     # ...and reports what it was working on later, by unary Complete on any instance:
                     # accepted while it still holds the lease, refused once the job moved on.
-                    for job_id, attempt in unfinished:
-                        task = asyncio.create_task(self.late_complete(node.node_id, job_id, attempt))
+                    for lease in unfinished:
+                        task = asyncio.create_task(self.late_complete(node.node_id, lease))
                         self.late.add(task)
                         task.add_done_callback(self.late.discard)
 
-    async def late_complete(self, node_id: str, job_id: str, attempt: int) -> None:
+    async def late_complete(self, node_id: str, lease: pb.JobLease) -> None:
         await asyncio.sleep(self.rng.uniform(0.0, 1.5))
         live = self.live()
         if not live:
@@ -255,7 +255,7 @@ class Chaos:
         try:
             async with grpc.aio.insecure_channel(self.rng.choice(live).address) as ch:
                 await pb_grpc.SchedulerStub(ch).Complete(pb.CompleteRequest(
-                    job_id=job_id, attempt=attempt, node_id=node_id,
+                    job_id=lease.job_id, attempt=lease.attempt, lease_token=lease.lease_token, node_id=node_id,
                     result=pb.JobResult(text_asr="late", extra={"node": node_id})), timeout=5)
             self.report.late_accepted += 1
         except grpc.aio.AioRpcError as err:

@@ -40,6 +40,11 @@ class Received:
     attempt: int
     at: float  # time.perf_counter() when the assignment arrived
     spec: pb.JobSpec
+    lease_token: str = ""
+
+    @property
+    def lease(self) -> pb.JobLease:
+        return pb.JobLease(job_id=self.job_id, attempt=self.attempt, lease_token=self.lease_token)
 
 
 class SimNode:
@@ -58,7 +63,7 @@ class SimNode:
         self.refused: list[pb.LeaseStatus] = []
         self.errors: list[str] = []
         self.registered: pb.RegisterAck | None = None
-        self.working: dict[str, tuple[asyncio.Task[None], int]] = {}  # job id -> (work, attempt)
+        self.working: dict[str, tuple[asyncio.Task[None], pb.JobLease]] = {}  # job id -> (work, lease)
         self.changed = asyncio.Event()  # set on every message from the scheduler
         self._out: asyncio.Queue[pb.NodeMessage | None] = asyncio.Queue()
         self._call: Any = None
@@ -126,15 +131,16 @@ class SimNode:
         try:
             while (m := await self._call.read()) is not grpc.aio.EOF:
                 for a in m.assignments:
-                    got = Received(a.job_id, a.attempt, time.perf_counter(), a.spec)
+                    got = Received(a.job_id, a.attempt, time.perf_counter(), a.spec, a.lease_token)
                     self.received.append(got)
                     if self.on_receive:
                         self.on_receive(got)
                     self._start_work(a)
                 for c in m.cancels:
                     self.cancels.append(c)
-                    work = self.working.pop(c.job_id, None)
-                    if work:
+                    work = self.working.get(c.job_id)
+                    if work and work[1].lease_token == c.lease_token:
+                        del self.working[c.job_id]
                         work[0].cancel()
                 self.refused.extend(m.refused)
                 if m.error:
@@ -152,7 +158,7 @@ class SimNode:
 
     def _start_work(self, a: pb.Assignment) -> None:
         b = self.behaviour
-        lease = pb.JobLease(job_id=a.job_id, attempt=a.attempt)
+        lease = pb.JobLease(job_id=a.job_id, attempt=a.attempt, lease_token=a.lease_token)
         roll = b.rng.random()
         if roll < b.unavailable_rate:
             self.send(pb.NodeMessage(unavailable=[lease]))
@@ -164,7 +170,7 @@ class SimNode:
             self.send(pb.NodeMessage(acks=[lease], completions=[self._result(a, lease)]))
             return
         self.send(pb.NodeMessage(acks=[lease]))
-        self.working[a.job_id] = (asyncio.create_task(self._work(a, lease, roll, seconds)), a.attempt)
+        self.working[a.job_id] = (asyncio.create_task(self._work(a, lease, roll, seconds)), lease)
 
     def _result(self, a: pb.Assignment, lease: pb.JobLease) -> pb.Completion:
         return pb.Completion(lease=lease, result=pb.JobResult(
@@ -191,8 +197,7 @@ class SimNode:
         while True:
             await asyncio.sleep(interval)
             if self.behaviour.heartbeat and self.working:
-                self.send(pb.NodeMessage(heartbeats=[
-                    pb.JobLease(job_id=j, attempt=a) for j, (_, a) in self.working.items()]))
+                self.send(pb.NodeMessage(heartbeats=[lease for _, lease in self.working.values()]))
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until predicate() holds, re-checking on every message from the scheduler."""

@@ -13,15 +13,16 @@ import contextlib
 import heapq
 import logging
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from . import keys
+from . import keys, wire
 from .errors import ScriptCode
 from .settings import Settings
-from .store import Claim, Store
+from .store import Claim, Lease, Store
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ async def finish(tasks: list[asyncio.Task[Any]] | set[asyncio.Task[Any]], timeou
             await task
 
 
+MAX_AVOIDED = 256  # jobs remembered per consumer as keeping away from it (the oldest are forgotten)
+
+
+def new_lease_token() -> str:
+    """A claim's lease token: unique, and unguessable (it is the capability to act on the lease)."""
+    return secrets.token_hex(12)
+
+
 class Consumer:
     """A local taker of work: a node stream, or one unary Assign call."""
 
@@ -59,6 +68,9 @@ class Consumer:
         self.wake = asyncio.Event()
         self.reserved_until = 0.0  # a job held back from this node becomes claimable then (ms)
         self.avoided: dict[str, float] = {}  # job id -> until (ms): jobs that keep away from this node
+        # Claims sent to Redis whose reply has not been handled (job id -> lease token): after a lost
+        # reply they are claimed again with the same token (adopted), or released when nobody takes them.
+        self.pending: dict[str, str] = {}
 
     def avoids(self, job_id: str, now_ms: float) -> bool:
         until = self.avoided.get(job_id)
@@ -66,6 +78,20 @@ class Consumer:
             del self.avoided[job_id]
             return False
         return until is not None
+
+    def avoid(self, job_id: str, until: float, now_ms: float) -> None:
+        """Remember that `job_id` keeps away from this consumer until `until` (bounded: expired entries
+        go first, then the oldest)."""
+        if len(self.avoided) >= MAX_AVOIDED:
+            for stale in [j for j, u in self.avoided.items() if u <= now_ms]:
+                del self.avoided[stale]
+            while len(self.avoided) >= MAX_AVOIDED:
+                del self.avoided[next(iter(self.avoided))]
+        self.avoided[job_id] = until
+
+    def avoiding(self, now_ms: float) -> int:
+        """How many jobs keep away from this consumer now."""
+        return sum(1 for u in self.avoided.values() if u > now_ms)
 
     def hint(self, job_id: str) -> None:
         self.hints.append(job_id)
@@ -86,6 +112,7 @@ class Dispatcher:
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
         self._pools: list[str] = []
         self._pools_at = 0.0
+        self._discovered_at = -float("inf")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -118,9 +145,17 @@ class Dispatcher:
     # -- claiming -------------------------------------------------------------------------------
 
     async def claim_for(self, consumer: Consumer, want: int) -> list[Claim]:
-        """Claim up to `want` jobs for the consumer: hints first, else the oldest queued of its pools."""
+        """Claim up to `want` jobs for the consumer: hints first, else the oldest queued of its pools.
+
+        Every claim carries a fresh lease token and is recorded in `consumer.pending` until its reply
+        is handled. If a reply is lost (an error, a timeout, a cancel), the next call claims those
+        jobs again with the same tokens first: Redis answers the same assignment for a claim that went
+        through, so it is adopted, not lost. See release_pending() for a consumer that goes away."""
         got: list[Claim] = []
         now_ms = time.time() * 1000
+        if consumer.pending:
+            got = [c for c in await self._claim(consumer, list(consumer.pending.items()), now_ms)
+                   if c.code == ScriptCode.APPLIED]
         for _ in range(4):
             need = want - len(got)
             if need <= 0:
@@ -134,22 +169,44 @@ class Dispatcher:
                 candidates = await self._oldest(consumer, need, now_ms)
             if not candidates:
                 break
-            for claim in await self.store.claim(consumer.node_id, candidates):
-                if claim.code == ScriptCode.APPLIED:
-                    got.append(claim)
-                elif claim.code in (ScriptCode.AVOIDED, ScriptCode.RESERVED):
-                    if claim.code == ScriptCode.AVOIDED:
-                        consumer.avoided[claim.job_id] = claim.reserved_until
-                    consumer.reserved_until = max(consumer.reserved_until, claim.reserved_until)
-                consumer.hints.extend(
-                    j for j in claim.candidates if j != claim.job_id and not consumer.avoids(j, now_ms)
-                )
+            tokens = [(job_id, new_lease_token()) for job_id in candidates]
+            got += [c for c in await self._claim(consumer, tokens, now_ms) if c.code == ScriptCode.APPLIED]
+        for claim in got:  # handed to the caller now (no await between this and the caller taking them)
+            del consumer.pending[claim.job_id]
         return got
+
+    async def _claim(self, consumer: Consumer, tokens: list[tuple[str, str]], now_ms: float) -> list[Claim]:
+        consumer.pending.update(tokens)
+        claims = await self.store.claim(consumer.node_id, tokens)
+        for claim in claims:
+            if claim.code != ScriptCode.APPLIED:
+                consumer.pending.pop(claim.job_id, None)
+            if claim.code in (ScriptCode.AVOIDED, ScriptCode.RESERVED):
+                if claim.code == ScriptCode.AVOIDED:
+                    consumer.avoid(claim.job_id, claim.reserved_until, now_ms)
+                consumer.reserved_until = max(consumer.reserved_until, claim.reserved_until)
+            consumer.hints.extend(
+                j for j in claim.candidates if j != claim.job_id and not consumer.avoids(j, now_ms)
+            )
+        return claims
+
+    async def release_pending(self, consumer: Consumer) -> None:
+        """The consumer is going away with claims whose replies it never handled: put back whichever
+        went through (their attempts given back; a claim that did not go through is left alone)."""
+        if not consumer.pending:
+            return
+        leases = [Lease(job_id, token) for job_id, token in consumer.pending.items()]
+        consumer.pending.clear()
+        try:
+            await self.store.release(consumer.node_id, leases)
+        except Exception as err:  # Redis is down: the ack timeout takes them back
+            log.warning("node %s: releasing %d unanswered claims failed (%r); their ack timeout covers them",
+                        consumer.node_id, len(leases), err)
 
     async def _oldest(self, consumer: Consumer, count: int, now_ms: float) -> list[str]:
         """The `count` oldest queued jobs (highest priority first) across the consumer's partitions."""
         tags = [t for pool in consumer.pools for t in self.store.tags_of_pool(pool)]
-        peeked = await self.store.peek(tags, count + len(consumer.avoided))
+        peeked = await self.store.peek(tags, count + consumer.avoiding(now_ms))
         merged = heapq.merge(*peeked.values(), key=lambda pair: pair[1])
         out: list[str] = []
         for job_id, _score in merged:
@@ -244,7 +301,7 @@ class Dispatcher:
                         await self._pubsub.unsubscribe(channel)
 
     def _on_wake(self, pool: str, data: str) -> None:
-        job_id, _, preferred = data.partition(" ")
+        job_id, preferred = wire.parse_wake(data)
         group = [c for c in self.consumers.get(pool, ()) if c.capacity() > 0]
         if not group:
             return
@@ -252,7 +309,7 @@ class Dispatcher:
         chosen.hint(job_id)
 
     def _on_node_message(self, node_id: str, data: str) -> None:
-        verb, *args = data.split(" ")
+        verb, args = wire.parse_node_message(data)
         listener = self.node_listeners.get(node_id)
         if listener is not None:
             listener(verb, args)
@@ -270,6 +327,9 @@ class Dispatcher:
 
     async def sweep_once(self) -> int:
         """Fire every due timer of every pool's partitions; returns how many were acted on."""
+        if time.monotonic() - self._discovered_at > self.settings.pool_rescan_ms / 1000:
+            self._discovered_at = time.monotonic()
+            await self.store.discover_pools()  # pools the set lost, found by their timers
         if time.monotonic() - self._pools_at > 5 or not self._pools:
             self._pools = sorted(await self.store.pools())
             self._pools_at = time.monotonic()

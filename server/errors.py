@@ -16,13 +16,14 @@ class ScriptCode(IntEnum):
     JOB_NOT_FOUND = -1
     INVALID_TRANSITION = -2
     VERSION_MISMATCH = -3
-    STALE_ATTEMPT = -4
+    STALE_LEASE = -4  # another claim's lease token
     NOT_LEASE_HOLDER = -5
     RESULT_CONFLICT = -6
     NOT_IN_QUEUE = -7
     AVOIDED = -8
     RESERVED = -9
     NOT_DUE = -10
+    IDENTITY_CONFLICT = -11  # a repeat submit whose content differs from the first
 
 
 class SchedulerError(Exception):
@@ -55,12 +56,20 @@ class ConcurrentModification(SchedulerError):
     status = grpc.StatusCode.ABORTED
 
 
-class StaleAttempt(SchedulerError):
+class StaleLease(SchedulerError):
+    """The lease token is not the job's current one: another claim holds (or held) the job."""
+
     status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class NotLeaseHolder(SchedulerError):
     status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyExists(SchedulerError):
+    """A repeat submit (same identity) asked for different work than the job that identity has."""
+
+    status = grpc.StatusCode.ALREADY_EXISTS
 
 
 class ResultConflict(SchedulerError):
@@ -91,17 +100,22 @@ class NotDue(SchedulerError):
     status = grpc.StatusCode.ABORTED
 
 
+# Refusals that mean the caller no longer holds the lease (the job moved on, or another claim has it):
+# a node's slot for that job is free.
+LEASE_GONE = (JobNotFound, InvalidTransition, StaleLease, NotLeaseHolder, ResultConflict)
+
 _BY_CODE: dict[ScriptCode, tuple[type[SchedulerError], str]] = {
     ScriptCode.JOB_NOT_FOUND: (JobNotFound, "job {job} not found"),
     ScriptCode.INVALID_TRANSITION: (InvalidTransition, "job {job} is {state}: event {event} not allowed"),
     ScriptCode.VERSION_MISMATCH: (ConcurrentModification, "job {job} changed concurrently; retry"),
-    ScriptCode.STALE_ATTEMPT: (StaleAttempt, "job {job}: attempt is stale (current attempt {attempt})"),
+    ScriptCode.STALE_LEASE: (StaleLease, "job {job}: the lease is stale (the job's current attempt is {attempt})"),
     ScriptCode.NOT_LEASE_HOLDER: (NotLeaseHolder, "job {job}: held by another node"),
     ScriptCode.RESULT_CONFLICT: (ResultConflict, "job {job} already finished with another outcome"),
     ScriptCode.NOT_IN_QUEUE: (NotInQueue, "job {job} is no longer queued"),
     ScriptCode.AVOIDED: (Avoided, "job {job} avoids this node"),
     ScriptCode.RESERVED: (Reserved, "job {job} is reserved for its session's node"),
     ScriptCode.NOT_DUE: (NotDue, "job {job}: timer not due"),
+    ScriptCode.IDENTITY_CONFLICT: (AlreadyExists, "job {job} already exists for this identity with different content"),
 }
 
 

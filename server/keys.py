@@ -67,17 +67,28 @@ class PartitionKeys:
     """The keys of one partition of a pool."""
 
     queue: str  # ZSET job id -> priority band + enqueue time (oldest first within priority)
-    timers: str  # ZSET "l:<id>" lease, "d:<id>" deadline, "r:<id>" retry-ready -> due time (ms)
+    timers: str  # ZSET lease, deadline and retry-ready members (server/wire.py) -> due time (ms)
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
+    affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
 
     @classmethod
     def of(cls, tag: str) -> PartitionKeys:
-        return cls(f"{PREFIX}queue:{tag}", f"{PREFIX}timers:{tag}", f"{PREFIX}affinity:{tag}")
+        return cls(f"{PREFIX}queue:{tag}", f"{PREFIX}timers:{tag}", f"{PREFIX}affinity:{tag}",
+                   f"{PREFIX}affinity-at:{tag}")
+
+
+TIMERS_PATTERN = f"{PREFIX}timers:*"  # SCAN pattern: the partitions that have timers
+
+
+def tag_of_timers(key: str) -> str:
+    """`lingua:v1:timers:{zh:en:3}` -> `{zh:en:3}`."""
+    return key.removeprefix(f"{PREFIX}timers:")
 
 
 def idempotency(tag: str, tenant_id: str, session_id: str, identity: str) -> str:
-    """Maps a submit's identity to its job id (same slot as the job)."""
-    return f"{PREFIX}idem:{tag}:{tenant_id}:{session_id}:{identity}"
+    """Maps a submit's identity to its job id (same slot as the job). The session id and the identity
+    may contain ':', so each variable part is length-prefixed: no two identities share a key."""
+    return f"{PREFIX}idem:{tag}:{len(tenant_id)}:{tenant_id}:{len(session_id)}:{session_id}:{identity}"
 
 
 def session_field(tenant_id: str, session_id: str) -> str:

@@ -24,14 +24,14 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from ..fsm import Event
-from . import keys, validate
+from . import keys, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
-from .errors import InvalidArgument, SchedulerError
+from .errors import LEASE_GONE, InvalidArgument, SchedulerError
 from .proto import scheduler_pb2 as pb
 from .registry import NodeEntry, Registry
-from .service import assignment_pb, error_status, lease_status_pb
+from .service import assignment_pb, error_status, lease_status_pb, state_pb
 from .settings import Settings
-from .store import Store
+from .store import Changed, Lease, Store
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,14 @@ def _duration(ms: int) -> Duration:
 def _refused(job_id: str, err: BaseException) -> pb.LeaseStatus:
     code, text = error_status(err)
     return pb.LeaseStatus(job_id=job_id, ok=False, error_code=code.name, error_message=text)
+
+
+def _confirmed(changed: Changed) -> pb.LeaseStatus:
+    return pb.LeaseStatus(job_id=changed.job_id, ok=True, state=state_pb(changed.state))  # type: ignore[arg-type]
+
+
+def lease_of(item: pb.JobLease) -> Lease:
+    return Lease(item.job_id, item.lease_token, item.attempt)
 
 
 def pools_of(reg: pb.Register) -> list[str]:
@@ -87,7 +95,7 @@ class Session:
         self.pools = pools
         self.token = uuid.uuid4().hex
         self.connected_ms = int(time.time() * 1000)
-        self.in_flight: dict[str, int] = {}  # job id -> attempt
+        self.in_flight: dict[str, Lease] = {}  # job id -> the lease this stream holds
         self.draining = False
         self.replaced = False
         self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
@@ -102,8 +110,15 @@ class Session:
                          self.owner.settings.instance_id, dict(self.reg.labels), self.reg.version,
                          self.connected_ms, self.draining)
 
-    def release(self, job_id: str) -> None:
-        if self.in_flight.pop(job_id, None) is not None:
+    def holds(self, job_id: str, token: str) -> bool:
+        lease = self.in_flight.get(job_id)
+        return lease is not None and lease.token == token
+
+    def release(self, job_id: str, token: str) -> None:
+        """Free the slot of `job_id`, only if this stream holds it under `token` (a late message about
+        an earlier claim of the job must not free the current one's slot)."""
+        if self.holds(job_id, token):
+            del self.in_flight[job_id]
             self.consumer.wake.set()  # a slot is free: look for work
             self._maybe_done()
 
@@ -113,12 +128,14 @@ class Session:
 
     def on_message(self, verb: str, args: list[str]) -> None:
         """From the dispatcher's subscription: cancels and take-overs for this node."""
-        if verb == "cancel" and len(args) == 2:
-            job_id, attempt = args[0], int(args[1] or 0)
-            if self.in_flight.get(job_id) == attempt:
-                self.outbox.put_nowait(pb.SchedulerMessage(cancels=[pb.JobLease(job_id=job_id, attempt=attempt)]))
-                self.release(job_id)
-        elif verb == "replaced" and args and args[0] == self.token:
+        if verb == wire.CANCEL and len(args) == 2:
+            job_id, token = args
+            lease = self.in_flight.get(job_id)
+            if lease is not None and lease.token == token:
+                self.outbox.put_nowait(pb.SchedulerMessage(cancels=[
+                    pb.JobLease(job_id=job_id, attempt=lease.attempt, lease_token=token)]))
+                self.release(job_id, token)
+        elif verb == wire.REPLACED and args and args[0] == self.token:
             self.replaced = True
             self.outbox.put_nowait(pb.SchedulerMessage(error="replaced: a newer stream registered this node_id"))
             self.outbox.put_nowait(None)
@@ -222,6 +239,7 @@ class NodeSessions:
             for task in tasks:
                 task.cancel()
             await finish(tasks)
+            await self.dispatcher.release_pending(session.consumer)
             if self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
             await self._closed(session)
@@ -237,7 +255,7 @@ class NodeSessions:
             code, text = error_status(err)
             await context.abort(code, text)
         if previous and previous != session.token:
-            await self.store.redis.publish(keys.node_channel(session.node_id), f"replaced {previous}")
+            await self.store.redis.publish(keys.node_channel(session.node_id), wire.replaced(previous))
         old = self.sessions.get(session.node_id)
         if old is not None:
             old.on_message("replaced", [old.token])
@@ -264,10 +282,10 @@ class NodeSessions:
             except SchedulerError as err:
                 session.outbox.put_nowait(pb.SchedulerMessage(refused=[_refused(item.job_id, err)]))
                 continue
-            leases.append((item.job_id, item.attempt))
-        for t in await self.store.touch(session.node_id, leases):
+            leases.append(lease_of(item))
+        for lease, t in zip(leases, await self.store.touch(session.node_id, leases), strict=True):
             if t.code >= 0:
-                session.in_flight[t.job_id] = dict(leases)[t.job_id]
+                session.in_flight[t.job_id] = lease
             else:
                 session.outbox.put_nowait(pb.SchedulerMessage(refused=[lease_status_pb(t)]))
 
@@ -283,7 +301,7 @@ class NodeSessions:
                 continue
             if claims:
                 for c in claims:
-                    session.in_flight[c.job_id] = c.attempt
+                    session.in_flight[c.job_id] = Lease(c.job_id, c.token, c.attempt)
                 session.outbox.put_nowait(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
                 continue
             await self.dispatcher.wait_for_work(session.consumer, 1.0)
@@ -306,6 +324,7 @@ class NodeSessions:
         if m.HasField("register"):
             raise InvalidArgument("register: only the first message may register")
         refused: list[pb.LeaseStatus] = []
+        confirmed: list[pb.LeaseStatus] = []
 
         def valid(items: Any, field: str, check: Any = validate.lease) -> list[Any]:
             """The entries that pass `check`; each other one is refused, naming its field."""
@@ -321,71 +340,85 @@ class NodeSessions:
         completions = valid(m.completions, "completions", validate.completion)
         # An ack that rides with its job's result needs no state change of its own: complete is
         # allowed from assigned, so the result alone moves the job (one Lua call saved).
-        finishing = {(c.lease.job_id, c.lease.attempt) for c in completions}
-        touches = [t for t in valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
-                   if (t.job_id, t.attempt) not in finishing]
+        finishing = {(c.lease.job_id, c.lease.lease_token) for c in completions}
+        touches = [lease_of(t) for t in valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
+                   if (t.job_id, t.lease_token) not in finishing]
         unavailable = valid(m.unavailable, "unavailable")
         cancels: list[pb.JobLease] = []
         if touches:
-            for t in await self.store.touch(session.node_id, [(x.job_id, x.attempt) for x in touches]):
+            for lease, t in zip(touches, await self.store.touch(session.node_id, touches), strict=True):
                 if t.code < 0:
                     refused.append(lease_status_pb(t))
-                    attempt = session.in_flight.get(t.job_id)
-                    if attempt is not None:  # taken away (cancelled, expired, lease lost): say stop
-                        cancels.append(pb.JobLease(job_id=t.job_id, attempt=attempt))
-                    session.release(t.job_id)
+                    if session.holds(lease.job_id, lease.token):  # taken away (cancelled, expired): say stop
+                        cancels.append(pb.JobLease(job_id=lease.job_id, attempt=lease.attempt, lease_token=lease.token))
+                        session.release(lease.job_id, lease.token)
         results = [c for c in completions if c.WhichOneof("outcome") == "result"]
         if results:
-            done = await self.store.complete_many(
-                session.node_id, [(c.lease.job_id, c.lease.attempt, c.result) for c in results])
+            done = await self.store.complete_many(session.node_id, [(lease_of(c.lease), c.result) for c in results])
             for c, outcome in zip(results, done, strict=True):
-                if isinstance(outcome, BaseException):
-                    refused.append(_refused(c.lease.job_id, outcome))
-                session.release(c.lease.job_id)
+                self._settled(session, lease_of(c.lease), outcome, refused, confirmed)
         for c in completions:
             if c.WhichOneof("outcome") == "error":
-                await self._fail(session, c.lease, Event.FAIL, c.error, refused)
-        for lease in unavailable:
+                await self._fail(session, lease_of(c.lease), Event.FAIL, c.error, refused, confirmed)
+        for item in unavailable:
             error = pb.JobError(code="LINGUA_MODEL_UNAVAILABLE", retryable=True,
                                 message=f"node {session.node_id} has no model for this job")
-            await self._fail(session, lease, Event.UNAVAILABLE, error, refused)
-        if refused or cancels:
-            session.outbox.put_nowait(pb.SchedulerMessage(refused=refused, cancels=cancels))
+            await self._fail(session, lease_of(item), Event.UNAVAILABLE, error, refused, confirmed)
+        if refused or cancels or confirmed:
+            session.outbox.put_nowait(pb.SchedulerMessage(refused=refused, cancels=cancels, confirmed=confirmed))
         if m.drain and not session.draining:
             session.draining = True
             await self.registry.register(session.entry(), session.token, renew=True)
             session._maybe_done()
 
-    async def _fail(self, session: Session, lease: pb.JobLease, event: Event, error: pb.JobError,
-                    refused: list[pb.LeaseStatus]) -> None:
+    @staticmethod
+    def _settled(session: Session, lease: Lease, outcome: Changed | BaseException, refused: list[pb.LeaseStatus],
+                 confirmed: list[pb.LeaseStatus]) -> None:
+        """A completion's outcome: confirmed when stored; refused otherwise. The slot is freed only
+        when the lease is settled or gone, not when Redis could not be reached (the node resends)."""
+        if isinstance(outcome, Changed):
+            confirmed.append(_confirmed(outcome))
+            session.release(lease.job_id, lease.token)
+            return
+        refused.append(_refused(lease.job_id, outcome))
+        if isinstance(outcome, LEASE_GONE):
+            session.release(lease.job_id, lease.token)
+
+    async def _fail(self, session: Session, lease: Lease, event: Event, error: pb.JobError,
+                    refused: list[pb.LeaseStatus], confirmed: list[pb.LeaseStatus]) -> None:
+        outcome: Changed | BaseException
         try:
-            await self.store.transition(lease.job_id, event, node=session.node_id, attempt=lease.attempt,
-                                        error=error, avoid=True)
+            outcome = await self.store.transition(lease.job_id, event, node=session.node_id, token=lease.token,
+                                                  error=error, avoid=True)
         except SchedulerError as err:
-            refused.append(_refused(lease.job_id, err))
-        session.release(lease.job_id)
+            outcome = err
+        self._settled(session, lease, outcome, refused, confirmed)
 
     async def _closed(self, session: Session) -> None:
         """After a stream ends: shrink its leases to the grace; unless the node is back (on any
         instance) and heartbeats within it, its jobs are requeued: by this instance after the grace,
-        or by any instance's sweeper if this one is gone by then."""
+        or by any instance's sweeper if this one is gone by then.
+
+        Releasing the registry entry and shrinking the leases are two calls (different slots). A node
+        already back on another stream may have its leases shrunk too: it keeps them by heartbeating
+        within the grace, which settings enforce (stream_grace_ms > heartbeat_interval_ms)."""
         released = False
         with contextlib.suppress(Exception):
             released = await self.registry.release(session.node_id, session.token)
         if session.replaced or not released or not session.in_flight:
             return  # the node is back on a newer stream (or held nothing): its leases are its own
-        leases = list(session.in_flight.items())
+        leases = list(session.in_flight.values())
         grace = self.settings.stream_grace_ms
         shortened = await self.store.touch(session.node_id, leases, mode="shorten", lease_ms=grace)
-        held = [(t.job_id, session.in_flight[t.job_id]) for t in shortened if t.code >= 0]
+        held = [lease for lease, t in zip(leases, shortened, strict=True) if t.code >= 0]
         if held:
             self._spawn(self._requeue_after_grace(session.node_id, held, grace))
 
-    async def _requeue_after_grace(self, node_id: str, held: list[tuple[str, int]], grace_ms: int) -> None:
+    async def _requeue_after_grace(self, node_id: str, held: list[Lease], grace_ms: int) -> None:
         if await sleep_unless(self._stopping, grace_ms / 1000):
             return  # shutting down: the sweepers of the other instances take these leases back
         error = pb.JobError(code="LINGUA_NODE_LOST", retryable=True, message=f"the stream of node {node_id} closed")
-        for job_id, attempt in held:
+        for lease in held:
             with contextlib.suppress(SchedulerError):
-                await self.store.transition(job_id, Event.NODE_LOST, node=node_id, attempt=attempt, error=error,
-                                            guard="lease", avoid=True)
+                await self.store.transition(lease.job_id, Event.NODE_LOST, node=node_id, token=lease.token,
+                                            error=error, guard="lease", avoid=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import keys
+from .calls import RegisterNode, ReleaseNode
 from .scripts import Scripts
 
 
@@ -31,21 +32,22 @@ class Registry:
         self.ttl_ms = ttl_ms
 
     async def register(self, entry: NodeEntry, token: str, *, renew: bool = False) -> str | None:
-        """Register (or renew) the node; returns the token it replaced (None: renew refused)."""
-        fields = [
-            "pools", ",".join(entry.pools), "maxc", entry.max_concurrency, "inflight", entry.in_flight,
-            "instance", entry.instance_id, "labels", json.dumps(entry.labels, sort_keys=True),
-            "version", entry.version, "connected", entry.connected_ms, "draining", int(entry.draining),
-        ]
-        reply = await self.scripts.call(self.redis, "register_node", [keys.node(entry.node_id)],
-                                        [token, "renew" if renew else "register", self.ttl_ms, *fields])
+        """Register (or renew) the node; returns the token it replaced (None: renew refused, another
+        stream took over). Renewing an entry that expired takes it back ("" returned)."""
+        fields = (
+            ("pools", ",".join(entry.pools)), ("maxc", entry.max_concurrency), ("inflight", entry.in_flight),
+            ("instance", entry.instance_id), ("labels", json.dumps(entry.labels, sort_keys=True)),
+            ("version", entry.version), ("connected", entry.connected_ms), ("draining", int(entry.draining)),
+        )
+        reply = await self.scripts.call(self.redis, RegisterNode(entry.node_id, token, renew, self.ttl_ms,
+                                                                 fields).call())
         if reply[0] < 0:
             return None
         await self.redis.zadd(keys.NODES, {entry.node_id: entry.connected_ms})
         return str(reply[1].decode())
 
     async def release(self, node_id: str, token: str) -> bool:
-        reply = await self.scripts.call(self.redis, "release_node", [keys.node(node_id)], [token])
+        reply = await self.scripts.call(self.redis, ReleaseNode(node_id, token).call())
         if reply[0] > 0:
             await self.redis.zrem(keys.NODES, node_id)
         return bool(reply[0] > 0)

@@ -20,7 +20,7 @@ from .errors import InvalidArgument, JobNotFound, SchedulerError, ScriptCode
 from .proto import scheduler_pb2 as pb
 from .proto import scheduler_pb2_grpc as pb_grpc
 from .settings import Settings
-from .store import Claim, JobView, Store, Touched
+from .store import Claim, JobView, Lease, Store, Touched
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,7 +51,8 @@ def job_pb(view: JobView) -> pb.Job:
 
 
 def assignment_pb(claim: Claim) -> pb.Assignment:
-    a = pb.Assignment(job_id=claim.job_id, attempt=claim.attempt, spec=pb.JobSpec.FromString(claim.meta))
+    a = pb.Assignment(job_id=claim.job_id, attempt=claim.attempt, spec=pb.JobSpec.FromString(claim.meta),
+                      lease_token=claim.token)
     if claim.payload:
         a.spec.payload = claim.payload
     a.lease_deadline.FromMilliseconds(claim.lease)
@@ -67,7 +68,7 @@ def lease_status_pb(t: Touched) -> pb.LeaseStatus:
         status.error_message = {
             ScriptCode.JOB_NOT_FOUND: "job not found",
             ScriptCode.INVALID_TRANSITION: f"job is {t.detail}: the lease is no longer held",
-            ScriptCode.STALE_ATTEMPT: f"attempt is stale (current attempt {t.detail})",
+            ScriptCode.STALE_LEASE: f"the lease is stale (the job's current attempt is {t.detail})",
             ScriptCode.NOT_LEASE_HOLDER: "job is held by another node",
         }.get(t.code, t.code.name)
     return status
@@ -187,6 +188,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 await self.dispatcher.wait_for_work(consumer, remaining)
         finally:
             self.dispatcher.remove(consumer)
+            if consumer.pending:  # a claim whose reply was lost (the call's deadline fired mid-claim)
+                await asyncio.shield(asyncio.ensure_future(self.dispatcher.release_pending(consumer)))
 
     @handled
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
@@ -195,16 +198,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             raise InvalidArgument("leases: 1 to 1000 leases are required")
         for i, item in enumerate(request.leases):
             validate.lease(item, self.settings, f"leases[{i}]")
-        touched = await self.store.touch(request.node_id, [(x.job_id, x.attempt) for x in request.leases])
+        touched = await self.store.touch(request.node_id, [Lease(x.job_id, x.lease_token, x.attempt)
+                                                           for x in request.leases])
         return pb.HeartbeatResponse(leases=[lease_status_pb(t) for t in touched])
 
     @handled
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
         validate.complete(request, self.settings)
         if request.WhichOneof("outcome") == "result":
-            changed = await self.store.complete(request.job_id, request.node_id, request.attempt, request.result)
+            changed = await self.store.complete(request.job_id, request.node_id, request.lease_token, request.result)
         else:
-            changed = await self.store.fail(request.job_id, request.node_id, request.attempt, request.error)
+            changed = await self.store.fail(request.job_id, request.node_id, request.lease_token, request.error)
         return pb.CompleteResponse(state=state_pb(changed.state), version=changed.version)  # type: ignore[arg-type]
 
     async def NodeSession(self, request_iterator: Any, context: Any) -> None:

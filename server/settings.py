@@ -49,6 +49,9 @@ class Settings:
     heartbeat_interval_ms: int = 1_000
     lease_ms: int = 5_000
     # After a node's stream closes, its jobs are requeued once this grace has passed without it back.
+    # Must be longer than the heartbeat interval: a closing stream shortens its leases to this grace
+    # without knowing whether the node is already back on another stream; the node's next heartbeat
+    # (within one interval) lengthens them again.
     stream_grace_ms: int = 2_000
     # Retry backoff: base * 2^(attempt-1), capped.
     backoff_base_ms: int = 200
@@ -63,6 +66,9 @@ class Settings:
     # Slow poll behind the pub/sub wake-ups, and the period of the timer sweep.
     poll_interval_ms: int = 250
     sweep_interval_ms: int = 200
+    # How often each instance SCANs Redis for partitions with timers that the pools set lost (AOF
+    # window, failover, restore), so their leases and deadlines are swept again.
+    pool_rescan_ms: int = 60_000
     # Registry presence of a node (renewed while its stream is open).
     node_ttl_ms: int = 15_000
     # Grace period for streams to drain on SIGTERM.
@@ -96,6 +102,9 @@ class Settings:
             raise ValueError("partitions must be 1 to 1024")
         if self.heartbeat_interval_ms * 2 > self.lease_ms:
             raise ValueError("lease_ms must be at least twice heartbeat_interval_ms")
+        if self.heartbeat_interval_ms >= self.stream_grace_ms:
+            raise ValueError("stream_grace_ms must be longer than heartbeat_interval_ms (a node back on another "
+                             "stream must heartbeat within the grace a closing stream leaves its leases)")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:

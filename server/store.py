@@ -8,6 +8,7 @@ machine decide, and commit with the version they read, re-reading when they lose
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -15,28 +16,25 @@ from typing import Any
 
 from ulid import ULID
 
-from ..fsm import HELD, TERMINAL, Event, JobState, TransitionRefused, decide, sources_of
-from . import keys
+from ..fsm import HELD, Event, JobState, TransitionRefused, decide, fixed_dest, is_repeat
+from . import keys, wire
+from .calls import ClaimJob, Fence, FinishJob, Outcome, PromoteJob, RequeueJob, SubmitJob, TouchJob
 from .errors import (
+    AlreadyExists,
     ConcurrentModification,
     InvalidTransition,
     JobNotFound,
     NotDue,
     NotLeaseHolder,
     ScriptCode,
-    StaleAttempt,
+    StaleLease,
     raise_for,
 )
 from .proto import scheduler_pb2 as pb
-from .scripts import Scripts
+from .scripts import Call, Scripts
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def _allow(event: Event) -> str:
-    """The states `event` may fire from, as the ",a,b," list the scripts take."""
-    return "," + ",".join(sources_of(event)) + ","
 
 
 def _s(value: bytes | None) -> str:
@@ -45,6 +43,27 @@ def _s(value: bytes | None) -> str:
 
 def _i(value: bytes | None) -> int:
     return int(value) if value else 0
+
+
+def spec_digest(meta: pb.JobSpec, payload: bytes) -> str:
+    """What a repeat submit must match: the spec without payload (`meta`) and the payload, less the
+    fields a client's retry may change (trace_id, deadline)."""
+    core = pb.JobSpec()
+    core.CopyFrom(meta)
+    core.ClearField("trace_id")
+    core.ClearField("deadline")
+    h = hashlib.blake2b(core.SerializeToString(deterministic=True), digest_size=16)
+    h.update(payload)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One claim of a job by a node: job id + lease token is the fencing token."""
+
+    job_id: str
+    token: str
+    attempt: int = 0  # for messages; the token is what is checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +76,7 @@ class JobRecord:
     attempt: int
     max_attempts: int
     node: str
+    token: str
     lease: int
     deadline: int
     created: int
@@ -75,6 +95,7 @@ class JobRecord:
             attempt=_i(h.get(b"att")),
             max_attempts=_i(h.get(b"maxatt")),
             node=_s(h.get(b"node")),
+            token=_s(h.get(b"tok")),
             lease=_i(h.get(b"lease")),
             deadline=_i(h.get(b"dl")),
             created=_i(h.get(b"created")),
@@ -110,6 +131,7 @@ class Claim:
     job_id: str
     code: ScriptCode
     candidates: list[str]
+    token: str = ""
     attempt: int = 0
     lease: int = 0
     meta: bytes = b""
@@ -138,6 +160,7 @@ class Changed:
     version: int
 
 
+
 class Store:
     """Jobs in Redis. `redis` is a redis.asyncio client (Redis or RedisCluster) with bytes replies."""
 
@@ -145,15 +168,11 @@ class Store:
         self.redis = redis
         self.settings = settings
         self.scripts = scripts or Scripts()
-        self._known_pools: set[str] = set()
-        # Allow-lists and destinations, derived from the machine once.
-        self._submit_dest = decide(JobState.NEW, Event.SUBMIT)
-        self._assign_from = JobState.QUEUED
-        self._assign_dest = decide(self._assign_from, Event.ASSIGN)
-        self._start_from = JobState.ASSIGNED
-        self._start_dest = decide(self._start_from, Event.START)
-        self._complete_from = _allow(Event.COMPLETE)
-        self._complete_dest = decide(sources_of(Event.COMPLETE)[0], Event.COMPLETE)
+        self._known_pools: set[str] = set()  # what the pools set held at the last read
+        # Completions and releases commit without reading the record first (one round trip), so
+        # the machine must give these events one destination (fixed_dest raises otherwise).
+        self._release_dest = fixed_dest(Event.RELEASE)
+        self._complete_dest = fixed_dest(Event.COMPLETE)
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -166,41 +185,46 @@ class Store:
     def tags_of_pool(self, pool: str) -> list[str]:
         return keys.partition_tags(pool, self.settings.partitions)
 
-    async def submit(self, specs: list[pb.JobSpec]) -> list[Submitted]:
-        """Create the jobs (or find the ones an identical submit made): one pipelined round trip."""
+    def _submit_call(self, spec: pb.JobSpec) -> Call:
         s = self.settings
-        calls = []
-        for spec in specs:
-            tag = self.partition_tag(spec)
-            job_id = tag + str(ULID())
-            identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else (
-                f"u:{spec.utterance_index}:{spec.tgt_lang}"
-            )
-            meta = pb.JobSpec()
-            meta.CopyFrom(spec)
-            meta.ClearField("payload")
-            jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(tag)
-            deadline = spec.deadline.ToMilliseconds() if spec.HasField("deadline") else 0
-            xto = (
-                spec.execution_timeout.ToMilliseconds()
-                if spec.HasField("execution_timeout")
-                else s.default_execution_timeout_ms
-            )
-            calls.append((
-                "submit_job",
-                [
-                    keys.idempotency(tag, spec.tenant_id, spec.session_id, identity),
-                    jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers, pk.affinity,
-                ],
-                [
-                    job_id, meta.SerializeToString(), spec.payload, spec.priority,
-                    spec.max_attempts or s.default_max_attempts, deadline, s.default_job_ttl_ms, xto,
-                    s.retention_ms, keys.session_field(spec.tenant_id, spec.session_id),
-                    s.affinity_ttl_ms, keys.wake_channel(keys.pool_of_tag(tag)), self._submit_dest,
-                ],
-            ))
+        tag = self.partition_tag(spec)
+        job_id = tag + str(ULID())
+        identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else (
+            f"u:{spec.utterance_index}:{spec.tgt_lang}"
+        )
+        meta = pb.JobSpec()
+        meta.CopyFrom(spec)
+        meta.ClearField("payload")
+        return SubmitJob(
+            job_id=job_id,
+            identity=keys.idempotency(tag, spec.tenant_id, spec.session_id, identity),
+            meta=meta.SerializeToString(),
+            payload=spec.payload,
+            priority=spec.priority,
+            max_attempts=spec.max_attempts or s.default_max_attempts,
+            deadline_ms=spec.deadline.ToMilliseconds() if spec.HasField("deadline") else 0,
+            default_ttl_ms=s.default_job_ttl_ms,
+            execution_timeout_ms=(spec.execution_timeout.ToMilliseconds() if spec.HasField("execution_timeout")
+                                  else s.default_execution_timeout_ms),
+            retention_ms=s.retention_ms,
+            session=keys.session_field(spec.tenant_id, spec.session_id),
+            affinity_ttl_ms=s.affinity_ttl_ms,
+            digest=spec_digest(meta, spec.payload),
+        ).call()
+
+    async def submit(self, specs: list[pb.JobSpec]) -> list[Submitted]:
+        """Create the jobs (or find the ones an identical submit made): one pipelined round trip.
+
+        A repeat whose content differs from the job its identity has raises AlreadyExists naming it;
+        the other jobs of the batch are stored (a retry of the batch finds them)."""
+        calls = [self._submit_call(spec) for spec in specs]
         await self._remember_pools({keys.pool_of(sp.src_lang, sp.tgt_lang) for sp in specs})
         replies = self._raise_errors(await self.scripts.call_many(self.redis, calls))
+        for i, r in enumerate(replies):
+            if r[0] == ScriptCode.IDENTITY_CONFLICT:
+                raise AlreadyExists(
+                    f"jobs[{i}]: job {_s(r[1])} already exists for this identity with different content "
+                    "(payload, pair, priority, max_attempts or execution_timeout differ)")
         out = [
             Submitted(_s(r[1]), r[0] == ScriptCode.APPLIED, _s(r[2]) if r[0] == ScriptCode.APPLIED else "")
             for r in replies
@@ -222,9 +246,24 @@ class Store:
             self._known_pools |= new
 
     async def pools(self) -> set[str]:
+        """The pools set as it is now. It also replaces what this process believes is there, so a
+        member the set lost (AOF window, failover, restore) is added back by the next submit."""
         found = {_s(p) for p in await self.redis.smembers(keys.POOLS)}
-        self._known_pools |= found
+        self._known_pools = set(found)
         return found
+
+    async def discover_pools(self) -> set[str]:
+        """Pools that have timers in Redis but are missing from the pools set (found by SCAN on
+        every primary): added back, so the sweep visits them again. Returns what was added."""
+        found = set()
+        async for key in self.redis.scan_iter(match=keys.TIMERS_PATTERN, count=1000, _type="zset"):
+            found.add(keys.pool_of_tag(keys.tag_of_timers(_s(key))))
+        missing = found - await self.pools()
+        if missing:
+            log.warning("pools with timers were missing from the pools set; added back: %s", sorted(missing))
+            await self.redis.sadd(keys.POOLS, *missing)
+            self._known_pools |= missing
+        return missing
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -265,84 +304,79 @@ class Store:
             replies = await pipe.execute()
         return {tag: [(_s(j), score) for j, score in found] for tag, found in zip(tags, replies, strict=True)}
 
-    async def claim(self, node_id: str, candidates: list[str], hint_count: int = 8) -> list[Claim]:
-        """Try to claim each candidate for `node_id`, pipelined in one round trip."""
+    async def claim(self, node_id: str, candidates: list[tuple[str, str]], hint_count: int = 8) -> list[Claim]:
+        """Try to claim each (job id, lease token) for `node_id`, pipelined in one round trip.
+
+        Idempotent per token: claiming again with the same token answers the same assignment, which
+        is how a caller whose reply was lost learns what it holds."""
         s = self.settings
-        calls = []
-        for job_id in candidates:
-            tag = keys.tag_of(job_id)
-            jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(tag)
-            calls.append((
-                "claim_job",
-                [pk.queue, pk.timers, pk.affinity, jk.fsm, jk.meta, jk.payload, jk.events],
-                [job_id, node_id, s.ack_timeout_ms, s.affinity_wait_ms, self._assign_from,
-                 self._assign_dest, hint_count, s.avoid_ms],
-            ))
+        calls = [
+            ClaimJob(job_id, node_id, token, s.ack_timeout_ms, s.affinity_wait_ms, hint_count, s.avoid_ms,
+                     s.affinity_ttl_ms).call()
+            for job_id, token in candidates
+        ]
         out = []
-        for job_id, r in zip(candidates, self._raise_errors(await self.scripts.call_many(self.redis, calls)),
-                             strict=True):
+        replies = self._raise_errors(await self.scripts.call_many(self.redis, calls))
+        for (job_id, token), r in zip(candidates, replies, strict=True):
             code = ScriptCode(r[0])
             hints = [_s(j) for j in r[1]]
             if code == ScriptCode.APPLIED:
-                out.append(Claim(job_id, code, hints, int(r[2]), int(r[3]), r[4] or b"", r[5] or b""))
+                out.append(Claim(job_id, code, hints, token, int(r[2]), int(r[3]), r[4] or b"", r[5] or b""))
             else:
                 held = code in (ScriptCode.RESERVED, ScriptCode.AVOIDED)
                 out.append(Claim(job_id, code, hints, reserved_until=int(r[2]) if held else 0))
         return out
 
+    async def release(self, node_id: str, leases: list[Lease]) -> list[Changed | Exception]:
+        """Claims that never reached their node go back to the queue with their attempt given back
+        (fenced by node + token: a claim someone else holds now is left alone). One round trip."""
+        calls = [
+            RequeueJob(lease.job_id, Event.RELEASE, self._release_dest, Fence(node_id, lease.token), Outcome(),
+                       give_back_attempt=True).call()
+            for lease in leases
+        ]
+        return self._outcomes([lease.job_id for lease in leases], await self.scripts.call_many(self.redis, calls),
+                              Event.RELEASE)
+
     # -- node reports ---------------------------------------------------------------------------
 
-    async def touch(self, node_id: str, leases: list[tuple[str, int]], *, mode: str = "ack",
+    async def touch(self, node_id: str, leases: list[Lease], *, mode: str = "ack",
                     lease_ms: int | None = None) -> list[Touched]:
         """Ack/heartbeat (mode "ack") or shorten (mode "shorten") leases, pipelined in one round trip."""
         lease_ms = self.settings.lease_ms if lease_ms is None else lease_ms
-        calls = []
-        for job_id, attempt in leases:
-            jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(keys.tag_of(job_id))
-            calls.append((
-                "touch_job",
-                [jk.fsm, jk.events, pk.timers],
-                [job_id, node_id, attempt, lease_ms, mode, self._start_from, self._start_dest],
-            ))
+        calls = [TouchJob(lease.job_id, node_id, lease.token, lease_ms, mode).call() for lease in leases]
         out = []
-        for (job_id, _), r in zip(leases, await self.scripts.call_many(self.redis, calls), strict=True):
-            if isinstance(r, Exception):
-                raise r
+        for lease, r in zip(leases, self._raise_errors(await self.scripts.call_many(self.redis, calls)),
+                            strict=True):
             code = ScriptCode(r[0])
             if code >= 0:
-                out.append(Touched(job_id, code, int(r[1]), _s(r[2])))
+                out.append(Touched(lease.job_id, code, int(r[1]), _s(r[2])))
             else:
                 detail = r[1] if len(r) > 1 else b""  # the state, attempt or node that refused it
-                out.append(Touched(job_id, code, detail=detail.decode() if isinstance(detail, bytes) else str(detail)))
+                out.append(Touched(lease.job_id, code,
+                                   detail=detail.decode() if isinstance(detail, bytes) else str(detail)))
         return out
 
-    async def complete(self, job_id: str, node_id: str, attempt: int, result: pb.JobResult) -> Changed:
-        """Success, fenced by node + attempt: one round trip (allow-list from the FSM)."""
-        (outcome,) = await self.complete_many(node_id, [(job_id, attempt, result)])
+    async def complete(self, job_id: str, node_id: str, token: str, result: pb.JobResult) -> Changed:
+        """Success, fenced by node + lease token: one round trip."""
+        (outcome,) = await self.complete_many(node_id, [(Lease(job_id, token), result)])
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    async def complete_many(self, node_id: str, items: list[tuple[str, int, pb.JobResult]]) -> list[Changed | Exception]:
+    async def complete_many(self, node_id: str, items: list[tuple[Lease, pb.JobResult]]) -> list[Changed | Exception]:
         """complete() for several jobs in one round trip; per-job errors are returned, not raised."""
         calls = [
-            ("finish_job", self._finish_keys(job_id), [
-                job_id, Event.COMPLETE, self._complete_from, self._complete_dest, "", node_id, attempt,
-                1, result.SerializeToString(), "", "", 0, self.settings.retention_ms, "",
-            ])
-            for job_id, attempt, result in items
+            FinishJob(lease.job_id, Event.COMPLETE, self._complete_dest, Fence(node_id, lease.token),
+                      Outcome(result=result.SerializeToString()), self.settings.retention_ms).call()
+            for lease, result in items
         ]
-        out: list[Changed | Exception] = []
-        for (job_id, attempt, _), r in zip(items, await self.scripts.call_many(self.redis, calls), strict=True):
-            try:
-                out.append(self._changed(job_id, r, Event.COMPLETE, attempt))
-            except Exception as err:
-                out.append(err)
-        return out
+        return self._outcomes([lease.job_id for lease, _ in items], await self.scripts.call_many(self.redis, calls),
+                              Event.COMPLETE)
 
-    async def fail(self, job_id: str, node_id: str, attempt: int, error: pb.JobError) -> Changed:
+    async def fail(self, job_id: str, node_id: str, token: str, error: pb.JobError) -> Changed:
         """A failed attempt, fenced: requeued with backoff while retryable with attempts left, else failed."""
-        return await self.transition(job_id, Event.FAIL, node=node_id, attempt=attempt, error=error)
+        return await self.transition(job_id, Event.FAIL, node=node_id, token=token, error=error)
 
     async def cancel(self, job_id: str, reason: str) -> Changed:
         """Cancel; a node holding the job is told (see transition())."""
@@ -357,7 +391,7 @@ class Store:
         event: Event,
         *,
         node: str | None = None,
-        attempt: int | None = None,
+        token: str | None = None,
         error: pb.JobError | None = None,
         guard: str = "",
         avoid: bool = False,
@@ -367,45 +401,35 @@ class Store:
         for _ in range(8):
             rec = record or await self.record(job_id)
             record = None
-            if attempt is not None and rec.attempt != attempt:
-                raise StaleAttempt(f"job {job_id}: attempt {attempt} is stale (current attempt {rec.attempt})")
+            if token is not None and rec.token != token:
+                raise StaleLease(f"job {job_id}: the lease is stale (the job's current attempt is {rec.attempt})")
             if node is not None and rec.node != node:
                 raise NotLeaseHolder(f"job {job_id}: held by another node")
-            if rec.event == event and (rec.state in TERMINAL or rec.state == JobState.QUEUED):
-                return Changed(job_id, ScriptCode.ALREADY, rec.state, rec.version)  # a repeat
+            if is_repeat(rec.state, rec.event, event):
+                return Changed(job_id, ScriptCode.ALREADY, rec.state, rec.version)
             try:
                 dest = decide(rec.state, event, attempt=rec.attempt, max_attempts=rec.max_attempts,
                               retryable=bool(error and error.retryable))
             except TransitionRefused as err:
                 raise InvalidTransition(f"job {job_id} is {rec.state}: event {event} not allowed") from err
-            reply = await self.scripts.call(self.redis, *self._transition_call(
-                rec, event, dest, node, attempt, error, guard, avoid))
+            fence = Fence(node or "", token or "", rec.version)
+            outcome = Outcome(error.code, error.message, error.retryable) if error else Outcome()
+            if dest == JobState.QUEUED:
+                backoff = min(self.settings.backoff_max_ms,
+                              self.settings.backoff_base_ms * 2 ** max(rec.attempt - 1, 0))
+                call = RequeueJob(job_id, event, dest, fence, outcome, backoff_ms=backoff, avoid=avoid,
+                                  guard=guard).call()
+            else:
+                call = FinishJob(job_id, event, dest, fence, outcome, self.settings.retention_ms, guard=guard).call()
+            reply = await self.scripts.call(self.redis, call)
             if reply[0] == ScriptCode.VERSION_MISMATCH:
                 continue
-            changed = self._changed(job_id, reply, event, attempt or 0)
+            changed = self._changed(job_id, reply, event)
             if changed.code == ScriptCode.APPLIED and node is None and rec.state in HELD:
                 # Taken away from its node by someone else (cancel, expiry, lease): tell the node.
-                await self.redis.publish(keys.node_channel(rec.node), f"cancel {job_id} {rec.attempt}")
+                await self.redis.publish(keys.node_channel(rec.node), wire.cancel(job_id, rec.token))
             return changed
         raise ConcurrentModification(f"job {job_id} keeps changing; retry")
-
-    def _transition_call(self, rec: JobRecord, event: Event, dest: JobState, node: str | None,
-                         attempt: int | None, error: pb.JobError | None, guard: str,
-                         avoid: bool) -> tuple[str, list[str], list[Any]]:
-        job_id = rec.job_id
-        fence = [node or "", "" if attempt is None else attempt]
-        err = [error.code, error.message, int(error.retryable)] if error else ["", "", 0]
-        if dest == JobState.QUEUED:
-            jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(keys.tag_of(job_id))
-            backoff = min(self.settings.backoff_max_ms, self.settings.backoff_base_ms * 2 ** max(rec.attempt - 1, 0))
-            return ("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers], [
-                job_id, event, _allow(event), dest, rec.version, *fence, backoff, *err, int(avoid), guard,
-                keys.wake_channel(keys.pool_of_tag(keys.tag_of(job_id))),
-            ])
-        return ("finish_job", self._finish_keys(job_id), [
-            job_id, event, _allow(event), dest, rec.version, *fence, 0, "", *err, self.settings.retention_ms,
-            guard,
-        ])
 
     # -- timers ---------------------------------------------------------------------------------
 
@@ -419,42 +443,36 @@ class Store:
 
     async def fire_timer(self, member: str) -> Changed | None:
         """Act on one due timer: promote a retry, take back an expired lease, expire a job."""
-        kind, job_id = member[:1], member[2:]
         try:
-            if kind == "r":
-                tag = keys.tag_of(job_id)
-                jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(tag)
-                r = await self.scripts.call(self.redis, "promote_job", [jk.fsm, pk.queue, pk.timers], [
-                    job_id, keys.wake_channel(keys.pool_of_tag(tag)), JobState.QUEUED])
+            timer = wire.parse_timer(member)
+        except ValueError:
+            log.warning("dropping a timer member no scheduler wrote: %r", member)
+            return None
+        job_id = timer.job_id
+        try:
+            if timer.kind == wire.RETRY:
+                r = await self.scripts.call(self.redis, PromoteJob(job_id).call())
                 return Changed(job_id, ScriptCode(r[0]), JobState.QUEUED, 0)
-            if kind == "l":
+            if timer.kind == wire.LEASE:
                 rec = await self.record(job_id)
                 error = pb.JobError(
                     code="LINGUA_LEASE_EXPIRED", retryable=True,
                     message=f"node {rec.node} did not ack or heartbeat attempt {rec.attempt} in time, "
                     "or the attempt ran past its execution timeout",
                 )
-                return await self.transition(job_id, Event.LEASE_EXPIRED, error=error, guard="lease", record=rec,
-                                             avoid=True)
-            if kind == "d":
-                error = pb.JobError(code="LINGUA_DEADLINE_EXCEEDED", message="the job's deadline passed")
-                return await self.transition(job_id, Event.EXPIRE, error=error, guard="deadline")
-        except (JobNotFound, InvalidTransition):
-            await self._drop_timer(job_id, member)  # the job is gone or already moved on
+                return await self.transition(job_id, Event.LEASE_EXPIRED, token=timer.token or None, error=error,
+                                             guard="lease", record=rec, avoid=True)
+            error = pb.JobError(code="LINGUA_DEADLINE_EXCEEDED", message="the job's deadline passed")
+            return await self.transition(job_id, Event.EXPIRE, error=error, guard="deadline")
+        except (JobNotFound, InvalidTransition, StaleLease):
+            # The job is gone or moved on. The member names this claim (or the job's one deadline), so
+            # removing it can never remove a newer claim's lease timer.
+            await self.redis.zrem(keys.PartitionKeys.of(keys.tag_of(job_id)).timers, member)
         except (NotDue, ConcurrentModification):
             pass  # another instance or a heartbeat got there first
         return None
 
-    async def _drop_timer(self, job_id: str, member: str) -> None:
-        """A timer whose job is gone or already moved on: remove it (ZREM only; no state involved)."""
-        await self.redis.zrem(keys.PartitionKeys.of(keys.tag_of(job_id)).timers, member)
-
     # -- helpers --------------------------------------------------------------------------------
-
-    @staticmethod
-    def _finish_keys(job_id: str) -> list[str]:
-        jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(keys.tag_of(job_id))
-        return [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers]
 
     @staticmethod
     def _raise_errors(replies: list[Any]) -> list[Any]:
@@ -463,8 +481,17 @@ class Store:
                 raise r
         return replies
 
+    def _outcomes(self, job_ids: list[str], replies: list[Any], event: str) -> list[Changed | Exception]:
+        out: list[Changed | Exception] = []
+        for job_id, r in zip(job_ids, replies, strict=True):
+            try:
+                out.append(self._changed(job_id, r, event))
+            except Exception as err:
+                out.append(err)
+        return out
+
     @staticmethod
-    def _changed(job_id: str, reply: Any, event: str, attempt: int) -> Changed:
+    def _changed(job_id: str, reply: Any, event: str) -> Changed:
         if isinstance(reply, Exception):
             raise reply
         code = int(reply[0])
@@ -472,5 +499,5 @@ class Store:
             detail = reply[1] if len(reply) > 1 else b""
             raise_for(code, job=job_id, event=event,
                       state=detail.decode() if isinstance(detail, bytes) else "",
-                      attempt=detail if isinstance(detail, int) else attempt)
+                      attempt=detail if isinstance(detail, int) else 0)
         return Changed(job_id, ScriptCode(code), _s(reply[1]), int(reply[2]))

@@ -146,9 +146,17 @@ def error(e: pb.JobError, field: str) -> None:
         raise InvalidArgument(f"{field}.message: at most 4096 characters")
 
 
+def lease_token(value: str, field: str = "lease_token") -> None:
+    if not value:
+        raise InvalidArgument(f"{field}: required (the lease_token the assignment carried)")
+    if len(value) > 64 or not TOKEN.fullmatch(value):
+        raise InvalidArgument(f"{field}: not a lease token of this scheduler")
+
+
 def lease(item: pb.JobLease, settings: Settings, field: str) -> None:
     job_id(item.job_id, settings, f"{field}.job_id")
     attempt(item.attempt, f"{field}.attempt")
+    lease_token(item.lease_token, f"{field}.lease_token")
 
 
 def outcome(msg: pb.CompleteRequest | pb.Completion, settings: Settings, prefix: str = "") -> None:
@@ -170,5 +178,6 @@ def completion(c: pb.Completion, settings: Settings, field: str) -> None:
 def complete(req: pb.CompleteRequest, settings: Settings) -> None:
     job_id(req.job_id, settings)
     attempt(req.attempt)
+    lease_token(req.lease_token)
     node_id(req.node_id)
     outcome(req, settings)

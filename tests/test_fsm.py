@@ -95,6 +95,7 @@ class JobLifecycle(RuleBasedStateMachine):
             Event.SUBMIT: JobState.QUEUED if s == JobState.NEW else None,
             Event.ASSIGN: JobState.ASSIGNED if s == JobState.QUEUED else None,
             Event.START: JobState.RUNNING if s == JobState.ASSIGNED else None,
+            Event.RELEASE: JobState.QUEUED if s == JobState.ASSIGNED else None,
             Event.COMPLETE: JobState.SUCCEEDED if held else None,
             Event.FAIL: (JobState.QUEUED if retryable and left else JobState.FAILED) if held else None,
             Event.CANCEL: JobState.CANCELLED if s in (JobState.QUEUED, *([s] if held else [])) else None,
@@ -116,6 +117,8 @@ class JobLifecycle(RuleBasedStateMachine):
         assert got == want
         if event == Event.ASSIGN:
             self.attempt += 1
+        if event == Event.RELEASE:
+            self.attempt -= 1  # the claim never reached its node: its attempt is given back
         self.state = got
 
     @invariant()

@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 from helpers import spec
-from lingua_scheduler.server import keys
-from lingua_scheduler.server.errors import ScriptCode
+from lingua_scheduler.fsm import Event, JobState, dests_of, fixed_dest, is_repeat, sources_of
+from lingua_scheduler.server import keys, wire
+from lingua_scheduler.server.calls import Fence, FinishJob, Outcome, PromoteJob, RegisterNode, ReleaseNode, RequeueJob, TouchJob
+from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.proto import scheduler_pb2 as pb
-from lingua_scheduler.server.scripts import Scripts
-from lingua_scheduler.server.store import Store
+from lingua_scheduler.server.scripts import Call, Scripts, prelude
+from lingua_scheduler.server.store import Lease, Store
 from redis.exceptions import NoScriptError
 
 LUA = Path(__file__).resolve().parent.parent / "server" / "lua"
@@ -28,77 +30,78 @@ async def queued(store: Store, **overrides: Any) -> str:
     return (await store.submit([spec(**overrides)]))[0].job_id
 
 
-async def claimed(store: Store, node: str = "n1", **overrides: Any) -> str:
+async def claimed(store: Store, node: str = "n1", token: str = "tok1", **overrides: Any) -> str:
     job_id = await queued(store, **overrides)
-    (c,) = await store.claim(node, [job_id])
+    (c,) = await store.claim(node, [(job_id, token)])
     assert c.code == ScriptCode.APPLIED
     return job_id
 
 
-def finish_args(store: Store, job_id: str, **kw: Any) -> tuple[list[str], list[Any]]:
-    a = dict(event="complete", allow=",assigned,running,", dest="succeeded", version="", node="n1", attempt=1,
-             has_result=1, result=b"r", guard="")
+def finish_call(job_id: str, **kw: Any) -> Call:
+    a: dict[str, Any] = dict(event="complete", dest="succeeded", version=None, node="n1", token="tok1", result=b"r",
+                             guard="")
     a.update(kw)
-    return store._finish_keys(job_id), [job_id, a["event"], a["allow"], a["dest"], a["version"], a["node"],
-                                        a["attempt"], a["has_result"], a["result"], "", "", 0, 60_000, a["guard"]]
+    return FinishJob(job_id, a["event"], a["dest"], Fence(a["node"], a["token"], a["version"]),
+                     Outcome(result=a["result"]), 60_000, a["guard"]).call()
 
 
-def requeue_args(job_id: str, **kw: Any) -> tuple[list[str], list[Any]]:
-    a = dict(event="fail", allow=",assigned,running,", version="", node="n1", attempt=1, guard="")
+def requeue_call(job_id: str, **kw: Any) -> Call:
+    a: dict[str, Any] = dict(event="fail", version=None, node="n1", token="tok1", guard="")
     a.update(kw)
-    jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(keys.tag_of(job_id))
-    return [jk.fsm, jk.events, pk.queue, pk.timers], [
-        job_id, a["event"], a["allow"], "queued", a["version"], a["node"], a["attempt"], 0, "E", "m", 1, 0,
-        a["guard"], "wake"]
+    return RequeueJob(job_id, a["event"], "queued", Fence(a["node"], a["token"], a["version"]),
+                      Outcome("E", "m", True), guard=a["guard"]).call()
 
 
-def touch_args(job_id: str, node: str = "n1", attempt: int = 1, mode: str = "ack") -> tuple[list[str], list[Any]]:
-    jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(keys.tag_of(job_id))
-    return [jk.fsm, jk.events, pk.timers], [job_id, node, attempt, 1000, mode, "assigned", "running"]
+def touch_call(job_id: str, node: str = "n1", token: str = "tok1", mode: str = "ack") -> Call:
+    return TouchJob(job_id, node, token, 1000, mode).call()
 
 
 async def test_submit_codes(store: Store) -> None:
     first = await store.submit([spec()])
-    again = await store.submit([spec(payload=b"other")])
+    again = await store.submit([spec(trace_id="another")])  # trace_id may differ between repeats
     assert first[0].created and not again[0].created
     assert first[0].job_id == again[0].job_id
-    assert documented_codes("submit_job") == {1, 0}
+    with pytest.raises(AlreadyExists, match=first[0].job_id):
+        await store.submit([spec(payload=b"other")])
+    assert documented_codes("submit_job") == {1, 0, -11}
 
 
 async def test_claim_codes(store: Store, redis: Any) -> None:
     seen = set()
     job_id = await queued(store)
-    (c,) = await store.claim("n1", [job_id])
+    (c,) = await store.claim("n1", [(job_id, "tok1")])
     seen.add(c.code)
-    assert c.code == ScriptCode.APPLIED and c.attempt == 1 and c.payload == b"audio"
-    (c,) = await store.claim("n2", [job_id])
+    assert c.code == ScriptCode.APPLIED and c.attempt == 1 and c.payload == b"audio" and c.token == "tok1"
+    (again,) = await store.claim("n1", [(job_id, "tok1")])  # a repeat of the claim: the same assignment
+    assert (again.code, again.attempt, again.lease, again.payload) == (c.code, 1, c.lease, b"audio")
+    (c,) = await store.claim("n2", [(job_id, "tok2")])
     seen.add(c.code)
     assert c.code == ScriptCode.NOT_IN_QUEUE
     # A queue entry whose job vanished is dropped.
     tag = keys.tag_of(job_id)
     ghost = tag + "01GHOST"
     await redis.zadd(keys.PartitionKeys.of(tag).queue, {ghost: 1})
-    (c,) = await store.claim("n1", [ghost])
+    (c,) = await store.claim("n1", [(ghost, "tok3")])
     seen.add(c.code)
     assert c.code == ScriptCode.JOB_NOT_FOUND
     assert await redis.zscore(keys.PartitionKeys.of(tag).queue, ghost) is None
     # A queue entry whose job is not queued any more is dropped.
     await redis.zadd(keys.PartitionKeys.of(tag).queue, {job_id: 1})
-    (c,) = await store.claim("n1", [job_id])
+    (c,) = await store.claim("n1", [(job_id, "tok4")])
     seen.add(c.code)
     assert c.code == ScriptCode.INVALID_TRANSITION
     # A job that avoids this node.
     avoided = await claimed(store, utterance_index=1)
-    await store.transition(avoided, "unavailable", node="n1", attempt=1, avoid=True,
+    await store.transition(avoided, Event.UNAVAILABLE, node="n1", token="tok1", avoid=True,
                            error=pb.JobError(code="LINGUA_MODEL_UNAVAILABLE", retryable=True))
-    await store.fire_timer("r:" + avoided)  # backoff may still run: promote when due
+    await store.fire_timer(wire.retry_timer(avoided))  # backoff may still run: promote when due
     await redis.zadd(keys.PartitionKeys.of(tag).queue, {avoided: 1})
-    (c,) = await store.claim("n1", [avoided])
+    (c,) = await store.claim("n1", [(avoided, "tok5")])
     seen.add(c.code)
     assert c.code == ScriptCode.AVOIDED
     # A session's next job is held back for the node that served it.
     reserved = await queued(store, utterance_index=2)
-    (c,) = await store.claim("n9", [reserved])
+    (c,) = await store.claim("n9", [(reserved, "tok6")])
     seen.add(c.code)
     assert c.code == ScriptCode.RESERVED and c.reserved_until > 0
     assert {int(s) for s in seen} == documented_codes("claim_job")
@@ -107,18 +110,18 @@ async def test_claim_codes(store: Store, redis: Any) -> None:
 async def test_touch_codes(store: Store) -> None:
     job_id = await claimed(store)
     call = store.scripts.call
-    r = await call(store.redis, "touch_job", *touch_args(job_id))
+    r = await call(store.redis, touch_call(job_id))
     assert r[0] == ScriptCode.APPLIED and r[2] == b"running"
-    r = await call(store.redis, "touch_job", *touch_args(job_id))
+    r = await call(store.redis, touch_call(job_id))
     assert r[0] == ScriptCode.ALREADY
-    r = await call(store.redis, "touch_job", *touch_args(job_id, attempt=2))
-    assert r[0] == ScriptCode.STALE_ATTEMPT
-    r = await call(store.redis, "touch_job", *touch_args(job_id, node="n2"))
+    r = await call(store.redis, touch_call(job_id, token="tok2"))
+    assert r[0] == ScriptCode.STALE_LEASE
+    r = await call(store.redis, touch_call(job_id, node="n2"))
     assert r[0] == ScriptCode.NOT_LEASE_HOLDER
-    r = await call(store.redis, "touch_job", *touch_args(keys.tag_of(job_id) + "01GHOST"))
+    r = await call(store.redis, touch_call(keys.tag_of(job_id) + "01GHOST"))
     assert r[0] == ScriptCode.JOB_NOT_FOUND
     await store.cancel(job_id, "")
-    r = await call(store.redis, "touch_job", *touch_args(job_id))
+    r = await call(store.redis, touch_call(job_id))
     assert r[0] == ScriptCode.INVALID_TRANSITION and r[1] == b"cancelled"
     assert documented_codes("touch_job") == {1, 0, -1, -2, -4, -5}
 
@@ -127,20 +130,20 @@ async def test_finish_codes(store: Store) -> None:
     call, seen = store.scripts.call, set()
     job_id = await claimed(store)
     for kw, expected in [
-        (dict(attempt=2), ScriptCode.STALE_ATTEMPT),
+        (dict(token="tok2"), ScriptCode.STALE_LEASE),
         (dict(node="n2"), ScriptCode.NOT_LEASE_HOLDER),
-        (dict(version="99"), ScriptCode.VERSION_MISMATCH),
-        (dict(allow=",running,"), ScriptCode.INVALID_TRANSITION),
+        (dict(version=99), ScriptCode.VERSION_MISMATCH),
+        (dict(event="submit", dest="queued"), ScriptCode.INVALID_TRANSITION),  # submit does not fire from assigned
         (dict(guard="deadline"), ScriptCode.NOT_DUE),
         (dict(guard="lease"), ScriptCode.NOT_DUE),
         ({}, ScriptCode.APPLIED),
         ({}, ScriptCode.ALREADY),
         (dict(result=b"other"), ScriptCode.RESULT_CONFLICT),
     ]:
-        r = await call(store.redis, "finish_job", *finish_args(store, job_id, **kw))
+        r = await call(store.redis, finish_call(job_id, **kw))
         assert r[0] == expected, kw
         seen.add(r[0])
-    r = await call(store.redis, "finish_job", *finish_args(store, keys.tag_of(job_id) + "01GHOST"))
+    r = await call(store.redis, finish_call(keys.tag_of(job_id) + "01GHOST"))
     seen.add(r[0])
     assert r[0] == ScriptCode.JOB_NOT_FOUND
     assert seen == documented_codes("finish_job")
@@ -150,18 +153,18 @@ async def test_requeue_codes(store: Store) -> None:
     call, seen = store.scripts.call, set()
     job_id = await claimed(store)
     for kw, expected in [
-        (dict(attempt=2), ScriptCode.STALE_ATTEMPT),
+        (dict(token="tok2"), ScriptCode.STALE_LEASE),
         (dict(node="n2"), ScriptCode.NOT_LEASE_HOLDER),
-        (dict(version="99"), ScriptCode.VERSION_MISMATCH),
-        (dict(allow=",running,"), ScriptCode.INVALID_TRANSITION),
+        (dict(version=99), ScriptCode.VERSION_MISMATCH),
+        (dict(event="submit"), ScriptCode.INVALID_TRANSITION),
         (dict(guard="lease"), ScriptCode.NOT_DUE),
         ({}, ScriptCode.APPLIED),
         ({}, ScriptCode.ALREADY),
     ]:
-        r = await call(store.redis, "requeue_job", *requeue_args(job_id, **kw))
+        r = await call(store.redis, requeue_call(job_id, **kw))
         assert r[0] == expected, kw
         seen.add(r[0])
-    r = await call(store.redis, "requeue_job", *requeue_args(keys.tag_of(job_id) + "01GHOST"))
+    r = await call(store.redis, requeue_call(keys.tag_of(job_id) + "01GHOST"))
     seen.add(r[0])
     assert seen == documented_codes("requeue_job")
 
@@ -170,53 +173,120 @@ async def test_promote_codes(store: Store, redis: Any) -> None:
     call, seen = store.scripts.call, set()
     job_id = await claimed(store)
     tag = keys.tag_of(job_id)
-    jk, pk = keys.JobKeys.of(job_id), keys.PartitionKeys.of(tag)
-    args = ([jk.fsm, pk.queue, pk.timers], [job_id, "wake", "queued"])
-    seen.add((await call(redis, "promote_job", *args))[0])  # no retry timer
-    await redis.zadd(pk.timers, {"r:" + job_id: 1})
-    seen.add((await call(redis, "promote_job", *args))[0])  # job is assigned, not queued
-    await store.fail(job_id, "n1", 1, pb.JobError(code="E", retryable=True))
-    await redis.zadd(pk.timers, {"r:" + job_id: 1})  # make the backoff due now
-    r = await call(redis, "promote_job", *args)
+    pk = keys.PartitionKeys.of(tag)
+    seen.add((await call(redis, PromoteJob(job_id).call()))[0])  # no retry timer
+    await redis.zadd(pk.timers, {wire.retry_timer(job_id): 1})
+    seen.add((await call(redis, PromoteJob(job_id).call()))[0])  # job is assigned, not queued
+    await store.fail(job_id, "n1", "tok1", pb.JobError(code="E", retryable=True))
+    await redis.zadd(pk.timers, {wire.retry_timer(job_id): 1})  # make the backoff due now
+    r = await call(redis, PromoteJob(job_id).call())
     seen.add(r[0])
     assert r[0] == ScriptCode.APPLIED and await redis.zscore(pk.queue, job_id) is not None
     ghost = tag + "01GHOST"
-    await redis.zadd(pk.timers, {"r:" + ghost: 1})
-    seen.add((await call(redis, "promote_job", [keys.JobKeys.of(ghost).fsm, pk.queue, pk.timers],
-                         [ghost, "wake", "queued"]))[0])
+    await redis.zadd(pk.timers, {wire.retry_timer(ghost): 1})
+    seen.add((await call(redis, PromoteJob(ghost).call()))[0])
     assert seen == documented_codes("promote_job")
 
 
 async def test_registry_codes(store: Store, redis: Any) -> None:
-    call, key = store.scripts.call, [keys.node("n1")]
-    assert (await call(redis, "register_node", key, ["t1", "register", 10_000, "maxc", 1]))[0] == 1
-    assert (await call(redis, "register_node", key, ["t1", "renew", 10_000]))[0] == 1
-    assert (await call(redis, "register_node", key, ["t2", "register", 10_000]))[1] == b"t1"
-    assert (await call(redis, "register_node", key, ["t1", "renew", 10_000]))[0] == -5
-    assert (await call(redis, "release_node", key, ["t1"]))[0] == -5
-    assert (await call(redis, "release_node", key, ["t2"]))[0] == 1
-    assert await redis.exists(key[0]) == 0
+    call, key = store.scripts.call, keys.node("n1")
+
+    def register(token: str, renew: bool = False) -> Call:
+        return RegisterNode("n1", token, renew, 10_000, (("maxc", 1),)).call()
+
+    assert (await call(redis, register("t1")))[0] == 1
+    assert (await call(redis, register("t1", renew=True)))[0] == 1
+    assert (await call(redis, register("t2")))[1] == b"t1"
+    assert (await call(redis, register("t1", renew=True)))[0] == -5
+    assert (await call(redis, ReleaseNode("n1", "t1").call()))[0] == -5
+    assert (await call(redis, ReleaseNode("n1", "t2").call()))[0] == 1
+    assert await redis.exists(key) == 0
+    # An entry that expired (a Redis outage longer than the TTL) is taken back by a renewal: nobody
+    # replaced the stream.
+    assert list(await call(redis, register("t2", renew=True))) == [1, b""]
+    assert await redis.hget(key, "session") == b"t2"
     assert documented_codes("register_node") == {1, -5} and documented_codes("release_node") == {1, -5}
 
 
 async def test_key_count_is_checked_and_noscript_is_retried(store: Store, redis: Any) -> None:
     with pytest.raises(ValueError, match="takes 3 keys"):
-        store.scripts.args("touch_job", ["a"], [])
+        store.scripts.args(Call("touch_job", ["a"], []))
     job_id = await queued(store)
     await redis.script_flush()  # as after a Redis restart
-    (c,) = await store.claim("n1", [job_id])
+    (c,) = await store.claim("n1", [(job_id, "tok1")])
     assert c.code == ScriptCode.APPLIED
     await redis.script_flush()
     with pytest.raises(NoScriptError):  # the cache really is empty
-        await redis.evalsha(store.scripts["touch_job"].sha, 3, *touch_args(job_id)[0], *touch_args(job_id)[1])
-    assert (await store.touch("n1", [(job_id, 1)]))[0].code == ScriptCode.APPLIED
+        await redis.evalsha(*store.scripts.args(touch_call(job_id)))
+    assert (await store.touch("n1", [Lease(job_id, "tok1")]))[0].code == ScriptCode.APPLIED
 
 
 def test_every_script_has_a_header_and_declares_its_keys() -> None:
+    for path in sorted(LUA.glob("*.lua")):
+        source = path.read_text()
+        numkeys = int(path.stem.rpartition("-")[2])
+        header = source.split("]]", 1)[0]
+        assert header.startswith("--[["), path.name
+        for n in range(1, numkeys + 1):
+            assert f"KEYS[{n}]" in header, (path.name, n)
+        assert f"KEYS[{numkeys + 1}]" not in source, path.name
+        assert "Output:" in header, path.name
     for script in Scripts():
-        header = script.source.split("]]", 1)[0]
-        assert header.startswith("--[["), script.name
-        for n in range(1, script.numkeys + 1):
-            assert f"KEYS[{n}]" in header, (script.name, n)
-        assert f"KEYS[{script.numkeys + 1}]" not in script.source, script.name
-        assert "Output:" in header and "local rcall = redis.call" in script.source
+        assert script.source.startswith(prelude()), script.name  # assembled at load time
+
+
+def test_no_script_retypes_a_state_or_event_name() -> None:
+    """States and events reach the scripts only through the prelude generated from the machine."""
+    names = {str(s) for s in JobState} | {str(e) for e in Event}
+    for path in sorted(LUA.glob("*.lua")):
+        body = path.read_text().split("]]", 1)[1]  # the header may name them in words
+        quoted = set(re.findall(r'"([a-z_]+)"', body))
+        assert not quoted & names, (path.name, quoted & names)
+
+
+async def test_prelude_agrees_with_the_machine_and_wire(redis: Any) -> None:
+    """The Lua rules and names run against Redis and compared with fsm/ and server/wire.py."""
+    probe = prelude() + """
+local out = {}
+for _, event in ipairs(ARGV) do
+  for _, state in ipairs({S.new, S.queued, S.assigned, S.running, S.succeeded, S.failed, S.cancelled, S.expired}) do
+    table.insert(out, event .. "|" .. state .. "|" .. tostring(allowed(event, state)) .. "|"
+      .. tostring(is_repeat(state, event, event)) .. "|" .. (FIXED[event] or ""))
+  end
+end
+table.insert(out, lease_member("{zh:en:0}J", "tok") .. " " .. deadline_member("J") .. " " .. retry_member("J"))
+return out
+"""
+    rows = [r.decode() for r in await redis.eval(probe, 0, *[str(e) for e in Event])]
+    members = rows.pop()
+    assert members == " ".join([wire.lease_timer("{zh:en:0}J", "tok"), wire.deadline_timer("J"), wire.retry_timer("J")])
+    for row in rows:
+        event, state, allowed, repeat, fixed = row.split("|")
+        assert (allowed == "true") == (JobState(state) in sources_of(event)), row
+        assert (repeat == "true") == is_repeat(state, event, event), row
+        try:
+            assert fixed == fixed_dest(event), row
+        except ValueError:
+            assert fixed == "", row
+
+
+async def test_scripts_accept_exactly_what_the_machine_allows(store: Store, redis: Any) -> None:
+    """For every event a script applies and every state, the script's verdict is the machine's."""
+    job_id = await claimed(store)
+    jk = keys.JobKeys.of(job_id)
+    for state in JobState:
+        if state == JobState.NEW:
+            continue
+        for event in Event:
+            dests = dests_of(event)
+            if event in (Event.SUBMIT, Event.ASSIGN, Event.START):
+                continue  # covered by the claim, touch and submit tests (they fire from one state)
+            await redis.hset(jk.fsm, mapping={"state": str(state), "ev": "", "ver": 5, "lease": 1, "dl": 1})
+            if JobState.QUEUED in dests:
+                call = RequeueJob(job_id, event, "queued", Fence(), Outcome()).call()
+            else:
+                call = FinishJob(job_id, event, str(dests[0]), Fence(), Outcome(), 60_000).call()
+            r = await store.scripts.call(redis, call)
+            assert (r[0] == ScriptCode.APPLIED) == (state in sources_of(event)), (event, state, r)
+            if r[0] != ScriptCode.APPLIED:
+                assert r[0] == ScriptCode.INVALID_TRANSITION and r[1] == str(state).encode()

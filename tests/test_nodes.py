@@ -75,6 +75,7 @@ async def test_killed_node_job_is_finished_elsewhere_and_late_result_refused(
     before = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await sched.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="doomed",
+                                                lease_token=slow.received[0].lease_token,
                                                 result=pb.JobResult(text_asr="too late")))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert await redis.hgetall(keys.JobKeys.of(job_id).fsm) == before
@@ -154,7 +155,9 @@ async def test_a_node_cannot_touch_another_nodes_job_or_an_old_attempt(
     await watch_until(sched, job_id, pb.JOB_STATE_RUNNING)
     thief = await node(ch, "thief", [("xx", "yy")])
     before = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
-    mine, stale = pb.JobLease(job_id=job_id, attempt=1), pb.JobLease(job_id=job_id, attempt=2)
+    await holder.wait_for(lambda: bool(holder.received))
+    mine = holder.received[0].lease
+    stale = pb.JobLease(job_id=job_id, attempt=1, lease_token="0" * 24)  # right attempt, another claim's token
     thief.send(pb.NodeMessage(acks=[mine], heartbeats=[mine]))
     await thief.wait_for(lambda: len(thief.refused) >= 2)
     thief.send(pb.NodeMessage(completions=[pb.Completion(lease=mine, result=pb.JobResult(text_asr="stolen"))],
@@ -232,7 +235,7 @@ async def test_newest_stream_of_a_node_id_wins_and_resumes_its_jobs(
         await old.wait_for(lambda: old.closed.is_set())
         assert any("replaced" in e for e in old.errors)
         # The new stream carries on with the job: same node id, same attempt.
-        new.send(pb.NodeMessage(completions=[pb.Completion(lease=pb.JobLease(job_id=job_id, attempt=1),
+        new.send(pb.NodeMessage(completions=[pb.Completion(lease=old.received[0].lease,
                                                            result=pb.JobResult(text_asr="resumed"))]))
         events = await watch_until(sb, job_id, pb.JOB_STATE_SUCCEEDED)
         assert events[-1].attempt == 1 and events[-1].node_id == "twin"
@@ -315,10 +318,11 @@ async def test_a_node_that_reconnects_with_its_jobs_resumes_them(
                 await asyncio.sleep(0.01)
 
         await asyncio.wait_for(lease_shrinks(), 5)
-        again = await SimNode(chb, "phoenix", [("zh", "en")]).start(holding=[pb.JobLease(job_id=job_id, attempt=1)])
+        held = first.received[0].lease
+        again = await SimNode(chb, "phoenix", [("zh", "en")]).start(holding=[held])
         t, lease = await redis.time(), int(await redis.hget(fsm, "lease"))
         assert lease - (t[0] * 1000 + t[1] // 1000) > a.settings.stream_grace_ms  # extended by the resume
-        again.send(pb.NodeMessage(completions=[pb.Completion(lease=pb.JobLease(job_id=job_id, attempt=1),
+        again.send(pb.NodeMessage(completions=[pb.Completion(lease=held,
                                                              result=pb.JobResult(text_asr="resumed"))]))
         events = await watch_until(sb, job_id, pb.JOB_STATE_SUCCEEDED)
         assert [e.event for e in events] == ["submit", "assign", "start", "complete"]  # never requeued

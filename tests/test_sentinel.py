@@ -55,7 +55,8 @@ async def test_scheduler_through_sentinel(sentinel: str) -> None:
             job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
             got = await stub.Assign(pb.AssignRequest(node_id="n1", pairs=[pair()], max_jobs=1))
             assert got.assignments[0].job_id == job_id
-            await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1", result=pb.JobResult()))
+            await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="n1", result=pb.JobResult(),
+                                                   lease_token=got.assignments[0].lease_token))
             assert (await stub.GetJob(pb.GetJobRequest(job_id=job_id))).state == pb.JOB_STATE_SUCCEEDED
     finally:
         await app.stop(grace=0)

@@ -1,7 +1,7 @@
 --[[
   Moves a job to a terminal state (succeeded, failed, cancelled, expired): compare-and-set on the
-  state (and version, when given), fenced by node + attempt when given. Drops the payload, stores
-  the result, clears the job's queue and timer entries, and lets the job's keys expire at
+  state (and version, when given), fenced by node + lease token when given. Drops the payload,
+  stores the result, clears the job's queue and timer entries, and lets the job's keys expire at
   max(now, deadline) + retention.
 
   Input:
@@ -14,82 +14,77 @@
     KEYS[7] partition timers zset
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
-    ARGV[3] states the event may fire from, as ",a,b," (from the FSM)
-    ARGV[4] destination state (decided by the FSM)
-    ARGV[5] expected version, "" for any
-    ARGV[6] fence: node id, "" for none
-    ARGV[7] fence: attempt, "" for none
-    ARGV[8] "1" when ARGV[9] is a result to store, "0" otherwise
-    ARGV[9] result bytes (may be empty)
-    ARGV[10] error code, "" for none
-    ARGV[11] error message
-    ARGV[12] error retryable, "0" or "1"
-    ARGV[13] retention, ms
-    ARGV[14] guard: "" none; "lease": only if the lease ran out; "deadline": only if the deadline passed
+    ARGV[3] destination state (decided by the FSM)
+    ARGV[4] expected version, "" for any
+    ARGV[5] fence: node id, "" for none
+    ARGV[6] fence: lease token, "" for none
+    ARGV[7] "1" when ARGV[8] is a result to store, "0" otherwise
+    ARGV[8] result bytes (may be empty)
+    ARGV[9] error code, "" for none
+    ARGV[10] error message
+    ARGV[11] error retryable, "0" or "1"
+    ARGV[12] retention, ms
+    ARGV[13] guard: "" none; "lease": only if the lease ran out; "deadline": only if the deadline passed
 
   Output:
     {1, state, version}   applied
-    {0, state, version}   already in that state by the same event and token; nothing changed
+    {0, state, version}   a repeat of the event already applied (same token); nothing changed
     {-1}                  job not found
     {-2, state}           invalid transition from the current state
     {-3, version}         version mismatch
-    {-4, attempt}         stale attempt
+    {-4, attempt}         stale lease (another claim's token)
     {-5, node}            held by another node
     {-6, state}           already succeeded with a different result
     {-10}                 guard: the lease or deadline has not run out
 ]]
-local rcall = redis.call
 local fsmKey, metaKey, payloadKey, resultKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local eventsKey, queueKey, timersKey = KEYS[5], KEYS[6], KEYS[7]
-local jobId, event, dest = ARGV[1], ARGV[2], ARGV[4]
+local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok")
 local state = f[1]
 if not state then
   return {-1}
 end
-if ARGV[7] ~= "" and f[3] ~= ARGV[7] then
+if ARGV[6] ~= "" and f[8] ~= ARGV[6] then
   return {-4, tonumber(f[3])}
 end
-if ARGV[6] ~= "" and f[4] ~= ARGV[6] then
+if ARGV[5] ~= "" and f[4] ~= ARGV[5] then
   return {-5, f[4]}
 end
-if state == dest and f[7] == event then
-  if ARGV[8] == "1" and rcall("GET", resultKey) ~= ARGV[9] then
+if state == dest and is_repeat(state, f[7], event) then
+  if ARGV[7] == "1" and rcall("GET", resultKey) ~= ARGV[8] then
     return {-6, state}
   end
   return {0, state, tonumber(f[2])}
 end
-if not string.find(ARGV[3], "," .. state .. ",", 1, true) then
+if not allowed(event, state) then
   return {-2, state}
 end
-if ARGV[5] ~= "" and f[2] ~= ARGV[5] then
+if ARGV[4] ~= "" and f[2] ~= ARGV[4] then
   return {-3, tonumber(f[2])}
 end
-local t = rcall("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local lease, deadline = tonumber(f[5]), tonumber(f[6])
-local guard = ARGV[14]
+local guard = ARGV[13]
 if (guard == "lease" and (lease == 0 or lease > now)) or (guard == "deadline" and deadline > now) then
   return {-10}
 end
 
 local version = tonumber(f[2]) + 1
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now)
-if ARGV[10] ~= "" then
-  rcall("HSET", fsmKey, "ecode", ARGV[10], "emsg", ARGV[11], "eretry", ARGV[12])
+if ARGV[9] ~= "" then
+  rcall("HSET", fsmKey, "ecode", ARGV[9], "emsg", ARGV[10], "eretry", ARGV[11])
 end
 rcall("DEL", payloadKey)
-if ARGV[8] == "1" then
-  rcall("SET", resultKey, ARGV[9])
+if ARGV[7] == "1" then
+  rcall("SET", resultKey, ARGV[8])
 end
 rcall("ZREM", queueKey, jobId)
-rcall("ZREM", timersKey, "l:" .. jobId, "d:" .. jobId, "r:" .. jobId)
-local entry = cjson.encode({s = dest, v = version, a = tonumber(f[3]), n = f[4], e = event, t = now,
-  ec = ARGV[10], em = ARGV[11], er = ARGV[12]})
-rcall("RPUSH", eventsKey, entry)
-rcall("PUBLISH", eventsKey, entry)
-local expireAt = math.max(now, deadline) + tonumber(ARGV[13])
+rcall("ZREM", timersKey, lease_member(jobId, f[8]), deadline_member(jobId), retry_member(jobId))
+record_event(eventsKey, {s = dest, v = version, a = tonumber(f[3]), n = f[4], e = event, t = now,
+  ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
+local expireAt = math.max(now, deadline) + tonumber(ARGV[12])
 for _, key in ipairs({fsmKey, metaKey, resultKey, eventsKey}) do
   rcall("PEXPIREAT", key, expireAt)
 end

@@ -6,11 +6,11 @@
     ARGV[1] session token of the ending stream
 
   Output:
-    {1}   removed
+    {1}   removed (or already gone)
     {-5}  another stream of this node id holds it now; left alone
 ]]
-local rcall = redis.call
-if (rcall("HGET", KEYS[1], "session") or "") ~= ARGV[1] then
+local current = rcall("HGET", KEYS[1], "session")
+if current and current ~= ARGV[1] then
   return {-5}
 end
 rcall("DEL", KEYS[1])

@@ -1,8 +1,9 @@
 --[[
-  Creates a job in state `queued`, or returns the job an earlier submit with the same identity made.
+  Creates a job in the state submit leads to, or returns the job an earlier submit with the same
+  identity made, provided it asked for the same work (same spec digest).
 
   Input:
-    KEYS[1] idempotency key (identity -> job id)
+    KEYS[1] idempotency key (identity -> "<job id> <spec digest>")
     KEYS[2] job fsm hash
     KEYS[3] job meta (serialized JobSpec without payload)
     KEYS[4] job payload
@@ -22,24 +23,27 @@
     ARGV[10] session field of the affinity hash
     ARGV[11] affinity time to live, ms (an older binding is ignored)
     ARGV[12] wake-up channel
-    ARGV[13] state to create the job in (from the FSM: submit's destination)
+    ARGV[13] spec digest (what a repeat must match)
 
   Output:
     {1, job id, state}  created
-    {0, job id}         the identity already had this job; nothing changed
+    {0, job id}         the identity already had this job, with the same digest; nothing changed
+    {-11, job id}       the identity already had this job, with another digest; nothing changed
 ]]
-local rcall = redis.call
 local idemKey, fsmKey, metaKey, payloadKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local eventsKey, queueKey, timersKey, affinityKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local jobId = ARGV[1]
+local jobId, digest = ARGV[1], ARGV[13]
 
 local existing = rcall("GET", idemKey)
 if existing then
-  return {0, existing}
+  local id, stored = string.match(existing, "^(%S+) ?(%S*)$")
+  if stored ~= "" and stored ~= digest then
+    return {-11, id}
+  end
+  return {0, id}
 end
 
-local t = rcall("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local deadline = tonumber(ARGV[6])
 if deadline == 0 then
   deadline = now + tonumber(ARGV[7])
@@ -56,20 +60,18 @@ if binding then
   end
 end
 
-local state = ARGV[13]
-rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", "submit", "att", 0, "maxatt", ARGV[5], "node", "",
-  "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
+local state = FIXED[E.submit]
+rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxatt", ARGV[5], "node", "",
+  "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
   "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10])
 rcall("SET", metaKey, ARGV[2])
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
 end
 -- The identity outlives no job record: records of finished jobs expire at max(finish, deadline) + retention.
-rcall("SET", idemKey, jobId, "PXAT", deadline + retention)
+rcall("SET", idemKey, jobId .. " " .. digest, "PXAT", deadline + retention)
 rcall("ZADD", queueKey, queueScore, jobId)
-rcall("ZADD", timersKey, deadline, "d:" .. jobId)
-local entry = cjson.encode({s = state, v = 1, a = 0, n = "", e = "submit", t = now})
-rcall("RPUSH", eventsKey, entry)
-rcall("PUBLISH", eventsKey, entry)
-rcall("PUBLISH", ARGV[12], jobId .. " " .. preferred)
+rcall("ZADD", timersKey, deadline, deadline_member(jobId))
+record_event(eventsKey, {s = state, v = 1, a = 0, n = "", e = E.submit, t = now})
+rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred))
 return {1, jobId, state}

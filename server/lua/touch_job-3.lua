@@ -1,7 +1,8 @@
 --[[
-  A node's ack or heartbeat for a job it holds, fenced by node + attempt: acknowledges an assigned
-  job (assigned -> running) and extends the lease; or, on a closed stream, shortens the lease to a
-  grace period. The lease never reaches past the start of the attempt + the execution timeout.
+  A node's ack or heartbeat for a job it holds, fenced by node + lease token: acknowledges an
+  assigned job (start: assigned -> running) and extends the lease; or, on a closed stream, shortens
+  the lease to a grace period. The lease never reaches past the start of the attempt + the execution
+  timeout.
 
   Input:
     KEYS[1] job fsm hash
@@ -9,61 +10,56 @@
     KEYS[3] partition timers zset
     ARGV[1] job id
     ARGV[2] node id (fence)
-    ARGV[3] attempt (fence)
+    ARGV[3] lease token (fence)
     ARGV[4] lease duration from now, ms
     ARGV[5] mode: "ack" (start and extend) or "shorten" (no state change; the lease only shrinks)
-    ARGV[6] state an ack starts from (from the FSM: start's source)
-    ARGV[7] state an ack leads to (from the FSM: start's destination)
 
   Output:
     {1, lease deadline ms, state, version}  acknowledged now (state changed)
     {0, lease deadline ms, state, version}  lease extended or shortened, no state change
     {-1}                       job not found
     {-2, state}                job not held (queued again, or finished)
-    {-4, attempt}              stale attempt
+    {-4, attempt}              stale lease (another claim's token)
     {-5, node}                 held by another node
 ]]
-local rcall = redis.call
 local fsmKey, eventsKey, timersKey = KEYS[1], KEYS[2], KEYS[3]
-local jobId, nodeId = ARGV[1], ARGV[2]
+local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "started", "xto")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "started", "xto", "tok")
 local state = f[1]
 if not state then
   return {-1}
 end
-if f[3] ~= ARGV[3] then
+if f[8] ~= token then
   return {-4, tonumber(f[3])}
 end
 if f[4] ~= nodeId then
   return {-5, f[4]}
 end
-if state ~= ARGV[6] and state ~= ARGV[7] then
+local acking = allowed(E.start, state)
+if not acking and state ~= FIXED[E.start] then
   return {-2, state}
 end
 
-local t = rcall("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local version = tonumber(f[2])
 local started = tonumber(f[6])
 local code = 0
 local lease = now + tonumber(ARGV[4])
 if ARGV[5] == "shorten" then
   lease = math.min(lease, tonumber(f[5]))
-elseif state == ARGV[6] then
+elseif acking then
   code = 1
-  state = ARGV[7]
+  state = FIXED[E.start]
   version = version + 1
   started = now
-  rcall("HSET", fsmKey, "state", state, "ver", version, "ev", "start", "started", now, "updated", now)
-  local entry = cjson.encode({s = state, v = version, a = tonumber(f[3]), n = nodeId, e = "start", t = now})
-  rcall("RPUSH", eventsKey, entry)
-  rcall("PUBLISH", eventsKey, entry)
+  rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now)
+  record_event(eventsKey, {s = state, v = version, a = tonumber(f[3]), n = nodeId, e = E.start, t = now})
 end
 local xto = tonumber(f[7])
 if started > 0 and xto > 0 then
   lease = math.min(lease, started + xto)
 end
 rcall("HSET", fsmKey, "lease", lease)
-rcall("ZADD", timersKey, lease, "l:" .. jobId)
+rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 return {code, lease, state, version}

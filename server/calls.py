@@ -1,0 +1,170 @@
+"""One typed builder per Lua script: named fields in, the script's KEYS and ARGV out.
+
+Every caller builds its script calls here, so the positional order of a script's header lives in
+one place. Keys come from server/keys.py, timer members from the Lua prelude (server/wire.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import keys
+from .scripts import Call
+
+
+def _job(job_id: str) -> tuple[keys.JobKeys, keys.PartitionKeys, str]:
+    tag = keys.tag_of(job_id)
+    return keys.JobKeys.of(job_id), keys.PartitionKeys.of(tag), keys.wake_channel(keys.pool_of_tag(tag))
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitJob:
+    job_id: str
+    identity: str  # the idempotency key's name (keys.idempotency)
+    meta: bytes
+    payload: bytes
+    priority: int
+    max_attempts: int
+    deadline_ms: int  # 0: now + default_ttl_ms
+    default_ttl_ms: int
+    execution_timeout_ms: int
+    retention_ms: int
+    session: str  # keys.session_field
+    affinity_ttl_ms: int
+    digest: str
+
+    def call(self) -> Call:
+        jk, pk, wake = _job(self.job_id)
+        return Call("submit_job", [self.identity, jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers,
+                                   pk.affinity], [
+            self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
+            self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
+            self.affinity_ttl_ms, wake, self.digest,
+        ])
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimJob:
+    job_id: str
+    node_id: str
+    token: str
+    ack_timeout_ms: int
+    affinity_wait_ms: int
+    hint_count: int
+    avoid_ms: int
+    affinity_ttl_ms: int
+
+    def call(self) -> Call:
+        jk, pk, _ = _job(self.job_id)
+        return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.meta, jk.payload,
+                                  jk.events], [
+            self.job_id, self.node_id, self.token, self.ack_timeout_ms, self.affinity_wait_ms, self.hint_count,
+            self.avoid_ms, self.affinity_ttl_ms,
+        ])
+
+
+@dataclass(frozen=True, slots=True)
+class TouchJob:
+    job_id: str
+    node_id: str
+    token: str
+    lease_ms: int
+    mode: str = "ack"  # or "shorten"
+
+    def call(self) -> Call:
+        jk, pk, _ = _job(self.job_id)
+        return Call("touch_job", [jk.fsm, jk.events, pk.timers],
+                    [self.job_id, self.node_id, self.token, self.lease_ms, self.mode])
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a transition records: an error (code "" for none) and, for success, the result."""
+
+    error_code: str = ""
+    error_message: str = ""
+    error_retryable: bool = False
+    result: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Who may make a change: "" for anyone (the field is not checked)."""
+
+    node_id: str = ""
+    token: str = ""
+    version: int | None = None  # compare-and-set on the version read, None for any
+
+
+@dataclass(frozen=True, slots=True)
+class FinishJob:
+    job_id: str
+    event: str
+    dest: str
+    fence: Fence
+    outcome: Outcome
+    retention_ms: int
+    guard: str = ""  # "lease" or "deadline": only once that ran out
+
+    def call(self) -> Call:
+        jk, pk, _ = _job(self.job_id)
+        o, f = self.outcome, self.fence
+        return Call("finish_job", [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers], [
+            self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
+            int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
+            self.retention_ms, self.guard,
+        ])
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueJob:
+    job_id: str
+    event: str
+    dest: str
+    fence: Fence
+    outcome: Outcome
+    backoff_ms: int = 0
+    avoid: bool = False  # the job keeps away from its current node for a while
+    guard: str = ""  # "lease": only once the lease ran out
+    give_back_attempt: bool = False  # the claim never reached its node
+
+    def call(self) -> Call:
+        jk, pk, wake = _job(self.job_id)
+        o, f = self.outcome, self.fence
+        return Call("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers], [
+            self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
+            self.backoff_ms, o.error_code, o.error_message, int(o.error_retryable), int(self.avoid), self.guard,
+            wake, int(self.give_back_attempt),
+        ])
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteJob:
+    job_id: str
+
+    def call(self) -> Call:
+        jk, pk, wake = _job(self.job_id)
+        return Call("promote_job", [jk.fsm, pk.queue, pk.timers], [self.job_id, wake])
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterNode:
+    node_id: str
+    session_token: str
+    renew: bool
+    ttl_ms: int
+    fields: tuple[tuple[str, str | int], ...]
+
+    def call(self) -> Call:
+        flat = [v for pair in self.fields for v in pair]
+        return Call("register_node", [keys.node(self.node_id)],
+                    [self.session_token, "renew" if self.renew else "register", self.ttl_ms, *flat])
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseNode:
+    node_id: str
+    session_token: str
+
+    def call(self) -> Call:
+        return Call("release_node", [keys.node(self.node_id)], [self.session_token])

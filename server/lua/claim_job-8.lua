@@ -1,0 +1,82 @@
+--[[
+  Claims one queued job for a node under a lease token chosen by the caller: queued -> assigned,
+  attempt + 1, ack lease starts. Repeating a claim with the same token answers the same assignment,
+  so a caller that lost the reply claims again with the token to learn what it holds.
+
+  Input:
+    KEYS[1] partition queue zset
+    KEYS[2] partition timers zset
+    KEYS[3] partition affinity hash (session field -> "<node id>|<ms>")
+    KEYS[4] partition affinity times zset (session field -> ms of its binding), to forget old bindings
+    KEYS[5] job fsm hash
+    KEYS[6] job meta
+    KEYS[7] job payload
+    KEYS[8] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
+    ARGV[1] job id (a candidate read from the queue earlier)
+    ARGV[2] node id
+    ARGV[3] lease token of this claim (unique per claim)
+    ARGV[4] ack timeout, ms
+    ARGV[5] affinity wait, ms: how long a job is held back for its session's preferred node
+    ARGV[6] how many queue heads to return as the next candidates
+    ARGV[7] avoid window, ms: how long a requeued job keeps away from the nodes it avoids
+    ARGV[8] affinity time to live, ms: bindings older than this are deleted (a few per call)
+
+  Output: {code, next candidates, ...}
+    {1, candidates, attempt, lease deadline ms, meta, payload}  claimed (now, or by this token before)
+    {-1, candidates}         job not found (its queue entry is dropped)
+    {-2, candidates, state}  job not in a claimable state (its queue entry is dropped)
+    {-7, candidates}         job no longer in the queue (someone else claimed it)
+    {-8, candidates, until}  the job avoids this node until `until` (ms): the node lost it or lacked the model
+    {-9, candidates, until}  the job is held back for its session's node until `until` (ms)
+]]
+local queueKey, timersKey, affinityKey, affinityAtKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local fsmKey, metaKey, payloadKey, eventsKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
+
+local function heads()
+  return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[6]) - 1)
+end
+
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease")
+local state = f[1]
+if state == FIXED[E.assign] and f[9] == token and f[8] == nodeId then
+  return {1, heads(), tonumber(f[3]), tonumber(f[10]), rcall("GET", metaKey), rcall("GET", payloadKey) or ""}
+end
+if not rcall("ZSCORE", queueKey, jobId) then
+  return {-7, heads()}
+end
+if not state then
+  rcall("ZREM", queueKey, jobId)
+  return {-1, heads()}
+end
+if not allowed(E.assign, state) then
+  rcall("ZREM", queueKey, jobId)
+  return {-2, heads(), state}
+end
+local now = now_ms()
+local avoidUntil = tonumber(f[6]) + tonumber(ARGV[7])
+if now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true) then
+  return {-8, heads(), avoidUntil}
+end
+local heldUntil = tonumber(f[6]) + tonumber(ARGV[5])
+if f[5] ~= "" and f[5] ~= nodeId and now < heldUntil then
+  return {-9, heads(), heldUntil}
+end
+
+local dest = FIXED[E.assign]
+local version = tonumber(f[2]) + 1
+local attempt = tonumber(f[3]) + 1
+local lease = now + tonumber(ARGV[4])
+rcall("ZREM", queueKey, jobId)
+rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
+  "tok", token, "lease", lease, "started", 0, "updated", now)
+rcall("ZADD", timersKey, lease, lease_member(jobId, token))
+rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
+rcall("ZADD", affinityAtKey, now, f[7])
+local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - tonumber(ARGV[8]), "LIMIT", 0, 16)
+if #stale > 0 then
+  rcall("HDEL", affinityKey, unpack(stale))
+  rcall("ZREM", affinityAtKey, unpack(stale))
+end
+record_event(eventsKey, {s = dest, v = version, a = attempt, n = nodeId, e = E.assign, t = now})
+return {1, heads(), attempt, lease, rcall("GET", metaKey), rcall("GET", payloadKey) or ""}

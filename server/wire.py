@@ -1,0 +1,73 @@
+"""Strings that travel through Redis between instances: timer members, wake-ups and node messages.
+
+One module formats and parses them; the Lua prelude (server/scripts.py) is built from the same
+constants, so a script and the Python side cannot disagree (tests/test_scripts.py checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LEASE, DEADLINE, RETRY = "l", "d", "r"  # timer kinds
+TOKEN_SEP = "#"  # never in a job id (a partition tag and a ULID) nor in a lease token (hex)
+
+
+def lease_timer(job_id: str, token: str) -> str:
+    """The timer member of one claim's lease: a newer claim of the job has another member, so
+    dropping a stale one can never remove the current lease's timer."""
+    return f"{LEASE}:{job_id}{TOKEN_SEP}{token}"
+
+
+def deadline_timer(job_id: str) -> str:
+    return f"{DEADLINE}:{job_id}"
+
+
+def retry_timer(job_id: str) -> str:
+    return f"{RETRY}:{job_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    kind: str
+    job_id: str
+    token: str = ""  # lease timers only
+
+
+def parse_timer(member: str) -> Timer:
+    """ValueError for a member no version of the scheduler wrote."""
+    kind, sep, rest = member.partition(":")
+    if not sep or kind not in (LEASE, DEADLINE, RETRY) or not rest:
+        raise ValueError(f"not a timer member: {member!r}")
+    if kind == LEASE:
+        job_id, _, token = rest.partition(TOKEN_SEP)
+        return Timer(kind, job_id, token)
+    return Timer(kind, rest)
+
+
+def wake(job_id: str, preferred_node: str = "") -> str:
+    """A wake-up: `job_id` was queued (and prefers `preferred_node`, when set)."""
+    return f"{job_id} {preferred_node}"
+
+
+def parse_wake(data: str) -> tuple[str, str]:
+    job_id, _, preferred = data.partition(" ")
+    return job_id, preferred
+
+
+# Messages to the instance holding a node's stream (on keys.node_channel(node_id)).
+CANCEL, REPLACED = "cancel", "replaced"
+
+
+def cancel(job_id: str, token: str) -> str:
+    """Stop working on `job_id` under the lease `token` (cancelled, expired, taken back)."""
+    return f"{CANCEL} {job_id} {token}"
+
+
+def replaced(session_token: str) -> str:
+    """The stream `session_token` was replaced by a newer stream of the same node id."""
+    return f"{REPLACED} {session_token}"
+
+
+def parse_node_message(data: str) -> tuple[str, list[str]]:
+    verb, *args = data.split(" ")
+    return verb, args
