@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .app import check_redis, create_server
+from .app import PartitionsMismatch, check_redis, close_redis, create_server
 from .embedded import EmbeddedRedis
 from .settings import Settings
 
@@ -25,7 +25,11 @@ async def serve(settings: Settings) -> None:
     app = create_server(settings)
     for warning in await check_redis(app.redis):
         log.warning("%s", warning)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        await close_redis(app.redis)
+        raise
     log.info("listening on port %d (instance %s, redis %s)", app.port, settings.instance_id,
              settings.redis_cluster or settings.redis_sentinel or settings.redis_url)
     print(f"lingua-scheduler listening on {settings.listen.rsplit(':', 1)[0]}:{app.port}", flush=True)
@@ -58,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
+    except PartitionsMismatch as err:
+        print(f"lingua-scheduler: {err}", file=sys.stderr)
+        return 1
     finally:
         if embedded is not None:
             embedded.stop()
