@@ -5,6 +5,7 @@ data folder."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from helpers import spec
-from lingua_scheduler.server.embedded import EmbeddedRedis, redis_server_binary
+from lingua_scheduler.server.embedded import DataDirInUse, EmbeddedRedis, redis_server_binary
 from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.proto import scheduler_pb2 as pb
 from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
@@ -133,3 +134,14 @@ async def test_an_orphaned_redis_server_is_adopted_not_doubled(data: Path) -> No
         await client.aclose()
         if running(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+def test_a_folder_held_by_a_redis_server_that_does_not_answer_is_refused(data: Path) -> None:
+    """The owner is gone, something still holds the folder, and no Redis answers on its socket."""
+    with open(data / "redis.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DataDirInUse, match="does not answer"):
+            EmbeddedRedis(data).start()
+        assert not (data / "redis.sock").exists(), "no second redis-server was started"
+    with EmbeddedRedis(data) as server:  # released: the folder is free again
+        assert server.adopted_pid is None and server.process is not None
