@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
+from . import keys
 from .dispatch import Dispatcher
 from .node import NodeSessions
 from .proto import scheduler_pb2 as pb
@@ -80,6 +81,29 @@ async def check_redis(client: Any) -> list[str]:
     return warnings
 
 
+class PartitionsMismatch(RuntimeError):
+    """This instance's --partitions differs from the count stored in Redis by the first instance."""
+
+
+async def check_partitions(client: Any, partitions: int) -> None:
+    """Store the partition count at first start (SET NX); PartitionsMismatch when Redis holds another.
+
+    Job ids carry their partition, so instances that disagree split one idempotency key over two
+    partitions and never sweep each other's partitions."""
+    wanted = str(partitions).encode()
+    while not await client.set(keys.PARTITIONS, wanted, nx=True):
+        stored = await client.get(keys.PARTITIONS)
+        if stored is None:
+            continue  # deleted between the two calls: try to set it again
+        if stored != wanted:
+            raise PartitionsMismatch(
+                f"--partitions is {partitions} but this Redis holds jobs laid out in {stored.decode(errors='replace')} "
+                f"partitions (key {keys.PARTITIONS}, set by the first instance): start every instance with "
+                f"--partitions {stored.decode(errors='replace')}, or change the count as docs/deployment.md "
+                "(\"Changing the partition count\") describes")
+        return
+
+
 @dataclass
 class App:
     settings: Settings
@@ -93,6 +117,7 @@ class App:
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast on a wrong address; on a cluster, learns the slot map
+        await check_partitions(self.redis, self.settings.partitions)
         await self.dispatcher.start()
         await self.nodes.start()
         await self.server.start()

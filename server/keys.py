@@ -112,3 +112,7 @@ def wake_channel(pool: str) -> str:
 def node_channel(node_id: str) -> str:
     """Pub/sub channel for messages to whichever instance holds `node_id`'s stream (cancels)."""
     return f"{PREFIX}tonode:{node_id}"
+
+
+# The partition count the first instance started with (SET NX); instances with another count refuse to start.
+PARTITIONS = PREFIX + "config:partitions"

@@ -1,6 +1,7 @@
 """Entry point: `lingua-scheduler [--redis-url URL] [--listen HOST:PORT] ...` (or python -m).
 
-With no Redis URL it starts an embedded redis-server (data in --data-dir, AOF on) and stops it on exit.
+With no Redis URL it starts an embedded redis-server (data in --data-dir, AOF on) and stops it on exit;
+it refuses to start when another scheduler's embedded Redis has that folder (see embedded.py).
 SIGTERM/SIGINT: health goes NOT_SERVING, no new work is handed out, streams drain within the grace,
 then Redis is closed.
 """
@@ -14,8 +15,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .app import check_redis, create_server
-from .embedded import EmbeddedRedis
+from .app import PartitionsMismatch, check_redis, close_redis, create_server
+from .embedded import DataDirInUse, EmbeddedRedis
 from .settings import Settings
 
 log = logging.getLogger("lingua_scheduler")
@@ -25,7 +26,11 @@ async def serve(settings: Settings) -> None:
     app = create_server(settings)
     for warning in await check_redis(app.redis):
         log.warning("%s", warning)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        await close_redis(app.redis)
+        raise
     log.info("listening on port %d (instance %s, redis %s)", app.port, settings.instance_id,
              settings.redis_cluster or settings.redis_sentinel or settings.redis_url)
     print(f"lingua-scheduler listening on {settings.listen.rsplit(':', 1)[0]}:{app.port}", flush=True)
@@ -48,8 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     embedded = None
     if not (settings.redis_url or settings.redis_cluster or settings.redis_sentinel):
-        embedded = EmbeddedRedis(settings.data_dir).start()
-        log.info("started embedded redis-server (data in %s)", embedded.data_dir)
+        try:
+            embedded = EmbeddedRedis(settings.data_dir).start()
+        except DataDirInUse as err:
+            print(f"lingua-scheduler: {err}", file=sys.stderr)
+            return 1
+        if embedded.adopted_pid is not None:
+            log.warning("adopted the embedded redis-server (pid %d) that a stopped scheduler left running in %s; "
+                        "it stops with this one", embedded.adopted_pid, embedded.data_dir)
+        else:
+            log.info("started embedded redis-server (data in %s)", embedded.data_dir)
         settings = dataclasses.replace(settings, redis_url=embedded.url)
     try:
         if settings.uvloop:
@@ -58,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
+    except PartitionsMismatch as err:
+        print(f"lingua-scheduler: {err}", file=sys.stderr)
+        return 1
     finally:
         if embedded is not None:
             embedded.stop()

@@ -1,0 +1,69 @@
+"""App wiring: the partition count is stored in Redis at first start and every later instance must match it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+from typing import Any
+
+import pytest
+from conftest import AppFactory
+from lingua_scheduler.server import keys
+from lingua_scheduler.server.app import PartitionsMismatch, close_redis, create_server
+from lingua_scheduler.server.settings import Settings
+
+
+async def start_refused(settings: Settings) -> PartitionsMismatch:
+    """Start an instance that must refuse; returns the refusal after closing what it opened."""
+    app = create_server(settings)
+    try:
+        with pytest.raises(PartitionsMismatch) as refusal:
+            await app.start()
+    finally:
+        await app.server.stop(None)
+        await close_redis(app.redis)
+    return refusal.value
+
+
+async def test_an_instance_with_another_partition_count_refuses_to_start(
+        make_app: AppFactory, settings: Settings, redis: Any) -> None:
+    await make_app()  # the first instance stores its count
+    assert await redis.get(keys.PARTITIONS) == str(settings.partitions).encode()
+    refusal = await start_refused(dataclasses.replace(settings, partitions=settings.partitions + 1))
+    assert f"start every instance with --partitions {settings.partitions}" in str(refusal)
+    assert await redis.get(keys.PARTITIONS) == str(settings.partitions).encode(), "the refused one changed nothing"
+    await make_app()  # the same count still starts
+
+
+async def test_the_first_count_is_kept_when_its_instances_are_gone(settings: Settings, redis: Any) -> None:
+    first = create_server(dataclasses.replace(settings, partitions=3))
+    await first.start()
+    await first.stop(grace=0)
+    await start_refused(dataclasses.replace(settings, partitions=5))
+    await redis.delete(keys.PARTITIONS)  # what docs/deployment.md tells an operator to do, all instances stopped
+    second = create_server(dataclasses.replace(settings, partitions=5))
+    await second.start()
+    await second.stop(grace=0)
+    assert await redis.get(keys.PARTITIONS) == b"5"
+
+
+async def test_the_server_process_prints_the_mismatch_and_exits(make_app: AppFactory, settings: Settings) -> None:
+    await make_app()
+    where = ["--redis-cluster", settings.redis_cluster] if settings.redis_cluster else ["--redis-url", settings.redis_url]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", *where,
+        "--partitions", str(settings.partitions + 1),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        first_line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"listening on" not in first_line, "an instance with another partition count started serving"
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    assert f"--partitions {settings.partitions}".encode() in err and b"docs/deployment.md" in err, err
+    assert b"Traceback" not in err, err
