@@ -57,8 +57,10 @@ def pools_of(reg: pb.Register) -> list[str]:
     for src in reg.asr_langs:
         for tgt in reg.tts_langs:
             pool = keys.pool_of(src, tgt)
-            if pool not in found:
+            if src != tgt and pool not in found:  # no en:en pool: nobody translates into the same language
                 found.append(pool)
+    if not found and reg.asr_langs and reg.tts_langs:
+        raise InvalidArgument("register.tts_langs: no pair with asr_langs has src != tgt")
     if not found:
         raise InvalidArgument("register: declare pairs, or asr_langs and tts_langs")
     if len(found) > 1024:
