@@ -29,7 +29,7 @@ from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import InvalidArgument, SchedulerError
 from .proto import scheduler_pb2 as pb
 from .registry import NodeEntry, Registry
-from .service import assignment_pb, error_status, lease_status_pb
+from .service import Undecodable, assignment_pb, error_status, lease_status_pb
 from .settings import Settings
 from .store import Store
 
@@ -293,6 +293,8 @@ class NodeSessions:
     async def _read(self, session: Session, it: Any) -> None:
         async for message in it:
             try:
+                if isinstance(message, Undecodable):  # junk bytes (logged, throttled, on registration)
+                    raise message.refusal()
                 await self._handle(session, message)
             except SchedulerError as err:
                 session.outbox.put_nowait(pb.SchedulerMessage(error=f"{err.status.name}: {err}"))

@@ -173,3 +173,87 @@ async def test_job_ids_on_the_node_stream_are_refused_naming_the_field(
             assert status.error_message.startswith(f"{field}[{j}]{suffix}: "), status.error_message
     assert not [k for k in await redis.keys("*") if b":job:" in k]
     call.cancel()
+
+
+PATH = "/lingua.scheduler.v1.Scheduler/"
+JUNK = [b"\xff" * 11, b"\x0a\xff", b"junk junk"]
+UNARY = {"Submit": pb.SubmitRequest, "GetJob": pb.GetJobRequest, "CancelJob": pb.CancelJobRequest,
+         "Assign": pb.AssignRequest, "Heartbeat": pb.HeartbeatRequest, "Complete": pb.CompleteRequest,
+         "ListNodes": pb.ListNodesRequest}
+
+
+def test_the_junk_is_really_undecodable() -> None:
+    for message in [*UNARY.values(), pb.WatchJobRequest, pb.NodeMessage]:
+        for junk in JUNK:
+            with pytest.raises(Exception, match="Error parsing message"):
+                message.FromString(junk)
+
+
+async def test_undecodable_requests_are_invalid_argument_and_log_one_line(
+        channel: grpc.aio.Channel, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    before = await snapshot(redis)
+    for _ in range(3):  # a burst
+        for method, message in UNARY.items():
+            raw = channel.unary_unary(PATH + method, request_serializer=None, response_deserializer=None)
+            for junk in JUNK:
+                assert await refused(raw, junk) == f"request: not a valid {message.__name__}"
+        watch = channel.unary_stream(PATH + "WatchJob", request_serializer=None, response_deserializer=None)
+        for junk in JUNK:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in watch(junk):
+                    pass
+            assert err.value.code() == INVALID and err.value.details() == "request: not a valid WatchJobRequest"
+    assert await snapshot(redis) == before
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    assert "not a valid" in caplog.records[0].getMessage()
+
+
+async def test_junk_on_a_node_stream_is_answered_and_the_stream_and_others_go_on(
+        channel: grpc.aio.Channel, stub: pb_grpc.SchedulerStub, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    raw = channel.stream_stream(PATH + "NodeSession", request_serializer=None,
+                                response_deserializer=pb.SchedulerMessage.FromString)
+    # Junk instead of the registration ends the stream.
+    call = raw()
+    await call.write(JUNK[0])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == INVALID and err.value.details() == "request: not a valid NodeMessage"
+    # On a registered stream, each junk message is answered with an error; the stream stays open.
+    junky = raw()
+    await junky.write(pb.NodeMessage(register=pb.Register(node_id="junky", max_concurrency=1,
+                                                         pairs=[pair()])).SerializeToString())
+    assert (await junky.read()).HasField("registered")
+    other, first = await register(stub, pb.Register(node_id="other", max_concurrency=1, pairs=[pair("ja", "en")]))
+    assert first.HasField("registered")
+    for junk in JUNK * 3:
+        await junky.write(junk)
+        assert (await junky.read()).error == "INVALID_ARGUMENT: request: not a valid NodeMessage"
+    for stream, src in ((junky, "zh"), (other, "ja")):
+        job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(src_lang=src)]))).results[0].job_id
+        got = await stream.read()
+        assert [a.job_id for a in got.assignments] == [job_id]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    junky.cancel()
+    other.cancel()
+
+
+def test_throttled_warning_logs_the_first_then_one_line_per_interval_with_a_count(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from lingua_scheduler.server.throttle import ThrottledWarning
+
+    now = [100.0]
+    warn = ThrottledWarning(logging.getLogger("test.throttle"), interval_s=60, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.throttle"):
+        assert warn("junk from %s", "a")
+        for _ in range(5):
+            now[0] += 1
+            assert not warn("junk from %s", "b")
+        now[0] = 160.0
+        assert warn("junk from %s", "c")
+        assert not warn("junk from %s", "d")
+    assert [r.getMessage() for r in caplog.records] == [
+        "junk from a", "junk from c (5 more like it suppressed in the last 60 s)"]
