@@ -18,8 +18,7 @@ from . import keys
 from .dispatch import Dispatcher
 from .node import NodeSessions
 from .proto import scheduler_pb2 as pb
-from .proto import scheduler_pb2_grpc as pb_grpc
-from .service import SchedulerService
+from .service import SchedulerService, add_to_server
 from .settings import Settings
 from .store import Store
 
@@ -154,7 +153,7 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
     ])
-    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(store, dispatcher, settings, nodes), server)  # type: ignore[no-untyped-call]
+    add_to_server(SchedulerService(store, dispatcher, settings, nodes), server)  # undecodable bytes: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -29,7 +29,7 @@ from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import LEASE_GONE, InvalidArgument, SchedulerError
 from .proto import scheduler_pb2 as pb
 from .registry import NodeEntry, Registry
-from .service import assignment_pb, error_status, lease_status_pb, state_pb
+from .service import Undecodable, assignment_pb, error_status, lease_status_pb, state_pb
 from .settings import Settings
 from .store import Changed, Lease, Store
 
@@ -65,8 +65,10 @@ def pools_of(reg: pb.Register) -> list[str]:
     for src in reg.asr_langs:
         for tgt in reg.tts_langs:
             pool = keys.pool_of(src, tgt)
-            if pool not in found:
+            if src != tgt and pool not in found:  # no en:en pool: nobody translates into the same language
                 found.append(pool)
+    if not found and reg.asr_langs and reg.tts_langs:
+        raise InvalidArgument("register.tts_langs: no pair with asr_langs has src != tgt")
     if not found:
         raise InvalidArgument("register: declare pairs, or asr_langs and tts_langs")
     if len(found) > 1024:
@@ -309,6 +311,8 @@ class NodeSessions:
     async def _read(self, session: Session, it: Any) -> None:
         async for message in it:
             try:
+                if isinstance(message, Undecodable):  # junk bytes (logged, throttled, on registration)
+                    raise message.refusal()
                 await self._handle(session, message)
             except SchedulerError as err:
                 session.outbox.put_nowait(pb.SchedulerMessage(error=f"{err.status.name}: {err}"))

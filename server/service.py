@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -21,6 +23,7 @@ from .proto import scheduler_pb2 as pb
 from .proto import scheduler_pb2_grpc as pb_grpc
 from .settings import Settings
 from .store import Claim, JobView, Lease, Store, Touched
+from .throttle import ThrottledWarning
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -221,3 +224,98 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         if self.nodes is None:
             return pb.ListNodesResponse()
         return pb.ListNodesResponse(nodes=await self.nodes.list_nodes())
+
+
+# -- registration: request bytes that do not decode ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a request deserializer of this server returns for bytes that are not the method's request
+    message. grpc's own deserializer raises there, and grpc answers UNKNOWN with a traceback in the
+    log for every such request; anyone can send junk, so it is refused as bad input instead."""
+
+    message: str  # the request message's name, e.g. "SubmitRequest"
+
+    def refusal(self) -> InvalidArgument:
+        return InvalidArgument(f"request: not a valid {self.message}")
+
+
+def _lenient(parse: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except Exception:  # DecodeError (or anything else the parser raises): not a request we can read
+            return Undecodable(message)
+
+    return deserialize
+
+
+class _MethodTable:
+    """Stands in for the server in the generated add_SchedulerServicer_to_server, to read its table."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_to_server(servicer: SchedulerService, server: grpc.aio.Server) -> None:
+    """pb_grpc.add_SchedulerServicer_to_server (its method table: names, arities, serializers), with
+    request deserializers that never raise. A request that does not decode is INVALID_ARGUMENT
+    "request: not a valid <Message>"; on a client stream, a first message that does not decode ends
+    the call so, and a later one reaches the method as an `Undecodable` (NodeSession answers it with
+    an error message and keeps the stream). Junk is logged by one ThrottledWarning per server."""
+    table = _MethodTable()
+    pb_grpc.add_SchedulerServicer_to_server(servicer, table)  # type: ignore[no-untyped-call]
+    inputs = pb.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name
+    warn = ThrottledWarning(log)
+    handlers = {name: _guarded(handler, name, inputs[name].input_type.name, warn)
+                for name, handler in table.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(table.service, handlers),))
+    server.add_registered_method_handlers(table.service, handlers)  # type: ignore[attr-defined]
+
+
+def _guarded(handler: Any, method: str, message: str, warn: ThrottledWarning) -> Any:
+    """The generated handler, its deserializer lenient and its behaviour refusing Undecodable."""
+    kind = ("stream_" if handler.request_streaming else "unary_") + \
+        ("stream" if handler.response_streaming else "unary")
+    behaviour = getattr(handler, kind)
+
+    async def refuse(junk: Undecodable, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        warn("%s from %s: refused a request that is not a valid %s", method, context.peer(), junk.message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(junk.refusal()))
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
+        first = True
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                if first:
+                    await refuse(request, context)
+                warn("%s from %s: a message that is not a valid %s", method, context.peer(), request.message)
+            first = False
+            yield request
+
+    async def accept(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+        if handler.request_streaming:
+            return checked(request, context)
+        if isinstance(request, Undecodable):
+            await refuse(request, context)
+        return request
+
+    if inspect.isasyncgenfunction(behaviour):
+        async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
+            async for response in behaviour(await accept(request, context), context):
+                yield response
+        wrapped: Any = stream_out
+    else:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+            return await behaviour(await accept(request, context), context)
+        wrapped = call
+    return handler._replace(request_deserializer=_lenient(handler.request_deserializer, message),
+                            **{kind: wrapped})

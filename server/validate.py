@@ -9,6 +9,9 @@ import re
 import time
 from collections.abc import Iterable
 
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from . import keys
 from .errors import InvalidArgument, TooLarge
 from .proto import scheduler_pb2 as pb
@@ -18,7 +21,37 @@ LANG = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})?")
 TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TOKEN = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: ids, keys
 URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:\S+")
+# What the scheduler issues after the partition tag: a ULID in python-ulid's canonical spelling,
+# 26 upper-case Crockford base32 characters, the first at most 7 (48-bit time). Checked exactly, so
+# no other text (spaces, newlines, lower case, non-ASCII) reaches a Redis key or channel name.
+JOB_ID = re.compile(r"\{(?P<src>[a-z0-9-]+):(?P<tgt>[a-z0-9-]+):(?P<part>0|[1-9][0-9]{0,5})\}"
+                    r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 MAX_ATTEMPT_WINDOW_S = 60
+# The ranges of google/protobuf/timestamp.proto and duration.proto: 0001-01-01 to 9999-12-31, and
+# about +-10,000 years.
+TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+DURATION_SECONDS = 315_576_000_000
+NANOS = 999_999_999
+
+
+def timestamp_ms(ts: Timestamp, field: str) -> int:
+    """The milliseconds of a well-formed Timestamp (nanos 0 to 999999999, seconds in year 1 to 9999)."""
+    if not 0 <= ts.nanos <= NANOS:
+        raise InvalidArgument(f"{field}: nanos must be 0 to {NANOS}, not {ts.nanos}")
+    if not TIMESTAMP_SECONDS[0] <= ts.seconds <= TIMESTAMP_SECONDS[1]:
+        raise InvalidArgument(f"{field}: seconds must lie in the years 0001 to 9999, not {ts.seconds}")
+    return ts.ToMilliseconds()
+
+
+def duration_ms(d: Duration, field: str) -> int:
+    """The milliseconds of a well-formed Duration (nanos within +-999999999, same sign as seconds)."""
+    if not -NANOS <= d.nanos <= NANOS:
+        raise InvalidArgument(f"{field}: nanos must be -{NANOS} to {NANOS}, not {d.nanos}")
+    if not -DURATION_SECONDS <= d.seconds <= DURATION_SECONDS:
+        raise InvalidArgument(f"{field}: seconds must be -{DURATION_SECONDS} to {DURATION_SECONDS}")
+    if (d.seconds < 0 < d.nanos) or (d.nanos < 0 < d.seconds):
+        raise InvalidArgument(f"{field}: seconds and nanos must have the same sign")
+    return d.ToMilliseconds()
 
 
 def _token(value: str, field: str) -> None:
@@ -42,14 +75,11 @@ def job_id(value: str, settings: Settings, field: str = "job_id") -> None:
         raise InvalidArgument(f"{field}: required")
     if len(value) > 200:
         raise InvalidArgument(f"{field}: too long to be a job id")
-    try:
-        tag = keys.tag_of(value)
-    except ValueError as err:
-        raise InvalidArgument(f"{field}: {err}") from None
-    pool, _, part = tag[1:-1].rpartition(":")
-    src, _, tgt = pool.partition(":")
-    if not (LANG.fullmatch(src) and LANG.fullmatch(tgt) and part.isdigit() and int(part) < settings.partitions):
-        raise InvalidArgument(f"{field}: {value!r} is not a job id of this scheduler")
+    m = JOB_ID.fullmatch(value)
+    if not (m and LANG.fullmatch(m["src"]) and LANG.fullmatch(m["tgt"]) and m["src"] != m["tgt"]
+            and int(m["part"]) < settings.partitions):
+        raise InvalidArgument(f"{field}: {value!r} is not a job id of this scheduler "
+                              "({src:tgt:partition} followed by a 26-character ULID)")
 
 
 def attempt(value: int, field: str = "attempt") -> None:
@@ -65,6 +95,8 @@ def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
         raise InvalidArgument(f"{field}.utterance_index: must not be negative")
     lang(s.src_lang, f"{field}.src_lang")
     lang(s.tgt_lang, f"{field}.tgt_lang")
+    if s.tgt_lang == s.src_lang:
+        raise InvalidArgument(f"{field}.tgt_lang: must differ from src_lang ({s.src_lang!r})")
     if len(s.trace_id) > 128:
         raise InvalidArgument(f"{field}.trace_id: at most 128 characters")
     if not 0 <= s.priority <= 9:
@@ -75,13 +107,13 @@ def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
         _token(s.idempotency_key, f"{field}.idempotency_key")
     if s.HasField("deadline"):
         now_ms = int(time.time() * 1000)
-        at = s.deadline.ToMilliseconds()
+        at = timestamp_ms(s.deadline, f"{field}.deadline")
         if at <= now_ms:
             raise InvalidArgument(f"{field}.deadline: must be in the future")
         if at > now_ms + settings.max_job_ttl_ms:
             raise InvalidArgument(f"{field}.deadline: at most {settings.max_job_ttl_ms // 1000} s ahead")
     if s.HasField("execution_timeout"):
-        ms = s.execution_timeout.ToMilliseconds()
+        ms = duration_ms(s.execution_timeout, f"{field}.execution_timeout")
         if ms <= 0 or ms > settings.max_job_ttl_ms:
             raise InvalidArgument(f"{field}.execution_timeout: must be positive and at most max job TTL")
     if s.payload and s.payload_ref:
@@ -108,6 +140,8 @@ def pairs(items: Iterable[pb.LanguagePair], field: str = "pairs") -> list[str]:
     for i, p in enumerate(items):
         lang(p.src_lang, f"{field}[{i}].src_lang")
         lang(p.tgt_lang, f"{field}[{i}].tgt_lang")
+        if p.tgt_lang == p.src_lang:
+            raise InvalidArgument(f"{field}[{i}].tgt_lang: must differ from src_lang ({p.src_lang!r})")
         pool = keys.pool_of(p.src_lang, p.tgt_lang)
         if pool not in found:
             found.append(pool)
@@ -122,7 +156,7 @@ def assign(req: pb.AssignRequest) -> list[str]:
         raise InvalidArgument("pairs: at most 256")
     if not 0 <= req.max_jobs <= 100:
         raise InvalidArgument("max_jobs: must be 1 to 100 (0 means 1)")
-    if req.HasField("wait") and not 0 <= req.wait.ToMilliseconds() <= 60_000:
+    if req.HasField("wait") and not 0 <= duration_ms(req.wait, "wait") <= 60_000:
         raise InvalidArgument("wait: must be 0 to 60 s")
     return pairs(req.pairs)
 
