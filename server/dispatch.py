@@ -126,6 +126,8 @@ class Dispatcher:
 
     async def stop(self) -> None:
         self._stopping.set()
+        if not self._tasks:
+            return  # never started, or stopped already
         self._tasks[0].cancel()  # the subscription only waits for messages: cancelling it is safe
         await finish(self._tasks)
         self._tasks = []
@@ -167,6 +169,7 @@ class Dispatcher:
                     candidates.append(job_id)
             if not candidates:
                 candidates = await self._oldest(consumer, need, now_ms)
+            candidates = [j for j in candidates if j not in consumer.pending]  # claimed by this call already
             if not candidates:
                 break
             tokens = [(job_id, new_lease_token()) for job_id in candidates]

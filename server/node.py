@@ -267,6 +267,8 @@ class NodeSessions:
             instance_id=s.instance_id, heartbeat_interval=_duration(s.heartbeat_interval_ms),
             lease_duration=_duration(s.lease_ms), ack_timeout=_duration(s.ack_timeout_ms), pools=session.pools,
         )))
+        if first.drain:  # a draining node that reconnects: no new work, from the first message on
+            session.draining = True
         if first.register.holding:
             await self._resume(session, first.register.holding)
         self.dispatcher.add(session.consumer)
@@ -329,6 +331,7 @@ class NodeSessions:
             raise InvalidArgument("register: only the first message may register")
         refused: list[pb.LeaseStatus] = []
         confirmed: list[pb.LeaseStatus] = []
+        freed: list[Lease] = []  # slots to free once the answer is queued (a drain may close the stream)
 
         def valid(items: Any, field: str, check: Any = validate.lease) -> list[Any]:
             """The entries that pass `check`; each other one is refused, naming its field."""
@@ -355,48 +358,50 @@ class NodeSessions:
                     refused.append(lease_status_pb(t))
                     if session.holds(lease.job_id, lease.token):  # taken away (cancelled, expired): say stop
                         cancels.append(pb.JobLease(job_id=lease.job_id, attempt=lease.attempt, lease_token=lease.token))
-                        session.release(lease.job_id, lease.token)
+                        freed.append(lease)
         results = [c for c in completions if c.WhichOneof("outcome") == "result"]
         if results:
             done = await self.store.complete_many(session.node_id, [(lease_of(c.lease), c.result) for c in results])
             for c, outcome in zip(results, done, strict=True):
-                self._settled(session, lease_of(c.lease), outcome, refused, confirmed)
+                self._settled(lease_of(c.lease), outcome, refused, confirmed, freed)
         for c in completions:
             if c.WhichOneof("outcome") == "error":
-                await self._fail(session, lease_of(c.lease), Event.FAIL, c.error, refused, confirmed)
+                await self._fail(session, lease_of(c.lease), Event.FAIL, c.error, refused, confirmed, freed)
         for item in unavailable:
             error = pb.JobError(code="LINGUA_MODEL_UNAVAILABLE", retryable=True,
                                 message=f"node {session.node_id} has no model for this job")
-            await self._fail(session, lease_of(item), Event.UNAVAILABLE, error, refused, confirmed)
+            await self._fail(session, lease_of(item), Event.UNAVAILABLE, error, refused, confirmed, freed)
         if refused or cancels or confirmed:
             session.outbox.put_nowait(pb.SchedulerMessage(refused=refused, cancels=cancels, confirmed=confirmed))
+        for lease in freed:
+            session.release(lease.job_id, lease.token)
         if m.drain and not session.draining:
             session.draining = True
             await self.registry.register(session.entry(), session.token, renew=True)
             session._maybe_done()
 
     @staticmethod
-    def _settled(session: Session, lease: Lease, outcome: Changed | BaseException, refused: list[pb.LeaseStatus],
-                 confirmed: list[pb.LeaseStatus]) -> None:
+    def _settled(lease: Lease, outcome: Changed | BaseException, refused: list[pb.LeaseStatus],
+                 confirmed: list[pb.LeaseStatus], freed: list[Lease]) -> None:
         """A completion's outcome: confirmed when stored; refused otherwise. The slot is freed only
         when the lease is settled or gone, not when Redis could not be reached (the node resends)."""
         if isinstance(outcome, Changed):
             confirmed.append(_confirmed(outcome))
-            session.release(lease.job_id, lease.token)
+            freed.append(lease)
             return
         refused.append(_refused(lease.job_id, outcome))
         if isinstance(outcome, LEASE_GONE):
-            session.release(lease.job_id, lease.token)
+            freed.append(lease)
 
     async def _fail(self, session: Session, lease: Lease, event: Event, error: pb.JobError,
-                    refused: list[pb.LeaseStatus], confirmed: list[pb.LeaseStatus]) -> None:
+                    refused: list[pb.LeaseStatus], confirmed: list[pb.LeaseStatus], freed: list[Lease]) -> None:
         outcome: Changed | BaseException
         try:
             outcome = await self.store.transition(lease.job_id, event, node=session.node_id, token=lease.token,
                                                   error=error, avoid=True)
         except SchedulerError as err:
             outcome = err
-        self._settled(session, lease, outcome, refused, confirmed)
+        self._settled(lease, outcome, refused, confirmed, freed)
 
     async def _closed(self, session: Session) -> None:
         """After a stream ends: shrink its leases to the grace; unless the node is back (on any
