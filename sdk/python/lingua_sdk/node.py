@@ -95,6 +95,7 @@ class Node:
         self._unconfirmed: dict[str, pb.Completion] = {}  # job id -> outcome, until confirmed or refused
         self._unsent: dict[str, pb.Completion] = {}  # the unconfirmed not yet written on the current stream
         self._acks: list[pb.JobLease] = []
+        self._unavailable: list[pb.JobLease] = []
         self._beat = False
         self._drain_sent = False
         self._stopping = False
@@ -165,7 +166,8 @@ class Node:
     # -- one stream -----------------------------------------------------------------------------
 
     def _register(self) -> pb.NodeMessage:
-        return pb.NodeMessage(register=pb.Register(
+        # A node that reconnects while draining (to deliver unconfirmed results) says so at once.
+        return pb.NodeMessage(drain=self._stopping, register=pb.Register(
             node_id=self.node_id, pairs=self.pairs, max_concurrency=self.concurrency, labels=self.labels,
             version=self.version, holding=[h.lease for h in self._held.values()]))
 
@@ -188,6 +190,7 @@ class Node:
             # A new stream: the leases held were resumed by register.holding (which acks them too);
             # every outcome not confirmed yet goes again.
             self._acks.clear()
+            self._unavailable.clear()
             self._unsent = dict(self._unconfirmed)
             self._drain_sent = False
             self._flush.set()
@@ -242,6 +245,7 @@ class Node:
     def _take(self) -> pb.NodeMessage | None:
         """Everything ready, as one message (None when nothing is)."""
         acks, self._acks = self._acks, []
+        unavailable, self._unavailable = self._unavailable, []
         completions = list(self._unsent.values())
         self._unsent.clear()
         heartbeats: list[pb.JobLease] = []
@@ -250,10 +254,11 @@ class Node:
             acking = {a.job_id for a in acks}
             heartbeats = [h.lease for job_id, h in self._held.items() if job_id not in acking]
         drain = self._stopping and not self._drain_sent
-        if not (acks or completions or heartbeats or drain):
+        if not (acks or completions or heartbeats or unavailable or drain):
             return None
         self._drain_sent = self._drain_sent or drain
-        return pb.NodeMessage(acks=acks, heartbeats=heartbeats, completions=completions, drain=drain)
+        return pb.NodeMessage(acks=acks, heartbeats=heartbeats, completions=completions, unavailable=unavailable,
+                              drain=drain)
 
     async def _heartbeats(self, interval: float) -> None:
         while True:
@@ -266,6 +271,12 @@ class Node:
 
     def _start(self, a: pb.Assignment) -> None:
         lease = pb.JobLease(job_id=a.job_id, attempt=a.attempt, lease_token=a.lease_token)
+        if self._stopping:
+            # Given before the scheduler saw the drain (a stream reopened while draining): hand it
+            # back for another node rather than start work the drain would have to wait for.
+            self._unavailable.append(lease)
+            self._flush.set()
+            return
         old = self._held.pop(a.job_id, None)
         if old is not None:  # given again (a new attempt): the old lease is gone
             old.task.cancel()
