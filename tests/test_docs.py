@@ -31,13 +31,14 @@ def test_fsm_docs_match_the_machine(repo_root: Path) -> None:
 
 
 def test_generated_protobuf_code_is_current(repo_root: Path, tmp_path: Path) -> None:
+    """Both copies (the SDK's and the server's) are exactly what scripts/gen_protos makes."""
     copy = tmp_path / "repo"
     shutil.copytree(repo_root / "protos", copy / "protos")
     shutil.copytree(repo_root / "scripts", copy / "scripts")
-    (copy / "server").mkdir()
     subprocess.run(["bash", str(copy / "scripts" / "gen_protos"), sys.executable], check=True)
-    fresh, committed = copy / "server" / "proto", repo_root / "server" / "proto"
-    names = sorted(p.name for p in fresh.iterdir())
-    assert names == sorted(p.name for p in committed.iterdir() if p.name != "__pycache__")
-    _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
-    assert not mismatch and not errors, f"run scripts/gen_protos: {mismatch or errors} differ"
+    for folder in ("sdk/python/lingua_sdk/_proto", "server/proto"):
+        fresh, committed = copy / folder, repo_root / folder
+        names = sorted(p.name for p in fresh.iterdir())
+        assert names == sorted(p.name for p in committed.iterdir() if p.name != "__pycache__"), folder
+        _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
+        assert not mismatch and not errors, f"run scripts/gen_protos: {folder}: {mismatch or errors} differ"

@@ -1,0 +1,38 @@
+"""Lingua Scheduler SDK: `Client` / `AsyncClient` for applications, `Node` for worker nodes, and the
+`lingua` command line. The generated messages and stub are in `lingua_sdk.pb` and `lingua_sdk.pb_grpc`."""
+
+__version__ = "0.1.0"
+
+from ._channel import TLS
+from ._proto import scheduler_pb2 as pb
+from ._proto import scheduler_pb2_grpc as pb_grpc
+from .client import AsyncClient, Client
+from .errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FatalError,
+    HandlerError,
+    Internal,
+    InvalidArgument,
+    LinguaError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    RetryableError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from .models import Assignment, Job, JobError, JobEvent, JobResult, JobSpec, JobState, NodeInfo, SubmitResult
+from .node import Node
+
+__all__ = [
+    "TLS", "Aborted", "AlreadyExists", "Assignment", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded",
+    "FailedPrecondition", "FatalError", "HandlerError", "Internal", "InvalidArgument", "Job", "JobError", "JobEvent",
+    "JobResult", "JobSpec", "JobState", "LinguaError", "Node", "NodeInfo", "NotFound", "PermissionDenied",
+    "ResourceExhausted", "RetryableError", "SubmitResult", "Unauthenticated", "Unavailable", "Unimplemented",
+    "pb", "pb_grpc",
+]

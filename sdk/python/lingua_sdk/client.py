@@ -1,0 +1,206 @@
+"""`Client` (blocking) and `AsyncClient` (asyncio): one vocabulary, one core.
+
+The core (`_Core`) builds every request and turns every answer and error into the SDK's types; each
+client only carries the call over its channel (grpc or grpc.aio), the way httpx shares its models
+between its sync and async transports. The generated stub is `client.stub`, for anything not covered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Generator, Iterable, Mapping, Sequence
+from contextlib import aclosing, closing
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from ._channel import Connection, TLSOption
+from ._proto import scheduler_pb2 as pb
+from ._proto import scheduler_pb2_grpc as pb_grpc
+from .errors import DeadlineExceeded, Unavailable, from_rpc_error
+from .models import Job, JobEvent, JobSpec, NodeInfo, SubmitResult
+
+_RETRY_PAUSE = 0.2  # seconds between two watches of one wait (after an instance went away)
+
+SpecLike = JobSpec | Mapping[str, Any] | pb.JobSpec
+
+
+class _Core:
+    """Requests in, plain data out: everything the two clients share."""
+
+    def __init__(self, target: str, token: str | None, tls: TLSOption, options: Sequence[tuple[str, Any]],
+                 timeout: float | None) -> None:
+        self.connection = Connection.of(target, token, tls, options)
+        self.metadata = self.connection.metadata or None
+        self.timeout = timeout  # default deadline of unary calls, seconds
+
+    @staticmethod
+    def submit_request(specs: Iterable[SpecLike]) -> pb.SubmitRequest:
+        return pb.SubmitRequest(jobs=[JobSpec.of(s) for s in specs])
+
+    @staticmethod
+    def submitted(reply: pb.SubmitResponse) -> list[SubmitResult]:
+        return [SubmitResult.from_proto(r) for r in reply.results]
+
+    @staticmethod
+    def remaining(deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("wait: the job did not finish in time")
+        return left
+
+
+class AsyncClient:
+    """The scheduler's client API for asyncio code. `target` is a gRPC target ("host:port",
+    "dns:///name:port", "ipv4:a:p,b:p"); `token` is sent as `authorization: Bearer <token>`; `tls` is
+    False (plaintext), True (system roots) or a `TLS`. Use as `async with AsyncClient(...) as c:`."""
+
+    def __init__(self, target: str, *, token: str | None = None, tls: TLSOption = False,
+                 options: Sequence[tuple[str, Any]] = (), timeout: float | None = 30.0) -> None:
+        self._core = _Core(target, token, tls, options, timeout)
+        self.channel = self._core.connection.aio_channel()
+        self.stub = pb_grpc.SchedulerStub(self.channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._core.metadata, timeout=self._core.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def submit(self, **spec: Any) -> SubmitResult:
+        """Submit one job, given as the keyword fields of a JobSpec."""
+        return (await self.submit_many([spec]))[0]
+
+    async def submit_many(self, specs: Iterable[SpecLike]) -> list[SubmitResult]:
+        """Submit a batch (JobSpec, dict of its fields, or pb.JobSpec each): all stored, or none."""
+        return _Core.submitted(await self._unary(self.stub.Submit, _Core.submit_request(specs)))
+
+    async def get(self, job_id: str, *, include_payload: bool = False) -> Job:
+        return Job.from_proto(await self._unary(self.stub.GetJob, pb.GetJobRequest(
+            job_id=job_id, include_payload=include_payload)))
+
+    async def cancel(self, job_id: str, *, reason: str = "") -> Job:
+        return Job.from_proto(await self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id, reason=reason)))
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        reply = await self._unary(self.stub.ListNodes, pb.ListNodesRequest())
+        return [NodeInfo.from_proto(n) for n in reply.nodes]
+
+    async def watch(self, job_id: str, *, timeout: float | None = None) -> AsyncGenerator[JobEvent, None]:
+        """Every state change of the job, oldest first; ends after the terminal one."""
+        call = self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._core.metadata, timeout=timeout)
+        try:
+            async for event in call:
+                yield JobEvent.from_proto(event)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    async def wait(self, job_id: str, *, timeout: float | None = None) -> Job:
+        """The job once terminal (succeeded, failed, cancelled or expired). Raises DeadlineExceeded (a
+        TimeoutError) after `timeout` seconds; a watch cut by an instance going away is resumed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                async with aclosing(self.watch(job_id, timeout=_Core.remaining(deadline))) as events:
+                    async for event in events:
+                        if event.state.terminal:
+                            break
+                job = await self.get(job_id)
+                if job.state.terminal:
+                    return job
+            except Unavailable:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(_RETRY_PAUSE)
+
+    # Room for watch_session(tenant_id, session_id, from_index): one stream of a session's results in
+    # utterance order (issue 9 point 4), once the WatchSession RPC is in the contract.
+
+
+class Client:
+    """The blocking twin of AsyncClient: same constructor, same methods, same types. Use as
+    `with Client(...) as c:`."""
+
+    def __init__(self, target: str, *, token: str | None = None, tls: TLSOption = False,
+                 options: Sequence[tuple[str, Any]] = (), timeout: float | None = 30.0) -> None:
+        self._core = _Core(target, token, tls, options, timeout)
+        self.channel = self._core.connection.channel()
+        self.stub = pb_grpc.SchedulerStub(self.channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self._core.metadata, timeout=self._core.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def submit(self, **spec: Any) -> SubmitResult:
+        """Submit one job, given as the keyword fields of a JobSpec."""
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Iterable[SpecLike]) -> list[SubmitResult]:
+        """Submit a batch (JobSpec, dict of its fields, or pb.JobSpec each): all stored, or none."""
+        return _Core.submitted(self._unary(self.stub.Submit, _Core.submit_request(specs)))
+
+    def get(self, job_id: str, *, include_payload: bool = False) -> Job:
+        return Job.from_proto(self._unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id, include_payload=include_payload)))
+
+    def cancel(self, job_id: str, *, reason: str = "") -> Job:
+        return Job.from_proto(self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id, reason=reason)))
+
+    def list_nodes(self) -> list[NodeInfo]:
+        return [NodeInfo.from_proto(n) for n in self._unary(self.stub.ListNodes, pb.ListNodesRequest()).nodes]
+
+    def watch(self, job_id: str, *, timeout: float | None = None) -> Generator[JobEvent, None, None]:
+        """Every state change of the job, oldest first; ends after the terminal one."""
+        call: Any = self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._core.metadata, timeout=timeout)
+        try:
+            for event in call:
+                yield JobEvent.from_proto(event)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    def wait(self, job_id: str, *, timeout: float | None = None) -> Job:
+        """The job once terminal (succeeded, failed, cancelled or expired). Raises DeadlineExceeded (a
+        TimeoutError) after `timeout` seconds; a watch cut by an instance going away is resumed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                with closing(self.watch(job_id, timeout=_Core.remaining(deadline))) as events:
+                    for event in events:
+                        if event.state.terminal:
+                            break
+                job = self.get(job_id)
+                if job.state.terminal:
+                    return job
+            except Unavailable:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            time.sleep(_RETRY_PAUSE)
+
+    # Room for watch_session (see AsyncClient).

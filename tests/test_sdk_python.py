@@ -1,0 +1,247 @@
+"""The Python SDK (sdk/python, lingua_sdk) against real scheduler instances: Client, AsyncClient, Node."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import AppFactory
+from lingua_scheduler.server.app import create_server
+from lingua_scheduler.server.settings import Settings
+from lingua_sdk import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    FatalError,
+    InvalidArgument,
+    JobResult,
+    JobSpec,
+    JobState,
+    Node,
+    NotFound,
+    RetryableError,
+)
+from lingua_sdk.models import Assignment
+
+pytestmark = pytest.mark.single_redis  # the SDK sees only gRPC: one Redis backend is enough
+
+SPEC = dict(tenant_id="acme", session_id="s1", src_lang="zh", tgt_lang="en", payload_ref="s3://audio/s1/0.opus")
+
+
+def target(app: Any) -> str:
+    return f"127.0.0.1:{app.port}"
+
+
+def make_node(address: str, handler: Any, **kw: Any) -> Node:
+    kw.setdefault("node_id", "gpu-1")
+    kw.setdefault("concurrency", 4)
+    return Node(address, pairs=["zh:en"], handler=handler, handle_signals=False, backoff=(0.05, 0.5), **kw)
+
+
+@contextlib.asynccontextmanager
+async def running(node: Node) -> AsyncIterator[asyncio.Task[None]]:
+    """node.run() as a task; cancelled (not drained) at the end."""
+    task = asyncio.create_task(node.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def translate(a: Assignment) -> dict[str, Any]:
+    return {"text_asr": "ni hao", "text_translated": f"hello {a.spec.utterance_index}", "extra": {"attempt": str(a.attempt)}}
+
+
+# -- clients ---------------------------------------------------------------------------------------
+
+
+async def test_async_client_submit_wait_watch_get_with_a_node(app: Any) -> None:
+    async with AsyncClient(target(app)) as client, running(make_node(target(app), translate)):
+        submitted = await client.submit(**SPEC, utterance_index=7)
+        assert submitted.created and submitted.state is JobState.QUEUED
+        job = await client.wait(submitted.job_id, timeout=20)
+        assert job.state is JobState.SUCCEEDED and job.state.terminal
+        assert job.result == JobResult(text_asr="ni hao", text_translated="hello 7", extra={"attempt": "1"})
+        assert (job.attempt, job.node_id, job.spec.utterance_index) == (1, "gpu-1", 7)
+        assert (await client.get(job.job_id)).result == job.result
+        events = [e async for e in client.watch(job.job_id)]
+        assert events[0].state is JobState.QUEUED and events[-1].state is JobState.SUCCEEDED
+        assert [e.version for e in events] == sorted({e.version for e in events})
+        nodes = await client.list_nodes()
+        assert [(n.node_id, n.pools, n.max_concurrency) for n in nodes] == [("gpu-1", ["zh:en"], 4)]
+
+
+async def test_sync_client_submit_many_get_cancel_watch_wait(app: Any) -> None:
+    # The blocking client runs in a thread: the scheduler under test shares this event loop.
+    def scenario() -> None:
+        with Client(target(app)) as client:
+            first, second = client.submit_many([JobSpec(**SPEC, utterance_index=1), {**SPEC, "utterance_index": 2}])
+            assert first.created and second.created and first.job_id != second.job_id
+            again = client.submit(**SPEC, utterance_index=1)  # idempotent repeat
+            assert (again.job_id, again.created) == (first.job_id, False)
+            assert client.get(first.job_id).state is JobState.QUEUED
+            cancelled = client.cancel(first.job_id, reason="user hung up")
+            assert cancelled.state is JobState.CANCELLED
+            assert cancelled.last_error is not None and "user hung up" in cancelled.last_error.message
+            events = list(client.watch(first.job_id))
+            assert [e.state for e in events] == [JobState.QUEUED, JobState.CANCELLED]
+            assert client.wait(first.job_id, timeout=5).state is JobState.CANCELLED
+            assert client.list_nodes() == []
+
+    await asyncio.to_thread(scenario)
+
+
+async def test_errors_are_typed_with_their_status(app: Any) -> None:
+    async with AsyncClient(target(app)) as client:
+        with pytest.raises(NotFound) as missing:
+            await client.get("{zh:en:0}01JE0000000000000000000000")
+        assert missing.value.code.name == "NOT_FOUND"
+        with pytest.raises(InvalidArgument) as bad:
+            await client.submit(**{**SPEC, "src_lang": "ZH"})
+        assert "jobs[0].src_lang" in bad.value.message
+        queued = await client.submit(**SPEC)
+        with pytest.raises(DeadlineExceeded) as late:  # no node: it never finishes
+            await client.wait(queued.job_id, timeout=0.3)
+        assert isinstance(late.value, TimeoutError)
+    with pytest.raises(NotFound):  # the sync client raises the same types
+        await asyncio.to_thread(lambda: Client(target(app)).get("{zh:en:0}01JE0000000000000000000000"))
+
+
+# -- the node runtime ------------------------------------------------------------------------------
+
+
+async def test_node_reports_retryable_then_fatal_failure(app: Any) -> None:
+    async def flaky(a: Assignment) -> JobResult:
+        if a.attempt == 1:
+            raise RetryableError("GPU hiccup", code="GPU_HICCUP")
+        raise FatalError("audio is not speech", code="NOT_SPEECH")
+
+    async with AsyncClient(target(app)) as client, running(make_node(target(app), flaky)):
+        job = await client.wait((await client.submit(**SPEC)).job_id, timeout=20)
+        assert (job.state, job.attempt) == (JobState.FAILED, 2)
+        assert job.last_error is not None
+        assert (job.last_error.code, job.last_error.retryable) == ("NOT_SPEECH", False)
+        errors = [(e.error.code, e.error.retryable) async for e in client.watch(job.job_id) if e.error]
+        assert errors == [("GPU_HICCUP", True), ("NOT_SPEECH", False)]
+
+
+async def test_node_any_other_exception_is_retryable(app: Any) -> None:
+    async def once_broken(a: Assignment) -> JobResult:
+        if a.attempt == 1:
+            raise ValueError("model not warmed up")
+        return JobResult(text_translated="ok")
+
+    async with AsyncClient(target(app)) as client, running(make_node(target(app), once_broken)):
+        job = await client.wait((await client.submit(**SPEC)).job_id, timeout=20)
+        assert (job.state, job.attempt, job.result and job.result.text_translated) == (JobState.SUCCEEDED, 2, "ok")
+        errors = [e.error async for e in client.watch(job.job_id) if e.error]
+        assert [(e.code, e.retryable) for e in errors] == [("HANDLER_EXCEPTION", True)]
+        assert "ValueError: model not warmed up" in errors[0].message
+
+
+async def test_cancel_reaches_the_handler(app: Any) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(a: Assignment) -> JobResult:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    node = make_node(target(app), slow)
+    async with AsyncClient(target(app)) as client, running(node):
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        assert (await client.cancel(job_id, reason="stop")).state is JobState.CANCELLED
+        await asyncio.wait_for(cancelled.wait(), 10)
+        assert node.in_flight == 0
+
+
+async def test_node_bounds_concurrency(app: Any) -> None:
+    now = peak = 0
+
+    async def work(a: Assignment) -> JobResult:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await asyncio.sleep(0.02)
+        now -= 1
+        return JobResult(text_translated="ok")
+
+    async with AsyncClient(target(app)) as client, running(make_node(target(app), work, concurrency=2)):
+        subs = await client.submit_many([{**SPEC, "utterance_index": i} for i in range(8)])
+        jobs = await asyncio.gather(*[client.wait(s.job_id, timeout=20) for s in subs])
+        assert {j.state for j in jobs} == {JobState.SUCCEEDED}
+        assert 1 <= peak <= 2
+
+
+async def test_node_rejected_for_good_raises(app: Any) -> None:
+    with pytest.raises(InvalidArgument) as bad:
+        await asyncio.wait_for(make_node(target(app), translate, node_id="has space").run(), 10)
+    assert "node_id" in bad.value.message
+
+
+async def test_node_resumes_its_lease_on_another_instance(make_app: AppFactory, settings: Settings) -> None:
+    """The instance holding the node's stream stops while the handler runs; the node reconnects to
+    the other one (one target, two addresses), resumes the lease, and its result is stored."""
+    second = await make_app()
+    first = create_server(settings)  # stopped by the test itself (App.stop is not to be called twice)
+    await first.start()
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        return JobResult(text_translated=f"done on attempt {a.attempt}")
+
+    node = make_node(f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}", held)
+    stopped = False
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(lambda: asyncio.sleep(0) if stopped else first.stop(grace=0))
+        client = await stack.enter_async_context(AsyncClient(target(second)))
+        await stack.enter_async_context(running(node))
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        assert node.instance_id == first.settings.instance_id
+        await first.stop(grace=0)
+        stopped = True
+        release.set()
+        job = await client.wait(job_id, timeout=20)
+        assert (job.state, job.attempt, job.node_id) == (JobState.SUCCEEDED, 1, "gpu-1")
+        assert job.result is not None and job.result.text_translated == "done on attempt 1"
+        assert [n.instance_id for n in await client.list_nodes()] == [second.settings.instance_id]
+
+
+async def test_node_drains_on_stop(app: Any) -> None:
+    """stop(): no new work, the running job finishes and its result is confirmed, then run() returns.
+    Needs the scheduler to confirm stored results (SchedulerMessage.confirmed)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        return JobResult(text_translated="finished while draining")
+
+    node = make_node(target(app), held, concurrency=1, drain_timeout=20)
+    async with AsyncClient(target(app)) as client:
+        task = asyncio.create_task(node.run())
+        first = (await client.submit(**SPEC, utterance_index=0)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        node.stop()
+        # The one slot is taken, and the drain goes out before the result: the second job can only
+        # reach the node if the drain is ignored.
+        second = (await client.submit(**SPEC, utterance_index=1)).job_id
+        release.set()
+        await asyncio.wait_for(task, 20)
+        assert node.unconfirmed == 0 and node.in_flight == 0
+        assert (await client.get(first)).state is JobState.SUCCEEDED
+        assert (await client.get(second)).state is JobState.QUEUED  # never given to the draining node
+
