@@ -27,6 +27,8 @@ if _version_not_supported:
 
 class SchedulerStub:
     """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster).
+    Request bytes that do not decode as the method's request message are INVALID_ARGUMENT
+    "request: not a valid <Message>"; every other bad field is INVALID_ARGUMENT naming the field.
     """
 
     def __init__(self, channel):
@@ -84,6 +86,8 @@ class SchedulerStub:
 
 class SchedulerServicer:
     """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster).
+    Request bytes that do not decode as the method's request message are INVALID_ARGUMENT
+    "request: not a valid <Message>"; every other bad field is INVALID_ARGUMENT naming the field.
     """
 
     def Submit(self, request, context):
@@ -146,7 +150,9 @@ class SchedulerServicer:
 
     def NodeSession(self, request_iterator, context):
         """The node's long-lived bidirectional stream: register, receive assignments, ack, heartbeat,
-        report results, drain.
+        report results, drain. A first message whose bytes do not decode as a NodeMessage ends the stream
+        INVALID_ARGUMENT ("request: not a valid NodeMessage"); a later one is answered with
+        SchedulerMessage.error and the stream stays open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,6 +223,8 @@ def add_SchedulerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Scheduler:
     """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster).
+    Request bytes that do not decode as the method's request message are INVALID_ARGUMENT
+    "request: not a valid <Message>"; every other bad field is INVALID_ARGUMENT naming the field.
     """
 
     @staticmethod

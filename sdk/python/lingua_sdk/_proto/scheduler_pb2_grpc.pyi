@@ -32,7 +32,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class SchedulerStub:
-    """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster)."""
+    """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster).
+    Request bytes that do not decode as the method's request message are INVALID_ARGUMENT
+    "request: not a valid <Message>"; every other bad field is INVALID_ARGUMENT naming the field.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -68,14 +71,19 @@ class SchedulerStub:
     """Reports the outcome of one attempt of a job, fenced by job_id + node_id + lease_token."""
     NodeSession: _grpc.StreamStreamMultiCallable[_scheduler_pb2.NodeMessage, _scheduler_pb2.SchedulerMessage]
     """The node's long-lived bidirectional stream: register, receive assignments, ack, heartbeat,
-    report results, drain.
+    report results, drain. A first message whose bytes do not decode as a NodeMessage ends the stream
+    INVALID_ARGUMENT ("request: not a valid NodeMessage"); a later one is answered with
+    SchedulerMessage.error and the stream stays open.
     """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]
     """Lists the nodes currently registered, with their capabilities and load."""
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
-    """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster)."""
+    """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster).
+    Request bytes that do not decode as the method's request message are INVALID_ARGUMENT
+    "request: not a valid <Message>"; every other bad field is INVALID_ARGUMENT naming the field.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SubmitRequest, _scheduler_pb2.SubmitResponse]  # type: ignore[assignment]
@@ -108,13 +116,18 @@ class SchedulerAsyncStub(SchedulerStub):
     """Reports the outcome of one attempt of a job, fenced by job_id + node_id + lease_token."""
     NodeSession: _aio.StreamStreamMultiCallable[_scheduler_pb2.NodeMessage, _scheduler_pb2.SchedulerMessage]  # type: ignore[assignment]
     """The node's long-lived bidirectional stream: register, receive assignments, ack, heartbeat,
-    report results, drain.
+    report results, drain. A first message whose bytes do not decode as a NodeMessage ends the stream
+    INVALID_ARGUMENT ("request: not a valid NodeMessage"); a later one is answered with
+    SchedulerMessage.error and the stream stays open.
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Lists the nodes currently registered, with their capabilities and load."""
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
-    """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster)."""
+    """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster).
+    Request bytes that do not decode as the method's request message are INVALID_ARGUMENT
+    "request: not a valid <Message>"; every other bad field is INVALID_ARGUMENT naming the field.
+    """
 
     @_abc_1.abstractmethod
     def Submit(
@@ -193,7 +206,9 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.SchedulerMessage], _abc.AsyncIterator[_scheduler_pb2.SchedulerMessage]]:
         """The node's long-lived bidirectional stream: register, receive assignments, ack, heartbeat,
-        report results, drain.
+        report results, drain. A first message whose bytes do not decode as a NodeMessage ends the stream
+        INVALID_ARGUMENT ("request: not a valid NodeMessage"); a later one is answered with
+        SchedulerMessage.error and the stream stays open.
         """
 
     @_abc_1.abstractmethod
