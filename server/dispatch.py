@@ -19,10 +19,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from . import keys, wire
 from .errors import ScriptCode
 from .settings import Settings
 from .store import Claim, Lease, Store
+from .throttle import ThrottledWarning
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ class Dispatcher:
         self._pools: list[str] = []
         self._pools_at = 0.0
         self._discovered_at = -float("inf")
+        self._timer_errors = ThrottledWarning(log)
+        self._sweep_errors = ThrottledWarning(log, interval_s=10)  # Redis down: not a line per sweep
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -180,7 +185,15 @@ class Dispatcher:
 
     async def _claim(self, consumer: Consumer, tokens: list[tuple[str, str]], now_ms: float) -> list[Claim]:
         consumer.pending.update(tokens)
-        claims = await self.store.claim(consumer.node_id, tokens)
+        sent = asyncio.ensure_future(self.store.claim(consumer.node_id, tokens))
+        try:
+            claims = await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            # The caller gave up (a deadline, a closed stream). Let the claim's reply arrive (bounded),
+            # so a release that follows is sent after the claim, not racing it on another connection.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(sent, self.settings.ack_timeout_ms / 1000)
+            raise
         for claim in claims:
             if claim.code != ScriptCode.APPLIED:
                 consumer.pending.pop(claim.job_id, None)
@@ -326,7 +339,7 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                log.warning("timer sweep failed: %r", err)
+                self._sweep_errors("timer sweep failed: %r", err)
 
     async def sweep_once(self) -> int:
         """Fire every due timer of every pool's partitions; returns how many were acted on."""
@@ -342,7 +355,10 @@ class Dispatcher:
         due = await self.store.due_timers(tags, int(time.time() * 1000) + 1)
         fired = 0
         for _tag, member in due:
-            if await self.store.fire_timer(member) is not None:
-                fired += 1
+            try:
+                if await self.store.fire_timer(member) is not None:
+                    fired += 1
+            except ResponseError as err:  # one bad record must not stop the timers behind it
+                self._timer_errors("timer %s failed: %r", member, err)
         return fired
 

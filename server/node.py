@@ -207,7 +207,7 @@ class NodeSessions:
             for session in list(self.sessions.values()):
                 try:
                     if await self.registry.register(session.entry(), session.token, renew=True) is None:
-                        session.on_message("replaced", [session.token])
+                        session.on_message(wire.REPLACED, [session.token])
                 except Exception as err:
                     log.warning("renewing node %s failed: %s", session.node_id, err)
 
@@ -260,7 +260,7 @@ class NodeSessions:
             await self.store.redis.publish(keys.node_channel(session.node_id), wire.replaced(previous))
         old = self.sessions.get(session.node_id)
         if old is not None:
-            old.on_message("replaced", [old.token])
+            old.on_message(wire.REPLACED, [old.token])
         self.sessions[session.node_id] = session
         s = self.settings
         await context.write(pb.SchedulerMessage(registered=pb.RegisterAck(

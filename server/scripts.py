@@ -1,6 +1,6 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-7.lua` takes 7. Every script is
+A script's file name says how many KEYS it takes: `claim_job-8.lua` takes 8. Every script is
 assembled at load time as PRELUDE + the file: the prelude holds what all scripts share (the clock,
 the events-list entry, timer member names) and the machine's rules, generated from fsm/ (which
 states each event fires from, where it leads, what counts as a repeat), so no script retypes a state
@@ -76,7 +76,7 @@ def prelude() -> str:
         f'  return "{wire.RETRY}:" .. jobId',
         "end",
         "local function wake_message(jobId, preferred)",
-        '  return jobId .. " " .. preferred',
+        f'  return jobId .. "{wire.WAKE_SEP}" .. preferred',
         "end",
         "-- Appends one state change to the job's events list and publishes it on the list's name.",
         "local function record_event(eventsKey, entry)",

@@ -216,7 +216,8 @@ class Store:
         """Create the jobs (or find the ones an identical submit made): one pipelined round trip.
 
         A repeat whose content differs from the job its identity has raises AlreadyExists naming it;
-        the other jobs of the batch are stored (a retry of the batch finds them)."""
+        the other jobs of the batch (before and after it) are stored (a retry of the batch finds them).
+        An identity is per pool: the same key with another pair is another job."""
         calls = [self._submit_call(spec) for spec in specs]
         await self._remember_pools({keys.pool_of(sp.src_lang, sp.tgt_lang) for sp in specs})
         replies = self._raise_errors(await self.scripts.call_many(self.redis, calls))
@@ -224,7 +225,7 @@ class Store:
             if r[0] == ScriptCode.IDENTITY_CONFLICT:
                 raise AlreadyExists(
                     f"jobs[{i}]: job {_s(r[1])} already exists for this identity with different content "
-                    "(payload, pair, priority, max_attempts or execution_timeout differ)")
+                    "(payload, payload_ref, priority, max_attempts or execution_timeout differ)")
         out = [
             Submitted(_s(r[1]), r[0] == ScriptCode.APPLIED, _s(r[2]) if r[0] == ScriptCode.APPLIED else "")
             for r in replies

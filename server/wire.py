@@ -1,7 +1,7 @@
 """Strings that travel through Redis between instances: timer members, wake-ups and node messages.
 
 One module formats and parses them; the Lua prelude (server/scripts.py) is built from the same
-constants, so a script and the Python side cannot disagree (tests/test_scripts.py checks it).
+constants, so a script and the Python side cannot disagree (tests/test_lua_scripts.py checks it).
 """
 
 from __future__ import annotations
@@ -44,13 +44,16 @@ def parse_timer(member: str) -> Timer:
     return Timer(kind, rest)
 
 
+WAKE_SEP = " "
+
+
 def wake(job_id: str, preferred_node: str = "") -> str:
     """A wake-up: `job_id` was queued (and prefers `preferred_node`, when set)."""
-    return f"{job_id} {preferred_node}"
+    return f"{job_id}{WAKE_SEP}{preferred_node}"
 
 
 def parse_wake(data: str) -> tuple[str, str]:
-    job_id, _, preferred = data.partition(" ")
+    job_id, _, preferred = data.partition(WAKE_SEP)
     return job_id, preferred
 
 

@@ -179,6 +179,7 @@ async def test_a_stale_lease_timer_never_removes_the_current_one(store: Store, r
 async def test_idempotency_identities_do_not_collide(stub: pb_grpc.SchedulerStub) -> None:
     a = await submit(stub, session_id="sess2", idempotency_key="k:X")
     b = await submit(stub, session_id="sess2:k", idempotency_key="X")
+    assert keys.tag_of(a) == keys.tag_of(b)  # one partition: only the identity's encoding tells them apart
     assert a != b
 
 
@@ -237,6 +238,22 @@ def test_a_consumers_avoid_list_is_bounded() -> None:
         consumer.avoid(f"job-{i}", now + 60_000, now)
     assert len(consumer.avoided) == MAX_AVOIDED and consumer.avoids(f"job-{MAX_AVOIDED * 3 - 1}", now)
     assert consumer.avoiding(now) == MAX_AVOIDED and consumer.avoiding(now + 60_001) == 0
+
+
+async def test_a_record_without_a_lease_token_still_moves(store: Store, redis: Any) -> None:
+    """Records written before lease tokens (no `tok` field) can still be cancelled, expired, requeued."""
+    (job,) = await store.submit([spec()])
+    await store.claim("n1", [(job.job_id, "tok-1")])
+    await redis.hdel(keys.JobKeys.of(job.job_id).fsm, "tok")
+    assert (await store.cancel(job.job_id, "upgrade")).state == "cancelled"
+
+
+async def test_a_lease_token_is_good_for_one_claim(store: Store) -> None:
+    (job,) = await store.submit([spec()])
+    await store.claim("n1", [(job.job_id, "tok-1")])
+    await store.release("n1", [Lease(job.job_id, "tok-1")])
+    (again,) = await store.claim("n1", [(job.job_id, "tok-1")])  # a late repeat of the released claim
+    assert again.code == ScriptCode.NOT_IN_QUEUE and (await store.record(job.job_id)).state == "queued"
 
 
 async def test_a_released_lease_is_fenced_by_its_token(store: Store) -> None:

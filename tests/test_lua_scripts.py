@@ -254,12 +254,14 @@ for _, event in ipairs(ARGV) do
       .. tostring(is_repeat(state, event, event)) .. "|" .. (FIXED[event] or ""))
   end
 end
-table.insert(out, lease_member("{zh:en:0}J", "tok") .. " " .. deadline_member("J") .. " " .. retry_member("J"))
+table.insert(out, lease_member("{zh:en:0}J", "tok") .. "|" .. deadline_member("J") .. "|" .. retry_member("J")
+  .. "|" .. wake_message("J", "n1"))
 return out
 """
     rows = [r.decode() for r in await redis.eval(probe, 0, *[str(e) for e in Event])]
     members = rows.pop()
-    assert members == " ".join([wire.lease_timer("{zh:en:0}J", "tok"), wire.deadline_timer("J"), wire.retry_timer("J")])
+    assert members.split("|") == [wire.lease_timer("{zh:en:0}J", "tok"), wire.deadline_timer("J"),
+                                  wire.retry_timer("J"), wire.wake("J", "n1")]
     for row in rows:
         event, state, allowed, repeat, fixed = row.split("|")
         assert (allowed == "true") == (JobState(state) in sources_of(event)), row

@@ -83,11 +83,11 @@ async def test_commands_per_rpc(make_app: AppFactory, redis: Any) -> None:
 
         async with mon.watch():
             await stub.Heartbeat(pb.HeartbeatRequest(node_id="n2", leases=[
-                pb.JobLease(job_id=woken.job_id, attempt=1, lease_token=woken.lease_token)]))
+                pb.JobLease(job_id=woken.job_id, attempt=1, lease_token=got.assignments[0].lease_token)]))
         assert mon.client == Counter(EVALSHA=1), mon.client
         async with mon.watch():
             await stub.Complete(pb.CompleteRequest(job_id=woken.job_id, attempt=1, node_id="n2",
-                                                   lease_token=woken.lease_token, result=pb.JobResult()))
+                                                   lease_token=got.assignments[0].lease_token, result=pb.JobResult()))
         assert mon.client == Counter(EVALSHA=1), mon.client
         async with mon.watch():
             await stub.GetJob(pb.GetJobRequest(job_id=job_id))

@@ -25,7 +25,8 @@
     {1, candidates, attempt, lease deadline ms, meta, payload}  claimed (now, or by this token before)
     {-1, candidates}         job not found (its queue entry is dropped)
     {-2, candidates, state}  job not in a claimable state (its queue entry is dropped)
-    {-7, candidates}         job no longer in the queue (someone else claimed it)
+    {-7, candidates}         job no longer in the queue (someone else claimed it), or this token's
+                             claim was released or expired already (a token is good for one claim)
     {-8, candidates, until}  the job avoids this node until `until` (ms): the node lost it or lacked the model
     {-9, candidates, until}  the job is held back for its session's node until `until` (ms)
 ]]
@@ -39,8 +40,11 @@ end
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease")
 local state = f[1]
-if state == FIXED[E.assign] and f[9] == token and f[8] == nodeId then
-  return {1, heads(), tonumber(f[3]), tonumber(f[10]), rcall("GET", metaKey), rcall("GET", payloadKey) or ""}
+if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
+  if state == FIXED[E.assign] and f[8] == nodeId then
+    return {1, heads(), tonumber(f[3]), tonumber(f[10]), rcall("GET", metaKey), rcall("GET", payloadKey) or ""}
+  end
+  return {-7, heads()}
 end
 if not rcall("ZSCORE", queueKey, jobId) then
   return {-7, heads()}

@@ -46,7 +46,8 @@ local state = f[1]
 if not state then
   return {-1}
 end
-if ARGV[6] ~= "" and f[8] ~= ARGV[6] then
+local tok = f[8] or ""  -- a record written before lease tokens has none
+if ARGV[6] ~= "" and tok ~= ARGV[6] then
   return {-4, tonumber(f[3])}
 end
 if ARGV[5] ~= "" and f[4] ~= ARGV[5] then
@@ -81,7 +82,7 @@ if ARGV[7] == "1" then
   rcall("SET", resultKey, ARGV[8])
 end
 rcall("ZREM", queueKey, jobId)
-rcall("ZREM", timersKey, lease_member(jobId, f[8]), deadline_member(jobId), retry_member(jobId))
+rcall("ZREM", timersKey, lease_member(jobId, tok), deadline_member(jobId), retry_member(jobId))
 record_event(eventsKey, {s = dest, v = version, a = tonumber(f[3]), n = f[4], e = event, t = now,
   ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
 local expireAt = math.max(now, deadline) + tonumber(ARGV[12])

@@ -42,7 +42,8 @@ local state = f[1]
 if not state then
   return {-1}
 end
-if ARGV[6] ~= "" and f[9] ~= ARGV[6] then
+local tok = f[9] or ""  -- a record written before lease tokens has none
+if ARGV[6] ~= "" and tok ~= ARGV[6] then
   return {-4, tonumber(f[3])}
 end
 if ARGV[5] ~= "" and f[4] ~= ARGV[5] then
@@ -77,7 +78,7 @@ rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "att", attempt
 if ARGV[8] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[8], "emsg", ARGV[9], "eretry", ARGV[10])
 end
-rcall("ZREM", timersKey, lease_member(jobId, f[9]))
+rcall("ZREM", timersKey, lease_member(jobId, tok))
 local backoff = tonumber(ARGV[7])
 if backoff > 0 then
   rcall("ZADD", timersKey, now + backoff, retry_member(jobId))

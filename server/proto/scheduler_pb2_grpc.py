@@ -93,9 +93,9 @@ class SchedulerServicer:
     def Submit(self, request, context):
         """Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
         the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
-        the repeat asks for the same work: a repeat whose content differs (payload or payload_ref, pair,
+        the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
         priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-        trace_id and deadline may differ between repeats.
+        trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
         The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

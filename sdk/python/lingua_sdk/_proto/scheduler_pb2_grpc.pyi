@@ -44,9 +44,9 @@ class SchedulerStub:
     Submit: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SubmitRequest, _scheduler_pb2.SubmitResponse]
     """Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
     the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
-    the repeat asks for the same work: a repeat whose content differs (payload or payload_ref, pair,
+    the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
     priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-    trace_id and deadline may differ between repeats.
+    trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
     The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]
@@ -89,9 +89,9 @@ class SchedulerAsyncStub(SchedulerStub):
     Submit: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SubmitRequest, _scheduler_pb2.SubmitResponse]  # type: ignore[assignment]
     """Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
     the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
-    the repeat asks for the same work: a repeat whose content differs (payload or payload_ref, pair,
+    the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
     priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-    trace_id and deadline may differ between repeats.
+    trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
     The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
@@ -137,9 +137,9 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_pb2.SubmitResponse, _abc.Awaitable[_scheduler_pb2.SubmitResponse]]:
         """Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
         the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
-        the repeat asks for the same work: a repeat whose content differs (payload or payload_ref, pair,
+        the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
         priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-        trace_id and deadline may differ between repeats.
+        trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
         The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
         """
 
