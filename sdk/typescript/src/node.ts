@@ -159,7 +159,10 @@ export class Node extends EventEmitter<NodeEvents> {
         if (this.#out) this.#queue({ unavailable: [work.lease] });
         else this.#unavailable.push(work.lease);
       }
+      // Its own message, ahead of the outcomes that follow: the scheduler must not refill the slot
+      // a result frees.
       this.#queue({ drain: true });
+      this.#flush();
       this.#backoff?.abort(); // between streams: reconnect now to drain (or end, if nothing is left)
       if (!this.#run) this.#halt.abort();
       const timeout = this.#options.drainTimeoutMs ?? 30_000;
@@ -171,28 +174,46 @@ export class Node extends EventEmitter<NodeEvents> {
     this.#connection.close();
   }
 
+  /** Stops at once, without draining: aborts the running handlers, drops the outcomes not yet
+   * confirmed (the scheduler requeues what the node held once its stream grace passes) and closes.
+   * Resolves when run() has ended. */
+  async close(): Promise<void> {
+    this.#draining = true;
+    this.#stopping ??= new AbortController();
+    this.#forceStop("closed");
+    if (this.#run) await this.#run.catch(() => undefined);
+    this.#connection.close();
+  }
+
   async #serve(): Promise<void> {
     const onSignal = (): void => void this.stop();
     const signals = this.#options.handleSignals ?? true ? (["SIGTERM", "SIGINT"] as const) : [];
     for (const s of signals) process.on(s, onSignal);
     const initial = this.#options.reconnectInitialMs ?? 100;
     let delay = initial;
+    let drainCloses = 0;
     try {
       while (!this.#halt.signal.aborted && !this.#isDrained()) {
-        let registered = false;
+        let registeredAt: number | undefined;
         try {
-          await this.#session(() => {
-            registered = true;
-            delay = initial;
-          });
+          await this.#session(() => (registeredAt = Date.now()));
           this.emit("disconnected", undefined);
+          // The scheduler closes a draining stream once it holds nothing for the node; outcomes
+          // still unconfirmed then are sent once more on a new stream, and not again after that.
+          if (this.#draining && !this.#jobs.size && this.#unconfirmed.size && ++drainCloses >= 2) {
+            this.#forceStop("the scheduler closed the drained stream twice");
+            break;
+          }
         } catch (err) {
           const error = toSchedulerError(err);
           if (this.#halt.signal.aborted) break;
-          if (!registered && PERMANENT.has(error.code)) throw error;
+          if (registeredAt === undefined && PERMANENT.has(error.code)) throw error;
           this.emit("disconnected", error);
         }
         if (this.#isDrained()) break;
+        // Back off from the first delay again only after a stream that lived a while: a scheduler
+        // that accepts and drops streams at once must not be hammered.
+        if (registeredAt !== undefined && Date.now() - registeredAt >= 1_000) delay = initial;
         this.#backoff = new AbortController();
         const wake = AbortSignal.any([this.#halt.signal, this.#backoff.signal]);
         await sleep(delay * (0.5 + Math.random()), undefined, { signal: wake }).catch(() => undefined);
@@ -275,6 +296,10 @@ export class Node extends EventEmitter<NodeEvents> {
     const lease = create(JobLeaseSchema, {
       jobId: message.jobId, attempt: message.attempt, leaseToken: message.leaseToken,
     });
+    if (this.#draining) {
+      this.#queue({ unavailable: [lease] }); // crossed our drain: back to the pool at once
+      return;
+    }
     const abort = new AbortController();
     const work: Work = {
       lease, abort,
