@@ -9,7 +9,7 @@ import { jobResult, type JobResultInput, pair, type PairInput } from "./convert.
 import { FatalError, ModelUnavailableError, RetryableError, type SchedulerError, toSchedulerError } from "./errors.js";
 import {
   type Assignment as AssignmentMessage, type Completion, CompletionSchema, type JobError, JobErrorSchema,
-  type JobLease, JobLeaseSchema, type JobResult, type JobSpec, type LeaseStatus, type NodeMessage,
+  type JobLease, JobLeaseSchema, type JobResult, type JobSpec, type LeaseStatus, LeaseStatusSchema, type NodeMessage,
   NodeMessageSchema, type RegisterAck, Scheduler, type SchedulerMessage,
 } from "./gen/lingua/scheduler/v1/scheduler_pb.js";
 import { AsyncQueue } from "./queue.js";
@@ -191,19 +191,12 @@ export class Node extends EventEmitter<NodeEvents> {
     for (const s of signals) process.on(s, onSignal);
     const initial = this.#options.reconnectInitialMs ?? 100;
     let delay = initial;
-    let drainCloses = 0;
     try {
       while (!this.#halt.signal.aborted && !this.#isDrained()) {
         let registeredAt: number | undefined;
         try {
           await this.#session(() => (registeredAt = Date.now()));
           this.emit("disconnected", undefined);
-          // The scheduler closes a draining stream once it holds nothing for the node; outcomes
-          // still unconfirmed then are sent once more on a new stream, and not again after that.
-          if (this.#draining && !this.#jobs.size && this.#unconfirmed.size && ++drainCloses >= 2) {
-            this.#forceStop("the scheduler closed the drained stream twice");
-            break;
-          }
         } catch (err) {
           const error = toSchedulerError(err);
           if (this.#halt.signal.aborted) break;
@@ -211,6 +204,12 @@ export class Node extends EventEmitter<NodeEvents> {
           this.emit("disconnected", error);
         }
         if (this.#isDrained()) break;
+        if (this.#draining && !this.#jobs.size) {
+          // Only outcomes are left to settle: a new stream would be handed new work, so use the
+          // unary Complete instead.
+          await this.#settleUnary(initial);
+          break;
+        }
         // Back off from the first delay again only after a stream that lived a while: a scheduler
         // that accepts and drops streams at once must not be hammered.
         if (registeredAt !== undefined && Date.now() - registeredAt >= 1_000) delay = initial;
@@ -223,6 +222,38 @@ export class Node extends EventEmitter<NodeEvents> {
       for (const s of signals) process.off(s, onSignal);
       this.#stopping?.abort();
       this.#connection.close();
+    }
+  }
+
+  /** Sends each unconfirmed outcome with the unary Complete until it is stored or refused,
+   * retrying while the scheduler is unreachable (until a forced stop). */
+  async #settleUnary(initialDelayMs: number): Promise<void> {
+    for (const [jobId, completion] of this.#unconfirmed) {
+      const { lease, outcome } = completion;
+      let delay = initialDelayMs;
+      while (!this.#halt.signal.aborted) {
+        try {
+          const done = await this.#stub.complete({
+            jobId, attempt: lease!.attempt, leaseToken: lease!.leaseToken, nodeId: this.nodeId, outcome,
+          }, { signal: this.#halt.signal });
+          this.#unconfirmed.delete(jobId);
+          this.emit("confirmed", create(LeaseStatusSchema, { jobId, ok: true, state: done.state }));
+          break;
+        } catch (err) {
+          const error = toSchedulerError(err);
+          if (this.#halt.signal.aborted) return;
+          if (error.code === Code.Unavailable || error.code === Code.DeadlineExceeded) {
+            await sleep(delay * (0.5 + Math.random()), undefined, { signal: this.#halt.signal }).catch(() => undefined);
+            delay = Math.min(delay * 2, this.#options.reconnectMaxMs ?? 5_000);
+            continue;
+          }
+          this.#unconfirmed.delete(jobId);
+          this.emit("refused", create(LeaseStatusSchema, {
+            jobId, ok: false, errorCode: error.codeName, errorMessage: error.rawMessage,
+          }));
+          break;
+        }
+      }
     }
   }
 
