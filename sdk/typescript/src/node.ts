@@ -47,7 +47,7 @@ export interface NodeOptions extends ConnectionOptions {
   /** How long stop() lets running jobs finish (and their results be confirmed) before it aborts
    * them and closes. Default 30 000 ms. */
   drainTimeoutMs?: number;
-  /** Drain on SIGTERM and SIGINT while run() is running. Default true. */
+  /** Drain on SIGTERM and SIGINT while run() is running (a second signal stops at once). Default true. */
   handleSignals?: boolean;
 }
 
@@ -186,7 +186,8 @@ export class Node extends EventEmitter<NodeEvents> {
   }
 
   async #serve(): Promise<void> {
-    const onSignal = (): void => void this.stop();
+    // The first SIGTERM/SIGINT drains; a second one stops at once.
+    const onSignal = (): void => void (this.#stopping ? this.close() : this.stop());
     const signals = this.#options.handleSignals ?? true ? (["SIGTERM", "SIGINT"] as const) : [];
     for (const s of signals) process.on(s, onSignal);
     const initial = this.#options.reconnectInitialMs ?? 100;

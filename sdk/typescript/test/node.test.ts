@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { once } from "node:events";
 import { after, before, test } from "node:test";
 import {
-  Client, FatalError, JobState, type LeaseStatus, Node, type NodeOptions, RetryableError, stateName,
+  Client, FatalError, InvalidArgumentError, JobState, type LeaseStatus, Node, type NodeOptions, RetryableError, stateName,
 } from "../src/index.js";
 import { Proxy, type RunningScheduler, startScheduler } from "./scheduler.js";
 
@@ -65,6 +65,18 @@ test("a failing handler: any error and RetryableError retry, FatalError fails th
     await node.stop();
   }
   await running;
+});
+
+test("a registration the scheduler refuses rejects run() with the typed error", { timeout: 30_000 }, async () => {
+  const node = new Node(scheduler.target, {
+    nodeId: "ts-bad-pair", pairs: ["ZH:en"], concurrency: 1, handleSignals: false, handler: async () => ({}),
+  });
+  nodes.push(node);
+  await assert.rejects(node.run(), (err: unknown) => {
+    assert.ok(err instanceof InvalidArgumentError);
+    assert.match(err.rawMessage, /register\.pairs/);
+    return true;
+  });
 });
 
 test("cancelling a job aborts its handler's signal", { timeout: 30_000 }, async () => {
