@@ -1,0 +1,116 @@
+// The client of application developers: submit utterances, read and wait for results.
+import { setTimeout as sleep } from "node:timers/promises";
+import { Code, ConnectError, createClient, type Client as GeneratedClient } from "@connectrpc/connect";
+import { isTerminal, jobSpec, type JobSpecInput } from "./convert.js";
+import { call, toSchedulerError, UnavailableError } from "./errors.js";
+import {
+  type Job, type JobEvent, type NodeInfo, Scheduler, type SubmitResult,
+} from "./gen/lingua/scheduler/v1/scheduler_pb.js";
+import { connect, type Connection, type ConnectionOptions } from "./transport.js";
+
+export type ClientOptions = ConnectionOptions;
+
+/** Per call: an AbortSignal cancels the call (it rejects with CancelledError); timeoutMs sets a
+ * gRPC deadline (DeadlineExceededError). */
+export interface CallOptions {
+  signal?: AbortSignal;
+  timeoutMs?: number;
+}
+
+/**
+ * A scheduler client over one HTTP/2 connection.
+ *
+ * ```ts
+ * const client = new Client("127.0.0.1:50051");
+ * const { jobId } = await client.submit({ tenantId: "acme", sessionId: "s1", utteranceIndex: 0,
+ *   srcLang: "zh", tgtLang: "en", payloadRef: "s3://audio/s1/0.opus" });
+ * const job = await client.wait(jobId, { timeoutMs: 30_000 });
+ * ```
+ */
+export class Client {
+  /** The generated client, for what this class does not wrap. */
+  readonly stub: GeneratedClient<typeof Scheduler>;
+  readonly #connection: Connection;
+
+  /** `target`: "host:port" or an http(s):// URL. */
+  constructor(target: string, options: ClientOptions = {}) {
+    this.#connection = connect(target, options);
+    this.stub = createClient(Scheduler, this.#connection.transport);
+  }
+
+  /** Submits one job; resolves to its id, whether it was created (false for a repeat) and its state. */
+  async submit(spec: JobSpecInput, options: CallOptions = {}): Promise<SubmitResult> {
+    const [result] = await this.submitMany([spec], options);
+    return result!;
+  }
+
+  /** Submits a batch, validated as a whole (one invalid job rejects it all); results in order. */
+  async submitMany(specs: readonly JobSpecInput[], options: CallOptions = {}): Promise<SubmitResult[]> {
+    const response = await call(() => this.stub.submit({ jobs: specs.map(jobSpec) }, options));
+    return response.results;
+  }
+
+  /** Reads one job: state, attempt, node, last error and result. */
+  async get(jobId: string, options: CallOptions & { includePayload?: boolean } = {}): Promise<Job> {
+    const { includePayload = false, ...rest } = options;
+    return call(() => this.stub.getJob({ jobId, includePayload }, rest));
+  }
+
+  /** Every state change of one job, oldest first, ending after the terminal state. */
+  async *watch(jobId: string, options: CallOptions = {}): AsyncGenerator<JobEvent> {
+    try {
+      yield* this.stub.watchJob({ jobId }, options);
+    } catch (err) {
+      throw toSchedulerError(err);
+    }
+  }
+
+  /** Waits for the job to reach a terminal state and returns it (result included). Rejects with
+   * DeadlineExceededError after `timeoutMs`, CancelledError when `signal` aborts. A watch cut by an
+   * instance going away (UNAVAILABLE, or the stream ending early) is opened again. */
+  async wait(jobId: string, options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<Job> {
+    const timeout = options.timeoutMs === undefined ? undefined : AbortSignal.timeout(options.timeoutMs);
+    const signals = [options.signal, timeout].filter((s): s is AbortSignal => s !== undefined);
+    const signal = signals.length ? AbortSignal.any(signals) : undefined;
+    let delayMs = 50;
+    try {
+      for (;;) {
+        try {
+          for await (const event of this.watch(jobId, { signal })) {
+            if (isTerminal(event.state)) return await this.get(jobId, { signal });
+          }
+        } catch (err) {
+          if (!(err instanceof UnavailableError) || signal?.aborted) throw err;
+        }
+        await sleep(delayMs, undefined, { signal });
+        delayMs = Math.min(delayMs * 2, 2_000);
+      }
+    } catch (err) {
+      if (timeout?.aborted && !options.signal?.aborted) {
+        throw toSchedulerError(new ConnectError(`job ${jobId} not finished after ${options.timeoutMs} ms`,
+          Code.DeadlineExceeded));
+      }
+      throw toSchedulerError(err);
+    }
+  }
+
+  /** Cancels a job that is not terminal yet; resolves to the job after the change. */
+  async cancel(jobId: string, options: CallOptions & { reason?: string } = {}): Promise<Job> {
+    const { reason = "", ...rest } = options;
+    return call(() => this.stub.cancelJob({ jobId, reason }, rest));
+  }
+
+  /** The nodes registered now, with their pools and load. */
+  async listNodes(options: CallOptions = {}): Promise<NodeInfo[]> {
+    return (await call(() => this.stub.listNodes({}, options))).nodes;
+  }
+
+  // watchSession(tenantId, sessionId, { fromIndex }): every job of a session in utterance order
+  // (issue 9 point 4). It lands here, as an async generator like watch(), once the contract has
+  // the WatchSession RPC.
+
+  /** Closes the connection; calls in progress fail. */
+  close(): void {
+    this.#connection.close();
+  }
+}

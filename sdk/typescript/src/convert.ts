@@ -1,0 +1,86 @@
+// Plain data at the surface, generated messages underneath: the conversions between the two.
+import { create } from "@bufbuild/protobuf";
+import { durationFromMs, durationMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import {
+  type JobResult, JobResultSchema, type JobSpec, JobSpecSchema, JobState, type LanguagePair, LanguagePairSchema,
+} from "./gen/lingua/scheduler/v1/scheduler_pb.js";
+
+export { durationMs };
+
+/** What a client asks to be done: the fields of a JobSpec, in plain types. */
+export interface JobSpecInput {
+  /** Required: the tenant; scopes idempotency keys and sessions. */
+  tenantId: string;
+  /** Required: the conversation the utterance belongs to. */
+  sessionId: string;
+  /** Index of the utterance within its session, 0 or more. */
+  utteranceIndex: number | bigint;
+  /** Source and target language tags ("zh", "en", "pt-br"). */
+  srcLang: string;
+  tgtLang: string;
+  traceId?: string;
+  /** 0 (lowest) to 9 (highest). */
+  priority?: number;
+  /** When the job stops being worth doing. */
+  deadline?: Date;
+  /** 0 or absent: the server default. */
+  maxAttempts?: number;
+  idempotencyKey?: string;
+  /** Inline input (a string is sent as UTF-8); prefer payloadRef. */
+  payload?: Uint8Array | string;
+  /** Where the node finds the input: "s3://...", "session://<session>/<index>". */
+  payloadRef?: string;
+  /** The longest one attempt may run; absent: the server default. */
+  executionTimeoutMs?: number;
+}
+
+/** What a node handler returns for a successful job: the fields of a JobResult, in plain types. */
+export interface JobResultInput {
+  textAsr?: string;
+  textTranslated?: string;
+  ttsAudio?: Uint8Array;
+  ttsAudioRef?: string;
+  ttsFormat?: string;
+  extra?: Record<string, string>;
+}
+
+/** A language pair: "zh:en", ["zh", "en"] or { srcLang, tgtLang }. */
+export type PairInput = string | readonly [string, string] | { srcLang: string; tgtLang: string };
+
+export function jobSpec(input: JobSpecInput): JobSpec {
+  const { deadline, executionTimeoutMs, payload, utteranceIndex, ...rest } = input;
+  return create(JobSpecSchema, {
+    ...rest,
+    utteranceIndex: BigInt(utteranceIndex),
+    ...(deadline !== undefined && { deadline: timestampFromDate(deadline) }),
+    ...(executionTimeoutMs !== undefined && { executionTimeout: durationFromMs(executionTimeoutMs) }),
+    ...(payload !== undefined && { payload: typeof payload === "string" ? new TextEncoder().encode(payload) : payload }),
+  });
+}
+
+export function jobResult(input: JobResultInput | JobResult): JobResult {
+  return create(JobResultSchema, input);
+}
+
+export function pair(input: PairInput): LanguagePair {
+  if (typeof input === "string") {
+    const [srcLang, tgtLang, ...more] = input.split(":");
+    if (!srcLang || !tgtLang || more.length) throw new TypeError(`pair ${JSON.stringify(input)}: expected "src:tgt"`);
+    return create(LanguagePairSchema, { srcLang, tgtLang });
+  }
+  if (Array.isArray(input)) return create(LanguagePairSchema, { srcLang: input[0], tgtLang: input[1] });
+  const { srcLang, tgtLang } = input as { srcLang: string; tgtLang: string };
+  return create(LanguagePairSchema, { srcLang, tgtLang });
+}
+
+const TERMINAL = new Set([JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED]);
+
+/** True for SUCCEEDED, FAILED, CANCELLED and EXPIRED. */
+export function isTerminal(state: JobState): boolean {
+  return TERMINAL.has(state);
+}
+
+/** "SUCCEEDED" for JobState.SUCCEEDED. */
+export function stateName(state: JobState): string {
+  return JobState[state] ?? String(state);
+}

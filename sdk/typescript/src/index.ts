@@ -1,0 +1,10 @@
+// @lingua/scheduler-sdk: a typed client and a node runtime for the Lingua Scheduler.
+export { Client, type CallOptions, type ClientOptions } from "./client.js";
+export { Node, type Assignment, type Handler, type NodeEvents, type NodeOptions } from "./node.js";
+export {
+  isTerminal, stateName, type JobResultInput, type JobSpecInput, type PairInput,
+} from "./convert.js";
+export * from "./errors.js";
+export type { ConnectionOptions, TlsOptions } from "./transport.js";
+// The generated messages and the service descriptor, for what the wrappers do not cover.
+export * from "./gen/lingua/scheduler/v1/scheduler_pb.js";

@@ -1,0 +1,131 @@
+import assert from "node:assert/strict";
+import { once } from "node:events";
+import * as http2 from "node:http2";
+import { after, before, test } from "node:test";
+import {
+  CancelledError, Client, DeadlineExceededError, InvalidArgumentError, JobState, Node, NotFoundError,
+  SchedulerError, UnimplementedError, stateName,
+} from "../src/index.js";
+import { type RunningScheduler, startScheduler } from "./scheduler.js";
+
+let scheduler: RunningScheduler;
+let client: Client;
+
+before(async () => {
+  scheduler = await startScheduler();
+  client = new Client(scheduler.target);
+});
+after(async () => {
+  client?.close();
+  await scheduler?.stop();
+});
+
+const spec = (sessionId: string, utteranceIndex: number, srcLang = "zh", tgtLang = "en") => ({
+  tenantId: "acme", sessionId, utteranceIndex, srcLang, tgtLang, payloadRef: `s3://audio/${sessionId}/${utteranceIndex}.opus`,
+});
+
+test("submit and wait: a Node handler's result comes back to the client", { timeout: 30_000 }, async () => {
+  const node = new Node(scheduler.target, {
+    nodeId: "ts-e2e-1", pairs: ["zh:en"], concurrency: 2, handleSignals: false,
+    handler: async ({ spec, attempt }) => ({
+      textAsr: "你好", textTranslated: `hello from ${spec.payloadRef}`, ttsFormat: "opus", extra: { attempt: String(attempt) },
+    }),
+  });
+  const running = node.run();
+  try {
+    const { jobId, created, state } = await client.submit(spec("e2e", 0));
+    assert.equal(created, true);
+    assert.equal(state, JobState.QUEUED);
+    const job = await client.wait(jobId, { timeoutMs: 20_000 });
+    assert.equal(stateName(job.state), "SUCCEEDED");
+    assert.equal(job.result?.textTranslated, "hello from s3://audio/e2e/0.opus");
+    assert.deepEqual(job.result?.extra, { attempt: "1" });
+    assert.equal(job.nodeId, "ts-e2e-1");
+    assert.equal(job.attempt, 1);
+  } finally {
+    await node.stop();
+  }
+  await running;
+});
+
+test("submitMany is idempotent per job; get, watch, cancel and listNodes", { timeout: 30_000 }, async () => {
+  const first = await client.submitMany([spec("many", 0, "fr", "de"), spec("many", 1, "fr", "de")]);
+  assert.deepEqual(first.map((r) => r.created), [true, true]);
+  const again = await client.submitMany([spec("many", 0, "fr", "de")]);
+  assert.equal(again[0]!.jobId, first[0]!.jobId);
+  assert.equal(again[0]!.created, false);
+
+  const jobId = first[0]!.jobId;
+  assert.equal((await client.get(jobId)).state, JobState.QUEUED);
+  const cancelled = await client.cancel(jobId, { reason: "user hung up" });
+  assert.equal(cancelled.state, JobState.CANCELLED);
+  const states = [];
+  for await (const event of client.watch(jobId)) states.push(stateName(event.state));
+  assert.deepEqual(states, ["QUEUED", "CANCELLED"]); // and the stream ended after the terminal state
+
+  const node = new Node(scheduler.target, {
+    nodeId: "ts-lister", pairs: [["fr", "it"]], concurrency: 3, labels: { zone: "test" }, handleSignals: false,
+    handler: async () => ({}),
+  });
+  const registered = once(node, "registered");
+  const running = node.run();
+  await registered;
+  const nodes = await client.listNodes();
+  const mine = nodes.find((n) => n.nodeId === "ts-lister");
+  assert.ok(mine, `ts-lister not among ${nodes.map((n) => n.nodeId)}`);
+  assert.deepEqual(mine.pools, ["fr:it"]);
+  assert.equal(mine.maxConcurrency, 3);
+  assert.deepEqual(mine.labels, { zone: "test" });
+  await node.stop();
+  await running;
+});
+
+test("errors are typed and carry the gRPC code", { timeout: 30_000 }, async () => {
+  await assert.rejects(client.get("not-a-job-id"), (err: unknown) => {
+    assert.ok(err instanceof InvalidArgumentError);
+    assert.ok(err instanceof SchedulerError);
+    assert.equal(err.codeName, "INVALID_ARGUMENT");
+    assert.equal(err.code, 3);
+    assert.match(err.rawMessage, /^job_id: /);
+    return true;
+  });
+  await assert.rejects(client.get("{zh:en:0}01JE0000000000000000000000"), NotFoundError);
+  await assert.rejects(client.submit({ ...spec("bad", 0), srcLang: "ZH" }), (err: unknown) => {
+    assert.ok(err instanceof InvalidArgumentError);
+    assert.match(err.rawMessage, /jobs\[0\]\.src_lang/);
+    return true;
+  });
+});
+
+test("wait gives up after timeoutMs, and an AbortSignal cancels it", { timeout: 30_000 }, async () => {
+  const { jobId } = await client.submit(spec("nobody-serves", 0, "ja", "ko"));
+  await assert.rejects(client.wait(jobId, { timeoutMs: 200 }), DeadlineExceededError);
+  const abort = new AbortController();
+  const waiting = client.wait(jobId, { signal: abort.signal });
+  abort.abort();
+  await assert.rejects(waiting, CancelledError);
+  assert.equal((await client.get(jobId)).state, JobState.QUEUED);
+});
+
+test("the token travels as authorization: Bearer metadata", { timeout: 30_000 }, async () => {
+  // A bare HTTP/2 server that records the headers and answers UNIMPLEMENTED.
+  const seen: http2.IncomingHttpHeaders[] = [];
+  const server = http2.createServer();
+  server.on("stream", (stream, headers) => {
+    seen.push(headers);
+    stream.respond({ ":status": 200, "content-type": "application/grpc", "grpc-status": "12", "grpc-message": "nope" },
+      { endStream: true });
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const port = (server.address() as { port: number }).port;
+  const authed = new Client(`127.0.0.1:${port}`, { token: "s3cret" });
+  try {
+    await assert.rejects(authed.listNodes(), UnimplementedError);
+    assert.equal(seen[0]?.authorization, "Bearer s3cret");
+    assert.equal(seen[0]?.[":path"], "/lingua.scheduler.v1.Scheduler/ListNodes");
+  } finally {
+    authed.close();
+    await new Promise((r) => server.close(r));
+  }
+});
