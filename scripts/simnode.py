@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from lingua_scheduler.server.proto import scheduler_pb2 as pb
-from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+from lingua_sdk import pb
+from lingua_sdk import pb_grpc
 
 
 @dataclass

@@ -17,7 +17,7 @@ from redis.asyncio.sentinel import Sentinel
 from . import keys
 from .dispatch import Dispatcher
 from .node import NodeSessions
-from .proto import scheduler_pb2 as pb
+from lingua_sdk import pb
 from .service import SchedulerService, add_to_server
 from .settings import Settings
 from .store import Store

@@ -19,8 +19,8 @@ from ..fsm import TERMINAL, JobState
 from . import keys, validate
 from .dispatch import Consumer, Dispatcher
 from .errors import InvalidArgument, JobNotFound, SchedulerError, ScriptCode
-from .proto import scheduler_pb2 as pb
-from .proto import scheduler_pb2_grpc as pb_grpc
+from lingua_sdk import pb
+from lingua_sdk import pb_grpc
 from .settings import Settings
 from .store import Claim, JobView, Lease, Store, Touched
 from .throttle import ThrottledWarning

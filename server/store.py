@@ -30,7 +30,7 @@ from .errors import (
     StaleLease,
     raise_for,
 )
-from .proto import scheduler_pb2 as pb
+from lingua_sdk import pb
 from .scripts import Call, Scripts
 from .settings import Settings
 

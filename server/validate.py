@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from . import keys
 from .errors import InvalidArgument, TooLarge
-from .proto import scheduler_pb2 as pb
+from lingua_sdk import pb
 from .settings import Settings
 
 LANG = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})?")

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from lingua_scheduler.server.app import App, connect_redis, create_server
 from lingua_scheduler.server.embedded import EmbeddedRedis
-from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
 

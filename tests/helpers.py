@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lingua_scheduler.server.proto import scheduler_pb2 as pb
+from lingua_sdk import pb
 
 
 def spec(**overrides: Any) -> pb.JobSpec:

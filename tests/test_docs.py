@@ -31,12 +31,12 @@ def test_fsm_docs_match_the_machine(repo_root: Path) -> None:
 
 
 def test_generated_protobuf_code_is_current(repo_root: Path, tmp_path: Path) -> None:
-    """Both copies (the SDK's and the server's) are exactly what scripts/gen_protos makes."""
+    """The one copy (the SDK's, which the server imports too) is exactly what scripts/gen_protos makes."""
     copy = tmp_path / "repo"
     shutil.copytree(repo_root / "protos", copy / "protos")
     shutil.copytree(repo_root / "scripts", copy / "scripts")
     subprocess.run(["bash", str(copy / "scripts" / "gen_protos"), sys.executable], check=True)
-    for folder in ("sdk/python/lingua_sdk/_proto", "server/proto"):
+    for folder in ("sdk/python/lingua_sdk/_proto",):
         fresh, committed = copy / folder, repo_root / folder
         names = sorted(p.name for p in fresh.iterdir())
         assert names == sorted(p.name for p in committed.iterdir() if p.name != "__pycache__"), folder

@@ -18,8 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import pair, spec
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import App
-from lingua_scheduler.server.proto import scheduler_pb2 as pb
-from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+from lingua_sdk import pb
+from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
 
 

@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from helpers import spec
 from lingua_scheduler.server.embedded import DataDirInUse, EmbeddedRedis, redis_server_binary
 from lingua_scheduler.server.errors import ScriptCode
-from lingua_scheduler.server.proto import scheduler_pb2 as pb
-from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+from lingua_sdk import pb
+from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Lease, Store
 

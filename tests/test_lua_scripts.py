@@ -12,7 +12,7 @@ from lingua_scheduler.fsm import Event, JobState, dests_of, fixed_dest, is_repea
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.calls import Fence, FinishJob, Outcome, PromoteJob, RegisterNode, ReleaseNode, RequeueJob, TouchJob
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
-from lingua_scheduler.server.proto import scheduler_pb2 as pb
+from lingua_sdk import pb
 from lingua_scheduler.server.scripts import Call, Scripts, prelude
 from lingua_scheduler.server.store import Lease, Store
 from redis.exceptions import NoScriptError

@@ -11,8 +11,8 @@ from conftest import FAST
 from helpers import pair, spec
 from lingua_scheduler.server.app import create_server
 from lingua_scheduler.server.embedded import EmbeddedRedis, redis_server_binary
-from lingua_scheduler.server.proto import scheduler_pb2 as pb
-from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+from lingua_sdk import pb
+from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
 from redis_cluster import free_ports
 

@@ -13,8 +13,8 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import pair, spec
-from lingua_scheduler.server.proto import scheduler_pb2 as pb
-from lingua_scheduler.server.proto import scheduler_pb2_grpc as pb_grpc
+from lingua_sdk import pb
+from lingua_sdk import pb_grpc
 
 pytestmark = pytest.mark.single_redis  # validation happens before Redis: one backend is enough
 

@@ -57,7 +57,8 @@ export type JobSpec = Message<"lingua.scheduler.v1.JobSpec"> & {
   srcLang: string;
 
   /**
-   * Target language, same format as src_lang. The directed pair src_lang:tgt_lang is the job's pool.
+   * Target language, same format as src_lang, and not equal to it. The directed pair
+   * src_lang:tgt_lang is the job's pool.
    *
    * @generated from field: string tgt_lang = 5;
    */
@@ -78,7 +79,8 @@ export type JobSpec = Message<"lingua.scheduler.v1.JobSpec"> & {
   priority: number;
 
   /**
-   * When the job stops being worth doing; a job not finished by then becomes EXPIRED. Optional.
+   * When the job stops being worth doing; a job not finished by then becomes EXPIRED. Optional; a
+   * valid Timestamp (nanos 0 to 999999999), in the future, at most the server's max job TTL ahead.
    *
    * @generated from field: google.protobuf.Timestamp deadline = 8;
    */
@@ -116,7 +118,7 @@ export type JobSpec = Message<"lingua.scheduler.v1.JobSpec"> & {
 
   /**
    * The longest one attempt may run once acknowledged, even while its node keeps heartbeating;
-   * 0 means the server default.
+   * 0 means the server default. A valid Duration (nanos within +-999999999, same sign as seconds).
    *
    * @generated from field: google.protobuf.Duration execution_timeout = 13;
    */
@@ -229,7 +231,8 @@ export const JobErrorSchema: GenMessage<JobError> = /*@__PURE__*/
  */
 export type Job = Message<"lingua.scheduler.v1.Job"> & {
   /**
-   * Scheduler-chosen id: "{src:tgt:partition}" followed by a ULID.
+   * Scheduler-chosen id: "{src:tgt:partition}" followed by a ULID (26 upper-case Crockford base32
+   * characters). A request carrying any other job id is INVALID_ARGUMENT naming the field.
    *
    * @generated from field: string job_id = 1;
    */
@@ -545,7 +548,7 @@ export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*
   messageDesc(file_lingua_scheduler_v1_scheduler, 10);
 
 /**
- * A directed language pair: jobs src -> tgt.
+ * A directed language pair: jobs src -> tgt. src_lang and tgt_lang must differ.
  *
  * @generated from message lingua.scheduler.v1.LanguagePair
  */
@@ -600,7 +603,8 @@ export type AssignRequest = Message<"lingua.scheduler.v1.AssignRequest"> & {
   maxJobs: number;
 
   /**
-   * How long to wait for the first job; 0 returns at once. At most 60 s.
+   * How long to wait for the first job; 0 returns at once. At most 60 s; a valid Duration (nanos
+   * within +-999999999, same sign as seconds).
    *
    * @generated from field: google.protobuf.Duration wait = 4;
    */
@@ -940,7 +944,8 @@ export type Register = Message<"lingua.scheduler.v1.Register"> & {
   pairs: LanguagePair[];
 
   /**
-   * Languages it can recognise (ASR). Combined with tts_langs into pairs src -> tgt, src != tgt.
+   * Languages it can recognise (ASR). Combined with tts_langs into pairs src -> tgt; combinations
+   * with src == tgt are skipped (INVALID_ARGUMENT when that leaves no pool at all).
    *
    * @generated from field: repeated string asr_langs = 3;
    */
@@ -1124,7 +1129,8 @@ export type SchedulerMessage = Message<"lingua.scheduler.v1.SchedulerMessage"> &
   refused: LeaseStatus[];
 
   /**
-   * Problems with a node message that was not understood (the stream stays open).
+   * Problems with a node message that was not understood (the stream stays open), e.g.
+   * "INVALID_ARGUMENT: request: not a valid NodeMessage" for bytes that do not decode.
    *
    * @generated from field: string error = 5;
    */
@@ -1380,6 +1386,8 @@ export const JobStateSchema: GenEnum<JobState> = /*@__PURE__*/
 
 /**
  * The scheduler. Any number of instances serve it over one Redis (or Redis Cluster).
+ * Request bytes that do not decode as the method's request message are INVALID_ARGUMENT
+ * "request: not a valid <Message>"; every other bad field is INVALID_ARGUMENT naming the field.
  *
  * @generated from service lingua.scheduler.v1.Scheduler
  */
@@ -1387,9 +1395,9 @@ export const Scheduler: GenService<{
   /**
    * Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
    * the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
-   * the repeat asks for the same work: a repeat whose content differs (payload or payload_ref, pair,
+   * the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
    * priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-   * trace_id and deadline may differ between repeats.
+   * trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
    * The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
    *
    * @generated from rpc lingua.scheduler.v1.Scheduler.Submit
@@ -1465,7 +1473,9 @@ export const Scheduler: GenService<{
   },
   /**
    * The node's long-lived bidirectional stream: register, receive assignments, ack, heartbeat,
-   * report results, drain.
+   * report results, drain. A first message whose bytes do not decode as a NodeMessage ends the stream
+   * INVALID_ARGUMENT ("request: not a valid NodeMessage"); a later one is answered with
+   * SchedulerMessage.error and the stream stays open.
    *
    * @generated from rpc lingua.scheduler.v1.Scheduler.NodeSession
    */
