@@ -36,9 +36,8 @@ import redis.asyncio as aioredis
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import connect_redis
 from lingua_scheduler.server.embedded import EmbeddedRedis
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
+from lingua_sdk import pb, pb_grpc
 from redis_cluster import LocalCluster
 from simnode import Behaviour, SimNode
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
+from lingua_sdk import pb, pb_grpc
 
 
 @dataclass

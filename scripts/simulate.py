@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc
 from lingua_scheduler.server.embedded import EmbeddedRedis
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
+from lingua_sdk import pb, pb_grpc
 from simnode import Behaviour, Received, SimNode
 
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED}

@@ -11,13 +11,13 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from lingua_sdk import pb
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from . import keys
 from .dispatch import Dispatcher
 from .node import NodeSessions
-from lingua_sdk import pb
 from .service import SchedulerService, add_to_server
 from .settings import Settings
 from .store import Store

@@ -22,12 +22,12 @@ from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from lingua_sdk import pb
 
 from ..fsm import Event
 from . import keys, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import LEASE_GONE, InvalidArgument, SchedulerError
-from lingua_sdk import pb
 from .registry import NodeEntry, Registry
 from .service import Undecodable, assignment_pb, error_status, lease_status_pb, state_pb
 from .settings import Settings

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from lingua_sdk import pb, pb_grpc
 from redis.exceptions import RedisError
 
 from ..fsm import TERMINAL, JobState
 from . import keys, validate
 from .dispatch import Consumer, Dispatcher
 from .errors import InvalidArgument, JobNotFound, SchedulerError, ScriptCode
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
 from .settings import Settings
 from .store import Claim, JobView, Lease, Store, Touched
 from .throttle import ThrottledWarning

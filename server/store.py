@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from lingua_sdk import pb
 from ulid import ULID
 
 from ..fsm import HELD, Event, JobState, TransitionRefused, decide, fixed_dest, is_repeat
@@ -30,7 +31,6 @@ from .errors import (
     StaleLease,
     raise_for,
 )
-from lingua_sdk import pb
 from .scripts import Call, Scripts
 from .settings import Settings
 

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from lingua_sdk import pb
 
 from . import keys
 from .errors import InvalidArgument, TooLarge
-from lingua_sdk import pb
 from .settings import Settings
 
 LANG = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})?")

@@ -16,9 +16,9 @@ import grpc
 import pytest
 from lingua_scheduler.server.app import App, connect_redis, create_server
 from lingua_scheduler.server.embedded import EmbeddedRedis
-from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
+from lingua_sdk import pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # simnode
 

@@ -16,10 +16,9 @@ from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
 from lingua_scheduler.server.dispatch import MAX_AVOIDED, Consumer, Dispatcher
 from lingua_scheduler.server.errors import ScriptCode
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Lease, Store
+from lingua_sdk import pb, pb_grpc
 from simnode import SimNode
 
 

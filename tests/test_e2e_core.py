@@ -18,9 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import pair, spec
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import App
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
+from lingua_sdk import pb, pb_grpc
 
 
 def stub_for(app: App) -> tuple[grpc.aio.Channel, pb_grpc.SchedulerStub]:

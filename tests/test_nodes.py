@@ -13,8 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 from helpers import pair, spec, watch_until
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import App
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
+from lingua_sdk import pb, pb_grpc
 from simnode import Behaviour, SimNode
 
 

@@ -13,8 +13,7 @@ import pytest
 from conftest import AppFactory
 from google.protobuf.duration_pb2 import Duration
 from helpers import pair, spec
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
+from lingua_sdk import pb, pb_grpc
 
 SETUP = {"HELLO", "CLIENT", "SELECT", "ECHO", "PING"}  # connection setup and health checks
 

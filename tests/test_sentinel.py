@@ -11,9 +11,8 @@ from conftest import FAST
 from helpers import pair, spec
 from lingua_scheduler.server.app import create_server
 from lingua_scheduler.server.embedded import EmbeddedRedis, redis_server_binary
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
 from lingua_scheduler.server.settings import Settings
+from lingua_sdk import pb, pb_grpc
 from redis_cluster import free_ports
 
 

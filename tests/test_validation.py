@@ -13,8 +13,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import pair, spec
-from lingua_sdk import pb
-from lingua_sdk import pb_grpc
+from lingua_sdk import pb, pb_grpc
 
 pytestmark = pytest.mark.single_redis  # validation happens before Redis: one backend is enough
 
