@@ -34,10 +34,7 @@ from lingua_scheduler.server.dispatch import new_lease_token  # noqa: E402
 from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
 from lingua_scheduler.server.settings import Settings  # noqa: E402
 from lingua_scheduler.server.store import Lease, Store  # noqa: E402
-from lingua_sdk import (
-    pb,
-    pb_grpc,
-)
+from lingua_sdk import pb, pb_grpc  # noqa: E402
 from redis_cluster import free_ports  # noqa: E402
 from simnode import Received, SimNode  # noqa: E402
 
