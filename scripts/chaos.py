@@ -44,7 +44,7 @@ from simnode import Behaviour, SimNode
 PAIRS = [("zh", "en"), ("en", "zh"), ("ja", "en")]
 TERMINAL = {b"succeeded", b"failed", b"cancelled", b"expired"}
 FAST_FLAGS = ["--ack-timeout-ms", "2000", "--lease-ms", "2000", "--heartbeat-interval-ms", "500",
-              "--stream-grace-ms", "800", "--backoff-base-ms", "50", "--backoff-max-ms", "500",
+              "--stream-grace-ms", "1000", "--backoff-base-ms", "50", "--backoff-max-ms", "500",
               "--avoid-ms", "500", "--sweep-interval-ms", "100", "--poll-interval-ms", "200",
               "--shutdown-grace-s", "0.5", "--partitions", "4"]
 

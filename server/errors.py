@@ -108,7 +108,8 @@ _BY_CODE: dict[ScriptCode, tuple[type[SchedulerError], str]] = {
     ScriptCode.JOB_NOT_FOUND: (JobNotFound, "job {job} not found"),
     ScriptCode.INVALID_TRANSITION: (InvalidTransition, "job {job} is {state}: event {event} not allowed"),
     ScriptCode.VERSION_MISMATCH: (ConcurrentModification, "job {job} changed concurrently; retry"),
-    ScriptCode.STALE_LEASE: (StaleLease, "job {job}: the lease is stale (the job's current attempt is {attempt})"),
+    ScriptCode.STALE_LEASE: (StaleLease, "job {job}: the lease token is not the job's current claim (stale lease; "
+                                         "the job's current attempt is {attempt})"),
     ScriptCode.NOT_LEASE_HOLDER: (NotLeaseHolder, "job {job}: held by another node"),
     ScriptCode.RESULT_CONFLICT: (ResultConflict, "job {job} already finished with another outcome"),
     ScriptCode.NOT_IN_QUEUE: (NotInQueue, "job {job} is no longer queued"),

@@ -98,6 +98,7 @@ class Session:
         self.token = uuid.uuid4().hex
         self.connected_ms = int(time.time() * 1000)
         self.in_flight: dict[str, Lease] = {}  # job id -> the lease this stream holds
+        self.unsent: set[str] = set()  # job ids claimed for the node but not yet written to its stream
         self.draining = False
         self.replaced = False
         self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
@@ -121,6 +122,7 @@ class Session:
         an earlier claim of the job must not free the current one's slot)."""
         if self.holds(job_id, token):
             del self.in_flight[job_id]
+            self.unsent.discard(job_id)
             self.consumer.wake.set()  # a slot is free: look for work
             self._maybe_done()
 
@@ -277,6 +279,8 @@ class NodeSessions:
         reader.add_done_callback(lambda _t: session.outbox.put_nowait(None))
         while (message := await session.outbox.get()) is not None:
             await context.write(message)
+            for a in message.assignments:
+                session.unsent.discard(a.job_id)
 
     async def _resume(self, session: Session, holding: Any) -> None:
         leases = []
@@ -306,6 +310,7 @@ class NodeSessions:
             if claims:
                 for c in claims:
                     session.in_flight[c.job_id] = Lease(c.job_id, c.token, c.attempt)
+                    session.unsent.add(c.job_id)
                 session.outbox.put_nowait(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
                 continue
             await self.dispatcher.wait_for_work(session.consumer, 1.0)
@@ -332,6 +337,7 @@ class NodeSessions:
         refused: list[pb.LeaseStatus] = []
         confirmed: list[pb.LeaseStatus] = []
         freed: list[Lease] = []  # slots to free once the answer is queued (a drain may close the stream)
+        cancels: list[pb.JobLease] = []
 
         def valid(items: Any, field: str, check: Any = validate.lease) -> list[Any]:
             """The entries that pass `check`; each other one is refused, naming its field."""
@@ -344,37 +350,38 @@ class NodeSessions:
                     refused.append(_refused(getattr(item, "lease", item).job_id, err))
             return ok
 
-        completions = valid(m.completions, "completions", validate.completion)
-        # An ack that rides with its job's result needs no state change of its own: complete is
-        # allowed from assigned, so the result alone moves the job (one Lua call saved).
-        finishing = {(c.lease.job_id, c.lease.lease_token) for c in completions}
-        touches = [lease_of(t) for t in valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
-                   if (t.job_id, t.lease_token) not in finishing]
-        unavailable = valid(m.unavailable, "unavailable")
-        cancels: list[pb.JobLease] = []
-        if touches:
-            for lease, t in zip(touches, await self.store.touch(session.node_id, touches), strict=True):
-                if t.code < 0:
-                    refused.append(lease_status_pb(t))
-                    if session.holds(lease.job_id, lease.token):  # taken away (cancelled, expired): say stop
-                        cancels.append(pb.JobLease(job_id=lease.job_id, attempt=lease.attempt, lease_token=lease.token))
-                        freed.append(lease)
-        results = [c for c in completions if c.WhichOneof("outcome") == "result"]
-        if results:
-            done = await self.store.complete_many(session.node_id, [(lease_of(c.lease), c.result) for c in results])
-            for c, outcome in zip(results, done, strict=True):
-                self._settled(lease_of(c.lease), outcome, refused, confirmed, freed)
-        for c in completions:
-            if c.WhichOneof("outcome") == "error":
-                await self._fail(session, lease_of(c.lease), Event.FAIL, c.error, refused, confirmed, freed)
-        for item in unavailable:
-            error = pb.JobError(code="LINGUA_MODEL_UNAVAILABLE", retryable=True,
-                                message=f"node {session.node_id} has no model for this job")
-            await self._fail(session, lease_of(item), Event.UNAVAILABLE, error, refused, confirmed, freed)
-        if refused or cancels or confirmed:
-            session.outbox.put_nowait(pb.SchedulerMessage(refused=refused, cancels=cancels, confirmed=confirmed))
-        for lease in freed:
-            session.release(lease.job_id, lease.token)
+        try:
+            completions = valid(m.completions, "completions", validate.completion)
+            # An ack that rides with its job's result needs no state change of its own: complete is
+            # allowed from assigned, so the result alone moves the job (one Lua call saved).
+            finishing = {(c.lease.job_id, c.lease.lease_token) for c in completions}
+            touches = [lease_of(t) for t in valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
+                       if (t.job_id, t.lease_token) not in finishing]
+            unavailable = valid(m.unavailable, "unavailable")
+            if touches:
+                for lease, t in zip(touches, await self.store.touch(session.node_id, touches), strict=True):
+                    if t.code < 0:
+                        refused.append(lease_status_pb(t))
+                        if session.holds(lease.job_id, lease.token):  # taken away (cancelled, expired): say stop
+                            cancels.append(pb.JobLease(job_id=lease.job_id, attempt=lease.attempt, lease_token=lease.token))
+                            freed.append(lease)
+            results = [c for c in completions if c.WhichOneof("outcome") == "result"]
+            if results:
+                done = await self.store.complete_many(session.node_id, [(lease_of(c.lease), c.result) for c in results])
+                for c, outcome in zip(results, done, strict=True):
+                    self._settled(lease_of(c.lease), outcome, refused, confirmed, freed)
+            for c in completions:
+                if c.WhichOneof("outcome") == "error":
+                    await self._fail(session, lease_of(c.lease), Event.FAIL, c.error, refused, confirmed, freed)
+            for item in unavailable:
+                error = pb.JobError(code="LINGUA_MODEL_UNAVAILABLE", retryable=True,
+                                    message=f"node {session.node_id} has no model for this job")
+                await self._fail(session, lease_of(item), Event.UNAVAILABLE, error, refused, confirmed, freed)
+        finally:  # what was settled is answered even when a later part of the message failed (Redis down)
+            if refused or cancels or confirmed:
+                session.outbox.put_nowait(pb.SchedulerMessage(refused=refused, cancels=cancels, confirmed=confirmed))
+            for lease in freed:
+                session.release(lease.job_id, lease.token)
         if m.drain and not session.draining:
             session.draining = True
             await self.registry.register(session.entry(), session.token, renew=True)
@@ -410,7 +417,15 @@ class NodeSessions:
 
         Releasing the registry entry and shrinking the leases are two calls (different slots). A node
         already back on another stream may have its leases shrunk too: it keeps them by heartbeating
-        within the grace, which settings enforce (stream_grace_ms > heartbeat_interval_ms)."""
+        within the grace, which settings enforce (stream_grace_ms >= 2 x heartbeat_interval_ms).
+
+        Assignments claimed for the node but never written to its stream go straight back to the
+        queue with their attempts given back (`release`): no node ever saw them."""
+        unsent = [session.in_flight.pop(job_id) for job_id in list(session.unsent) if job_id in session.in_flight]
+        session.unsent.clear()
+        if unsent:
+            with contextlib.suppress(Exception):  # Redis down: their ack timeout takes them back
+                await self.store.release(session.node_id, unsent)
         released = False
         with contextlib.suppress(Exception):
             released = await self.registry.release(session.node_id, session.token)

@@ -70,7 +70,8 @@ def lease_status_pb(t: Touched) -> pb.LeaseStatus:
         status.error_message = {
             ScriptCode.JOB_NOT_FOUND: "job not found",
             ScriptCode.INVALID_TRANSITION: f"job is {t.detail}: the lease is no longer held",
-            ScriptCode.STALE_LEASE: f"the lease is stale (the job's current attempt is {t.detail})",
+            ScriptCode.STALE_LEASE: f"the lease token is not the job's current claim (stale lease; the job's current "
+                                    f"attempt is {t.detail})",
             ScriptCode.NOT_LEASE_HOLDER: "job is held by another node",
         }.get(t.code, t.code.name)
     return status

@@ -49,9 +49,9 @@ class Settings:
     heartbeat_interval_ms: int = 1_000
     lease_ms: int = 5_000
     # After a node's stream closes, its jobs are requeued once this grace has passed without it back.
-    # Must be longer than the heartbeat interval: a closing stream shortens its leases to this grace
+    # At least twice the heartbeat interval: a closing stream shortens its leases to this grace
     # without knowing whether the node is already back on another stream; the node's next heartbeat
-    # (within one interval) lengthens them again.
+    # (within one interval, plus its trip to Redis) lengthens them again.
     stream_grace_ms: int = 2_000
     # Retry backoff: base * 2^(attempt-1), capped.
     backoff_base_ms: int = 200
@@ -67,8 +67,9 @@ class Settings:
     poll_interval_ms: int = 250
     sweep_interval_ms: int = 200
     # How often each instance SCANs Redis for partitions with timers that the pools set lost (AOF
-    # window, failover, restore), so their leases and deadlines are swept again.
-    pool_rescan_ms: int = 60_000
+    # window, failover, restore), so their leases and deadlines are swept again; also at start. The
+    # SCAN walks the whole keyspace (about 1 ms of Redis time per 1,000 keys), hence the long period.
+    pool_rescan_ms: int = 600_000
     # Registry presence of a node (renewed while its stream is open).
     node_ttl_ms: int = 15_000
     # Grace period for streams to drain on SIGTERM.
@@ -102,8 +103,8 @@ class Settings:
             raise ValueError("partitions must be 1 to 1024")
         if self.heartbeat_interval_ms * 2 > self.lease_ms:
             raise ValueError("lease_ms must be at least twice heartbeat_interval_ms")
-        if self.heartbeat_interval_ms >= self.stream_grace_ms:
-            raise ValueError("stream_grace_ms must be longer than heartbeat_interval_ms (a node back on another "
+        if self.stream_grace_ms < 2 * self.heartbeat_interval_ms:
+            raise ValueError("stream_grace_ms must be at least twice heartbeat_interval_ms (a node back on another "
                              "stream must heartbeat within the grace a closing stream leaves its leases)")
         for f in fields(self):
             value = getattr(self, f.name)

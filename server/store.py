@@ -403,7 +403,8 @@ class Store:
             rec = record or await self.record(job_id)
             record = None
             if token is not None and rec.token != token:
-                raise StaleLease(f"job {job_id}: the lease is stale (the job's current attempt is {rec.attempt})")
+                raise StaleLease(f"job {job_id}: the lease token is not the job's current claim (stale lease; "
+                                 f"the job's current attempt is {rec.attempt})")
             if node is not None and rec.node != node:
                 raise NotLeaseHolder(f"job {job_id}: held by another node")
             if is_repeat(rec.state, rec.event, event):

@@ -16,6 +16,7 @@ from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
 from lingua_scheduler.server.dispatch import MAX_AVOIDED, Consumer, Dispatcher
 from lingua_scheduler.server.errors import ScriptCode
+from lingua_scheduler.server.node import Session
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Lease, Store
 from lingua_sdk import pb, pb_grpc
@@ -208,11 +209,11 @@ async def test_a_node_whose_registry_entry_expired_keeps_its_stream(
     await node.stop()
 
 
-# 9. Release and lease shrink are two calls: the grace must outlast a heartbeat interval.
+# 9. Release and lease shrink are two calls: the grace must outlast a heartbeat, with margin.
 def test_settings_refuse_a_stream_grace_not_longer_than_the_heartbeat_interval() -> None:
-    with pytest.raises(ValueError, match="stream_grace_ms must be longer than heartbeat_interval_ms"):
-        Settings(heartbeat_interval_ms=1_000, stream_grace_ms=1_000).validate()
-    Settings(heartbeat_interval_ms=1_000, stream_grace_ms=1_001).validate()
+    with pytest.raises(ValueError, match="stream_grace_ms must be at least twice heartbeat_interval_ms"):
+        Settings(heartbeat_interval_ms=1_000, stream_grace_ms=1_999).validate()
+    Settings(heartbeat_interval_ms=1_000, stream_grace_ms=2_000).validate()
 
 
 # 13. Keys and caches that only grew.
@@ -263,3 +264,16 @@ async def test_a_released_lease_is_fenced_by_its_token(store: Store) -> None:
     (ok,) = await store.release("n1", [Lease(job.job_id, "tok-1")])
     assert not isinstance(ok, Exception) and ok.state == "queued"
     assert (await store.record(job.job_id)).attempt == 0
+
+
+async def test_assignments_never_written_to_a_stream_are_released(app: App, store: Store) -> None:
+    """A stream that closes with assignments still in its outbox: no node saw them, so they go back to
+    the queue with their attempts given back (not node_lost after the grace)."""
+    (job,) = await store.submit([spec(max_attempts=1)])
+    (c,) = await store.claim("n1", [(job.job_id, "tok-1")])
+    session = Session(app.nodes, pb.Register(node_id="n1", max_concurrency=1, pairs=[pair()]), ["zh:en"])
+    session.in_flight[job.job_id] = Lease(job.job_id, c.token, c.attempt)
+    session.unsent.add(job.job_id)
+    await app.nodes._closed(session)
+    rec = await store.record(job.job_id)
+    assert (rec.state, rec.attempt, rec.event) == ("queued", 0, "release") and not session.in_flight
