@@ -4,7 +4,8 @@
 Run it as `scripts/bench` (it makes the virtualenvs). It starts its own Redis (one server for every
 system, appendonly off, noeviction) and scheduler process, then for several client x node
 concurrencies: clients Submit (batches), simulated nodes (zero processing time) receive over
-NodeSession, ack and complete (the ack rides with the result), clients learn the result (WatchJob).
+NodeSession, ack and complete (the ack rides with the result), clients learn the result (WatchJob per
+job, or with --session-reader also WatchSession: one stream per session).
 Then the same at half the best throughput, for dispatch latency. Then Redis memory per queued and per
 finished job. Then RQ, arq and Celery on the same Redis (scripts/bench_others.py). Writes
 docs/benchmarks.md and docs/benchmarks.png.
@@ -40,6 +41,7 @@ from simnode import Received, SimNode  # noqa: E402
 
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED}
 TICK = os.sysconf("SC_CLK_TCK")
+SESSIONS_PER_CLIENT = 8  # --session-reader: live sessions per client, one WatchSession stream each
 
 
 def pct(values: list[float], p: float) -> float:
@@ -66,6 +68,7 @@ class Run:
     clients: int
     nodes: int
     batch: int
+    reader: str = "job"  # how clients learn results: "job" (WatchJob per job) or "session" (WatchSession)
     jobs: int = 0
     seconds: float = 0.0
     submit_ms: list[float] = field(default_factory=list)
@@ -114,6 +117,40 @@ class Lifecycle:
 
         await asyncio.gather(*[watch(r.job_id) for r in reply.results])
 
+    async def session_client(self, stub: Any, run: Run, index: int, batches: int) -> None:
+        """A client that keeps SESSIONS_PER_CLIENT sessions and one WatchSession stream each; each batch
+        is spread over its sessions (utterances in order), and it waits for every result of the batch."""
+        delivered: asyncio.Queue[float] = asyncio.Queue()
+        sessions = [f"c{index}s{k}" for k in range(SESSIONS_PER_CLIENT)]
+
+        async def read(session: str) -> None:
+            async for event in stub.WatchSession(pb.WatchSessionRequest(tenant_id="bench", session_id=session)):
+                at = time.perf_counter()
+                for _ in event.jobs:
+                    delivered.put_nowait(at)
+
+        readers = [asyncio.create_task(read(s)) for s in sessions]
+        utterance = 0
+        try:
+            for _ in range(batches):
+                specs = []
+                for i in range(run.batch):
+                    session = sessions[(utterance + i) % len(sessions)]
+                    specs.append(pb.JobSpec(tenant_id="bench", session_id=session, utterance_index=utterance + i,
+                                            src_lang="zh", tgt_lang="en", payload_ref=f"session://{session}/{i}"))
+                utterance += run.batch
+                t0 = time.perf_counter()
+                for sp in specs:
+                    self.sent[(sp.session_id, sp.utterance_index)] = t0
+                await stub.Submit(pb.SubmitRequest(jobs=specs))
+                run.submit_ms.append((time.perf_counter() - t0) * 1000)
+                for _ in specs:
+                    run.e2e_ms.append((await delivered.get() - t0) * 1000)
+        finally:
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
     async def run(self, run: Run, jobs: int, rate: float = 0.0) -> Run:
         redis = aioredis.from_url(self.redis_url)
         channels = [grpc.aio.insecure_channel(self.address) for _ in range(max(run.clients, run.nodes))]
@@ -127,6 +164,9 @@ class Lifecycle:
                 await asyncio.sleep(max(0.0, t0 + i * run.batch / rate - time.perf_counter()))
                 tasks.append(asyncio.create_task(self.one_batch(stubs[i % len(stubs)], run, run.batch)))
             await asyncio.gather(*tasks)
+        elif run.reader == "session":  # closed loop, results over WatchSession
+            per_client = jobs // run.clients // run.batch
+            await asyncio.gather(*[self.session_client(s, run, i, per_client) for i, s in enumerate(stubs)])
         else:  # closed loop: each client submits its next batch once the last one's results are in
             per_client = jobs // run.clients // run.batch
 
@@ -285,7 +325,9 @@ Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_v
 
 Each lifecycle: a client Submits (in batches of the size shown), a simulated node (zero processing time)
 receives it over NodeSession and acks + completes it in one message, the client learns the result over
-WatchJob. {args.jobs} jobs per row; the half-load row submits open-loop at half the best rate.
+WatchJob (rows marked WatchSession: over one WatchSession stream per session, {SESSIONS_PER_CLIENT} live
+sessions per client, each batch spread over them). {args.jobs} jobs per row; the half-load row submits
+open-loop at half the best rate.
 Latencies in ms (p50 / p99 [/ max]); "cmds" counts every Redis command including those run inside Lua.
 
 | clients x nodes, batch | lifecycles/s | Submit | dispatch (submit -> node) | end to end | cmds/job | Lua calls/job \
@@ -320,7 +362,8 @@ async def main_async(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lingua-bench-"))
     redis = EmbeddedRedis(tmp / "redis", port=free_ports(1)[0], persistent=False).start()
     try:
-        runs = []
+        runs: list[Run] = []
+        session_runs: list[Run] = []
         for combo in args.combos.split(","):
             c, rest = combo.split("x")
             n, b = rest.split("b") if "b" in rest else (rest, "1")
@@ -330,6 +373,14 @@ async def main_async(args: argparse.Namespace) -> int:
                   f"e2e p50 {pct(run.e2e_ms, 50):.2f} ms, {run.lua:.2f} Lua/job, "
                   f"{run.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
             runs.append(run)
+            if args.session_reader:
+                srun = Run(f"{c} x {n}, batch {b}, WatchSession", int(c), int(n), int(b), reader="session")
+                await lifecycle(redis.url, srun, args.jobs)
+                print(f"{srun.label}: {srun.rate:.0f}/s, e2e p50 {pct(srun.e2e_ms, 50):.2f} ms, "
+                      f"{srun.lua:.2f} Lua/job, {srun.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+                session_runs.append(srun)
+        if args.lifecycle_only:
+            return 0
         best = max(runs, key=lambda r: r.rate)
         half = Run(f"{best.clients} x {best.nodes}, batch {best.batch}, at half rate", best.clients, best.nodes, best.batch)
         await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
@@ -344,7 +395,7 @@ async def main_async(args: argparse.Namespace) -> int:
             profile = profile_summary(prof, args.jobs)
         comp = others(redis.url, args.compare_jobs, args.arq_python) if args.compare_jobs else {}
         print(json.dumps(comp), flush=True)
-        write_report(args, runs, half, mem, comp, profile, docs / "benchmarks.md")
+        write_report(args, runs + session_runs, half, mem, comp, profile, docs / "benchmarks.md")
         plot(runs, comp, docs / "benchmarks.png")
         print("wrote docs/benchmarks.md and docs/benchmarks.png")
         return 0
@@ -361,6 +412,11 @@ def main() -> int:
     p.add_argument("--compare-jobs", type=int, default=2000, help="jobs for RQ/arq/Celery (0: skip them)")
     p.add_argument("--arq-python", default=sys.executable, help="python of a virtualenv with arq")
     p.add_argument("--profile", action="store_true", help="also profile the scheduler (cProfile)")
+    p.add_argument("--session-reader", action="store_true",
+                   help="also run each row with clients reading results over WatchSession (one stream per "
+                        f"session, {SESSIONS_PER_CLIENT} sessions per client) instead of WatchJob per job")
+    p.add_argument("--lifecycle-only", action="store_true",
+                   help="only the lifecycle rows: print them, skip half rate, memory, the others and the report")
     return asyncio.run(main_async(p.parse_args()))
 
 

@@ -32,14 +32,16 @@ class SubmitJob:
     session: str  # keys.session_field
     affinity_ttl_ms: int
     digest: str
+    session_jobs: str  # keys.session_jobs of the job's partition
+    utterance_index: int
 
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         return Call("submit_job", [self.identity, jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers,
-                                   pk.affinity], [
+                                   pk.affinity, self.session_jobs], [
             self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
             self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
-            self.affinity_ttl_ms, wake, self.digest,
+            self.affinity_ttl_ms, wake, self.digest, self.utterance_index,
         ])
 
 
@@ -112,7 +114,7 @@ class FinishJob:
         return Call("finish_job", [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
-            self.retention_ms, self.guard,
+            self.retention_ms, self.guard, keys.SESSION_CHANNEL,
         ])
 
 

@@ -95,6 +95,23 @@ def session_field(tenant_id: str, session_id: str) -> str:
     return f"{tenant_id}\x00{session_id}"
 
 
+def session_jobs(tag: str, tenant_id: str, session_id: str) -> str:
+    """ZSET job id -> utterance index: a session's jobs in one partition of one pool (its slot), written
+    by submit_job; WatchSession reads it. Length-prefixed like idempotency() (session ids may hold ':')."""
+    return f"{PREFIX}session:{tag}:{len(tenant_id)}:{tenant_id}:{len(session_id)}:{session_id}"
+
+
+# finish_job PUBLISHes "<job id> <utterance index> <state>" on SESSION_CHANNEL + the record's `sess`
+# (session_field): a channel, not a key, so the script may name it (no slot: the one-slot rule is about
+# keys), and finish_job's callers need not know the session.
+SESSION_CHANNEL = PREFIX + "session-done:"
+
+
+def session_channel(tenant_id: str, session_id: str) -> str:
+    """Pub/sub channel told about every job of the session that reaches a terminal state."""
+    return SESSION_CHANNEL + session_field(tenant_id, session_id)
+
+
 def node(node_id: str) -> str:
     """HASH: a registered node's capabilities, load and stream holder; expires unless renewed."""
     return f"{PREFIX}node:{{{node_id}}}"

@@ -20,6 +20,7 @@ from ..fsm import TERMINAL, JobState
 from . import keys, validate
 from .dispatch import Consumer, Dispatcher
 from .errors import InvalidArgument, JobNotFound, SchedulerError, ScriptCode
+from .session import SessionWatch
 from .settings import Settings
 from .store import Claim, JobView, Lease, Store, Touched
 from .throttle import ThrottledWarning
@@ -165,6 +166,19 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             code, text = error_status(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("WatchJob failed")
+            await context.abort(code, text)
+
+    async def WatchSession(self, request: pb.WatchSessionRequest, context: Any) -> AsyncIterator[pb.SessionEvent]:
+        try:
+            validate.watch_session(request)
+            watch = SessionWatch(self.store, self.dispatcher, request.tenant_id, request.session_id,
+                                 request.from_index, request.tgt_lang)
+            async for views, resume_index in watch.events():
+                yield pb.SessionEvent(jobs=[job_pb(v) for v in views], resume_index=resume_index)
+        except Exception as err:
+            code, text = error_status(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("WatchSession failed")
             await context.abort(code, text)
 
     @handled

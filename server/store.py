@@ -210,6 +210,8 @@ class Store:
             session=keys.session_field(spec.tenant_id, spec.session_id),
             affinity_ttl_ms=s.affinity_ttl_ms,
             digest=spec_digest(meta, spec.payload),
+            session_jobs=keys.session_jobs(tag, spec.tenant_id, spec.session_id),
+            utterance_index=spec.utterance_index,
         ).call()
 
     async def submit(self, specs: list[pb.JobSpec]) -> list[Submitted]:
@@ -284,6 +286,31 @@ class Store:
         result = pb.JobResult.FromString(replies[2]) if replies[2] is not None else None
         payload = replies[3] if include_payload else None
         return JobView(JobRecord.parse(job_id, replies[0]), spec, result, payload)
+
+    async def session_read(self, tags: list[str], tenant_id: str, session_id: str, low: int, high: int | None,
+                           job_ids: list[str]) -> tuple[list[tuple[str, int]], list[JobView | None]]:
+        """WatchSession's one round trip: the session's (job id, utterance index) with low <= index <=
+        high (None: no upper bound) in the partitions `tags`, and the views of `job_ids` (None for a
+        job whose record is gone)."""
+        top = "+inf" if high is None else high
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tag in tags:
+                pipe.zrangebyscore(keys.session_jobs(tag, tenant_id, session_id), low, top, withscores=True)
+            for job_id in job_ids:
+                jk = keys.JobKeys.of(job_id)
+                pipe.hgetall(jk.fsm)
+                pipe.get(jk.meta)
+                pipe.get(jk.result)
+            replies = await pipe.execute()
+        members = [(_s(j), int(score)) for found in replies[:len(tags)] for j, score in found]
+        views: list[JobView | None] = []
+        rest = replies[len(tags):]
+        for i, job_id in enumerate(job_ids):
+            h, meta, result = rest[3 * i: 3 * i + 3]
+            views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(meta or b""),
+                                 pb.JobResult.FromString(result) if result is not None else None, None)
+                         if h else None)
+        return members, views
 
     async def record(self, job_id: str) -> JobRecord:
         h = await self.redis.hgetall(keys.JobKeys.of(job_id).fsm)

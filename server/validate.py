@@ -215,3 +215,13 @@ def complete(req: pb.CompleteRequest, settings: Settings) -> None:
     lease_token(req.lease_token)
     node_id(req.node_id)
     outcome(req, settings)
+
+
+def watch_session(req: pb.WatchSessionRequest) -> None:
+    if not TENANT.fullmatch(req.tenant_id):
+        raise InvalidArgument("tenant_id: required, 1 to 64 of A-Z a-z 0-9 . _ -")
+    _token(req.session_id, "session_id")
+    if req.from_index < 0:
+        raise InvalidArgument("from_index: must not be negative")
+    if req.tgt_lang:
+        lang(req.tgt_lang, "tgt_lang")

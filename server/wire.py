@@ -1,4 +1,5 @@
-"""Strings that travel through Redis between instances: timer members, wake-ups and node messages.
+"""Strings that travel through Redis between instances: timer members, wake-ups, node messages and
+session announcements.
 
 One module formats and parses them; the Lua prelude (server/scripts.py) is built from the same
 constants, so a script and the Python side cannot disagree (tests/test_lua_scripts.py checks it).
@@ -74,3 +75,27 @@ def replaced(session_token: str) -> str:
 def parse_node_message(data: str) -> tuple[str, list[str]]:
     verb, *args = data.split(" ")
     return verb, args
+
+
+# A job of a session reached a terminal state (on keys.session_channel; published by finish_job).
+SESSION_SEP = " "
+
+
+def session_done(job_id: str, utterance_index: int, state: str) -> str:
+    return f"{job_id}{SESSION_SEP}{utterance_index}{SESSION_SEP}{state}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDone:
+    job_id: str
+    utterance_index: int | None  # None from a record written before the field existed
+    state: str
+
+
+def parse_session_done(data: str) -> SessionDone:
+    """ValueError for a message no version of the scheduler wrote."""
+    job_id, _, rest = data.partition(SESSION_SEP)
+    utt, _, state = rest.partition(SESSION_SEP)
+    if not job_id or not state:
+        raise ValueError(f"not a session announcement: {data!r}")
+    return SessionDone(job_id, int(utt) if utt else None, state)

@@ -86,3 +86,23 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["submit", "--tenant", "acme"])
     assert exited.value.code == 2 and "required" in capsys.readouterr().err
+
+
+async def test_session_prints_a_sessions_jobs_in_utterance_order(app: Any) -> None:
+    t = target(app)
+    async with running(make_node(t, translate)):
+        for index in (0, 1, 2):
+            rc, _ = await lingua("--target", t, *SUBMIT, "--index", str(index), "--wait", "20")
+            assert rc == 0
+        rc, out = await lingua("--target", t, "session", "acme", "cli", "--count", "3")
+        lines = out.splitlines()
+        assert rc == 0 and lines[0].split()[:4] == ["INDEX", "LANG", "STATE", "JOB"]
+        assert [line.split()[:3] for line in lines[1:]] == [[str(i), "en", "succeeded"] for i in range(3)]
+        assert lines[2].endswith("hello 1")
+        rc, out = await lingua("--target", t, "--json", "session", "acme", "cli", "--from", "2", "--count", "1")
+        job = json.loads(out)
+        assert (rc, job["spec"]["utterance_index"], job["resume_index"]) == (0, 2, 3)
+        rc, out = await lingua("--target", t, "session", "acme", "cli", "--from", "3", "--timeout", "0.3")
+        assert (rc, out.splitlines()[1:]) == (0, [])  # nothing finished from 3 on: ends at the timeout
+    rc, _ = await lingua("--target", t, "session", "acme", "cli", "--from", "-1")
+    assert rc == 1

@@ -96,6 +96,64 @@ async def test_sync_client_submit_many_get_cancel_watch_wait(app: Any) -> None:
     await asyncio.to_thread(scenario)
 
 
+async def test_watch_session_delivers_in_utterance_order_and_resumes_on_another_instance(
+        make_app: AppFactory, settings: Settings) -> None:
+    """Jobs finish out of order; the session stream gives them in utterance order. The instance
+    holding the stream stops; the client resumes on the other one without losing or repeating a job."""
+    second = await make_app()
+    first = create_server(settings)
+    await first.start()
+    gate = {i: asyncio.Event() for i in range(4)}
+
+    async def gated(a: Assignment) -> dict[str, Any]:
+        await gate[a.spec.utterance_index].wait()
+        return await translate(a)
+
+    both = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
+    stopped = False
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(lambda: asyncio.sleep(0) if stopped else first.stop(grace=0))
+        client = await stack.enter_async_context(AsyncClient(both))
+        await stack.enter_async_context(running(make_node(target(second), gated)))
+        await client.submit_many([{**SPEC, "utterance_index": i} for i in range(4)])
+        batches = await stack.enter_async_context(contextlib.aclosing(client.watch_session("acme", "s1")))
+        gate[1].set()
+        gate[0].set()
+        seen = (await asyncio.wait_for(anext(batches), 10)).jobs
+        while len(seen) < 2:
+            seen += (await asyncio.wait_for(anext(batches), 10)).jobs
+        await first.stop(grace=0)  # the stream's instance goes away
+        stopped = True
+        gate[3].set()
+        gate[2].set()
+        while len(seen) < 4:
+            seen += (await asyncio.wait_for(anext(batches), 20)).jobs
+    assert [j.spec.utterance_index for j in seen] == [0, 1, 2, 3]
+    assert [j.result.text_translated for j in seen if j.result] == [f"hello {i}" for i in range(4)]
+
+
+async def test_sync_watch_session_in_batches_until_the_timeout(app: Any) -> None:
+    def scenario() -> None:
+        with Client(target(app)) as client:
+            client.submit_many([{**SPEC, "utterance_index": i} for i in range(3)])
+            for job in client.submit_many([{**SPEC, "utterance_index": 5}]):
+                client.cancel(job.job_id)
+            ids = client.submit_many([{**SPEC, "utterance_index": i} for i in range(3)])  # repeats
+            for r in ids:
+                client.cancel(r.job_id, reason="done")
+            batches = list(client.watch_session("acme", "s1", from_index=1, timeout=1.0))
+            jobs = [j for b in batches for j in b.jobs]
+            assert [(j.spec.utterance_index, j.state) for j in jobs] == [(1, JobState.CANCELLED),
+                                                                         (2, JobState.CANCELLED),
+                                                                         (5, JobState.CANCELLED)]
+            assert batches[-1].resume_index == 6
+            with pytest.raises(InvalidArgument) as err:
+                next(iter(client.watch_session("acme", "s1", from_index=-1)))
+            assert err.value.field_violations or "from_index" in str(err.value)
+
+    await asyncio.to_thread(scenario)
+
+
 async def test_errors_are_typed_with_their_status(app: Any) -> None:
     async with AsyncClient(target(app)) as client:
         with pytest.raises(NotFound) as missing:

@@ -1,8 +1,8 @@
 --[[
   Moves a job to a terminal state (succeeded, failed, cancelled, expired): compare-and-set on the
   state (and version, when given), fenced by node + lease token when given. Drops the payload,
-  stores the result, clears the job's queue and timer entries, and lets the job's keys expire at
-  max(now, deadline) + retention.
+  stores the result, clears the job's queue and timer entries, lets the job's keys expire at
+  max(now, deadline) + retention, and announces the job on its session's channel (WatchSession).
 
   Input:
     KEYS[1] job fsm hash
@@ -25,6 +25,8 @@
     ARGV[11] error retryable, "0" or "1"
     ARGV[12] retention, ms
     ARGV[13] guard: "" none; "lease": only if the lease ran out; "deadline": only if the deadline passed
+    ARGV[14] session channel prefix: the announcement goes to this prefix .. the record's `sess`
+             (a channel, not a key: no slot; the caller need not know the session)
 
   Output:
     {1, state, version}   applied
@@ -41,7 +43,7 @@ local fsmKey, metaKey, payloadKey, resultKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4
 local eventsKey, queueKey, timersKey = KEYS[5], KEYS[6], KEYS[7]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt")
 local state = f[1]
 if not state then
   return {-1}
@@ -88,5 +90,8 @@ record_event(eventsKey, {s = dest, v = version, a = tonumber(f[3]), n = f[4], e 
 local expireAt = math.max(now, deadline) + tonumber(ARGV[12])
 for _, key in ipairs({fsmKey, metaKey, resultKey, eventsKey}) do
   rcall("PEXPIREAT", key, expireAt)
+end
+if f[9] then  -- a record written before sessions were indexed has no `sess`
+  rcall("PUBLISH", ARGV[14] .. f[9], session_done_message(jobId, f[10] or "", dest))
 end
 return {1, dest, version}

@@ -26,13 +26,13 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
-from .models import Assignment, Job, JobError, JobEvent, JobResult, JobSpec, JobState, NodeInfo, SubmitResult
+from .models import Assignment, Job, JobError, JobEvent, JobResult, JobSpec, JobState, NodeInfo, SessionEvent, SubmitResult
 from .node import Node
 
 __all__ = [
     "TLS", "Aborted", "AlreadyExists", "Assignment", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded",
     "FailedPrecondition", "FatalError", "HandlerError", "Internal", "InvalidArgument", "Job", "JobError", "JobEvent",
     "JobResult", "JobSpec", "JobState", "LinguaError", "Node", "NodeInfo", "NotFound", "PermissionDenied",
-    "ResourceExhausted", "RetryableError", "SubmitResult", "Unauthenticated", "Unavailable", "Unimplemented",
+    "ResourceExhausted", "RetryableError", "SessionEvent", "SubmitResult", "Unauthenticated", "Unavailable", "Unimplemented",
     "pb", "pb_grpc",
 ]

@@ -3,6 +3,7 @@
     lingua [--target HOST:PORT] [--token T] [--tls] [--ca F] [--cert F --key F] [--json] COMMAND
     lingua submit --tenant T --session S --from zh --to en [--index N] (--payload-ref URI | --payload-file F) [--wait]
     lingua get JOB_ID | watch JOB_ID | cancel JOB_ID [--reason R] | nodes
+    lingua session TENANT SESSION [--from N] [--lang L] [--count N] [--timeout SECONDS]
 
 Environment: LINGUA_TARGET (default 127.0.0.1:50051), LINGUA_TOKEN. Exit status: 0 done, 1 the
 scheduler refused (the status is printed), 2 usage, 3 `submit --wait` ended in a state other than
@@ -16,6 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -70,7 +72,15 @@ def parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id")
     cancel.add_argument("--reason", default="")
     sub.add_parser("nodes", parents=[common], help="list registered nodes")
-    # `session` (watch a whole session in utterance order) joins once WatchSession is in the contract.
+    session = sub.add_parser("session", parents=[common],
+                             help="print a session's finished jobs in utterance order as they finish (WatchSession)")
+    session.add_argument("tenant")
+    session.add_argument("session")
+    session.add_argument("--from", dest="from_index", type=int, default=0, metavar="N",
+                         help="start at utterance index N (a resume_index to resume)")
+    session.add_argument("--lang", default="", metavar="LANG", help="only jobs into this target language")
+    session.add_argument("--count", type=int, default=0, metavar="N", help="stop after N jobs")
+    session.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop after SECONDS")
     return top
 
 
@@ -123,6 +133,14 @@ def _job(job: Job, out: TextIO) -> None:
 def _event_row(e: JobEvent) -> list[str]:
     error = f"{e.error.code}: {e.error.message}" if e.error else ""
     return [_when(e.at), str(e.state), e.event, str(e.attempt), e.node_id or "-", error]
+
+
+def _session_row(job: Job) -> list[str]:
+    if job.result:
+        text = job.result.text_translated or job.result.text_asr
+    else:
+        text = f"{job.last_error.code}: {job.last_error.message}" if job.last_error else ""
+    return [str(job.spec.utterance_index), job.spec.tgt_lang, str(job.state), job.job_id, text]
 
 
 def _nodes(nodes: list[NodeInfo], out: TextIO) -> None:
@@ -183,6 +201,22 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                 else:
                     out.write("  ".join(_event_row(event)).rstrip() + "\n")
                 out.flush()
+        elif args.command == "session":
+            if not as_json:
+                out.write("  ".join(["INDEX", "LANG", "STATE", "JOB", "TEXT / ERROR"]) + "\n")
+            shown = 0
+            with closing(client.watch_session(args.tenant, args.session, args.from_index, tgt_lang=args.lang,
+                                              timeout=args.timeout)) as batches:
+                for batch in batches:
+                    for job in batch.jobs:
+                        if as_json:
+                            _dump({**as_dict(job), "resume_index": batch.resume_index}, out)
+                        else:
+                            out.write("  ".join(_session_row(job)).rstrip() + "\n")
+                        shown += 1
+                        if shown == args.count:
+                            return 0
+                    out.flush()
         elif args.command == "nodes":
             nodes = client.list_nodes()
             if as_json:

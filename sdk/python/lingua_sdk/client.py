@@ -20,11 +20,32 @@ from ._channel import Connection, TLSOption
 from ._proto import scheduler_pb2 as pb
 from ._proto import scheduler_pb2_grpc as pb_grpc
 from .errors import DeadlineExceeded, Unavailable, from_rpc_error
-from .models import Job, JobEvent, JobSpec, NodeInfo, SubmitResult
+from .models import Job, JobEvent, JobSpec, NodeInfo, SessionEvent, SubmitResult
 
 _RETRY_PAUSE = 0.2  # seconds between two watches of one wait (after an instance went away)
 
 SpecLike = JobSpec | Mapping[str, Any] | pb.JobSpec
+
+
+class _Resume:
+    """Where a session watch resumes after its stream broke: the last resume_index, minus the jobs at
+    that index already delivered (the server sends them again)."""
+
+    def __init__(self, from_index: int) -> None:
+        self.index = from_index
+        self.sent: set[str] = set()  # job ids delivered at self.index
+
+    def fresh(self, event: pb.SessionEvent) -> SessionEvent | None:
+        """The event without the jobs already delivered (None when nothing is left)."""
+        jobs = [j for j in event.jobs if j.job_id not in self.sent]
+        self.sent = {j.job_id for j in event.jobs if j.spec.utterance_index == event.resume_index} | {
+            j for j in self.sent if event.resume_index == self.index}
+        self.index = event.resume_index
+        if not jobs:
+            return None
+        del event.jobs[:]
+        event.jobs.extend(jobs)
+        return SessionEvent.from_proto(event)
 
 
 class _Core:
@@ -43,6 +64,15 @@ class _Core:
     @staticmethod
     def submitted(reply: pb.SubmitResponse) -> list[SubmitResult]:
         return [SubmitResult.from_proto(r) for r in reply.results]
+
+    @staticmethod
+    def session_request(tenant_id: str, session_id: str, from_index: int, tgt_lang: str) -> pb.WatchSessionRequest:
+        return pb.WatchSessionRequest(tenant_id=tenant_id, session_id=session_id, from_index=from_index,
+                                      tgt_lang=tgt_lang)
+
+    @staticmethod
+    def left(deadline: float | None) -> float | None:
+        return None if deadline is None else deadline - time.monotonic()
 
     @staticmethod
     def remaining(deadline: float | None) -> float | None:
@@ -128,8 +158,34 @@ class AsyncClient:
                     raise
             await asyncio.sleep(_RETRY_PAUSE)
 
-    # Room for watch_session(tenant_id, session_id, from_index): one stream of a session's results in
-    # utterance order (issue 9 point 4), once the WatchSession RPC is in the contract.
+    async def watch_session(self, tenant_id: str, session_id: str, from_index: int = 0, *, tgt_lang: str = "",
+                            timeout: float | None = None) -> AsyncGenerator[SessionEvent, None]:
+        """The session's finished jobs (succeeded, failed, cancelled, expired) in utterance order, in
+        batches, from utterance `from_index` on (only `tgt_lang`'s, when given); runs until closed or
+        `timeout` seconds. A stream cut by an instance going away resumes from the last resume_index,
+        without repeating a job."""
+        resume = _Resume(from_index)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _Core.left(deadline)
+            if left is not None and left <= 0:
+                return
+            request = _Core.session_request(tenant_id, session_id, resume.index, tgt_lang)
+            call = self.stub.WatchSession(request, metadata=self._core.metadata, timeout=left)
+            try:
+                async for message in call:
+                    event = resume.fresh(message)
+                    if event is not None:
+                        yield event
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                if isinstance(error, DeadlineExceeded) and deadline is not None:
+                    return  # the watch ran for `timeout` seconds
+                if not isinstance(error, Unavailable):
+                    raise error from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(_RETRY_PAUSE)
 
 
 class Client:
@@ -203,4 +259,31 @@ class Client:
                     raise
             time.sleep(_RETRY_PAUSE)
 
-    # Room for watch_session (see AsyncClient).
+    def watch_session(self, tenant_id: str, session_id: str, from_index: int = 0, *, tgt_lang: str = "",
+                      timeout: float | None = None) -> Generator[SessionEvent, None, None]:
+        """The session's finished jobs (succeeded, failed, cancelled, expired) in utterance order, in
+        batches, from utterance `from_index` on (only `tgt_lang`'s, when given); runs until closed or
+        `timeout` seconds. A stream cut by an instance going away resumes from the last resume_index,
+        without repeating a job."""
+        resume = _Resume(from_index)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _Core.left(deadline)
+            if left is not None and left <= 0:
+                return
+            request = _Core.session_request(tenant_id, session_id, resume.index, tgt_lang)
+            call: Any = self.stub.WatchSession(request, metadata=self._core.metadata, timeout=left)
+            try:
+                for message in call:
+                    event = resume.fresh(message)
+                    if event is not None:
+                        yield event
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                if isinstance(error, DeadlineExceeded) and deadline is not None:
+                    return  # the watch ran for `timeout` seconds
+                if not isinstance(error, Unavailable):
+                    raise error from None
+            finally:
+                call.cancel()
+            time.sleep(_RETRY_PAUSE)

@@ -193,6 +193,20 @@ class JobEvent:
                    error=JobError.from_proto(m.error) if m.HasField("error") else None, proto=m)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SessionEvent:
+    """Finished jobs of a session, in utterance order (WatchSession). To resume after a reconnect,
+    watch again from `resume_index`: every job below it has been delivered."""
+
+    jobs: list[Job]
+    resume_index: int
+    proto: pb.SessionEvent = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: pb.SessionEvent) -> SessionEvent:
+        return cls(jobs=[Job.from_proto(j) for j in m.jobs], resume_index=m.resume_index, proto=m)
+
+
 @dataclass(frozen=True)
 class SubmitResult:
     """The outcome of submitting one job: its id, whether this call created it, its state."""

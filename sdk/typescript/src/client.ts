@@ -4,7 +4,7 @@ import { Code, ConnectError, createClient, type Client as GeneratedClient } from
 import { isTerminal, jobSpec, type JobSpecInput } from "./convert.js";
 import { call, toSchedulerError, UnavailableError } from "./errors.js";
 import {
-  type Job, type JobEvent, type NodeInfo, Scheduler, type SubmitResult,
+  type Job, type JobEvent, type NodeInfo, Scheduler, type SessionEvent, type SubmitResult,
 } from "./gen/lingua/scheduler/v1/scheduler_pb.js";
 import { connect, type Connection, type ConnectionOptions } from "./transport.js";
 
@@ -105,9 +105,32 @@ export class Client {
     return (await call(() => this.stub.listNodes({}, options))).nodes;
   }
 
-  // watchSession(tenantId, sessionId, { fromIndex }): every job of a session in utterance order
-  // (issue 9 point 4). It lands here, as an async generator like watch(), once the contract has
-  // the WatchSession RPC.
+  /** The session's finished jobs (succeeded, failed, cancelled, expired) in utterance order, in
+   * batches, from utterance `fromIndex` on (only `tgtLang`'s, when given); runs until `signal` aborts.
+   * A stream cut by an instance going away (UNAVAILABLE) is opened again from the last resumeIndex,
+   * without repeating a job. */
+  async *watchSession(tenantId: string, sessionId: string,
+    options: CallOptions & { fromIndex?: number | bigint; tgtLang?: string } = {}): AsyncGenerator<SessionEvent> {
+    const { fromIndex = 0, tgtLang = "", ...rest } = options;
+    let resume = BigInt(fromIndex);
+    let sent = new Set<string>(); // job ids delivered at `resume` (the server sends them again)
+    for (;;) {
+      try {
+        for await (const event of this.stub.watchSession({ tenantId, sessionId, fromIndex: resume, tgtLang }, rest)) {
+          const jobs = event.jobs.filter((j) => !sent.has(j.jobId));
+          const atResume = event.jobs.filter((j) => j.spec?.utteranceIndex === event.resumeIndex).map((j) => j.jobId);
+          sent = new Set(event.resumeIndex === resume ? [...sent, ...atResume] : atResume);
+          resume = event.resumeIndex;
+          if (jobs.length) yield { ...event, jobs };
+        }
+      } catch (err) {
+        if (!(err instanceof ConnectError && err.code === Code.Unavailable) || rest.signal?.aborted) {
+          throw toSchedulerError(err);
+        }
+      }
+      await sleep(200, undefined, { signal: rest.signal });
+    }
+  }
 
   /** Closes the connection; calls in progress fail. */
   close(): void {

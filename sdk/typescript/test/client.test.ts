@@ -129,3 +129,20 @@ test("the token travels as authorization: Bearer metadata", { timeout: 30_000 },
     await new Promise((r) => server.close(r));
   }
 });
+
+test("watchSession delivers a session's finished jobs in utterance order", { timeout: 30_000 }, async () => {
+  const ids = (await client.submitMany([0, 1, 2].map((i) => spec("ts-session", i, "fr", "it")))).map((r) => r.jobId);
+  const stop = new AbortController();
+  const seen: number[] = [];
+  const reading = (async () => {
+    for await (const event of client.watchSession("acme", "ts-session", { signal: stop.signal })) {
+      seen.push(...event.jobs.map((j) => Number(j.spec?.utteranceIndex)));
+      if (seen.length === 3) return event.resumeIndex;
+    }
+    return -1n;
+  })();
+  for (const i of [2, 0, 1]) await client.cancel(ids[i]!, { reason: "done" });
+  assert.equal(await reading, 3n);
+  stop.abort();
+  assert.deepEqual(seen, [0, 1, 2]);
+});

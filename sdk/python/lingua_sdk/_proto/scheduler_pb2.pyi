@@ -177,6 +177,26 @@ class JobEvent(_message.Message):
     error: JobError
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event: _Optional[str] = ..., error: _Optional[_Union[JobError, _Mapping]] = ...) -> None: ...
 
+class WatchSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "from_index", "tgt_lang")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TGT_LANG_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    from_index: int
+    tgt_lang: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., from_index: _Optional[int] = ..., tgt_lang: _Optional[str] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("jobs", "resume_index")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    resume_index: int
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., resume_index: _Optional[int] = ...) -> None: ...
+
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id", "reason")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

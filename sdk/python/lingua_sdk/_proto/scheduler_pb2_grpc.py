@@ -52,6 +52,11 @@ class SchedulerStub:
                 request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.WatchSession = channel.unary_stream(
+                '/lingua.scheduler.v1.Scheduler/WatchSession',
+                request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchSessionRequest.SerializeToString,
+                response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.SessionEvent.FromString,
+                _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/lingua.scheduler.v1.Scheduler/CancelJob',
                 request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
@@ -112,6 +117,17 @@ class SchedulerServicer:
     def WatchJob(self, request, context):
         """Streams every state change of one job, oldest first, each exactly once, and ends after the
         terminal state. Changes made through any instance are included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSession(self, request, context):
+        """Streams the jobs of one session as they reach a terminal state (succeeded, failed, cancelled,
+        expired), in utterance order, over one stream: the stream a real-time client plays from.
+        Jobs finished through any instance are included. Ordering, holes and resuming are described on
+        WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
+        deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +198,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchJobRequest.FromString,
                     response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.JobEvent.SerializeToString,
+            ),
+            'WatchSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSession,
+                    request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchSessionRequest.FromString,
+                    response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.SessionEvent.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
@@ -298,6 +319,33 @@ class Scheduler:
             '/lingua.scheduler.v1.Scheduler/WatchJob',
             lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchJobRequest.SerializeToString,
             lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lingua.scheduler.v1.Scheduler/WatchSession',
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchSessionRequest.SerializeToString,
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.SessionEvent.FromString,
             options,
             channel_credentials,
             insecure,

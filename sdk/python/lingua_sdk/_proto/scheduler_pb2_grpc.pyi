@@ -55,6 +55,13 @@ class SchedulerStub:
     """Streams every state change of one job, oldest first, each exactly once, and ends after the
     terminal state. Changes made through any instance are included.
     """
+    WatchSession: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.WatchSessionRequest, _scheduler_pb2.SessionEvent]
+    """Streams the jobs of one session as they reach a terminal state (succeeded, failed, cancelled,
+    expired), in utterance order, over one stream: the stream a real-time client plays from.
+    Jobs finished through any instance are included. Ordering, holes and resuming are described on
+    WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
+    deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelJobRequest, _scheduler_pb2.Job]
     """Cancels a job that is not terminal yet. Cancelling a terminal job is FAILED_PRECONDITION,
     except a repeated cancel of a cancelled job, which answers the job as it is.
@@ -99,6 +106,13 @@ class SchedulerAsyncStub(SchedulerStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchJobRequest, _scheduler_pb2.JobEvent]  # type: ignore[assignment]
     """Streams every state change of one job, oldest first, each exactly once, and ends after the
     terminal state. Changes made through any instance are included.
+    """
+    WatchSession: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchSessionRequest, _scheduler_pb2.SessionEvent]  # type: ignore[assignment]
+    """Streams the jobs of one session as they reach a terminal state (succeeded, failed, cancelled,
+    expired), in utterance order, over one stream: the stream a real-time client plays from.
+    Jobs finished through any instance are included. Ordering, holes and resuming are described on
+    WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
+    deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
     """
     CancelJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
     """Cancels a job that is not terminal yet. Cancelling a terminal job is FAILED_PRECONDITION,
@@ -159,6 +173,19 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.JobEvent], _abc.AsyncIterator[_scheduler_pb2.JobEvent]]:
         """Streams every state change of one job, oldest first, each exactly once, and ends after the
         terminal state. Changes made through any instance are included.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchSession(
+        self,
+        request: _scheduler_pb2.WatchSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.SessionEvent], _abc.AsyncIterator[_scheduler_pb2.SessionEvent]]:
+        """Streams the jobs of one session as they reach a terminal state (succeeded, failed, cancelled,
+        expired), in utterance order, over one stream: the stream a real-time client plays from.
+        Jobs finished through any instance are included. Ordering, holes and resuming are described on
+        WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
+        deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
         """
 
     @_abc_1.abstractmethod

@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lingua/scheduler/v1/scheduler.proto.
  */
 export const file_lingua_scheduler_v1_scheduler: GenFile = /*@__PURE__*/
-  fileDesc("CiNsaW5ndWEvc2NoZWR1bGVyL3YxL3NjaGVkdWxlci5wcm90bxITbGluZ3VhLnNjaGVkdWxlci52MSLKAgoHSm9iU3BlYxIRCgl0ZW5hbnRfaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIXCg91dHRlcmFuY2VfaW5kZXgYAyABKAMSEAoIc3JjX2xhbmcYBCABKAkSEAoIdGd0X2xhbmcYBSABKAkSEAoIdHJhY2VfaWQYBiABKAkSEAoIcHJpb3JpdHkYByABKAUSLAoIZGVhZGxpbmUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDG1heF9hdHRlbXB0cxgJIAEoBRIXCg9pZGVtcG90ZW5jeV9rZXkYCiABKAkSDwoHcGF5bG9hZBgLIAEoDBITCgtwYXlsb2FkX3JlZhgMIAEoCRI0ChFleGVjdXRpb25fdGltZW91dBgNIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLcAQoJSm9iUmVzdWx0EhAKCHRleHRfYXNyGAEgASgJEhcKD3RleHRfdHJhbnNsYXRlZBgCIAEoCRIRCgl0dHNfYXVkaW8YAyABKAwSFQoNdHRzX2F1ZGlvX3JlZhgEIAEoCRISCgp0dHNfZm9ybWF0GAUgASgJEjgKBWV4dHJhGAYgAygLMikubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JSZXN1bHQuRXh0cmFFbnRyeRosCgpFeHRyYUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPAoISm9iRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhEKCXJldHJ5YWJsZRgDIAEoCCKvAwoDSm9iEg4KBmpvYl9pZBgBIAEoCRIqCgRzcGVjGAIgASgLMhwubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTcGVjEiwKBXN0YXRlGAMgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZRIPCgd2ZXJzaW9uGAQgASgDEg8KB2F0dGVtcHQYBSABKAUSDwoHbm9kZV9pZBgGIAEoCRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sZWFzZV9kZWFkbGluZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoKbGFzdF9lcnJvchgKIAEoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iRXJyb3ISLgoGcmVzdWx0GAsgASgLMh4ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JSZXN1bHQSFAoMbWF4X2F0dGVtcHRzGAwgASgFIjsKDVN1Ym1pdFJlcXVlc3QSKgoEam9icxgBIAMoCzIcLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3BlYyJECg5TdWJtaXRSZXNwb25zZRIyCgdyZXN1bHRzGAEgAygLMiEubGluZ3VhLnNjaGVkdWxlci52MS5TdWJtaXRSZXN1bHQiXQoMU3VibWl0UmVzdWx0Eg4KBmpvYl9pZBgBIAEoCRIPCgdjcmVhdGVkGAIgASgIEiwKBXN0YXRlGAMgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZSI4Cg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIXCg9pbmNsdWRlX3BheWxvYWQYAiABKAgiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSLgAQoISm9iRXZlbnQSDgoGam9iX2lkGAEgASgJEiwKBXN0YXRlGAIgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZRIPCgd2ZXJzaW9uGAMgASgDEg8KB2F0dGVtcHQYBCABKAUSDwoHbm9kZV9pZBgFIAEoCRImCgJhdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFZXZlbnQYByABKAkSLAoFZXJyb3IYCCABKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkVycm9yIjIKEENhbmNlbEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSIyCgxMYW5ndWFnZVBhaXISEAoIc3JjX2xhbmcYASABKAkSEAoIdGd0X2xhbmcYAiABKAkijQEKDUFzc2lnblJlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCRIwCgVwYWlycxgCIAMoCzIhLmxpbmd1YS5zY2hlZHVsZXIudjEuTGFuZ3VhZ2VQYWlyEhAKCG1heF9qb2JzGAMgASgFEicKBHdhaXQYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iogEKCkFzc2lnbm1lbnQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSKgoEc3BlYxgDIAEoCzIcLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3BlYxIyCg5sZWFzZV9kZWFkbGluZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLbGVhc2VfdG9rZW4YBSABKAkiRgoOQXNzaWduUmVzcG9uc2USNAoLYXNzaWdubWVudHMYASADKAsyHy5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnbm1lbnQiQAoISm9iTGVhc2USDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSEwoLbGVhc2VfdG9rZW4YAyABKAkiUgoQSGVhcnRiZWF0UmVxdWVzdBIPCgdub2RlX2lkGAEgASgJEi0KBmxlYXNlcxgCIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2UiRQoRSGVhcnRiZWF0UmVzcG9uc2USMAoGbGVhc2VzGAEgAygLMiAubGluZ3VhLnNjaGVkdWxlci52MS5MZWFzZVN0YXR1cyK2AQoLTGVhc2VTdGF0dXMSDgoGam9iX2lkGAEgASgJEgoKAm9rGAIgASgIEiwKBXN0YXRlGAMgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZRIyCg5sZWFzZV9kZWFkbGluZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKZXJyb3JfY29kZRgFIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAYgASgJIsUBCg9Db21wbGV0ZVJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDwoHbm9kZV9pZBgDIAEoCRIwCgZyZXN1bHQYBCABKAsyHi5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlJlc3VsdEgAEi4KBWVycm9yGAUgASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JFcnJvckgAEhMKC2xlYXNlX3Rva2VuGAYgASgJQgkKB291dGNvbWUiUQoQQ29tcGxldGVSZXNwb25zZRIsCgVzdGF0ZRgBIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUSDwoHdmVyc2lvbhgCIAEoAyK3AgoIUmVnaXN0ZXISDwoHbm9kZV9pZBgBIAEoCRIwCgVwYWlycxgCIAMoCzIhLmxpbmd1YS5zY2hlZHVsZXIudjEuTGFuZ3VhZ2VQYWlyEhEKCWFzcl9sYW5ncxgDIAMoCRIRCgl0dHNfbGFuZ3MYBCADKAkSFwoPbWF4X2NvbmN1cnJlbmN5GAUgASgFEjkKBmxhYmVscxgGIAMoCzIpLmxpbmd1YS5zY2hlZHVsZXIudjEuUmVnaXN0ZXIuTGFiZWxzRW50cnkSDwoHdmVyc2lvbhgHIAEoCRIuCgdob2xkaW5nGAggAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqcBCgpDb21wbGV0aW9uEiwKBWxlYXNlGAEgASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRIwCgZyZXN1bHQYAiABKAsyHi5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlJlc3VsdEgAEi4KBWVycm9yGAMgASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JFcnJvckgAQgkKB291dGNvbWUilwIKC05vZGVNZXNzYWdlEi8KCHJlZ2lzdGVyGAEgASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5SZWdpc3RlchIrCgRhY2tzGAIgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRIxCgpoZWFydGJlYXRzGAMgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRI0Cgtjb21wbGV0aW9ucxgEIAMoCzIfLmxpbmd1YS5zY2hlZHVsZXIudjEuQ29tcGxldGlvbhIyCgt1bmF2YWlsYWJsZRgFIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2USDQoFZHJhaW4YBiABKAgipQIKEFNjaGVkdWxlck1lc3NhZ2USNAoKcmVnaXN0ZXJlZBgBIAEoCzIgLmxpbmd1YS5zY2hlZHVsZXIudjEuUmVnaXN0ZXJBY2sSNAoLYXNzaWdubWVudHMYAiADKAsyHy5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnbm1lbnQSLgoHY2FuY2VscxgDIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2USMQoHcmVmdXNlZBgEIAMoCzIgLmxpbmd1YS5zY2hlZHVsZXIudjEuTGVhc2VTdGF0dXMSDQoFZXJyb3IYBSABKAkSMwoJY29uZmlybWVkGAYgAygLMiAubGluZ3VhLnNjaGVkdWxlci52MS5MZWFzZVN0YXR1cyLLAQoLUmVnaXN0ZXJBY2sSEwoLaW5zdGFuY2VfaWQYASABKAkSNQoSaGVhcnRiZWF0X2ludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKDmxlYXNlX2R1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2Fja190aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg0KBXBvb2xzGAUgAygJIhIKEExpc3ROb2Rlc1JlcXVlc3QiQQoRTGlzdE5vZGVzUmVzcG9uc2USLAoFbm9kZXMYASADKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLk5vZGVJbmZvIqoCCghOb2RlSW5mbxIPCgdub2RlX2lkGAEgASgJEg0KBXBvb2xzGAIgAygJEhcKD21heF9jb25jdXJyZW5jeRgDIAEoBRIRCglpbl9mbGlnaHQYBCABKAUSEwoLaW5zdGFuY2VfaWQYBSABKAkSOQoGbGFiZWxzGAYgAygLMikubGluZ3VhLnNjaGVkdWxlci52MS5Ob2RlSW5mby5MYWJlbHNFbnRyeRIPCgd2ZXJzaW9uGAcgASgJEjAKDGNvbm5lY3RlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIZHJhaW5pbmcYCSABKAgaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASrJAQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhYKEkpPQl9TVEFURV9BU1NJR05FRBACEhUKEUpPQl9TVEFURV9SVU5OSU5HEAMSFwoTSk9CX1NUQVRFX1NVQ0NFRURFRBAEEhQKEEpPQl9TVEFURV9GQUlMRUQQBRIXChNKT0JfU1RBVEVfQ0FOQ0VMTEVEEAYSFQoRSk9CX1NUQVRFX0VYUElSRUQQBzKHBgoJU2NoZWR1bGVyElEKBlN1Ym1pdBIiLmxpbmd1YS5zY2hlZHVsZXIudjEuU3VibWl0UmVxdWVzdBojLmxpbmd1YS5zY2hlZHVsZXIudjEuU3VibWl0UmVzcG9uc2USRgoGR2V0Sm9iEiIubGluZ3VhLnNjaGVkdWxlci52MS5HZXRKb2JSZXF1ZXN0GhgubGluZ3VhLnNjaGVkdWxlci52MS5Kb2ISUQoIV2F0Y2hKb2ISJC5saW5ndWEuc2NoZWR1bGVyLnYxLldhdGNoSm9iUmVxdWVzdBodLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iRXZlbnQwARJMCglDYW5jZWxKb2ISJS5saW5ndWEuc2NoZWR1bGVyLnYxLkNhbmNlbEpvYlJlcXVlc3QaGC5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYhJRCgZBc3NpZ24SIi5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnblJlcXVlc3QaIy5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnblJlc3BvbnNlEloKCUhlYXJ0YmVhdBIlLmxpbmd1YS5zY2hlZHVsZXIudjEuSGVhcnRiZWF0UmVxdWVzdBomLmxpbmd1YS5zY2hlZHVsZXIudjEuSGVhcnRiZWF0UmVzcG9uc2USVwoIQ29tcGxldGUSJC5saW5ndWEuc2NoZWR1bGVyLnYxLkNvbXBsZXRlUmVxdWVzdBolLmxpbmd1YS5zY2hlZHVsZXIudjEuQ29tcGxldGVSZXNwb25zZRJaCgtOb2RlU2Vzc2lvbhIgLmxpbmd1YS5zY2hlZHVsZXIudjEuTm9kZU1lc3NhZ2UaJS5saW5ndWEuc2NoZWR1bGVyLnYxLlNjaGVkdWxlck1lc3NhZ2UoATABEloKCUxpc3ROb2RlcxIlLmxpbmd1YS5zY2hlZHVsZXIudjEuTGlzdE5vZGVzUmVxdWVzdBomLmxpbmd1YS5zY2hlZHVsZXIudjEuTGlzdE5vZGVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiNsaW5ndWEvc2NoZWR1bGVyL3YxL3NjaGVkdWxlci5wcm90bxITbGluZ3VhLnNjaGVkdWxlci52MSLKAgoHSm9iU3BlYxIRCgl0ZW5hbnRfaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIXCg91dHRlcmFuY2VfaW5kZXgYAyABKAMSEAoIc3JjX2xhbmcYBCABKAkSEAoIdGd0X2xhbmcYBSABKAkSEAoIdHJhY2VfaWQYBiABKAkSEAoIcHJpb3JpdHkYByABKAUSLAoIZGVhZGxpbmUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDG1heF9hdHRlbXB0cxgJIAEoBRIXCg9pZGVtcG90ZW5jeV9rZXkYCiABKAkSDwoHcGF5bG9hZBgLIAEoDBITCgtwYXlsb2FkX3JlZhgMIAEoCRI0ChFleGVjdXRpb25fdGltZW91dBgNIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLcAQoJSm9iUmVzdWx0EhAKCHRleHRfYXNyGAEgASgJEhcKD3RleHRfdHJhbnNsYXRlZBgCIAEoCRIRCgl0dHNfYXVkaW8YAyABKAwSFQoNdHRzX2F1ZGlvX3JlZhgEIAEoCRISCgp0dHNfZm9ybWF0GAUgASgJEjgKBWV4dHJhGAYgAygLMikubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JSZXN1bHQuRXh0cmFFbnRyeRosCgpFeHRyYUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPAoISm9iRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhEKCXJldHJ5YWJsZRgDIAEoCCKvAwoDSm9iEg4KBmpvYl9pZBgBIAEoCRIqCgRzcGVjGAIgASgLMhwubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTcGVjEiwKBXN0YXRlGAMgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZRIPCgd2ZXJzaW9uGAQgASgDEg8KB2F0dGVtcHQYBSABKAUSDwoHbm9kZV9pZBgGIAEoCRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sZWFzZV9kZWFkbGluZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoKbGFzdF9lcnJvchgKIAEoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iRXJyb3ISLgoGcmVzdWx0GAsgASgLMh4ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JSZXN1bHQSFAoMbWF4X2F0dGVtcHRzGAwgASgFIjsKDVN1Ym1pdFJlcXVlc3QSKgoEam9icxgBIAMoCzIcLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3BlYyJECg5TdWJtaXRSZXNwb25zZRIyCgdyZXN1bHRzGAEgAygLMiEubGluZ3VhLnNjaGVkdWxlci52MS5TdWJtaXRSZXN1bHQiXQoMU3VibWl0UmVzdWx0Eg4KBmpvYl9pZBgBIAEoCRIPCgdjcmVhdGVkGAIgASgIEiwKBXN0YXRlGAMgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZSI4Cg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIXCg9pbmNsdWRlX3BheWxvYWQYAiABKAgiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSLgAQoISm9iRXZlbnQSDgoGam9iX2lkGAEgASgJEiwKBXN0YXRlGAIgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZRIPCgd2ZXJzaW9uGAMgASgDEg8KB2F0dGVtcHQYBCABKAUSDwoHbm9kZV9pZBgFIAEoCRImCgJhdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFZXZlbnQYByABKAkSLAoFZXJyb3IYCCABKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkVycm9yImIKE1dhdGNoU2Vzc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEgoKZnJvbV9pbmRleBgDIAEoAxIQCgh0Z3RfbGFuZxgEIAEoCSJMCgxTZXNzaW9uRXZlbnQSJgoEam9icxgBIAMoCzIYLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iEhQKDHJlc3VtZV9pbmRleBgCIAEoAyIyChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiMgoMTGFuZ3VhZ2VQYWlyEhAKCHNyY19sYW5nGAEgASgJEhAKCHRndF9sYW5nGAIgASgJIo0BCg1Bc3NpZ25SZXF1ZXN0Eg8KB25vZGVfaWQYASABKAkSMAoFcGFpcnMYAiADKAsyIS5saW5ndWEuc2NoZWR1bGVyLnYxLkxhbmd1YWdlUGFpchIQCghtYXhfam9icxgDIAEoBRInCgR3YWl0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqIBCgpBc3NpZ25tZW50Eg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEioKBHNwZWMYAyABKAsyHC5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlNwZWMSMgoObGVhc2VfZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2xlYXNlX3Rva2VuGAUgASgJIkYKDkFzc2lnblJlc3BvbnNlEjQKC2Fzc2lnbm1lbnRzGAEgAygLMh8ubGluZ3VhLnNjaGVkdWxlci52MS5Bc3NpZ25tZW50IkAKCEpvYkxlYXNlEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEhMKC2xlYXNlX3Rva2VuGAMgASgJIlIKEEhlYXJ0YmVhdFJlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCRItCgZsZWFzZXMYAiADKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkxlYXNlIkUKEUhlYXJ0YmVhdFJlc3BvbnNlEjAKBmxlYXNlcxgBIAMoCzIgLmxpbmd1YS5zY2hlZHVsZXIudjEuTGVhc2VTdGF0dXMitgEKC0xlYXNlU3RhdHVzEg4KBmpvYl9pZBgBIAEoCRIKCgJvaxgCIAEoCBIsCgVzdGF0ZRgDIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUSMgoObGVhc2VfZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmVycm9yX2NvZGUYBSABKAkSFQoNZXJyb3JfbWVzc2FnZRgGIAEoCSLFAQoPQ29tcGxldGVSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEg8KB25vZGVfaWQYAyABKAkSMAoGcmVzdWx0GAQgASgLMh4ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JSZXN1bHRIABIuCgVlcnJvchgFIAEoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iRXJyb3JIABITCgtsZWFzZV90b2tlbhgGIAEoCUIJCgdvdXRjb21lIlEKEENvbXBsZXRlUmVzcG9uc2USLAoFc3RhdGUYASABKA4yHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlN0YXRlEg8KB3ZlcnNpb24YAiABKAMitwIKCFJlZ2lzdGVyEg8KB25vZGVfaWQYASABKAkSMAoFcGFpcnMYAiADKAsyIS5saW5ndWEuc2NoZWR1bGVyLnYxLkxhbmd1YWdlUGFpchIRCglhc3JfbGFuZ3MYAyADKAkSEQoJdHRzX2xhbmdzGAQgAygJEhcKD21heF9jb25jdXJyZW5jeRgFIAEoBRI5CgZsYWJlbHMYBiADKAsyKS5saW5ndWEuc2NoZWR1bGVyLnYxLlJlZ2lzdGVyLkxhYmVsc0VudHJ5Eg8KB3ZlcnNpb24YByABKAkSLgoHaG9sZGluZxgIIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2UaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKnAQoKQ29tcGxldGlvbhIsCgVsZWFzZRgBIAEoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2USMAoGcmVzdWx0GAIgASgLMh4ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JSZXN1bHRIABIuCgVlcnJvchgDIAEoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iRXJyb3JIAEIJCgdvdXRjb21lIpcCCgtOb2RlTWVzc2FnZRIvCghyZWdpc3RlchgBIAEoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuUmVnaXN0ZXISKwoEYWNrcxgCIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2USMQoKaGVhcnRiZWF0cxgDIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2USNAoLY29tcGxldGlvbnMYBCADKAsyHy5saW5ndWEuc2NoZWR1bGVyLnYxLkNvbXBsZXRpb24SMgoLdW5hdmFpbGFibGUYBSADKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkxlYXNlEg0KBWRyYWluGAYgASgIIqUCChBTY2hlZHVsZXJNZXNzYWdlEjQKCnJlZ2lzdGVyZWQYASABKAsyIC5saW5ndWEuc2NoZWR1bGVyLnYxLlJlZ2lzdGVyQWNrEjQKC2Fzc2lnbm1lbnRzGAIgAygLMh8ubGluZ3VhLnNjaGVkdWxlci52MS5Bc3NpZ25tZW50Ei4KB2NhbmNlbHMYAyADKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkxlYXNlEjEKB3JlZnVzZWQYBCADKAsyIC5saW5ndWEuc2NoZWR1bGVyLnYxLkxlYXNlU3RhdHVzEg0KBWVycm9yGAUgASgJEjMKCWNvbmZpcm1lZBgGIAMoCzIgLmxpbmd1YS5zY2hlZHVsZXIudjEuTGVhc2VTdGF0dXMiywEKC1JlZ2lzdGVyQWNrEhMKC2luc3RhbmNlX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5sZWFzZV9kdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgthY2tfdGltZW91dBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgVwb29scxgFIAMoCSISChBMaXN0Tm9kZXNSZXF1ZXN0IkEKEUxpc3ROb2Rlc1Jlc3BvbnNlEiwKBW5vZGVzGAEgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Ob2RlSW5mbyKqAgoITm9kZUluZm8SDwoHbm9kZV9pZBgBIAEoCRINCgVwb29scxgCIAMoCRIXCg9tYXhfY29uY3VycmVuY3kYAyABKAUSEQoJaW5fZmxpZ2h0GAQgASgFEhMKC2luc3RhbmNlX2lkGAUgASgJEjkKBmxhYmVscxgGIAMoCzIpLmxpbmd1YS5zY2hlZHVsZXIudjEuTm9kZUluZm8uTGFiZWxzRW50cnkSDwoHdmVyc2lvbhgHIAEoCRIwCgxjb25uZWN0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAkgASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEqyQEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIWChJKT0JfU1RBVEVfQVNTSUdORUQQAhIVChFKT0JfU1RBVEVfUlVOTklORxADEhcKE0pPQl9TVEFURV9TVUNDRUVERUQQBBIUChBKT0JfU1RBVEVfRkFJTEVEEAUSFwoTSk9CX1NUQVRFX0NBTkNFTExFRBAGEhUKEUpPQl9TVEFURV9FWFBJUkVEEAcy5gYKCVNjaGVkdWxlchJRCgZTdWJtaXQSIi5saW5ndWEuc2NoZWR1bGVyLnYxLlN1Ym1pdFJlcXVlc3QaIy5saW5ndWEuc2NoZWR1bGVyLnYxLlN1Ym1pdFJlc3BvbnNlEkYKBkdldEpvYhIiLmxpbmd1YS5zY2hlZHVsZXIudjEuR2V0Sm9iUmVxdWVzdBoYLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iElEKCFdhdGNoSm9iEiQubGluZ3VhLnNjaGVkdWxlci52MS5XYXRjaEpvYlJlcXVlc3QaHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkV2ZW50MAESXQoMV2F0Y2hTZXNzaW9uEigubGluZ3VhLnNjaGVkdWxlci52MS5XYXRjaFNlc3Npb25SZXF1ZXN0GiEubGluZ3VhLnNjaGVkdWxlci52MS5TZXNzaW9uRXZlbnQwARJMCglDYW5jZWxKb2ISJS5saW5ndWEuc2NoZWR1bGVyLnYxLkNhbmNlbEpvYlJlcXVlc3QaGC5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYhJRCgZBc3NpZ24SIi5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnblJlcXVlc3QaIy5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnblJlc3BvbnNlEloKCUhlYXJ0YmVhdBIlLmxpbmd1YS5zY2hlZHVsZXIudjEuSGVhcnRiZWF0UmVxdWVzdBomLmxpbmd1YS5zY2hlZHVsZXIudjEuSGVhcnRiZWF0UmVzcG9uc2USVwoIQ29tcGxldGUSJC5saW5ndWEuc2NoZWR1bGVyLnYxLkNvbXBsZXRlUmVxdWVzdBolLmxpbmd1YS5zY2hlZHVsZXIudjEuQ29tcGxldGVSZXNwb25zZRJaCgtOb2RlU2Vzc2lvbhIgLmxpbmd1YS5zY2hlZHVsZXIudjEuTm9kZU1lc3NhZ2UaJS5saW5ndWEuc2NoZWR1bGVyLnYxLlNjaGVkdWxlck1lc3NhZ2UoATABEloKCUxpc3ROb2RlcxIlLmxpbmd1YS5zY2hlZHVsZXIudjEuTGlzdE5vZGVzUmVxdWVzdBomLmxpbmd1YS5zY2hlZHVsZXIudjEuTGlzdE5vZGVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * What a client asks to be done: one utterance of one session, translated src_lang -> tgt_lang.
@@ -520,6 +520,100 @@ export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
   messageDesc(file_lingua_scheduler_v1_scheduler, 9);
 
 /**
+ * Watch one session's jobs in utterance order.
+ *
+ * Ordering: jobs are delivered by utterance_index, lowest first, among the session's jobs that exist.
+ * A finished job is held while any job of the session with a lower utterance_index (at or above
+ * from_index) is not terminal yet; a failed, cancelled or expired job counts as finished (it is
+ * delivered, with its last_error) and never blocks later ones. The jobs of one utterance (one per
+ * tgt_lang) are ordered by utterance only: each is delivered when it and every lower utterance are
+ * done, so one slow language holds back the later utterances of every language. Watch one language
+ * with tgt_lang to order each language on its own.
+ *
+ * Holes: the stream waits only for jobs that exist. An utterance_index with no job is skipped as soon
+ * as a later job is deliverable: the stream never waits for a job that was never submitted. A job
+ * submitted later for an index the stream has already passed (below its resume_index) is not
+ * delivered by this stream; read it with GetJob, or open a stream from its index. Submit an utterance
+ * before, or in the same Submit as, the later ones (Submit returns once the job is stored) and
+ * nothing is ever passed.
+ *
+ * @generated from message lingua.scheduler.v1.WatchSessionRequest
+ */
+export type WatchSessionRequest = Message<"lingua.scheduler.v1.WatchSessionRequest"> & {
+  /**
+   * The session's tenant. Required, 1 to 64 of A-Z a-z 0-9 . _ -
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The session. Required, 1 to 128 printable ASCII characters without spaces.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * Deliver only jobs with utterance_index >= from_index; 0 (the default) for the whole session.
+   * To resume after a reconnect, pass the resume_index of the last SessionEvent received. Must not
+   * be negative.
+   *
+   * @generated from field: int64 from_index = 3;
+   */
+  fromIndex: bigint;
+
+  /**
+   * Only jobs into this target language (e.g. "en"), ordered among themselves; empty for every
+   * language of the session.
+   *
+   * @generated from field: string tgt_lang = 4;
+   */
+  tgtLang: string;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.WatchSessionRequest.
+ * Use `create(WatchSessionRequestSchema)` to create a new message.
+ */
+export const WatchSessionRequestSchema: GenMessage<WatchSessionRequest> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 10);
+
+/**
+ * One or more jobs of the session, finished and now in order. Jobs that are ready together (a
+ * held-back result released by the one before it, a burst of completions) come in one event.
+ *
+ * @generated from message lingua.scheduler.v1.SessionEvent
+ */
+export type SessionEvent = Message<"lingua.scheduler.v1.SessionEvent"> & {
+  /**
+   * Terminal jobs (payload omitted), ordered by utterance_index, then tgt_lang. Each job of the
+   * session is delivered once per stream. A job whose record has expired (the server's retention
+   * after it finished) is not delivered.
+   *
+   * @generated from field: repeated lingua.scheduler.v1.Job jobs = 1;
+   */
+  jobs: Job[];
+
+  /**
+   * Every job of the session with utterance_index below resume_index (and at or above from_index)
+   * has been delivered on this stream. To resume after a reconnect, watch again with from_index =
+   * resume_index: nothing is lost, and jobs at resume_index itself that were delivered already (other
+   * languages of that utterance) are delivered again: deduplicate by job_id.
+   *
+   * @generated from field: int64 resume_index = 2;
+   */
+  resumeIndex: bigint;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.SessionEvent.
+ * Use `create(SessionEventSchema)` to create a new message.
+ */
+export const SessionEventSchema: GenMessage<SessionEvent> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 11);
+
+/**
  * Cancel one job.
  *
  * @generated from message lingua.scheduler.v1.CancelJobRequest
@@ -545,7 +639,7 @@ export type CancelJobRequest = Message<"lingua.scheduler.v1.CancelJobRequest"> &
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 10);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 12);
 
 /**
  * A directed language pair: jobs src -> tgt. src_lang and tgt_lang must differ.
@@ -573,7 +667,7 @@ export type LanguagePair = Message<"lingua.scheduler.v1.LanguagePair"> & {
  * Use `create(LanguagePairSchema)` to create a new message.
  */
 export const LanguagePairSchema: GenMessage<LanguagePair> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 11);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 13);
 
 /**
  * A node's long-poll for work.
@@ -616,7 +710,7 @@ export type AssignRequest = Message<"lingua.scheduler.v1.AssignRequest"> & {
  * Use `create(AssignRequestSchema)` to create a new message.
  */
 export const AssignRequestSchema: GenMessage<AssignRequest> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 12);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 14);
 
 /**
  * One job given to a node.
@@ -666,7 +760,7 @@ export type Assignment = Message<"lingua.scheduler.v1.Assignment"> & {
  * Use `create(AssignmentSchema)` to create a new message.
  */
 export const AssignmentSchema: GenMessage<Assignment> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 13);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 15);
 
 /**
  * Jobs claimed for the node; empty when none came within `wait`.
@@ -687,7 +781,7 @@ export type AssignResponse = Message<"lingua.scheduler.v1.AssignResponse"> & {
  * Use `create(AssignResponseSchema)` to create a new message.
  */
 export const AssignResponseSchema: GenMessage<AssignResponse> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 14);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 16);
 
 /**
  * A job held by a node under one claim: job_id + lease_token is the fencing token of the lease.
@@ -723,7 +817,7 @@ export type JobLease = Message<"lingua.scheduler.v1.JobLease"> & {
  * Use `create(JobLeaseSchema)` to create a new message.
  */
 export const JobLeaseSchema: GenMessage<JobLease> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 15);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 17);
 
 /**
  * Ack and heartbeat for unary nodes.
@@ -751,7 +845,7 @@ export type HeartbeatRequest = Message<"lingua.scheduler.v1.HeartbeatRequest"> &
  * Use `create(HeartbeatRequestSchema)` to create a new message.
  */
 export const HeartbeatRequestSchema: GenMessage<HeartbeatRequest> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 16);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 18);
 
 /**
  * The outcome of each lease of a HeartbeatRequest, same order.
@@ -772,7 +866,7 @@ export type HeartbeatResponse = Message<"lingua.scheduler.v1.HeartbeatResponse">
  * Use `create(HeartbeatResponseSchema)` to create a new message.
  */
 export const HeartbeatResponseSchema: GenMessage<HeartbeatResponse> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 17);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 19);
 
 /**
  * The outcome of an ack, heartbeat or result for one job.
@@ -828,7 +922,7 @@ export type LeaseStatus = Message<"lingua.scheduler.v1.LeaseStatus"> & {
  * Use `create(LeaseStatusSchema)` to create a new message.
  */
 export const LeaseStatusSchema: GenMessage<LeaseStatus> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 18);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 20);
 
 /**
  * The outcome of one attempt.
@@ -893,7 +987,7 @@ export type CompleteRequest = Message<"lingua.scheduler.v1.CompleteRequest"> & {
  * Use `create(CompleteRequestSchema)` to create a new message.
  */
 export const CompleteRequestSchema: GenMessage<CompleteRequest> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 19);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 21);
 
 /**
  * The job after a Complete.
@@ -921,7 +1015,7 @@ export type CompleteResponse = Message<"lingua.scheduler.v1.CompleteResponse"> &
  * Use `create(CompleteResponseSchema)` to create a new message.
  */
 export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 20);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 22);
 
 /**
  * What a node declares when its stream opens.
@@ -992,7 +1086,7 @@ export type Register = Message<"lingua.scheduler.v1.Register"> & {
  * Use `create(RegisterSchema)` to create a new message.
  */
 export const RegisterSchema: GenMessage<Register> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 21);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 23);
 
 /**
  * A node's result for one job on the stream.
@@ -1036,7 +1130,7 @@ export type Completion = Message<"lingua.scheduler.v1.Completion"> & {
  * Use `create(CompletionSchema)` to create a new message.
  */
 export const CompletionSchema: GenMessage<Completion> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 22);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 24);
 
 /**
  * Node -> scheduler. The first message must carry `register`; later ones may batch everything else.
@@ -1092,7 +1186,7 @@ export type NodeMessage = Message<"lingua.scheduler.v1.NodeMessage"> & {
  * Use `create(NodeMessageSchema)` to create a new message.
  */
 export const NodeMessageSchema: GenMessage<NodeMessage> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 23);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 25);
 
 /**
  * Scheduler -> node.
@@ -1151,7 +1245,7 @@ export type SchedulerMessage = Message<"lingua.scheduler.v1.SchedulerMessage"> &
  * Use `create(SchedulerMessageSchema)` to create a new message.
  */
 export const SchedulerMessageSchema: GenMessage<SchedulerMessage> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 24);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 26);
 
 /**
  * The settings a node must follow.
@@ -1200,7 +1294,7 @@ export type RegisterAck = Message<"lingua.scheduler.v1.RegisterAck"> & {
  * Use `create(RegisterAckSchema)` to create a new message.
  */
 export const RegisterAckSchema: GenMessage<RegisterAck> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 25);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 27);
 
 /**
  * List registered nodes.
@@ -1215,7 +1309,7 @@ export type ListNodesRequest = Message<"lingua.scheduler.v1.ListNodesRequest"> &
  * Use `create(ListNodesRequestSchema)` to create a new message.
  */
 export const ListNodesRequestSchema: GenMessage<ListNodesRequest> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 26);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 28);
 
 /**
  * Registered nodes.
@@ -1236,7 +1330,7 @@ export type ListNodesResponse = Message<"lingua.scheduler.v1.ListNodesResponse">
  * Use `create(ListNodesResponseSchema)` to create a new message.
  */
 export const ListNodesResponseSchema: GenMessage<ListNodesResponse> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 27);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 29);
 
 /**
  * A registered node.
@@ -1313,7 +1407,7 @@ export type NodeInfo = Message<"lingua.scheduler.v1.NodeInfo"> & {
  * Use `create(NodeInfoSchema)` to create a new message.
  */
 export const NodeInfoSchema: GenMessage<NodeInfo> = /*@__PURE__*/
-  messageDesc(file_lingua_scheduler_v1_scheduler, 28);
+  messageDesc(file_lingua_scheduler_v1_scheduler, 30);
 
 /**
  * The state of a job. Terminal states: SUCCEEDED, FAILED, CANCELLED, EXPIRED.
@@ -1427,6 +1521,20 @@ export const Scheduler: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchJobRequestSchema;
     output: typeof JobEventSchema;
+  },
+  /**
+   * Streams the jobs of one session as they reach a terminal state (succeeded, failed, cancelled,
+   * expired), in utterance order, over one stream: the stream a real-time client plays from.
+   * Jobs finished through any instance are included. Ordering, holes and resuming are described on
+   * WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
+   * deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
+   *
+   * @generated from rpc lingua.scheduler.v1.Scheduler.WatchSession
+   */
+  watchSession: {
+    methodKind: "server_streaming";
+    input: typeof WatchSessionRequestSchema;
+    output: typeof SessionEventSchema;
   },
   /**
    * Cancels a job that is not terminal yet. Cancelling a terminal job is FAILED_PRECONDITION,

@@ -11,6 +11,7 @@
     KEYS[6] partition queue zset
     KEYS[7] partition timers zset
     KEYS[8] partition affinity hash
+    KEYS[9] session jobs zset of this partition (job id -> utterance index; WatchSession reads it)
     ARGV[1] job id
     ARGV[2] meta bytes
     ARGV[3] payload bytes ("" for none)
@@ -24,6 +25,7 @@
     ARGV[11] affinity time to live, ms (an older binding is ignored)
     ARGV[12] wake-up channel
     ARGV[13] spec digest (what a repeat must match)
+    ARGV[14] utterance index
 
   Output:
     {1, job id, state}  created
@@ -32,7 +34,8 @@
 ]]
 local idemKey, fsmKey, metaKey, payloadKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local eventsKey, queueKey, timersKey, affinityKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local jobId, digest = ARGV[1], ARGV[13]
+local sessionKey = KEYS[9]
+local jobId, digest, utterance = ARGV[1], ARGV[13], ARGV[14]
 
 local existing = rcall("GET", idemKey)
 if existing then
@@ -63,7 +66,7 @@ end
 local state = FIXED[E.submit]
 rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxatt", ARGV[5], "node", "",
   "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
-  "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10])
+  "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance)
 rcall("SET", metaKey, ARGV[2])
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
@@ -71,6 +74,13 @@ end
 -- The identity outlives no job record: records of finished jobs expire at max(finish, deadline) + retention.
 rcall("SET", idemKey, jobId .. " " .. digest, "PXAT", deadline + retention)
 rcall("ZADD", queueKey, queueScore, jobId)
+-- The session's index lives as long as its longest-lived job record (deadline + retention).
+rcall("ZADD", sessionKey, utterance, jobId)
+local keepUntil = deadline + retention
+local ttl = rcall("PTTL", sessionKey)
+if ttl < 0 or now + ttl < keepUntil then
+  rcall("PEXPIREAT", sessionKey, keepUntil)
+end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 record_event(eventsKey, {s = state, v = 1, a = 0, n = "", e = E.submit, t = now})
 rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred))
