@@ -117,7 +117,9 @@ class Dispatcher:
         self._pools_at = 0.0
         self._discovered_at = -float("inf")
         self._timer_errors = ThrottledWarning(log)
-        self._sweep_errors = ThrottledWarning(log, interval_s=10)  # Redis down: not a line per sweep or retry
+        # Redis down: not a line per sweep or per resubscription attempt.
+        self._sweep_errors = ThrottledWarning(log, interval_s=10)
+        self._listen_errors = ThrottledWarning(log, interval_s=10)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -280,7 +282,7 @@ class Dispatcher:
                 raise
             except Exception as err:
                 ready.set()
-                self._sweep_errors("wake-up subscription lost (%r); polling covers it, resubscribing", err)
+                self._listen_errors("wake-up subscription lost (%r); polling covers it, resubscribing", err)
                 await asyncio.sleep(0.5)
             finally:
                 self._pubsub = None
