@@ -18,6 +18,7 @@ from .errors import (
     Internal,
     InvalidArgument,
     LinguaError,
+    ModelUnavailable,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -32,7 +33,7 @@ from .node import Node
 __all__ = [
     "TLS", "Aborted", "AlreadyExists", "Assignment", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded",
     "FailedPrecondition", "FatalError", "HandlerError", "Internal", "InvalidArgument", "Job", "JobError", "JobEvent",
-    "JobResult", "JobSpec", "JobState", "LinguaError", "Node", "NodeInfo", "NotFound", "PermissionDenied",
+    "JobResult", "JobSpec", "JobState", "LinguaError", "ModelUnavailable", "Node", "NodeInfo", "NotFound", "PermissionDenied",
     "ResourceExhausted", "RetryableError", "SubmitResult", "Unauthenticated", "Unavailable", "Unimplemented",
     "pb", "pb_grpc",
 ]
