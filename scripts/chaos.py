@@ -44,10 +44,9 @@ from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import connect_redis
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
-from lingua_sdk import pb, pb_grpc
-from redis_cluster import LocalCluster, free_ports
-from lingua_sdk import Assignment, AsyncClient, LinguaError
+from lingua_sdk import Assignment, AsyncClient, LinguaError, pb, pb_grpc
 from lingua_sdk.node import Handler, Outcome
+from redis_cluster import LocalCluster, free_ports
 from simulated import Behaviour, SimulatedNode
 
 PAIRS = [("zh", "en"), ("en", "zh"), ("ja", "en")]
