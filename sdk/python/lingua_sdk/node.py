@@ -47,6 +47,7 @@ PairLike = str | tuple[str, str]
 _MESSAGE_CAP = 4096  # JobError.message limit of the contract
 _CODE = re.compile(r"[\x21-\x7e]{1,128}")
 _REGISTER_TIMEOUT = 30.0
+_FRESH_YIELDS = 8  # at most this many loop turns a write waits for new handlers' first step
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lacks it
 
 
@@ -99,6 +100,9 @@ class Node:
         self._unconfirmed: dict[str, pb.Completion] = {}  # job id -> outcome, until confirmed or refused
         self._unsent: dict[str, pb.Completion] = {}  # the unconfirmed not yet written on the current stream
         self._acks: list[pb.JobLease] = []
+        # Jobs whose handler task has not taken its first step: the writer waits for them, so a
+        # handler that finishes at once sends its result with its ack (one message, one store call).
+        self._fresh: set[str] = set()
         self._unavailable: list[pb.JobLease] = []
         self._beat = False
         self._drain_sent = False
@@ -269,6 +273,10 @@ class Node:
             await self._flush.wait()
             self._flush.clear()
             await asyncio.sleep(0)  # handlers that finish at once add their result: ack and result share a message
+            for _ in range(_FRESH_YIELDS):  # ...also those started (by the reader) while the writer yielded
+                if not self._fresh:
+                    break
+                await asyncio.sleep(0)
             message = self._take()
             if message is None:
                 continue
@@ -316,10 +324,12 @@ class Node:
         if old is not None:  # given again (a new attempt): the old lease is gone
             old.task.cancel()
         self._held[a.job_id] = _Held(lease, asyncio.create_task(self._work(a, lease)))
+        self._fresh.add(a.job_id)
         self._acks.append(lease)
         self._flush.set()
 
     async def _work(self, a: pb.Assignment, lease: pb.JobLease) -> None:
+        self._fresh.discard(lease.job_id)
         completion: pb.Completion | None
         async with self._slots:
             try:
@@ -346,6 +356,7 @@ class Node:
         held = self._held.get(job_id)
         if held is not None and (not attempt or held.lease.attempt == attempt):
             del self._held[job_id]
+            self._fresh.discard(job_id)  # cancelled before its first step, it never discards itself
             held.task.cancel()
             log.info("node %s: job %s: %s", self.node_id, job_id, why)
 
