@@ -6,7 +6,11 @@ system, appendonly off, noeviction) and scheduler process, then for several clie
 concurrencies: clients Submit (batches), simulated nodes (zero processing time) receive over
 NodeSession, ack and complete (the ack rides with the result), clients learn the result (WatchJob per
 job, or with --session-reader also WatchSession: one stream per session).
-Then the same at half the best throughput, for dispatch latency. Then Redis memory per queued and per
+Clients are the SDK's AsyncClient, nodes the SDK's Node (scripts/simulated.py). Each combination runs
+again, in the same run, with the raw-stub node of scripts/simnode.py as the baseline: the ratio SDK
+Node / simnode of lifecycles/s and of scheduler CPU per lifecycle is printed and written (--rounds N
+repeats each pair; the ranges are reported). Then the same at half the best throughput, for dispatch
+latency. Then Redis memory per queued and per
 finished job. Then RQ, arq and Celery on the same Redis (scripts/bench_others.py). Writes
 docs/benchmarks.md and docs/benchmarks.png.
 """
@@ -35,11 +39,13 @@ from lingua_scheduler.server.dispatch import new_lease_token  # noqa: E402
 from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
 from lingua_scheduler.server.settings import Settings  # noqa: E402
 from lingua_scheduler.server.store import Lease, Store  # noqa: E402
-from lingua_sdk import pb, pb_grpc  # noqa: E402
+from lingua_sdk import Assignment, AsyncClient, pb  # noqa: E402
 from redis_cluster import free_ports  # noqa: E402
 from simnode import Received, SimNode  # noqa: E402
+from simulated import SimulatedNode  # noqa: E402
 
-TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED}
+NODES = ("sdk", "simnode")  # the SDK's Node; the raw-stub baseline
+
 TICK = os.sysconf("SC_CLK_TCK")
 SESSIONS_PER_CLIENT = 8  # --session-reader: live sessions per client, one WatchSession stream each
 
@@ -69,6 +75,7 @@ class Run:
     nodes: int
     batch: int
     reader: str = "job"  # how clients learn results: "job" (WatchJob per job) or "session" (WatchSession)
+    node: str = "sdk"  # one of NODES
     jobs: int = 0
     seconds: float = 0.0
     submit_ms: list[float] = field(default_factory=list)
@@ -92,12 +99,24 @@ class Lifecycle:
         self.sent: dict[tuple[str, int], float] = {}
         self.seq = 0
 
-    def on_receive(self, run: Run, got: Received) -> None:
-        t0 = self.sent.pop((got.spec.session_id, got.spec.utterance_index), None)
+    def on_receive(self, run: Run, spec: pb.JobSpec, at: float) -> None:
+        t0 = self.sent.pop((spec.session_id, spec.utterance_index), None)
         if t0 is not None:
-            run.dispatch_ms.append((got.at - t0) * 1000)
+            run.dispatch_ms.append((at - t0) * 1000)
 
-    async def one_batch(self, stub: Any, run: Run, size: int) -> None:
+    async def start_node(self, run: Run, i: int) -> SimulatedNode | SimNode:
+        if run.node == "sdk":
+            def sdk_receive(a: Assignment, at: float) -> None:
+                self.on_receive(run, a.proto.spec, at)
+            return await SimulatedNode(self.address, f"bench-{i}", [("zh", "en")], 64, on_receive=sdk_receive).start()
+        channel = grpc.aio.insecure_channel(self.address)
+        self.raw_channels.append(channel)
+
+        def raw_receive(got: Received) -> None:
+            self.on_receive(run, got.spec, got.at)
+        return await SimNode(channel, f"bench-{i}", [("zh", "en")], 64, on_receive=raw_receive).start()
+
+    async def one_batch(self, client: AsyncClient, run: Run, size: int) -> None:
         specs = []
         for _ in range(size):
             self.seq += 1
@@ -106,25 +125,25 @@ class Lifecycle:
         t0 = time.perf_counter()
         for s in specs:
             self.sent[(s.session_id, s.utterance_index)] = t0
-        reply = await stub.Submit(pb.SubmitRequest(jobs=specs))
+        results = await client.submit_many(specs)
         run.submit_ms.append((time.perf_counter() - t0) * 1000)
 
         async def watch(job_id: str) -> None:
-            async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
-                if event.state in TERMINAL:
+            async for event in client.watch(job_id):
+                if event.state.terminal:
                     run.e2e_ms.append((time.perf_counter() - t0) * 1000)
                     return
 
-        await asyncio.gather(*[watch(r.job_id) for r in reply.results])
+        await asyncio.gather(*[watch(r.job_id) for r in results])
 
-    async def session_client(self, stub: Any, run: Run, index: int, batches: int) -> None:
+    async def session_client(self, client: AsyncClient, run: Run, index: int, batches: int) -> None:
         """A client that keeps SESSIONS_PER_CLIENT sessions and one WatchSession stream each; each batch
         is spread over its sessions (utterances in order), and it waits for every result of the batch."""
         delivered: asyncio.Queue[float] = asyncio.Queue()
         sessions = [f"c{index}s{k}" for k in range(SESSIONS_PER_CLIENT)]
 
         async def read(session: str) -> None:
-            async for event in stub.WatchSession(pb.WatchSessionRequest(tenant_id="bench", session_id=session)):
+            async for event in client.watch_session("bench", session):
                 at = time.perf_counter()
                 for _ in event.jobs:
                     delivered.put_nowait(at)
@@ -142,7 +161,7 @@ class Lifecycle:
                 t0 = time.perf_counter()
                 for sp in specs:
                     self.sent[(sp.session_id, sp.utterance_index)] = t0
-                await stub.Submit(pb.SubmitRequest(jobs=specs))
+                await client.submit_many(specs)
                 run.submit_ms.append((time.perf_counter() - t0) * 1000)
                 for _ in specs:
                     run.e2e_ms.append((await delivered.get() - t0) * 1000)
@@ -153,10 +172,9 @@ class Lifecycle:
 
     async def run(self, run: Run, jobs: int, rate: float = 0.0) -> Run:
         redis = aioredis.from_url(self.redis_url)
-        channels = [grpc.aio.insecure_channel(self.address) for _ in range(max(run.clients, run.nodes))]
-        nodes = [await SimNode(channels[i], f"bench-{i}", [("zh", "en")], 64,
-                               on_receive=lambda got: self.on_receive(run, got)).start() for i in range(run.nodes)]
-        stubs = [pb_grpc.SchedulerStub(c) for c in channels[: run.clients]]
+        self.raw_channels: list[grpc.aio.Channel] = []
+        nodes = [await self.start_node(run, i) for i in range(run.nodes)]
+        stubs = [AsyncClient(self.address) for _ in range(run.clients)]
         before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
         if rate:  # open loop: a new lifecycle every 1/rate s
             tasks = []
@@ -170,7 +188,7 @@ class Lifecycle:
         else:  # closed loop: each client submits its next batch once the last one's results are in
             per_client = jobs // run.clients // run.batch
 
-            async def client(stub: Any) -> None:
+            async def client(stub: AsyncClient) -> None:
                 for _ in range(per_client):
                     await self.one_batch(stub, run, run.batch)
 
@@ -184,8 +202,10 @@ class Lifecycle:
         run.sched_cpu_per_1000 = (cpu1 - cpu0) / run.jobs * 1000
         for node in nodes:
             await node.stop()
-        for channel in channels:
-            await channel.close()
+        for channel in self.raw_channels:
+            await channel.close(None)
+        for stub in stubs:
+            await stub.close()
         await redis.aclose()
         return run
 
@@ -292,8 +312,28 @@ def plot(runs: list[Run], comp: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def span(values: list[float], fmt: str = ".2f") -> str:
+    low, high = min(values), max(values)
+    return f"{low:{fmt}}" if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}} to {high:{fmt}}"
+
+
+def node_ratio_row(label: str, sdk: list[Run], sim: list[Run]) -> str:
+    """One markdown row: SDK Node and simnode lifecycles/s and scheduler CPU, and their ratios (ranges
+    over the rounds; round i of one beside round i of the other, which ran next to it)."""
+    rate = [a.rate / b.rate for a, b in zip(sdk, sim, strict=True)]
+    cpu = [a.sched_cpu_per_1000 / b.sched_cpu_per_1000 for a, b in zip(sdk, sim, strict=True)]
+    return (f"| {label} | {span([r.rate for r in sdk], '.0f')} | {span([r.rate for r in sim], '.0f')} | {span(rate)} | "
+            f"{span([r.sched_cpu_per_1000 for r in sdk])} | {span([r.sched_cpu_per_1000 for r in sim])} | {span(cpu)} |")
+
+
+NODE_TABLE_HEAD = """| clients x nodes, batch | SDK Node lifecycles/s | simnode lifecycles/s | ratio SDK / simnode \
+| scheduler CPU s/1000, SDK Node | ..., simnode | ratio SDK / simnode |
+|---|---|---|---|---|---|---|"""
+
+
 def write_report(args: argparse.Namespace, runs: list[Run], half: Run, mem: dict[str, float],
-                 comp: dict[str, dict[str, Any]], profile: str, out: Path) -> None:
+                 comp: dict[str, dict[str, Any]], profile: str, pairs: list[tuple[str, list[Run], list[Run]]],
+                 out: Path) -> None:
     import importlib.metadata as md
 
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("grpcio", "protobuf", "redis", "hiredis", "transitions"))
@@ -311,6 +351,16 @@ def write_report(args: argparse.Namespace, runs: list[Run], half: Run, mem: dict
         for k, v in comp.items()
     ]
     best = max(runs, key=lambda r: r.rate)
+    node_section = f"""## The SDK's Node beside a raw-stub node (same run)
+
+The rows above run on the SDK (AsyncClient, Node with a simulated handler: scripts/simulated.py). Here
+each combination also ran with scripts/simnode.py, a node written on the generated stubs alone, the
+two alternating, {args.rounds} round(s) each; ranges over the rounds. A ratio of lifecycles/s >= 1 and
+of scheduler CPU <= 1 means the SDK's Node costs the fleet nothing.
+
+{NODE_TABLE_HEAD}
+{chr(10).join(node_ratio_row(*p) for p in pairs)}
+""" if pairs else ""
     text = f"""# Benchmarks
 
 Generated by `scripts/bench` ({' '.join(sys.argv[1:]) or 'defaults'}); do not edit by hand: rerun it.
@@ -323,11 +373,11 @@ Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_v
 
 ## Lingua Scheduler, one instance
 
-Each lifecycle: a client Submits (in batches of the size shown), a simulated node (zero processing time)
-receives it over NodeSession and acks + completes it in one message, the client learns the result over
-WatchJob (rows marked WatchSession: over one WatchSession stream per session, {SESSIONS_PER_CLIENT} live
-sessions per client, each batch spread over them). {args.jobs} jobs per row; the half-load row submits
-open-loop at half the best rate.
+Each lifecycle: a client (the SDK's AsyncClient) Submits (in batches of the size shown), a simulated
+node (the SDK's Node, zero processing time) receives it over NodeSession and acks + completes it in one
+message, the client learns the result over WatchJob (rows marked WatchSession: over one WatchSession
+stream per session, {SESSIONS_PER_CLIENT} live sessions per client, each batch spread over them).
+{args.jobs} jobs per row (the best of the rounds); the half-load row submits open-loop at half the best rate.
 Latencies in ms (p50 / p99 [/ max]); "cmds" counts every Redis command including those run inside Lua.
 
 | clients x nodes, batch | lifecycles/s | Submit | dispatch (submit -> node) | end to end | cmds/job | Lua calls/job \
@@ -338,6 +388,7 @@ Latencies in ms (p50 / p99 [/ max]); "cmds" counts every Redis command including
 Redis memory, no payload (payload_ref), {args.memory_jobs} jobs: **{mem['per_queued']:.0f} bytes per queued
 job**, **{mem['per_finished']:.0f} bytes per retained finished job** (with a short text result).
 
+{node_section}
 ## Beside RQ, arq and Celery (same Redis, same run)
 
 The same trivial job (return its argument), {args.compare_jobs} jobs enqueued, drained by two workers,
@@ -362,19 +413,28 @@ async def main_async(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lingua-bench-"))
     redis = EmbeddedRedis(tmp / "redis", port=free_ports(1)[0], persistent=False).start()
     try:
-        runs: list[Run] = []
+        runs = []
         session_runs: list[Run] = []
+        pairs: list[tuple[str, list[Run], list[Run]]] = []  # combo label, SDK Node runs, simnode runs
         for combo in args.combos.split(","):
             c, rest = combo.split("x")
             n, b = rest.split("b") if "b" in rest else (rest, "1")
-            run = Run(f"{c} x {n}, batch {b}", int(c), int(n), int(b))
-            await lifecycle(redis.url, run, args.jobs)
-            print(f"{run.label}: {run.rate:.0f}/s, dispatch p50 {pct(run.dispatch_ms, 50):.2f} ms, "
-                  f"e2e p50 {pct(run.e2e_ms, 50):.2f} ms, {run.lua:.2f} Lua/job, "
-                  f"{run.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
-            runs.append(run)
+            label = f"{c} x {n}, batch {b}"
+            done: dict[str, list[Run]] = {k: [] for k in NODES}
+            kinds = NODES if args.baseline else NODES[:1]
+            for r in range(args.rounds):
+                for kind in kinds if r % 2 == 0 else kinds[::-1]:  # alternate which goes first
+                    run = await lifecycle(redis.url, Run(label, int(c), int(n), int(b), node=kind), args.jobs)
+                    print(f"{run.label} [{kind}]: {run.rate:.0f}/s, dispatch p50 {pct(run.dispatch_ms, 50):.2f} ms, "
+                          f"e2e p50 {pct(run.e2e_ms, 50):.2f} ms, {run.lua:.2f} Lua/job, "
+                          f"{run.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+                    done[kind].append(run)
+            runs.append(max(done["sdk"], key=lambda r: r.rate))
+            if args.baseline:
+                pairs.append((label, done["sdk"], done["simnode"]))
+                print(node_ratio_row(label, done["sdk"], done["simnode"]), flush=True)
             if args.session_reader:
-                srun = Run(f"{c} x {n}, batch {b}, WatchSession", int(c), int(n), int(b), reader="session")
+                srun = Run(f"{label}, WatchSession", int(c), int(n), int(b), reader="session")
                 await lifecycle(redis.url, srun, args.jobs)
                 print(f"{srun.label}: {srun.rate:.0f}/s, e2e p50 {pct(srun.e2e_ms, 50):.2f} ms, "
                       f"{srun.lua:.2f} Lua/job, {srun.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
@@ -395,7 +455,7 @@ async def main_async(args: argparse.Namespace) -> int:
             profile = profile_summary(prof, args.jobs)
         comp = others(redis.url, args.compare_jobs, args.arq_python) if args.compare_jobs else {}
         print(json.dumps(comp), flush=True)
-        write_report(args, runs + session_runs, half, mem, comp, profile, docs / "benchmarks.md")
+        write_report(args, runs + session_runs, half, mem, comp, profile, pairs, docs / "benchmarks.md")
         plot(runs, comp, docs / "benchmarks.png")
         print("wrote docs/benchmarks.md and docs/benchmarks.png")
         return 0
@@ -408,6 +468,9 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=3000, help="lifecycles per row")
     p.add_argument("--combos", default="1x1b1,8x2b1,8x2b10,16x2b25",
                    help="clients x nodes [b batch], comma-separated")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each combination per node kind (ranges reported)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the raw-stub simnode rows (and the SDK/simnode ratio)")
     p.add_argument("--memory-jobs", type=int, default=10_000)
     p.add_argument("--compare-jobs", type=int, default=2000, help="jobs for RQ/arq/Celery (0: skip them)")
     p.add_argument("--arq-python", default=sys.executable, help="python of a virtualenv with arq")

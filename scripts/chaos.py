@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 """Chaos run: many jobs through 3 scheduler processes and simulated nodes while things get killed.
 
+The nodes are the Python SDK's Node (scripts/simulated.py), each given the three instances as one
+target (it moves to the next when its instance dies, resuming its leases); submissions go through the
+SDK's AsyncClient. Killed instances come back on the same port.
+
   python scripts/chaos.py --mode single  --jobs 5000 --nodes 8     # one Redis (AOF everysec)
   python scripts/chaos.py --mode cluster --jobs 5000 --nodes 8     # a 3-master Redis Cluster
 
 During the run, over and over: SIGKILL a random scheduler instance and start it again, crash and
-restart a random node, close a random node's stream abruptly; in single mode also restart Redis once
+restart a random node (Node.abort(): its work is lost), cut a random node's stream (Node.disconnect():
+it reconnects and resumes its leases); in single mode also restart Redis once
 (a clean restart: Redis fsyncs its AOF on SHUTDOWN; see docs/deployment.md for what a crash can lose).
-Clients retry a Submit that failed on another instance with the same idempotency key.
+Clients retry a Submit that failed on another instance with the same idempotency key. After a cut,
+the jobs the node was working on are also completed out of band, by a unary Complete with their lease
+through the SDK's generated stub (lingua_sdk.pb_grpc): accepted while the lease holds, refused after.
 
 At the end it checks, from Redis: every job is terminal; none is missing (each idempotency key has
 exactly one job, and every id a client was given exists); every succeeded job has exactly one accepted
@@ -37,9 +44,10 @@ from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import connect_redis
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
-from lingua_sdk import pb, pb_grpc
-from redis_cluster import LocalCluster
-from simnode import Behaviour, SimNode
+from lingua_sdk import Assignment, AsyncClient, LinguaError, pb, pb_grpc
+from lingua_sdk.node import Handler, Outcome
+from redis_cluster import LocalCluster, free_ports
+from simulated import Behaviour, SimulatedNode
 
 PAIRS = [("zh", "en"), ("en", "zh"), ("ja", "en")]
 TERMINAL = {b"succeeded", b"failed", b"cancelled", b"expired"}
@@ -53,6 +61,19 @@ FAST_FLAGS = ["--ack-timeout-ms", "2000", "--lease-ms", "2000", "--heartbeat-int
 class Instance:
     proc: asyncio.subprocess.Process
     address: str
+
+
+def tracking(inner: Handler, working: dict[str, pb.JobLease]) -> Handler:
+    """The handler, noting the lease of each job while it runs (for the out-of-band late Complete)."""
+
+    async def handle(a: Assignment) -> Outcome:
+        working[a.job_id] = pb.JobLease(job_id=a.job_id, attempt=a.attempt, lease_token=a.proto.lease_token)
+        try:
+            return await inner(a)
+        finally:
+            working.pop(a.job_id, None)
+
+    return handle
 
 
 @dataclass
@@ -123,7 +144,9 @@ class Chaos:
         self.instances: list[Instance] = []
         self.report = Report()
         self.ids: dict[int, str] = {}
-        self.nodes: dict[str, SimNode] = {}
+        self.ports: list[int] = []
+        self.nodes: dict[str, SimulatedNode] = {}
+        self.working: dict[str, dict[str, pb.JobLease]] = {}  # node id -> job id -> lease, while handled
         self.refused_completions = 0
         self.done = asyncio.Event()
         self.late: set[asyncio.Task[None]] = set()
@@ -140,9 +163,9 @@ class Chaos:
         assert self.redis is not None
         return ["--redis-url", self.redis.url]
 
-    async def start_instance(self) -> Instance:
+    async def start_instance(self, port: int) -> Instance:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", *self.redis_flags(),
+            sys.executable, "-m", "lingua_scheduler.server", "--listen", f"127.0.0.1:{port}", *self.redis_flags(),
             *FAST_FLAGS, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
@@ -153,35 +176,33 @@ class Chaos:
     def live(self) -> list[Instance]:
         return [i for i in self.instances if i.proc.returncode is None]
 
-    async def run_node(self, node_id: str, pairs: list[tuple[str, str]]) -> None:
-        """Keep one node connected to some live instance; reconnect after a crash or a lost stream."""
+    async def run_node(self, n: int, pairs: list[tuple[str, str]]) -> None:
+        """Keep one node process running; after a crash, a new one starts (same node id). Its target
+        lists the three instances, starting at a different one per node to spread the streams."""
+        node_id = f"node-{n}"
         behaviour = Behaviour(processing_s=lambda: self.rng.uniform(0, 0.05), fail_rate=0.03,
                               rng=random.Random(self.rng.random()))
+        ring = self.ports[n % 3:] + self.ports[:n % 3]
+        target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ring)
+        working = self.working.setdefault(node_id, {})
         while not self.done.is_set():
-            live = self.live()
-            if not live:
-                await asyncio.sleep(0.1)
-                continue
-            instance = self.rng.choice(live)
-            channel = grpc.aio.insecure_channel(instance.address)
-            node = SimNode(channel, node_id, pairs, 4, behaviour)
+            node = SimulatedNode(target, node_id, pairs, 4, behaviour)
+            node.node.handler = tracking(node.node.handler, working)
             try:
-                await asyncio.wait_for(node.start(), 5)
+                await node.start(timeout=30)
                 self.nodes[node_id] = node
                 done = asyncio.create_task(self.done.wait())
-                closed = asyncio.create_task(node.closed.wait())
-                await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
+                assert node.task is not None
+                await asyncio.wait({done, node.task}, return_when=asyncio.FIRST_COMPLETED)  # done, or crashed
                 done.cancel()
-                closed.cancel()
-            except Exception:
-                pass
+            except Exception as err:
+                self.log(f"{node_id}: {err!r}")
             finally:
-                self.refused_completions += sum(
-                    1 for r in node.refused if r.job_id in node.completed)
+                self.nodes.pop(node_id, None)
                 with contextlib.suppress(Exception):
                     await node.crash()
-                self.nodes.pop(node_id, None)
-                await channel.close()
+                working.clear()
+                self.refused_completions += node.node.refused_results
             await asyncio.sleep(self.rng.uniform(0.05, 0.3))
 
     async def submit_all(self) -> None:
@@ -202,13 +223,13 @@ class Chaos:
                     await asyncio.sleep(0.1)
                     continue
                 try:
-                    async with grpc.aio.insecure_channel(self.rng.choice(live).address) as ch:
-                        reply = await pb_grpc.SchedulerStub(ch).Submit(pb.SubmitRequest(jobs=specs), timeout=5)
+                    async with AsyncClient(self.rng.choice(live).address, timeout=5) as client:
+                        results = await client.submit_many(specs)
                     break
-                except grpc.aio.AioRpcError:
+                except LinguaError:
                     self.report.submit_retries += 1
                     await asyncio.sleep(0.1)
-            for i, result in zip(range(start, start + len(specs)), reply.results, strict=True):
+            for i, result in zip(range(start, start + len(specs)), results, strict=True):
                 self.ids[i] = result.job_id
             self.report.submitted = len(self.ids)
 
@@ -227,20 +248,21 @@ class Chaos:
                     await victim.proc.wait()
                     self.report.instance_kills += 1
                     self.log(f"SIGKILL scheduler {victim.address}")
-                    self.instances[self.instances.index(victim)] = await self.start_instance()
+                    port = int(victim.address.rsplit(":", 1)[1])
+                    self.instances[self.instances.index(victim)] = await self.start_instance(port)
             elif roll < 0.7 and self.nodes:
                 node = self.nodes.get(self.rng.choice(list(self.nodes)))
                 if node is not None:
                     self.report.node_crashes += 1
-                    await node.crash()
+                    await node.crash()  # run_node starts a new process
             elif self.nodes:
                 node = self.nodes.get(self.rng.choice(list(self.nodes)))
-                if node is not None and node._call is not None:
+                if node is not None and node.node.instance_id is not None:
                     self.report.stream_closes += 1
-                    unfinished = [lease for _, lease in node.working.values()]
-                    node._call.cancel()  # the stream is cut; the node notices and reconnects
-                    # ...and reports what it was working on later, by unary Complete on any instance:
-                    # accepted while it still holds the lease, refused once the job moved on.
+                    unfinished = list(self.working.get(node.node_id, {}).values())
+                    node.node.disconnect()  # the stream is cut; the node reconnects and resumes its leases
+                    # ...and what it was working on is also completed out of band, by unary Complete on
+                    # any instance: accepted while the lease holds, refused once the job moved on.
                     for lease in unfinished:
                         task = asyncio.create_task(self.late_complete(node.node_id, lease))
                         self.late.add(task)
@@ -277,8 +299,9 @@ class Chaos:
         else:
             self.redis = EmbeddedRedis(self.workdir / "redis", persistent=True).start()
         try:
-            self.instances = [await self.start_instance() for _ in range(3)]
-            runners = [asyncio.create_task(self.run_node(f"node-{n}", [PAIRS[n % 3], PAIRS[(n + 1) % 3]]))
+            self.ports = free_ports(3)
+            self.instances = [await self.start_instance(port) for port in self.ports]
+            runners = [asyncio.create_task(self.run_node(n, [PAIRS[n % 3], PAIRS[(n + 1) % 3]]))
                        for n in range(self.node_count)]
             stop_chaos = asyncio.Event()
             chaos = asyncio.create_task(self.chaos_loop(stop_chaos))

@@ -1,6 +1,9 @@
 """A simulated worker node on a real NodeSession stream, built on the generated stubs.
 
-Used by scripts/simulate (the command-line simulator), scripts/bench and the tests. It acks each
+A node written on the raw protocol on purpose: the tests use it where they test the protocol itself
+(malformed messages, stale leases, holding), and scripts/bench runs it as the baseline the SDK's Node
+is measured against. The simulator, the chaos run and the benchmark's rows use the SDK's Node
+(scripts/simulated.py). It acks each
 assignment at once, "works" for a drawn processing time, heartbeats while working, and reports a
 result, a failure or "model not available"; it can crash (drop its stream, report nothing), go
 silent (keep the stream, stop heartbeating) or drain. Messages are batched: everything that is

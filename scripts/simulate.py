@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Node simulator: N simulated nodes on NodeSession streams, and optionally a client submitting jobs.
+"""Node simulator: N simulated nodes (the Python SDK's Node with a simulated handler), and optionally
+a client (the SDK's AsyncClient) submitting jobs.
 
 Examples (see README):
   # three nodes against a running scheduler, until Ctrl-C
@@ -9,8 +10,8 @@ Examples (see README):
   # start its own Redis and 2 scheduler processes first
   python scripts/simulate.py --spawn 2 --nodes 4 --jobs 2000 --rate 200 --fail-rate 0.05 --crash-rate 0.01
 
-Dispatch latency is submit (just before the Submit call) to the node receiving the assignment, both
-clocks in this process.
+Dispatch latency is submit (just before the Submit call) to the node's handler receiving the
+assignment, both clocks in this process.
 """
 
 from __future__ import annotations
@@ -31,12 +32,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc
 from lingua_scheduler.server.embedded import EmbeddedRedis
-from lingua_sdk import pb, pb_grpc
-from simnode import Behaviour, Received, SimNode
-
-TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED}
+from lingua_sdk import Assignment, AsyncClient, JobSpec, JobState
+from simulated import Behaviour, SimulatedNode
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -52,12 +50,12 @@ class Stats:
     dispatch_ms: list[float] = field(default_factory=list)
     first_seen: set[tuple[str, int]] = field(default_factory=set)
 
-    def on_receive(self, got: Received) -> None:
-        key = (got.spec.session_id, got.spec.utterance_index)
+    def on_receive(self, a: Assignment, at: float) -> None:
+        key = (a.proto.spec.session_id, a.proto.spec.utterance_index)
         t0 = self.submitted_at.get(key)
         if t0 is not None and key not in self.first_seen:
             self.first_seen.add(key)
-            self.dispatch_ms.append((got.at - t0) * 1000)
+            self.dispatch_ms.append((at - t0) * 1000)
 
 
 def spawn_schedulers(count: int, redis_url: str, extra: list[str]) -> list[tuple[subprocess.Popen[bytes], str]]:
@@ -75,15 +73,15 @@ def spawn_schedulers(count: int, redis_url: str, extra: list[str]) -> list[tuple
 
 
 class Fleet:
-    """Simulated nodes that crash at random and come back after a pause."""
+    """Simulated nodes that crash at random (Node.abort()) and come back after a pause, as a new
+    process would; the first --silent-nodes never heartbeat (Node.silent)."""
 
     def __init__(self, targets: list[str], args: argparse.Namespace, stats: Stats) -> None:
         self.targets = targets
         self.args = args
         self.stats = stats
         self.rng = random.Random(args.seed)
-        self.channels = [grpc.aio.insecure_channel(t) for t in targets]
-        self.nodes: list[SimNode] = []
+        self.nodes: list[SimulatedNode] = []
         self.crashes = 0
 
     def behaviour(self) -> Behaviour:
@@ -92,72 +90,73 @@ class Fleet:
         return Behaviour(processing_s=lambda: max(0.0, rng.gauss(mean, sd)) / 1000, fail_rate=a.fail_rate,
                          fatal_rate=a.fatal_rate, unavailable_rate=a.unavailable_rate, rng=random.Random(rng.random()))
 
+    def make(self, i: int, target: str, pairs: list[tuple[str, str]], behaviour: Behaviour) -> SimulatedNode:
+        node_id = f"sim-{i}"
+        node = SimulatedNode(target, node_id, pairs, self.args.concurrency, behaviour,
+                             on_receive=lambda a, at: self._on_receive(i, a, at))
+        node.node.silent = i < self.args.silent_nodes
+        return node
+
     async def start(self) -> None:
-        pairs = [tuple(p.split(":")) for p in self.args.pairs.split(",")]
+        pairs = [(s, t) for s, t in (p.split(":") for p in self.args.pairs.split(","))]
         for i in range(self.args.nodes):
-            channel = self.channels[i % len(self.channels)]
             served = [pairs[(i + k) % len(pairs)] for k in range(min(len(pairs), 2))] or pairs
-            node = SimNode(channel, f"sim-{i}", served, self.args.concurrency, self.behaviour(),  # type: ignore[arg-type]
-                           on_receive=self._on_receive)
+            node = self.make(i, self.targets[i % len(self.targets)], served, self.behaviour())
             self.nodes.append(await node.start())
 
-    def _on_receive(self, got: Received) -> None:
-        self.stats.on_receive(got)
+    def _on_receive(self, i: int, a: Assignment, at: float) -> None:
+        self.stats.on_receive(a, at)
         if self.rng.random() < self.args.crash_rate:
-            victim = next((n for n in self.nodes if any(r is got for r in n.received[-4:])), None)
-            if victim is not None:
-                asyncio.get_running_loop().create_task(self._crash_and_return(victim))
+            asyncio.get_running_loop().create_task(self._crash_and_return(i))
 
-    async def _crash_and_return(self, node: SimNode) -> None:
+    async def _crash_and_return(self, i: int) -> None:
+        node = self.nodes[i]
+        if node.task is None or node.task.done():
+            return  # crashed already
         self.crashes += 1
         await node.crash()
         await asyncio.sleep(self.rng.uniform(0.1, 1.0))
-        fresh = SimNode(self.channels[self.rng.randrange(len(self.channels))], node.node_id, node.pairs,
-                        node.max_concurrency, node.behaviour, on_receive=self._on_receive)
+        fresh = self.make(i, self.rng.choice(self.targets), node.pairs, node.behaviour)
+        self.nodes[i] = fresh
         with contextlib.suppress(Exception):
-            self.nodes[self.nodes.index(node)] = await fresh.start()
+            await fresh.start()
 
     async def stop(self) -> None:
-        for node in self.nodes:
-            with contextlib.suppress(Exception):
-                await node.stop()
-        for channel in self.channels:
-            await channel.close()
+        """Drain every node (Node.stop())."""
+        await asyncio.gather(*(node.stop() for node in self.nodes))
 
 
 async def submit_and_wait(targets: list[str], args: argparse.Namespace, stats: Stats) -> dict[str, Any]:
-    channels = [grpc.aio.insecure_channel(t) for t in targets]
-    stubs = [pb_grpc.SchedulerStub(c) for c in channels]
+    clients = [AsyncClient(t) for t in targets]
+    pairs = [p.split(":") for p in args.pairs.split(",")]
     ids: list[str] = []
     started = time.perf_counter()
     interval = 1 / args.rate if args.rate else 0
     for i in range(args.jobs):
         session, utt = f"sess-{i % max(1, args.sessions)}", i
-        spec = pb.JobSpec(tenant_id="sim", session_id=session, utterance_index=utt,
-                          src_lang=args.pairs.split(",")[i % len(args.pairs.split(","))].split(":")[0],
-                          tgt_lang=args.pairs.split(",")[i % len(args.pairs.split(","))].split(":")[1],
-                          payload_ref=f"session://{session}/{utt}", max_attempts=args.max_attempts)
+        src, tgt = pairs[i % len(pairs)]
+        spec = JobSpec(tenant_id="sim", session_id=session, utterance_index=utt, src_lang=src, tgt_lang=tgt,
+                       payload_ref=f"session://{session}/{utt}", max_attempts=args.max_attempts)
         stats.submitted_at[(session, utt)] = time.perf_counter()
-        reply = await stubs[i % len(stubs)].Submit(pb.SubmitRequest(jobs=[spec]))
-        ids.append(reply.results[0].job_id)
+        ids += [r.job_id for r in await clients[i % len(clients)].submit_many([spec])]
         if interval:
             await asyncio.sleep(max(0.0, started + (i + 1) * interval - time.perf_counter()))
-    outcome: dict[int, int] = {}
+    outcome: dict[JobState, int] = {}
     deadline = time.monotonic() + args.timeout
     pending = list(ids)
     while pending and time.monotonic() < deadline:
         still = []
         for job_id in pending:
-            job = await stubs[0].GetJob(pb.GetJobRequest(job_id=job_id))
-            if job.state in TERMINAL:
+            job = await clients[0].get(job_id)
+            if job.state.terminal:
                 outcome[job.state] = outcome.get(job.state, 0) + 1
             else:
                 still.append(job_id)
         pending = still
         if pending:
             await asyncio.sleep(0.2)
-    for c in channels:
-        await c.close()
+    for client in clients:
+        await client.close()
     return {"outcome": outcome, "unfinished": len(pending), "seconds": time.perf_counter() - started}
 
 
@@ -185,11 +184,11 @@ async def run(args: argparse.Namespace) -> int:
             return 0
         result = await submit_and_wait(targets, args, stats)
         d = stats.dispatch_ms
-        names = {v: k for k, v in pb.JobState.items()}
+        order = list(JobState)
         print(f"jobs: {args.jobs} in {result['seconds']:.1f} s; outcome: "
-              + ", ".join(f"{names[s].removeprefix('JOB_STATE_').lower()} {n}" for s, n in sorted(result["outcome"].items()))
+              + ", ".join(f"{s} {n}" for s, n in sorted(result["outcome"].items(), key=lambda kv: order.index(kv[0])))
               + (f"; unfinished {result['unfinished']}" if result["unfinished"] else ""))
-        print(f"dispatch latency (submit -> node receives), ms: p50 {percentile(d, 50):.2f}  "
+        print(f"dispatch latency (submit -> handler receives), ms: p50 {percentile(d, 50):.2f}  "
               f"p99 {percentile(d, 99):.2f}  max {max(d, default=float('nan')):.2f}  (n={len(d)})")
         print(f"node crashes simulated: {fleet.crashes}")
         return 0 if not result["unfinished"] else 1
@@ -218,7 +217,10 @@ def main() -> int:
     p.add_argument("--fail-rate", type=float, default=0.0, help="share of attempts failing (retryable)")
     p.add_argument("--fatal-rate", type=float, default=0.0, help="share of attempts failing for good")
     p.add_argument("--unavailable-rate", type=float, default=0.0, help="share answered 'model not available'")
-    p.add_argument("--crash-rate", type=float, default=0.0, help="chance per assignment that its node crashes")
+    p.add_argument("--crash-rate", type=float, default=0.0,
+                   help="chance per assignment that its node crashes (and comes back as a new process)")
+    p.add_argument("--silent-nodes", type=int, default=0,
+                   help="this many nodes never heartbeat (stream open): their long jobs lose the lease")
     p.add_argument("--jobs", type=int, default=0, help="submit this many jobs (0: nodes only, until Ctrl-C)")
     p.add_argument("--rate", type=float, default=20.0, help="submits per second (0: as fast as possible)")
     p.add_argument("--sessions", type=int, default=50, help="distinct sessions the jobs are spread over")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from lingua_sdk import (
     JobResult,
     JobSpec,
     JobState,
+    ModelUnavailable,
     Node,
     NotFound,
     RetryableError,
@@ -303,3 +305,90 @@ async def test_node_drains_on_stop(app: Any) -> None:
         assert (await client.get(first)).state is JobState.SUCCEEDED
         assert (await client.get(second)).state is JobState.QUEUED  # never given to the draining node
 
+
+
+# -- the controls simulations use: abort(), disconnect(), silent, ModelUnavailable ------------------
+
+
+async def test_abort_loses_the_work_and_the_job_goes_to_another_node(app: Any) -> None:
+    """abort() is a crash: run() returns at once, the handler is cancelled, nothing is reported; the
+    scheduler sees the stream gone and another node gets the job (attempt 2)."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hangs(a: Assignment) -> JobResult:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return JobResult()
+
+    crashed = make_node(target(app), hangs, node_id="crashes")
+    async with AsyncClient(target(app)) as client:
+        task = asyncio.create_task(crashed.run())
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        crashed.abort()
+        await asyncio.wait_for(task, 5)
+        assert cancelled.is_set() and crashed.instance_id is None
+        async with running(make_node(target(app), translate, node_id="survivor")):
+            job = await client.wait(job_id, timeout=20)
+        assert (job.state, job.attempt, job.node_id) == (JobState.SUCCEEDED, 2, "survivor")
+
+
+async def test_disconnect_reconnects_and_resumes_the_lease(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """disconnect() cuts the stream as a network failure would: the node registers again, holding
+    the running job, whose result is stored from attempt 1."""
+    caplog.set_level(logging.INFO, logger="lingua_sdk.node")
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        return JobResult(text_translated=f"attempt {a.attempt}")
+
+    node = make_node(target(app), held)
+    async with AsyncClient(target(app)) as client, running(node):
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        node.disconnect()
+        release.set()
+        job = await client.wait(job_id, timeout=20)
+        assert (job.state, job.attempt) == (JobState.SUCCEEDED, 1)
+        assert job.result is not None and job.result.text_translated == "attempt 1"
+    registrations = [r for r in caplog.records if "registered with instance" in r.getMessage()]
+    assert len(registrations) == 2
+
+
+async def test_silent_node_loses_its_lease(app: Any) -> None:
+    """silent: no heartbeats while the stream stays open; the lease expires and the job is requeued."""
+    started = asyncio.Event()
+
+    async def slow(a: Assignment) -> JobResult:
+        if a.attempt == 1:
+            started.set()
+            await asyncio.Event().wait()
+        return JobResult(text_translated=f"attempt {a.attempt}")
+
+    node = make_node(target(app), slow)
+    node.silent = True
+    async with AsyncClient(target(app)) as client, running(node):
+        job_id = (await client.submit(**SPEC, max_attempts=3)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        job = await client.wait(job_id, timeout=20)  # attempt 2 finishes at once: no heartbeat needed
+    assert (job.state, job.attempt) == (JobState.SUCCEEDED, 2)
+    assert job.last_error is not None and job.last_error.code == "LINGUA_LEASE_EXPIRED"
+
+
+async def test_model_unavailable_hands_the_job_back(app: Any) -> None:
+    """ModelUnavailable: reported in NodeMessage.unavailable; the job is requeued, not failed."""
+
+    async def no_model_at_first(a: Assignment) -> JobResult:
+        if a.attempt == 1:
+            raise ModelUnavailable("loading")
+        return JobResult(text_translated=f"attempt {a.attempt}")
+
+    async with AsyncClient(target(app)) as client, running(make_node(target(app), no_model_at_first)):
+        job = await client.wait((await client.submit(**SPEC, max_attempts=3)).job_id, timeout=20)
+    assert (job.state, job.attempt) == (JobState.SUCCEEDED, 2)
+    assert job.last_error is not None and job.last_error.code == "LINGUA_MODEL_UNAVAILABLE"

@@ -18,6 +18,7 @@ from .errors import (
     Internal,
     InvalidArgument,
     LinguaError,
+    ModelUnavailable,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -32,7 +33,8 @@ from .node import Node
 __all__ = [
     "TLS", "Aborted", "AlreadyExists", "Assignment", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded",
     "FailedPrecondition", "FatalError", "HandlerError", "Internal", "InvalidArgument", "Job", "JobError", "JobEvent",
-    "JobResult", "JobSpec", "JobState", "LinguaError", "Node", "NodeInfo", "NotFound", "PermissionDenied",
-    "ResourceExhausted", "RetryableError", "SessionEvent", "SubmitResult", "Unauthenticated", "Unavailable", "Unimplemented",
+    "JobResult", "JobSpec", "JobState", "LinguaError", "ModelUnavailable", "Node", "NodeInfo", "NotFound",
+    "PermissionDenied", "ResourceExhausted", "RetryableError", "SessionEvent", "SubmitResult", "Unauthenticated",
+    "Unavailable", "Unimplemented",
     "pb", "pb_grpc",
 ]

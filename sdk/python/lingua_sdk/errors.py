@@ -186,3 +186,12 @@ class FatalError(HandlerError):
 
     retryable = False
     default_code = "FATAL_ERROR"
+
+
+class ModelUnavailable(HandlerError):
+    """This node cannot serve the job now (its model is not loaded, say): the job goes back to the
+    queue for another node (NodeMessage.unavailable; the scheduler records LINGUA_MODEL_UNAVAILABLE and
+    fails the job once its attempts are used up)."""
+
+    retryable = True
+    default_code = "LINGUA_MODEL_UNAVAILABLE"

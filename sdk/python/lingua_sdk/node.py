@@ -8,6 +8,10 @@ leases of the jobs still running (`register.holding`, with their lease tokens) a
 unconfirmed outcome again. `cancels` cancel the handler's task. `stop()` (also on SIGTERM) drains:
 no new work, the running jobs finish and are confirmed, then `run()` returns.
 
+Simulations and tests of failures (scripts/simulate.py, scripts/chaos.py) use three controls:
+`abort()` (the process dies: no drain, running work and unconfirmed results lost), `disconnect()` (the
+network cuts the stream: the node reconnects and resumes its leases) and `silent` (no heartbeats).
+
 Everything ready when the writer runs goes out in one NodeMessage: acks, heartbeats and results of
 many jobs share one message, and a handler that finishes at once sends its ack with its result.
 """
@@ -31,7 +35,7 @@ from . import __version__
 from ._channel import Connection, TLSOption
 from ._proto import scheduler_pb2 as pb
 from ._proto import scheduler_pb2_grpc as pb_grpc
-from .errors import TRANSIENT, FailedPrecondition, HandlerError, from_rpc_error
+from .errors import TRANSIENT, FailedPrecondition, HandlerError, ModelUnavailable, from_rpc_error
 from .models import Assignment, JobResult, duration_seconds
 
 log = logging.getLogger("lingua_sdk.node")
@@ -43,6 +47,7 @@ PairLike = str | tuple[str, str]
 _MESSAGE_CAP = 4096  # JobError.message limit of the contract
 _CODE = re.compile(r"[\x21-\x7e]{1,128}")
 _REGISTER_TIMEOUT = 30.0
+_FRESH_YIELDS = 8  # at most this many loop turns a write waits for new handlers' first step
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lacks it
 
 
@@ -95,6 +100,9 @@ class Node:
         self._unconfirmed: dict[str, pb.Completion] = {}  # job id -> outcome, until confirmed or refused
         self._unsent: dict[str, pb.Completion] = {}  # the unconfirmed not yet written on the current stream
         self._acks: list[pb.JobLease] = []
+        # Jobs whose handler task has not taken its first step: the writer waits for them, so a
+        # handler that finishes at once sends its result with its ack (one message, one store call).
+        self._fresh: set[str] = set()
         self._unavailable: list[pb.JobLease] = []
         self._beat = False
         self._drain_sent = False
@@ -104,6 +112,12 @@ class Node:
         self._give_up = asyncio.Event()  # the drain ran out of time
         self._slots = asyncio.Semaphore(concurrency)
         self._running = False
+        self._call: Any = None  # the current stream, once registered
+        self._aborted = False
+        # True: send no heartbeats (the stream stays open; acks and outcomes still go). The scheduler
+        # then takes the leases back at their timeout, as from a hung node. For simulations and tests.
+        self.silent = False
+        self.refused_results = 0  # outcomes the scheduler refused (the lease was gone): never stored
 
     @property
     def in_flight(self) -> int:
@@ -125,6 +139,23 @@ class Node:
         asyncio.get_running_loop().call_later(self.drain_timeout, self._give_up.set)
         self._wake.set()
         self._flush.set()
+
+    def abort(self) -> None:
+        """Stop at once, as if the process died: the stream is cut without a drain, running handlers
+        are cancelled and unconfirmed outcomes are dropped; run() returns. The scheduler requeues the
+        jobs when it sees the stream gone. For crash simulations and emergency exits; stop() drains."""
+        self._aborted = True
+        if self._call is not None:
+            self._call.cancel()
+        self._give_up.set()
+        self._wake.set()
+
+    def disconnect(self) -> None:
+        """Cut the current stream, as a network failure would. The node reconnects (with backoff),
+        resumes the leases of the jobs still running and sends its unconfirmed outcomes again. Does
+        nothing while not registered."""
+        if self._call is not None:
+            self._call.cancel()
 
     def _done(self) -> bool:
         return self._give_up.is_set() or (self._stopping and not self._held and not self._unconfirmed)
@@ -151,7 +182,7 @@ class Node:
                 delay = random.uniform(0, min(self.backoff[1], self.backoff[0] * 2 ** failures))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._give_up.wait(), delay)
-            if self._unconfirmed or self._held:
+            if (self._unconfirmed or self._held) and not self._aborted:
                 log.warning("node %s stopped with %d jobs running and %d results unconfirmed", self.node_id,
                             len(self._held), len(self._unconfirmed))
         finally:
@@ -187,6 +218,9 @@ class Node:
             self.instance_id = first.registered.instance_id
             interval = duration_seconds(first.registered.heartbeat_interval) or 1.0
             log.info("node %s registered with instance %s", self.node_id, self.instance_id)
+            if self._aborted:
+                return True
+            self._call = call  # disconnect() and abort() cut it from here on
             # A new stream: the leases held were resumed by register.holding (which acks them too);
             # every outcome not confirmed yet goes again.
             self._acks.clear()
@@ -212,6 +246,7 @@ class Node:
             return False
         finally:
             self.instance_id = None
+            self._call = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -238,9 +273,17 @@ class Node:
             await self._flush.wait()
             self._flush.clear()
             await asyncio.sleep(0)  # handlers that finish at once add their result: ack and result share a message
+            for _ in range(_FRESH_YIELDS):  # ...also those started (by the reader) while the writer yielded
+                if not self._fresh:
+                    break
+                await asyncio.sleep(0)
             message = self._take()
-            if message is not None:
+            if message is None:
+                continue
+            try:
                 await call.write(message)
+            except asyncio.InvalidStateError:
+                return  # the stream already ended (cut, or closed): the session ends; outcomes go again
 
     def _take(self) -> pb.NodeMessage | None:
         """Everything ready, as one message (None when nothing is)."""
@@ -263,7 +306,7 @@ class Node:
     async def _heartbeats(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            if self._held:
+            if self._held and not self.silent:
                 self._beat = True
                 self._flush.set()
 
@@ -281,15 +324,20 @@ class Node:
         if old is not None:  # given again (a new attempt): the old lease is gone
             old.task.cancel()
         self._held[a.job_id] = _Held(lease, asyncio.create_task(self._work(a, lease)))
+        self._fresh.add(a.job_id)
         self._acks.append(lease)
         self._flush.set()
 
     async def _work(self, a: pb.Assignment, lease: pb.JobLease) -> None:
+        self._fresh.discard(lease.job_id)
+        completion: pb.Completion | None
         async with self._slots:
             try:
                 completion = pb.Completion(lease=lease, result=JobResult.of(await self.handler(Assignment(a))))
             except asyncio.CancelledError:
                 raise
+            except ModelUnavailable:
+                completion = None
             except Exception as err:
                 if not isinstance(err, HandlerError):
                     log.warning("node %s: handler failed on %s", self.node_id, a.job_id, exc_info=True)
@@ -298,13 +346,17 @@ class Node:
         if held is None or held.lease is not lease:
             return  # taken back while it ran
         del self._held[lease.job_id]
-        self._unconfirmed[lease.job_id] = self._unsent[lease.job_id] = completion
+        if completion is None:  # no model for it here (ModelUnavailable): requeued for another node
+            self._unavailable.append(lease)
+        else:
+            self._unconfirmed[lease.job_id] = self._unsent[lease.job_id] = completion
         self._flush.set()
 
     def _take_back(self, job_id: str, attempt: int, why: str) -> None:
         held = self._held.get(job_id)
         if held is not None and (not attempt or held.lease.attempt == attempt):
             del self._held[job_id]
+            self._fresh.discard(job_id)  # cancelled before its first step, it never discards itself
             held.task.cancel()
             log.info("node %s: job %s: %s", self.node_id, job_id, why)
 
@@ -312,6 +364,7 @@ class Node:
         why = f"refused: {status.error_code}: {status.error_message}"
         if self._unconfirmed.pop(status.job_id, None) is not None:
             self._unsent.pop(status.job_id, None)
+            self.refused_results += 1
             log.warning("node %s: result of job %s %s", self.node_id, status.job_id, why)
         else:
             self._take_back(status.job_id, 0, why)
