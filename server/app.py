@@ -10,12 +10,11 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from lingua_sdk import pb
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
-from . import keys
+from . import keys, reflection
 from .dispatch import Dispatcher
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
@@ -156,10 +155,9 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     add_to_server(SchedulerService(store, dispatcher, settings, nodes), server)  # undecodable bytes: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    # v1 and v1alpha, with the proto comments (server/reflection.py)
+    reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                      [health_pb2.DESCRIPTOR])
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")

@@ -26,78 +26,122 @@ class ScriptCode(IntEnum):
     IDENTITY_CONFLICT = -11  # a repeat submit whose content differs from the first
 
 
+# google.rpc.ErrorInfo.domain of every error status; each class's `reason` is its stable ErrorInfo.reason
+# (docs/errors.md lists them: a contract, so never rename one).
+DOMAIN = "lingua.scheduler.v1"
+
+
 class SchedulerError(Exception):
-    """Base of every error a client may see; `status` is what the RPC answers."""
+    """Base of every error a client may see; `status` is what the RPC answers, `reason` the stable
+    machine-readable reason sent as google.rpc.ErrorInfo, `retry_delay` (seconds) a google.rpc.RetryInfo
+    sent with it when a retry of the same call may succeed."""
 
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+    retry_delay: float | None = None
 
 
-class InvalidArgument(SchedulerError):
+class FieldError(SchedulerError):
+    """A request field is wrong: `field` is its path (`jobs[0].src_lang`), sent as a google.rpc.BadRequest
+    field violation with `description`; the message is "field: description"."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+class InvalidArgument(FieldError):
     status = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
 
 
-class TooLarge(SchedulerError):
+class TooLarge(FieldError):
+    """Over a fixed cap (payload bytes, batch size): the same request never fits, so no RetryInfo."""
+
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TOO_LARGE"
 
 
 class Unavailable(SchedulerError):
+    """The job store (Redis) cannot be reached or failed mid-call."""
+
     status = grpc.StatusCode.UNAVAILABLE
+    reason = "STORE_UNAVAILABLE"
+    retry_delay = 1.0
+
+
+class NotEnabled(SchedulerError):
+    status = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_ENABLED"
 
 
 class JobNotFound(SchedulerError):
     status = grpc.StatusCode.NOT_FOUND
+    reason = "JOB_NOT_FOUND"
 
 
 class InvalidTransition(SchedulerError):
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "INVALID_TRANSITION"
 
 
 class ConcurrentModification(SchedulerError):
     status = grpc.StatusCode.ABORTED
+    reason = "CONCURRENT_MODIFICATION"
+    retry_delay = 0.1
 
 
 class StaleLease(SchedulerError):
     """The lease token is not the job's current one: another claim holds (or held) the job."""
 
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "STALE_LEASE"
 
 
 class NotLeaseHolder(SchedulerError):
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "NOT_LEASE_HOLDER"
 
 
 class AlreadyExists(SchedulerError):
     """A repeat submit (same identity) asked for different work than the job that identity has."""
 
     status = grpc.StatusCode.ALREADY_EXISTS
+    reason = "IDENTITY_CONFLICT"
 
 
 class ResultConflict(SchedulerError):
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "RESULT_CONFLICT"
 
 
 class NotInQueue(SchedulerError):
     """A claim lost its candidate: another node got it first."""
 
     status = grpc.StatusCode.ABORTED
+    reason = "NOT_IN_QUEUE"
 
 
 class Avoided(SchedulerError):
     """A claim skipped a job this node said it cannot serve."""
 
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "AVOIDED"
 
 
 class Reserved(SchedulerError):
     """A claim skipped a job held back for its session's node for a short while."""
 
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "RESERVED"
 
 
 class NotDue(SchedulerError):
     """A timer (lease, deadline, retry) was moved by someone else before it fired."""
 
     status = grpc.StatusCode.ABORTED
+    reason = "NOT_DUE"
 
 
 # Refusals that mean the caller no longer holds the lease (the job moved on, or another claim has it):

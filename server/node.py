@@ -29,7 +29,7 @@ from . import keys, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import LEASE_GONE, InvalidArgument, SchedulerError
 from .registry import NodeEntry, Registry
-from .service import Undecodable, assignment_pb, error_status, lease_status_pb, state_pb
+from .service import Undecodable, abort, assignment_pb, error_status, lease_status_pb, state_pb
 from .settings import Settings
 from .store import Changed, Lease, Store
 
@@ -68,22 +68,22 @@ def pools_of(reg: pb.Register) -> list[str]:
             if src != tgt and pool not in found:  # no en:en pool: nobody translates into the same language
                 found.append(pool)
     if not found and reg.asr_langs and reg.tts_langs:
-        raise InvalidArgument("register.tts_langs: no pair with asr_langs has src != tgt")
+        raise InvalidArgument("register.tts_langs", "no pair with asr_langs has src != tgt")
     if not found:
-        raise InvalidArgument("register: declare pairs, or asr_langs and tts_langs")
+        raise InvalidArgument("register", "declare pairs, or asr_langs and tts_langs")
     if len(found) > 1024:
-        raise InvalidArgument("register: at most 1024 pools")
+        raise InvalidArgument("register", "at most 1024 pools")
     return found
 
 
 def check_register(reg: pb.Register) -> list[str]:
     validate.node_id(reg.node_id, "register.node_id")
     if not 1 <= reg.max_concurrency <= 1024:
-        raise InvalidArgument("register.max_concurrency: must be 1 to 1024")
+        raise InvalidArgument("register.max_concurrency", "must be 1 to 1024")
     if len(reg.labels) > 64 or any(len(k) > 64 or len(v) > 256 for k, v in reg.labels.items()):
-        raise InvalidArgument("register.labels: at most 64, keys up to 64 and values up to 256 characters")
+        raise InvalidArgument("register.labels", "at most 64, keys up to 64 and values up to 256 characters")
     if len(reg.version) > 64:
-        raise InvalidArgument("register.version: at most 64 characters")
+        raise InvalidArgument("register.version", "at most 64 characters")
     return pools_of(reg)
 
 
@@ -220,13 +220,13 @@ class NodeSessions:
         try:
             first = await asyncio.wait_for(it.__anext__(), timeout=30)
         except (StopAsyncIteration, TimeoutError):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register: the first message must register")
+            await abort(context, InvalidArgument("register", "the first message must register"), "NodeSession")
         if not first.HasField("register"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register: the first message must register")
+            await abort(context, InvalidArgument("register", "the first message must register"), "NodeSession")
         try:
             pools = check_register(first.register)
         except SchedulerError as err:
-            await context.abort(err.status, str(err))
+            await abort(context, err, "NodeSession")
         session = Session(self, first.register, pools)
         self._open.add(session)
         tasks: list[asyncio.Task[None]] = []
@@ -256,8 +256,7 @@ class NodeSessions:
         try:
             previous = await self.registry.register(session.entry(), session.token)
         except Exception as err:
-            code, text = error_status(err)
-            await context.abort(code, text)
+            await abort(context, err, "NodeSession")
         if previous and previous != session.token:
             await self.store.redis.publish(keys.node_channel(session.node_id), wire.replaced(previous))
         old = self.sessions.get(session.node_id)
@@ -333,7 +332,7 @@ class NodeSessions:
 
     async def _handle(self, session: Session, m: pb.NodeMessage) -> None:
         if m.HasField("register"):
-            raise InvalidArgument("register: only the first message may register")
+            raise InvalidArgument("register", "only the first message may register")
         refused: list[pb.LeaseStatus] = []
         confirmed: list[pb.LeaseStatus] = []
         freed: list[Lease] = []  # slots to free once the answer is queued (a drain may close the stream)

@@ -10,16 +10,29 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from lingua_sdk import pb, pb_grpc
 from redis.exceptions import RedisError
 
 from ..fsm import TERMINAL, JobState
 from . import keys, validate
 from .dispatch import Consumer, Dispatcher
-from .errors import InvalidArgument, JobNotFound, SchedulerError, ScriptCode
+from .errors import (
+    DOMAIN,
+    FieldError,
+    InvalidArgument,
+    JobNotFound,
+    NotEnabled,
+    SchedulerError,
+    ScriptCode,
+    Unavailable,
+)
 from .session import SessionWatch
 from .settings import Settings
 from .store import Claim, JobView, Lease, Store, Touched
@@ -87,13 +100,47 @@ def watch_event_pb(job_id: str, e: dict[str, Any]) -> pb.JobEvent:
     return event
 
 
-def error_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The one place that turns errors into gRPC statuses."""
+def scheduler_error(err: BaseException) -> SchedulerError:
+    """What a client sees of any exception: itself if typed; the store down as Unavailable; else INTERNAL."""
     if isinstance(err, SchedulerError):
-        return err.status, str(err)
+        return err
     if isinstance(err, RedisError | ConnectionError | OSError):
-        return grpc.StatusCode.UNAVAILABLE, f"job store unavailable: {err}"
-    return grpc.StatusCode.INTERNAL, "internal error"
+        return Unavailable(f"job store unavailable: {err}")
+    return SchedulerError("internal error")
+
+
+def error_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The code and message of an error (for in-stream answers: SchedulerMessage.error, LeaseStatus)."""
+    typed = scheduler_error(err)
+    return typed.status, str(typed)
+
+
+def rich_status(err: BaseException) -> status_pb2.Status:
+    """The one place that turns errors into gRPC statuses: code and message, plus google.rpc details
+    (docs/errors.md): ErrorInfo (stable reason, domain) always; BadRequest naming the field of a
+    FieldError; RetryInfo when retrying the same call may succeed."""
+    typed = scheduler_error(err)
+    details: list[Message] = [error_details_pb2.ErrorInfo(reason=typed.reason, domain=DOMAIN)]
+    if isinstance(typed, FieldError):
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=typed.field, description=typed.description)]))
+    if typed.retry_delay is not None:
+        delay = Duration()
+        delay.FromMilliseconds(int(typed.retry_delay * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=typed.status.value[0], message=str(typed))
+    for detail in details:
+        status.details.add().Pack(detail)
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext, err: BaseException, what: str) -> NoReturn:  # type: ignore[type-arg]
+    """End the call with the rich status of `err`; the unexpected (INTERNAL) is logged with its traceback."""
+    status = rich_status(err)
+    if status.code == grpc.StatusCode.INTERNAL.value[0]:
+        log.error("%s failed", what, exc_info=err)
+    await context.abort_with_status(rpc_status.to_status(status))  # type: ignore[attr-defined]  # grpc-stubs lacks it
+    raise AssertionError("unreachable: abort_with_status raises")
 
 
 def handled(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -104,11 +151,7 @@ def handled(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         try:
             return await method(self, request, context)
         except Exception as err:
-            code, text = error_status(err)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            await context.abort(code, text)
-            raise  # unreachable: abort raises
+            await abort(context, err, method.__name__)
 
     return wrapper
 
@@ -163,10 +206,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                         continue
                     entries = [e] if int(e["v"]) <= version + 1 else await self.store.events(request.job_id, version)
         except Exception as err:
-            code, text = error_status(err)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("WatchJob failed")
-            await context.abort(code, text)
+            await abort(context, err, "WatchJob")
 
     async def WatchSession(self, request: pb.WatchSessionRequest, context: Any) -> AsyncIterator[pb.SessionEvent]:
         try:
@@ -176,16 +216,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             async for views, resume_index in watch.events():
                 yield pb.SessionEvent(jobs=[job_pb(v) for v in views], resume_index=resume_index)
         except Exception as err:
-            code, text = error_status(err)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("WatchSession failed")
-            await context.abort(code, text)
+            await abort(context, err, "WatchSession")
 
     @handled
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
         validate.job_id(request.job_id, self.settings)
         if len(request.reason) > 1024:
-            raise InvalidArgument("reason: at most 1024 characters")
+            raise InvalidArgument("reason", "at most 1024 characters")
         await self.store.cancel(request.job_id, request.reason)
         return job_pb(await self.store.get(request.job_id))
 
@@ -212,7 +249,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         validate.node_id(request.node_id)
         if not request.leases or len(request.leases) > 1000:
-            raise InvalidArgument("leases: 1 to 1000 leases are required")
+            raise InvalidArgument("leases", "1 to 1000 leases are required")
         for i, item in enumerate(request.leases):
             validate.lease(item, self.settings, f"leases[{i}]")
         touched = await self.store.touch(request.node_id, [Lease(x.job_id, x.lease_token, x.attempt)
@@ -230,7 +267,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     async def NodeSession(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]  # writes with context.write
         if self.nodes is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeSession is not enabled on this server")
+            await abort(context, NotEnabled("NodeSession is not enabled on this server"), "NodeSession")
         await self.nodes.serve(request_iterator, context)
 
     @handled
@@ -252,7 +289,7 @@ class Undecodable:
     message: str  # the request message's name, e.g. "SubmitRequest"
 
     def refusal(self) -> InvalidArgument:
-        return InvalidArgument(f"request: not a valid {self.message}")
+        return InvalidArgument("request", f"not a valid {self.message}")
 
 
 def _lenient(parse: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
@@ -303,7 +340,7 @@ def _guarded(handler: Any, method: str, message: str, warn: ThrottledWarning) ->
 
     async def refuse(junk: Undecodable, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         warn("%s from %s: refused a request that is not a valid %s", method, context.peer(), junk.message)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(junk.refusal()))
+        await abort(context, junk.refusal(), method)
 
     async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
         first = True

@@ -37,33 +37,33 @@ NANOS = 999_999_999
 def timestamp_ms(ts: Timestamp, field: str) -> int:
     """The milliseconds of a well-formed Timestamp (nanos 0 to 999999999, seconds in year 1 to 9999)."""
     if not 0 <= ts.nanos <= NANOS:
-        raise InvalidArgument(f"{field}: nanos must be 0 to {NANOS}, not {ts.nanos}")
+        raise InvalidArgument(field, f"nanos must be 0 to {NANOS}, not {ts.nanos}")
     if not TIMESTAMP_SECONDS[0] <= ts.seconds <= TIMESTAMP_SECONDS[1]:
-        raise InvalidArgument(f"{field}: seconds must lie in the years 0001 to 9999, not {ts.seconds}")
+        raise InvalidArgument(field, f"seconds must lie in the years 0001 to 9999, not {ts.seconds}")
     return ts.ToMilliseconds()
 
 
 def duration_ms(d: Duration, field: str) -> int:
     """The milliseconds of a well-formed Duration (nanos within +-999999999, same sign as seconds)."""
     if not -NANOS <= d.nanos <= NANOS:
-        raise InvalidArgument(f"{field}: nanos must be -{NANOS} to {NANOS}, not {d.nanos}")
+        raise InvalidArgument(field, f"nanos must be -{NANOS} to {NANOS}, not {d.nanos}")
     if not -DURATION_SECONDS <= d.seconds <= DURATION_SECONDS:
-        raise InvalidArgument(f"{field}: seconds must be -{DURATION_SECONDS} to {DURATION_SECONDS}")
+        raise InvalidArgument(field, f"seconds must be -{DURATION_SECONDS} to {DURATION_SECONDS}")
     if (d.seconds < 0 < d.nanos) or (d.nanos < 0 < d.seconds):
-        raise InvalidArgument(f"{field}: seconds and nanos must have the same sign")
+        raise InvalidArgument(field, "seconds and nanos must have the same sign")
     return d.ToMilliseconds()
 
 
 def _token(value: str, field: str) -> None:
     if not value:
-        raise InvalidArgument(f"{field}: required")
+        raise InvalidArgument(field, "required")
     if not TOKEN.fullmatch(value):
-        raise InvalidArgument(f"{field}: 1 to 128 printable ASCII characters without spaces")
+        raise InvalidArgument(field, "1 to 128 printable ASCII characters without spaces")
 
 
 def lang(value: str, field: str) -> None:
     if not LANG.fullmatch(value):
-        raise InvalidArgument(f"{field}: {value!r} is not a language tag such as 'zh', 'en' or 'pt-br'")
+        raise InvalidArgument(field, f"{value!r} is not a language tag such as 'zh', 'en' or 'pt-br'")
 
 
 def node_id(value: str, field: str = "node_id") -> None:
@@ -72,65 +72,65 @@ def node_id(value: str, field: str = "node_id") -> None:
 
 def job_id(value: str, settings: Settings, field: str = "job_id") -> None:
     if not value:
-        raise InvalidArgument(f"{field}: required")
+        raise InvalidArgument(field, "required")
     if len(value) > 200:
-        raise InvalidArgument(f"{field}: too long to be a job id")
+        raise InvalidArgument(field, "too long to be a job id")
     m = JOB_ID.fullmatch(value)
     if not (m and LANG.fullmatch(m["src"]) and LANG.fullmatch(m["tgt"]) and m["src"] != m["tgt"]
             and int(m["part"]) < settings.partitions):
-        raise InvalidArgument(f"{field}: {value!r} is not a job id of this scheduler "
+        raise InvalidArgument(field, f"{value!r} is not a job id of this scheduler "
                               "({src:tgt:partition} followed by a 26-character ULID)")
 
 
 def attempt(value: int, field: str = "attempt") -> None:
     if value < 1:
-        raise InvalidArgument(f"{field}: must be 1 or more (the attempt the job was assigned with)")
+        raise InvalidArgument(field, "must be 1 or more (the attempt the job was assigned with)")
 
 
 def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
     if not TENANT.fullmatch(s.tenant_id):
-        raise InvalidArgument(f"{field}.tenant_id: required, 1 to 64 of A-Z a-z 0-9 . _ -")
+        raise InvalidArgument(f"{field}.tenant_id", "required, 1 to 64 of A-Z a-z 0-9 . _ -")
     _token(s.session_id, f"{field}.session_id")
     if s.utterance_index < 0:
-        raise InvalidArgument(f"{field}.utterance_index: must not be negative")
+        raise InvalidArgument(f"{field}.utterance_index", "must not be negative")
     lang(s.src_lang, f"{field}.src_lang")
     lang(s.tgt_lang, f"{field}.tgt_lang")
     if s.tgt_lang == s.src_lang:
-        raise InvalidArgument(f"{field}.tgt_lang: must differ from src_lang ({s.src_lang!r})")
+        raise InvalidArgument(f"{field}.tgt_lang", f"must differ from src_lang ({s.src_lang!r})")
     if len(s.trace_id) > 128:
-        raise InvalidArgument(f"{field}.trace_id: at most 128 characters")
+        raise InvalidArgument(f"{field}.trace_id", "at most 128 characters")
     if not 0 <= s.priority <= 9:
-        raise InvalidArgument(f"{field}.priority: must be 0 to 9")
+        raise InvalidArgument(f"{field}.priority", "must be 0 to 9")
     if not 0 <= s.max_attempts <= settings.max_attempts_cap:
-        raise InvalidArgument(f"{field}.max_attempts: must be 0 (default) to {settings.max_attempts_cap}")
+        raise InvalidArgument(f"{field}.max_attempts", f"must be 0 (default) to {settings.max_attempts_cap}")
     if s.idempotency_key:
         _token(s.idempotency_key, f"{field}.idempotency_key")
     if s.HasField("deadline"):
         now_ms = int(time.time() * 1000)
         at = timestamp_ms(s.deadline, f"{field}.deadline")
         if at <= now_ms:
-            raise InvalidArgument(f"{field}.deadline: must be in the future")
+            raise InvalidArgument(f"{field}.deadline", "must be in the future")
         if at > now_ms + settings.max_job_ttl_ms:
-            raise InvalidArgument(f"{field}.deadline: at most {settings.max_job_ttl_ms // 1000} s ahead")
+            raise InvalidArgument(f"{field}.deadline", f"at most {settings.max_job_ttl_ms // 1000} s ahead")
     if s.HasField("execution_timeout"):
         ms = duration_ms(s.execution_timeout, f"{field}.execution_timeout")
         if ms <= 0 or ms > settings.max_job_ttl_ms:
-            raise InvalidArgument(f"{field}.execution_timeout: must be positive and at most max job TTL")
+            raise InvalidArgument(f"{field}.execution_timeout", "must be positive and at most max job TTL")
     if s.payload and s.payload_ref:
-        raise InvalidArgument(f"{field}: set payload or payload_ref, not both")
+        raise InvalidArgument(field, "set payload or payload_ref, not both")
     if not s.payload and not s.payload_ref:
-        raise InvalidArgument(f"{field}: payload or payload_ref is required")
+        raise InvalidArgument(field, "payload or payload_ref is required")
     if len(s.payload) > settings.max_payload_bytes:
-        raise TooLarge(f"{field}.payload: {len(s.payload)} bytes is over the cap of {settings.max_payload_bytes}")
+        raise TooLarge(f"{field}.payload", f"{len(s.payload)} bytes is over the cap of {settings.max_payload_bytes}")
     if s.payload_ref and (len(s.payload_ref) > 2048 or not URI.fullmatch(s.payload_ref)):
-        raise InvalidArgument(f"{field}.payload_ref: must be a URI (scheme:...) of at most 2048 characters")
+        raise InvalidArgument(f"{field}.payload_ref", "must be a URI (scheme:...) of at most 2048 characters")
 
 
 def submit(req: pb.SubmitRequest, settings: Settings) -> None:
     if not req.jobs:
-        raise InvalidArgument("jobs: at least one job is required")
+        raise InvalidArgument("jobs", "at least one job is required")
     if len(req.jobs) > settings.max_batch:
-        raise TooLarge(f"jobs: {len(req.jobs)} jobs is over the batch cap of {settings.max_batch}")
+        raise TooLarge("jobs", f"{len(req.jobs)} jobs is over the batch cap of {settings.max_batch}")
     for i, s in enumerate(req.jobs):
         spec(s, settings, f"jobs[{i}]")
 
@@ -141,7 +141,7 @@ def pairs(items: Iterable[pb.LanguagePair], field: str = "pairs") -> list[str]:
         lang(p.src_lang, f"{field}[{i}].src_lang")
         lang(p.tgt_lang, f"{field}[{i}].tgt_lang")
         if p.tgt_lang == p.src_lang:
-            raise InvalidArgument(f"{field}[{i}].tgt_lang: must differ from src_lang ({p.src_lang!r})")
+            raise InvalidArgument(f"{field}[{i}].tgt_lang", f"must differ from src_lang ({p.src_lang!r})")
         pool = keys.pool_of(p.src_lang, p.tgt_lang)
         if pool not in found:
             found.append(pool)
@@ -151,40 +151,40 @@ def pairs(items: Iterable[pb.LanguagePair], field: str = "pairs") -> list[str]:
 def assign(req: pb.AssignRequest) -> list[str]:
     node_id(req.node_id)
     if not req.pairs:
-        raise InvalidArgument("pairs: at least one language pair is required")
+        raise InvalidArgument("pairs", "at least one language pair is required")
     if len(req.pairs) > 256:
-        raise InvalidArgument("pairs: at most 256")
+        raise InvalidArgument("pairs", "at most 256")
     if not 0 <= req.max_jobs <= 100:
-        raise InvalidArgument("max_jobs: must be 1 to 100 (0 means 1)")
+        raise InvalidArgument("max_jobs", "must be 1 to 100 (0 means 1)")
     if req.HasField("wait") and not 0 <= duration_ms(req.wait, "wait") <= 60_000:
-        raise InvalidArgument("wait: must be 0 to 60 s")
+        raise InvalidArgument("wait", "must be 0 to 60 s")
     return pairs(req.pairs)
 
 
 def result(r: pb.JobResult, settings: Settings, field: str) -> None:
     if len(r.tts_audio) > settings.max_payload_bytes:
-        raise TooLarge(f"{field}.tts_audio: {len(r.tts_audio)} bytes is over the cap of {settings.max_payload_bytes}")
+        raise TooLarge(f"{field}.tts_audio", f"{len(r.tts_audio)} bytes is over the cap of {settings.max_payload_bytes}")
     if r.tts_audio and r.tts_audio_ref:
-        raise InvalidArgument(f"{field}: set tts_audio or tts_audio_ref, not both")
+        raise InvalidArgument(field, "set tts_audio or tts_audio_ref, not both")
     if r.tts_audio_ref and not URI.fullmatch(r.tts_audio_ref):
-        raise InvalidArgument(f"{field}.tts_audio_ref: must be a URI")
+        raise InvalidArgument(f"{field}.tts_audio_ref", "must be a URI")
     if r.ByteSize() > settings.max_payload_bytes + 65_536:
-        raise TooLarge(f"{field}: result is over the cap")
+        raise TooLarge(field, "result is over the cap")
 
 
 def error(e: pb.JobError, field: str) -> None:
     _token(e.code, f"{field}.code")
     if e.code.startswith("LINGUA_"):
-        raise InvalidArgument(f"{field}.code: codes starting with LINGUA_ are the scheduler's own")
+        raise InvalidArgument(f"{field}.code", "codes starting with LINGUA_ are the scheduler's own")
     if len(e.message) > 4096:
-        raise InvalidArgument(f"{field}.message: at most 4096 characters")
+        raise InvalidArgument(f"{field}.message", "at most 4096 characters")
 
 
 def lease_token(value: str, field: str = "lease_token") -> None:
     if not value:
-        raise InvalidArgument(f"{field}: required (the lease_token the assignment carried)")
+        raise InvalidArgument(field, "required (the lease_token the assignment carried)")
     if len(value) > 64 or not TOKEN.fullmatch(value):
-        raise InvalidArgument(f"{field}: not a lease token of this scheduler")
+        raise InvalidArgument(field, "not a lease token of this scheduler")
 
 
 def lease(item: pb.JobLease, settings: Settings, field: str) -> None:
@@ -197,7 +197,7 @@ def outcome(msg: pb.CompleteRequest | pb.Completion, settings: Settings, prefix:
     """The result-or-error oneof of a Complete call or a stream Completion."""
     which = msg.WhichOneof("outcome")
     if which is None:
-        raise InvalidArgument(f"{prefix}outcome: set result or error")
+        raise InvalidArgument(f"{prefix}outcome", "set result or error")
     if which == "result":
         result(msg.result, settings, f"{prefix}result")
     else:
@@ -219,9 +219,9 @@ def complete(req: pb.CompleteRequest, settings: Settings) -> None:
 
 def watch_session(req: pb.WatchSessionRequest) -> None:
     if not TENANT.fullmatch(req.tenant_id):
-        raise InvalidArgument("tenant_id: required, 1 to 64 of A-Z a-z 0-9 . _ -")
+        raise InvalidArgument("tenant_id", "required, 1 to 64 of A-Z a-z 0-9 . _ -")
     _token(req.session_id, "session_id")
     if req.from_index < 0:
-        raise InvalidArgument("from_index: must not be negative")
+        raise InvalidArgument("from_index", "must not be negative")
     if req.tgt_lang:
         lang(req.tgt_lang, "tgt_lang")

@@ -87,12 +87,22 @@ test("errors are typed and carry the gRPC code", { timeout: 30_000 }, async () =
     assert.equal(err.codeName, "INVALID_ARGUMENT");
     assert.equal(err.code, 3);
     assert.match(err.rawMessage, /^job_id: /);
+    // the rich details (docs/errors.md): branch on these, not on the text
+    assert.equal(err.reason, "INVALID_ARGUMENT");
+    assert.equal(err.domain, "lingua.scheduler.v1");
+    assert.deepEqual(err.fieldViolations.map((v) => v.field), ["job_id"]);
+    assert.equal(err.retryDelayMs, undefined);
     return true;
   });
-  await assert.rejects(client.get("{zh:en:0}01JE0000000000000000000000"), NotFoundError);
+  await assert.rejects(client.get("{zh:en:0}01JE0000000000000000000000"), (err: unknown) => {
+    assert.ok(err instanceof NotFoundError);
+    assert.equal(err.reason, "JOB_NOT_FOUND");
+    return true;
+  });
   await assert.rejects(client.submit({ ...spec("bad", 0), srcLang: "ZH" }), (err: unknown) => {
     assert.ok(err instanceof InvalidArgumentError);
     assert.match(err.rawMessage, /jobs\[0\]\.src_lang/);
+    assert.deepEqual(err.fieldViolations.map((v) => v.field), ["jobs[0].src_lang"]);
     return true;
   });
 });

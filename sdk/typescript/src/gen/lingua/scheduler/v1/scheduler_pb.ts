@@ -1018,7 +1018,9 @@ export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*
   messageDesc(file_lingua_scheduler_v1_scheduler, 22);
 
 /**
- * What a node declares when its stream opens.
+ * What a node declares when its stream opens. Required: node_id, max_concurrency, and at least one
+ * pool (pairs, or asr_langs and tts_langs). A register that breaks a rule ends the stream
+ * INVALID_ARGUMENT naming the field (google.rpc.BadRequest; see docs/errors.md).
  *
  * @generated from message lingua.scheduler.v1.Register
  */
@@ -1031,7 +1033,7 @@ export type Register = Message<"lingua.scheduler.v1.Register"> & {
   nodeId: string;
 
   /**
-   * The directed pairs it translates.
+   * The directed pairs it translates. Required unless asr_langs and tts_langs are given (both may be).
    *
    * @generated from field: repeated lingua.scheduler.v1.LanguagePair pairs = 2;
    */
@@ -1053,7 +1055,8 @@ export type Register = Message<"lingua.scheduler.v1.Register"> & {
   ttsLangs: string[];
 
   /**
-   * How many jobs it runs at once, 1 to 1024.
+   * How many jobs it runs at once. Required: 1 to 1024 (0, the unset value, is INVALID_ARGUMENT).
+   * The scheduler never has more than this many unfinished assignments out to the node.
    *
    * @generated from field: int32 max_concurrency = 5;
    */
@@ -1074,7 +1077,9 @@ export type Register = Message<"lingua.scheduler.v1.Register"> & {
   version: string;
 
   /**
-   * Jobs it still holds from a previous stream (on reconnect), to keep their leases.
+   * Jobs it still holds from a previous stream (on reconnect), to keep their leases: each is
+   * acknowledged and extended as a heartbeat is; those that cannot be (the job moved on, another
+   * claim holds it) come back in SchedulerMessage.refused, and the node should drop them.
    *
    * @generated from field: repeated lingua.scheduler.v1.JobLease holding = 8;
    */
@@ -1133,34 +1138,47 @@ export const CompletionSchema: GenMessage<Completion> = /*@__PURE__*/
   messageDesc(file_lingua_scheduler_v1_scheduler, 24);
 
 /**
- * Node -> scheduler. The first message must carry `register`; later ones may batch everything else.
+ * Node -> scheduler. The first message must carry `register` (and may set `drain`; its other fields
+ * are ignored); later ones may batch everything else.
+ *
+ * The orders allowed for one assignment:
+ * - ack, then (heartbeats while working), then its completion: the usual order;
+ * - the completion alone: the ack may ride with the result in one message, or be left out; a result
+ *   or failure for an assignment never acknowledged is accepted (it still holds the lease token);
+ * - heartbeats are for acknowledged jobs (a heartbeat for an unacknowledged assignment acknowledges
+ *   it, since both only start the job and extend its lease).
+ * An assignment neither acknowledged within RegisterAck.ack_timeout nor completed is taken back and
+ * requeued. Every ack, heartbeat and completion is fenced by its lease (job_id + lease_token).
  *
  * @generated from message lingua.scheduler.v1.NodeMessage
  */
 export type NodeMessage = Message<"lingua.scheduler.v1.NodeMessage"> & {
   /**
-   * Registration; first message only.
+   * Registration; first message only (a later register is answered with SchedulerMessage.error).
    *
    * @generated from field: lingua.scheduler.v1.Register register = 1;
    */
   register?: Register | undefined;
 
   /**
-   * Jobs received and started (ASSIGNED -> RUNNING).
+   * Jobs received and started (ASSIGNED -> RUNNING), extending their leases. Optional before a
+   * completion of the same job (see above).
    *
    * @generated from field: repeated lingua.scheduler.v1.JobLease acks = 2;
    */
   acks: JobLease[];
 
   /**
-   * Jobs still being worked on: extends their leases.
+   * Jobs still being worked on: extends their leases. Send at least every
+   * RegisterAck.heartbeat_interval for each acknowledged job not yet completed.
    *
    * @generated from field: repeated lingua.scheduler.v1.JobLease heartbeats = 3;
    */
   heartbeats: JobLease[];
 
   /**
-   * Results and failures.
+   * Results and failures. Each is answered in SchedulerMessage.confirmed (stored) or
+   * SchedulerMessage.refused (not stored); keep a result until one of the two arrives.
    *
    * @generated from field: repeated lingua.scheduler.v1.Completion completions = 4;
    */
@@ -1174,7 +1192,11 @@ export type NodeMessage = Message<"lingua.scheduler.v1.NodeMessage"> & {
   unavailable: JobLease[];
 
   /**
-   * No new work for this node; it finishes what it has and then closes.
+   * Drain: the scheduler sends this node no new assignments; acks, heartbeats and completions of
+   * the jobs it holds go on as before, and the scheduler closes the stream (OK) once none is left
+   * unfinished (at once when it holds none). Cannot be undone on this stream. Honoured on the first
+   * message too (with register), so a draining node that reconnects gets no new work. The scheduler
+   * drains every stream itself when it shuts down.
    *
    * @generated from field: bool drain = 6;
    */
@@ -1216,7 +1238,12 @@ export type SchedulerMessage = Message<"lingua.scheduler.v1.SchedulerMessage"> &
   cancels: JobLease[];
 
   /**
-   * The outcome of acks, heartbeats and completions that were refused.
+   * Acks, heartbeats, completions, unavailable reports and held leases (Register.holding) that were
+   * refused, each with why (LeaseStatus.error_code and error_message). By error_code:
+   * NOT_FOUND or FAILED_PRECONDITION: the lease is no longer the node's (the job finished, was
+   * cancelled, or another claim holds it): stop the job and forget it, result included;
+   * UNAVAILABLE: the job store could not be reached and the lease may still be held: send the same
+   * entry again; INVALID_ARGUMENT: the entry itself is malformed (error_message names the field).
    *
    * @generated from field: repeated lingua.scheduler.v1.LeaseStatus refused = 4;
    */
@@ -1231,9 +1258,11 @@ export type SchedulerMessage = Message<"lingua.scheduler.v1.SchedulerMessage"> &
   error: string;
 
   /**
-   * Completions the scheduler stored (the job's state after it): one entry per accepted completion,
-   * in the order received. A node may forget a result once it is confirmed here (or refused in
-   * `refused`); until then it should keep it and send it again after a reconnect.
+   * Completions the scheduler stored (ok is true; state is the job's state after it: SUCCEEDED,
+   * FAILED, or QUEUED for a retryable failure that was requeued): one entry per accepted
+   * completion, in the order received; the node's slot for that job is free. A node may forget a
+   * result once it is confirmed here (or refused in `refused`); until then it should keep it and
+   * send it again after a reconnect (a repeat of a stored result is confirmed again, not doubled).
    *
    * @generated from field: repeated lingua.scheduler.v1.LeaseStatus confirmed = 6;
    */
