@@ -164,6 +164,11 @@ _BY_CODE: dict[ScriptCode, tuple[type[SchedulerError], str]] = {
 }
 
 
+def error_class(code: int) -> type[SchedulerError]:
+    """The typed exception of a negative script return code."""
+    return _BY_CODE[ScriptCode(code)][0]
+
+
 def raise_for(code: int, *, job: str, state: str = "", event: str = "", attempt: int = 0) -> NoReturn:
     """Raise the typed exception of a negative script return code."""
     cls, text = _BY_CODE[ScriptCode(code)]

@@ -29,7 +29,7 @@ from . import keys, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import LEASE_GONE, InvalidArgument, SchedulerError
 from .registry import NodeEntry, Registry
-from .service import Undecodable, abort, assignment_pb, error_status, lease_status_pb, state_pb
+from .service import Undecodable, abort, assignment_pb, error_status, lease_status_pb, refused_pb, state_pb
 from .settings import Settings
 from .store import Changed, Lease, Store
 
@@ -42,13 +42,9 @@ def _duration(ms: int) -> Duration:
     return d
 
 
-def _refused(job_id: str, err: BaseException) -> pb.LeaseStatus:
-    code, text = error_status(err)
-    return pb.LeaseStatus(job_id=job_id, ok=False, error_code=code.name, error_message=text)
-
-
-def _confirmed(changed: Changed) -> pb.LeaseStatus:
-    return pb.LeaseStatus(job_id=changed.job_id, ok=True, state=state_pb(changed.state))  # type: ignore[arg-type]
+def _confirmed(changed: Changed, token: str) -> pb.LeaseStatus:
+    return pb.LeaseStatus(job_id=changed.job_id, ok=True, state=state_pb(changed.state),  # type: ignore[arg-type]
+                          lease_token=token)
 
 
 def lease_of(item: pb.JobLease) -> Lease:
@@ -272,6 +268,7 @@ class NodeSessions:
             session.draining = True
         if first.register.holding:
             await self._resume(session, first.register.holding)
+        session._maybe_done()  # a draining node that came back holding nothing (left) is done at once
         self.dispatcher.add(session.consumer)
         reader = asyncio.create_task(self._read(session, it))
         tasks += [reader, asyncio.create_task(self._feed(session))]
@@ -287,14 +284,14 @@ class NodeSessions:
             try:
                 validate.lease(item, self.settings, f"register.holding[{i}]")
             except SchedulerError as err:
-                session.outbox.put_nowait(pb.SchedulerMessage(refused=[_refused(item.job_id, err)]))
+                session.outbox.put_nowait(pb.SchedulerMessage(refused=[refused_pb(item.job_id, item.lease_token, err)]))
                 continue
             leases.append(lease_of(item))
         for lease, t in zip(leases, await self.store.touch(session.node_id, leases), strict=True):
             if t.code >= 0:
                 session.in_flight[t.job_id] = lease
             else:
-                session.outbox.put_nowait(pb.SchedulerMessage(refused=[lease_status_pb(t)]))
+                session.outbox.put_nowait(pb.SchedulerMessage(refused=[lease_status_pb(t, lease.token)]))
 
     async def _feed(self, session: Session) -> None:
         """Push assignments while the node has free slots."""
@@ -346,7 +343,8 @@ class NodeSessions:
                     check(item, self.settings, f"{field}[{i}]")
                     ok.append(item)
                 except SchedulerError as err:
-                    refused.append(_refused(getattr(item, "lease", item).job_id, err))
+                    lease = getattr(item, "lease", item)
+                    refused.append(refused_pb(lease.job_id, lease.lease_token, err))
             return ok
 
         try:
@@ -360,7 +358,7 @@ class NodeSessions:
             if touches:
                 for lease, t in zip(touches, await self.store.touch(session.node_id, touches), strict=True):
                     if t.code < 0:
-                        refused.append(lease_status_pb(t))
+                        refused.append(lease_status_pb(t, lease.token))
                         if session.holds(lease.job_id, lease.token):  # taken away (cancelled, expired): say stop
                             cancels.append(pb.JobLease(job_id=lease.job_id, attempt=lease.attempt, lease_token=lease.token))
                             freed.append(lease)
@@ -392,10 +390,10 @@ class NodeSessions:
         """A completion's outcome: confirmed when stored; refused otherwise. The slot is freed only
         when the lease is settled or gone, not when Redis could not be reached (the node resends)."""
         if isinstance(outcome, Changed):
-            confirmed.append(_confirmed(outcome))
+            confirmed.append(_confirmed(outcome, lease.token))
             freed.append(lease)
             return
-        refused.append(_refused(lease.job_id, outcome))
+        refused.append(refused_pb(lease.job_id, lease.token, outcome))
         if isinstance(outcome, LEASE_GONE):
             freed.append(lease)
 

@@ -32,6 +32,7 @@ from .errors import (
     SchedulerError,
     ScriptCode,
     Unavailable,
+    error_class,
 )
 from .session import SessionWatch
 from .settings import Settings
@@ -75,11 +76,13 @@ def assignment_pb(claim: Claim) -> pb.Assignment:
     return a
 
 
-def lease_status_pb(t: Touched) -> pb.LeaseStatus:
-    status = pb.LeaseStatus(job_id=t.job_id, ok=t.code >= 0, state=state_pb(t.state))  # type: ignore[arg-type]
+def lease_status_pb(t: Touched, token: str = "") -> pb.LeaseStatus:
+    status = pb.LeaseStatus(job_id=t.job_id, ok=t.code >= 0, state=state_pb(t.state),  # type: ignore[arg-type]
+                            lease_token=token)
     if t.code >= 0:
         status.lease_deadline.FromMilliseconds(t.lease)
     else:
+        status.reason = error_class(t.code).reason
         status.error_code = "NOT_FOUND" if t.code == ScriptCode.JOB_NOT_FOUND else "FAILED_PRECONDITION"
         status.error_message = {
             ScriptCode.JOB_NOT_FOUND: "job not found",
@@ -113,6 +116,13 @@ def error_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message of an error (for in-stream answers: SchedulerMessage.error, LeaseStatus)."""
     typed = scheduler_error(err)
     return typed.status, str(typed)
+
+
+def refused_pb(job_id: str, token: str, err: BaseException) -> pb.LeaseStatus:
+    """An in-stream refusal of one lease: code name, message and stable reason of `err`."""
+    typed = scheduler_error(err)
+    return pb.LeaseStatus(job_id=job_id, ok=False, error_code=typed.status.name, error_message=str(typed),
+                          reason=typed.reason, lease_token=token)
 
 
 def rich_status(err: BaseException) -> status_pb2.Status:
@@ -254,7 +264,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             validate.lease(item, self.settings, f"leases[{i}]")
         touched = await self.store.touch(request.node_id, [Lease(x.job_id, x.lease_token, x.attempt)
                                                            for x in request.leases])
-        return pb.HeartbeatResponse(leases=[lease_status_pb(t) for t in touched])
+        return pb.HeartbeatResponse(leases=[lease_status_pb(t, x.lease_token)
+                                            for t, x in zip(touched, request.leases, strict=True)])
 
     @handled
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:

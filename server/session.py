@@ -164,4 +164,7 @@ class SessionWatch:
             if high is not None:
                 high = None if msg.utterance_index is None else max(high, msg.utterance_index)
         if finished:
+            # A job of this session may wait in a pool it never announced from yet (its first job in a
+            # new pair): re-read the pools so the index of that pool holds later utterances back.
+            await self._refresh_tags()
             await self._read(high, finished)

@@ -149,12 +149,14 @@ async def test_a_late_heartbeat_for_an_earlier_claim_does_not_cancel_the_current
     await call.write(pb.NodeMessage(heartbeats=[lease(first)]))  # late: attempt 1's lease
     m = await next_message(call, "refused")
     assert "stale" in m.refused[0].error_message and not m.cancels
+    assert (m.refused[0].reason, m.refused[0].lease_token) == ("STALE_LEASE", first.lease_token)  # matched by token
     fsm = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
     assert (fsm[b"state"], fsm[b"att"], fsm[b"node"]) == (b"assigned", b"2", b"solo")
     await call.write(pb.NodeMessage(acks=[lease(second)], completions=[
         pb.Completion(lease=lease(second), result=pb.JobResult(text_asr="second"))]))
     confirmed = (await next_message(call, "confirmed")).confirmed
-    assert [(c.job_id, c.ok, c.state) for c in confirmed] == [(job_id, True, pb.JOB_STATE_SUCCEEDED)]
+    assert [(c.job_id, c.ok, c.state, c.lease_token) for c in confirmed] == [
+        (job_id, True, pb.JOB_STATE_SUCCEEDED, second.lease_token)]
     await call.done_writing()
 
 

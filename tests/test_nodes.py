@@ -327,3 +327,12 @@ async def test_a_node_that_reconnects_with_its_jobs_resumes_them(
         assert [e.event for e in events] == ["submit", "assign", "start", "complete"]  # never requeued
         assert events[-1].node_id == "phoenix" and events[-1].attempt == 1 and not again.refused
         await again.stop()
+
+
+async def test_a_draining_node_that_reconnects_holding_nothing_is_let_go(sched: pb_grpc.SchedulerStub) -> None:
+    """drain on the register message, nothing held: the stream ends at once (no new work, nothing to wait for)."""
+    call = sched.NodeSession()
+    await call.write(pb.NodeMessage(register=pb.Register(node_id="leaving", max_concurrency=1, pairs=[pair()]),
+                                    drain=True))
+    assert (await call.read()).HasField("registered")
+    assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF

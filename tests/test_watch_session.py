@@ -105,6 +105,21 @@ async def test_results_come_in_utterance_order_when_jobs_finish_out_of_order(stu
     assert not any(j.spec.payload for j in jobs)
 
 
+async def test_a_job_in_a_pool_new_to_the_session_holds_later_utterances(stub: pb_grpc.SchedulerStub) -> None:
+    """Utterance 0 is the session's first job of a pair (zh:fr) that appears after the stream opened; a
+    later utterance finishing first in another pool must wait for it, and it must not be lost."""
+    async with watching(stub) as stream:
+        await submit(stub, 0, tgt_lang="fr")
+        await submit(stub, 1)
+        held_en, held_fr = await assign(stub, 1), await assign(stub, 1, tgt="fr")
+        await complete(stub, held_en[1])
+        with pytest.raises(TimeoutError):
+            await stream.jobs(1, timeout=1.0)  # held back behind utterance 0
+        await complete(stub, held_fr[0])
+        jobs = await stream.jobs(2)
+        assert indices(jobs) == [0, 1] and [j.spec.tgt_lang for j in jobs] == ["fr", "en"]
+
+
 async def test_failed_cancelled_and_expired_jobs_are_delivered_and_never_block(stub: pb_grpc.SchedulerStub) -> None:
     await submit(stub, 0)
     await submit(stub, 1, 3)

@@ -270,20 +270,24 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, leases: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ...) -> None: ...
 
 class LeaseStatus(_message.Message):
-    __slots__ = ("job_id", "ok", "state", "lease_deadline", "error_code", "error_message")
+    __slots__ = ("job_id", "ok", "state", "lease_deadline", "error_code", "error_message", "lease_token", "reason")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     ok: bool
     state: JobState
     lease_deadline: _timestamp_pb2.Timestamp
     error_code: str
     error_message: str
-    def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., state: _Optional[_Union[JobState, str]] = ..., lease_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+    lease_token: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., state: _Optional[_Union[JobState, str]] = ..., lease_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., lease_token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("job_id", "attempt", "node_id", "result", "error", "lease_token")
