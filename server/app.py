@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from lingua_sdk import pb
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import NoPermissionError
 
 from . import keys
 from .dispatch import Dispatcher
@@ -75,7 +76,7 @@ def connect_redis(settings: Settings) -> Any:
     if tls and url.startswith("redis://"):
         url = "rediss://" + url.removeprefix("redis://")
     if url.startswith("rediss://"):
-        tls = tls or {"ssl_cert_reqs": "required"}
+        tls = _redis_tls(settings)  # --redis-tls-ca/-cert/-key apply to a rediss:// URL too
     return aioredis.from_url(
         url, decode_responses=False, max_connections=settings.redis_max_connections,
         health_check_interval=30, **tls, **_redis_auth(settings),
@@ -100,7 +101,11 @@ async def _config(client: Any, name: str) -> str:
 async def check_redis(client: Any) -> list[str]:
     """Warnings about a Redis that can lose jobs (eviction on; no persistence)."""
     warnings = []
-    policy = await _config(client, "maxmemory-policy")
+    try:
+        policy = await _config(client, "maxmemory-policy")
+    except NoPermissionError:  # a least-privilege ACL user (docs/deployment.md) may not read the config
+        return ["the Redis user may not run CONFIG GET, so maxmemory-policy and appendonly go unchecked: "
+                "make sure they are noeviction and yes"]
     if policy != "noeviction":
         warnings.append(f"Redis maxmemory-policy is {policy!r}: it may evict job keys; set it to noeviction")
     if await _config(client, "appendonly") != "yes":
