@@ -66,8 +66,9 @@ class CA:
             .issuer_name(self.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                  else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            # A server's certificate may also be shown as a client's (Redis nodes and sentinels do so).
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                                                 if server else [ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName([

