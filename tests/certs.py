@@ -75,3 +75,13 @@ class CA:
                 x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
+
+
+if __name__ == "__main__":  # python tests/certs.py DIR: ca.crt, server.crt/.key, client.crt/.key (the TS tests)
+    import sys
+
+    folder = Path(sys.argv[1])
+    ca = CA()
+    (folder / "ca.crt").write_bytes(ca.pem)
+    ca.issue("scheduler", server=True).write(folder, "server")
+    ca.issue("ts-client", server=False).write(folder, "client")
