@@ -13,13 +13,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from lingua_sdk import pb
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import NoPermissionError
 
 from . import keys, reflection
 from .dispatch import Dispatcher
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
-from .settings import Settings
+from .settings import Settings, is_local
 from .store import Store
+from .tls import ServerCertificates
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -35,20 +37,48 @@ def _addresses(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def _redis_tls(settings: Settings) -> dict[str, Any]:
+    """redis-py's TLS options from --redis-tls-ca/-cert/-key (certificate checked, host name too)."""
+    options: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    if settings.redis_tls_ca:
+        options["ssl_ca_certs"] = settings.redis_tls_ca
+    if settings.redis_tls_cert:
+        options.update(ssl_certfile=settings.redis_tls_cert, ssl_keyfile=settings.redis_tls_key)
+    return options
+
+
+def _redis_auth(settings: Settings) -> dict[str, Any]:
+    """The ACL user and password, only those given (a URL's own credentials are not overridden)."""
+    return {name: value for name, value in (("username", settings.redis_username),
+                                            ("password", settings.redis_password)) if value}
+
+
 def connect_redis(settings: Settings) -> Any:
-    """A redis.asyncio client (bytes replies): a RedisCluster for settings.redis_cluster seeds, else
-    a Redis for settings.redis_url."""
+    """A redis.asyncio client (bytes replies): a RedisCluster for settings.redis_cluster seeds, a
+    Sentinel-followed master for settings.redis_sentinel, else a Redis for settings.redis_url; with the
+    --redis-username/--redis-password and --redis-tls* settings in every mode."""
+    tls = _redis_tls(settings) if settings.redis_tls else {}
     if settings.redis_cluster:
         seeds = [ClusterNode(host, port) for host, port in _addresses(settings.redis_cluster)]
         return RedisCluster(startup_nodes=seeds, decode_responses=False,
-                            max_connections=settings.redis_max_connections)
+                            max_connections=settings.redis_max_connections,
+                            ssl=bool(tls), **tls, **_redis_auth(settings))
     if settings.redis_sentinel:
-        sentinel = Sentinel(_addresses(settings.redis_sentinel), socket_timeout=5)  # type: ignore[no-untyped-call]
+        # The sentinels get the TLS settings (they serve TLS alongside their master), not the ACL user:
+        # that one is the data's.
+        sentinel = Sentinel(_addresses(settings.redis_sentinel), socket_timeout=5,  # type: ignore[no-untyped-call]
+                            sentinel_kwargs={"ssl": True, **tls} if tls else None)
         return sentinel.master_for(settings.redis_sentinel_master, decode_responses=False,
-                                   max_connections=settings.redis_max_connections)
+                                   max_connections=settings.redis_max_connections,
+                                   **({"ssl": True, **tls} if tls else {}), **_redis_auth(settings))
+    url = settings.redis_url
+    if tls and url.startswith("redis://"):
+        url = "rediss://" + url.removeprefix("redis://")
+    if url.startswith("rediss://"):
+        tls = _redis_tls(settings)  # --redis-tls-ca/-cert/-key apply to a rediss:// URL too
     return aioredis.from_url(
-        settings.redis_url, decode_responses=False, max_connections=settings.redis_max_connections,
-        health_check_interval=30,
+        url, decode_responses=False, max_connections=settings.redis_max_connections,
+        health_check_interval=30, **tls, **_redis_auth(settings),
     )
 
 
@@ -70,7 +100,11 @@ async def _config(client: Any, name: str) -> str:
 async def check_redis(client: Any) -> list[str]:
     """Warnings about a Redis that can lose jobs (eviction on; no persistence)."""
     warnings = []
-    policy = await _config(client, "maxmemory-policy")
+    try:
+        policy = await _config(client, "maxmemory-policy")
+    except NoPermissionError:  # a least-privilege ACL user (docs/deployment.md) may not read the config
+        return ["the Redis user may not run CONFIG GET, so maxmemory-policy and appendonly go unchecked: "
+                "make sure they are noeviction and yes"]
     if policy != "noeviction":
         warnings.append(f"Redis maxmemory-policy is {policy!r}: it may evict job keys; set it to noeviction")
     if await _config(client, "appendonly") != "yes":
@@ -112,6 +146,29 @@ class App:
     dispatcher: Dispatcher
     nodes: NodeSessions
     health: health.aio.HealthServicer  # type: ignore[name-defined]
+    certificates: ServerCertificates | None = None  # with TLS: the files, re-read on change or reload()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS certificate files now (new connections get them; open ones keep theirs)."""
+        if self.certificates is None:
+            log.info("SIGHUP: no TLS certificates to reload")
+        else:
+            self.certificates.reload()
+
+    def describe(self) -> str:
+        """The security mode, for the startup log."""
+        if self.certificates is None:
+            transport = "TLS off (plaintext)"
+        else:
+            clients = "mutual: client certificates required" if self.certificates.mutual else "no client certificates"
+            transport = f"TLS on ({clients})"
+        if self.settings.auth_jwt_key:
+            auth = f"authentication on ({len(self.settings.auth_jwt_key)} JWT key file(s))"
+        elif self.settings.insecure and not is_local(self.settings.listen):
+            auth = "authentication OFF on a non-loopback address (--insecure)"
+        else:
+            auth = "authentication off (loopback only)"
+        return f"{transport}; {auth}"
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast on a wrong address; on a cluster, learns the slot map
@@ -140,7 +197,13 @@ class App:
 
 
 def create_server(settings: Settings, redis: Any = None) -> App:
-    """Build the server bound to settings.listen (port 0 picks one: see App.port). Call start()."""
+    """Build the server bound to settings.listen (port 0 picks one: see App.port). Call start().
+
+    ValueError when it would serve without authentication beyond loopback (Settings.check_exposure);
+    tls.CertificateError when the TLS files cannot serve."""
+    settings.check_exposure()
+    certificates = ServerCertificates(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
+        if settings.tls_cert else None
     client = redis if redis is not None else connect_redis(settings)
     store = Store(client, settings)
     dispatcher = Dispatcher(store, settings)
@@ -158,7 +221,9 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     # v1 and v1alpha, with the proto comments (server/reflection.py)
     reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                       [health_pb2.DESCRIPTOR])
-    port = server.add_insecure_port(settings.listen)
+    # Health and reflection share the port, so with TLS they are reached over TLS too.
+    port = server.add_secure_port(settings.listen, certificates.credentials()) if certificates is not None \
+        else server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
-    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer)
+    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates)

@@ -3,7 +3,7 @@
 With no Redis URL it starts an embedded redis-server (data in --data-dir, AOF on) and stops it on exit;
 it refuses to start when another scheduler's embedded Redis has that folder (see embedded.py).
 SIGTERM/SIGINT: health goes NOT_SERVING, no new work is handed out, streams drain within the grace,
-then Redis is closed.
+then Redis is closed. SIGHUP: the TLS certificate files are read again (server/tls.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from .app import PartitionsMismatch, check_redis, close_redis, create_server
 from .embedded import DataDirInUse, EmbeddedRedis
 from .settings import Settings
+from .tls import CertificateError
 
 log = logging.getLogger("lingua_scheduler")
 
@@ -31,16 +32,26 @@ async def serve(settings: Settings) -> None:
     except BaseException:
         await close_redis(app.redis)
         raise
-    log.info("listening on port %d (instance %s, redis %s)", app.port, settings.instance_id,
-             settings.redis_cluster or settings.redis_sentinel or settings.redis_url)
+    log.info("listening on %s, port %d (instance %s, redis %s): %s", settings.listen, app.port, settings.instance_id,
+             _redacted(settings.redis_cluster or settings.redis_sentinel or settings.redis_url), app.describe())
     print(f"lingua-scheduler listening on {settings.listen.rsplit(':', 1)[0]}:{app.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
     await stop.wait()
     log.info("shutting down: draining streams for up to %.1f s", settings.shutdown_grace_s)
     await app.stop()
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password (redis://user:secret@host -> redis://user:***@host)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
-    except PartitionsMismatch as err:
+    except (PartitionsMismatch, CertificateError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 1
     finally:

@@ -6,6 +6,7 @@ Flags win over the environment, which wins over the defaults. Durations are in m
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import uuid
 from collections.abc import Sequence
@@ -14,8 +15,19 @@ from dataclasses import dataclass, field, fields
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    # Where to listen ("host:port"; port 0 picks a free one).
+    # Where to listen ("host:port"; port 0 picks a free one). Without authentication only a loopback
+    # address (or a unix: socket) is accepted, unless `insecure` is set: see check_exposure().
     listen: str = "127.0.0.1:50051"
+    # Serve without authentication on a non-loopback address (for a network you trust).
+    insecure: bool = False
+    # keys: see server/auth.py (JWT verification keys; none = no authentication).
+    auth_jwt_key: tuple[str, ...] = ()
+    # Server TLS: PEM certificate chain and private key files (both or neither); with tls_client_ca,
+    # clients must present a certificate signed by one of its CAs (mutual TLS). All three are re-read
+    # when the files change, and on SIGHUP (server/tls.py).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     # Redis to use; empty starts an embedded redis-server with its data in `data_dir`.
     redis_url: str = ""
     # Redis Cluster seed nodes, "host:port,host:port"; when set, redis_url is not used.
@@ -24,6 +36,16 @@ class Settings:
     # the scheduler follows the master the sentinels name (and redis_url is not used).
     redis_sentinel: str = ""
     redis_sentinel_master: str = "lingua"
+    # Redis ACL user and password, and TLS, for every mode (a redis_url's own user:password@ and
+    # rediss:// also work and win over these). redis_tls_ca is the PEM CA file that signed the Redis
+    # server's certificate (else the system's roots); redis_tls_cert/key a client certificate, for a
+    # Redis with tls-auth-clients yes (its default).
+    redis_username: str = ""
+    redis_password: str = ""
+    redis_tls: bool = False
+    redis_tls_ca: str = ""
+    redis_tls_cert: str = ""
+    redis_tls_key: str = ""
     # Where the embedded Redis keeps its AOF and dump.
     data_dir: str = ".lingua/redis"
     # This instance's id, as shown in ListNodes and RegisterAck.
@@ -86,14 +108,23 @@ class Settings:
         parser = argparse.ArgumentParser(prog="lingua-scheduler", description="Lingua Scheduler server")
         values: dict[str, object] = {}
         for f in fields(cls):
-            kind = type(getattr(cls(), f.name))
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+            flag, kind = "--" + f.name.replace("_", "-"), type(getattr(cls(), f.name))
             raw = env.get("LINGUA_" + f.name.upper())
-            if raw is not None:
-                values[f.name] = kind(raw)
+            if kind is bool:  # a switch: --insecure; LINGUA_INSECURE=1/true/yes
+                parser.add_argument(flag, action="store_true", default=None)
+                if raw is not None:
+                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif kind is tuple:  # repeatable: --auth-jwt-key A --auth-jwt-key B; LINGUA_AUTH_JWT_KEY=A,B
+                parser.add_argument(flag, action="append", default=None)
+                if raw is not None:
+                    values[f.name] = tuple(item for item in raw.split(",") if item)
+            else:
+                parser.add_argument(flag, type=kind, default=None)
+                if raw is not None:
+                    values[f.name] = kind(raw)
         for name, value in vars(parser.parse_args(argv)).items():
             if value is not None:
-                values[name] = value
+                values[name] = tuple(value) if isinstance(value, list) else value
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
@@ -110,3 +141,34 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:
                 raise ValueError(f"{f.name} must not be negative")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            raise ValueError("--redis-tls-cert and --redis-tls-key go together")
+        self.check_exposure()
+
+    def check_exposure(self) -> None:
+        """Refuse to serve without authentication beyond loopback (Redis's protected mode is the model)."""
+        if self.auth_jwt_key or self.insecure or is_local(self.listen):
+            return
+        raise ValueError(
+            f"refusing to listen on {self.listen} without authentication: anyone who can reach it could read, "
+            "cancel and take every tenant's jobs. Give --auth-jwt-key FILE (see docs/deployment.md), listen on "
+            "a loopback address (127.0.0.1:PORT), or, on a network you trust, add --insecure")
+
+
+def is_local(listen: str) -> bool:
+    """Whether a gRPC listen address is reachable from this machine only: a loopback IP, localhost, or a
+    unix socket. Any other name or address (0.0.0.0, [::], a hostname) counts as exposed."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = listen.rsplit(":", 1)[0] if ":" in listen else listen
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
