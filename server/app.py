@@ -16,6 +16,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from . import keys
+from .auth import AuthInterceptor, Verifier
 from .dispatch import Dispatcher
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
@@ -113,6 +114,12 @@ class App:
     dispatcher: Dispatcher
     nodes: NodeSessions
     health: health.aio.HealthServicer  # type: ignore[name-defined]
+    auth: Verifier | None = None  # None: no authentication
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the files named by flags (auth keys)."""
+        if self.auth is not None:
+            self.auth.reload()
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast on a wrong address; on a cluster, learns the slot map
@@ -142,11 +149,14 @@ class App:
 
 def create_server(settings: Settings, redis: Any = None) -> App:
     """Build the server bound to settings.listen (port 0 picks one: see App.port). Call start()."""
+    # Raises AuthKeyError (a ValueError naming the file) for a key file that cannot be used.
+    verifier = (Verifier(settings.auth_jwt_key, settings.auth_jwt_audience, settings.auth_jwt_issuer)
+                if settings.auth_jwt_key else None)
     client = redis if redis is not None else connect_redis(settings)
     store = Store(client, settings)
     dispatcher = Dispatcher(store, settings)
     nodes = NodeSessions(store, dispatcher, settings)
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[AuthInterceptor(verifier)] if verifier else None, options=[
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -163,4 +173,4 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
-    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer)
+    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, verifier)

@@ -44,6 +44,18 @@ class Unavailable(SchedulerError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(SchedulerError):
+    """No bearer token, or one that is malformed, expired or not signed by a configured key."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SchedulerError):
+    """A valid token whose role, tenants or node ids do not allow the call."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
 class JobNotFound(SchedulerError):
     status = grpc.StatusCode.NOT_FOUND
 

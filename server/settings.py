@@ -78,6 +78,11 @@ class Settings:
     uvloop: int = 1
     # Redis connection pool size.
     redis_max_connections: int = 256
+    # Authentication (docs/security.md): key files that verify bearer JWTs (repeat the flag, or
+    # LINGUA_AUTH_JWT_KEY=a,b); none: no authentication. Optional required audience and issuer.
+    auth_jwt_key: tuple[str, ...] = ()
+    auth_jwt_audience: str = ""
+    auth_jwt_issuer: str = ""
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -87,13 +92,18 @@ class Settings:
         values: dict[str, object] = {}
         for f in fields(cls):
             kind = type(getattr(cls(), f.name))
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
-            raw = env.get("LINGUA_" + f.name.upper())
+            flag, raw = "--" + f.name.replace("_", "-"), env.get("LINGUA_" + f.name.upper())
+            if kind is tuple:  # a list setting: the flag repeats, the variable is comma-separated
+                parser.add_argument(flag, action="append", default=None)
+                if raw is not None:
+                    values[f.name] = tuple(item for item in raw.split(",") if item)
+                continue
+            parser.add_argument(flag, type=kind, default=None)
             if raw is not None:
                 values[f.name] = kind(raw)
         for name, value in vars(parser.parse_args(argv)).items():
             if value is not None:
-                values[name] = value
+                values[name] = tuple(value) if isinstance(value, list) else value
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
