@@ -1,6 +1,6 @@
 """Authentication (bearer JWTs, verified in a server interceptor) and the one authorization table.
 
-Keys come from `--auth-jwt-key FILE` (repeatable). A file holding a PEM public key verifies RS256
+Keys come from `--auth-jwt-key FILE` (repeatable; a folder stands for the files in it). A file holding a PEM public key verifies RS256
 (RSA) or ES256 (EC P-256) tokens; any other file is an HS256 secret (at least 32 bytes; surrounding
 whitespace is ignored). A key's id (`kid`) is its file name without the last suffix
 (`keys/2024-06.pem` -> `2024-06`): a token whose header names a kid is verified by that key only, a
@@ -179,8 +179,23 @@ def load_key(path: str) -> Key:
     return Key(kid, "HS256", secret)
 
 
+def key_files(paths: Sequence[str]) -> list[str]:
+    """The files named, a folder standing for the files in it (not hidden ones: a Kubernetes secret
+    mount keeps its `..data` links there), so keys rotate by adding and removing files + SIGHUP."""
+    out: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.iterdir() if not f.name.startswith(".") and f.is_file())
+        else:
+            out.append(path)
+    return out
+
+
 def load_keys(paths: Sequence[str]) -> list[Key]:
-    keys = [load_key(p) for p in paths]
+    keys = [load_key(p) for p in key_files(paths)]
+    if not keys:
+        raise AuthKeyError(f"--auth-jwt-key {', '.join(paths)}: no key files")
     kids = [k.kid for k in keys]
     if len(set(kids)) != len(kids):
         raise AuthKeyError(f"--auth-jwt-key: two files give the same key id (file name without suffix): {sorted(kids)}")
@@ -274,14 +289,21 @@ def _refusal(handler: Handler, code: grpc.StatusCode, text: str) -> Handler:
 EXPIRED = "authorization: the token has expired (this stream was authenticated with it)"
 
 
+def _deadline(caller: Caller) -> float:
+    """The token's expiry on the event loop's clock (asyncio.timeout_at's)."""
+    return asyncio.get_running_loop().time() + caller.expires - time.time()
+
+
 async def _until_expiry(requests: AsyncIterator[Any], caller: Caller,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
     """The request stream, ended with UNAUTHENTICATED when the token expires (also while idle: a node
     must not go on receiving work on an expired token)."""
     it = requests.__aiter__()
+    deadline = _deadline(caller)
     while True:
         try:
-            message = await asyncio.wait_for(it.__anext__(), max(caller.expires - time.time(), 0))
+            async with asyncio.timeout_at(deadline):  # in the reading task itself: no task per message
+                message = await it.__anext__()
         except StopAsyncIteration:
             return
         except TimeoutError:
@@ -303,9 +325,11 @@ def _as_caller(handler: Handler, caller: Caller) -> Handler:
         async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
             _CALLER.set(caller)  # this RPC's own task (grpc.aio runs each RPC in a task of its own)
             responses = behaviour(requests_of(request, context), context).__aiter__()
+            deadline = _deadline(caller)
             while True:
                 try:
-                    response = await asyncio.wait_for(responses.__anext__(), max(caller.expires - time.time(), 0))
+                    async with asyncio.timeout_at(deadline):
+                        response = await responses.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
