@@ -1,8 +1,8 @@
 """Authentication (bearer JWTs, verified in a server interceptor) and the one authorization table.
 
-Keys come from `--auth-jwt-key FILE` (repeatable; a folder stands for the files in it). A file holding a PEM public key verifies RS256
-(RSA) or ES256 (EC P-256) tokens; any other file is an HS256 secret (at least 32 bytes; surrounding
-whitespace is ignored). A key's id (`kid`) is its file name without the last suffix
+Keys come from `--auth-jwt-key FILE` (repeatable; a folder stands for the files in it). A file
+holding a PEM public key verifies RS256 (RSA) or ES256 (EC P-256) tokens; any other file is an HS256
+secret (at least 32 bytes; surrounding whitespace is ignored). A key's id (`kid`) is its file name without the last suffix
 (`keys/2024-06.pem` -> `2024-06`): a token whose header names a kid is verified by that key only, a
 token without one by every key of its algorithm. SIGHUP re-reads the files (rotation: list the old and
 the new key, then drop the old one); verified tokens are cached until they expire, and the cache is

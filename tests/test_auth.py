@@ -266,7 +266,8 @@ async def test_assign_heartbeat_complete_only_as_an_allowed_node_and_for_held_le
     cpu = connect(token(keys, "node", node_ids=["cpu-*"]))
     for stub in (cpu, client):
         assert await code_of(stub.Complete(pb.CompleteRequest(
-            job_id=job_id, attempt=seen.attempt, node_id="gpu-1", lease_token=guess, result=pb.JobResult(text_asr="forged")))) == \
+            job_id=job_id, attempt=seen.attempt, node_id="gpu-1", lease_token=guess,
+            result=pb.JobResult(text_asr="forged")))) == \
             grpc.StatusCode.PERMISSION_DENIED
         assert await code_of(stub.Heartbeat(pb.HeartbeatRequest(node_id="gpu-1", leases=[forged_lease]))) == \
             grpc.StatusCode.PERMISSION_DENIED
