@@ -31,10 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_sdk import pb, pb_grpc
-from simnode import Behaviour, Received, SimNode
+from simnode import Behaviour, Received, SimNode, open_channel
 
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED}
 
@@ -82,7 +81,7 @@ class Fleet:
         self.args = args
         self.stats = stats
         self.rng = random.Random(args.seed)
-        self.channels = [grpc.aio.insecure_channel(t) for t in targets]
+        self.channels = [open_channel(t, args.token) for t in targets]
         self.nodes: list[SimNode] = []
         self.crashes = 0
 
@@ -126,7 +125,7 @@ class Fleet:
 
 
 async def submit_and_wait(targets: list[str], args: argparse.Namespace, stats: Stats) -> dict[str, Any]:
-    channels = [grpc.aio.insecure_channel(t) for t in targets]
+    channels = [open_channel(t, args.token) for t in targets]
     stubs = [pb_grpc.SchedulerStub(c) for c in channels]
     ids: list[str] = []
     started = time.perf_counter()
@@ -208,6 +207,8 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=os.environ.get("LINGUA_TARGET", ""), help="scheduler address(es), comma-separated")
+    p.add_argument("--token", default=os.environ.get("LINGUA_TOKEN"),
+                   help="bearer token (env LINGUA_TOKEN): an admin token, or one with the node and client rights needed")
     p.add_argument("--spawn", type=int, default=0, help="start an embedded Redis and this many scheduler processes")
     p.add_argument("--scheduler-arg", action="append", default=[], help="extra flag for spawned schedulers")
     p.add_argument("--nodes", type=int, default=3)
