@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -39,9 +40,10 @@ from lingua_scheduler.server.dispatch import new_lease_token  # noqa: E402
 from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
 from lingua_scheduler.server.settings import Settings  # noqa: E402
 from lingua_scheduler.server.store import Lease, Store  # noqa: E402
+from lingua_scheduler.server.tokens import mint  # noqa: E402
 from lingua_sdk import Assignment, AsyncClient, pb  # noqa: E402
 from redis_cluster import free_ports  # noqa: E402
-from simnode import Received, SimNode  # noqa: E402
+from simnode import Received, SimNode, open_channel  # noqa: E402
 from simulated import SimulatedNode  # noqa: E402
 
 NODES = ("sdk", "simnode")  # the SDK's Node; the raw-stub baseline
@@ -94,8 +96,8 @@ class Run:
 class Lifecycle:
     """Clients and simulated nodes against one scheduler process."""
 
-    def __init__(self, address: str, pid: int, redis_url: str) -> None:
-        self.address, self.pid, self.redis_url = address, pid, redis_url
+    def __init__(self, address: str, pid: int, redis_url: str, token: str | None = None) -> None:
+        self.address, self.pid, self.redis_url, self.token = address, pid, redis_url, token
         self.sent: dict[tuple[str, int], float] = {}
         self.seq = 0
 
@@ -108,8 +110,9 @@ class Lifecycle:
         if run.node == "sdk":
             def sdk_receive(a: Assignment, at: float) -> None:
                 self.on_receive(run, a.proto.spec, at)
-            return await SimulatedNode(self.address, f"bench-{i}", [("zh", "en")], 64, on_receive=sdk_receive).start()
-        channel = grpc.aio.insecure_channel(self.address)
+            return await SimulatedNode(self.address, f"bench-{i}", [("zh", "en")], 64, on_receive=sdk_receive,
+                                       token=self.token).start()
+        channel = open_channel(self.address, self.token)
         self.raw_channels.append(channel)
 
         def raw_receive(got: Received) -> None:
@@ -174,7 +177,7 @@ class Lifecycle:
         redis = aioredis.from_url(self.redis_url)
         self.raw_channels: list[grpc.aio.Channel] = []
         nodes = [await self.start_node(run, i) for i in range(run.nodes)]
-        stubs = [AsyncClient(self.address) for _ in range(run.clients)]
+        stubs = [AsyncClient(self.address, token=self.token) for _ in range(run.clients)]
         before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
         if rate:  # open loop: a new lifecycle every 1/rate s
             tasks = []
@@ -210,10 +213,10 @@ class Lifecycle:
         return run
 
 
-def start_scheduler(redis_url: str, profile: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+def start_scheduler(redis_url: str, profile: Path | None, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
     prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
     proc = subprocess.Popen([*prefix, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0",
-                             "--redis-url", redis_url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                             "--redis-url", redis_url, *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if "listening on" not in line:
@@ -228,13 +231,17 @@ def stop_scheduler(proc: subprocess.Popen[bytes]) -> None:
         proc.stdout.close()
 
 
-async def lifecycle(redis_url: str, run: Run, jobs: int, rate: float = 0.0, profile: Path | None = None) -> Run:
+async def lifecycle(redis_url: str, run: Run, jobs: int, rate: float = 0.0, profile: Path | None = None,
+                    auth_key: Path | None = None) -> Run:
+    """One row. With `auth_key` (an HS256 secret file) the scheduler verifies bearer tokens and every
+    client and node sends an admin token signed with it."""
     client = aioredis.from_url(redis_url)
     await client.flushall()  # the bench's own Redis
     await client.aclose()
-    proc, address = start_scheduler(redis_url, profile)
+    flags, token = ([], None) if auth_key is None else (["--auth-jwt-key", str(auth_key)], mint(str(auth_key), "admin"))
+    proc, address = start_scheduler(redis_url, profile, *flags)
     try:
-        return await Lifecycle(address, proc.pid, redis_url).run(run, jobs, rate)
+        return await Lifecycle(address, proc.pid, redis_url, token).run(run, jobs, rate)
     finally:
         stop_scheduler(proc)
 
@@ -415,6 +422,9 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         runs = []
         session_runs: list[Run] = []
+        auth_runs: list[Run] = []
+        key = tmp / "bench.secret"
+        key.write_text(secrets.token_hex(32))
         pairs: list[tuple[str, list[Run], list[Run]]] = []  # combo label, SDK Node runs, simnode runs
         for combo in args.combos.split(","):
             c, rest = combo.split("x")
@@ -433,6 +443,13 @@ async def main_async(args: argparse.Namespace) -> int:
             if args.baseline:
                 pairs.append((label, done["sdk"], done["simnode"]))
                 print(node_ratio_row(label, done["sdk"], done["simnode"]), flush=True)
+            if args.auth:  # the same row with bearer-token authentication on, right after it
+                base = runs[-1]
+                arun = await lifecycle(redis.url, Run(f"{label}, auth", int(c), int(n), int(b)), args.jobs, auth_key=key)
+                print(f"{arun.label}: {arun.rate:.0f}/s ({arun.rate / base.rate - 1:+.1%}), dispatch p50 "
+                      f"{pct(arun.dispatch_ms, 50):.2f} ms, e2e p50 {pct(arun.e2e_ms, 50):.2f} ms, "
+                      f"{arun.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+                auth_runs.append(arun)
             if args.session_reader:
                 srun = Run(f"{label}, WatchSession", int(c), int(n), int(b), reader="session")
                 await lifecycle(redis.url, srun, args.jobs)
@@ -455,7 +472,7 @@ async def main_async(args: argparse.Namespace) -> int:
             profile = profile_summary(prof, args.jobs)
         comp = others(redis.url, args.compare_jobs, args.arq_python) if args.compare_jobs else {}
         print(json.dumps(comp), flush=True)
-        write_report(args, runs + session_runs, half, mem, comp, profile, pairs, docs / "benchmarks.md")
+        write_report(args, runs + auth_runs + session_runs, half, mem, comp, profile, pairs, docs / "benchmarks.md")
         plot(runs, comp, docs / "benchmarks.png")
         print("wrote docs/benchmarks.md and docs/benchmarks.png")
         return 0
@@ -478,6 +495,8 @@ def main() -> int:
     p.add_argument("--session-reader", action="store_true",
                    help="also run each row with clients reading results over WatchSession (one stream per "
                         f"session, {SESSIONS_PER_CLIENT} sessions per client) instead of WatchJob per job")
+    p.add_argument("--auth", action="store_true",
+                   help="also run each row with bearer-token authentication on (an HS256 key made for the run)")
     p.add_argument("--lifecycle-only", action="store_true",
                    help="only the lifecycle rows: print them, skip half rate, memory, the others and the report")
     return asyncio.run(main_async(p.parse_args()))

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -47,6 +48,7 @@ from lingua_scheduler.server.settings import Settings
 from lingua_sdk import Assignment, AsyncClient, LinguaError, pb, pb_grpc
 from lingua_sdk.node import Handler, Outcome
 from redis_cluster import LocalCluster, free_ports
+from simnode import open_channel
 from simulated import Behaviour, SimulatedNode
 
 PAIRS = [("zh", "en"), ("en", "zh"), ("ja", "en")]
@@ -134,8 +136,9 @@ class Report:
 
 class Chaos:
     def __init__(self, mode: str, jobs: int, nodes: int, seed: int, workdir: Path, quiet: bool = False,
-                 rate: float = 250.0) -> None:
+                 rate: float = 250.0, token: str | None = None) -> None:
         self.mode, self.jobs, self.node_count, self.rate = mode, jobs, nodes, rate
+        self.token = token  # sent by every client and node (instances read LINGUA_AUTH_JWT_KEY from the environment)
         self.rng = random.Random(seed)
         self.workdir = workdir
         self.quiet = quiet
@@ -186,7 +189,7 @@ class Chaos:
         target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ring)
         working = self.working.setdefault(node_id, {})
         while not self.done.is_set():
-            node = SimulatedNode(target, node_id, pairs, 4, behaviour)
+            node = SimulatedNode(target, node_id, pairs, 4, behaviour, token=self.token)
             node.node.handler = tracking(node.node.handler, working)
             try:
                 await node.start(timeout=30)
@@ -223,7 +226,7 @@ class Chaos:
                     await asyncio.sleep(0.1)
                     continue
                 try:
-                    async with AsyncClient(self.rng.choice(live).address, timeout=5) as client:
+                    async with AsyncClient(self.rng.choice(live).address, timeout=5, token=self.token) as client:
                         results = await client.submit_many(specs)
                     break
                 except LinguaError:
@@ -274,7 +277,7 @@ class Chaos:
         if not live:
             return
         try:
-            async with grpc.aio.insecure_channel(self.rng.choice(live).address) as ch:
+            async with open_channel(self.rng.choice(live).address, self.token) as ch:
                 await pb_grpc.SchedulerStub(ch).Complete(pb.CompleteRequest(
                     job_id=lease.job_id, attempt=lease.attempt, lease_token=lease.lease_token, node_id=node_id,
                     result=pb.JobResult(text_asr="late", extra={"node": node_id})), timeout=5)
@@ -409,9 +412,9 @@ class Chaos:
 
 
 async def chaos_run(mode: str, jobs: int, nodes: int, seed: int = 1, quiet: bool = False,
-                    rate: float = 250.0) -> Report:
+                    rate: float = 250.0, token: str | None = None) -> Report:
     with tempfile.TemporaryDirectory(prefix="lingua-chaos-") as tmp:
-        return await Chaos(mode, jobs, nodes, seed, Path(tmp), quiet, rate).run()
+        return await Chaos(mode, jobs, nodes, seed, Path(tmp), quiet, rate, token).run()
 
 
 def main() -> int:
@@ -421,8 +424,11 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--rate", type=float, default=250.0, help="jobs submitted per second")
+    p.add_argument("--token", default=os.environ.get("LINGUA_TOKEN"),
+                   help="bearer token (env LINGUA_TOKEN), an admin one; the instances started here read "
+                        "LINGUA_AUTH_JWT_KEY from the environment")
     args = p.parse_args()
-    report = asyncio.run(chaos_run(args.mode, args.jobs, args.nodes, args.seed, rate=args.rate))
+    report = asyncio.run(chaos_run(args.mode, args.jobs, args.nodes, args.seed, rate=args.rate, token=args.token))
     print(report.table(args.mode))
     print("PASS" if report.ok else "FAIL")
     return 0 if report.ok else 1

@@ -208,3 +208,31 @@ class SimNode:
                 self.changed.clear()
                 await self.changed.wait()
         await asyncio.wait_for(loop(), timeout)
+
+
+class _Bearer:
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def _call(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(details._replace(metadata=tuple(details.metadata or ()) + self.metadata), request)
+
+
+class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    intercept_unary_unary = _Bearer._call
+
+
+class _UnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    intercept_unary_stream = _Bearer._call
+
+
+class _StreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    intercept_stream_stream = _Bearer._call
+
+
+def open_channel(target: str, token: str | None = None) -> grpc.aio.Channel:
+    """An insecure channel to `target` whose calls carry `authorization: Bearer <token>` (when given;
+    --token / LINGUA_TOKEN in the scripts). One interceptor per call kind: a channel files each
+    interceptor under one kind only."""
+    interceptors = [_UnaryUnary(token), _UnaryStream(token), _StreamStream(token)] if token else None
+    return grpc.aio.insecure_channel(target, interceptors=interceptors)

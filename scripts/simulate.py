@@ -92,7 +92,7 @@ class Fleet:
 
     def make(self, i: int, target: str, pairs: list[tuple[str, str]], behaviour: Behaviour) -> SimulatedNode:
         node_id = f"sim-{i}"
-        node = SimulatedNode(target, node_id, pairs, self.args.concurrency, behaviour,
+        node = SimulatedNode(target, node_id, pairs, self.args.concurrency, behaviour, token=self.args.token,
                              on_receive=lambda a, at: self._on_receive(i, a, at))
         node.node.silent = i < self.args.silent_nodes
         return node
@@ -127,7 +127,7 @@ class Fleet:
 
 
 async def submit_and_wait(targets: list[str], args: argparse.Namespace, stats: Stats) -> dict[str, Any]:
-    clients = [AsyncClient(t) for t in targets]
+    clients = [AsyncClient(t, token=args.token) for t in targets]
     pairs = [p.split(":") for p in args.pairs.split(",")]
     ids: list[str] = []
     started = time.perf_counter()
@@ -207,6 +207,8 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=os.environ.get("LINGUA_TARGET", ""), help="scheduler address(es), comma-separated")
+    p.add_argument("--token", default=os.environ.get("LINGUA_TOKEN"),
+                   help="bearer token (env LINGUA_TOKEN): an admin token, or one with the node and client rights needed")
     p.add_argument("--spawn", type=int, default=0, help="start an embedded Redis and this many scheduler processes")
     p.add_argument("--scheduler-arg", action="append", default=[], help="extra flag for spawned schedulers")
     p.add_argument("--nodes", type=int, default=3)

@@ -16,6 +16,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoPermissionError
 
 from . import keys, reflection
+from .auth import AuthInterceptor, Verifier
 from .dispatch import Dispatcher
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
@@ -147,13 +148,17 @@ class App:
     nodes: NodeSessions
     health: health.aio.HealthServicer  # type: ignore[name-defined]
     certificates: ServerCertificates | None = None  # with TLS: the files, re-read on change or reload()
+    auth: Verifier | None = None  # None: no authentication
 
     def reload(self) -> None:
-        """SIGHUP: re-read the TLS certificate files now (new connections get them; open ones keep theirs)."""
-        if self.certificates is None:
-            log.info("SIGHUP: no TLS certificates to reload")
-        else:
+        """SIGHUP: re-read the files named by flags: TLS certificates (new connections get them; open ones
+        keep theirs) and auth keys."""
+        if self.certificates is not None:
             self.certificates.reload()
+        if self.auth is not None:
+            self.auth.reload()
+        if self.certificates is None and self.auth is None:
+            log.info("SIGHUP: no TLS certificates or auth keys to reload")
 
     def describe(self) -> str:
         """The security mode, for the startup log."""
@@ -199,16 +204,18 @@ class App:
 def create_server(settings: Settings, redis: Any = None) -> App:
     """Build the server bound to settings.listen (port 0 picks one: see App.port). Call start().
 
-    ValueError when it would serve without authentication beyond loopback (Settings.check_exposure);
-    tls.CertificateError when the TLS files cannot serve."""
+    ValueError when it would serve without authentication beyond loopback (Settings.check_exposure), or
+    for a key file that cannot be used (AuthKeyError); tls.CertificateError when the TLS files cannot serve."""
     settings.check_exposure()
     certificates = ServerCertificates(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
         if settings.tls_cert else None
+    verifier = (Verifier(settings.auth_jwt_key, settings.auth_jwt_audience, settings.auth_jwt_issuer)
+                if settings.auth_jwt_key else None)
     client = redis if redis is not None else connect_redis(settings)
     store = Store(client, settings)
     dispatcher = Dispatcher(store, settings)
     nodes = NodeSessions(store, dispatcher, settings)
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[AuthInterceptor(verifier)] if verifier else None, options=[
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -226,4 +233,4 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         else server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
-    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates)
+    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier)

@@ -76,6 +76,18 @@ class NotEnabled(SchedulerError):
     reason = "NOT_ENABLED"
 
 
+class Unauthenticated(SchedulerError):
+    """No bearer token, or one that is malformed, expired or not signed by a configured key."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SchedulerError):
+    """A valid token whose role, tenants or node ids do not allow the call."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
 class JobNotFound(SchedulerError):
     status = grpc.StatusCode.NOT_FOUND
     reason = "JOB_NOT_FOUND"

@@ -1,9 +1,10 @@
-"""Entry point: `lingua-scheduler [--redis-url URL] [--listen HOST:PORT] ...` (or python -m).
+"""Entry point: `lingua-scheduler [--redis-url URL] [--listen HOST:PORT] ...` (or python -m);
+`lingua-scheduler token ...` mints a bearer token instead (server/tokens.py).
 
 With no Redis URL it starts an embedded redis-server (data in --data-dir, AOF on) and stops it on exit;
 it refuses to start when another scheduler's embedded Redis has that folder (see embedded.py).
 SIGTERM/SIGINT: health goes NOT_SERVING, no new work is handed out, streams drain within the grace,
-then Redis is closed. SIGHUP: the TLS certificate files are read again (server/tls.py).
+then Redis is closed. SIGHUP: the TLS certificate files and the --auth-jwt-key files are read again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from .app import PartitionsMismatch, check_redis, close_redis, create_server
+from .auth import AuthKeyError
 from .embedded import DataDirInUse, EmbeddedRedis
 from .settings import Settings
 from .tls import CertificateError
@@ -25,6 +27,11 @@ log = logging.getLogger("lingua_scheduler")
 
 async def serve(settings: Settings) -> None:
     app = create_server(settings)
+    if app.auth is not None:
+        log.info("authentication on: bearer JWTs, keys %s",
+                 ", ".join(f"{k.kid} ({k.algorithm})" for k in app.auth.keys))
+    else:
+        log.info("authentication off (no --auth-jwt-key): every caller may call everything")
     for warning in await check_redis(app.redis):
         log.warning("%s", warning)
     try:
@@ -55,6 +62,12 @@ def _redacted(url: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["token"]:  # `lingua-scheduler token ...` mints a token (server/tokens.py)
+        from .tokens import main as token_main
+
+        return token_main(args[1:])
+    argv = args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)  # it logs every transition at INFO
     try:
@@ -85,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PartitionsMismatch, CertificateError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 1
+    except AuthKeyError as err:
+        print(f"lingua-scheduler: {err}", file=sys.stderr)
+        return 2
     finally:
         if embedded is not None:
             embedded.stop()

@@ -25,7 +25,7 @@ from google.protobuf.duration_pb2 import Duration
 from lingua_sdk import pb
 
 from ..fsm import Event
-from . import keys, validate, wire
+from . import auth, keys, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import LEASE_GONE, InvalidArgument, SchedulerError
 from .registry import NodeEntry, Registry
@@ -74,6 +74,7 @@ def pools_of(reg: pb.Register) -> list[str]:
 
 def check_register(reg: pb.Register) -> list[str]:
     validate.node_id(reg.node_id, "register.node_id")
+    auth.check_node(reg.node_id, "register.node_id")  # before anything is registered: a victim keeps its stream
     if not 1 <= reg.max_concurrency <= 1024:
         raise InvalidArgument("register.max_concurrency", "must be 1 to 1024")
     if len(reg.labels) > 64 or any(len(k) > 64 or len(v) > 256 for k, v in reg.labels.items()):

@@ -21,7 +21,7 @@ from lingua_sdk import pb, pb_grpc
 from redis.exceptions import RedisError
 
 from ..fsm import TERMINAL, JobState
-from . import keys, validate
+from . import auth, keys, validate
 from .dispatch import Consumer, Dispatcher
 from .errors import (
     DOMAIN,
@@ -177,6 +177,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @handled
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
         validate.submit(request, self.settings)
+        for i, spec in enumerate(request.jobs):
+            auth.check_tenant(spec.tenant_id, f"jobs[{i}].tenant_id")
         done = await self.store.submit(list(request.jobs))
         return pb.SubmitResponse(results=[
             pb.SubmitResult(job_id=d.job_id, created=d.created, state=state_pb(d.state))  # type: ignore[arg-type]
@@ -186,7 +188,10 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @handled
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
         validate.job_id(request.job_id, self.settings)
-        return job_pb(await self.store.get(request.job_id, include_payload=request.include_payload))
+        view = await self.store.get(request.job_id, include_payload=request.include_payload)
+        if not auth.tenant_visible(view.record.tenant):
+            raise JobNotFound(f"job {request.job_id} not found")
+        return job_pb(view)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
         try:
@@ -194,8 +199,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             # The events list is the truth. Its pub/sub channel carries each new entry: delivered as is
             # when it is the next version, else (a gap, a lost message, the backstop) the list is re-read.
             async with self.dispatcher.watching(keys.JobKeys.of(request.job_id).events) as inbox:
-                entries = await self.store.events(request.job_id)
-                if not entries:  # every job has its submit event
+                entries, tenant = await self.store.events_and_tenant(request.job_id)
+                if not entries or not auth.tenant_visible(tenant):  # every job has its submit event
                     raise JobNotFound(f"job {request.job_id} not found")
                 version = 0
                 while True:
@@ -221,6 +226,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def WatchSession(self, request: pb.WatchSessionRequest, context: Any) -> AsyncIterator[pb.SessionEvent]:
         try:
             validate.watch_session(request)
+            auth.check_tenant(request.tenant_id, "tenant_id")
             watch = SessionWatch(self.store, self.dispatcher, request.tenant_id, request.session_id,
                                  request.from_index, request.tgt_lang)
             async for views, resume_index in watch.events():
@@ -233,12 +239,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         validate.job_id(request.job_id, self.settings)
         if len(request.reason) > 1024:
             raise InvalidArgument("reason", "at most 1024 characters")
-        await self.store.cancel(request.job_id, request.reason)
+        await self.store.cancel(request.job_id, request.reason, auth.tenant_visible)
         return job_pb(await self.store.get(request.job_id))
 
     @handled
     async def Assign(self, request: pb.AssignRequest, context: Any) -> pb.AssignResponse:
         pools = validate.assign(request)
+        auth.check_node(request.node_id, "node_id")
         want = request.max_jobs or 1
         until = time.monotonic() + (request.wait.ToMilliseconds() / 1000 if request.HasField("wait") else 0)
         consumer = Consumer(request.node_id, pools, capacity=lambda: 1)
@@ -258,6 +265,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @handled
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         validate.node_id(request.node_id)
+        auth.check_node(request.node_id, "node_id")
         if not request.leases or len(request.leases) > 1000:
             raise InvalidArgument("leases", "1 to 1000 leases are required")
         for i, item in enumerate(request.leases):
@@ -270,6 +278,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @handled
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
         validate.complete(request, self.settings)
+        auth.check_node(request.node_id, "node_id")
         if request.WhichOneof("outcome") == "result":
             changed = await self.store.complete(request.job_id, request.node_id, request.lease_token, request.result)
         else:

@@ -20,8 +20,12 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     # Serve without authentication on a non-loopback address (for a network you trust).
     insecure: bool = False
-    # keys: see server/auth.py (JWT verification keys; none = no authentication).
+    # Authentication (docs/security.md): key files (or folders of them) that verify bearer JWTs
+    # (repeat the flag, or LINGUA_AUTH_JWT_KEY=a,b); none: no authentication. Optional required
+    # audience and issuer.
     auth_jwt_key: tuple[str, ...] = ()
+    auth_jwt_audience: str = ""
+    auth_jwt_issuer: str = ""
     # Server TLS: PEM certificate chain and private key files (both or neither); with tls_client_ca,
     # clients must present a certificate signed by one of its CAs (mutual TLS). All three are re-read
     # when the files change, and on SIGHUP (server/tls.py).

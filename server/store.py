@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,7 @@ class JobRecord:
     error_code: str
     error_message: str
     error_retryable: bool
+    tenant: str  # the job's tenant (from `sess`, "<tenant>\0<session>"): what authorization checks
 
     @classmethod
     def parse(cls, job_id: str, h: dict[bytes, bytes]) -> JobRecord:
@@ -104,6 +106,7 @@ class JobRecord:
             error_code=_s(h.get(b"ecode")),
             error_message=_s(h.get(b"emsg")),
             error_retryable=h.get(b"eretry") == b"1",
+            tenant=_s(h.get(b"sess")).partition("\x00")[0],
         )
 
 
@@ -318,6 +321,16 @@ class Store:
             raise JobNotFound(f"job {job_id} not found")
         return JobRecord.parse(job_id, h)
 
+    async def events_and_tenant(self, job_id: str) -> tuple[list[dict[str, Any]], str]:
+        """WatchJob's first read, one round trip: every state change of the job, and its tenant
+        ("" when its record is gone)."""
+        jk = keys.JobKeys.of(job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(jk.events, 0, -1)
+            pipe.hget(jk.fsm, "sess")
+            entries, sess = await pipe.execute()
+        return [json.loads(e) for e in entries], _s(sess).partition("\x00")[0]
+
     async def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
         """The job's state changes from index `start` on, oldest first."""
         return [json.loads(e) for e in await self.redis.lrange(keys.JobKeys.of(job_id).events, start, -1)]
@@ -406,10 +419,11 @@ class Store:
         """A failed attempt, fenced: requeued with backoff while retryable with attempts left, else failed."""
         return await self.transition(job_id, Event.FAIL, node=node_id, token=token, error=error)
 
-    async def cancel(self, job_id: str, reason: str) -> Changed:
-        """Cancel; a node holding the job is told (see transition())."""
+    async def cancel(self, job_id: str, reason: str, visible: Callable[[str], bool] | None = None) -> Changed:
+        """Cancel; a node holding the job is told (see transition()). A job whose tenant fails
+        `visible` is JobNotFound, as if it did not exist."""
         error = pb.JobError(code="LINGUA_CANCELLED", message=reason or "cancelled by client")
-        return await self.transition(job_id, Event.CANCEL, error=error)
+        return await self.transition(job_id, Event.CANCEL, error=error, visible=visible)
 
     # -- the generic read / decide / compare-and-set path ---------------------------------------
 
@@ -424,11 +438,15 @@ class Store:
         guard: str = "",
         avoid: bool = False,
         record: JobRecord | None = None,
+        visible: Callable[[str], bool] | None = None,
     ) -> Changed:
-        """Read the record, let the FSM decide, commit with the version read; re-read on a lost race."""
+        """Read the record, let the FSM decide, commit with the version read; re-read on a lost race.
+        `visible`: the caller's tenant check (a job of a tenant it fails is JobNotFound)."""
         for _ in range(8):
             rec = record or await self.record(job_id)
             record = None
+            if visible is not None and not visible(rec.tenant):
+                raise JobNotFound(f"job {job_id} not found")
             if token is not None and rec.token != token:
                 raise StaleLease(f"job {job_id}: the lease token is not the job's current claim (stale lease; "
                                  f"the job's current attempt is {rec.attempt})")

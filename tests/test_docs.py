@@ -42,3 +42,17 @@ def test_generated_protobuf_code_is_current(repo_root: Path, tmp_path: Path) -> 
         assert names == sorted(p.name for p in committed.iterdir() if p.name != "__pycache__"), folder
         _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
         assert not mismatch and not errors, f"run scripts/gen_protos: {folder}: {mismatch or errors} differ"
+
+
+def test_security_docs_show_the_authorization_table_of_the_code(repo_root: Path) -> None:
+    from lingua_scheduler.server.auth import RULES, Role
+
+    text = (repo_root / "docs" / "security.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in RULES:
+            rows[cells[0]] = cells[1:]
+    expected = {method: [grants[role].value if role in grants else "-" for role in (Role.CLIENT, Role.NODE)] + ["yes"]
+                for method, grants in RULES.items()}
+    assert rows == expected, "docs/security.md's table differs from RULES in server/auth.py"

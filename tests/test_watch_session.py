@@ -245,7 +245,7 @@ async def test_bad_requests_are_refused_naming_the_field(stub: pb_grpc.Scheduler
 
 
 def view(utterance: int, state: str, tgt: str = "en") -> JobView:
-    record = JobRecord(f"{{zh:{tgt}:0}}{utterance:026d}", state, 1, 1, 3, "", "", 0, 0, 0, 0, "", "", "", False)
+    record = JobRecord(f"{{zh:{tgt}:0}}{utterance:026d}", state, 1, 1, 3, "", "", 0, 0, 0, 0, "", "", "", False, "acme")
     return JobView(record, pb.JobSpec(utterance_index=utterance, tgt_lang=tgt), None, None)
 
 

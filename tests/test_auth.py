@@ -1,0 +1,380 @@
+"""Authentication and authorization (issue 10): real tokens signed here, a real server, a real Redis.
+
+Every attack of the issue is a test: each succeeded on a server without authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from conftest import AppFactory
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import pair, spec
+from lingua_scheduler.server.app import App
+from lingua_scheduler.server.auth import RULES, Role, Verifier
+from lingua_scheduler.server.errors import Unauthenticated
+from lingua_scheduler.server.tokens import mint
+from lingua_sdk import pb, pb_grpc
+
+pytestmark = pytest.mark.single_redis  # who may call what does not depend on the Redis topology
+
+SECRET = b"0123456789abcdef0123456789abcdef-test-secret"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """A key folder with an HS256 secret (kid "hs"), an RSA public key ("rsa") and an EC one ("ec");
+    the private keys are kept outside it."""
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    (folder / "hs.secret").write_bytes(SECRET + b"\n")
+    for name, private in (("rsa", rsa.generate_private_key(65537, 2048)), ("ec", ec.generate_private_key(ec.SECP256R1()))):
+        (tmp_path / f"{name}.key").write_bytes(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (folder / f"{name}.pem").write_bytes(private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return folder
+
+
+@pytest.fixture
+async def secured(make_app: AppFactory, keys: Path) -> App:
+    return await make_app(auth_jwt_key=(str(keys),))
+
+
+def token(keys: Path, role: str, **kw: Any) -> str:
+    return mint(str(keys / "hs.secret"), role, **kw)
+
+
+class _Bearer:
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def _call(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(details._replace(metadata=tuple(details.metadata or ()) + self.metadata), request)
+
+
+class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    intercept_unary_unary = _Bearer._call
+
+
+class _UnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    intercept_unary_stream = _Bearer._call
+
+
+def bearer(token: str) -> list[Any]:
+    """Client interceptors that send `authorization: Bearer <token>` with every unary-request call (as
+    the SDKs do); one per call kind, since a channel files each interceptor under one kind only.
+    NodeSession passes its metadata itself (register()): an intercepted stream-stream call leaves a
+    request-feeding task behind when the server ends the call."""
+    return [_UnaryUnary(token), _UnaryStream(token)]
+
+
+@pytest.fixture
+async def connect(secured: App) -> AsyncIterator[Callable[[str | None], pb_grpc.SchedulerStub]]:
+    """connect(token) -> a stub whose calls carry that token (None: no token)."""
+    channels: list[grpc.aio.Channel] = []
+
+    def open_stub(tok: str | None) -> pb_grpc.SchedulerStub:
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}", interceptors=bearer(tok) if tok else None)
+        channels.append(ch)
+        stub = pb_grpc.SchedulerStub(ch)
+        stub.token = tok  # type: ignore[attr-defined]  # for register()
+        return stub
+
+    yield open_stub
+    for ch in channels:
+        await ch.close()
+
+
+async def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code()
+
+
+async def stream_code(call: Any) -> grpc.StatusCode:
+    """Read a stream to its end; its status (which must not be OK)."""
+    try:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    code: grpc.StatusCode = await call.code()
+    assert code != grpc.StatusCode.OK
+    return code
+
+
+async def register(stub: pb_grpc.SchedulerStub, node_id: str) -> Any:
+    tok = getattr(stub, "token", None)
+    call = stub.NodeSession(metadata=(("authorization", f"Bearer {tok}"),) if tok else None)
+    await call.write(pb.NodeMessage(register=pb.Register(node_id=node_id, pairs=[pair()], max_concurrency=1)))
+    return call
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+
+def bad_tokens(keys: Path) -> dict[str, str | None]:
+    now = int(time.time())
+    other = b"another-secret-of-enough-length-0123456789"
+    good = {"role": "admin", "exp": now + 60}
+    return {
+        "missing": None,
+        "not a JWT": "not-a-token",
+        "expired": jwt.encode({"role": "admin", "exp": now - 5}, SECRET, "HS256", headers={"kid": "hs"}),
+        "wrongly signed": jwt.encode(good, other, "HS256", headers={"kid": "hs"}),
+        "unknown kid": jwt.encode(good, SECRET, "HS256", headers={"kid": "nope"}),
+        "no exp": jwt.encode({"role": "admin"}, SECRET, "HS256"),
+        "unsigned (alg none)": jwt.encode(good, None, "none"),
+        "bad role": jwt.encode({"role": "root", "exp": now + 60}, SECRET, "HS256"),
+        "client without tenants": jwt.encode({"role": "client", "exp": now + 60}, SECRET, "HS256"),
+    }
+
+
+async def test_missing_malformed_expired_or_wrongly_signed_tokens_are_unauthenticated(
+        keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    for name, tok in bad_tokens(keys).items():
+        stub = connect(tok)
+        assert await code_of(stub.GetJob(pb.GetJobRequest(job_id="{zh:en:0}x"))) == grpc.StatusCode.UNAUTHENTICATED, name
+        assert await code_of(stub.ListNodes(pb.ListNodesRequest())) == grpc.StatusCode.UNAUTHENTICATED, name
+        assert await stream_code(stub.WatchJob(pb.WatchJobRequest(job_id="{zh:en:0}x"))) == \
+            grpc.StatusCode.UNAUTHENTICATED, name
+        call = await register(stub, "n1")
+        assert await stream_code(call) == grpc.StatusCode.UNAUTHENTICATED, name
+
+
+async def test_rsa_and_ec_keys_verify_their_tokens(keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    for name in ("rsa", "ec"):
+        tok = mint(str(keys.parent / f"{name}.key"), "admin")  # kid "rsa"/"ec": the public key's file stem
+        assert len((await connect(tok).ListNodes(pb.ListNodesRequest())).nodes) == 0
+    # An RSA-signed token presented under the EC key's kid is refused (the key decides the algorithm).
+    forged = jwt.encode({"role": "admin", "exp": int(time.time()) + 60},
+                        (keys.parent / "rsa.key").read_bytes(), "RS256", headers={"kid": "ec"})
+    assert await code_of(connect(forged).ListNodes(pb.ListNodesRequest())) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_audience_and_issuer_when_configured(make_app: AppFactory, keys: Path) -> None:
+    app = await make_app(auth_jwt_key=(str(keys / "hs.secret"),), auth_jwt_audience="lingua", auth_jwt_issuer="ops")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+
+        async def code(**kw: Any) -> grpc.StatusCode:
+            md = (("authorization", "Bearer " + token(keys, "admin", **kw)),)
+            try:
+                await stub.ListNodes(pb.ListNodesRequest(), metadata=md)
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+        assert await code(audience="lingua", issuer="ops") == grpc.StatusCode.OK
+        assert await code(audience="other", issuer="ops") == grpc.StatusCode.UNAUTHENTICATED
+        assert await code(audience="lingua") == grpc.StatusCode.UNAUTHENTICATED
+        assert await code(issuer="ops") == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_health_and_reflection_stay_open(secured: App) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as ch:
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        replies = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = [s.name async for r in replies for s in r.list_services_response.service]
+        assert "lingua.scheduler.v1.Scheduler" in names
+
+
+# -- the attacks of issue 10 ---------------------------------------------------------------------
+
+
+async def test_another_tenants_job_is_not_found_for_get_watch_and_cancel(
+        keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    victim = connect(token(keys, "client", tenants=["victim"]))
+    attacker = connect(token(keys, "client", tenants=["acme"]))
+    job_id = (await victim.Submit(pb.SubmitRequest(jobs=[spec(tenant_id="victim")]))).results[0].job_id
+    unknown = job_id[:-1] + ("0" if job_id[-1] != "0" else "1")
+    for jid in (job_id, unknown):  # the other tenant's job answers exactly as an unknown id
+        for call in (attacker.GetJob(pb.GetJobRequest(job_id=jid, include_payload=True)),
+                     attacker.CancelJob(pb.CancelJobRequest(job_id=jid))):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.NOT_FOUND, f"job {jid} not found")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in attacker.WatchJob(pb.WatchJobRequest(job_id=jid)):
+                pass
+        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.NOT_FOUND, f"job {jid} not found")
+    job = await victim.GetJob(pb.GetJobRequest(job_id=job_id, include_payload=True))
+    assert job.state == pb.JOB_STATE_QUEUED and job.spec.payload == b"audio"  # the cancel changed nothing
+    everyone = connect(token(keys, "client", tenants=["*"]))
+    assert (await everyone.GetJob(pb.GetJobRequest(job_id=job_id))).spec.tenant_id == "victim"
+
+
+async def test_submit_and_watch_session_only_for_held_tenants(
+        keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    acme = connect(token(keys, "client", tenants=["acme"]))
+    batch = [spec(tenant_id="acme", utterance_index=0), spec(tenant_id="victim", utterance_index=1)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await acme.Submit(pb.SubmitRequest(jobs=batch))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and "jobs[1].tenant_id" in caught.value.details()
+    # Nothing of the refused batch was stored: its allowed job is created now, not found again.
+    assert (await acme.Submit(pb.SubmitRequest(jobs=batch[:1]))).results[0].created
+    assert await stream_code(acme.WatchSession(pb.WatchSessionRequest(tenant_id="victim", session_id="s1"))) == \
+        grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_node_token_cannot_take_a_victims_node_id_and_the_victim_keeps_its_stream(
+        keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    client = connect(token(keys, "client", tenants=["acme"]))
+    victim = await register(connect(token(keys, "node", node_ids=["gpu-*"])), "gpu-1")
+    assert (await victim.read()).HasField("registered")
+    attacker = await register(connect(token(keys, "node", node_ids=["cpu-*"])), "gpu-1")
+    assert await stream_code(attacker) == grpc.StatusCode.PERMISSION_DENIED
+    job_id = (await client.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+    message = await victim.read()  # not `replaced`: the victim still holds its stream, and gets the job
+    assert [a.job_id for a in message.assignments] == [job_id]
+    victim.cancel()
+
+
+async def test_assign_heartbeat_complete_only_as_an_allowed_node_and_for_held_leases(
+        keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    client = connect(token(keys, "client", tenants=["acme"]))
+    admin = connect(token(keys, "admin"))
+    gpu = connect(token(keys, "node", node_ids=["gpu-*"]))
+    job_id = (await client.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+    for stub, node_id in ((connect(token(keys, "node", node_ids=["cpu-*"])), "gpu-1"), (client, "gpu-1")):
+        assert await code_of(stub.Assign(pb.AssignRequest(node_id=node_id, pairs=[pair()]))) == \
+            grpc.StatusCode.PERMISSION_DENIED
+    (assigned,) = (await gpu.Assign(pb.AssignRequest(node_id="gpu-1", pairs=[pair()]))).assignments
+    assert assigned.job_id == job_id
+    seen = await admin.GetJob(pb.GetJobRequest(job_id=job_id))  # discloses node id and attempt, never the lease token
+    assert (seen.node_id, seen.attempt) == ("gpu-1", 1)
+    assert assigned.lease_token.encode() not in seen.SerializeToString()
+    events = [e async for e in _first_events(admin, job_id, 2)]
+    assert all(assigned.lease_token.encode() not in e.SerializeToString() for e in events)
+    # Forgeries built from what GetJob disclosed: as the victim node id (not allowed), or with a guessed token.
+    guess = "0" * len(assigned.lease_token)  # well formed, but not the lease's token
+    forged_lease = pb.JobLease(job_id=job_id, attempt=seen.attempt, lease_token=guess)
+    cpu = connect(token(keys, "node", node_ids=["cpu-*"]))
+    for stub in (cpu, client):
+        assert await code_of(stub.Complete(pb.CompleteRequest(
+            job_id=job_id, attempt=seen.attempt, node_id="gpu-1", lease_token=guess,
+            result=pb.JobResult(text_asr="forged")))) == \
+            grpc.StatusCode.PERMISSION_DENIED
+        assert await code_of(stub.Heartbeat(pb.HeartbeatRequest(node_id="gpu-1", leases=[forged_lease]))) == \
+            grpc.StatusCode.PERMISSION_DENIED
+    assert await code_of(gpu.Complete(pb.CompleteRequest(
+        job_id=job_id, attempt=seen.attempt, node_id="gpu-2", lease_token=guess, result=pb.JobResult(text_asr="forged")))) == \
+        grpc.StatusCode.FAILED_PRECONDITION  # an allowed node id, but not the lease holder
+    beat = await gpu.Heartbeat(pb.HeartbeatRequest(node_id="gpu-2", leases=[forged_lease]))
+    assert not beat.leases[0].ok
+    job = await admin.GetJob(pb.GetJobRequest(job_id=job_id))
+    assert job.state == pb.JOB_STATE_ASSIGNED and not job.HasField("result")
+    done = await gpu.Complete(pb.CompleteRequest(job_id=job_id, attempt=1, node_id="gpu-1", lease_token=assigned.lease_token,
+                                                 result=pb.JobResult(text_asr="real")))
+    assert done.state == pb.JOB_STATE_SUCCEEDED
+
+
+async def _first_events(stub: pb_grpc.SchedulerStub, job_id: str, count: int) -> AsyncIterator[pb.JobEvent]:
+    call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+    for _ in range(count):
+        yield await call.read()
+    call.cancel()
+
+
+async def test_list_nodes_is_for_admins_only(keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    for tok in (token(keys, "client", tenants=["*"]), token(keys, "node", node_ids=["*"])):
+        assert await code_of(connect(tok).ListNodes(pb.ListNodesRequest())) == grpc.StatusCode.PERMISSION_DENIED
+    node = await register(connect(token(keys, "node", node_ids=["gpu-1"])), "gpu-1")
+    assert (await node.read()).HasField("registered")
+    listed = await connect(token(keys, "admin")).ListNodes(pb.ListNodesRequest())
+    assert [n.node_id for n in listed.nodes] == ["gpu-1"]
+    node.cancel()
+
+
+async def test_roles_outside_the_table_are_permission_denied(
+        keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    node = connect(token(keys, "node", node_ids=["*"]))
+    client = connect(token(keys, "client", tenants=["*"]))
+    assert await code_of(node.Submit(pb.SubmitRequest(jobs=[spec()]))) == grpc.StatusCode.PERMISSION_DENIED
+    assert await code_of(node.GetJob(pb.GetJobRequest(job_id="{zh:en:0}x"))) == grpc.StatusCode.PERMISSION_DENIED
+    assert await stream_code(await register(client, "n1")) == grpc.StatusCode.PERMISSION_DENIED
+    assert set(RULES) == set(pb.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name)  # every RPC has its row
+
+
+# -- streams and keys over time ------------------------------------------------------------------
+
+
+async def test_expired_token_closes_an_open_stream(keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    """A stream is authenticated when it opens; when its token expires, it ends with UNAUTHENTICATED
+    (a NodeSession even while idle: no more work goes to an expired token)."""
+    soon = time.time() + 2
+    node_stub = connect(mint(str(keys / "hs.secret"), "node", node_ids=["gpu-1"], ttl_s=2, now=soon - 2))
+    node = await register(node_stub, "gpu-1")
+    assert (await node.read()).HasField("registered")
+    client = connect(mint(str(keys / "hs.secret"), "client", tenants=["acme"], ttl_s=2, now=soon - 2))
+    job_id = (await client.Submit(pb.SubmitRequest(jobs=[spec(src_lang="ja")]))).results[0].job_id
+    watch = client.WatchJob(pb.WatchJobRequest(job_id=job_id))
+    assert (await watch.read()).state == pb.JOB_STATE_QUEUED
+    assert await stream_code(node) == grpc.StatusCode.UNAUTHENTICATED
+    assert await stream_code(watch) == grpc.StatusCode.UNAUTHENTICATED
+    assert time.time() >= int(soon)  # they ended because the token expired, not before
+    assert await code_of(client.GetJob(pb.GetJobRequest(job_id=job_id))) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_verified_tokens_are_cached_until_they_expire(keys: Path) -> None:
+    verifier = Verifier([str(keys)], cache_size=2)
+    now = time.time()
+    tokens = [mint(str(keys / "hs.secret"), "admin", ttl_s=10, now=now, subject=f"s{i}") for i in range(3)]
+    for t in tokens:
+        assert verifier.verify(f"Bearer {t}", now=now).role is Role.ADMIN
+    assert len(verifier._cache) == 2  # bounded: the oldest went
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(f"Bearer {tokens[2]}", now=now + 11)  # a cached token is still checked for expiry
+    assert len(verifier._cache) == 1
+
+
+async def test_key_rotation_old_and_new_accepted_then_old_removed(
+        secured: App, keys: Path, tmp_path: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    old = connect(token(keys, "admin"))
+    assert (await old.ListNodes(pb.ListNodesRequest())) is not None
+    (keys / "hs2.secret").write_bytes(b"a-brand-new-secret-for-the-rotation-0123456789")
+    new_tok = mint(str(keys / "hs2.secret"), "admin")
+    new = connect(new_tok)
+    assert await code_of(new.ListNodes(pb.ListNodesRequest())) == grpc.StatusCode.UNAUTHENTICATED
+    secured.reload()  # what SIGHUP does
+    await old.ListNodes(pb.ListNodesRequest())
+    await new.ListNodes(pb.ListNodesRequest())
+    (keys / "hs.secret").unlink()
+    secured.reload()
+    assert await code_of(old.ListNodes(pb.ListNodesRequest())) == grpc.StatusCode.UNAUTHENTICATED  # even cached
+    await new.ListNodes(pb.ListNodesRequest())
+    (keys / "short.secret").write_bytes(b"too-short")  # a bad file: the reload is refused, the keys in use stay
+    assert secured.auth is not None and not secured.auth.reload()
+    await new.ListNodes(pb.ListNodesRequest())
+
+
+async def test_tokens_never_reach_the_logs(keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secrets = [t for t in bad_tokens(keys).values() if t]
+    secrets.append(token(keys, "client", tenants=["acme"]))
+    for tok in secrets:
+        stub = connect(tok)
+        for call in (stub.GetJob(pb.GetJobRequest(job_id="{zh:en:0}x", include_payload=True)),
+                     stub.ListNodes(pb.ListNodesRequest())):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call
+    await asyncio.sleep(0)
+    assert "refused" in caplog.text  # the failures were logged (by their reason) ...
+    for tok in secrets:  # ... without the token, or any of its three parts
+        assert all(part not in caplog.text for part in tok.split(".") if len(part) > 8)
+    assert SECRET.decode() not in caplog.text
