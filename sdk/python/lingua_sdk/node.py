@@ -106,7 +106,7 @@ class _Resumed(Coroutine[Any, Any, None]):
 def _eager(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     """Run `coro` until it first suspends: None when it finished there, else the Task continuing it."""
     if sys.version_info >= (3, 12):
-        task = asyncio.Task(coro, eager_start=True)
+        task = asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
         return None if task.done() else task
     # Python 3.11 has no eager tasks. The first step runs in a copy of the context, as a Task's would
     # (a handler's context variables stay its own); asyncio.current_task() there is the runtime's
