@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,7 @@ from lingua_sdk import (
     RetryableError,
 )
 from lingua_sdk.models import Assignment
+from lingua_sdk.node import _eager
 
 pytestmark = pytest.mark.single_redis  # the SDK sees only gRPC: one Redis backend is enough
 
@@ -392,3 +394,73 @@ async def test_model_unavailable_hands_the_job_back(app: Any) -> None:
         job = await client.wait((await client.submit(**SPEC, max_attempts=3)).job_id, timeout=20)
     assert (job.state, job.attempt) == (JobState.SUCCEEDED, 2)
     assert job.last_error is not None and job.last_error.code == "LINGUA_MODEL_UNAVAILABLE"
+
+
+# -- eager handler start (lingua_sdk.node._eager) -----------------------------------------------------------
+
+
+async def test_eager_start_finishes_at_once_without_a_task() -> None:
+    ran: list[str] = []
+
+    async def at_once() -> None:
+        ran.append("done")
+
+    assert _eager(at_once()) is None
+    assert ran == ["done"]
+
+
+async def test_eager_start_continues_a_suspended_handler_in_a_task() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    steps: list[str] = []
+
+    async def waits() -> None:
+        steps.append("first")
+        steps.append(await gate)
+        await asyncio.sleep(0)  # a bare yield, then a timed sleep
+        await asyncio.sleep(0.001)
+        steps.append("end")
+
+    task = _eager(waits())
+    assert task is not None and steps == ["first"]
+    gate.set_result("woken")
+    await task
+    assert steps == ["first", "woken", "end"]
+
+
+@pytest.mark.parametrize("where", ["future", "bare yield"])
+async def test_eager_start_cancel_reaches_the_suspended_handler(where: str) -> None:
+    seen: list[str] = []
+
+    async def long() -> None:
+        try:
+            if where == "future":
+                await asyncio.Event().wait()
+            else:
+                await asyncio.sleep(0)  # cancelled while its wake-up is scheduled: thrown in
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    task = _eager(long())
+    assert task is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["cancelled"] and task.cancelled()
+
+
+async def test_eager_start_keeps_the_handlers_context_its_own() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="runtime")
+    seen: list[str] = []
+
+    async def sets(value: str) -> None:
+        seen.append(var.get())
+        var.set(value)
+        await asyncio.sleep(0)
+        seen.append(var.get())
+
+    tasks = [_eager(sets("a")), _eager(sets("b"))]
+    assert var.get() == "runtime"
+    await asyncio.gather(*[t for t in tasks if t is not None])
+    assert seen == ["runtime", "runtime", "a", "b"]

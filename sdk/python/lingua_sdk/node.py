@@ -14,18 +14,26 @@ network cuts the stream: the node reconnects and resumes its leases) and `silent
 
 Everything ready when the writer runs goes out in one NodeMessage: acks, heartbeats and results of
 many jobs share one message, and a handler that finishes at once sends its ack with its result.
+
+Handlers start eagerly: the first step of a handler (up to its first await that suspends) runs as
+the assignment is read, and one that finishes there (a cache hit, a quick model) costs no Task and no
+loop turn; one that suspends continues in its own Task. On Python 3.12+ that is the standard eager
+Task (`eager_start`); on 3.11 the runtime takes the first step itself, in a copy of the context, and
+a Task continues the coroutine from where it stopped (see `_eager`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import re
 import signal
+import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +55,6 @@ PairLike = str | tuple[str, str]
 _MESSAGE_CAP = 4096  # JobError.message limit of the contract
 _CODE = re.compile(r"[\x21-\x7e]{1,128}")
 _REGISTER_TIMEOUT = 30.0
-_FRESH_YIELDS = 8  # at most this many loop turns a write waits for new handlers' first step
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lacks it
 
 
@@ -65,12 +72,60 @@ def job_error(err: BaseException) -> pb.JobError:
                        retryable=not isinstance(err, HandlerError) or err.retryable)
 
 
+_STARTED: Any = object()
+
+
+class _Resumed(Coroutine[Any, Any, None]):
+    """The rest of a coroutine whose first step already ran (it stopped waiting for `pending`: a
+    future, or None for a bare yield), as a coroutine a Task can run. The Task's first step gets
+    `pending` to wait for; after that, what the Task sends or throws (the wake-up, a cancellation,
+    also one that came before that first step) goes on to the coroutine, as it would in its own Task."""
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], pending: Any) -> None:
+        self.coro, self.pending = coro, pending
+
+    def send(self, value: Any) -> Any:
+        if self.pending is not _STARTED:
+            pending, self.pending = self.pending, _STARTED
+            return pending
+        return self.coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self.pending = _STARTED
+        return self.coro.throw(typ) if val is None and tb is None else self.coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("a Task runs it; it is not awaited")
+
+
+def _eager(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run `coro` until it first suspends: None when it finished there, else the Task continuing it."""
+    if sys.version_info >= (3, 12):
+        task = asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
+        return None if task.done() else task
+    # Python 3.11 has no eager tasks. The first step runs in a copy of the context, as a Task's would
+    # (a handler's context variables stay its own); asyncio.current_task() there is the runtime's
+    # reader, so a handler enters asyncio.timeout() only after its first await (or uses wait_for).
+    context = contextvars.copy_context()
+    try:
+        pending = context.run(coro.send, None)
+    except StopIteration:
+        return None
+    return asyncio.get_running_loop().create_task(_Resumed(coro, pending), context=context)
+
+
 @dataclass
 class _Held:
-    """A job this node holds: its lease and the task running the handler."""
+    """A job this node holds: its lease and the task running the handler (None while its handler
+    takes its first step, and for one that finished there)."""
 
     lease: pb.JobLease
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] | None = None
 
 
 class Node:
@@ -100,9 +155,6 @@ class Node:
         self._unconfirmed: dict[str, pb.Completion] = {}  # job id -> outcome, until confirmed or refused
         self._unsent: dict[str, pb.Completion] = {}  # the unconfirmed not yet written on the current stream
         self._acks: list[pb.JobLease] = []
-        # Jobs whose handler task has not taken its first step: the writer waits for them, so a
-        # handler that finishes at once sends its result with its ack (one message, one store call).
-        self._fresh: set[str] = set()
         self._unavailable: list[pb.JobLease] = []
         self._beat = False
         self._drain_sent = False
@@ -188,7 +240,7 @@ class Node:
         finally:
             if on_signal:
                 loop.remove_signal_handler(signal.SIGTERM)
-            tasks = [h.task for h in self._held.values()]
+            tasks = [h.task for h in self._held.values() if h.task is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -272,11 +324,6 @@ class Node:
         while True:
             await self._flush.wait()
             self._flush.clear()
-            await asyncio.sleep(0)  # handlers that finish at once add their result: ack and result share a message
-            for _ in range(_FRESH_YIELDS):  # ...also those started (by the reader) while the writer yielded
-                if not self._fresh:
-                    break
-                await asyncio.sleep(0)
             message = self._take()
             if message is None:
                 continue
@@ -321,15 +368,14 @@ class Node:
             self._flush.set()
             return
         old = self._held.pop(a.job_id, None)
-        if old is not None:  # given again (a new attempt): the old lease is gone
+        if old is not None and old.task is not None:  # given again (a new attempt): the old lease is gone
             old.task.cancel()
-        self._held[a.job_id] = _Held(lease, asyncio.create_task(self._work(a, lease)))
-        self._fresh.add(a.job_id)
-        self._acks.append(lease)
+        self._acks.append(lease)  # before the handler runs: a result it has at once rides with the ack
         self._flush.set()
+        held = self._held[a.job_id] = _Held(lease)
+        held.task = _eager(self._work(a, lease))
 
     async def _work(self, a: pb.Assignment, lease: pb.JobLease) -> None:
-        self._fresh.discard(lease.job_id)
         completion: pb.Completion | None
         async with self._slots:
             try:
@@ -356,8 +402,8 @@ class Node:
         held = self._held.get(job_id)
         if held is not None and (not attempt or held.lease.attempt == attempt):
             del self._held[job_id]
-            self._fresh.discard(job_id)  # cancelled before its first step, it never discards itself
-            held.task.cancel()
+            if held.task is not None:
+                held.task.cancel()
             log.info("node %s: job %s: %s", self.node_id, job_id, why)
 
     def _refused(self, status: pb.LeaseStatus) -> None:
