@@ -7,11 +7,13 @@ import asyncio
 import io
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+from lingua_sdk import AsyncClient, Client, DeadlineExceeded
 from lingua_sdk.cli import main
-from test_sdk_python import make_node, running, target, translate
+from test_sdk_python import SPEC, make_node, running, target, translate
 
 pytestmark = pytest.mark.single_redis
 
@@ -22,6 +24,24 @@ async def lingua(*argv: str) -> tuple[int, str]:
     out = io.StringIO()
     rc = await asyncio.to_thread(main, list(argv), out)
     return rc, out.getvalue()
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """main(argv) must stop with exit status 2 and no traceback; its stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def assert_aligned(lines: list[str]) -> None:
+    """Every row's cells start where the header's columns do (columns are 2+ spaces apart; only the
+    last column's cells may hold spaces)."""
+    starts = [m.start() for m in re.finditer(r"(?:^|(?<=  ))\S", lines[0])]
+    for line in lines[1:]:
+        assert len(line[:starts[-1]].split()) == len(starts) - 1, (lines[0], line)
+        assert all(line[s - 1] == " " and line[s] != " " for s in starts[1:] if s < len(line)), (lines[0], line)
 
 
 async def test_submit_get_watch_nodes_with_a_node(app: Any) -> None:
@@ -37,6 +57,10 @@ async def test_submit_get_watch_nodes_with_a_node(app: Any) -> None:
         rc, out = await lingua("--target", t, "--json", "watch", job_id)
         states = [json.loads(line)["state"] for line in out.splitlines()]
         assert rc == 0 and states[0] == "queued" and states[-1] == "succeeded"
+        rc, out = await lingua("--target", t, "watch", job_id)
+        lines = out.splitlines()
+        assert rc == 0 and [line.split()[1] for line in lines[1:]] == states
+        assert_aligned(lines)  # rows of differing widths ("-" and "gpu-1" nodes, states, events)
         rc, out = await lingua("--target", t, "nodes")
         header, row = out.splitlines()
         assert header.split()[:3] == ["NODE", "POOLS", "LOAD"]
@@ -54,22 +78,55 @@ async def test_quiet_submit_cancel_and_target_from_environment(app: Any, monkeyp
     lines = out.splitlines()
     assert lines[0].split() == ["AT", "STATE", "EVENT", "ATTEMPT", "NODE", "ERROR"]
     assert [line.split()[1] for line in lines[1:]] == ["queued", "cancelled"]
+    assert_aligned(lines)
     rc, out = await lingua("--json", "nodes")
     assert (rc, json.loads(out)) == (0, [])
 
 
 async def test_errors_print_the_status_and_exit_1(app: Any, capsys: pytest.CaptureFixture[str]) -> None:
     t = target(app)
-    rc, _ = await lingua("--target", t, "get", "{zh:en:0}01JE0000000000000000000000")
-    assert rc == 1 and "NOT_FOUND" in capsys.readouterr().err
+    missing = "{zh:en:0}01JE0000000000000000000000"
+    for command in (["get", missing], ["watch", missing], ["session", "acme", "cli", "--from-index", "-1"]):
+        rc, out = await lingua("--target", t, *command)
+        assert (rc, out) == (1, "")  # no table header before the error
+        assert re.search(r"^lingua: (NOT_FOUND|INVALID_ARGUMENT): ", capsys.readouterr().err)
     bad = [a if a != "zh" else "ZH" for a in SUBMIT]
     rc, _ = await lingua("--target", t, *bad)
-    assert rc == 1 and re.search(r"INVALID_ARGUMENT: .*src_lang", capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert rc == 1 and re.search(r"INVALID_ARGUMENT: .*src_lang", err)
+    assert err.count("src_lang") == 1, err  # the field violation once, not again below the status
+
+
+async def test_wait_timeout_names_the_job_and_its_state(app: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    t = target(app)
     rc, out = await lingua("--target", t, *SUBMIT, "--index", "9")
     header, row = out.splitlines()
     assert header.split() == ["JOB", "CREATED", "STATE"] and row.split()[1:] == ["yes", "queued"]
-    rc, _ = await lingua("--target", t, *SUBMIT, "--index", "9", "--wait", "0.3")
-    assert rc == 1 and "DEADLINE_EXCEEDED" in capsys.readouterr().err  # no node: it never finished
+    job_id = row.split()[0]
+    rc, out = await lingua("--target", t, *SUBMIT, "--index", "9", "--wait", "0.3")  # no node: it never finishes
+    err = capsys.readouterr().err
+    assert rc == 4 and f"job {job_id} did not finish within 0.3 s; it is queued" in err
+    assert "Deadline Exceeded" not in err and "DEADLINE_EXCEEDED" not in err
+    assert re.search(rf"^job\s+{re.escape(job_id)}$", out, re.M) and re.search(r"^state\s+queued$", out, re.M)
+    rc, out = await lingua("--target", t, "--json", *SUBMIT, "--index", "9", "--wait", "0.3")
+    assert (rc, json.loads(out)["job_id"], json.loads(out)["state"]) == (4, job_id, "queued")
+    rc, out = await lingua("--target", t, *SUBMIT, "--index", "9", "--wait", "0.3", "-q")
+    assert (rc, out) == (4, job_id + "\n")
+
+
+async def test_client_wait_timeout_names_the_job_and_its_last_state(app: Any) -> None:
+    """The SDK's own wait (the CLI's rests on it): DeadlineExceeded in the caller's terms."""
+    async with AsyncClient(target(app)) as client:
+        job_id = (await client.submit(**SPEC)).job_id
+        with pytest.raises(DeadlineExceeded) as late:
+            await client.wait(job_id, timeout=0.3)
+    assert str(late.value) == (f"DEADLINE_EXCEEDED: job {job_id} did not finish within 0.3 s; its last known state "
+                               "is queued (the job stays: wait again, or cancel it)")
+    with Client(target(app)) as sync_client:
+        with pytest.raises(DeadlineExceeded) as late:
+            await asyncio.to_thread(sync_client.wait, job_id, timeout=0.3)
+    assert late.value.message == str(late.value).removeprefix("DEADLINE_EXCEEDED: ")
+    assert late.value.message.startswith(f"job {job_id} did not finish within 0.3 s; its last known state is queued")
 
 
 async def test_wait_exit_status_3_when_the_job_did_not_succeed(app: Any) -> None:
@@ -82,10 +139,33 @@ async def test_wait_exit_status_3_when_the_job_did_not_succeed(app: Any) -> None
     assert rc == 3 and re.search(r"^state\s+failed$", out, re.M) and "NOPE" in out
 
 
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert "required" in usage_error(capsys, "submit", "--tenant", "acme")
+    missing = tmp_path / "nonexistent.opus"
+    err = usage_error(capsys, *SUBMIT[:-2], "--payload-file", str(missing))
+    assert f"cannot read '{missing}': No such file or directory" in err
+    assert "must be 0 or more seconds" in usage_error(capsys, *SUBMIT, "--wait", "-1")
+    assert "not a number of seconds" in usage_error(capsys, *SUBMIT, "--wait", "soon")
+
+
+def test_help_explains_every_submit_option(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(["submit", "--tenant", "acme"])
-    assert exited.value.code == 2 and "required" in capsys.readouterr().err
+        main(["submit", "--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert exited.value.code == 0 and "0: no limit" in text and "0 (lowest, default) to 9 (highest)" in text
+    for option in ("--tenant", "--session", "--from", "--to", "--index", "--payload-ref", "--payload-file", "--priority",
+                   "--max-attempts", "--idempotency-key", "--trace-id", "--wait"):
+        described = re.search(rf" {option}(?: \S+)? (\S+ \S+)", text.split("options:")[1])
+        assert described and not described.group(1).startswith("--"), option
+
+
+async def test_submit_a_payload_file(app: Any, tmp_path: Path) -> None:
+    audio = tmp_path / "0.opus"
+    audio.write_bytes(b"OggS\x00audio")
+    rc, out = await lingua("--target", target(app), *SUBMIT[:-2], "--payload-file", str(audio), "-q")
+    async with AsyncClient(target(app)) as client:
+        job = await client.get(out.strip(), include_payload=True)
+    assert rc == 0 and job.spec.payload == b"OggS\x00audio"
 
 
 async def test_session_prints_a_sessions_jobs_in_utterance_order(app: Any) -> None:
@@ -94,15 +174,20 @@ async def test_session_prints_a_sessions_jobs_in_utterance_order(app: Any) -> No
         for index in (0, 1, 2):
             rc, _ = await lingua("--target", t, *SUBMIT, "--index", str(index), "--wait", "20")
             assert rc == 0
-        rc, out = await lingua("--target", t, "session", "acme", "cli", "--count", "3")
+        rc, out = await lingua("--target", t, *SUBMIT, "--to", "pt-br", "--index", "1", "-q")  # no node serves it
+        rc, _ = await lingua("--target", t, "cancel", out.strip())
+        assert rc == 0  # a wider language, a longer job id and another state than the others
+        rc, out = await lingua("--target", t, "session", "acme", "cli", "--count", "4")
         lines = out.splitlines()
         assert rc == 0 and lines[0].split()[:4] == ["INDEX", "LANG", "STATE", "JOB"]
-        assert [line.split()[:3] for line in lines[1:]] == [[str(i), "en", "succeeded"] for i in range(3)]
+        assert [line.split()[:3] for line in lines[1:]] == [
+            ["0", "en", "succeeded"], ["1", "en", "succeeded"], ["1", "pt-br", "cancelled"], ["2", "en", "succeeded"]]
         assert lines[2].endswith("hello 1")
-        rc, out = await lingua("--target", t, "--json", "session", "acme", "cli", "--from", "2", "--count", "1")
+        assert_aligned(lines)
+        rc, out = await lingua("--target", t, "--json", "session", "acme", "cli", "--from-index", "2", "--count", "1")
         job = json.loads(out)
         assert (rc, job["spec"]["utterance_index"], job["resume_index"]) == (0, 2, 3)
-        rc, out = await lingua("--target", t, "session", "acme", "cli", "--from", "3", "--timeout", "0.3")
+        rc, out = await lingua("--target", t, "--json", "session", "acme", "cli", "--from", "2", "--count", "1")
+        assert (rc, json.loads(out)["job_id"]) == (0, job["job_id"])  # the old spelling still works
+        rc, out = await lingua("--target", t, "session", "acme", "cli", "--from-index", "3", "--timeout", "0.3")
         assert (rc, out.splitlines()[1:]) == (0, [])  # nothing finished from 3 on: ends at the timeout
-    rc, _ = await lingua("--target", t, "session", "acme", "cli", "--from", "-1")
-    assert rc == 1

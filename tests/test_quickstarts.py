@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,36 @@ async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 30
     return proc.returncode, out.decode(), err.decode()
 
 
+async def run_cli(code: str, address: str) -> str:
+    """The CLI quick start in bash -euo pipefail, with this venv's `lingua` on PATH; its output."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    rc, out, err = await run("bash", "-euo", "pipefail", "-c", code.replace(README_TARGET, address), env=env)
+    assert rc == 0, err
+    job_id = re.search(r"^job\s+(\S+)$", out, re.M)
+    assert job_id, out
+    assert re.search(r"^state\s+cancelled$", out, re.M)
+    assert re.search(r"\scancelled\s+cancel\s", out), out  # the watch line of the cancel
+    assert f'"job_id": "{job_id.group(1)}"' in out.splitlines()[-1] and '"state": "cancelled"' in out.splitlines()[-1]
+    return out
+
+
+@contextlib.asynccontextmanager
+async def node_quickstart(repo_root: Path, address: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The node quick start as a process; stopped with SIGTERM at the end (it must drain and exit 0)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c",
+                                                snippet(repo_root, "python-node").replace(README_TARGET, address),
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_python_client_quickstart(app: Any, repo_root: Path) -> None:
     code = snippet(repo_root, "python-client")
     assert len(code.splitlines()) <= 5
@@ -45,35 +77,27 @@ async def test_python_client_quickstart(app: Any, repo_root: Path) -> None:
 
 async def test_python_node_quickstart_serves_and_drains_on_sigterm(app: Any, repo_root: Path) -> None:
     """Needs the scheduler to confirm stored results (SchedulerMessage.confirmed) to drain promptly."""
-    code = snippet(repo_root, "python-node")
-    assert len(code.splitlines()) <= 15
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code.replace(README_TARGET, target(app)),
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        async with AsyncClient(target(app)) as client:
-            job = await client.wait((await client.submit(**SPEC)).job_id, timeout=20)
-            assert (job.state, job.node_id) == (JobState.SUCCEEDED, "gpu-1")
-            assert job.result is not None and job.result.text_translated == "[en] utterance 0"
-            bad = await client.wait((await client.submit(**{**SPEC, "payload_ref": "https://x/1.opus",
-                                                            "utterance_index": 1})).job_id, timeout=20)
-            assert bad.last_error is not None and (bad.state, bad.last_error.code) == (JobState.FAILED, "BAD_INPUT")
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0, err.decode()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    assert len(snippet(repo_root, "python-node").splitlines()) <= 15
+    async with node_quickstart(repo_root, target(app)), AsyncClient(target(app)) as client:
+        job = await client.wait((await client.submit(**SPEC)).job_id, timeout=20)
+        assert (job.state, job.node_id) == (JobState.SUCCEEDED, "gpu-1")
+        assert job.result is not None and job.result.text_translated == "[en] utterance 0"
+        bad = await client.wait((await client.submit(**{**SPEC, "payload_ref": "https://x/1.opus",
+                                                        "utterance_index": 1})).job_id, timeout=20)
+        assert bad.last_error is not None and (bad.state, bad.last_error.code) == (JobState.FAILED, "BAD_INPUT")
 
 
 async def test_cli_quickstart(app: Any, repo_root: Path) -> None:
-    code = snippet(repo_root, "cli")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    rc, out, err = await run("bash", "-euo", "pipefail", "-c", code.replace(README_TARGET, target(app)), env=env)
-    assert rc == 0, err
-    job_id = re.search(r"^job\s+(\S+)$", out, re.M)
-    assert job_id, out
+    out = await run_cli(snippet(repo_root, "cli"), target(app))
     assert "no nodes registered" in out
-    assert re.search(r"^state\s+cancelled$", out, re.M)
-    assert re.search(r"\scancelled\s+cancel\s", out), out  # the watch line of the cancel
-    assert f'"job_id": "{job_id.group(1)}"' in out.splitlines()[-1] and '"state": "cancelled"' in out.splitlines()[-1]
+
+
+async def test_quickstarts_one_after_another_on_one_scheduler(app: Any, repo_root: Path) -> None:
+    """A reader runs the node quick start, leaves it running, then the client and the CLI ones: each
+    still works (the CLI's job is a pair the node does not serve, so it can still be cancelled)."""
+    async with node_quickstart(repo_root, target(app)):
+        rc, out, err = await run(sys.executable, "-c", snippet(repo_root, "python-client").replace(README_TARGET,
+                                                                                                   target(app)))
+        assert (rc, out) == (0, "succeeded [en] utterance 0\n"), err
+        out = await run_cli(snippet(repo_root, "cli"), target(app))
+        assert re.search(r"^gpu-1\s+zh:en\s", out, re.M), out  # `lingua nodes` lists the running node

@@ -1,13 +1,13 @@
 """`lingua`: the scheduler from a shell. Readable tables by default, `--json` for scripts.
 
     lingua [--target HOST:PORT] [--token T] [--tls] [--ca F] [--cert F --key F] [--json] COMMAND
-    lingua submit --tenant T --session S --from zh --to en [--index N] (--payload-ref URI | --payload-file F) [--wait]
+    lingua submit --tenant T --session S --from zh --to en [--index N] (--payload-ref URI | --payload-file F) [--wait [SECONDS]]
     lingua get JOB_ID | watch JOB_ID | cancel JOB_ID [--reason R] | nodes
-    lingua session TENANT SESSION [--from N] [--lang L] [--count N] [--timeout SECONDS]
+    lingua session TENANT SESSION [--from-index N] [--lang L] [--count N] [--timeout SECONDS]
 
 Environment: LINGUA_TARGET (default 127.0.0.1:50051), LINGUA_TOKEN. Exit status: 0 done, 1 the
 scheduler refused (the status is printed), 2 usage, 3 `submit --wait` ended in a state other than
-succeeded.
+succeeded, 4 `submit --wait SECONDS` timed out (the job exists and is printed as it is now).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from typing import Any, TextIO
 
 from ._channel import TLS
 from .client import Client
-from .errors import LinguaError
+from .errors import DeadlineExceeded, LinguaError
 from .models import Job, JobEvent, JobState, NodeInfo, SubmitResult, as_dict
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+EXIT = """exit status: 0 done, 1 the scheduler refused (the status is printed), 2 usage,
+3 submit --wait: the job ended other than succeeded, 4 submit --wait SECONDS: not finished in time"""
 
 
 def _common() -> argparse.ArgumentParser:
@@ -45,42 +47,80 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _seconds(text: str) -> float:
+    """A --wait/--timeout value: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more seconds")
+    return value
+
+
+def _file_bytes(path: str) -> bytes:
+    """A --payload-file: its bytes, read while parsing so a missing file is a usage error (exit 2)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {err.strerror or err}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     common = _common()
-    top = argparse.ArgumentParser(prog="lingua", parents=[common], description="Lingua Scheduler command line.")
+    top = argparse.ArgumentParser(prog="lingua", parents=[common], description="Lingua Scheduler command line.",
+                                  epilog=EXIT)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    submit = sub.add_parser("submit", parents=[common], help="submit one job")
-    submit.add_argument("--tenant", required=True)
-    submit.add_argument("--session", required=True)
-    submit.add_argument("--from", dest="src_lang", required=True, metavar="LANG")
-    submit.add_argument("--to", dest="tgt_lang", required=True, metavar="LANG")
-    submit.add_argument("--index", type=int, default=0, help="utterance index within the session")
-    submit.add_argument("--payload-ref", default="", metavar="URI")
-    submit.add_argument("--payload-file", type=Path, metavar="FILE", help="send the file's bytes as the payload")
-    submit.add_argument("--priority", type=int, default=0)
-    submit.add_argument("--max-attempts", type=int, default=0)
-    submit.add_argument("--idempotency-key", default="")
-    submit.add_argument("--trace-id", default="")
-    submit.add_argument("--wait", type=float, nargs="?", const=0.0, metavar="SECONDS",
-                        help="wait for the terminal state (optionally at most SECONDS) and print the job")
+    submit = sub.add_parser("submit", parents=[common], help="submit one job", epilog=EXIT,
+                            description="Submit one job: one utterance of a session, translated from one "
+                                        "language to another. Prints the job id, whether it was created (a "
+                                        "repeat returns the existing job) and its state.")
+    submit.add_argument("--tenant", required=True, help="tenant the job belongs to (1 to 64 of A-Z a-z 0-9 . _ -)")
+    submit.add_argument("--session", required=True, metavar="SESSION",
+                        help="session (conversation) the utterance belongs to")
+    submit.add_argument("--from", dest="src_lang", required=True, metavar="LANG",
+                        help="source language, a tag such as zh, en or pt-br")
+    submit.add_argument("--to", dest="tgt_lang", required=True, metavar="LANG",
+                        help="target language, same format, not equal to --from")
+    submit.add_argument("--index", type=int, default=0, metavar="N",
+                        help="utterance index within the session, 0 or more (default 0)")
+    submit.add_argument("--payload-ref", default="", metavar="URI",
+                        help="where the node finds the audio: s3://..., https://... or session://SESSION/N")
+    submit.add_argument("--payload-file", type=_file_bytes, metavar="FILE",
+                        help="send the file's bytes inline as the payload instead (up to the server's cap)")
+    submit.add_argument("--priority", type=int, default=0, metavar="0-9",
+                        help="0 (lowest, default) to 9 (highest): nodes get higher priorities first")
+    submit.add_argument("--max-attempts", type=int, default=0, metavar="N",
+                        help="assignments the job may use before it fails (default 0: the server's default)")
+    submit.add_argument("--idempotency-key", default="", metavar="KEY",
+                        help="repeats with this key return the same job (default: tenant + session + index + "
+                             "target language identify it)")
+    submit.add_argument("--trace-id", default="", metavar="ID",
+                        help="your trace id, passed to the node unchanged (at most 128 characters)")
+    submit.add_argument("--wait", type=_seconds, nargs="?", const=0.0, metavar="SECONDS",
+                        help="wait until the job ends and print it; at most SECONDS when given (0: no limit). "
+                             "On timeout the job, still there, is printed as it is now (exit status 4)")
     submit.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
     get = sub.add_parser("get", parents=[common], help="show one job")
-    get.add_argument("job_id")
+    get.add_argument("job_id", help="a job id, as submit printed it")
     watch = sub.add_parser("watch", parents=[common], help="print a job's state changes until it ends")
-    watch.add_argument("job_id")
+    watch.add_argument("job_id", help="a job id, as submit printed it")
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a job")
-    cancel.add_argument("job_id")
-    cancel.add_argument("--reason", default="")
+    cancel.add_argument("job_id", help="a job id, as submit printed it")
+    cancel.add_argument("--reason", default="", help="why, recorded with the cancellation")
     sub.add_parser("nodes", parents=[common], help="list registered nodes")
     session = sub.add_parser("session", parents=[common],
                              help="print a session's finished jobs in utterance order as they finish (WatchSession)")
-    session.add_argument("tenant")
-    session.add_argument("session")
-    session.add_argument("--from", dest="from_index", type=int, default=0, metavar="N",
-                         help="start at utterance index N (a resume_index to resume)")
+    session.add_argument("tenant", help="the session's tenant")
+    session.add_argument("session", help="the session id")
+    session.add_argument("--from-index", dest="from_index", type=int, default=0, metavar="N",
+                         help="start at utterance index N (a resume_index to resume; default 0)")
+    # The old spelling, kept for scripts; hidden because in `submit` --from is a language.
+    session.add_argument("--from", dest="from_index", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     session.add_argument("--lang", default="", metavar="LANG", help="only jobs into this target language")
     session.add_argument("--count", type=int, default=0, metavar="N", help="stop after N jobs")
-    session.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop after SECONDS")
+    session.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                         help="stop after SECONDS (default: run until --count jobs or Ctrl-C)")
     return top
 
 
@@ -107,6 +147,36 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+class _Rows:
+    """A table printed row by row as a stream delivers them (watch, session): columns start at the
+    widths given (wide enough for the usual values) and widen for a longer value. The header waits for
+    the first row, so an error is not preceded by a header."""
+
+    def __init__(self, header: list[str], widths: list[int], out: TextIO) -> None:
+        self.header: list[str] | None = header
+        self.widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+        self.out = out
+
+    def _line(self, cells: list[str]) -> None:
+        self.widths = [max(w, len(c)) for w, c in zip(self.widths, cells, strict=True)]
+        self.out.write("  ".join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip() + "\n")
+
+    def row(self, cells: list[str]) -> None:
+        self.end()
+        self._line(cells)
+        self.out.flush()
+
+    def end(self) -> None:
+        """Print the header if no row did (the stream ended without any)."""
+        if self.header is not None:
+            self._line(self.header)
+            self.header = None
+
+
+_STATE_WIDTH = max(len(str(s)) for s in JobState)
+_AT_WIDTH = len("2025-01-01T00:00:00.000Z")
 
 
 def _job(job: Job, out: TextIO) -> None:
@@ -171,11 +241,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     as_json = getattr(args, "json", False)
     with _client(args) as client:
         if args.command == "submit":
-            payload = args.payload_file.read_bytes() if args.payload_file else b""
             sub: SubmitResult = client.submit(
                 tenant_id=args.tenant, session_id=args.session, src_lang=args.src_lang, tgt_lang=args.tgt_lang,
-                utterance_index=args.index, payload=payload, payload_ref=args.payload_ref, priority=args.priority,
-                max_attempts=args.max_attempts, idempotency_key=args.idempotency_key, trace_id=args.trace_id)
+                utterance_index=args.index, payload=args.payload_file or b"", payload_ref=args.payload_ref,
+                priority=args.priority, max_attempts=args.max_attempts, idempotency_key=args.idempotency_key,
+                trace_id=args.trace_id)
             if args.quiet:
                 out.write(sub.job_id + "\n")
             elif as_json and args.wait is None:
@@ -185,7 +255,15 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                        out)
             if args.wait is None:
                 return 0
-            job = client.wait(sub.job_id, timeout=args.wait or None)
+            try:
+                job = client.wait(sub.job_id, timeout=args.wait or None)
+            except DeadlineExceeded:
+                job = client.get(sub.job_id)
+                sys.stderr.write(f"lingua: job {job.job_id} did not finish within {args.wait:g} s; it is {job.state} "
+                                 f"(it stays: lingua watch {job.job_id}, lingua cancel {job.job_id})\n")
+                if not args.quiet:
+                    _show(job, as_json, out)
+                return 4
             if not args.quiet:
                 _show(job, as_json, out)
             return 0 if job.state is JobState.SUCCEEDED else 3
@@ -193,17 +271,22 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             job = client.get(args.job_id) if args.command == "get" else client.cancel(args.job_id, reason=args.reason)
             _show(job, as_json, out)
         elif args.command == "watch":
-            if not as_json:
-                out.write("  ".join(["AT", "STATE", "EVENT", "ATTEMPT", "NODE", "ERROR"]) + "\n")
+            # The longest event name is "lease_expired"; node ids are usually short.
+            events = _Rows(["AT", "STATE", "EVENT", "ATTEMPT", "NODE", "ERROR"],
+                           [_AT_WIDTH, _STATE_WIDTH, len("lease_expired"), 0, 8, 0], out)
             for event in client.watch(args.job_id):
                 if as_json:
                     _dump(event, out)
+                    out.flush()
                 else:
-                    out.write("  ".join(_event_row(event)).rstrip() + "\n")
-                out.flush()
-        elif args.command == "session":
+                    events.row(_event_row(event))
             if not as_json:
-                out.write("  ".join(["INDEX", "LANG", "STATE", "JOB", "TEXT / ERROR"]) + "\n")
+                events.end()
+        elif args.command == "session":
+            # Wide enough for tags up to "pt-br" and a job id "{src:tgt:partition}" + 26-character ULID
+            # of such tags; only longer tags or 10+ partitions widen the columns.
+            jobs = _Rows(["INDEX", "LANG", "STATE", "JOB", "TEXT / ERROR"],
+                         [0, len("pt-br"), _STATE_WIDTH, len("{pt-br:pt-br:0}") + 26, 0], out)
             shown = 0
             with closing(client.watch_session(args.tenant, args.session, args.from_index, tgt_lang=args.lang,
                                               timeout=args.timeout)) as batches:
@@ -212,11 +295,13 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                         if as_json:
                             _dump({**as_dict(job), "resume_index": batch.resume_index}, out)
                         else:
-                            out.write("  ".join(_session_row(job)).rstrip() + "\n")
+                            jobs.row(_session_row(job))
                         shown += 1
                         if shown == args.count:
                             return 0
                     out.flush()
+            if not as_json:
+                jobs.end()
         elif args.command == "nodes":
             nodes = client.list_nodes()
             if as_json:
@@ -232,8 +317,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return _run(args, out or sys.stdout)
     except LinguaError as err:
         sys.stderr.write(f"lingua: {err}\n")
-        for field, why in err.field_violations:
-            sys.stderr.write(f"  {field}: {why}\n")
+        for field, why in err.field_violations:  # those the message does not already say
+            if f"{field}: {why}" not in err.message:
+                sys.stderr.write(f"  {field}: {why}\n")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -20,7 +20,7 @@ from ._channel import Connection, TLSOption
 from ._proto import scheduler_pb2 as pb
 from ._proto import scheduler_pb2_grpc as pb_grpc
 from .errors import DeadlineExceeded, Unavailable, from_rpc_error
-from .models import Job, JobEvent, JobSpec, NodeInfo, SessionEvent, SubmitResult
+from .models import Job, JobEvent, JobSpec, JobState, NodeInfo, SessionEvent, SubmitResult
 
 _RETRY_PAUSE = 0.2  # seconds between two watches of one wait (after an instance went away)
 
@@ -75,13 +75,11 @@ class _Core:
         return None if deadline is None else deadline - time.monotonic()
 
     @staticmethod
-    def remaining(deadline: float | None) -> float | None:
-        if deadline is None:
-            return None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("wait: the job did not finish in time")
-        return left
+    def late(job_id: str, timeout: float | None, state: JobState | None) -> DeadlineExceeded:
+        """wait's timeout, in the caller's terms rather than gRPC's ("Deadline Exceeded")."""
+        known = f"its last known state is {state}" if state else "its state is not known"
+        return DeadlineExceeded(f"job {job_id} did not finish within {timeout or 0:g} s; {known} "
+                                "(the job stays: wait again, or cancel it)")
 
 
 class AsyncClient:
@@ -141,18 +139,28 @@ class AsyncClient:
             call.cancel()
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> Job:
-        """The job once terminal (succeeded, failed, cancelled or expired). Raises DeadlineExceeded (a
-        TimeoutError) after `timeout` seconds; a watch cut by an instance going away is resumed."""
+        """The job once terminal (succeeded, failed, cancelled or expired). After `timeout` seconds
+        raises DeadlineExceeded (a TimeoutError) naming the job and its last known state; the job is
+        left as it is. A watch cut by an instance going away is resumed."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        state: JobState | None = None  # the last one seen, for the timeout's message
         while True:
+            left = _Core.left(deadline)
+            if left is not None and left <= 0:
+                raise _Core.late(job_id, timeout, state)
             try:
-                async with aclosing(self.watch(job_id, timeout=_Core.remaining(deadline))) as events:
-                    async for event in events:
-                        if event.state.terminal:
-                            break
+                try:
+                    async with aclosing(self.watch(job_id, timeout=left)) as events:
+                        async for event in events:
+                            state = event.state
+                            if state.terminal:
+                                break
+                except DeadlineExceeded:  # the watch's deadline is the wait's
+                    raise _Core.late(job_id, timeout, state) from None
                 job = await self.get(job_id)
                 if job.state.terminal:
                     return job
+                state = job.state
             except Unavailable:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
@@ -242,18 +250,28 @@ class Client:
             call.cancel()
 
     def wait(self, job_id: str, *, timeout: float | None = None) -> Job:
-        """The job once terminal (succeeded, failed, cancelled or expired). Raises DeadlineExceeded (a
-        TimeoutError) after `timeout` seconds; a watch cut by an instance going away is resumed."""
+        """The job once terminal (succeeded, failed, cancelled or expired). After `timeout` seconds
+        raises DeadlineExceeded (a TimeoutError) naming the job and its last known state; the job is
+        left as it is. A watch cut by an instance going away is resumed."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        state: JobState | None = None  # the last one seen, for the timeout's message
         while True:
+            left = _Core.left(deadline)
+            if left is not None and left <= 0:
+                raise _Core.late(job_id, timeout, state)
             try:
-                with closing(self.watch(job_id, timeout=_Core.remaining(deadline))) as events:
-                    for event in events:
-                        if event.state.terminal:
-                            break
+                try:
+                    with closing(self.watch(job_id, timeout=left)) as events:
+                        for event in events:
+                            state = event.state
+                            if state.terminal:
+                                break
+                except DeadlineExceeded:  # the watch's deadline is the wait's
+                    raise _Core.late(job_id, timeout, state) from None
                 job = self.get(job_id)
                 if job.state.terminal:
                     return job
+                state = job.state
             except Unavailable:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
