@@ -105,10 +105,12 @@ async def test_results_come_in_utterance_order_when_jobs_finish_out_of_order(stu
     assert not any(j.spec.payload for j in jobs)
 
 
-async def test_a_job_in_a_pool_new_to_the_session_holds_later_utterances(stub: pb_grpc.SchedulerStub) -> None:
+async def test_a_job_in_a_pool_new_to_the_session_holds_later_utterances(make_app: AppFactory) -> None:
     """Utterance 0 is the session's first job of a pair (zh:fr) that appears after the stream opened; a
     later utterance finishing first in another pool must wait for it, and it must not be lost."""
-    async with watching(stub) as stream:
+    app = await make_app(ack_timeout_ms=30_000, lease_ms=30_000)  # the held job must not expire meanwhile
+    channel, stub = stub_for(app)
+    async with channel, watching(stub) as stream:
         await submit(stub, 0, tgt_lang="fr")
         await submit(stub, 1)
         held_en, held_fr = await assign(stub, 1), await assign(stub, 1, tgt="fr")
