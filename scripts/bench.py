@@ -35,6 +35,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# gRPC core logs every GOAWAY of a TLS channel when its scheduler stops; keep the rows readable.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
