@@ -9,8 +9,10 @@ job, or with --session-reader also WatchSession: one stream per session).
 Clients are the SDK's AsyncClient, nodes the SDK's Node (scripts/simulated.py). Each combination runs
 again, in the same run, with the raw-stub node of scripts/simnode.py as the baseline: the ratio SDK
 Node / simnode of lifecycles/s and of scheduler CPU per lifecycle is printed and written (--rounds N
-repeats each pair; the ranges are reported). Then the same at half the best throughput, for dispatch
-latency. Then Redis memory per queued and per
+repeats each pair; the ranges are reported). With --auth each combination also runs, in the same
+rounds, with bearer-token authentication on and with authentication and TLS on (an HS256 key and a
+server certificate made for the run); the ratios to the row without are printed and written. Then the
+same at half the best throughput, for dispatch latency. Then Redis memory per queued and per
 finished job. Then RQ, arq and Celery on the same Redis (scripts/bench_others.py). Writes
 docs/benchmarks.md and docs/benchmarks.png.
 """
@@ -33,20 +35,24 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# gRPC core logs every GOAWAY of a TLS channel when its scheduler stops; keep the rows readable.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
+from certs import CA  # noqa: E402
 from lingua_scheduler.server.dispatch import new_lease_token  # noqa: E402
 from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
 from lingua_scheduler.server.settings import Settings  # noqa: E402
 from lingua_scheduler.server.store import Lease, Store  # noqa: E402
 from lingua_scheduler.server.tokens import mint  # noqa: E402
-from lingua_sdk import Assignment, AsyncClient, pb  # noqa: E402
+from lingua_sdk import TLS, Assignment, AsyncClient, pb  # noqa: E402
 from redis_cluster import free_ports  # noqa: E402
 from simnode import Received, SimNode, open_channel  # noqa: E402
 from simulated import SimulatedNode  # noqa: E402
 
 NODES = ("sdk", "simnode")  # the SDK's Node; the raw-stub baseline
+SECURITY = ("none", "auth", "auth+TLS")  # --auth: each combination in these three modes
 
 TICK = os.sysconf("SC_CLK_TCK")
 SESSIONS_PER_CLIENT = 8  # --session-reader: live sessions per client, one WatchSession stream each
@@ -87,6 +93,7 @@ class Run:
     lua: float = 0.0
     redis_cpu_us: float = 0.0
     sched_cpu_per_1000: float = 0.0
+    bench_cpu_per_1000: float = 0.0  # this process: the clients and nodes (their side of TLS, say)
 
     @property
     def rate(self) -> float:
@@ -96,8 +103,8 @@ class Run:
 class Lifecycle:
     """Clients and simulated nodes against one scheduler process."""
 
-    def __init__(self, address: str, pid: int, redis_url: str, token: str | None = None) -> None:
-        self.address, self.pid, self.redis_url, self.token = address, pid, redis_url, token
+    def __init__(self, address: str, pid: int, redis_url: str, token: str | None = None, tls: TLS | None = None) -> None:
+        self.address, self.pid, self.redis_url, self.token, self.tls = address, pid, redis_url, token, tls
         self.sent: dict[tuple[str, int], float] = {}
         self.seq = 0
 
@@ -111,7 +118,8 @@ class Lifecycle:
             def sdk_receive(a: Assignment, at: float) -> None:
                 self.on_receive(run, a.proto.spec, at)
             return await SimulatedNode(self.address, f"bench-{i}", [("zh", "en")], 64, on_receive=sdk_receive,
-                                       token=self.token).start()
+                                       token=self.token, tls=self.tls).start()
+        assert self.tls is None, "the raw-stub node speaks plaintext only"
         channel = open_channel(self.address, self.token)
         self.raw_channels.append(channel)
 
@@ -177,8 +185,9 @@ class Lifecycle:
         redis = aioredis.from_url(self.redis_url)
         self.raw_channels: list[grpc.aio.Channel] = []
         nodes = [await self.start_node(run, i) for i in range(run.nodes)]
-        stubs = [AsyncClient(self.address, token=self.token) for _ in range(run.clients)]
+        stubs = [AsyncClient(self.address, token=self.token, tls=self.tls or False) for _ in range(run.clients)]
         before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
+        own0 = time.process_time()
         if rate:  # open loop: a new lifecycle every 1/rate s
             tasks = []
             for i in range(jobs // run.batch):
@@ -197,12 +206,14 @@ class Lifecycle:
 
             await asyncio.gather(*[client(s) for s in stubs])
         run.seconds = time.perf_counter() - t0
+        own1 = time.process_time()
         after, cpu1 = await redis_counters(redis), cpu_seconds(self.pid)
         run.jobs = len(run.e2e_ms)
         run.lua = (after.get("evalsha", 0) - before.get("evalsha", 0)) / run.jobs
         run.commands = sum(after[k] - before.get(k, 0) for k in after if not k.startswith("_") and k != "info") / run.jobs
         run.redis_cpu_us = (after["_cpu"] - before["_cpu"]) / run.jobs * 1e6
         run.sched_cpu_per_1000 = (cpu1 - cpu0) / run.jobs * 1000
+        run.bench_cpu_per_1000 = (own1 - own0) / run.jobs * 1000
         for node in nodes:
             await node.stop()
         for channel in self.raw_channels:
@@ -231,17 +242,38 @@ def stop_scheduler(proc: subprocess.Popen[bytes]) -> None:
         proc.stdout.close()
 
 
+@dataclass(frozen=True)
+class Security:
+    """How one row's scheduler is secured: its extra flags, the token every client and node sends, and
+    the clients' TLS settings."""
+
+    flags: tuple[str, ...] = ()
+    token: str | None = None
+    tls: TLS | None = None
+
+
+def security_modes(folder: Path) -> dict[str, Security]:
+    """SECURITY's modes, with an HS256 key and a CA + server certificate (for 127.0.0.1) made in `folder`."""
+    key = folder / "bench.secret"
+    key.write_text(secrets.token_hex(32))
+    ca = CA("Lingua Bench CA")
+    cert, cert_key = ca.issue("scheduler", server=True).write(folder, "server")
+    auth = ("--auth-jwt-key", str(key))
+    token = mint(str(key), "admin")
+    return {"none": Security(), "auth": Security(auth, token),
+            "auth+TLS": Security((*auth, "--tls-cert", str(cert), "--tls-key", str(cert_key)), token,
+                                 TLS(root_certificates=ca.pem))}
+
+
 async def lifecycle(redis_url: str, run: Run, jobs: int, rate: float = 0.0, profile: Path | None = None,
-                    auth_key: Path | None = None) -> Run:
-    """One row. With `auth_key` (an HS256 secret file) the scheduler verifies bearer tokens and every
-    client and node sends an admin token signed with it."""
+                    security: Security = Security()) -> Run:
+    """One row, against a scheduler started for it (secured as `security` says)."""
     client = aioredis.from_url(redis_url)
     await client.flushall()  # the bench's own Redis
     await client.aclose()
-    flags, token = ([], None) if auth_key is None else (["--auth-jwt-key", str(auth_key)], mint(str(auth_key), "admin"))
-    proc, address = start_scheduler(redis_url, profile, *flags)
+    proc, address = start_scheduler(redis_url, profile, *security.flags)
     try:
-        return await Lifecycle(address, proc.pid, redis_url, token).run(run, jobs, rate)
+        return await Lifecycle(address, proc.pid, redis_url, security.token, security.tls).run(run, jobs, rate)
     finally:
         stop_scheduler(proc)
 
@@ -333,6 +365,43 @@ def node_ratio_row(label: str, sdk: list[Run], sim: list[Run]) -> str:
             f"{span([r.sched_cpu_per_1000 for r in sdk])} | {span([r.sched_cpu_per_1000 for r in sim])} | {span(cpu)} |")
 
 
+def security_row(label: str, modes: dict[str, list[Run]]) -> str:
+    """One markdown row: lifecycles/s without security, with auth, with auth+TLS, the ratios to the row
+    without (round i beside round i), and scheduler and client/node CPU per 1000 lifecycles."""
+    none = modes["none"]
+
+    def ratio(runs: list[Run], attr: str) -> str:
+        return span([getattr(a, attr) / getattr(b, attr) for a, b in zip(runs, none, strict=True)])
+
+    cells = [span([r.rate for r in modes[m]], ".0f") for m in SECURITY]
+    cells += [ratio(modes[m], "rate") for m in SECURITY[1:]]
+    cells += [span([r.sched_cpu_per_1000 for r in modes[m]]) for m in SECURITY]
+    cells += [span([r.bench_cpu_per_1000 for r in modes[m]]) for m in SECURITY]
+    return f"| {label} | {' | '.join(cells)} |"
+
+
+SECURITY_TABLE_HEAD = """| clients x nodes, batch | lifecycles/s, no auth | auth | auth+TLS | ratio auth / none \
+| ratio auth+TLS / none | scheduler CPU s/1000, no auth | auth | auth+TLS | clients+nodes CPU s/1000, no auth \
+| auth | auth+TLS |
+|---|---|---|---|---|---|---|---|---|---|---|---|"""
+
+
+def security_section(args: argparse.Namespace, rows: list[tuple[str, dict[str, list[Run]]]]) -> str:
+    return f"""## With authentication and TLS (same run)
+
+With --auth each combination also ran with bearer-token authentication on (an HS256 key made for the
+run, an admin token on every client and node: every call is verified, a cache hit after the first) and
+with authentication and TLS on (a server certificate for 127.0.0.1 from a CA made for the run; the
+clients and nodes trust that CA). The three alternate, {args.rounds} round(s) each, the order rotating
+each round; ranges over the rounds, ratios of round i beside round i. The goal: auth and TLS together
+cost at most 10% of lifecycles/s (ratio auth+TLS / none >= 0.90). "clients+nodes CPU" is the bench
+process, where the clients and simulated nodes run: their side of TLS.
+
+{SECURITY_TABLE_HEAD}
+{chr(10).join(security_row(*r) for r in rows)}
+"""
+
+
 NODE_TABLE_HEAD = """| clients x nodes, batch | SDK Node lifecycles/s | simnode lifecycles/s | ratio SDK / simnode \
 | scheduler CPU s/1000, SDK Node | ..., simnode | ratio SDK / simnode |
 |---|---|---|---|---|---|---|"""
@@ -340,7 +409,7 @@ NODE_TABLE_HEAD = """| clients x nodes, batch | SDK Node lifecycles/s | simnode 
 
 def write_report(args: argparse.Namespace, runs: list[Run], half: Run, mem: dict[str, float],
                  comp: dict[str, dict[str, Any]], profile: str, pairs: list[tuple[str, list[Run], list[Run]]],
-                 out: Path) -> None:
+                 secured: list[tuple[str, dict[str, list[Run]]]], out: Path) -> None:
     import importlib.metadata as md
 
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("grpcio", "protobuf", "redis", "hiredis", "transitions"))
@@ -396,6 +465,7 @@ Redis memory, no payload (payload_ref), {args.memory_jobs} jobs: **{mem['per_que
 job**, **{mem['per_finished']:.0f} bytes per retained finished job** (with a short text result).
 
 {node_section}
+{security_section(args, secured) if secured else ""}
 ## Beside RQ, arq and Celery (same Redis, same run)
 
 The same trivial job (return its argument), {args.compare_jobs} jobs enqueued, drained by two workers,
@@ -423,33 +493,37 @@ async def main_async(args: argparse.Namespace) -> int:
         runs = []
         session_runs: list[Run] = []
         auth_runs: list[Run] = []
-        key = tmp / "bench.secret"
-        key.write_text(secrets.token_hex(32))
+        modes = security_modes(tmp)
         pairs: list[tuple[str, list[Run], list[Run]]] = []  # combo label, SDK Node runs, simnode runs
+        secured: list[tuple[str, dict[str, list[Run]]]] = []  # combo label, runs per SECURITY mode
         for combo in args.combos.split(","):
             c, rest = combo.split("x")
             n, b = rest.split("b") if "b" in rest else (rest, "1")
             label = f"{c} x {n}, batch {b}"
-            done: dict[str, list[Run]] = {k: [] for k in NODES}
-            kinds = NODES if args.baseline else NODES[:1]
+            # (node kind, security mode): the SDK Node plain first, the simnode baseline, the secured rows
+            variants = [("sdk", "none")] + [("simnode", "none")] * args.baseline
+            variants += [("sdk", m) for m in SECURITY[1:]] * args.auth
+            done: dict[tuple[str, str], list[Run]] = {v: [] for v in variants}
             for r in range(args.rounds):
-                for kind in kinds if r % 2 == 0 else kinds[::-1]:  # alternate which goes first
-                    run = await lifecycle(redis.url, Run(label, int(c), int(n), int(b), node=kind), args.jobs)
+                shift = r % len(variants)  # rotate which goes first
+                for kind, mode in variants[shift:] + variants[:shift]:
+                    suffix = "" if mode == "none" else f", {mode}"
+                    run = await lifecycle(redis.url, Run(label + suffix, int(c), int(n), int(b), node=kind), args.jobs,
+                                          security=modes[mode])
                     print(f"{run.label} [{kind}]: {run.rate:.0f}/s, dispatch p50 {pct(run.dispatch_ms, 50):.2f} ms, "
                           f"e2e p50 {pct(run.e2e_ms, 50):.2f} ms, {run.lua:.2f} Lua/job, "
-                          f"{run.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
-                    done[kind].append(run)
-            runs.append(max(done["sdk"], key=lambda r: r.rate))
+                          f"{run.sched_cpu_per_1000:.2f} sched CPU s/1000, {run.bench_cpu_per_1000:.2f} "
+                          "clients+nodes CPU s/1000", flush=True)
+                    done[(kind, mode)].append(run)
+            runs.append(max(done[("sdk", "none")], key=lambda r: r.rate))
             if args.baseline:
-                pairs.append((label, done["sdk"], done["simnode"]))
-                print(node_ratio_row(label, done["sdk"], done["simnode"]), flush=True)
-            if args.auth:  # the same row with bearer-token authentication on, right after it
-                base = runs[-1]
-                arun = await lifecycle(redis.url, Run(f"{label}, auth", int(c), int(n), int(b)), args.jobs, auth_key=key)
-                print(f"{arun.label}: {arun.rate:.0f}/s ({arun.rate / base.rate - 1:+.1%}), dispatch p50 "
-                      f"{pct(arun.dispatch_ms, 50):.2f} ms, e2e p50 {pct(arun.e2e_ms, 50):.2f} ms, "
-                      f"{arun.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
-                auth_runs.append(arun)
+                pairs.append((label, done[("sdk", "none")], done[("simnode", "none")]))
+                print(node_ratio_row(label, done[("sdk", "none")], done[("simnode", "none")]), flush=True)
+            if args.auth:
+                by_mode = {m: done[("sdk", m)] for m in SECURITY}
+                secured.append((label, by_mode))
+                auth_runs += [max(by_mode[m], key=lambda r: r.rate) for m in SECURITY[1:]]
+                print(security_row(label, by_mode), flush=True)
             if args.session_reader:
                 srun = Run(f"{label}, WatchSession", int(c), int(n), int(b), reader="session")
                 await lifecycle(redis.url, srun, args.jobs)
@@ -457,6 +531,8 @@ async def main_async(args: argparse.Namespace) -> int:
                       f"{srun.lua:.2f} Lua/job, {srun.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
                 session_runs.append(srun)
         if args.lifecycle_only:
+            if secured:
+                print(security_section(args, secured))
             return 0
         best = max(runs, key=lambda r: r.rate)
         half = Run(f"{best.clients} x {best.nodes}, batch {best.batch}, at half rate", best.clients, best.nodes, best.batch)
@@ -472,7 +548,8 @@ async def main_async(args: argparse.Namespace) -> int:
             profile = profile_summary(prof, args.jobs)
         comp = others(redis.url, args.compare_jobs, args.arq_python) if args.compare_jobs else {}
         print(json.dumps(comp), flush=True)
-        write_report(args, runs + auth_runs + session_runs, half, mem, comp, profile, pairs, docs / "benchmarks.md")
+        write_report(args, runs + auth_runs + session_runs, half, mem, comp, profile, pairs, secured,
+                     docs / "benchmarks.md")
         plot(runs, comp, docs / "benchmarks.png")
         print("wrote docs/benchmarks.md and docs/benchmarks.png")
         return 0
@@ -496,7 +573,8 @@ def main() -> int:
                    help="also run each row with clients reading results over WatchSession (one stream per "
                         f"session, {SESSIONS_PER_CLIENT} sessions per client) instead of WatchJob per job")
     p.add_argument("--auth", action="store_true",
-                   help="also run each row with bearer-token authentication on (an HS256 key made for the run)")
+                   help="also run each row with bearer-token authentication on (an HS256 key made for the run) "
+                        "and with authentication and TLS on (a server certificate made for the run)")
     p.add_argument("--lifecycle-only", action="store_true",
                    help="only the lifecycle rows: print them, skip half rate, memory, the others and the report")
     return asyncio.run(main_async(p.parse_args()))

@@ -45,7 +45,7 @@ from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import connect_redis
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
-from lingua_sdk import Assignment, AsyncClient, LinguaError, pb, pb_grpc
+from lingua_sdk import Assignment, AsyncClient, LinguaError, PermissionDenied, Unauthenticated, pb, pb_grpc
 from lingua_sdk.node import Handler, Outcome
 from redis_cluster import LocalCluster, free_ports
 from simnode import open_channel
@@ -92,6 +92,7 @@ class Report:
     requeues: int = 0
     refused_completions: int = 0
     late_accepted: int = 0
+    auth_refused: int = 0  # out-of-band calls refused UNAUTHENTICATED / PERMISSION_DENIED: a bad --token
     bad_completions: int = 0
     longest_to_terminal_s: float = 0.0
     instance_kills: int = 0
@@ -104,7 +105,7 @@ class Report:
     @property
     def ok(self) -> bool:
         return (self.not_terminal == 0 and self.missing == 0 and self.duplicates == 0 and self.bad_completions == 0
-                and self.given_ids == self.submitted)
+                and self.auth_refused == 0 and self.given_ids == self.submitted)
 
     def table(self, mode: str) -> str:
         failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failed_by_reason.items())) or "0"
@@ -122,6 +123,7 @@ class Report:
             ("requeues (fail / lease_expired / node_lost / unavailable)", self.requeues),
             ("late completions accepted (lease still held)", self.late_accepted),
             ("late or duplicate completions refused", self.refused_completions),
+            ("late completions refused by auth (must be 0)", self.auth_refused),
             ("succeeded jobs without exactly one accepted completion from the last attempt", self.bad_completions),
             ("longest submit -> terminal", f"{self.longest_to_terminal_s:.2f} s"),
             ("scheduler SIGKILLs / node crashes / streams cut / Redis restarts",
@@ -151,6 +153,8 @@ class Chaos:
         self.nodes: dict[str, SimulatedNode] = {}
         self.working: dict[str, dict[str, pb.JobLease]] = {}  # node id -> job id -> lease, while handled
         self.refused_completions = 0
+        self.auth_refused = 0
+        self.refused: LinguaError | None = None  # a node's token was refused: the run cannot finish
         self.done = asyncio.Event()
         self.late: set[asyncio.Task[None]] = set()
 
@@ -198,6 +202,9 @@ class Chaos:
                 assert node.task is not None
                 await asyncio.wait({done, node.task}, return_when=asyncio.FIRST_COMPLETED)  # done, or crashed
                 done.cancel()
+            except (Unauthenticated, PermissionDenied) as err:  # a bad --token: retrying cannot help
+                self.refused = err
+                return
             except Exception as err:
                 self.log(f"{node_id}: {err!r}")
             finally:
@@ -229,6 +236,8 @@ class Chaos:
                     async with AsyncClient(self.rng.choice(live).address, timeout=5, token=self.token) as client:
                         results = await client.submit_many(specs)
                     break
+                except (Unauthenticated, PermissionDenied):
+                    raise  # a bad --token: retrying on another instance cannot help
                 except LinguaError:
                     self.report.submit_retries += 1
                     await asyncio.sleep(0.1)
@@ -285,6 +294,8 @@ class Chaos:
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 self.refused_completions += 1
+            elif err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                self.auth_refused += 1  # counted, not swallowed: the run would check nothing out of band
 
     async def restart_redis(self) -> None:
         assert self.redis is not None
@@ -342,6 +353,8 @@ class Chaos:
         pending = list(self.ids.values())
         try:
             while pending and time.monotonic() < deadline:
+                if self.refused is not None:
+                    raise self.refused
                 try:
                     async with client.pipeline(transaction=False) as pipe:
                         for job_id in pending:
@@ -405,6 +418,7 @@ class Chaos:
                 else:
                     rep.other_terminal[state.decode()] = rep.other_terminal.get(state.decode(), 0) + 1
             rep.refused_completions += self.refused_completions
+            rep.auth_refused = self.auth_refused
         finally:
             await client.aclose()
 

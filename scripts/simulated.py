@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lingua_sdk import Assignment, FatalError, ModelUnavailable, Node, RetryableError, pb
+from lingua_sdk import TLS, Assignment, FatalError, ModelUnavailable, Node, RetryableError, pb
 from lingua_sdk.node import Handler
 
 
@@ -63,10 +63,10 @@ class SimulatedNode:
 
     def __init__(self, target: str, node_id: str, pairs: list[tuple[str, str]], concurrency: int = 4,
                  behaviour: Behaviour | None = None, on_receive: Received | None = None,
-                 drain_timeout: float = 10.0, token: str | None = None) -> None:
+                 drain_timeout: float = 10.0, token: str | None = None, tls: TLS | None = None) -> None:
         self.node_id, self.pairs, self.concurrency = node_id, pairs, concurrency
         self.behaviour = behaviour or Behaviour()
-        self.node = Node(target, node_id=node_id, pairs=pairs, concurrency=concurrency, token=token,
+        self.node = Node(target, node_id=node_id, pairs=pairs, concurrency=concurrency, token=token, tls=tls or False,
                          handler=handler(node_id, self.behaviour, on_receive), version="sim-sdk-1",
                          handle_signals=False, backoff=(0.05, 1.0), drain_timeout=drain_timeout)
         self.task: asyncio.Task[None] | None = None

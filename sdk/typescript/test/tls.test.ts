@@ -1,5 +1,5 @@
 // The tls option against real TLS and mutual-TLS schedulers, with certificates made for the test
-// (tests/certs.py, the Python suite's throwaway CA).
+// (scripts/certs.py, the Python suite's throwaway CA).
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -16,7 +16,7 @@ const pem = (name: string) => readFileSync(join(dir, name));
 
 before(async () => {
   dir = mkdtempSync(join(tmpdir(), "lingua-ts-certs-"));
-  const made = spawnSync(python(), [join(REPO_DIR, "tests", "certs.py"), dir], { encoding: "utf8" });
+  const made = spawnSync(python(), [join(REPO_DIR, "scripts", "certs.py"), dir], { encoding: "utf8" });
   assert.equal(made.status, 0, made.stderr);
   const files = ["--tls-cert", join(dir, "server.crt"), "--tls-key", join(dir, "server.key")];
   tls = await startScheduler([...TEST_FLAGS, ...files]);

@@ -1,4 +1,6 @@
-"""Throwaway certificate authorities and certificates for the TLS tests (the `cryptography` package)."""
+"""Throwaway certificate authorities and certificates (the `cryptography` package): the TLS tests
+(tests/, which have scripts/ on their path), the TypeScript SDK's TLS tests (run as a script) and
+scripts/bench.py --auth (its TLS rows)."""
 
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ class CA:
         return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
 
 
-if __name__ == "__main__":  # python tests/certs.py DIR: ca.crt, server.crt/.key, client.crt/.key (the TS tests)
+if __name__ == "__main__":  # python scripts/certs.py DIR: ca.crt, server.crt/.key, client.crt/.key (the TS tests)
     import sys
 
     folder = Path(sys.argv[1])
