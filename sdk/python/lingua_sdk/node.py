@@ -385,8 +385,7 @@ class Node:
             for status in m.refused:
                 self._refused(status)
             for status in m.confirmed:
-                if (key := self._find(status.job_id, status.lease_token)) is not None:
-                    self._forget(key)
+                self._confirmed(status)
             if m.error:
                 if m.error.startswith("replaced"):
                     raise FailedPrecondition(f"node_id {self.node_id!r} was registered by another stream: {m.error}")
@@ -538,6 +537,10 @@ class Node:
             result.timer = None
             self._unsent.add(key)
             self._flush.set()
+
+    def _confirmed(self, status: pb.LeaseStatus) -> None:
+        if (key := self._find(status.job_id, status.lease_token)) is not None:
+            self._forget(key)
 
     def _refused(self, status: pb.LeaseStatus) -> None:
         again = status.error_code in _AGAIN
