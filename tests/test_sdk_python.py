@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
+import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import AppFactory
 from lingua_scheduler.server.app import create_server
 from lingua_scheduler.server.settings import Settings
+from lingua_scheduler.server.tokens import mint
 from lingua_sdk import (
     AsyncClient,
     Client,
@@ -27,6 +32,7 @@ from lingua_sdk import (
     Node,
     NotFound,
     RetryableError,
+    Unauthenticated,
     pb,
 )
 from lingua_sdk.models import Assignment
@@ -360,6 +366,35 @@ async def test_result_refused_unavailable_is_sent_again_and_confirmed(app: Any, 
         assert node.refused_results == 0
 
 
+async def test_result_answered_only_by_an_error_is_sent_again(app: Any, redis: Any) -> None:
+    """The scheduler's store call fails as a whole (a failure report while Redis refuses writes): the
+    message is answered only with SchedulerMessage.error. The node sends the outcome again on the same
+    stream until it is stored."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        raise FatalError("audio is not speech", code="NOT_SPEECH")
+
+    node = make_node(target(app), held)
+    async with AsyncClient(target(app)) as client, running(node):
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        with logged("scheduler says: UNAVAILABLE") as answered:
+            await redis.config_set("maxmemory", 1)
+            try:
+                release.set()
+                await asyncio.wait_for(answered.wait(), 10)
+                assert node.unconfirmed == 1
+            finally:
+                await redis.config_set("maxmemory", 0)
+        job = await client.wait(job_id, timeout=20)
+        assert (job.state, job.attempt) == (JobState.FAILED, 1)
+        assert job.last_error is not None and job.last_error.code == "NOT_SPEECH"
+        assert (node.unconfirmed, node.refused_results) == (0, 0)
+
+
 async def test_handler_timeout_at_its_start_times_out_the_handler_not_the_stream(app: Any) -> None:
     """A handler that opens asyncio.timeout() before it first awaits: its own attempt times out and
     is reported; the node's stream stays up (one registration) and the retry succeeds."""
@@ -435,6 +470,86 @@ async def test_answers_settle_only_the_claim_they_are_about() -> None:
     result("newer")
     node._confirmed(pb.LeaseStatus(job_id="j", lease_token="newer", ok=True))
     assert node.unconfirmed == 0
+
+
+async def test_node_and_clients_take_a_token_callable(make_app: AppFactory, tmp_path: Path) -> None:
+    """`token` may be a callable: asked for every new stream and every call, so a long-running node
+    (or client) renews a token that expires. The node asks again when it reconnects; a client's call
+    carries whatever token the callable gives at that moment."""
+    secret = tmp_path / "hs.secret"
+    secret.write_bytes(b"0123456789abcdef0123456789abcdef-sdk-test\n")
+    app = await make_app(auth_jwt_key=(str(secret),))
+    asked: list[str] = []
+
+    def node_token() -> str:
+        asked.append("node")
+        return mint(str(secret), "node", node_ids=["gpu-*"], ttl_s=60)
+
+    fresh = mint(str(secret), "client", tenants=["acme"], ttl_s=60)
+    expired = mint(str(secret), "client", tenants=["acme"], ttl_s=60, now=time.time() - 3600)
+    current = [fresh]
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        return JobResult(text_translated="renewed")
+
+    node = make_node(target(app), held, token=node_token)
+    async with AsyncClient(target(app), token=lambda: current[0]) as client, running(node):
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        assert asked == ["node"]
+        with logged("registered with instance") as registered:
+            node.disconnect()
+            await asyncio.wait_for(registered.wait(), 10)
+        assert asked == ["node", "node"]  # the new stream asked for the current token
+        release.set()
+        assert (await client.wait(job_id, timeout=20)).state is JobState.SUCCEEDED
+        current[0] = expired
+        with pytest.raises(Unauthenticated):
+            await client.get(job_id)
+        current[0] = fresh  # renewed: the same client goes on
+        assert (await client.get(job_id)).result == JobResult(text_translated="renewed")
+
+    def blocking() -> JobState:
+        with Client(target(app), token=lambda: current[0]) as sync_client:  # the blocking client too
+            return sync_client.get(job_id).state
+
+    assert await asyncio.to_thread(blocking) is JobState.SUCCEEDED
+    current[0] = expired
+    with pytest.raises(Unauthenticated):
+        await asyncio.to_thread(blocking)
+
+
+async def test_sigint_drains_and_a_second_signal_stops_at_once(app: Any) -> None:
+    """SIGINT (as SIGTERM) drains: no new work, the running handler goes on. A second signal stops at
+    once: the handler is cancelled and run() returns. The previous SIGINT handler is restored."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hangs(a: Assignment) -> JobResult:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return JobResult()
+
+    before = signal.getsignal(signal.SIGINT)
+    node = Node(target(app), node_id="gpu-1", pairs=["zh:en"], concurrency=2, handler=hangs, backoff=(0.05, 0.5))
+    with logged("draining") as draining:
+        async with AsyncClient(target(app)) as client:
+            task = asyncio.create_task(node.run())
+            await client.submit(**SPEC)
+            await asyncio.wait_for(started.wait(), 10)
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.wait_for(draining.wait(), 10)
+            assert not task.done() and not cancelled.is_set()  # draining: the handler runs on
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.wait_for(task, 10)
+    assert cancelled.is_set()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # -- the controls simulations use: abort(), disconnect(), silent, ModelUnavailable ------------------

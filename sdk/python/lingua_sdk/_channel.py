@@ -88,9 +88,9 @@ class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
         return continuation(self._details(details), requests)
 
 
-class _AioToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-                grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
-    """Adds `authorization: Bearer <token()>` to every call (and stream) of an asyncio channel."""
+class _AioToken:
+    """Adds `authorization: Bearer <token()>` to every call (and stream) of an asyncio channel. One
+    interceptor per call kind: grpc.aio files each interceptor under the first kind it matches."""
 
     def __init__(self, token: Callable[[], str]) -> None:
         self.token = token
@@ -99,15 +99,23 @@ class _AioToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
         return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*_with_token(d.metadata, self.token)),
                                           d.credentials, d.wait_for_ready)
 
+
+class _AioUnaryUnary(_AioToken, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AioUnaryStream(_AioToken, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AioStreamUnary(_AioToken, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
+
+class _AioStreamStream(_AioToken, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
@@ -144,7 +152,8 @@ class Connection:
         return channel if self.token_source is None else grpc.intercept_channel(channel, _SyncToken(self.token_source))
 
     def aio_channel(self) -> grpc.aio.Channel:
-        interceptors: list[Any] = [] if self.token_source is None else [_AioToken(self.token_source)]
+        interceptors: list[Any] = [] if self.token_source is None else [
+            kind(self.token_source) for kind in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
         if self.tls is None:
             return grpc.aio.insecure_channel(self.target, options=self.options, interceptors=interceptors)
         return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=self.options,
