@@ -6,13 +6,19 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import AppFactory
 from lingua_scheduler.server.app import create_server
 from lingua_scheduler.server.settings import Settings
+from lingua_scheduler.server.tokens import mint
 from lingua_sdk import (
     AsyncClient,
     Client,
@@ -26,9 +32,11 @@ from lingua_sdk import (
     Node,
     NotFound,
     RetryableError,
+    Unauthenticated,
+    pb,
 )
 from lingua_sdk.models import Assignment
-from lingua_sdk.node import _eager
+from lingua_sdk.node import _eager, _Result
 
 pytestmark = pytest.mark.single_redis  # the SDK sees only gRPC: one Redis backend is enough
 
@@ -309,6 +317,241 @@ async def test_node_drains_on_stop(app: Any) -> None:
 
 
 
+@contextlib.contextmanager
+def logged(text: str) -> Iterator[asyncio.Event]:
+    """An event set when the node runtime logs a line containing `text`."""
+    seen = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                seen.set()
+
+    logger, watch = logging.getLogger("lingua_sdk.node"), Watch()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(watch)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(level)
+
+
+async def test_result_refused_unavailable_is_sent_again_and_confirmed(app: Any, redis: Any) -> None:
+    """The store refuses the result (Redis out of memory: every write fails, reason STORE_UNAVAILABLE):
+    the node keeps it, sends it again with backoff, and it is stored once the store is back."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        return JobResult(text_translated=f"attempt {a.attempt}")
+
+    node = make_node(target(app), held)
+    async with AsyncClient(target(app)) as client, running(node):
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        with logged("sending it again") as refused:
+            await redis.config_set("maxmemory", 1)  # our private Redis: writes now fail with OOM
+            try:
+                release.set()
+                await asyncio.wait_for(refused.wait(), 10)
+                assert node.unconfirmed == 1  # refused "send again": kept
+            finally:
+                await redis.config_set("maxmemory", 0)
+        job = await client.wait(job_id, timeout=20)
+        assert (job.state, job.attempt) == (JobState.SUCCEEDED, 1)
+        assert job.result is not None and job.result.text_translated == "attempt 1"
+        assert node.refused_results == 0
+
+
+async def test_result_answered_only_by_an_error_is_sent_again(app: Any, redis: Any) -> None:
+    """The scheduler's store call fails as a whole (a failure report while Redis refuses writes): the
+    message is answered only with SchedulerMessage.error. The node sends the outcome again on the same
+    stream until it is stored."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        raise FatalError("audio is not speech", code="NOT_SPEECH")
+
+    node = make_node(target(app), held)
+    async with AsyncClient(target(app)) as client, running(node):
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        with logged("scheduler says: UNAVAILABLE") as answered:
+            await redis.config_set("maxmemory", 1)
+            try:
+                release.set()
+                await asyncio.wait_for(answered.wait(), 10)
+                assert node.unconfirmed == 1
+            finally:
+                await redis.config_set("maxmemory", 0)
+        job = await client.wait(job_id, timeout=20)
+        assert (job.state, job.attempt) == (JobState.FAILED, 1)
+        assert job.last_error is not None and job.last_error.code == "NOT_SPEECH"
+        assert (node.unconfirmed, node.refused_results) == (0, 0)
+
+
+async def test_handler_timeout_at_its_start_times_out_the_handler_not_the_stream(app: Any) -> None:
+    """A handler that opens asyncio.timeout() before it first awaits: its own attempt times out and
+    is reported; the node's stream stays up (one registration) and the retry succeeds."""
+
+    async def bounded(a: Assignment) -> JobResult:
+        async with asyncio.timeout(0.05 if a.attempt == 1 else 10):
+            if a.attempt == 1:
+                await asyncio.Event().wait()
+            return JobResult(text_translated=f"attempt {a.attempt}")
+
+    with logged("registered with instance") as registered:
+        node = make_node(target(app), bounded)
+        async with AsyncClient(target(app)) as client, running(node):
+            job = await client.wait((await client.submit(**SPEC, max_attempts=3)).job_id, timeout=20)
+            registered.clear()
+            assert node.instance_id is not None  # still on its first stream
+    assert (job.state, job.attempt) == (JobState.SUCCEEDED, 2)
+    assert job.last_error is not None and job.last_error.code == "HANDLER_EXCEPTION"
+    assert job.last_error.message.startswith("TimeoutError")
+    assert not registered.is_set()
+
+
+@pytest.mark.parametrize("finish", ["while cut", "after reconnecting"])
+async def test_drain_after_reconnect_returns_promptly(app: Any, finish: str) -> None:
+    """stop(), then the stream is cut while a job runs: the node comes back draining, its result is
+    confirmed, and run() returns at once (not at the drain timeout)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        return JobResult(text_translated="drained")
+
+    node = make_node(target(app), held, drain_timeout=60)
+    async with AsyncClient(target(app)) as client:
+        with logged("registered with instance") as registered:
+            task = asyncio.create_task(node.run())
+            job_id = (await client.submit(**SPEC)).job_id
+            await asyncio.wait_for(started.wait(), 10)
+            node.stop()
+            registered.clear()
+            node.disconnect()
+            if finish == "while cut":
+                release.set()
+            else:
+                await asyncio.wait_for(registered.wait(), 10)
+                release.set()
+            await asyncio.wait_for(task, 15)
+        assert (node.unconfirmed, node.in_flight, node.refused_results) == (0, 0, 0)
+        job = await client.get(job_id)
+        assert (job.state, job.attempt) == (JobState.SUCCEEDED, 1)
+        assert await client.list_nodes() == []
+
+
+async def test_answers_settle_only_the_claim_they_are_about() -> None:
+    """An answer names job id + lease token: an answer about an earlier claim of a job leaves the
+    newer claim's result (and its running work) alone; a "send again" refusal keeps the result."""
+    node = make_node("127.0.0.1:1", translate)
+
+    def result(token: str) -> None:
+        lease = pb.JobLease(job_id="j", attempt=2, lease_token=token)
+        node._results[("j", token)] = _Result(pb.Completion(lease=lease, result=pb.JobResult(text_translated=token)))
+
+    result("new")
+    node._refused(pb.LeaseStatus(job_id="j", lease_token="old", error_code="FAILED_PRECONDITION", reason="STALE_LEASE"))
+    node._confirmed(pb.LeaseStatus(job_id="j", lease_token="old", ok=True))
+    assert node.unconfirmed == 1
+    node._refused(pb.LeaseStatus(job_id="j", lease_token="new", error_code="UNAVAILABLE", reason="STORE_UNAVAILABLE"))
+    assert node.unconfirmed == 1 and node._results[("j", "new")].timer is not None  # sent again later
+    node._refused(pb.LeaseStatus(job_id="j", lease_token="new", error_code="FAILED_PRECONDITION",
+                                 reason="RESULT_CONFLICT"))
+    assert (node.unconfirmed, node.refused_results) == (0, 1)
+    result("newer")
+    node._confirmed(pb.LeaseStatus(job_id="j", lease_token="newer", ok=True))
+    assert node.unconfirmed == 0
+
+
+async def test_node_and_clients_take_a_token_callable(make_app: AppFactory, tmp_path: Path) -> None:
+    """`token` may be a callable: asked for every new stream and every call, so a long-running node
+    (or client) renews a token that expires. The node asks again when it reconnects; a client's call
+    carries whatever token the callable gives at that moment."""
+    secret = tmp_path / "hs.secret"
+    secret.write_bytes(b"0123456789abcdef0123456789abcdef-sdk-test\n")
+    app = await make_app(auth_jwt_key=(str(secret),))
+    asked: list[str] = []
+
+    def node_token() -> str:
+        asked.append("node")
+        return mint(str(secret), "node", node_ids=["gpu-*"], ttl_s=60)
+
+    fresh = mint(str(secret), "client", tenants=["acme"], ttl_s=60)
+    expired = mint(str(secret), "client", tenants=["acme"], ttl_s=60, now=time.time() - 3600)
+    current = [fresh]
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(a: Assignment) -> JobResult:
+        started.set()
+        await release.wait()
+        return JobResult(text_translated="renewed")
+
+    node = make_node(target(app), held, token=node_token)
+    async with AsyncClient(target(app), token=lambda: current[0]) as client, running(node):
+        job_id = (await client.submit(**SPEC)).job_id
+        await asyncio.wait_for(started.wait(), 10)
+        assert asked == ["node"]
+        with logged("registered with instance") as registered:
+            node.disconnect()
+            await asyncio.wait_for(registered.wait(), 10)
+        assert asked == ["node", "node"]  # the new stream asked for the current token
+        release.set()
+        assert (await client.wait(job_id, timeout=20)).state is JobState.SUCCEEDED
+        current[0] = expired
+        with pytest.raises(Unauthenticated):
+            await client.get(job_id)
+        current[0] = fresh  # renewed: the same client goes on
+        assert (await client.get(job_id)).result == JobResult(text_translated="renewed")
+
+    def blocking() -> JobState:
+        with Client(target(app), token=lambda: current[0]) as sync_client:  # the blocking client too
+            return sync_client.get(job_id).state
+
+    assert await asyncio.to_thread(blocking) is JobState.SUCCEEDED
+    current[0] = expired
+    with pytest.raises(Unauthenticated):
+        await asyncio.to_thread(blocking)
+
+
+async def test_sigint_drains_and_a_second_signal_stops_at_once(app: Any) -> None:
+    """SIGINT (as SIGTERM) drains: no new work, the running handler goes on. A second signal stops at
+    once: the handler is cancelled and run() returns. The previous SIGINT handler is restored."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hangs(a: Assignment) -> JobResult:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return JobResult()
+
+    before = signal.getsignal(signal.SIGINT)
+    node = Node(target(app), node_id="gpu-1", pairs=["zh:en"], concurrency=2, handler=hangs, backoff=(0.05, 0.5))
+    with logged("draining") as draining:
+        async with AsyncClient(target(app)) as client:
+            task = asyncio.create_task(node.run())
+            await client.submit(**SPEC)
+            await asyncio.wait_for(started.wait(), 10)
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.wait_for(draining.wait(), 10)
+            assert not task.done() and not cancelled.is_set()  # draining: the handler runs on
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.wait_for(task, 10)
+    assert cancelled.is_set()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 # -- the controls simulations use: abort(), disconnect(), silent, ModelUnavailable ------------------
 
 
@@ -396,16 +639,23 @@ async def test_model_unavailable_hands_the_job_back(app: Any) -> None:
     assert job.last_error is not None and job.last_error.code == "LINGUA_MODEL_UNAVAILABLE"
 
 
-# -- eager handler start (lingua_sdk.node._eager) -----------------------------------------------------------
+# -- eager handler start (lingua_sdk.node._eager) ---------------------------------------------------
+
+EAGER = sys.version_info >= (3, 12)  # asyncio's eager tasks; 3.11 starts a plain Task per handler
 
 
-async def test_eager_start_finishes_at_once_without_a_task() -> None:
+async def test_eager_start_runs_the_handler_to_its_end() -> None:
     ran: list[str] = []
 
     async def at_once() -> None:
         ran.append("done")
 
-    assert _eager(at_once()) is None
+    task = _eager(at_once())
+    if EAGER:  # finished in its first step: no Task left to run
+        assert task is None and ran == ["done"]
+    else:
+        assert task is not None and ran == []
+        await task
     assert ran == ["done"]
 
 
@@ -421,7 +671,9 @@ async def test_eager_start_continues_a_suspended_handler_in_a_task() -> None:
         steps.append("end")
 
     task = _eager(waits())
-    assert task is not None and steps == ["first"]
+    assert task is not None
+    await asyncio.sleep(0)  # one loop turn: on 3.11 the Task takes its first step here
+    assert steps == ["first"]
     gate.set_result("woken")
     await task
     assert steps == ["first", "woken", "end"]
@@ -444,6 +696,8 @@ async def test_eager_start_cancel_reaches_the_suspended_handler(where: str) -> N
 
     task = _eager(long())
     assert task is not None
+    if not EAGER:
+        await asyncio.sleep(0)  # let the plain Task take its first step
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -464,3 +718,21 @@ async def test_eager_start_keeps_the_handlers_context_its_own() -> None:
     assert var.get() == "runtime"
     await asyncio.gather(*[t for t in tasks if t is not None])
     assert seen == ["runtime", "runtime", "a", "b"]
+
+
+async def test_eager_start_a_timeout_entered_at_the_start_is_the_handlers_own() -> None:
+    """asyncio.timeout() before the handler's first suspension cancels the handler, never the task
+    that started it (the runtime's reader)."""
+
+    async def bounded() -> None:
+        async with asyncio.timeout(0.01):
+            await asyncio.Event().wait()
+
+    task = _eager(bounded())
+    assert task is not None
+    ended = asyncio.Event()  # not `await task`: the reader does not await its handlers either
+    task.add_done_callback(lambda _: ended.set())
+    await ended.wait()  # a timeout that belonged to this task would cancel it here
+    assert isinstance(task.exception(), TimeoutError)
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0

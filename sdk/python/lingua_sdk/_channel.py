@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -44,34 +44,117 @@ class TLS:
 
 
 TLSOption = TLS | bool
+# A bearer token, or a callable returning the current one: called for every call and every new stream,
+# so a long-running process can renew a token that expires.
+TokenOption = str | Callable[[], str] | None
+
+
+class _Details(NamedTuple):
+    """grpc.ClientCallDetails of the blocking channel, with the metadata replaced."""
+
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+def _with_token(metadata: Any, token: Callable[[], str]) -> list[tuple[str, str]]:
+    return [*(m for m in metadata or () if m[0] != "authorization"), ("authorization", f"Bearer {token()}")]
+
+
+class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    """Adds `authorization: Bearer <token()>` to every call of a blocking channel."""
+
+    def __init__(self, token: Callable[[], str]) -> None:
+        self.token = token
+
+    def _details(self, d: Any) -> _Details:
+        return _Details(d.method, d.timeout, _with_token(d.metadata, self.token), d.credentials,
+                        d.wait_for_ready, getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _AioToken:
+    """Adds `authorization: Bearer <token()>` to every call (and stream) of an asyncio channel. One
+    interceptor per call kind: grpc.aio files each interceptor under the first kind it matches."""
+
+    def __init__(self, token: Callable[[], str]) -> None:
+        self.token = token
+
+    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*_with_token(d.metadata, self.token)),
+                                          d.credentials, d.wait_for_ready)
+
+
+class _AioUnaryUnary(_AioToken, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _AioUnaryStream(_AioToken, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _AioStreamUnary(_AioToken, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _AioStreamStream(_AioToken, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
 
 
 @dataclass(frozen=True)
 class Connection:
-    """What both clients and the node share: where, how, and who."""
+    """What both clients and the node share: where, how, and who. A fixed token goes in `metadata`; a
+    callable one (`token_source`) is asked by the channel's interceptor for every call."""
 
     target: str
     tls: TLS | None
     metadata: tuple[tuple[str, str], ...]
     options: tuple[tuple[str, Any], ...]
+    token_source: Callable[[], str] | None = None
 
     @classmethod
-    def of(cls, target: str, token: str | None, tls: TLSOption,
+    def of(cls, target: str, token: TokenOption, tls: TLSOption,
            options: Sequence[tuple[str, Any]] = ()) -> Connection:
         settings = TLS() if tls is True else tls or None
         opts: list[tuple[str, Any]] = [("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)]
         if settings is not None and settings.server_name:
             opts.append(("grpc.ssl_target_name_override", settings.server_name))
         opts += list(options)
+        if callable(token):
+            return cls(target, settings, (), tuple(opts), token)
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
         return cls(target, settings, metadata, tuple(opts))
 
     def channel(self) -> grpc.Channel:
         if self.tls is None:
-            return grpc.insecure_channel(self.target, options=self.options)
-        return grpc.secure_channel(self.target, self.tls.credentials(), options=self.options)
+            channel = grpc.insecure_channel(self.target, options=self.options)
+        else:
+            channel = grpc.secure_channel(self.target, self.tls.credentials(), options=self.options)
+        return channel if self.token_source is None else grpc.intercept_channel(channel, _SyncToken(self.token_source))
 
     def aio_channel(self) -> grpc.aio.Channel:
+        interceptors: list[Any] = [] if self.token_source is None else [
+            kind(self.token_source) for kind in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
         if self.tls is None:
-            return grpc.aio.insecure_channel(self.target, options=self.options)
-        return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=self.options)
+            return grpc.aio.insecure_channel(self.target, options=self.options, interceptors=interceptors)
+        return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=self.options,
+                                       interceptors=interceptors)

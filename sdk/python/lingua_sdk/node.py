@@ -3,10 +3,20 @@
 It holds a NodeSession stream, registers, runs the handler for every assignment (at most
 `concurrency` at once), acks at once, heartbeats at the interval the scheduler asks for, reports each
 outcome, and keeps every outcome until the scheduler confirms it was stored (`confirmed`) or refuses
-it (`refused`). When the stream breaks it reconnects with jittered exponential backoff, resumes the
-leases of the jobs still running (`register.holding`, with their lease tokens) and sends every
-unconfirmed outcome again. `cancels` cancel the handler's task. `stop()` (also on SIGTERM) drains:
-no new work, the running jobs finish and are confirmed, then `run()` returns.
+it for good (`refused`). Answers are matched to leases by job id + lease token: an answer about an
+earlier claim of a job never settles a newer claim's outcome. A refusal that means "the store could
+not be reached, send it again" (error_code UNAVAILABLE or ABORTED: reasons STORE_UNAVAILABLE,
+CONCURRENT_MODIFICATION) forgets nothing: the outcome is sent again with backoff, and a heartbeat so
+refused leaves the job running. An outcome left unanswered for three heartbeat intervals (the
+scheduler's whole store call failed: `SchedulerMessage.error`) is sent again on the same stream; the
+scheduler confirms a repeat idempotently.
+
+When the stream breaks it reconnects with jittered exponential backoff, resumes the leases of the
+jobs still running (`register.holding`, with their lease tokens) and sends every unconfirmed outcome
+again. `cancels` cancel the handler's task. `stop()` (also on SIGTERM or SIGINT; a second signal stops
+at once) drains: no new work, the running jobs finish and are confirmed, then the node half-closes
+its stream and `run()` returns. A draining node holding no job settles what is left with the unary
+Complete call instead of a stream (a stream would only be handed work to give back).
 
 Simulations and tests of failures (scripts/simulate.py, scripts/chaos.py) use three controls:
 `abort()` (the process dies: no drain, running work and unconfirmed results lost), `disconnect()` (the
@@ -15,32 +25,29 @@ network cuts the stream: the node reconnects and resumes its leases) and `silent
 Everything ready when the writer runs goes out in one NodeMessage: acks, heartbeats and results of
 many jobs share one message, and a handler that finishes at once sends its ack with its result.
 
-Handlers start eagerly: the first step of a handler (up to its first await that suspends) runs as
-the assignment is read, and one that finishes there (a cache hit, a quick model) costs no Task and no
-loop turn; one that suspends continues in its own Task. On Python 3.12+ that is the standard eager
-Task (`eager_start`); on 3.11 the runtime takes the first step itself, in a copy of the context, and
-a Task continues the coroutine from where it stopped (see `_eager`).
+On Python 3.12+ handlers start eagerly (asyncio's `eager_start`): the first step of a handler (up to
+its first await that suspends) runs as the assignment is read, and one that finishes there (a cache
+hit, a quick model) costs no loop turn. On 3.11 each handler runs in a plain Task (see `_eager`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import random
 import re
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from . import __version__
-from ._channel import Connection, TLSOption
+from ._channel import Connection, TLSOption, TokenOption
 from ._proto import scheduler_pb2 as pb
 from ._proto import scheduler_pb2_grpc as pb_grpc
 from .errors import TRANSIENT, FailedPrecondition, HandlerError, ModelUnavailable, from_rpc_error
@@ -72,71 +79,64 @@ def job_error(err: BaseException) -> pb.JobError:
                        retryable=not isinstance(err, HandlerError) or err.retryable)
 
 
-_STARTED: Any = object()
-
-
-class _Resumed(Coroutine[Any, Any, None]):
-    """The rest of a coroutine whose first step already ran (it stopped waiting for `pending`: a
-    future, or None for a bare yield), as a coroutine a Task can run. The Task's first step gets
-    `pending` to wait for; after that, what the Task sends or throws (the wake-up, a cancellation,
-    also one that came before that first step) goes on to the coroutine, as it would in its own Task."""
-
-    __slots__ = ("coro", "pending")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], pending: Any) -> None:
-        self.coro, self.pending = coro, pending
-
-    def send(self, value: Any) -> Any:
-        if self.pending is not _STARTED:
-            pending, self.pending = self.pending, _STARTED
-            return pending
-        return self.coro.send(value)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        self.pending = _STARTED
-        return self.coro.throw(typ) if val is None and tb is None else self.coro.throw(typ, val, tb)
-
-    def close(self) -> None:
-        self.coro.close()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        raise TypeError("a Task runs it; it is not awaited")
-
-
 def _eager(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-    """Run `coro` until it first suspends: None when it finished there, else the Task continuing it."""
+    """Start `coro` as a Task: on Python 3.12+ eagerly (its first step runs now, and None comes back
+    when it finished there); on 3.11 as a plain Task. Python 3.11 has no eager tasks, and running a
+    handler's first step outside its own Task would make asyncio.timeout() entered there cancel the
+    runtime's reader instead of the handler."""
     if sys.version_info >= (3, 12):
         task = asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
         return None if task.done() else task
-    # Python 3.11 has no eager tasks. The first step runs in a copy of the context, as a Task's would
-    # (a handler's context variables stay its own); asyncio.current_task() there is the runtime's
-    # reader, so a handler enters asyncio.timeout() only after its first await (or uses wait_for).
-    context = contextvars.copy_context()
-    try:
-        pending = context.run(coro.send, None)
-    except StopIteration:
-        return None
-    return asyncio.get_running_loop().create_task(_Resumed(coro, pending), context=context)
+    return asyncio.get_running_loop().create_task(coro)
+
+
+# Refusals that mean "send the same entry again": the store could not be reached (STORE_UNAVAILABLE)
+# or the job kept changing under the call (CONCURRENT_MODIFICATION). Any other refusal is for good.
+_AGAIN = frozenset({"UNAVAILABLE", "ABORTED"})
+_UNARY_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED})
+_RESEND_INTERVALS = 3  # heartbeat intervals an outcome may stay unanswered before it is sent again
+_CLOSE_TIMEOUT = 5.0  # after the node half-closed its stream: how long the scheduler has to end it
+
+_Key = tuple[str, str]  # job id, lease token: the claim an outcome (or an answer) is about
+
+
+def _matches(token: str, other: str) -> bool:
+    """Lease tokens match. An answer without one (from a scheduler older than LeaseStatus.lease_token)
+    matches any claim of its job."""
+    return not token or not other or token == other
 
 
 @dataclass
 class _Held:
-    """A job this node holds: its lease and the task running the handler (None while its handler
-    takes its first step, and for one that finished there)."""
+    """A job this node holds: its lease and the task running the handler (None for a handler that
+    finished in its eager first step, and while that step runs)."""
 
     lease: pb.JobLease
     task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Result:
+    """An outcome not yet confirmed: when it was last written on the current stream (None while it
+    waits to be sent), how often it was refused "send again", and the timer that sends it again."""
+
+    completion: pb.Completion
+    sent_at: float | None = None
+    tries: int = 0
+    timer: asyncio.TimerHandle | None = None
 
 
 class Node:
     """A worker node. `pairs` are "src:tgt" strings or (src, tgt) tuples; `handler` is
     `async def handle(assignment) -> JobResult | dict`, raising RetryableError or FatalError (any other
     exception counts as retryable) to report a failure. `await node.run()` serves until `stop()` (or
-    SIGTERM, when run in the main thread) has drained the node. `drain_timeout` bounds the drain:
-    past it, running handlers are cancelled and run() returns."""
+    SIGTERM/SIGINT, when run in the main thread; a second signal stops at once) has drained the node.
+    `drain_timeout` bounds the drain: past it, running handlers are cancelled and run() returns.
+    `token` is a bearer token, or a callable returning the current one (called for every new stream
+    and call, so a long-running node can renew a token that expires)."""
 
     def __init__(self, target: str, *, node_id: str, pairs: Iterable[PairLike], concurrency: int, handler: Handler,
-                 token: str | None = None, tls: TLSOption = False, labels: Mapping[str, str] | None = None,
+                 token: TokenOption = None, tls: TLSOption = False, labels: Mapping[str, str] | None = None,
                  version: str = f"lingua-sdk-python/{__version__}", options: Sequence[tuple[str, Any]] = (),
                  backoff: tuple[float, float] = (0.1, 5.0), drain_timeout: float = 60.0,
                  handle_signals: bool = True) -> None:
@@ -152,16 +152,17 @@ class Node:
         self._connection = Connection.of(target, token, tls, options)
         self.instance_id: str | None = None  # the scheduler instance holding the stream, while registered
         self._held: dict[str, _Held] = {}  # job id -> lease and handler task
-        self._unconfirmed: dict[str, pb.Completion] = {}  # job id -> outcome, until confirmed or refused
-        self._unsent: dict[str, pb.Completion] = {}  # the unconfirmed not yet written on the current stream
+        self._results: dict[_Key, _Result] = {}  # outcomes until confirmed or refused for good
+        self._unsent: set[_Key] = set()  # outcomes to write on the current stream
+        self._resend_after = _RESEND_INTERVALS * 1.0
         self._acks: list[pb.JobLease] = []
         self._unavailable: list[pb.JobLease] = []
         self._beat = False
         self._drain_sent = False
         self._stopping = False
-        self._flush = asyncio.Event()  # something is ready to send
-        self._wake = asyncio.Event()  # stop() was called, or the drain ran out of time
-        self._give_up = asyncio.Event()  # the drain ran out of time
+        self._flush = asyncio.Event()  # something is ready to send (or the node may be drained)
+        self._wake = asyncio.Event()  # cuts a reconnect backoff short: stop(), abort(), the drain ran out
+        self._give_up = asyncio.Event()  # the drain ran out of time (or a second signal, or abort())
         self._slots = asyncio.Semaphore(concurrency)
         self._running = False
         self._call: Any = None  # the current stream, once registered
@@ -169,7 +170,7 @@ class Node:
         # True: send no heartbeats (the stream stays open; acks and outcomes still go). The scheduler
         # then takes the leases back at their timeout, as from a hung node. For simulations and tests.
         self.silent = False
-        self.refused_results = 0  # outcomes the scheduler refused (the lease was gone): never stored
+        self.refused_results = 0  # outcomes the scheduler refused for good (the lease was gone): never stored
 
     @property
     def in_flight(self) -> int:
@@ -179,7 +180,7 @@ class Node:
     @property
     def unconfirmed(self) -> int:
         """Outcomes reported but not yet confirmed stored (nor refused) by the scheduler."""
-        return len(self._unconfirmed)
+        return len(self._results)
 
     def stop(self) -> None:
         """Drain: take no new work, finish (and have confirmed) what runs, then run() returns. Call it
@@ -188,9 +189,21 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
-        asyncio.get_running_loop().call_later(self.drain_timeout, self._give_up.set)
+        asyncio.get_running_loop().call_later(self.drain_timeout, self._stop_now)
         self._wake.set()
         self._flush.set()
+
+    def _stop_now(self) -> None:
+        self._give_up.set()
+        self._wake.set()
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stopping:
+            log.warning("node %s: %s again: stopping at once", self.node_id, signal.Signals(signum).name)
+            self._stop_now()
+        else:
+            log.info("node %s: %s: draining", self.node_id, signal.Signals(signum).name)
+            self.stop()
 
     def abort(self) -> None:
         """Stop at once, as if the process died: the stream is cut without a drain, running handlers
@@ -199,8 +212,7 @@ class Node:
         self._aborted = True
         if self._call is not None:
             self._call.cancel()
-        self._give_up.set()
-        self._wake.set()
+        self._stop_now()
 
     def disconnect(self) -> None:
         """Cut the current stream, as a network failure would. The node reconnects (with backoff),
@@ -209,8 +221,11 @@ class Node:
         if self._call is not None:
             self._call.cancel()
 
+    def _drained(self) -> bool:
+        return self._stopping and not self._held and not self._results
+
     def _done(self) -> bool:
-        return self._give_up.is_set() or (self._stopping and not self._held and not self._unconfirmed)
+        return self._give_up.is_set() or self._drained()
 
     async def run(self) -> None:
         """Serve until drained (see stop()). Raises the typed error when the scheduler refuses the
@@ -219,32 +234,80 @@ class Node:
             raise RuntimeError("Node.run() is already running")
         self._running = True
         loop = asyncio.get_running_loop()
-        on_signal = self.handle_signals and threading.current_thread() is threading.main_thread()
-        if on_signal:
-            loop.add_signal_handler(signal.SIGTERM, self.stop)
+        signals: dict[signal.Signals, Any] = {}
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signals[sig] = signal.getsignal(sig)
+                loop.add_signal_handler(sig, self._on_signal, sig)
         channel = self._connection.aio_channel()
         stub = pb_grpc.SchedulerStub(channel)
         failures = 0
         try:
             while not self._done():
+                if self._stopping and not self._held:
+                    await self._unless_given_up(self._settle(stub))
+                    break
                 registered = await self._session(stub)
                 failures = 0 if registered else failures + 1
-                if self._done():
-                    break
+                if self._done() or (self._stopping and not self._held):
+                    continue
                 delay = random.uniform(0, min(self.backoff[1], self.backoff[0] * 2 ** failures))
+                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._give_up.wait(), delay)
-            if (self._unconfirmed or self._held) and not self._aborted:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+            if (self._results or self._held) and not self._aborted:
                 log.warning("node %s stopped with %d jobs running and %d results unconfirmed", self.node_id,
-                            len(self._held), len(self._unconfirmed))
+                            len(self._held), len(self._results))
         finally:
-            if on_signal:
-                loop.remove_signal_handler(signal.SIGTERM)
+            for sig, previous in signals.items():
+                loop.remove_signal_handler(sig)
+                if previous is not None:  # asyncio.run's own SIGINT handler, say
+                    signal.signal(sig, previous)
+            for result in self._results.values():
+                if result.timer is not None:
+                    result.timer.cancel()
             tasks = [h.task for h in self._held.values() if h.task is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await channel.close(None)
+
+    async def _unless_given_up(self, coro: Coroutine[Any, Any, None]) -> None:
+        work, give_up = asyncio.ensure_future(coro), asyncio.ensure_future(self._give_up.wait())
+        try:
+            await asyncio.wait([work, give_up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, give_up):
+                task.cancel()
+            await asyncio.gather(work, give_up, return_exceptions=True)
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            raise work.exception()  # type: ignore[misc]
+
+    async def _settle(self, stub: pb_grpc.SchedulerStub) -> None:
+        """Draining with no job held, only outcomes left: each goes by the unary Complete (a stream
+        would be handed new work only to hand it back), again with backoff while the scheduler cannot
+        store it."""
+        complete: Any = stub.Complete  # grpc-stubs types only the sync form; this is grpc.aio's
+        for key, result in list(self._results.items()):
+            c = result.completion
+            request = pb.CompleteRequest(job_id=c.lease.job_id, attempt=c.lease.attempt, node_id=self.node_id,
+                                         lease_token=c.lease.lease_token)
+            if c.WhichOneof("outcome") == "result":
+                request.result.CopyFrom(c.result)
+            else:
+                request.error.CopyFrom(c.error)
+            tries = 0
+            while key in self._results:
+                try:
+                    await complete(request, metadata=self._connection.metadata or None, timeout=_REGISTER_TIMEOUT)
+                    self._forget(key)
+                except grpc.RpcError as err:
+                    error = from_rpc_error(err)
+                    if error.code not in _UNARY_AGAIN:
+                        self._refused_for_good(key, f"refused: {error.reason or error.code.name}: {error.message}")
+                        break
+                    await asyncio.sleep(random.uniform(0.5, 1.0) * min(self.backoff[1], self.backoff[0] * 2 ** tries))
+                    tries += 1
 
     # -- one stream -----------------------------------------------------------------------------
 
@@ -269,6 +332,7 @@ class Node:
             registered = True
             self.instance_id = first.registered.instance_id
             interval = duration_seconds(first.registered.heartbeat_interval) or 1.0
+            self._resend_after = _RESEND_INTERVALS * interval
             log.info("node %s registered with instance %s", self.node_id, self.instance_id)
             if self._aborted:
                 return True
@@ -277,14 +341,22 @@ class Node:
             # every outcome not confirmed yet goes again.
             self._acks.clear()
             self._unavailable.clear()
-            self._unsent = dict(self._unconfirmed)
+            for result in self._results.values():
+                result.sent_at = None
+                if result.timer is not None:
+                    result.timer.cancel()
+                    result.timer = None
+            self._unsent = set(self._results)
             self._drain_sent = False
             self._flush.set()
-            tasks = [asyncio.create_task(self._read(call)), asyncio.create_task(self._write(call)),
-                     asyncio.create_task(self._heartbeats(interval)), asyncio.create_task(self._give_up.wait())]
+            reader, writer = asyncio.create_task(self._read(call)), asyncio.create_task(self._write(call))
+            give_up = asyncio.create_task(self._give_up.wait())
+            tasks = [reader, writer, asyncio.create_task(self._heartbeats(interval)), give_up]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
+            if writer in done and not reader.done():  # half-closed (drained): the scheduler ends the stream
+                await asyncio.wait([reader, give_up], timeout=_CLOSE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
             return True
         except grpc.RpcError as err:
@@ -309,26 +381,33 @@ class Node:
             for a in m.assignments:
                 self._start(a)
             for lease in m.cancels:
-                self._take_back(lease.job_id, lease.attempt, "cancelled by the scheduler")
+                self._take_back(lease.job_id, lease.lease_token, "cancelled by the scheduler")
             for status in m.refused:
                 self._refused(status)
             for status in m.confirmed:
-                self._unconfirmed.pop(status.job_id, None)
-                self._unsent.pop(status.job_id, None)
+                self._confirmed(status)
             if m.error:
                 if m.error.startswith("replaced"):
                     raise FailedPrecondition(f"node_id {self.node_id!r} was registered by another stream: {m.error}")
+                # The scheduler could not use a message (its store call failed as a whole): the
+                # outcomes awaiting an answer may have been in it, and go again (repeats are confirmed).
                 log.warning("node %s: scheduler says: %s", self.node_id, m.error)
+                for key, result in self._results.items():
+                    if result.sent_at is not None:
+                        self._again(key, result)
 
     async def _write(self, call: Any) -> None:
+        """Writes what is ready; once the node is drained, half-closes the stream and returns."""
         while True:
             await self._flush.wait()
             self._flush.clear()
             message = self._take()
-            if message is None:
-                continue
             try:
-                await call.write(message)
+                if message is not None:
+                    await call.write(message)
+                if self._drained():
+                    await call.done_writing()
+                    return
             except asyncio.InvalidStateError:
                 return  # the stream already ended (cut, or closed): the session ends; outcomes go again
 
@@ -336,7 +415,12 @@ class Node:
         """Everything ready, as one message (None when nothing is)."""
         acks, self._acks = self._acks, []
         unavailable, self._unavailable = self._unavailable, []
-        completions = list(self._unsent.values())
+        now = asyncio.get_running_loop().time()
+        completions = []
+        for key in self._unsent:
+            if (result := self._results.get(key)) is not None:
+                result.sent_at = now
+                completions.append(result.completion)
         self._unsent.clear()
         heartbeats: list[pb.JobLease] = []
         if self._beat:
@@ -351,11 +435,18 @@ class Node:
                               drain=drain)
 
     async def _heartbeats(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             if self._held and not self.silent:
                 self._beat = True
                 self._flush.set()
+            # Outcomes left unanswered (their message got no answer): send them again.
+            for key, result in self._results.items():
+                if result.sent_at is not None and loop.time() - result.sent_at >= self._resend_after:
+                    result.sent_at = None
+                    self._unsent.add(key)
+                    self._flush.set()
 
     # -- jobs -----------------------------------------------------------------------------------
 
@@ -367,9 +458,14 @@ class Node:
             self._unavailable.append(lease)
             self._flush.set()
             return
-        old = self._held.pop(a.job_id, None)
-        if old is not None and old.task is not None:  # given again (a new attempt): the old lease is gone
-            old.task.cancel()
+        old = self._held.get(a.job_id)
+        if old is not None:
+            if old.lease.lease_token == a.lease_token:
+                return  # a repeat of the claim it runs
+            # A new claim of the job (its old lease is gone): the new one replaces the old work.
+            del self._held[a.job_id]
+            if old.task is not None:
+                old.task.cancel()
         self._acks.append(lease)  # before the handler runs: a result it has at once rides with the ack
         self._flush.set()
         held = self._held[a.job_id] = _Held(lease)
@@ -395,22 +491,68 @@ class Node:
         if completion is None:  # no model for it here (ModelUnavailable): requeued for another node
             self._unavailable.append(lease)
         else:
-            self._unconfirmed[lease.job_id] = self._unsent[lease.job_id] = completion
+            key = (lease.job_id, lease.lease_token)
+            self._results[key] = _Result(completion)
+            self._unsent.add(key)
         self._flush.set()
 
-    def _take_back(self, job_id: str, attempt: int, why: str) -> None:
+    def _take_back(self, job_id: str, token: str, why: str) -> None:
         held = self._held.get(job_id)
-        if held is not None and (not attempt or held.lease.attempt == attempt):
+        if held is not None and _matches(held.lease.lease_token, token):
             del self._held[job_id]
             if held.task is not None:
                 held.task.cancel()
             log.info("node %s: job %s: %s", self.node_id, job_id, why)
+            self._flush.set()  # the node may be drained now
+
+    def _find(self, job_id: str, token: str) -> _Key | None:
+        """The unconfirmed outcome an answer about (job_id, token) settles."""
+        if (job_id, token) in self._results:
+            return (job_id, token)
+        return next((k for k in self._results if not token and k[0] == job_id), None)
+
+    def _forget(self, key: _Key) -> None:
+        result = self._results.pop(key)
+        if result.timer is not None:
+            result.timer.cancel()
+        self._unsent.discard(key)
+        self._flush.set()  # the node may be drained now
+
+    def _refused_for_good(self, key: _Key, why: str) -> None:
+        self._forget(key)
+        self.refused_results += 1
+        log.warning("node %s: result of job %s %s", self.node_id, key[0], why)
+
+    def _again(self, key: _Key, result: _Result) -> None:
+        """Send an outcome again after a backoff (growing with each "send again")."""
+        result.sent_at = None
+        if result.timer is not None:
+            result.timer.cancel()
+        delay = random.uniform(0.5, 1.0) * min(self.backoff[1], self.backoff[0] * 2 ** result.tries)
+        result.tries += 1
+        result.timer = asyncio.get_running_loop().call_later(delay, self._resend, key)
+
+    def _resend(self, key: _Key) -> None:
+        if (result := self._results.get(key)) is not None:
+            result.timer = None
+            self._unsent.add(key)
+            self._flush.set()
+
+    def _confirmed(self, status: pb.LeaseStatus) -> None:
+        if (key := self._find(status.job_id, status.lease_token)) is not None:
+            self._forget(key)
 
     def _refused(self, status: pb.LeaseStatus) -> None:
-        why = f"refused: {status.error_code}: {status.error_message}"
-        if self._unconfirmed.pop(status.job_id, None) is not None:
-            self._unsent.pop(status.job_id, None)
-            self.refused_results += 1
-            log.warning("node %s: result of job %s %s", self.node_id, status.job_id, why)
+        again = status.error_code in _AGAIN
+        why = f"refused: {status.reason or status.error_code}: {status.error_message}"
+        key = self._find(status.job_id, status.lease_token)
+        if key is not None:
+            if again:
+                log.info("node %s: result of job %s %s; sending it again", self.node_id, status.job_id, why)
+                self._again(key, self._results[key])
+            else:
+                self._refused_for_good(key, why)
+        elif again:  # an ack or heartbeat the store could not take: the lease still stands
+            log.info("node %s: job %s: %s; it keeps running", self.node_id, status.job_id, why)
         else:
-            self._take_back(status.job_id, 0, why)
+            self._take_back(status.job_id, status.lease_token, why)
