@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import grpc
 
-from ._channel import Connection, TLSOption
+from ._channel import Connection, TLSOption, TokenOption
 from ._proto import scheduler_pb2 as pb
 from ._proto import scheduler_pb2_grpc as pb_grpc
 from .errors import DeadlineExceeded, Unavailable, from_rpc_error
@@ -51,7 +51,7 @@ class _Resume:
 class _Core:
     """Requests in, plain data out: everything the two clients share."""
 
-    def __init__(self, target: str, token: str | None, tls: TLSOption, options: Sequence[tuple[str, Any]],
+    def __init__(self, target: str, token: TokenOption, tls: TLSOption, options: Sequence[tuple[str, Any]],
                  timeout: float | None) -> None:
         self.connection = Connection.of(target, token, tls, options)
         self.metadata = self.connection.metadata or None
@@ -87,7 +87,7 @@ class AsyncClient:
     "dns:///name:port", "ipv4:a:p,b:p"); `token` is sent as `authorization: Bearer <token>`; `tls` is
     False (plaintext), True (system roots) or a `TLS`. Use as `async with AsyncClient(...) as c:`."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls: TLSOption = False,
+    def __init__(self, target: str, *, token: TokenOption = None, tls: TLSOption = False,
                  options: Sequence[tuple[str, Any]] = (), timeout: float | None = 30.0) -> None:
         self._core = _Core(target, token, tls, options, timeout)
         self.channel = self._core.connection.aio_channel()
@@ -200,7 +200,7 @@ class Client:
     """The blocking twin of AsyncClient: same constructor, same methods, same types. Use as
     `with Client(...) as c:`."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls: TLSOption = False,
+    def __init__(self, target: str, *, token: TokenOption = None, tls: TLSOption = False,
                  options: Sequence[tuple[str, Any]] = (), timeout: float | None = 30.0) -> None:
         self._core = _Core(target, token, tls, options, timeout)
         self.channel = self._core.connection.channel()
