@@ -13,8 +13,8 @@ export interface JobSpecInput {
   tenantId: string;
   /** Required: the conversation the utterance belongs to. */
   sessionId: string;
-  /** Index of the utterance within its session, 0 or more. */
-  utteranceIndex: number | bigint;
+  /** Index of the utterance within its session, 0 or more. Default 0. */
+  utteranceIndex?: number | bigint;
   /** Source and target language tags ("zh", "en", "pt-br"). */
   srcLang: string;
   tgtLang: string;
@@ -48,7 +48,12 @@ export interface JobResultInput {
 export type PairInput = string | readonly [string, string] | { srcLang: string; tgtLang: string };
 
 export function jobSpec(input: JobSpecInput): JobSpec {
-  const { deadline, executionTimeoutMs, payload, utteranceIndex, ...rest } = input;
+  const { deadline, executionTimeoutMs, payload, utteranceIndex = 0, ...rest } = input;
+  for (const [field, value] of Object.entries({ utteranceIndex, priority: rest.priority, maxAttempts: rest.maxAttempts })) {
+    if (value !== undefined && !(typeof value === "bigint" || Number.isSafeInteger(value))) {
+      throw new TypeError(`${field}: expected a whole number, got ${String(value)}`);
+    }
+  }
   return create(JobSpecSchema, {
     ...rest,
     utteranceIndex: BigInt(utteranceIndex),
