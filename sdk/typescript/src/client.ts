@@ -1,7 +1,7 @@
 // The client of application developers: submit utterances, read and wait for results.
 import { setTimeout as sleep } from "node:timers/promises";
 import { Code, ConnectError, createClient, type Client as GeneratedClient } from "@connectrpc/connect";
-import { isTerminal, jobSpec, type JobSpecInput } from "./convert.js";
+import { isTerminal, jobSpec, type JobSpecInput, jsonable, withStateName, type WithStateName } from "./convert.js";
 import { call, toSchedulerError, UnavailableError } from "./errors.js";
 import {
   type Job, type JobEvent, type NodeInfo, Scheduler, type SessionEvent, type SubmitResult,
@@ -9,6 +9,13 @@ import {
 import { connect, type Connection, type ConnectionOptions } from "./transport.js";
 
 export type ClientOptions = ConnectionOptions;
+
+/** The results are the generated messages (int64 fields such as `version`, `utteranceIndex` and
+ * Timestamps' `seconds` are bigint), each with a toJSON() so JSON.stringify works (proto3 JSON:
+ * int64 as strings, enums by name); jobs, events and submit results also carry `stateName`. */
+export type JobView = WithStateName<Job>;
+export type JobEventView = WithStateName<JobEvent>;
+export type SubmitResultView = WithStateName<SubmitResult>;
 
 /** Per call: an AbortSignal cancels the call (it rejects with CancelledError); timeoutMs sets a
  * gRPC deadline (DeadlineExceededError). */
@@ -39,27 +46,27 @@ export class Client {
   }
 
   /** Submits one job; resolves to its id, whether it was created (false for a repeat) and its state. */
-  async submit(spec: JobSpecInput, options: CallOptions = {}): Promise<SubmitResult> {
+  async submit(spec: JobSpecInput, options: CallOptions = {}): Promise<SubmitResultView> {
     const [result] = await this.submitMany([spec], options);
     return result!;
   }
 
   /** Submits a batch, validated as a whole (one invalid job rejects it all); results in order. */
-  async submitMany(specs: readonly JobSpecInput[], options: CallOptions = {}): Promise<SubmitResult[]> {
+  async submitMany(specs: readonly JobSpecInput[], options: CallOptions = {}): Promise<SubmitResultView[]> {
     const response = await call(() => this.stub.submit({ jobs: specs.map(jobSpec) }, options));
-    return response.results;
+    return response.results.map(withStateName);
   }
 
   /** Reads one job: state, attempt, node, last error and result. */
-  async get(jobId: string, options: CallOptions & { includePayload?: boolean } = {}): Promise<Job> {
+  async get(jobId: string, options: CallOptions & { includePayload?: boolean } = {}): Promise<JobView> {
     const { includePayload = false, ...rest } = options;
-    return call(() => this.stub.getJob({ jobId, includePayload }, rest));
+    return withStateName(await call(() => this.stub.getJob({ jobId, includePayload }, rest)));
   }
 
   /** Every state change of one job, oldest first, ending after the terminal state. */
-  async *watch(jobId: string, options: CallOptions = {}): AsyncGenerator<JobEvent> {
+  async *watch(jobId: string, options: CallOptions = {}): AsyncGenerator<JobEventView> {
     try {
-      yield* this.stub.watchJob({ jobId }, options);
+      for await (const event of this.stub.watchJob({ jobId }, options)) yield withStateName(event);
     } catch (err) {
       throw toSchedulerError(err);
     }
@@ -68,7 +75,7 @@ export class Client {
   /** Waits for the job to reach a terminal state and returns it (result included). Rejects with
    * DeadlineExceededError after `timeoutMs`, CancelledError when `signal` aborts. A watch cut by an
    * instance going away (UNAVAILABLE, or the stream ending early) is opened again. */
-  async wait(jobId: string, options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<Job> {
+  async wait(jobId: string, options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<JobView> {
     const timeout = options.timeoutMs === undefined ? undefined : AbortSignal.timeout(options.timeoutMs);
     const signals = [options.signal, timeout].filter((s): s is AbortSignal => s !== undefined);
     const signal = signals.length ? AbortSignal.any(signals) : undefined;
@@ -95,14 +102,14 @@ export class Client {
   }
 
   /** Cancels a job that is not terminal yet; resolves to the job after the change. */
-  async cancel(jobId: string, options: CallOptions & { reason?: string } = {}): Promise<Job> {
+  async cancel(jobId: string, options: CallOptions & { reason?: string } = {}): Promise<JobView> {
     const { reason = "", ...rest } = options;
-    return call(() => this.stub.cancelJob({ jobId, reason }, rest));
+    return withStateName(await call(() => this.stub.cancelJob({ jobId, reason }, rest)));
   }
 
   /** The nodes registered now, with their pools and load. */
   async listNodes(options: CallOptions = {}): Promise<NodeInfo[]> {
-    return (await call(() => this.stub.listNodes({}, options))).nodes;
+    return (await call(() => this.stub.listNodes({}, options))).nodes.map(jsonable);
   }
 
   /** The session's finished jobs (succeeded, failed, cancelled, expired) in utterance order, in
@@ -110,7 +117,8 @@ export class Client {
    * A stream cut by an instance going away (UNAVAILABLE) is opened again from the last resumeIndex,
    * without repeating a job. */
   async *watchSession(tenantId: string, sessionId: string,
-    options: CallOptions & { fromIndex?: number | bigint; tgtLang?: string } = {}): AsyncGenerator<SessionEvent> {
+    options: CallOptions & { fromIndex?: number | bigint; tgtLang?: string } = {}):
+    AsyncGenerator<SessionEvent & { jobs: JobView[] }> {
     const { fromIndex = 0, tgtLang = "", ...rest } = options;
     let resume = BigInt(fromIndex);
     let sent = new Set<string>(); // job ids delivered at `resume` (the server sends them again)
@@ -121,7 +129,7 @@ export class Client {
           const atResume = event.jobs.filter((j) => j.spec?.utteranceIndex === event.resumeIndex).map((j) => j.jobId);
           sent = new Set(event.resumeIndex === resume ? [...sent, ...atResume] : atResume);
           resume = event.resumeIndex;
-          if (jobs.length) yield { ...event, jobs };
+          if (jobs.length) yield jsonable({ ...event, jobs: jobs.map(withStateName) });
         }
       } catch (err) {
         if (!(err instanceof ConnectError && err.code === Code.Unavailable) || rest.signal?.aborted) {

@@ -1,8 +1,8 @@
 // Plain data at the surface, generated messages underneath: the conversions between the two.
-import { create } from "@bufbuild/protobuf";
+import { create, createRegistry, type Message, toJson } from "@bufbuild/protobuf";
 import { durationFromMs, durationMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import {
-  type JobResult, JobResultSchema, type JobSpec, JobSpecSchema, JobState, type LanguagePair, LanguagePairSchema,
+  file_lingua_scheduler_v1_scheduler, type JobResult, JobResultSchema, type JobSpec, JobSpecSchema, JobState, type LanguagePair, LanguagePairSchema,
 } from "./gen/lingua/scheduler/v1/scheduler_pb.js";
 
 export { durationMs };
@@ -13,8 +13,8 @@ export interface JobSpecInput {
   tenantId: string;
   /** Required: the conversation the utterance belongs to. */
   sessionId: string;
-  /** Index of the utterance within its session, 0 or more. */
-  utteranceIndex: number | bigint;
+  /** Index of the utterance within its session, 0 or more. Default 0. */
+  utteranceIndex?: number | bigint;
   /** Source and target language tags ("zh", "en", "pt-br"). */
   srcLang: string;
   tgtLang: string;
@@ -48,7 +48,12 @@ export interface JobResultInput {
 export type PairInput = string | readonly [string, string] | { srcLang: string; tgtLang: string };
 
 export function jobSpec(input: JobSpecInput): JobSpec {
-  const { deadline, executionTimeoutMs, payload, utteranceIndex, ...rest } = input;
+  const { deadline, executionTimeoutMs, payload, utteranceIndex = 0, ...rest } = input;
+  for (const [field, value] of Object.entries({ utteranceIndex, priority: rest.priority, maxAttempts: rest.maxAttempts })) {
+    if (value !== undefined && !(typeof value === "bigint" || Number.isSafeInteger(value))) {
+      throw new TypeError(`${field}: expected a whole number, got ${String(value)}`);
+    }
+  }
   return create(JobSpecSchema, {
     ...rest,
     utteranceIndex: BigInt(utteranceIndex),
@@ -80,7 +85,34 @@ export function isTerminal(state: JobState): boolean {
   return TERMINAL.has(state);
 }
 
-/** "SUCCEEDED" for JobState.SUCCEEDED. */
-export function stateName(state: JobState): string {
-  return JobState[state] ?? String(state);
+/** A job state's name, as the Python SDK and the `lingua` command line print it. */
+export type StateName = "unspecified" | "queued" | "assigned" | "running" | "succeeded" | "failed" | "cancelled" | "expired";
+
+/** "succeeded" for JobState.SUCCEEDED (the Python SDK's JobState value). */
+export function stateName(state: JobState): StateName {
+  return (JobState[state] ?? "UNSPECIFIED").toLowerCase() as StateName;
+}
+
+const registry = createRegistry(file_lingua_scheduler_v1_scheduler);
+
+/** Gives a message a toJSON() (not enumerable), so JSON.stringify works despite its bigint fields:
+ * the proto3 JSON form (int64 as strings, enums and Timestamps as strings, every field present). */
+export function jsonable<T extends Message>(message: T): T {
+  const schema = registry.getMessage(message.$typeName);
+  if (schema) {
+    Object.defineProperty(message, "toJSON", {
+      value: () => toJson(schema, message, { alwaysEmitImplicit: true }), enumerable: false, configurable: true,
+    });
+  }
+  return message;
+}
+
+/** A message with a `state`, as the client returns it: also JSON-serialisable (see jsonable). */
+export type WithStateName<T> = T & {
+  /** `state` by name: "queued", "succeeded", ... (stateName(state)). */
+  stateName: StateName;
+};
+
+export function withStateName<T extends Message & { state: JobState }>(message: T): WithStateName<T> {
+  return Object.assign(jsonable(message), { stateName: stateName(message.state) });
 }

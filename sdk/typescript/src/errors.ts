@@ -109,23 +109,25 @@ export interface HandlerErrorOptions {
 }
 
 /** Thrown by a node handler: this attempt failed, another may succeed (the job is requeued while
- * attempts remain). Any other error a handler throws is treated the same way. */
+ * attempts remain). JobError.code is `code`, default RETRYABLE_ERROR. Any other error a handler
+ * throws is retried the same way, with code HANDLER_EXCEPTION (as in the Python SDK). */
 export class RetryableError extends Error {
   readonly code: string;
   constructor(message: string, options: HandlerErrorOptions = {}) {
     super(message, { cause: options.cause });
     this.name = "RetryableError";
-    this.code = options.code ?? "NODE_RETRYABLE";
+    this.code = options.code ?? "RETRYABLE_ERROR";
   }
 }
 
-/** Thrown by a node handler: the job cannot succeed; it fails for good, whatever attempts remain. */
+/** Thrown by a node handler: the job cannot succeed; it fails for good, whatever attempts remain.
+ * JobError.code is `code`, default FATAL_ERROR. */
 export class FatalError extends Error {
   readonly code: string;
   constructor(message: string, options: HandlerErrorOptions = {}) {
     super(message, { cause: options.cause });
     this.name = "FatalError";
-    this.code = options.code ?? "NODE_FATAL";
+    this.code = options.code ?? "FATAL_ERROR";
   }
 }
 

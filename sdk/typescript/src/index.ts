@@ -1,8 +1,10 @@
 // @lingua/scheduler-sdk: a typed client and a node runtime for the Lingua Scheduler.
-export { Client, type CallOptions, type ClientOptions } from "./client.js";
+export {
+  Client, type CallOptions, type ClientOptions, type JobEventView, type JobView, type SubmitResultView,
+} from "./client.js";
 export { Node, type Assignment, type Handler, type NodeEvents, type NodeOptions } from "./node.js";
 export {
-  isTerminal, stateName, type JobResultInput, type JobSpecInput, type PairInput,
+  isTerminal, jsonable, stateName, type StateName, type WithStateName, type JobResultInput, type JobSpecInput, type PairInput,
 } from "./convert.js";
 export * from "./errors.js";
 export type { ConnectionOptions, TlsOptions } from "./transport.js";

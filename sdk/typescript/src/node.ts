@@ -44,6 +44,10 @@ export interface NodeOptions extends ConnectionOptions {
   /** Reconnect backoff: first delay and cap, in ms (doubling, with jitter). Default 100 and 5000. */
   reconnectInitialMs?: number;
   reconnectMaxMs?: number;
+  /** An outcome the scheduler has not answered (confirmed or refused) within this long on the same
+   * stream is sent again; the scheduler confirms a repeat of a stored outcome without storing it
+   * twice. Default 10 000 ms. */
+  resendAfterMs?: number;
   /** How long stop() lets running jobs finish (and their results be confirmed) before it aborts
    * them and closes. Default 30 000 ms. */
   drainTimeoutMs?: number;
@@ -63,7 +67,9 @@ export interface NodeEvents {
   finished: [jobId: string, outcome: Completion["outcome"] | { case: "unavailable" }];
   /** The scheduler stored a result or failure: the node has forgotten it. */
   confirmed: [status: LeaseStatus];
-  /** The scheduler refused an ack, heartbeat, holding entry or result (status.errorCode says why). */
+  /** The scheduler refused an ack, heartbeat, holding entry or result (status.errorCode and
+   * status.reason say why). A refusal with errorCode "UNAVAILABLE" (reason STORE_UNAVAILABLE) is
+   * transient: the job keeps running and its outcome is kept and sent again with backoff. */
   refused: [status: LeaseStatus];
   /** The scheduler took a job back; its handler's signal was aborted. */
   cancelled: [jobId: string];
@@ -78,6 +84,15 @@ interface Work {
   lease: JobLease;
   assignment: Assignment;
   abort: AbortController;
+}
+
+/** An outcome sent (or to send) and not yet confirmed or refused. */
+interface Pending {
+  completion: Completion;
+  /** When to send it again if still unanswered (Date.now() ms). */
+  dueAt: number;
+  /** The next backoff after an UNAVAILABLE refusal (ms). */
+  backoffMs: number;
 }
 
 /** Errors of a registration that retrying cannot fix: run() rejects with them. */
@@ -104,7 +119,7 @@ export class Node extends EventEmitter<NodeEvents> {
   readonly #waiting: Work[] = [];
   #running = 0;
   /** Outcomes sent (or to send) and not yet confirmed or refused, by job id. */
-  readonly #unconfirmed = new Map<string, Completion>();
+  readonly #unconfirmed = new Map<string, Pending>();
   /** "Model not available" reports not yet written to a stream. */
   readonly #unavailable: JobLease[] = [];
   /** The request side of the current stream, once registered; undefined between streams. */
@@ -229,8 +244,9 @@ export class Node extends EventEmitter<NodeEvents> {
   /** Sends each unconfirmed outcome with the unary Complete until it is stored or refused,
    * retrying while the scheduler is unreachable (until a forced stop). */
   async #settleUnary(initialDelayMs: number): Promise<void> {
-    for (const [jobId, completion] of this.#unconfirmed) {
+    for (const [jobId, { completion }] of this.#unconfirmed) {
       const { lease, outcome } = completion;
+      const leaseToken = lease!.leaseToken;
       let delay = initialDelayMs;
       while (!this.#halt.signal.aborted) {
         try {
@@ -238,7 +254,7 @@ export class Node extends EventEmitter<NodeEvents> {
             jobId, attempt: lease!.attempt, leaseToken: lease!.leaseToken, nodeId: this.nodeId, outcome,
           }, { signal: this.#halt.signal });
           this.#unconfirmed.delete(jobId);
-          this.emit("confirmed", create(LeaseStatusSchema, { jobId, ok: true, state: done.state }));
+          this.emit("confirmed", create(LeaseStatusSchema, { jobId, leaseToken, ok: true, state: done.state }));
           break;
         } catch (err) {
           const error = toSchedulerError(err);
@@ -250,7 +266,8 @@ export class Node extends EventEmitter<NodeEvents> {
           }
           this.#unconfirmed.delete(jobId);
           this.emit("refused", create(LeaseStatusSchema, {
-            jobId, ok: false, errorCode: error.codeName, errorMessage: error.rawMessage,
+            jobId, leaseToken, ok: false, errorCode: error.codeName, errorMessage: error.rawMessage,
+            reason: error.reason ?? "",
           }));
           break;
         }
@@ -262,7 +279,9 @@ export class Node extends EventEmitter<NodeEvents> {
   async #session(onRegistered: () => void): Promise<void> {
     const out = new AsyncQueue<NodeMessage>();
     const o = this.#options;
+    // A draining node says so on its register message: nothing is assigned to it in between.
     out.push(create(NodeMessageSchema, {
+      drain: this.#draining,
       register: {
         nodeId: o.nodeId, pairs: o.pairs.map(pair), maxConcurrency: o.concurrency, labels: o.labels ?? {},
         version: o.version ?? "", holding: [...this.#jobs.values()].map((w) => w.lease),
@@ -277,14 +296,15 @@ export class Node extends EventEmitter<NodeEvents> {
         if (message.registered) {
           onRegistered();
           this.#out = out;
-          // Everything the previous stream did not settle: outcomes, unavailable reports, drain.
-          this.#queue({
-            completions: [...this.#unconfirmed.values()], unavailable: this.#unavailable.splice(0),
-            drain: this.#draining,
-          });
+          // Everything the previous stream did not settle: outcomes and unavailable reports.
+          this.#queue({ unavailable: this.#unavailable.splice(0) });
+          for (const pending of this.#unconfirmed.values()) this.#send(pending);
           const interval = message.registered.heartbeatInterval;
           const every = interval ? durationMs(interval) : 1_000;
-          heartbeat = setInterval(() => this.#heartbeat(), Math.max(every, 10));
+          heartbeat = setInterval(() => {
+            this.#heartbeat();
+            this.#resendDue();
+          }, Math.max(every, 10));
           this.emit("registered", message.registered);
         }
         this.#receive(message);
@@ -306,25 +326,45 @@ export class Node extends EventEmitter<NodeEvents> {
       }
     }
     for (const status of message.refused) {
-      if (this.#unconfirmed.delete(status.jobId)) {
-        this.#checkDrained();
+      // UNAVAILABLE: the job store could not be reached; the lease may still be ours. Keep the job
+      // running (its next heartbeat goes as usual) and send the same outcome again, with backoff.
+      const transient = status.errorCode === "UNAVAILABLE";
+      const pending = this.#unconfirmed.get(status.jobId);
+      if (pending && sameToken(pending.completion.lease!, status)) {
+        if (transient) this.#backOff(pending);
+        else this.#settle(status.jobId);
       } else {
-        // A refused ack, heartbeat or holding entry: the lease is gone, the work is wasted.
+        // A refused ack, heartbeat or holding entry: unless transient, the lease is gone.
         const work = this.#jobs.get(status.jobId);
-        if (work) this.#drop(work, `lease refused: ${status.errorCode} ${status.errorMessage}`);
+        if (work && sameToken(work.lease, status) && !transient) {
+          this.#drop(work, `lease refused: ${status.errorCode} ${status.errorMessage}`);
+        }
       }
       this.emit("refused", status);
     }
     for (const status of message.confirmed) {
-      if (this.#unconfirmed.delete(status.jobId)) this.#checkDrained();
+      const pending = this.#unconfirmed.get(status.jobId);
+      if (pending && sameToken(pending.completion.lease!, status)) this.#settle(status.jobId);
       this.emit("confirmed", status);
     }
-    if (message.error) this.emit("warning", `scheduler: ${message.error}`);
+    if (message.error) {
+      // A whole message failed (the job store unreachable): what it carried is sent again soon.
+      if (message.error.startsWith("UNAVAILABLE")) for (const pending of this.#unconfirmed.values()) this.#backOff(pending);
+      this.emit("warning", `scheduler: ${message.error}`);
+    }
     for (const assignment of message.assignments) this.#accept(assignment);
   }
 
   #accept(message: AssignmentMessage): void {
-    if (this.#jobs.has(message.jobId)) return; // a repeat of a job we hold
+    const held = this.#jobs.get(message.jobId);
+    if (held?.lease.leaseToken === message.leaseToken) return; // a repeat of the claim we hold
+    if (held) {
+      // A new claim of a job we still hold (the old lease was lost, e.g. expired): the old work is
+      // wasted; the new claim is the one to work on.
+      this.#drop(held, "a new claim of the job replaced this one");
+    }
+    const stale = this.#unconfirmed.get(message.jobId);
+    if (stale && stale.completion.lease!.leaseToken !== message.leaseToken) this.#settle(message.jobId);
     const lease = create(JobLeaseSchema, {
       jobId: message.jobId, attempt: message.attempt, leaseToken: message.leaseToken,
     });
@@ -370,9 +410,12 @@ export class Node extends EventEmitter<NodeEvents> {
       if (this.#out) this.#queue({ unavailable: [work.lease] });
       else this.#unavailable.push(work.lease);
     } else {
-      const completion = create(CompletionSchema, { lease: work.lease, outcome });
-      this.#unconfirmed.set(work.lease.jobId, completion);
-      this.#queue({ completions: [completion] });
+      const pending: Pending = {
+        completion: create(CompletionSchema, { lease: work.lease, outcome }), dueAt: 0,
+        backoffMs: this.#options.reconnectInitialMs ?? 100,
+      };
+      this.#unconfirmed.set(work.lease.jobId, pending);
+      this.#send(pending);
     }
     this.emit("finished", work.lease.jobId, outcome);
     this.#checkDrained();
@@ -385,6 +428,29 @@ export class Node extends EventEmitter<NodeEvents> {
     const waiting = this.#waiting.indexOf(work);
     if (waiting >= 0) this.#waiting.splice(waiting, 1);
     work.abort.abort(new Error(`job ${work.lease.jobId}: ${why}`));
+    this.#checkDrained();
+  }
+
+  /** Sends an outcome (again), to be sent once more if it is still unanswered after resendAfterMs. */
+  #send(pending: Pending): void {
+    pending.dueAt = Date.now() + (this.#options.resendAfterMs ?? 10_000);
+    this.#queue({ completions: [pending.completion] });
+  }
+
+  /** After an UNAVAILABLE refusal: the same outcome goes again after a jittered, doubling delay. */
+  #backOff(pending: Pending): void {
+    pending.dueAt = Date.now() + pending.backoffMs * (0.5 + Math.random());
+    pending.backoffMs = Math.min(pending.backoffMs * 2, this.#options.reconnectMaxMs ?? 5_000);
+  }
+
+  #resendDue(): void {
+    const now = Date.now();
+    for (const pending of this.#unconfirmed.values()) if (pending.dueAt <= now) this.#send(pending);
+  }
+
+  /** The scheduler answered an outcome for good (stored, or refused): forget it. */
+  #settle(jobId: string): void {
+    this.#unconfirmed.delete(jobId);
     this.#checkDrained();
   }
 
@@ -441,17 +507,20 @@ export class Node extends EventEmitter<NodeEvents> {
   }
 }
 
-function sameToken(held: JobLease, other: JobLease): boolean {
+/** Whether an answer (or cancel) is about the lease held; an empty token (an older scheduler) matches. */
+function sameToken(held: { leaseToken: string }, other: { leaseToken: string }): boolean {
   return !held.leaseToken || !other.leaseToken || held.leaseToken === other.leaseToken;
 }
 
-/** The JobError reported for what a handler threw. */
+/** The JobError reported for what a handler threw, as the Python SDK reports it: RetryableError and
+ * FatalError give their code and message; anything else (or an unusable code) is retryable (unless
+ * a FatalError), code HANDLER_EXCEPTION, message "Name: message". */
 function jobError(err: unknown): JobError {
   const retryable = !(err instanceof FatalError);
-  const code = err instanceof FatalError || err instanceof RetryableError ? err.code : "NODE_EXCEPTION";
+  if ((err instanceof FatalError || err instanceof RetryableError) && ERROR_CODE.test(err.code)
+    && !err.code.startsWith("LINGUA_")) {
+    return create(JobErrorSchema, { code: err.code, message: err.message.slice(0, 4096), retryable });
+  }
   const message = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
-  return create(JobErrorSchema, {
-    code: ERROR_CODE.test(code) && !code.startsWith("LINGUA_") ? code : "NODE_EXCEPTION",
-    message: message.slice(0, 4096), retryable,
-  });
+  return create(JobErrorSchema, { code: "HANDLER_EXCEPTION", message: message.slice(0, 4096), retryable });
 }

@@ -37,7 +37,7 @@ test("submit and wait: a Node handler's result comes back to the client", { time
     assert.equal(created, true);
     assert.equal(state, JobState.QUEUED);
     const job = await client.wait(jobId, { timeoutMs: 20_000 });
-    assert.equal(stateName(job.state), "SUCCEEDED");
+    assert.equal(stateName(job.state), "succeeded");
     assert.equal(job.result?.textTranslated, "hello from s3://audio/e2e/0.opus");
     assert.deepEqual(job.result?.extra, { attempt: "1" });
     assert.equal(job.nodeId, "ts-e2e-1");
@@ -61,7 +61,7 @@ test("submitMany is idempotent per job; get, watch, cancel and listNodes", { tim
   assert.equal(cancelled.state, JobState.CANCELLED);
   const states = [];
   for await (const event of client.watch(jobId)) states.push(stateName(event.state));
-  assert.deepEqual(states, ["QUEUED", "CANCELLED"]); // and the stream ended after the terminal state
+  assert.deepEqual(states, ["queued", "cancelled"]); // and the stream ended after the terminal state
 
   const node = new Node(scheduler.target, {
     nodeId: "ts-lister", pairs: [["fr", "it"]], concurrency: 3, labels: { zone: "test" }, handleSignals: false,
@@ -155,4 +155,33 @@ test("watchSession delivers a session's finished jobs in utterance order", { tim
   assert.equal(await reading, 3n);
   stop.abort();
   assert.deepEqual(seen, [0, 1, 2]);
+});
+
+test("submit defaults utteranceIndex to 0 and rejects a fractional one; results serialise to JSON", { timeout: 30_000 }, async () => {
+  const { jobId, stateName: submitted } = await client.submit({
+    tenantId: "acme", sessionId: "no-index", srcLang: "nl", tgtLang: "sv", payloadRef: "s3://audio/no-index.opus",
+  });
+  assert.equal(submitted, "queued");
+  const job = await client.get(jobId);
+  assert.equal(job.spec?.utteranceIndex, 0n);
+  assert.equal(job.stateName, "queued");
+  const json = JSON.parse(JSON.stringify(job));
+  assert.equal(json.jobId, jobId);
+  assert.equal(json.state, "JOB_STATE_QUEUED");
+  assert.equal(json.spec.utteranceIndex, "0"); // int64: a string in proto3 JSON
+  assert.equal(typeof json.version, "string");
+  await assert.rejects(client.submit({ tenantId: "acme", sessionId: "x", utteranceIndex: 1.5, srcLang: "nl", tgtLang: "sv" }),
+    /utteranceIndex: expected a whole number, got 1.5/);
+
+  const node = new Node(scheduler.target, {
+    nodeId: "ts-json", pairs: ["nl:da"], concurrency: 1, handleSignals: false, handler: async () => ({}),
+  });
+  const registered = once(node, "registered");
+  const running = node.run();
+  await registered;
+  const listed = JSON.parse(JSON.stringify(await client.listNodes()));
+  const mine = listed.find((n: { nodeId: string }) => n.nodeId === "ts-json");
+  assert.match(mine.connectedAt, /^\d{4}-\d\d-\d\dT/);
+  await node.stop();
+  await running;
 });

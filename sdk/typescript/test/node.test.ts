@@ -46,21 +46,22 @@ test("a failing handler: any error and RetryableError retry, FatalError fails th
     nodeId: "ts-failing", pairs: ["ru:uk"],
     handler: async ({ attempt }) => {
       if (attempt === 1) throw new TypeError("model crashed");
-      if (attempt === 2) throw new RetryableError("GPU busy", { code: "GPU_BUSY" });
+      if (attempt === 2) throw new RetryableError("GPU busy");
       throw new FatalError("audio is not speech", { code: "BAD_AUDIO" });
     },
   });
   try {
     const { jobId } = await submit("ru", "uk", 0, 5);
     const job = await client.wait(jobId, { timeoutMs: 20_000 });
-    assert.equal(stateName(job.state), "FAILED");
+    assert.equal(stateName(job.state), "failed");
     assert.equal(job.attempt, 3);
     assert.equal(job.lastError?.code, "BAD_AUDIO");
     assert.equal(job.lastError?.retryable, false);
     assert.match(job.lastError?.message ?? "", /audio is not speech/);
     const failures = [];
     for await (const e of client.watch(jobId)) if (e.error) failures.push([e.attempt, e.error.code, e.error.retryable]);
-    assert.deepEqual(failures, [[1, "NODE_EXCEPTION", true], [2, "GPU_BUSY", true], [3, "BAD_AUDIO", false]]);
+    // The codes of the Python SDK: HANDLER_EXCEPTION for any other error, RETRYABLE_ERROR by default.
+    assert.deepEqual(failures, [[1, "HANDLER_EXCEPTION", true], [2, "RETRYABLE_ERROR", true], [3, "BAD_AUDIO", false]]);
   } finally {
     await node.stop();
   }
@@ -120,7 +121,7 @@ test("heartbeats keep a job that runs longer than its lease", { timeout: 30_000 
   try {
     const { jobId } = await submit("da", "fi");
     const job = await client.wait(jobId, { timeoutMs: 20_000 });
-    assert.equal(stateName(job.state), "SUCCEEDED");
+    assert.equal(stateName(job.state), "succeeded");
     assert.equal(job.attempt, 1); // never taken back
   } finally {
     await node.stop();
@@ -150,7 +151,7 @@ test("after a cut stream the node reconnects and keeps the lease of the job it i
     await registeredAgain; // with register.holding = the running job
     release.open();
     const job = await client.wait(jobId, { timeoutMs: 20_000 });
-    assert.equal(stateName(job.state), "SUCCEEDED");
+    assert.equal(stateName(job.state), "succeeded");
     assert.equal(job.attempt, 1, "the lease was resumed, not requeued");
     assert.equal(job.result?.textTranslated, "survived");
   } finally {
@@ -221,7 +222,7 @@ test("an outcome whose confirmation was lost is sent again after a reconnect, th
     proxy.hold(); // the scheduler's answers (the confirmation) no longer reach the node
     release.open();
     const job = await client.wait(jobId, { timeoutMs: 20_000 });
-    assert.equal(stateName(job.state), "SUCCEEDED");
+    assert.equal(stateName(job.state), "succeeded");
     assert.equal(node.unconfirmed, 1, "the node keeps the outcome it has no confirmation for");
     const settled = new Promise<string>((resolve) => {
       node.on("confirmed", (s: LeaseStatus) => s.jobId === jobId && resolve("confirmed"));
@@ -239,4 +240,5 @@ test("an outcome whose confirmation was lost is sent again after a reconnect, th
   }
   await running;
 });
+
 

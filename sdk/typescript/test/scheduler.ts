@@ -1,6 +1,6 @@
 // Test fixture: a real scheduler (python -m lingua_scheduler.server, embedded Redis in a temporary
 // folder) on a free port, and a TCP proxy in front of it that a test can cut.
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { once } from "node:events";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import * as net from "node:net";
@@ -82,18 +82,54 @@ async function terminate(child: ChildProcess, exited: Promise<unknown>): Promise
   clearTimeout(timer);
 }
 
-/** A TCP proxy to `target`: cut() drops every connection through it (the listener stays), and
+/** A private redis-server on a Unix socket in a temporary folder (the binary the scheduler's
+ * embedded mode uses), to put a Proxy in front of. */
+export async function startRedis(): Promise<{ socket: string; stop(): Promise<void> }> {
+  const dir = mkdtempSync(join(tmpdir(), "lingua-ts-redis-"));
+  const find = spawnSync(python(), ["-c", "from lingua_scheduler.server.embedded import redis_server_binary as b; print(b())"],
+    { encoding: "utf8", cwd: REPO_DIR });
+  if (find.status !== 0) throw new Error(`no redis-server: ${find.stderr}`);
+  const socket = join(dir, "redis.sock");
+  const child = spawn(find.stdout.trim(), ["--port", "0", "--unixsocket", socket, "--dir", dir, "--save", "", "--appendonly", "no"],
+    { stdio: ["ignore", "pipe", "pipe"] });
+  const exited = once(child, "exit");
+  const lines = createInterface({ input: child.stdout! });
+  await Promise.race([
+    new Promise<void>((resolve) => lines.on("line", (line) => /ready to accept connections/i.test(line) && resolve())),
+    exited.then(([code]) => {
+      throw new Error(`redis-server exited (${code}) before it was ready`);
+    }),
+  ]);
+  const orphaned = (): void => void child.kill("SIGKILL");
+  process.on("exit", orphaned);
+  return {
+    socket,
+    async stop() {
+      process.off("exit", orphaned);
+      await terminate(child, exited);
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** A TCP proxy to `target` ("host:port", or the path of a Unix socket): cut() drops every
+ * connection through it (the listener stays), refuse() also closes new ones until allow(), and
  * hold() drops the bytes the server sends from then on (the clients hear nothing) until cut(). */
 export class Proxy {
   readonly #server: net.Server;
   readonly #sockets = new Set<net.Socket>();
   #holding = false;
+  #refusing = false;
   target = "";
 
   constructor(upstream: string) {
     const [host, port] = [upstream.slice(0, upstream.lastIndexOf(":")), Number(upstream.slice(upstream.lastIndexOf(":") + 1))];
     this.#server = net.createServer((client) => {
-      const server = net.connect(port, host);
+      if (this.#refusing) {
+        client.destroy();
+        return;
+      }
+      const server = upstream.startsWith("/") ? net.connect(upstream) : net.connect(port, host);
       for (const s of [client, server]) {
         this.#sockets.add(s);
         s.on("close", () => this.#sockets.delete(s));
@@ -117,6 +153,15 @@ export class Proxy {
 
   hold(): void {
     this.#holding = true;
+  }
+
+  refuse(): void {
+    this.#refusing = true;
+    this.cut();
+  }
+
+  allow(): void {
+    this.#refusing = false;
   }
 
   cut(): void {
