@@ -85,7 +85,7 @@ test("a node token registers its node and completes a client's job", { timeout: 
     await registered;
     const { jobId } = await client.submit(spec("acme", 4));
     const job = await client.wait(jobId, { timeoutMs: 20_000 });
-    assert.equal(stateName(job.state), "SUCCEEDED");
+    assert.equal(stateName(job.state), "succeeded");
     assert.equal(job.result?.textTranslated, "done 4");
     assert.equal(job.nodeId, "ts-auth-1");
   } finally {
