@@ -16,7 +16,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoPermissionError
 
 from . import keys, reflection
-from .auth import AuthInterceptor, Verifier
+from .auth import AuthInterceptor, Verifier, open_context
 from .dispatch import Dispatcher
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
@@ -180,7 +180,10 @@ class App:
         await check_partitions(self.redis, self.settings.partitions)
         await self.dispatcher.start()
         await self.nodes.start()
-        await self.server.start()
+        if self.auth is None:  # every RPC's caller is AUTH_OFF (grpc.aio's tasks inherit the context)
+            await asyncio.get_running_loop().create_task(self.server.start(), context=open_context())
+        else:  # the interceptor sets each RPC's caller; none set is no one (server/auth.py)
+            await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
@@ -207,6 +210,10 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     ValueError when it would serve without authentication beyond loopback (Settings.check_exposure), or
     for a key file that cannot be used (AuthKeyError); tls.CertificateError when the TLS files cannot serve."""
     settings.check_exposure()
+    if settings.auth_jwt_key and not settings.tls_cert and not is_local(settings.listen):
+        log.warning("authentication on but TLS off on %s: bearer tokens cross the network in plaintext, where "
+                    "anyone on the path can read and replay them; give --tls-cert and --tls-key "
+                    "(docs/deployment.md)", settings.listen)
     certificates = ServerCertificates(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
         if settings.tls_cert else None
     verifier = (Verifier(settings.auth_jwt_key, settings.auth_jwt_audience, settings.auth_jwt_issuer)

@@ -41,6 +41,7 @@ from .throttle import ThrottledWarning
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_store_down = ThrottledWarning(log)
 
 _STATE = {s.value: getattr(pb, f"JOB_STATE_{s.name}", pb.JOB_STATE_UNSPECIFIED) for s in JobState}
 
@@ -108,7 +109,9 @@ def scheduler_error(err: BaseException) -> SchedulerError:
     if isinstance(err, SchedulerError):
         return err
     if isinstance(err, RedisError | ConnectionError | OSError):
-        return Unavailable(f"job store unavailable: {err}")
+        # The detail names Redis's host and port: for the operator's log, not for callers.
+        _store_down("job store unavailable: %s", err)
+        return Unavailable("job store unavailable")
     return SchedulerError("internal error")
 
 
@@ -188,10 +191,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @handled
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
         validate.job_id(request.job_id, self.settings)
-        view = await self.store.get(request.job_id, include_payload=request.include_payload)
-        if not auth.tenant_visible(view.record.tenant):
-            raise JobNotFound(f"job {request.job_id} not found")
-        return job_pb(view)
+        return job_pb(await self.store.get(request.job_id, auth.tenant_visible, include_payload=request.include_payload))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
         try:
@@ -240,14 +240,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         if len(request.reason) > 1024:
             raise InvalidArgument("reason", "at most 1024 characters")
         await self.store.cancel(request.job_id, request.reason, auth.tenant_visible)
-        return job_pb(await self.store.get(request.job_id))
+        return job_pb(await self.store.get(request.job_id, auth.tenant_visible))
 
     @handled
     async def Assign(self, request: pb.AssignRequest, context: Any) -> pb.AssignResponse:
         pools = validate.assign(request)
         auth.check_node(request.node_id, "node_id")
         want = request.max_jobs or 1
-        until = time.monotonic() + (request.wait.ToMilliseconds() / 1000 if request.HasField("wait") else 0)
+        wait = request.wait.ToMilliseconds() / 1000 if request.HasField("wait") else 0
+        until = time.monotonic() + min(wait, auth.expires_in())  # no work for a token that expired meanwhile
         consumer = Consumer(request.node_id, pools, capacity=lambda: 1)
         self.dispatcher.add(consumer)
         try:

@@ -273,22 +273,24 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    async def get(self, job_id: str, *, include_payload: bool = False) -> JobView:
-        """The job's record, spec, result (and payload): one pipelined round trip."""
+    async def get(self, job_id: str, visible: Callable[[str], bool], *, include_payload: bool = False) -> JobView:
+        """The job's record, spec and result in one pipelined round trip; a job whose tenant fails
+        `visible` (the caller's tenant check) is JobNotFound. The payload, when asked for, is read only
+        after that check (a second round trip), so no other tenant's payload is ever fetched for a caller."""
         jk = keys.JobKeys.of(job_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(jk.fsm)
             pipe.get(jk.meta)
             pipe.get(jk.result)
-            if include_payload:
-                pipe.get(jk.payload)
-            replies = await pipe.execute()
-        if not replies[0]:
+            h, meta, result = await pipe.execute()
+        if not h:
             raise JobNotFound(f"job {job_id} not found")
-        spec = pb.JobSpec.FromString(replies[1] or b"")
-        result = pb.JobResult.FromString(replies[2]) if replies[2] is not None else None
-        payload = replies[3] if include_payload else None
-        return JobView(JobRecord.parse(job_id, replies[0]), spec, result, payload)
+        record = JobRecord.parse(job_id, h)
+        if not visible(record.tenant):
+            raise JobNotFound(f"job {job_id} not found")
+        payload = await self.redis.get(jk.payload) if include_payload else None
+        return JobView(record, pb.JobSpec.FromString(meta or b""),
+                       pb.JobResult.FromString(result) if result is not None else None, payload)
 
     async def session_read(self, tags: list[str], tenant_id: str, session_id: str, low: int, high: int | None,
                            job_ids: list[str]) -> tuple[list[tuple[str, int]], list[JobView | None]]:

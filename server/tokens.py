@@ -4,8 +4,9 @@
     lingua-scheduler token --role node --node-id 'gpu-*' --key FILE
     lingua-scheduler token --role admin --key FILE [--kid ID] [--audience A] [--issuer I]
 
-FILE is the HS256 secret the server also reads (--auth-jwt-key), or a PEM private key (RSA: RS256;
-EC P-256: ES256) whose public key the server reads. The token's kid is FILE's name without its last
+FILE is either the HS256 secret the server also reads (--auth-jwt-key), named `*.secret` or
+`*.hs256`, or a PEM private key (RSA: RS256; EC P-256: ES256; any other name, e.g. `k1.key`) whose
+public key the server reads from a `*.pem` file. The token's kid is FILE's name without its last
 suffix unless --kid says otherwise, so `k1.key` signs what the server's `k1.pem` verifies.
 """
 
@@ -23,7 +24,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from .auth import MIN_SECRET_BYTES, Role
+from .auth import SECRET_SUFFIXES, Role, read_secret
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -37,19 +38,20 @@ def parse_ttl(text: str) -> int:
 
 
 def signing_key(path: str) -> tuple[Any, str]:
-    """(key, algorithm) of a secret or PEM private key file."""
+    """(key, algorithm) of a secret file (by its name: *.secret, *.hs256) or a PEM private key file."""
     data = Path(path).read_bytes()
-    if b"-----BEGIN" in data:
+    if Path(path).suffix.lower() in SECRET_SUFFIXES:
+        return read_secret(path, data, "--key"), "HS256"  # AuthKeyError is a ValueError
+    try:
         key = load_pem_private_key(data, password=None)
-        if isinstance(key, rsa.RSAPrivateKey):
-            return key, "RS256"
-        if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
-            return key, "ES256"
-        raise ValueError(f"--key {path}: only RSA and EC P-256 private keys are supported")
-    secret = data.strip()
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"--key {path}: an HS256 secret needs at least {MIN_SECRET_BYTES} bytes")
-    return secret, "HS256"
+    except (ValueError, TypeError):
+        raise ValueError(f"--key {path}: not an unencrypted PEM private key; an HS256 secret file is named "
+                         f"*.secret or *.hs256") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, "ES256"
+    raise ValueError(f"--key {path}: only RSA and EC P-256 private keys are supported")
 
 
 def mint(key_file: str, role: str, *, tenants: Sequence[str] = (), node_ids: Sequence[str] = (), ttl_s: int = 3600,
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--role", required=True, choices=[r.value for r in Role])
     p.add_argument("--tenant", action="append", default=[], help="client role: a tenant it holds (repeatable; '*': all)")
     p.add_argument("--node-id", action="append", default=[], help="node role: an id or pattern it may use (repeatable)")
-    p.add_argument("--key", required=True, help="HS256 secret file, or PEM private key (RS256/ES256)")
+    p.add_argument("--key", required=True, help="HS256 secret file (*.secret, *.hs256), or PEM private key (RS256/ES256)")
     p.add_argument("--ttl", default="1h", help="lifetime: seconds, or 90s, 15m, 1h, 7d (default 1h)")
     p.add_argument("--kid", default=None, help="key id in the header (default: the key file's name without suffix; '' for none)")
     p.add_argument("--audience", default="", help="aud claim (the server's --auth-jwt-audience)")

@@ -6,7 +6,11 @@ Every attack of the issue is a test: each succeeded on a server without authenti
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import logging
+import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,12 +22,13 @@ import pytest
 from conftest import AppFactory
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import pair, spec
 from lingua_scheduler.server.app import App
-from lingua_scheduler.server.auth import RULES, Role, Verifier
-from lingua_scheduler.server.errors import Unauthenticated
+from lingua_scheduler.server.auth import RULES, Role, Verifier, check_node, expires_in, open_context, tenant_visible
+from lingua_scheduler.server.errors import PermissionDenied, Unauthenticated
 from lingua_scheduler.server.tokens import mint
 from lingua_sdk import pb, pb_grpc
 
@@ -378,3 +383,198 @@ async def test_tokens_never_reach_the_logs(keys: Path, connect: Callable[[str | 
     for tok in secrets:  # ... without the token, or any of its three parts
         assert all(part not in caplog.text for part in tok.split(".") if len(part) > 8)
     assert SECRET.decode() not in caplog.text
+
+
+# -- removed keys, key files, expiry and the caller outside the interceptor --------------------------
+
+
+async def stream_end(call: Any) -> tuple[grpc.StatusCode, str]:
+    """Read a stream to its end: its status code and details."""
+    try:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as err:
+        return err.code(), err.details() or ""
+    return await call.code(), await call.details()
+
+
+async def test_removing_a_key_closes_every_open_stream_it_authenticated(
+        secured: App, keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    assert secured.auth is not None
+    (keys / "hs2.secret").write_bytes(b"a-brand-new-secret-for-the-rotation-0123456789")
+    assert secured.auth.reload()
+
+    def old(role: str, **kw: Any) -> pb_grpc.SchedulerStub:
+        return connect(token(keys, role, **kw))
+
+    def new(role: str, **kw: Any) -> pb_grpc.SchedulerStub:
+        return connect(mint(str(keys / "hs2.secret"), role, **kw))
+
+    client = new("client", tenants=["acme"])
+    job_id = (await client.Submit(pb.SubmitRequest(jobs=[spec(src_lang="ja")]))).results[0].job_id  # no node serves ja
+    cancelled = (await client.Submit(pb.SubmitRequest(jobs=[spec(session_id="s2")]))).results[0].job_id
+    await client.CancelJob(pb.CancelJobRequest(job_id=cancelled))
+    session = old("client", tenants=["acme"]).WatchSession(pb.WatchSessionRequest(tenant_id="acme", session_id="s2"))
+    assert [j.job_id for j in (await session.read()).jobs] == [cancelled]  # a finished job: the watch is open
+    doomed_node = await register(old("node", node_ids=["gpu-1"]), "gpu-1")
+    kept_node = await register(new("node", node_ids=["gpu-2"]), "gpu-2")
+    for node in (doomed_node, kept_node):
+        assert (await node.read()).HasField("registered")
+    watch = old("client", tenants=["acme"]).WatchJob(pb.WatchJobRequest(job_id=job_id))
+    kept_watch = client.WatchJob(pb.WatchJobRequest(job_id=job_id))
+    for w in (watch, kept_watch):
+        assert (await w.read()).state == pb.JOB_STATE_QUEUED
+    assert len(secured.auth._streams) == 5
+
+    (keys / "hs.secret").unlink()
+    assert secured.auth.reload()
+    for call in (doomed_node, watch, session):
+        async with asyncio.timeout(10):
+            end = await stream_end(call)
+        assert end == (grpc.StatusCode.UNAUTHENTICATED, "authorization: the key that verified this stream's token was removed")
+    # The streams of the key that stays are untouched: the node still gets work, the watch goes on.
+    second = (await client.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0].job_id
+    assert [a.job_id for a in (await kept_node.read()).assignments] == [second]
+    assert not kept_watch.done()
+    kept_node.cancel()
+    kept_watch.cancel()
+
+
+async def test_a_deleted_listed_key_file_is_a_removed_key(make_app: AppFactory, keys: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    other = keys / "hs2.secret"
+    other.write_bytes(b"a-brand-new-secret-for-the-rotation-0123456789")
+    app = await make_app(auth_jwt_key=(str(keys / "hs.secret"), str(other)))
+    assert app.auth is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+
+        async def code(tok: str) -> grpc.StatusCode:
+            try:
+                await stub.ListNodes(pb.ListNodesRequest(), metadata=(("authorization", f"Bearer {tok}"),))
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+        old_tok, new_tok = token(keys, "admin"), mint(str(other), "admin")
+        assert (await code(old_tok), await code(new_tok)) == (grpc.StatusCode.OK, grpc.StatusCode.OK)
+        (keys / "hs.secret").unlink()  # the operator revokes the old key by deleting its file, then SIGHUP
+        assert app.auth.reload()
+        assert "hs.secret is gone" in caplog.text
+        assert (await code(old_tok), await code(new_tok)) == (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK)
+        other.unlink()  # no key would be left: the reload is refused, the last key stays
+        assert not app.auth.reload()
+        assert await code(new_tok) == grpc.StatusCode.OK
+
+
+def _pem(private: Any, public: bool) -> bytes:
+    if public:
+        return private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,  # type: ignore[no-any-return]
+                                 serialization.NoEncryption())
+
+
+_EC = ec.generate_private_key(ec.SECP256R1())
+_DER_PUBLIC = _EC.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.mark.parametrize(("name", "content", "refusal"), [
+    ("k1.key", SECRET, "a key file is named *.secret or *.hs256"),
+    ("k1", SECRET, "a key file is named *.secret or *.hs256"),
+    ("k1.txt", SECRET, "a key file is named *.secret or *.hs256"),
+    ("k1.secret", _pem(_EC, public=True), "holds a PEM key or certificate"),
+    ("k1.secret", b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ops\n", "OpenSSH"),
+    ("k1.hs256", b'{"kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}', "JSON"),
+    ("k1.secret", _DER_PUBLIC, "a DER key or certificate"),
+    ("k1.pem", SECRET, "must hold a PEM public key"),
+    ("k1.pem", _pem(_EC, public=False), "must hold a PEM public key"),
+], ids=["key suffix", "no suffix", "txt suffix", "secret holding a PEM public key", "secret holding an ssh key",
+        "secret holding a JWK", "secret holding a DER public key", "pem holding a secret", "pem holding a private key"])
+def test_a_key_files_name_says_its_type(settings: Any, tmp_path: Path, name: str, content: bytes,
+                                        refusal: str) -> None:
+    from lingua_scheduler.server.app import create_server
+    from lingua_scheduler.server.auth import AuthKeyError
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(AuthKeyError, match=re.escape(refusal)) as refused:
+        create_server(dataclasses.replace(settings, auth_jwt_key=(str(tmp_path / name),)))
+    assert str(tmp_path / name) in str(refused.value)
+
+
+def test_secret_and_public_key_names_that_load(tmp_path: Path) -> None:
+    (tmp_path / "a.hs256").write_text("0" + "1" * 63 + "\n")  # a hex secret may start with "0" (0x30, DER's first byte)
+    (tmp_path / "b.pem").write_bytes(_pem(_EC, public=True))
+    verifier = Verifier([str(tmp_path)])
+    assert sorted((k.kid, k.algorithm) for k in verifier.keys) == [("a", "HS256"), ("b", "ES256")]
+    (tmp_path / "c.key").write_bytes(_pem(_EC, public=False))  # a private key next to them: named wrongly
+    with pytest.raises(ValueError, match=re.escape("c.key")):
+        Verifier([str(tmp_path)])
+    assert verifier.verify("Bearer " + mint(str(tmp_path / "a.hs256"), "admin")).role is Role.ADMIN
+    assert verifier.verify("Bearer " + mint(str(tmp_path / "c.key"), "admin", kid="b")).role is Role.ADMIN
+    (tmp_path / "d.txt").write_text("1" * 64)  # the token command reads a secret only from a secret's name
+    with pytest.raises(ValueError, match=re.escape("an HS256 secret file is named *.secret or *.hs256")):
+        mint(str(tmp_path / "d.txt"), "admin")
+
+
+async def test_an_assign_long_poll_ends_when_its_token_expires(
+        keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    soon = time.time() + 2
+    node = connect(mint(str(keys / "hs.secret"), "node", node_ids=["gpu-1"], ttl_s=2, now=soon - 2))
+    wait = Duration(seconds=60)
+    reply = await node.Assign(pb.AssignRequest(node_id="gpu-1", pairs=[pair()], wait=wait), timeout=30)
+    assert not reply.assignments and time.time() >= int(soon)  # not DEADLINE_EXCEEDED: it ended at the expiry
+    assert await code_of(node.Assign(pb.AssignRequest(node_id="gpu-1", pairs=[pair()]))) == \
+        grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_get_job_never_reads_another_tenants_payload(
+        keys: Path, settings: Any, redis: Any, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    """The tenant check comes before the payload read: watched with Redis's MONITOR."""
+    from lingua_scheduler.server import keys as store_keys
+    from redis.asyncio import Redis
+
+    victim = connect(token(keys, "client", tenants=["victim"]))
+    attacker = connect(token(keys, "client", tenants=["acme"]))
+    job_id = (await victim.Submit(pb.SubmitRequest(jobs=[spec(tenant_id="victim")]))).results[0].job_id
+    payload_key = store_keys.JobKeys.of(job_id).payload
+    async with Redis.from_url(settings.redis_url, decode_responses=True) as watcher, watcher.monitor() as monitor:
+        assert await code_of(attacker.GetJob(pb.GetJobRequest(job_id=job_id, include_payload=True))) == \
+            grpc.StatusCode.NOT_FOUND
+        assert (await victim.GetJob(pb.GetJobRequest(job_id=job_id, include_payload=True))).spec.payload == b"audio"
+        await redis.echo("end-of-test")
+        commands: list[str] = []
+        while "end-of-test" not in (command := (await monitor.next_command())["command"]):
+            commands.append(command)
+    assert len([c for c in commands if payload_key in c]) == 1  # the victim's read only
+
+
+async def test_auth_without_tls_beyond_loopback_warns_naming_tls_cert(
+        make_app: AppFactory, keys: Path, caplog: pytest.LogCaptureFixture) -> None:
+    await make_app(auth_jwt_key=(str(keys),))
+    assert "--tls-cert" not in caplog.text  # loopback: nobody on the path
+    await make_app(auth_jwt_key=(str(keys),), listen="0.0.0.0:0")
+    (warning,) = [r for r in caplog.records if "--tls-cert" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and "plaintext" in warning.getMessage()
+
+
+def test_a_call_outside_the_interceptor_fails_closed() -> None:
+    """No caller set is no one (a code path that escaped the interceptor); AUTH_OFF is set explicitly
+    for every RPC of a server without authentication."""
+    outside = contextvars.Context()
+    assert not outside.run(tenant_visible, "acme")
+    with pytest.raises(PermissionDenied):
+        outside.run(check_node, "gpu-1", "node_id")
+    assert outside.run(expires_in) == 0
+    opened = open_context()
+    assert opened.run(tenant_visible, "acme") and opened.run(expires_in) == math.inf
+    opened.run(check_node, "gpu-1", "node_id")
+
+
+async def test_a_server_without_auth_serves_every_rpc_as_auth_off(make_app: AppFactory) -> None:
+    app = await make_app()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+        job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(tenant_id="anyone")]))).results[0].job_id
+        assert (await stub.GetJob(pb.GetJobRequest(job_id=job_id, include_payload=True))).spec.payload == b"audio"
+        assert [a.job_id for a in (await stub.Assign(pb.AssignRequest(node_id="n1", pairs=[pair()]))).assignments] \
+            == [job_id]

@@ -109,7 +109,8 @@ async def test_streams_carry_the_details(app: Any) -> None:
     assert [f for f, _ in refused.value.field_violations] == ["register.max_concurrency"]
 
 
-async def test_store_down_is_unavailable_with_a_retry_delay(settings: Settings, tmp_path: Path) -> None:
+async def test_store_down_is_unavailable_with_a_retry_delay(settings: Settings, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     own = EmbeddedRedis(tmp_path, persistent=False).start()  # a Redis of this test alone, to stop
     app = create_server(dataclasses.replace(settings, redis_cluster="", redis_url=own.url, listen="127.0.0.1:0"))
     try:
@@ -123,4 +124,7 @@ async def test_store_down_is_unavailable_with_a_retry_delay(settings: Settings, 
         await app.stop(grace=0)
     assert down.value.reason == "STORE_UNAVAILABLE"
     assert down.value.retry_delay == 1.0
+    # Where Redis lives is for the operator's log, not for callers.
+    assert down.value.message == "job store unavailable"
+    assert "job store unavailable: Error" in caplog.text and str(tmp_path) in caplog.text  # its socket's path
     assert isinstance(down.value, LinguaError)
