@@ -83,6 +83,7 @@ if __name__ == "__main__":  # python scripts/certs.py DIR: ca.crt, server.crt/.k
     import sys
 
     folder = Path(sys.argv[1])
+    folder.mkdir(parents=True, exist_ok=True)
     ca = CA()
     (folder / "ca.crt").write_bytes(ca.pem)
     ca.issue("scheduler", server=True).write(folder, "server")

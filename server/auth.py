@@ -480,7 +480,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, verifier: Verifier) -> None:
         self.verifier = verifier
-        self._warn = ThrottledWarning(log)
+        self._warnings: dict[str, ThrottledWarning] = {}  # one throttle per distinct refusal (bounded)
+
+    def _warn(self, method: str, reason: str) -> None:
+        """Log a refusal by its reason only (never the token), throttled per reason."""
+        key = reason if len(self._warnings) < 64 or reason in self._warnings else "(other)"
+        self._warnings.setdefault(key, ThrottledWarning(log))("%s refused: %s", method, reason)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
@@ -494,9 +499,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         try:
             caller = self.verifier.verify(authorization if isinstance(authorization, str) else None)
         except Unauthenticated as err:
-            self._warn("%s refused: %s", method, err)  # the reason only: never the token
+            self._warn(method, str(err))
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, str(err))
         allowed = may_call(caller.role, method) if service == SCHEDULER else caller.role is Role.ADMIN
         if not allowed:
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, f"role {caller.role} may not call {method}")
+            reason = f"role {caller.role} may not call {method}"
+            self._warn(method, reason)
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, reason)
         return _as_caller(handler, caller, self.verifier)

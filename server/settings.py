@@ -159,7 +159,7 @@ class Settings:
             return
         raise ValueError(
             f"refusing to listen on {self.listen} without authentication: anyone who can reach it could read, "
-            "cancel and take every tenant's jobs. Give --auth-jwt-key FILE (see docs/deployment.md), listen on "
+            "cancel and take every tenant's jobs. Give --auth-jwt-key FILE (see docs/security.md), listen on "
             "a loopback address (127.0.0.1:PORT), or, on a network you trust, add --insecure")
 
 

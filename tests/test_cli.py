@@ -191,3 +191,23 @@ async def test_session_prints_a_sessions_jobs_in_utterance_order(app: Any) -> No
         assert (rc, json.loads(out)["job_id"]) == (0, job["job_id"])  # the old spelling still works
         rc, out = await lingua("--target", t, "session", "acme", "cli", "--from-index", "3", "--timeout", "0.3")
         assert (rc, out.splitlines()[1:]) == (0, [])  # nothing finished from 3 on: ends at the timeout
+
+
+def test_tls_files_that_cannot_serve_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    """An unreadable --ca, or a client certificate without its key (gRPC's C core would abort the
+    process), stop with exit status 2 and a message, before any connection."""
+    assert "cannot read '/nonexistent.crt'" in usage_error(capsys, "--ca", "/nonexistent.crt", "get", "x")
+    cert = tmp_path / "client.crt"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert "together" in usage_error(capsys, "--cert", str(cert), "get", "x")
+    assert "together" in usage_error(capsys, "--key", str(cert), "get", "x")
+
+
+async def test_clients_and_nodes_read_lingua_token_when_given_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lingua_sdk._channel import Connection
+
+    monkeypatch.setenv("LINGUA_TOKEN", "from-env")
+    assert Connection.of("127.0.0.1:1", None, False).metadata == (("authorization", "Bearer from-env"),)
+    assert Connection.of("127.0.0.1:1", "given", False).metadata == (("authorization", "Bearer given"),)
+    monkeypatch.setenv("LINGUA_TOKEN", "")
+    assert Connection.of("127.0.0.1:1", None, False).metadata == ()

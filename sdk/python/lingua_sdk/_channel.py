@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,19 @@ class TLS:
     private_key: bytes | None = None
     server_name: str | None = None
 
+    def __post_init__(self) -> None:
+        # gRPC's C core aborts the process on one without the other: refuse it here, readably.
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("TLS: give the client certificate and its private key together (mutual TLS), or neither")
+
     @classmethod
     def from_files(cls, ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None,
                    server_name: str | None = None) -> TLS:
         def read(p: str | Path | None) -> bytes | None:
-            return Path(p).read_bytes() if p else None
+            try:
+                return Path(p).read_bytes() if p else None
+            except OSError as err:
+                raise ValueError(f"TLS: cannot read {str(p)!r}: {err.strerror}") from err
         return cls(read(ca), read(cert), read(key), server_name)
 
     def credentials(self) -> grpc.ChannelCredentials:
@@ -45,7 +54,8 @@ class TLS:
 
 TLSOption = TLS | bool
 # A bearer token, or a callable returning the current one: called for every call and every new stream,
-# so a long-running process can renew a token that expires.
+# so a long-running process can renew a token that expires. None: the LINGUA_TOKEN environment variable
+# when set, else no token.
 TokenOption = str | Callable[[], str] | None
 
 
@@ -139,6 +149,8 @@ class Connection:
         if settings is not None and settings.server_name:
             opts.append(("grpc.ssl_target_name_override", settings.server_name))
         opts += list(options)
+        if token is None:
+            token = os.environ.get("LINGUA_TOKEN") or None  # the CLI's convention, for clients and nodes alike
         if callable(token):
             return cls(target, settings, (), tuple(opts), token)
         metadata = (("authorization", f"Bearer {token}"),) if token else ()

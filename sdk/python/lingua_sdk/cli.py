@@ -130,7 +130,11 @@ def _client(args: argparse.Namespace) -> Client:
     ca, cert, key, name = (getattr(args, k, None) for k in ("ca", "cert", "key", "server_name"))
     tls: TLS | bool = False
     if ca or cert or key or name:
-        tls = TLS.from_files(ca, cert, key, server_name=name)
+        try:
+            tls = TLS.from_files(ca, cert, key, server_name=name)
+        except ValueError as err:  # an unreadable file, a certificate without its key: usage errors
+            print(f"lingua: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
     elif getattr(args, "tls", False):
         tls = True
     return Client(target, token=token, tls=tls)
