@@ -230,9 +230,15 @@ class _StreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):  # type: i
     intercept_stream_stream = _Bearer._call
 
 
+def bearer(token: str, streams: bool = True) -> list[Any]:
+    """Client interceptors that send `authorization: Bearer <token>` with every call; one per call
+    kind, since a channel files each interceptor under one kind only. `streams=False` leaves
+    stream-stream calls (NodeSession) alone: an intercepted one leaves a request-feeding task behind
+    when the server ends the call, so tests pass its metadata themselves."""
+    return [_UnaryUnary(token), _UnaryStream(token), *([_StreamStream(token)] if streams else [])]
+
+
 def open_channel(target: str, token: str | None = None) -> grpc.aio.Channel:
     """An insecure channel to `target` whose calls carry `authorization: Bearer <token>` (when given;
-    --token / LINGUA_TOKEN in the scripts). One interceptor per call kind: a channel files each
-    interceptor under one kind only."""
-    interceptors = [_UnaryUnary(token), _UnaryStream(token), _StreamStream(token)] if token else None
-    return grpc.aio.insecure_channel(target, interceptors=interceptors)
+    --token / LINGUA_TOKEN in the scripts)."""
+    return grpc.aio.insecure_channel(target, interceptors=bearer(token) if token else None)

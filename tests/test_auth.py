@@ -31,6 +31,7 @@ from lingua_scheduler.server.auth import RULES, Role, Verifier, check_node, expi
 from lingua_scheduler.server.errors import PermissionDenied, Unauthenticated
 from lingua_scheduler.server.tokens import mint
 from lingua_sdk import pb, pb_grpc
+from simnode import bearer as simnode_bearer
 
 pytestmark = pytest.mark.single_redis  # who may call what does not depend on the Redis topology
 
@@ -61,28 +62,9 @@ def token(keys: Path, role: str, **kw: Any) -> str:
     return mint(str(keys / "hs.secret"), role, **kw)
 
 
-class _Bearer:
-    def __init__(self, token: str) -> None:
-        self.metadata = (("authorization", f"Bearer {token}"),)
-
-    async def _call(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(details._replace(metadata=tuple(details.metadata or ()) + self.metadata), request)
-
-
-class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    intercept_unary_unary = _Bearer._call
-
-
-class _UnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    intercept_unary_stream = _Bearer._call
-
-
 def bearer(token: str) -> list[Any]:
-    """Client interceptors that send `authorization: Bearer <token>` with every unary-request call (as
-    the SDKs do); one per call kind, since a channel files each interceptor under one kind only.
-    NodeSession passes its metadata itself (register()): an intercepted stream-stream call leaves a
-    request-feeding task behind when the server ends the call."""
-    return [_UnaryUnary(token), _UnaryStream(token)]
+    """Interceptors adding the token to unary-request calls (NodeSession passes its metadata itself)."""
+    return simnode_bearer(token, streams=False)
 
 
 @pytest.fixture
