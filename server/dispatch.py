@@ -22,7 +22,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from . import keys, wire
-from .errors import ScriptCode
+from .errors import ScriptCode, StreamOverflow
 from .settings import Settings
 from .store import Claim, Lease, Store
 from .throttle import ThrottledWarning
@@ -101,6 +101,32 @@ class Consumer:
         self.wake.set()
 
 
+class Inbox(asyncio.Queue[bytes]):
+    """A watcher's messages heard on its channel, at most `maxsize`: a watcher that falls further
+    behind (its client does not read) is ended with RESOURCE_EXHAUSTED at its next read (it resumes
+    from what it has seen) rather than its backlog growing."""
+
+    overflowed = False
+
+    def offer(self, data: bytes) -> None:
+        try:
+            self.put_nowait(data)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    def _check(self) -> None:
+        if self.overflowed:
+            raise StreamOverflow(f"the watch fell more than {self.maxsize} messages behind; resume it")
+
+    async def get(self) -> bytes:
+        self._check()
+        return await super().get()
+
+    def get_nowait(self) -> bytes:
+        self._check()
+        return super().get_nowait()
+
+
 class Dispatcher:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -111,7 +137,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._pubsub: Any = None
-        self._watches: dict[str, set[asyncio.Queue[bytes]]] = {}  # channel -> watchers' inboxes (WatchJob)
+        self._watches: dict[str, set[Inbox]] = {}  # channel -> watchers' inboxes (WatchJob, WatchSession)
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
         self._pools: list[str] = []
         self._pools_at = 0.0
@@ -269,7 +295,7 @@ class Dispatcher:
                     channel = message["channel"].decode()
                     if kind == "message":
                         for inbox in self._watches.get(channel, ()):
-                            inbox.put_nowait(message["data"])
+                            inbox.offer(message["data"])
                     elif kind == "subscribe" and channel in self._confirmed:
                         self._confirmed[channel].set()
                     elif kind == "pmessage":
@@ -290,12 +316,12 @@ class Dispatcher:
                     await pubsub.aclose()
 
     @contextlib.asynccontextmanager
-    async def watching(self, channel: str) -> AsyncIterator[asyncio.Queue[bytes]]:
+    async def watching(self, channel: str) -> AsyncIterator[Inbox]:
         """An inbox of the messages published on `channel`, over this instance's one shared
         subscription (no connection per watcher). Returns once the subscription is confirmed, so
         nothing published after that is missed; if the subscription is down, the caller's backstop
         timeout covers it."""
-        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        inbox = Inbox(self.settings.stream_outbox_max)
         group = self._watches.setdefault(channel, set())
         first = not group
         group.add(inbox)

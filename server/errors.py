@@ -63,6 +63,14 @@ class TooLarge(FieldError):
     reason = "TOO_LARGE"
 
 
+class StreamOverflow(SchedulerError):
+    """A stream's client fell further behind than --stream-outbox-max messages: the stream is ended
+    rather than its backlog kept. Open it again (a watch resumes, a node reconnects with its holding)."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "STREAM_OVERFLOW"
+
+
 class Unavailable(SchedulerError):
     """The job store (Redis) cannot be reached or failed mid-call."""
 

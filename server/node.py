@@ -27,7 +27,7 @@ from lingua_sdk import pb
 from ..fsm import Event
 from . import auth, keys, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
-from .errors import LEASE_GONE, InvalidArgument, SchedulerError
+from .errors import LEASE_GONE, InvalidArgument, SchedulerError, StreamOverflow
 from .registry import NodeEntry, Registry
 from .service import Undecodable, abort, assignment_pb, error_status, lease_status_pb, refused_pb, state_pb
 from .settings import Settings
@@ -98,7 +98,10 @@ class Session:
         self.unsent: set[str] = set()  # job ids claimed for the node but not yet written to its stream
         self.draining = False
         self.replaced = False
+        # Messages for the node, in order; None closes the stream once what is before it is written.
+        # Bounded by send(), not by the queue: the closing None must always fit.
         self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
+        self.overflowed = asyncio.Event()
         self.consumer = Consumer(self.node_id, pools, self.free_slots)
         self.finished = asyncio.Event()  # the stream's handler is done, leases released
 
@@ -123,9 +126,23 @@ class Session:
             self.consumer.wake.set()  # a slot is free: look for work
             self._maybe_done()
 
+    def send(self, message: pb.SchedulerMessage) -> None:
+        """Queue a message for the node. A node that does not read lets the outbox fill (its writes
+        wait on flow control): at stream_outbox_max the stream is ended with RESOURCE_EXHAUSTED
+        instead of the outbox growing, and its leases go as for any closed stream."""
+        if self.overflowed.is_set():
+            return
+        if self.outbox.qsize() >= self.owner.settings.stream_outbox_max:
+            self.overflowed.set()
+            return
+        self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
     def _maybe_done(self) -> None:
         if self.draining and not self.in_flight:
-            self.outbox.put_nowait(None)
+            self.close()
 
     def on_message(self, verb: str, args: list[str]) -> None:
         """From the dispatcher's subscription: cancels and take-overs for this node."""
@@ -133,13 +150,13 @@ class Session:
             job_id, token = args
             lease = self.in_flight.get(job_id)
             if lease is not None and lease.token == token:
-                self.outbox.put_nowait(pb.SchedulerMessage(cancels=[
+                self.send(pb.SchedulerMessage(cancels=[
                     pb.JobLease(job_id=job_id, attempt=lease.attempt, lease_token=token)]))
                 self.release(job_id, token)
         elif verb == wire.REPLACED and args and args[0] == self.token:
             self.replaced = True
-            self.outbox.put_nowait(pb.SchedulerMessage(error="replaced: a newer stream registered this node_id"))
-            self.outbox.put_nowait(None)
+            self.send(pb.SchedulerMessage(error="replaced: a newer stream registered this node_id"))
+            self.close()
 
 
 class NodeSessions:
@@ -179,7 +196,7 @@ class NodeSessions:
         if waits:
             _, pending = await asyncio.wait(waits, timeout=grace)
             for session in sessions:
-                session.outbox.put_nowait(None)
+                session.close()
             if pending:
                 await asyncio.wait(pending, timeout=5)
             for task in pending:
@@ -226,7 +243,7 @@ class NodeSessions:
             await abort(context, err, "NodeSession")
         session = Session(self, first.register, pools)
         self._open.add(session)
-        tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Task[Any]] = []
         try:
             await self._serve(session, first, it, context, tasks)
         finally:
@@ -234,7 +251,7 @@ class NodeSessions:
             # and a cleanup cut halfway would leave the leases long (and a Redis connection open).
             await asyncio.shield(self._spawn(self._end(session, tasks)))
 
-    async def _end(self, session: Session, tasks: list[asyncio.Task[None]]) -> None:
+    async def _end(self, session: Session, tasks: list[asyncio.Task[Any]]) -> None:
         try:
             self.dispatcher.remove(session.consumer)
             for task in tasks:
@@ -249,7 +266,7 @@ class NodeSessions:
             self._open.discard(session)
 
     async def _serve(self, session: Session, first: pb.NodeMessage, it: Any,
-                     context: grpc.aio.ServicerContext, tasks: list[asyncio.Task[None]]) -> None:  # type: ignore[type-arg]
+                     context: grpc.aio.ServicerContext, tasks: list[asyncio.Task[Any]]) -> None:  # type: ignore[type-arg]
         try:
             previous = await self.registry.register(session.entry(), session.token)
         except Exception as err:
@@ -273,7 +290,21 @@ class NodeSessions:
         self.dispatcher.add(session.consumer)
         reader = asyncio.create_task(self._read(session, it))
         tasks += [reader, asyncio.create_task(self._feed(session))]
-        reader.add_done_callback(lambda _t: session.outbox.put_nowait(None))
+        reader.add_done_callback(lambda _t: session.close())
+        writer = asyncio.create_task(self._write(session, context))
+        overflow = asyncio.create_task(session.overflowed.wait())
+        tasks += [writer, overflow]
+        await asyncio.wait([writer, overflow], return_when=asyncio.FIRST_COMPLETED)
+        if session.overflowed.is_set():
+            writer.cancel()  # stuck on flow control: the node does not read
+            log.warning("node %s: closing its stream, over %d messages unread", session.node_id,
+                        self.settings.stream_outbox_max)
+            await abort(context, StreamOverflow(
+                f"node {session.node_id} left more than {self.settings.stream_outbox_max} messages unread"), "NodeSession")
+        await writer
+
+    @staticmethod
+    async def _write(session: Session, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         while (message := await session.outbox.get()) is not None:
             await context.write(message)
             for a in message.assignments:
@@ -285,14 +316,14 @@ class NodeSessions:
             try:
                 validate.lease(item, self.settings, f"register.holding[{i}]")
             except SchedulerError as err:
-                session.outbox.put_nowait(pb.SchedulerMessage(refused=[refused_pb(item.job_id, item.lease_token, err)]))
+                session.send(pb.SchedulerMessage(refused=[refused_pb(item.job_id, item.lease_token, err)]))
                 continue
             leases.append(lease_of(item))
         for lease, t in zip(leases, await self.store.touch(session.node_id, leases), strict=True):
             if t.code >= 0:
                 session.in_flight[t.job_id] = lease
             else:
-                session.outbox.put_nowait(pb.SchedulerMessage(refused=[lease_status_pb(t, lease.token)]))
+                session.send(pb.SchedulerMessage(refused=[lease_status_pb(t, lease.token)]))
 
     async def _feed(self, session: Session) -> None:
         """Push assignments while the node has free slots."""
@@ -308,7 +339,7 @@ class NodeSessions:
                 for c in claims:
                     session.in_flight[c.job_id] = Lease(c.job_id, c.token, c.attempt)
                     session.unsent.add(c.job_id)
-                session.outbox.put_nowait(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
+                session.send(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
                 continue
             await self.dispatcher.wait_for_work(session.consumer, 1.0)
 
@@ -319,14 +350,14 @@ class NodeSessions:
                     raise message.refusal()
                 await self._handle(session, message)
             except SchedulerError as err:
-                session.outbox.put_nowait(pb.SchedulerMessage(error=f"{err.status.name}: {err}"))
+                session.send(pb.SchedulerMessage(error=f"{err.status.name}: {err}"))
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 code, text = error_status(err)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("node %s: message failed", session.node_id)
-                session.outbox.put_nowait(pb.SchedulerMessage(error=f"{code.name}: {text}"))
+                session.send(pb.SchedulerMessage(error=f"{code.name}: {text}"))
 
     async def _handle(self, session: Session, m: pb.NodeMessage) -> None:
         if m.HasField("register"):
@@ -377,7 +408,7 @@ class NodeSessions:
                 await self._fail(session, lease_of(item), Event.UNAVAILABLE, error, refused, confirmed, freed)
         finally:  # what was settled is answered even when a later part of the message failed (Redis down)
             if refused or cancels or confirmed:
-                session.outbox.put_nowait(pb.SchedulerMessage(refused=refused, cancels=cancels, confirmed=confirmed))
+                session.send(pb.SchedulerMessage(refused=refused, cancels=cancels, confirmed=confirmed))
             for lease in freed:
                 session.release(lease.job_id, lease.token)
         if m.drain and not session.draining:

@@ -104,6 +104,10 @@ class Settings:
     uvloop: int = 1
     # Redis connection pool size.
     redis_max_connections: int = 256
+    # Messages one stream may have waiting: a node stream's outbox (the node does not read), a watch's
+    # inbox (WatchJob, WatchSession). A stream over it is ended with RESOURCE_EXHAUSTED, so one client
+    # that stops reading cannot grow the server's memory; a watcher resumes, a node reconnects.
+    stream_outbox_max: int = 1024
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -141,6 +145,8 @@ class Settings:
         if self.stream_grace_ms < 2 * self.heartbeat_interval_ms:
             raise ValueError("stream_grace_ms must be at least twice heartbeat_interval_ms (a node back on another "
                              "stream must heartbeat within the grace a closing stream leaves its leases)")
+        if self.stream_outbox_max < 1:
+            raise ValueError("stream_outbox_max must be at least 1")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:
