@@ -51,9 +51,11 @@ def lease_of(item: pb.JobLease) -> Lease:
     return Lease(item.job_id, item.lease_token, item.attempt)
 
 
-def pools_of(reg: pb.Register) -> list[str]:
-    """The pools a registration serves: its pairs, plus every ASR language x TTS language."""
-    found = validate.pairs(reg.pairs, "register.pairs")
+def pools_of(reg: pb.Register, settings: Settings) -> list[str]:
+    """The pools a registration serves: its pairs, plus every ASR language x TTS language (those of
+    them that --pools allows: a node that can do more still serves what is served here)."""
+    found = validate.pairs(reg.pairs, settings, "register.pairs")
+    allowed = settings.allowed_pools()
     for i, lang in enumerate(reg.asr_langs):
         validate.lang(lang, f"register.asr_langs[{i}]")
     for i, lang in enumerate(reg.tts_langs):
@@ -61,10 +63,11 @@ def pools_of(reg: pb.Register) -> list[str]:
     for src in reg.asr_langs:
         for tgt in reg.tts_langs:
             pool = keys.pool_of(src, tgt)
-            if src != tgt and pool not in found:  # no en:en pool: nobody translates into the same language
+            if src != tgt and pool not in found and (allowed is None or pool in allowed):  # no en:en pool
                 found.append(pool)
     if not found and reg.asr_langs and reg.tts_langs:
-        raise InvalidArgument("register.tts_langs", "no pair with asr_langs has src != tgt")
+        raise InvalidArgument("register.tts_langs", "no pair with asr_langs has src != tgt" if allowed is None
+                              else f"no pair with asr_langs is served here (served: {', '.join(sorted(allowed))})")
     if not found:
         raise InvalidArgument("register", "declare pairs, or asr_langs and tts_langs")
     if len(found) > 1024:
@@ -72,7 +75,7 @@ def pools_of(reg: pb.Register) -> list[str]:
     return found
 
 
-def check_register(reg: pb.Register) -> list[str]:
+def check_register(reg: pb.Register, settings: Settings) -> list[str]:
     validate.node_id(reg.node_id, "register.node_id")
     auth.check_node(reg.node_id, "register.node_id")  # before anything is registered: a victim keeps its stream
     if not 1 <= reg.max_concurrency <= 1024:
@@ -81,7 +84,7 @@ def check_register(reg: pb.Register) -> list[str]:
         raise InvalidArgument("register.labels", "at most 64, keys up to 64 and values up to 256 characters")
     if len(reg.version) > 64:
         raise InvalidArgument("register.version", "at most 64 characters")
-    return pools_of(reg)
+    return pools_of(reg, settings)
 
 
 class Session:
@@ -238,7 +241,7 @@ class NodeSessions:
         if not first.HasField("register"):
             await abort(context, InvalidArgument("register", "the first message must register"), "NodeSession")
         try:
-            pools = check_register(first.register)
+            pools = check_register(first.register, self.settings)
         except SchedulerError as err:
             await abort(context, err, "NodeSession")
         session = Session(self, first.register, pools)

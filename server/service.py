@@ -244,7 +244,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     @handled
     async def Assign(self, request: pb.AssignRequest, context: Any) -> pb.AssignResponse:
-        pools = validate.assign(request)
+        pools = validate.assign(request, self.settings)
         auth.check_node(request.node_id, "node_id")
         want = request.max_jobs or 1
         wait = request.wait.ToMilliseconds() / 1000 if request.HasField("wait") else 0

@@ -6,6 +6,7 @@ Flags win over the environment, which wins over the defaults. Durations are in m
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import os
 import uuid
@@ -108,6 +109,14 @@ class Settings:
     # inbox (WatchJob, WatchSession). A stream over it is ended with RESOURCE_EXHAUSTED, so one client
     # that stops reading cannot grow the server's memory; a watcher resumes, a node reconnects.
     stream_outbox_max: int = 1024
+    # The pools (directed pairs "src:tgt", comma-separated: "zh:en,en:zh") this deployment serves;
+    # empty: any pair. Submit, Assign and Register of another pair are refused with INVALID_ARGUMENT,
+    # so made-up pairs create no pool to sweep.
+    pools: str = ""
+
+    def allowed_pools(self) -> frozenset[str] | None:
+        """The --pools allow-list, or None when every pair is allowed."""
+        return _pool_set(self.pools)
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -145,6 +154,12 @@ class Settings:
         if self.stream_grace_ms < 2 * self.heartbeat_interval_ms:
             raise ValueError("stream_grace_ms must be at least twice heartbeat_interval_ms (a node back on another "
                              "stream must heartbeat within the grace a closing stream leaves its leases)")
+        from .validate import LANG  # here: validate imports this module
+
+        for pool in self.allowed_pools() or ():
+            src, _, tgt = pool.partition(":")
+            if not (LANG.fullmatch(src) and LANG.fullmatch(tgt)) or src == tgt:
+                raise ValueError(f"--pools: {pool!r} is not a pair such as 'zh:en' (two different language tags)")
         if self.stream_outbox_max < 1:
             raise ValueError("stream_outbox_max must be at least 1")
         for f in fields(self):
@@ -167,6 +182,12 @@ class Settings:
             f"refusing to listen on {self.listen} without authentication: anyone who can reach it could read, "
             "cancel and take every tenant's jobs. Give --auth-jwt-key FILE (see docs/security.md), listen on "
             "a loopback address (127.0.0.1:PORT), or, on a network you trust, add --insecure")
+
+
+@functools.cache
+def _pool_set(text: str) -> frozenset[str] | None:
+    pools = frozenset(item.strip() for item in text.split(",") if item.strip())
+    return pools or None
 
 
 def is_local(listen: str) -> bool:

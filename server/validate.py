@@ -97,6 +97,7 @@ def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
     lang(s.tgt_lang, f"{field}.tgt_lang")
     if s.tgt_lang == s.src_lang:
         raise InvalidArgument(f"{field}.tgt_lang", f"must differ from src_lang ({s.src_lang!r})")
+    served(keys.pool_of(s.src_lang, s.tgt_lang), settings, f"{field}.tgt_lang")
     if len(s.trace_id) > 128:
         raise InvalidArgument(f"{field}.trace_id", "at most 128 characters")
     if not 0 <= s.priority <= 9:
@@ -135,7 +136,14 @@ def submit(req: pb.SubmitRequest, settings: Settings) -> None:
         spec(s, settings, f"jobs[{i}]")
 
 
-def pairs(items: Iterable[pb.LanguagePair], field: str = "pairs") -> list[str]:
+def served(pool: str, settings: Settings, field: str) -> None:
+    """Refuse a pool outside the --pools allow-list (when there is one)."""
+    allowed = settings.allowed_pools()
+    if allowed is not None and pool not in allowed:
+        raise InvalidArgument(field, f"{pool} is not served here (served: {', '.join(sorted(allowed))})")
+
+
+def pairs(items: Iterable[pb.LanguagePair], settings: Settings, field: str = "pairs") -> list[str]:
     found: list[str] = []
     for i, p in enumerate(items):
         lang(p.src_lang, f"{field}[{i}].src_lang")
@@ -143,12 +151,13 @@ def pairs(items: Iterable[pb.LanguagePair], field: str = "pairs") -> list[str]:
         if p.tgt_lang == p.src_lang:
             raise InvalidArgument(f"{field}[{i}].tgt_lang", f"must differ from src_lang ({p.src_lang!r})")
         pool = keys.pool_of(p.src_lang, p.tgt_lang)
+        served(pool, settings, f"{field}[{i}]")
         if pool not in found:
             found.append(pool)
     return found
 
 
-def assign(req: pb.AssignRequest) -> list[str]:
+def assign(req: pb.AssignRequest, settings: Settings) -> list[str]:
     node_id(req.node_id)
     if not req.pairs:
         raise InvalidArgument("pairs", "at least one language pair is required")
@@ -158,7 +167,7 @@ def assign(req: pb.AssignRequest) -> list[str]:
         raise InvalidArgument("max_jobs", "must be 1 to 100 (0 means 1)")
     if req.HasField("wait") and not 0 <= duration_ms(req.wait, "wait") <= 60_000:
         raise InvalidArgument("wait", "must be 0 to 60 s")
-    return pairs(req.pairs)
+    return pairs(req.pairs, settings)
 
 
 def result(r: pb.JobResult, settings: Settings, field: str) -> None:
