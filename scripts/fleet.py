@@ -40,7 +40,7 @@ import grpc
 import redis.asyncio as aioredis
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_sdk import AsyncClient, JobSpec, LinguaError
-from simnode import Received, SimNode, open_channel
+from simnode import Received, SimNode, bearer
 from simulate import percentile
 from simulated import Behaviour, SimulatedNode
 
@@ -89,22 +89,26 @@ class Fleet:
     def _seen(self, session: str, utterance: int, at: float) -> None:
         self.arrived.setdefault((session, utterance), at)
 
-    async def _open_one(self, i: int, gate: asyncio.Semaphore) -> None:
+    async def _open_one(self, i: int, gate: asyncio.Semaphore, deadline: float) -> None:
         pair = self.pairs[i % len(self.pairs)]
         async with gate:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.failures.append(f"fleet-{i}: not tried: --register-timeout passed")
+                return
             try:
                 if self.args.sdk:
                     node = SimulatedNode(self.target, f"fleet-{i}", [pair], self.args.concurrency, token=self.args.token,
                                          on_receive=lambda a, at: self._seen(a.proto.spec.session_id,
                                                                              a.proto.spec.utterance_index, at))
-                    self.sdk.append(await node.start(timeout=self.args.register_timeout))
+                    self.sdk.append(await node.start(timeout=left))
                 else:
                     def on_receive(r: Received) -> None:
                         self._seen(r.spec.session_id, r.spec.utterance_index, r.at)
                     raw = SimNode(self.channels[i % len(self.channels)], f"fleet-{i}", [pair], self.args.concurrency,
                                   Behaviour(), on_receive=on_receive)
                     try:
-                        await asyncio.wait_for(raw.start(), self.args.register_timeout)
+                        await asyncio.wait_for(raw.start(), left)
                     except BaseException:
                         await raw.crash()
                         raise
@@ -115,9 +119,13 @@ class Fleet:
 
     async def start(self) -> None:
         if not self.args.sdk:
-            self.channels = [open_channel(self.target, self.args.token) for _ in range(self.args.channels)]
+            # A local subchannel pool each: otherwise gRPC shares one connection among equal channels.
+            self.channels = [grpc.aio.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)],
+                                                       interceptors=bearer(self.args.token) if self.args.token else None)
+                             for _ in range(self.args.channels)]
         gate = asyncio.Semaphore(self.args.open_parallel)  # bounds the register burst
-        await asyncio.gather(*(self._open_one(i, gate) for i in range(self.args.streams)))
+        deadline = time.monotonic() + self.args.register_timeout
+        await asyncio.gather(*(self._open_one(i, gate, deadline) for i in range(self.args.streams)))
 
     @property
     def held(self) -> int:
@@ -151,27 +159,31 @@ async def jobs(client: AsyncClient, fleet: Fleet, args: argparse.Namespace) -> d
     errors: list[str] = []
     ids: list[str] = []
     started = time.perf_counter()
+    deadline = time.monotonic() + (args.jobs / args.rate if args.rate else 0) + args.timeout
     for i in range(args.jobs):
+        if time.monotonic() >= deadline:
+            errors.append(f"Submit: {args.jobs - i} jobs not submitted: --timeout passed")
+            break
         src, tgt = fleet.pairs[i % len(fleet.pairs)]
         session = f"fleet-sess-{i % 50}"
         spec = JobSpec(tenant_id="fleet", session_id=session, utterance_index=i, src_lang=src, tgt_lang=tgt,
                        payload_ref=f"session://{session}/{i}")
         submitted[(session, i)] = time.perf_counter()
         try:
-            ids += [r.job_id for r in await client.submit_many([spec])]
-        except LinguaError as err:
+            ids += [r.job_id for r in await asyncio.wait_for(client.submit_many([spec]), deadline - time.monotonic())]
+        except (LinguaError, TimeoutError) as err:
             submitted.pop((session, i))
             errors.append(f"Submit: {err}")
         if args.rate:
             await asyncio.sleep(max(0.0, started + (i + 1) / args.rate - time.perf_counter()))
     outcome: dict[str, int] = {}
-    pending, deadline = list(ids), time.monotonic() + args.timeout
+    pending = list(ids)
     while pending and time.monotonic() < deadline:
         still = []
         for job_id in pending:
             try:
-                state = (await client.get(job_id)).state
-            except LinguaError:
+                state = (await asyncio.wait_for(client.get(job_id), max(0.1, deadline - time.monotonic()))).state
+            except (LinguaError, TimeoutError):
                 still.append(job_id)  # asked again next round
                 continue
             if state.terminal:
@@ -253,9 +265,14 @@ async def run(args: argparse.Namespace) -> int:
         if log is not None:
             text = log.read_text(errors="replace")
             say("scheduler log", log)
-            say("scheduler log warnings", sum(1 for line in text.splitlines() if "WARNING" in line))
-            say("scheduler log MaxConnectionsError", text.count("MaxConnectionsError"))
-        ok = not fleet.failures and (not args.jobs or report.get("unfinished") == "0" and report.get("submit failures") == "0")
+            warnings = [line for line in text.splitlines() if " WARNING " in line]
+            say("scheduler log warnings", len(warnings))
+            # the Redis pool running dry: redis-py says MaxConnectionsError or "Too many connections"
+            say("pool exhausted warnings",
+                sum(1 for w in warnings if "MaxConnectionsError" in w or "Too many connections" in w))
+            say("registry renewal failures", sum(1 for w in warnings if "renewing node" in w))
+        jobs_ok = report.get("unfinished") == "0" and report.get("submit failures") == "0"
+        ok = not fleet.failures and (not args.jobs or jobs_ok)
         return 0 if ok else 1
     finally:
         await fleet.stop()
@@ -288,13 +305,28 @@ def main() -> int:
     p.add_argument("--open-parallel", type=int, default=200, help="streams registering at once, at most")
     p.add_argument("--pairs", default="zh:en,en:zh,ja:en", help="pools, comma-separated src:tgt (round-robin)")
     p.add_argument("--concurrency", type=int, default=4, help="max_concurrency of each node")
-    p.add_argument("--register-timeout", type=float, default=60.0, help="seconds one stream may take to register")
+    p.add_argument("--register-timeout", type=float, default=60.0, help="seconds all the streams may take to register")
     p.add_argument("--list-timeout", type=float, default=30.0, help="seconds to wait for ListNodes to show them all")
     p.add_argument("--idle-window", type=float, default=5.0, help="seconds the idle Redis rate is measured over")
     p.add_argument("--jobs", type=int, default=0, help="jobs to submit while the fleet is connected")
     p.add_argument("--rate", type=float, default=20.0, help="submits per second (0: as fast as possible)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the jobs to finish")
-    return asyncio.run(run(p.parse_args()))
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds past the last planned submit (jobs/rate) the job phase may take")
+    return asyncio.run(main_task(p.parse_args()))
+
+
+async def main_task(args: argparse.Namespace) -> int:
+    """run(), cancelled by SIGTERM/SIGINT so that its cleanup stops the spawned scheduler and Redis."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await run(args)
+    except asyncio.CancelledError:
+        print("stopped by a signal", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
