@@ -173,7 +173,7 @@ async def jobs(client: AsyncClient, fleet: Fleet, args: argparse.Namespace) -> d
             ids += [r.job_id for r in await asyncio.wait_for(client.submit_many([spec]), deadline - time.monotonic())]
         except (LinguaError, TimeoutError) as err:
             submitted.pop((session, i))
-            errors.append(f"Submit: {err}")
+            errors.append(f"Submit: {type(err).__name__}: {err}")
         if args.rate:
             await asyncio.sleep(max(0.0, started + (i + 1) / args.rate - time.perf_counter()))
     outcome: dict[str, int] = {}
