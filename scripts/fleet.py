@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +204,7 @@ async def run(args: argparse.Namespace) -> int:
     procs: list[Any] = []
     target, redis_url = args.target, args.redis_url
     log: Path | None = None
+    workdir: Path | None = None
     if args.spawn:
         workdir = Path(tempfile.mkdtemp(prefix="lingua-fleet-"))
         redis = EmbeddedRedis(str(workdir), persistent=False).start()
@@ -264,7 +266,8 @@ async def run(args: argparse.Namespace) -> int:
             print(f"  {error}", file=sys.stderr)
         if log is not None:
             text = log.read_text(errors="replace")
-            say("scheduler log", log)
+            if args.keep_log:
+                say("scheduler log", log)
             warnings = [line for line in text.splitlines() if " WARNING " in line]
             say("scheduler log warnings", len(warnings))
             # the Redis pool running dry: redis-py says MaxConnectionsError or "Too many connections"
@@ -289,6 +292,8 @@ async def run(args: argparse.Namespace) -> int:
                 proc.stdout.close()
         if redis is not None:
             redis.stop()
+        if workdir is not None and not args.keep_log:
+            shutil.rmtree(workdir, ignore_errors=True)  # a 2,000-stream run logs 100+ MB of warnings
 
 
 def main() -> int:
@@ -298,6 +303,7 @@ def main() -> int:
                    help="bearer token (env LINGUA_TOKEN): an admin token, or one with the node and client rights needed")
     p.add_argument("--spawn", action="store_true", help="start a private Redis and one scheduler process")
     p.add_argument("--scheduler-arg", action="append", default=[], help="extra flag for the spawned scheduler")
+    p.add_argument("--keep-log", action="store_true", help="keep the spawned scheduler's log (path in the report)")
     p.add_argument("--redis-url", default="", help="with --target: the scheduler's Redis, for the commands/s figure")
     p.add_argument("--streams", type=int, default=500, help="node streams to open")
     p.add_argument("--channels", type=int, default=8, help="shared channels the raw streams are spread over")
