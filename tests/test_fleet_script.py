@@ -1,0 +1,33 @@
+"""scripts/fleet.py end to end: ~20 node streams and a few jobs against the scheduler it spawns; its
+report parses, every stream is registered and listed, and the jobs succeed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FLEET = Path(__file__).resolve().parent.parent / "scripts" / "fleet.py"
+
+
+@pytest.mark.timeout(120)
+def test_fleet_script_small_run() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LINGUA_TOKEN", "LINGUA_TARGET")}
+    done = subprocess.run([sys.executable, str(FLEET), "--spawn", "--streams", "20", "--channels", "2",
+                           "--jobs", "12", "--rate", "0", "--idle-window", "1", "--timeout", "30"],
+                          env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    report = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    assert report["streams registered"] == "20"
+    assert report["registration failures"] == "0"
+    assert report["streams listed"] == "20"
+    assert report["outcome"] == "succeeded 12"
+    assert report["unfinished"] == "0"
+    assert int(report["scheduler rss after (KiB)"]) > 0
+    assert float(report["redis commands/s idle"]) >= 0
+    p50, p99 = (float(report["dispatch ms"].split()[i]) for i in (1, 3))
+    assert 0 < p50 <= p99
+    assert report["dispatch ms"].endswith("(n=12)")
