@@ -482,7 +482,29 @@ workers' own pace between the first and the last finish; latency is enqueue -> f
 
 {profile}
 """
-    out.write_text(text)
+    out.write_text(text + kept_sections(out, text))
+
+
+def kept_sections(out: Path, text: str) -> str:
+    """The sections of the existing report that this run does not write (hand-written ones: fleet,
+    WatchSession, auth... measured by other commands), carried over so a full run does not drop them.
+    Sections are matched by their `## ` title, less any parenthesised remark."""
+    if not out.exists():
+        return ""
+
+    def title(line: str) -> str:
+        return line[3:].split(" (", 1)[0].strip()
+
+    written = {title(line) for line in text.splitlines() if line.startswith("## ")}
+    kept, current = [], None
+    for line in out.read_text().splitlines():
+        if line.startswith("## "):
+            current = [line] if title(line) not in written else None
+            if current is not None:
+                kept.append(current)
+        elif current is not None:
+            current.append(line)
+    return "".join("\n" + "\n".join(section).rstrip() + "\n" for section in kept)
 
 
 async def main_async(args: argparse.Namespace) -> int:

@@ -56,3 +56,16 @@ def test_security_docs_show_the_authorization_table_of_the_code(repo_root: Path)
     expected = {method: [grants[role].value if role in grants else "-" for role in (Role.CLIENT, Role.NODE)] + ["yes"]
                 for method, grants in RULES.items()}
     assert rows == expected, "docs/security.md's table differs from RULES in server/auth.py"
+
+
+def test_a_full_bench_run_keeps_the_hand_written_sections(tmp_path: Path) -> None:
+    """scripts/bench rewrites docs/benchmarks.md; sections it does not write (measured by other
+    commands) are carried over, and the ones it writes replace their old text."""
+    import bench
+
+    old = tmp_path / "benchmarks.md"
+    old.write_text("# B\n\n## Lingua Scheduler, one instance\nold rows\n\n## Fleet (baseline)\nfleet rows\n")
+    new = "# B\n\n## Lingua Scheduler, one instance (now)\nnew rows\n"
+    kept = bench.kept_sections(old, new)
+    assert "## Fleet (baseline)\nfleet rows" in kept and "old rows" not in kept
+    assert bench.kept_sections(tmp_path / "missing.md", new) == ""
