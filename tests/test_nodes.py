@@ -194,8 +194,8 @@ async def test_malformed_node_messages_do_not_disturb_other_nodes(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # On a registered stream, bad entries are refused one by one and the stream stays open.
     messy = await node(ch, "messy", [("xx", "yy")])
-    messy.send(pb.NodeMessage(acks=[pb.JobLease(job_id="garbage", attempt=1), pb.JobLease(job_id="{zh:en:0}01J")],
-                              completions=[pb.Completion(lease=pb.JobLease(job_id="{zh:en:0}01J", attempt=1))]))
+    messy.send(pb.NodeMessage(acks=[pb.JobLease(job_id="garbage", attempt=1), pb.JobLease(job_id="zh:en:{0}01J")],
+                              completions=[pb.Completion(lease=pb.JobLease(job_id="zh:en:{0}01J", attempt=1))]))
     await messy.wait_for(lambda: len(messy.refused) >= 3)
     assert {r.error_code for r in messy.refused} == {"INVALID_ARGUMENT"}
     messy.send(pb.NodeMessage(register=pb.Register(node_id="messy", max_concurrency=1)))
