@@ -126,7 +126,7 @@ async def check_partitions(client: Any, partitions: int) -> None:
     holding jobs of the earlier layout (per-pool timers, `{src:tgt:p}` ids) is refused too."""
     wanted = str(partitions).encode()
     layout = await client.get(keys.LAYOUT)
-    if layout is None and await client.exists(keys.PARTITIONS):
+    if layout is None and await client.get(keys.PARTITIONS) is not None:
         layout = b"pools"  # the earlier layout: timers per pool partition, no layout key
     if layout is not None and layout.decode(errors="replace") != keys.LAYOUT_VERSION:
         raise PartitionsMismatch(
