@@ -285,7 +285,7 @@ async def memory(redis_url: str, count: int) -> dict[str, float]:
     store = Store(client, Settings(redis_url=redis_url))
     specs = [pb.JobSpec(tenant_id="bench", session_id=f"s{i % 500}", utterance_index=i, src_lang="zh", tgt_lang="en",
                         payload_ref=f"session://s{i % 500}/{i}") for i in range(count)]
-    await store.submit(specs[:1])  # pools set, affinity hash exist before the baseline
+    await store.submit(specs[:1])  # queue, timers and affinity keys exist before the baseline
     base = (await client.info("memory"))["used_memory"]
     ids = []
     for i in range(1, count, 500):

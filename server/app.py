@@ -122,8 +122,18 @@ async def check_partitions(client: Any, partitions: int) -> None:
     """Store the partition count at first start (SET NX); PartitionsMismatch when Redis holds another.
 
     Job ids carry their partition, so instances that disagree split one idempotency key over two
-    partitions and never sweep each other's partitions."""
+    partitions and never sweep each other's partitions. The key layout is stored with it: a Redis
+    holding jobs of the earlier layout (per-pool timers, `{src:tgt:p}` ids) is refused too."""
     wanted = str(partitions).encode()
+    layout = await client.get(keys.LAYOUT)
+    if layout is None and await client.get(keys.PARTITIONS) is not None:
+        layout = b"pools"  # the earlier layout: timers per pool partition, no layout key
+    if layout is not None and layout.decode(errors="replace") != keys.LAYOUT_VERSION:
+        raise PartitionsMismatch(
+            f"this Redis holds jobs in the key layout {layout.decode(errors='replace')!r}, not "
+            f"{keys.LAYOUT_VERSION!r}: let those jobs finish with the version that wrote them, then start this "
+            "version on an empty Redis (or another key prefix); see docs/deployment.md")
+    await client.set(keys.LAYOUT, keys.LAYOUT_VERSION, nx=True)
     while not await client.set(keys.PARTITIONS, wanted, nx=True):
         stored = await client.get(keys.PARTITIONS)
         if stored is None:

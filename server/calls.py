@@ -32,7 +32,7 @@ class SubmitJob:
     session: str  # keys.session_field
     affinity_ttl_ms: int
     digest: str
-    session_jobs: str  # keys.session_jobs of the job's partition
+    session_jobs: str  # keys.session_jobs of the job's shard
     utterance_index: int
 
     def call(self) -> Call:
@@ -170,3 +170,13 @@ class ReleaseNode:
 
     def call(self) -> Call:
         return Call("release_node", [keys.node(self.node_id)], [self.session_token])
+
+
+@dataclass(frozen=True, slots=True)
+class ShareSweep:
+    instance_id: str
+    live_ms: int
+    alive: bool = True  # False: this instance is leaving
+
+    def call(self) -> Call:
+        return Call("share_sweep", [keys.INSTANCES], [self.instance_id, self.live_ms, "1" if self.alive else "0"])

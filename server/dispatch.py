@@ -3,7 +3,8 @@
 Pull, not push: nothing is routed to "the instance that owns a node". Each local consumer (a node
 stream with free slots, or a unary Assign waiting) claims for itself. A Redis pub/sub wake-up names
 the job just queued, so the claim usually costs one round trip; a slow poll (peek, then claim) backs
-up lost wake-ups. The same task sweeps the timers of every partition (leases, deadlines, retries).
+up lost wake-ups. Another task sweeps the timers (leases, deadlines, retries) of this instance's share
+of the shards.
 """
 
 from __future__ import annotations
@@ -139,9 +140,8 @@ class Dispatcher:
         self._pubsub: Any = None
         self._watches: dict[str, set[Inbox]] = {}  # channel -> watchers' inboxes (WatchJob, WatchSession)
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
-        self._pools: list[str] = []
-        self._pools_at = 0.0
-        self._discovered_at = -float("inf")
+        self._shards: list[int] = list(range(settings.partitions))  # what this instance sweeps
+        self._shared_at = -float("inf")
         self._timer_errors = ThrottledWarning(log)
         # Redis down: not a line per sweep or per resubscription attempt.
         self._sweep_errors = ThrottledWarning(log, interval_s=10)
@@ -368,25 +368,32 @@ class Dispatcher:
                 raise
             except Exception as err:
                 self._sweep_errors("timer sweep failed: %r", err)
+        with contextlib.suppress(Exception):  # leaving: the other instances take this one's shards at once
+            await self.store.share_sweep(self.settings.instance_id, self._live_ms(), alive=False)
 
-    async def sweep_once(self) -> int:
-        """Fire every due timer of every pool's partitions; returns how many were acted on."""
-        if time.monotonic() - self._discovered_at > self.settings.pool_rescan_ms / 1000:
-            self._discovered_at = time.monotonic()
-            await self.store.discover_pools()  # pools the set lost, found by their timers
-        if time.monotonic() - self._pools_at > 5 or not self._pools:
-            self._pools = sorted(await self.store.pools())
-            self._pools_at = time.monotonic()
-        tags = [t for pool in self._pools for t in self.store.tags_of_pool(pool)]
-        if not tags:
-            return 0
-        due = await self.store.due_timers(tags, int(time.time() * 1000) + 1)
+    def _live_ms(self) -> int:
+        return 3 * self.settings.instance_heartbeat_ms
+
+    async def my_shards(self) -> list[int]:
+        """The shards this instance sweeps: those whose number modulo the live instance count is its
+        rank among them (refreshed every --instance-heartbeat-ms; all of them when Redis cannot say)."""
+        if time.monotonic() - self._shared_at >= self.settings.instance_heartbeat_ms / 1000:
+            live = await self.store.share_sweep(self.settings.instance_id, self._live_ms())
+            me = self.settings.instance_id
+            rank, count = (live.index(me), len(live)) if me in live else (0, 1)
+            self._shards = [s for s in range(self.settings.partitions) if s % count == rank]
+            self._shared_at = time.monotonic()
+        return self._shards
+
+    async def sweep_once(self, shards: list[int] | None = None) -> int:
+        """Fire every due timer of this instance's shards (or of `shards`); returns how many were acted on."""
+        due = await self.store.due_timers(await self.my_shards() if shards is None else shards,
+                                          int(time.time() * 1000) + 1)
         fired = 0
-        for _tag, member in due:
+        for member in due:
             try:
                 if await self.store.fire_timer(member) is not None:
                     fired += 1
             except ResponseError as err:  # one bad record must not stop the timers behind it
                 self._timer_errors("timer %s failed: %r", member, err)
         return fired
-

@@ -1,7 +1,10 @@
 """Every Redis key and channel name. Nothing else formats a key.
 
-A job id starts with its partition's hash tag, `{src:tgt:p}`, so every key of a job and the keys of
-the partition it waits in share one Redis Cluster slot: one Lua call never crosses slots.
+Jobs are spread over `partitions` shards, shared by every pool: a session's jobs all go to one shard
+(by tenant and session), whatever their pair. A job id starts with its partition, `src:tgt:{s}` (its
+pool, then its shard's hash tag), so every key of a job, the queue it waits in (one per pool and
+shard) and its shard's timers share one Redis Cluster slot: one Lua call never crosses slots. The
+timers of all pools of a shard are one zset, so the sweep costs what is due, whatever the pool count.
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ def pool_of(src_lang: str, tgt_lang: str) -> str:
     return f"{src_lang}:{tgt_lang}"
 
 
+def shard_tag(shard: int) -> str:
+    """The hash tag of a shard: `{3}`."""
+    return f"{{{shard}}}"
+
+
 def partition_tag(pool: str, partition: int) -> str:
-    """The hash tag of one partition of a pool: `{zh:en:3}`."""
-    return f"{{{pool}:{partition}}}"
+    """One pool's part of a shard, the prefix of its jobs' ids: `zh:en:{3}`."""
+    return f"{pool}:{shard_tag(partition)}"
 
 
 def partition_for(tenant_id: str, session_id: str, partitions: int) -> int:
@@ -32,18 +40,21 @@ def partition_tags(pool: str, partitions: int) -> list[str]:
 
 
 def tag_of(job_id: str) -> str:
-    """The partition tag a job id starts with; ValueError when the id has none."""
-    if not job_id.startswith("{"):
-        raise ValueError("job id must start with a partition tag such as {zh:en:0}")
-    end = job_id.find("}")
-    if end < 3 or end == len(job_id) - 1:
-        raise ValueError("job id must be a partition tag followed by an id")
+    """The partition a job id starts with (`zh:en:{3}`); ValueError when the id has none."""
+    start, end = job_id.find(":{"), job_id.find("}")
+    if start < 1 or end < start + 3 or end == len(job_id) - 1:
+        raise ValueError("job id must start with a partition such as zh:en:{0}")
     return job_id[: end + 1]
 
 
 def pool_of_tag(tag: str) -> str:
-    """`{zh:en:3}` -> `zh:en`."""
-    return tag[1:-1].rsplit(":", 1)[0]
+    """`zh:en:{3}` -> `zh:en`."""
+    return tag[: tag.index(":{")]
+
+
+def shard_of_tag(tag: str) -> str:
+    """`zh:en:{3}` -> `{3}`."""
+    return tag[tag.index(":{") + 1:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,22 +78,20 @@ class PartitionKeys:
     """The keys of one partition of a pool."""
 
     queue: str  # ZSET job id -> priority band + enqueue time (oldest first within priority)
-    timers: str  # ZSET lease, deadline and retry-ready members (server/wire.py) -> due time (ms)
+    timers: str  # ZSET lease, deadline and retry-ready members (server/wire.py) -> due time (ms): the
+    #              shard's, shared by all its pools (shard_timers)
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
     affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
 
     @classmethod
     def of(cls, tag: str) -> PartitionKeys:
-        return cls(f"{PREFIX}queue:{tag}", f"{PREFIX}timers:{tag}", f"{PREFIX}affinity:{tag}",
+        return cls(f"{PREFIX}queue:{tag}", shard_timers(shard_of_tag(tag)), f"{PREFIX}affinity:{tag}",
                    f"{PREFIX}affinity-at:{tag}")
 
 
-TIMERS_PATTERN = f"{PREFIX}timers:*"  # SCAN pattern: the partitions that have timers
-
-
-def tag_of_timers(key: str) -> str:
-    """`lingua:v1:timers:{zh:en:3}` -> `{zh:en:3}`."""
-    return key.removeprefix(f"{PREFIX}timers:")
+def shard_timers(shard: str) -> str:
+    """ZSET: every timer of a shard's jobs, all pools (`shard` is a hash tag such as `{3}`)."""
+    return f"{PREFIX}timers:{shard}"
 
 
 def idempotency(tag: str, tenant_id: str, session_id: str, identity: str) -> str:
@@ -95,10 +104,11 @@ def session_field(tenant_id: str, session_id: str) -> str:
     return f"{tenant_id}\x00{session_id}"
 
 
-def session_jobs(tag: str, tenant_id: str, session_id: str) -> str:
-    """ZSET job id -> utterance index: a session's jobs in one partition of one pool (its slot), written
-    by submit_job; WatchSession reads it. Length-prefixed like idempotency() (session ids may hold ':')."""
-    return f"{PREFIX}session:{tag}:{len(tenant_id)}:{tenant_id}:{len(session_id)}:{session_id}"
+def session_jobs(shard: str, tenant_id: str, session_id: str) -> str:
+    """ZSET job id -> utterance index: a session's jobs of every pool (they share one shard: `shard` is
+    its hash tag), written by submit_job; WatchSession reads it. Length-prefixed like idempotency()
+    (session ids may hold ':')."""
+    return f"{PREFIX}session:{shard}:{len(tenant_id)}:{tenant_id}:{len(session_id)}:{session_id}"
 
 
 # finish_job PUBLISHes "<job id> <utterance index> <state>" on SESSION_CHANNEL + the record's `sess`
@@ -118,7 +128,8 @@ def node(node_id: str) -> str:
 
 
 NODES = PREFIX + "nodes"  # ZSET node id -> last renewal (ms): the index ListNodes reads
-POOLS = PREFIX + "pools"  # SET of pools that ever had a job: what the sweepers walk
+# ZSET instance id -> last sign of life (ms, Redis time): the live instances share the shards' sweeping.
+INSTANCES = PREFIX + "instances"
 
 
 def wake_channel(pool: str) -> str:
@@ -131,5 +142,10 @@ def node_channel(node_id: str) -> str:
     return f"{PREFIX}tonode:{node_id}"
 
 
-# The partition count the first instance started with (SET NX); instances with another count refuse to start.
+# The partition (shard) count the first instance started with (SET NX); instances with another count
+# refuse to start.
 PARTITIONS = PREFIX + "config:partitions"
+# The key layout of the data (SET NX with PARTITIONS): "shards" (timers per shard, job ids `src:tgt:{s}...`).
+# A Redis with PARTITIONS but no LAYOUT holds jobs of the earlier layout ({src:tgt:p} ids): refused.
+LAYOUT = PREFIX + "config:layout"
+LAYOUT_VERSION = "shards"

@@ -1,6 +1,6 @@
 """WatchSession: a session's finished jobs, in utterance order, over one stream.
 
-The truth is in Redis: each partition slot a session uses holds an index of its jobs (job id ->
+The truth is in Redis: the session's shard holds an index of its jobs of every pool (job id ->
 utterance index, written by submit_job), and finish_job announces every terminal job on the session's
 channel. A watcher hears those announcements over the instance's one shared subscription, and before
 it delivers anything it re-reads the index up to the highest utterance it is about to deliver (in the
@@ -91,29 +91,23 @@ class SessionWatch:
         self.tenant_id = tenant_id
         self.session_id = session_id
         self.tgt_lang = tgt_lang
-        self.partition = keys.partition_for(tenant_id, session_id, store.settings.partitions)
         self.order = SessionOrder(from_index)
-        self.tags: list[str] = []
 
-    def _wanted(self, pool: str) -> bool:
-        return not self.tgt_lang or pool.split(":")[1] == self.tgt_lang
-
-    async def _refresh_tags(self) -> None:
-        pools = await self.store.pools()
-        self.tags = sorted({keys.partition_tag(p, self.partition) for p in pools if self._wanted(p)}
-                           | set(self.tags))
+    def _wanted(self, job_id: str) -> bool:
+        return not self.tgt_lang or keys.pool_of_tag(keys.tag_of(job_id)).split(":")[1] == self.tgt_lang
 
     async def _read(self, high: int | None, job_ids: list[str]) -> None:
         """Re-read the index from the cursor up to `high`, with the records of `job_ids`; then the
         records of any job the index shows that this watcher has not seen yet."""
-        members, views = await self.store.session_read(self.tags, self.tenant_id, self.session_id,
-                                                       self.order.cursor, high, job_ids)
+        members, views = await self.store.session_read(self.tenant_id, self.session_id, (self.order.cursor, high),
+                                                       job_ids)
+        members = [(j, utt) for j, utt in members if self._wanted(j)]
         utterance = dict(members)
         fetched = dict(zip(job_ids, views, strict=True))
         unknown = [j for j in self.order.unknown(members) if j not in fetched]
         for start in range(0, len(unknown), FETCH_CHUNK):
             chunk = unknown[start:start + FETCH_CHUNK]
-            _, more = await self.store.session_read([], self.tenant_id, self.session_id, 0, 0, chunk)
+            _, more = await self.store.session_read(self.tenant_id, self.session_id, None, chunk)
             fetched.update(zip(chunk, more, strict=True))
         for job_id, view in fetched.items():
             if view is None:
@@ -126,7 +120,6 @@ class SessionWatch:
     async def events(self) -> AsyncIterator[tuple[list[JobView], int]]:
         channel = keys.session_channel(self.tenant_id, self.session_id)
         async with self.dispatcher.watching(channel) as inbox:
-            await self._refresh_tags()
             await self._read(None, [])
             while True:
                 ready = self.order.take()
@@ -135,8 +128,7 @@ class SessionWatch:
                 try:
                     async with asyncio.timeout(BACKSTOP_S):
                         first = await inbox.get()
-                except TimeoutError:  # lost announcements, new pools: re-read everything from the cursor
-                    await self._refresh_tags()
+                except TimeoutError:  # lost announcements: re-read everything from the cursor
                     await self._read(None, self.order.pending())
                     continue
                 done = [first]
@@ -150,21 +142,14 @@ class SessionWatch:
         for raw in messages:
             try:
                 msg = wire.parse_session_done(raw.decode())
-                pool = keys.pool_of_tag(keys.tag_of(msg.job_id))
+                if not self._wanted(msg.job_id):
+                    continue
             except ValueError:
                 continue
-            if not self._wanted(pool):
-                continue
-            tag = keys.partition_tag(pool, self.partition)
-            if tag not in self.tags:
-                self.tags.append(tag)  # the session's first job in this pool
             if msg.utterance_index is not None and msg.utterance_index < self.order.cursor:
                 continue  # passed
             finished.append(msg.job_id)
             if high is not None:
                 high = None if msg.utterance_index is None else max(high, msg.utterance_index)
         if finished:
-            # A job of this session may wait in a pool it never announced from yet (its first job in a
-            # new pair): re-read the pools so the index of that pool holds later utterances back.
-            await self._refresh_tags()
             await self._read(high, finished)

@@ -55,7 +55,8 @@ class Settings:
     data_dir: str = ".lingua/redis"
     # This instance's id, as shown in ListNodes and RegisterAck.
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    # Partitions per pool. Every instance must use the same number (it decides job ids' hash tags).
+    # Shards ("partitions") the jobs of every pool are spread over, by session. Every instance must use
+    # the same number (it decides job ids' hash tags); on a Redis Cluster, several per master.
     partitions: int = 4
     # How long a finished job's record and result stay readable.
     retention_ms: int = 3_600_000
@@ -93,10 +94,9 @@ class Settings:
     # Slow poll behind the pub/sub wake-ups, and the period of the timer sweep.
     poll_interval_ms: int = 250
     sweep_interval_ms: int = 200
-    # How often each instance SCANs Redis for partitions with timers that the pools set lost (AOF
-    # window, failover, restore), so their leases and deadlines are swept again; also at start. The
-    # SCAN walks the whole keyspace (about 1 ms of Redis time per 1,000 keys), hence the long period.
-    pool_rescan_ms: int = 600_000
+    # Live instances share the shards' sweeping: each renews its sign of life this often, and one
+    # silent for 3 periods is taken for gone (its shards go to the others). See docs/design.md.
+    instance_heartbeat_ms: int = 1_000
     # Registry presence of a node (renewed while its stream is open).
     node_ttl_ms: int = 15_000
     # Grace period for streams to drain on SIGTERM.

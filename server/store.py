@@ -20,7 +20,7 @@ from ulid import ULID
 
 from ..fsm import HELD, Event, JobState, TransitionRefused, decide, fixed_dest, is_repeat
 from . import keys, wire
-from .calls import ClaimJob, Fence, FinishJob, Outcome, PromoteJob, RequeueJob, SubmitJob, TouchJob
+from .calls import ClaimJob, Fence, FinishJob, Outcome, PromoteJob, RequeueJob, ShareSweep, SubmitJob, TouchJob
 from .errors import (
     AlreadyExists,
     ConcurrentModification,
@@ -171,7 +171,6 @@ class Store:
         self.redis = redis
         self.settings = settings
         self.scripts = scripts or Scripts()
-        self._known_pools: set[str] = set()  # what the pools set held at the last read
         # Completions and releases commit without reading the record first (one round trip), so
         # the machine must give these events one destination (fixed_dest raises otherwise).
         self._release_dest = fixed_dest(Event.RELEASE)
@@ -181,12 +180,17 @@ class Store:
 
     def partition_tag(self, spec: pb.JobSpec) -> str:
         pool = keys.pool_of(spec.src_lang, spec.tgt_lang)
-        return keys.partition_tag(
-            pool, keys.partition_for(spec.tenant_id, spec.session_id, self.settings.partitions)
-        )
+        return keys.partition_tag(pool, self.shard_of(spec.tenant_id, spec.session_id))
+
+    def shard_of(self, tenant_id: str, session_id: str) -> int:
+        """The shard of a session: every job of it, whatever its pair."""
+        return keys.partition_for(tenant_id, session_id, self.settings.partitions)
 
     def tags_of_pool(self, pool: str) -> list[str]:
         return keys.partition_tags(pool, self.settings.partitions)
+
+    def shard_timers(self, shards: list[int]) -> list[str]:
+        return [keys.shard_timers(keys.shard_tag(s)) for s in shards]
 
     def _submit_call(self, spec: pb.JobSpec) -> Call:
         s = self.settings
@@ -213,7 +217,7 @@ class Store:
             session=keys.session_field(spec.tenant_id, spec.session_id),
             affinity_ttl_ms=s.affinity_ttl_ms,
             digest=spec_digest(meta, spec.payload),
-            session_jobs=keys.session_jobs(tag, spec.tenant_id, spec.session_id),
+            session_jobs=keys.session_jobs(keys.shard_of_tag(tag), spec.tenant_id, spec.session_id),
             utterance_index=spec.utterance_index,
         ).call()
 
@@ -224,7 +228,6 @@ class Store:
         the other jobs of the batch (before and after it) are stored (a retry of the batch finds them).
         An identity is per pool: the same key with another pair is another job."""
         calls = [self._submit_call(spec) for spec in specs]
-        await self._remember_pools({keys.pool_of(sp.src_lang, sp.tgt_lang) for sp in specs})
         replies = self._raise_errors(await self.scripts.call_many(self.redis, calls))
         for i, r in enumerate(replies):
             if r[0] == ScriptCode.IDENTITY_CONFLICT:
@@ -244,32 +247,6 @@ class Store:
             for i, state in zip(repeats, states, strict=True):
                 out[i] = Submitted(out[i].job_id, False, _s(state))
         return out
-
-    async def _remember_pools(self, pools: set[str]) -> None:
-        new = pools - self._known_pools
-        if new:
-            await self.redis.sadd(keys.POOLS, *new)
-            self._known_pools |= new
-
-    async def pools(self) -> set[str]:
-        """The pools set as it is now. It also replaces what this process believes is there, so a
-        member the set lost (AOF window, failover, restore) is added back by the next submit."""
-        found = {_s(p) for p in await self.redis.smembers(keys.POOLS)}
-        self._known_pools = set(found)
-        return found
-
-    async def discover_pools(self) -> set[str]:
-        """Pools that have timers in Redis but are missing from the pools set (found by SCAN on
-        every primary): added back, so the sweep visits them again. Returns what was added."""
-        found = set()
-        async for key in self.redis.scan_iter(match=keys.TIMERS_PATTERN, count=1000, _type="zset"):
-            found.add(keys.pool_of_tag(keys.tag_of_timers(_s(key))))
-        missing = found - await self.pools()
-        if missing:
-            log.warning("pools with timers were missing from the pools set; added back: %s", sorted(missing))
-            await self.redis.sadd(keys.POOLS, *missing)
-            self._known_pools |= missing
-        return missing
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -292,24 +269,26 @@ class Store:
         return JobView(record, pb.JobSpec.FromString(meta or b""),
                        pb.JobResult.FromString(result) if result is not None else None, payload)
 
-    async def session_read(self, tags: list[str], tenant_id: str, session_id: str, low: int, high: int | None,
+    async def session_read(self, tenant_id: str, session_id: str, span: tuple[int, int | None] | None,
                            job_ids: list[str]) -> tuple[list[tuple[str, int]], list[JobView | None]]:
         """WatchSession's one round trip: the session's (job id, utterance index) with low <= index <=
-        high (None: no upper bound) in the partitions `tags`, and the views of `job_ids` (None for a
-        job whose record is gone)."""
-        top = "+inf" if high is None else high
+        high (`span`; high None: no upper bound; span None: the index is not read), and the views of
+        `job_ids` (None for a job whose record is gone)."""
+        index = keys.session_jobs(keys.shard_tag(self.shard_of(tenant_id, session_id)), tenant_id, session_id)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for tag in tags:
-                pipe.zrangebyscore(keys.session_jobs(tag, tenant_id, session_id), low, top, withscores=True)
+            if span is not None:
+                low, high = span
+                pipe.zrangebyscore(index, low, "+inf" if high is None else high, withscores=True)
             for job_id in job_ids:
                 jk = keys.JobKeys.of(job_id)
                 pipe.hgetall(jk.fsm)
                 pipe.get(jk.meta)
                 pipe.get(jk.result)
             replies = await pipe.execute()
-        members = [(_s(j), int(score)) for found in replies[:len(tags)] for j, score in found]
+        read = 0 if span is None else 1
+        members = [(_s(j), int(score)) for found in replies[:read] for j, score in found]
         views: list[JobView | None] = []
-        rest = replies[len(tags):]
+        rest = replies[read:]
         for i, job_id in enumerate(job_ids):
             h, meta, result = rest[3 * i: 3 * i + 3]
             views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(meta or b""),
@@ -482,13 +461,19 @@ class Store:
 
     # -- timers ---------------------------------------------------------------------------------
 
-    async def due_timers(self, tags: list[str], now_ms: int, limit: int = 200) -> list[tuple[str, str]]:
-        """(tag, member) of timers due by now_ms in the given partitions, one pipelined round trip."""
+    async def due_timers(self, shards: list[int], now_ms: int, limit: int = 200) -> list[str]:
+        """Members of timers due by now_ms in the given shards (all their pools), one pipelined round
+        trip: at most `limit` per shard, so the cost is what is due, not how many keys exist."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for tag in tags:
-                pipe.zrangebyscore(keys.PartitionKeys.of(tag).timers, "-inf", now_ms, start=0, num=limit)
+            for key in self.shard_timers(shards):
+                pipe.zrangebyscore(key, "-inf", now_ms, start=0, num=limit)
             replies = await pipe.execute()
-        return [(tag, _s(m)) for tag, members in zip(tags, replies, strict=True) for m in members]
+        return [_s(m) for members in replies for m in members]
+
+    async def share_sweep(self, instance_id: str, live_ms: int, *, alive: bool = True) -> list[str]:
+        """Record this instance's sign of life (or its leaving); the live instances, sorted."""
+        reply = await self.scripts.call(self.redis, ShareSweep(instance_id, live_ms, alive).call())
+        return [_s(i) for i in reply]
 
     async def fire_timer(self, member: str) -> Changed | None:
         """Act on one due timer: promote a retry, take back an expired lease, expire a job."""

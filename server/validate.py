@@ -24,7 +24,7 @@ URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:\S+")
 # What the scheduler issues after the partition tag: a ULID in python-ulid's canonical spelling,
 # 26 upper-case Crockford base32 characters, the first at most 7 (48-bit time). Checked exactly, so
 # no other text (spaces, newlines, lower case, non-ASCII) reaches a Redis key or channel name.
-JOB_ID = re.compile(r"\{(?P<src>[a-z0-9-]+):(?P<tgt>[a-z0-9-]+):(?P<part>0|[1-9][0-9]{0,5})\}"
+JOB_ID = re.compile(r"(?P<src>[a-z0-9-]+):(?P<tgt>[a-z0-9-]+):\{(?P<part>0|[1-9][0-9]{0,5})\}"
                     r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 MAX_ATTEMPT_WINDOW_S = 60
 # The ranges of google/protobuf/timestamp.proto and duration.proto: 0001-01-01 to 9999-12-31, and
@@ -79,7 +79,7 @@ def job_id(value: str, settings: Settings, field: str = "job_id") -> None:
     if not (m and LANG.fullmatch(m["src"]) and LANG.fullmatch(m["tgt"]) and m["src"] != m["tgt"]
             and int(m["part"]) < settings.partitions):
         raise InvalidArgument(field, f"{value!r} is not a job id of this scheduler "
-                              "({src:tgt:partition} followed by a 26-character ULID)")
+                              "(src:tgt:{partition} followed by a 26-character ULID)")
 
 
 def attempt(value: int, field: str = "attempt") -> None:

@@ -33,3 +33,10 @@ async def watch_until(stub: Any, job_id: str, state: int, timeout: float = 10.0)
 
     await asyncio.wait_for(run(), timeout)
     return events
+
+
+async def all_keys(redis: Any, pattern: str = "*") -> list[bytes]:
+    """KEYS on every primary (a cluster client sends KEYS to one node only)."""
+    if hasattr(redis, "get_primaries"):
+        return sorted(await redis.keys(pattern, target_nodes=redis.get_primaries()))
+    return sorted(await redis.keys(pattern))

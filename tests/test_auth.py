@@ -133,9 +133,9 @@ async def test_missing_malformed_expired_or_wrongly_signed_tokens_are_unauthenti
         keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
     for name, tok in bad_tokens(keys).items():
         stub = connect(tok)
-        assert await code_of(stub.GetJob(pb.GetJobRequest(job_id="{zh:en:0}x"))) == grpc.StatusCode.UNAUTHENTICATED, name
+        assert await code_of(stub.GetJob(pb.GetJobRequest(job_id="zh:en:{0}x"))) == grpc.StatusCode.UNAUTHENTICATED, name
         assert await code_of(stub.ListNodes(pb.ListNodesRequest())) == grpc.StatusCode.UNAUTHENTICATED, name
-        assert await stream_code(stub.WatchJob(pb.WatchJobRequest(job_id="{zh:en:0}x"))) == \
+        assert await stream_code(stub.WatchJob(pb.WatchJobRequest(job_id="zh:en:{0}x"))) == \
             grpc.StatusCode.UNAUTHENTICATED, name
         call = await register(stub, "n1")
         assert await stream_code(call) == grpc.StatusCode.UNAUTHENTICATED, name
@@ -292,7 +292,7 @@ async def test_roles_outside_the_table_are_permission_denied(
     node = connect(token(keys, "node", node_ids=["*"]))
     client = connect(token(keys, "client", tenants=["*"]))
     assert await code_of(node.Submit(pb.SubmitRequest(jobs=[spec()]))) == grpc.StatusCode.PERMISSION_DENIED
-    assert await code_of(node.GetJob(pb.GetJobRequest(job_id="{zh:en:0}x"))) == grpc.StatusCode.PERMISSION_DENIED
+    assert await code_of(node.GetJob(pb.GetJobRequest(job_id="zh:en:{0}x"))) == grpc.StatusCode.PERMISSION_DENIED
     assert await stream_code(await register(client, "n1")) == grpc.StatusCode.PERMISSION_DENIED
     assert set(RULES) == set(pb.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name)  # every RPC has its row
 
@@ -356,7 +356,7 @@ async def test_tokens_never_reach_the_logs(keys: Path, connect: Callable[[str | 
     secrets.append(token(keys, "client", tenants=["acme"]))
     for tok in secrets:
         stub = connect(tok)
-        for call in (stub.GetJob(pb.GetJobRequest(job_id="{zh:en:0}x", include_payload=True)),
+        for call in (stub.GetJob(pb.GetJobRequest(job_id="zh:en:{0}x", include_payload=True)),
                      stub.ListNodes(pb.ListNodesRequest())):
             with pytest.raises(grpc.aio.AioRpcError):
                 await call

@@ -71,7 +71,7 @@ async def test_quiet_submit_cancel_and_target_from_environment(app: Any, monkeyp
     monkeypatch.setenv("LINGUA_TARGET", target(app))
     rc, out = await lingua(*SUBMIT, "-q")
     job_id = out.strip()
-    assert rc == 0 and job_id.startswith("{zh:en:")
+    assert rc == 0 and job_id.startswith("zh:en:{")
     rc, out = await lingua("cancel", job_id, "--reason", "user hung up")
     assert rc == 0 and re.search(r"^state\s+cancelled$", out, re.M) and "user hung up" in out
     rc, out = await lingua("watch", job_id)
@@ -85,7 +85,7 @@ async def test_quiet_submit_cancel_and_target_from_environment(app: Any, monkeyp
 
 async def test_errors_print_the_status_and_exit_1(app: Any, capsys: pytest.CaptureFixture[str]) -> None:
     t = target(app)
-    missing = "{zh:en:0}01JE0000000000000000000000"
+    missing = "zh:en:{0}01JE0000000000000000000000"
     for command in (["get", missing], ["watch", missing], ["session", "acme", "cli", "--from-index", "-1"]):
         rc, out = await lingua("--target", t, *command)
         assert (rc, out) == (1, "")  # no table header before the error

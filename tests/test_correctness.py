@@ -117,21 +117,21 @@ async def test_a_repeated_claim_with_its_token_is_adopted(store: Store) -> None:
     assert (await store.record(job.job_id)).attempt == 1  # one claim, one attempt
 
 
-# 2. Timers of a pool the pools set lost are swept again.
-async def test_a_pool_missing_from_the_pools_set_is_swept_again(make_app: AppFactory, redis: Any) -> None:
+# 2. What is swept does not depend on what a process remembers: an instance that never saw a pool sweeps
+# its timers (the shards are 0..partitions-1, stored in Redis; timers are per shard, not per pool).
+async def test_an_instance_that_never_saw_a_pool_sweeps_its_timers(make_app: AppFactory, redis: Any) -> None:
     first = await make_app()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as ch:
         stub = pb_grpc.SchedulerStub(ch)
         job_id = await submit(stub)
         (a,) = (await stub.Assign(pb.AssignRequest(node_id="gone", pairs=[pair()], max_jobs=1))).assignments
     await first.stop(grace=0)
-    assert await redis.srem(keys.POOLS, "zh:en") == 1  # lost in an AOF window, failover or restore
-    second = await make_app(pool_rescan_ms=100)
+    assert await redis.zcard(keys.INSTANCES) == 0  # it left: the next instance sweeps every shard at once
+    second = await make_app()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as ch:
         stub = pb_grpc.SchedulerStub(ch)
         expired = await until_event(stub, job_id, "lease_expired")
         assert expired.error.code == "LINGUA_LEASE_EXPIRED" and expired.attempt == a.attempt
-    assert await redis.sismember(keys.POOLS, "zh:en")
 
 
 # 4. In-flight is tracked per lease: a late message about an earlier claim changes nothing.

@@ -34,7 +34,7 @@ from lingua_sdk import (
 pytestmark = pytest.mark.single_redis  # errors are built above the store: one Redis backend is enough
 
 SPEC = dict(tenant_id="acme", session_id="s1", src_lang="zh", tgt_lang="en", payload_ref="s3://audio/s1/0.opus")
-MISSING = "{zh:en:0}01JE0000000000000000000000"
+MISSING = "zh:en:{0}01JE0000000000000000000000"
 
 
 def target(app: Any) -> str:

@@ -10,8 +10,7 @@ import pytest
 from conftest import AppFactory
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from helpers import pair, spec
-from lingua_scheduler.server import keys
+from helpers import all_keys, pair, spec
 from lingua_scheduler.server.app import App
 from lingua_scheduler.server.settings import Settings
 from lingua_sdk import pb, pb_grpc
@@ -43,12 +42,11 @@ def bad_fields(err: grpc.aio.AioRpcError) -> list[str]:
 
 
 async def test_submit_of_another_pair_is_refused_and_stores_nothing(stub: Any, redis: Any) -> None:
-    pools_before = await redis.smembers(keys.POOLS)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.Submit(pb.SubmitRequest(jobs=[spec(), spec(src_lang="fr", tgt_lang="de", utterance_index=1)]))
     assert bad_fields(refused.value) == ["jobs[1].tgt_lang"]
     assert "fr:de is not served here" in (refused.value.details() or "")
-    assert await redis.smembers(keys.POOLS) == pools_before  # no job, no pool: the whole batch refused
+    assert await all_keys(redis, "*fr:de*") == [] and await all_keys(redis, "*zh:en:{*") == []  # the whole batch refused
     done = await stub.Submit(pb.SubmitRequest(jobs=[spec(), spec(src_lang="en", tgt_lang="zh")]))
     assert [r.created for r in done.results] == [True, True]
 

@@ -169,7 +169,7 @@ async def test_sync_watch_session_in_batches_until_the_timeout(app: Any) -> None
 async def test_errors_are_typed_with_their_status(app: Any) -> None:
     async with AsyncClient(target(app)) as client:
         with pytest.raises(NotFound) as missing:
-            await client.get("{zh:en:0}01JE0000000000000000000000")
+            await client.get("zh:en:{0}01JE0000000000000000000000")
         assert missing.value.code.name == "NOT_FOUND"
         with pytest.raises(InvalidArgument) as bad:
             await client.submit(**{**SPEC, "src_lang": "ZH"})
@@ -179,7 +179,7 @@ async def test_errors_are_typed_with_their_status(app: Any) -> None:
             await client.wait(queued.job_id, timeout=0.3)
         assert isinstance(late.value, TimeoutError)
     with pytest.raises(NotFound):  # the sync client raises the same types
-        await asyncio.to_thread(lambda: Client(target(app)).get("{zh:en:0}01JE0000000000000000000000"))
+        await asyncio.to_thread(lambda: Client(target(app)).get("zh:en:{0}01JE0000000000000000000000"))
 
 
 # -- the node runtime ------------------------------------------------------------------------------

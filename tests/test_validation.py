@@ -12,13 +12,14 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import pair, spec
+from helpers import all_keys, pair, spec
+from lingua_scheduler.server import keys
 from lingua_sdk import pb, pb_grpc
 
 pytestmark = pytest.mark.single_redis  # validation happens before Redis: one backend is enough
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-JOB = "{zh:en:0}01JDZZZZZZZZZZZZZZZZZZZZZZ"  # well-formed, never issued: NOT_FOUND
+JOB = "zh:en:{0}01JDZZZZZZZZZZZZZZZZZZZZZZ"  # well-formed, never issued: NOT_FOUND
 
 
 def _soon(**fields: int) -> Timestamp:
@@ -26,7 +27,7 @@ def _soon(**fields: int) -> Timestamp:
 
 
 async def snapshot(redis: Any) -> dict[bytes, bytes]:
-    return {k: await redis.dump(k) for k in sorted(await redis.keys("*"))}
+    return {k: await redis.dump(k) for k in await all_keys(redis) if k != keys.INSTANCES.encode()}  # not job data
 
 
 async def refused(call: Any, request: Any) -> str:
@@ -114,19 +115,19 @@ async def test_registration_skips_or_refuses_same_language_pools(stub: pb_grpc.S
 
 
 BAD_IDS = [
-    "{zh:en:0}01JDZZZZZZZZZZZZZZZZZZZZZ ",  # a trailing space
-    "{zh:en:0}01JDZZZZZZZZZZ\nZZZZZZZZZZZ",  # a newline
-    "{zh:en:0}01JDZZZZZZZZZZZZZZZZZZZZZé",  # non-ASCII
-    "{zh:en:0}01jdzzzzzzzzzzzzzzzzzzzzzz",  # lower case: another key than the job's
-    "{zh:en:0}01JDZZZZZZZZZZZZZZZZZZZZZZZ",  # 27 characters
-    "{zh:en:0}01JDZZZZZZZZZZZZZZZZZZZZZ",  # 25 characters
-    "{zh:en:0}81JDZZZZZZZZZZZZZZZZZZZZZZ",  # past the largest ULID
-    "{zh:en:0}01JDZZZZZZZZZZZZZZZZZZZZZU",  # U is not Crockford base32
-    "{zh:en:0}01J",
-    "{zh:en:01}01JDZZZZZZZZZZZZZZZZZZZZZZ",  # a partition with a leading zero
-    "{zh:en:\u00b2}01JDZZZZZZZZZZZZZZZZZZZZZZ",  # a superscript two: isdigit() but not a partition
-    "{zh:en:\u0661}01JDZZZZZZZZZZZZZZZZZZZZZZ",  # an Arabic-Indic one
-    "{en:en:0}01JDZZZZZZZZZZZZZZZZZZZZZZ",  # src == tgt: never issued
+    "zh:en:{0}01JDZZZZZZZZZZZZZZZZZZZZZ ",  # a trailing space
+    "zh:en:{0}01JDZZZZZZZZZZ\nZZZZZZZZZZZ",  # a newline
+    "zh:en:{0}01JDZZZZZZZZZZZZZZZZZZZZZé",  # non-ASCII
+    "zh:en:{0}01jdzzzzzzzzzzzzzzzzzzzzzz",  # lower case: another key than the job's
+    "zh:en:{0}01JDZZZZZZZZZZZZZZZZZZZZZZZ",  # 27 characters
+    "zh:en:{0}01JDZZZZZZZZZZZZZZZZZZZZZ",  # 25 characters
+    "zh:en:{0}81JDZZZZZZZZZZZZZZZZZZZZZZ",  # past the largest ULID
+    "zh:en:{0}01JDZZZZZZZZZZZZZZZZZZZZZU",  # U is not Crockford base32
+    "zh:en:{0}01J",
+    "zh:en:{01}01JDZZZZZZZZZZZZZZZZZZZZZZ",  # a partition with a leading zero
+    "zh:en:{\u00b2}01JDZZZZZZZZZZZZZZZZZZZZZZ",  # a superscript two: isdigit() but not a partition
+    "zh:en:{\u0661}01JDZZZZZZZZZZZZZZZZZZZZZZ",  # an Arabic-Indic one
+    "en:en:{0}01JDZZZZZZZZZZZZZZZZZZZZZZ",  # src == tgt: never issued
 ]
 
 
@@ -170,7 +171,7 @@ async def test_job_ids_on_the_node_stream_are_refused_naming_the_field(
             assert not status.ok and status.error_code == "INVALID_ARGUMENT"
             suffix = ".lease.job_id" if field == "completions" else ".job_id"
             assert status.error_message.startswith(f"{field}[{j}]{suffix}: "), status.error_message
-    assert not [k for k in await redis.keys("*") if b":job:" in k]
+    assert not [k for k in await all_keys(redis, "*") if b":job:" in k]
     call.cancel()
 
 

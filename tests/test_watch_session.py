@@ -220,7 +220,7 @@ async def test_several_target_languages_are_ordered_by_utterance_or_alone(stub: 
 
 async def test_a_session_index_expires_with_its_jobs(stub: pb_grpc.SchedulerStub, redis: Any, settings: Any) -> None:
     (job_id,) = await submit(stub, 4)
-    key = keys.session_jobs(keys.tag_of(job_id), "acme", "s1")
+    key = keys.session_jobs(keys.shard_of_tag(keys.tag_of(job_id)), "acme", "s1")  # every pool of the session
     assert await redis.zscore(key, job_id) == 4
     ttl = await redis.pttl(key)
     assert 0 < ttl <= settings.default_job_ttl_ms + settings.retention_ms
@@ -247,7 +247,7 @@ async def test_bad_requests_are_refused_naming_the_field(stub: pb_grpc.Scheduler
 
 
 def view(utterance: int, state: str, tgt: str = "en") -> JobView:
-    record = JobRecord(f"{{zh:{tgt}:0}}{utterance:026d}", state, 1, 1, 3, "", "", 0, 0, 0, 0, "", "", "", False, "acme")
+    record = JobRecord(f"zh:{tgt}:{{0}}{utterance:026d}", state, 1, 1, 3, "", "", 0, 0, 0, 0, "", "", "", False, "acme")
     return JobView(record, pb.JobSpec(utterance_index=utterance, tgt_lang=tgt), None, None)
 
 

@@ -94,7 +94,7 @@ test("errors are typed and carry the gRPC code", { timeout: 30_000 }, async () =
     assert.equal(err.retryDelayMs, undefined);
     return true;
   });
-  await assert.rejects(client.get("{zh:en:0}01JE0000000000000000000000"), (err: unknown) => {
+  await assert.rejects(client.get("zh:en:{0}01JE0000000000000000000000"), (err: unknown) => {
     assert.ok(err instanceof NotFoundError);
     assert.equal(err.reason, "JOB_NOT_FOUND");
     return true;

@@ -231,7 +231,7 @@ export const JobErrorSchema: GenMessage<JobError> = /*@__PURE__*/
  */
 export type Job = Message<"lingua.scheduler.v1.Job"> & {
   /**
-   * Scheduler-chosen id: "{src:tgt:partition}" followed by a ULID (26 upper-case Crockford base32
+   * Scheduler-chosen id: "src:tgt:{partition}" followed by a ULID (26 upper-case Crockford base32
    * characters). A request carrying any other job id is INVALID_ARGUMENT naming the field.
    *
    * @generated from field: string job_id = 1;
