@@ -129,8 +129,8 @@ async def test_a_pool_missing_from_the_pools_set_is_swept_again(make_app: AppFac
     second = await make_app(pool_rescan_ms=100)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as ch:
         stub = pb_grpc.SchedulerStub(ch)
-        expired = await until_event(stub, job_id, "lease_expired")
-        assert expired.error.code == "LINGUA_LEASE_EXPIRED" and expired.attempt == a.attempt
+        expired = await until_event(stub, job_id, "ack_timeout")  # never acknowledged: attempt given back
+        assert expired.error.code == "LINGUA_ACK_TIMEOUT" and expired.attempt == a.attempt - 1
     assert await redis.sismember(keys.POOLS, "zh:en")
 
 
