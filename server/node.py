@@ -161,6 +161,7 @@ class Session:
         """The node answered about a lease it was sent (ack, heartbeat, completion, unavailable): the
         lease leaves the window, and a quarantine ends. A heartbeat of a job acknowledged before
         changes nothing, nor does a lease this stream never handed out."""
+        before = self.free_slots()
         if self.holds(job_id, token):
             if self.unacked.pop(job_id, None) is None:
                 return
@@ -172,7 +173,8 @@ class Session:
             self.quarantined = False
             self.timed_out.clear()
             log.info("node %s acknowledged an assignment: out of quarantine", self.node_id)
-        self.consumer.wake.set()  # room in the window: look for work
+        if self.free_slots() > before:  # the window (or the quarantine) was what held it back
+            self.consumer.wake.set()
 
     def entry(self) -> NodeEntry:
         return NodeEntry(self.node_id, self.pools, self.reg.max_concurrency, len(self.in_flight),
