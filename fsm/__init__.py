@@ -2,6 +2,7 @@
 
 from .machine import (
     ACTIVE,
+    GIVES_BACK_ATTEMPT,
     HELD,
     MACHINE,
     TERMINAL,
@@ -16,10 +17,12 @@ from .machine import (
     fixed_dest,
     is_repeat,
     sources_of,
+    unacknowledged,
 )
 
 __all__ = [
     "ACTIVE",
+    "GIVES_BACK_ATTEMPT",
     "HELD",
     "MACHINE",
     "TERMINAL",
@@ -34,4 +37,5 @@ __all__ = [
     "fixed_dest",
     "is_repeat",
     "sources_of",
+    "unacknowledged",
 ]

@@ -36,6 +36,7 @@ class Event(StrEnum):
     COMPLETE = "complete"
     FAIL = "fail"
     LEASE_EXPIRED = "lease_expired"
+    ACK_TIMEOUT = "ack_timeout"
     NODE_LOST = "node_lost"
     UNAVAILABLE = "unavailable"
     RELEASE = "release"
@@ -48,6 +49,9 @@ TERMINAL: frozenset[JobState] = frozenset(
 )
 ACTIVE = [JobState.QUEUED, JobState.ASSIGNED, JobState.RUNNING]
 HELD = [JobState.ASSIGNED, JobState.RUNNING]
+# Requeues that do not count as an execution: the claim never reached its node (release), or its
+# node never acknowledged it (ack_timeout). The store gives their attempt back.
+GIVES_BACK_ATTEMPT: frozenset[Event] = frozenset({Event.RELEASE, Event.ACK_TIMEOUT})
 
 # Order matters: for one (trigger, source), the first transition whose conditions hold wins.
 TRANSITIONS: list[dict[str, Any]] = [
@@ -57,6 +61,10 @@ TRANSITIONS: list[dict[str, Any]] = [
     # A claim whose assignment never reached its node (the reply was lost, the stream or the long-poll
     # ended first): back in the queue, and the attempt it took is given back.
     {"trigger": Event.RELEASE, "source": JobState.ASSIGNED, "dest": JobState.QUEUED},
+    # The node never acknowledged the assignment (its ack timeout, or its stream's grace, ran out):
+    # attempts count executions a node started, so the attempt is given back and the job is queued
+    # again whatever its max_attempts; its deadline bounds how long this can go on.
+    {"trigger": Event.ACK_TIMEOUT, "source": JobState.ASSIGNED, "dest": JobState.QUEUED},
     {"trigger": Event.COMPLETE, "source": HELD, "dest": JobState.SUCCEEDED},
     {
         "trigger": Event.FAIL,
@@ -66,12 +74,15 @@ TRANSITIONS: list[dict[str, Any]] = [
     },
     {"trigger": Event.FAIL, "source": HELD, "dest": JobState.FAILED},
     # The node went away, went silent, or lacks the model: retry elsewhere while attempts remain.
+    # A job still `assigned` when its lease runs out (or its node's stream is lost) was never
+    # acknowledged: that is `ack_timeout` (above), so these two fire from `running` only.
     *(
         t
-        for event in (Event.LEASE_EXPIRED, Event.NODE_LOST, Event.UNAVAILABLE)
+        for event, source in ((Event.LEASE_EXPIRED, JobState.RUNNING), (Event.NODE_LOST, JobState.RUNNING),
+                              (Event.UNAVAILABLE, HELD))
         for t in (
-            {"trigger": event, "source": HELD, "dest": JobState.QUEUED, "conditions": ["has_attempts_left"]},
-            {"trigger": event, "source": HELD, "dest": JobState.FAILED},
+            {"trigger": event, "source": source, "dest": JobState.QUEUED, "conditions": ["has_attempts_left"]},
+            {"trigger": event, "source": source, "dest": JobState.FAILED},
         )
     ),
     {"trigger": Event.CANCEL, "source": ACTIVE, "dest": JobState.CANCELLED},
@@ -168,6 +179,14 @@ def is_repeat(state: str, last_event: str, event: str) -> bool:
     """A repeat of an event already applied: the job's last event is `event` and it is still in a
     state `event` leads to. Answered with the current state (idempotent), not an error."""
     return last_event == event and state in dests_of(event)
+
+
+def unacknowledged(state: str, event: Event) -> Event:
+    """The event a node's silence amounts to: `lease_expired` or `node_lost` of a job still
+    `assigned` (its node never acknowledged it) is `ack_timeout`; any other event is itself."""
+    if state == JobState.ASSIGNED and event in (Event.LEASE_EXPIRED, Event.NODE_LOST):
+        return Event.ACK_TIMEOUT
+    return event
 
 
 def allowed_pairs() -> set[tuple[JobState, Event]]:

@@ -62,8 +62,9 @@ def render_markdown() -> str:
         "`new` is the pseudo-state before submit; it is never stored. Terminal states: "
         + ", ".join(f"`{s}`" for s in JobState if s in ("succeeded", "failed", "cancelled", "expired")) + ".",
         "For one event and state, the first row whose conditions hold wins. `has_attempts_left`: the",
-        "job's attempt (number of assignments so far) is below its max_attempts; `is_retryable`: the",
-        "node said another attempt may succeed.",
+        "job's attempt (number of assignments so far, less those given back: `release` and `ack_timeout`,",
+        "which no node started) is below its max_attempts; `is_retryable`: the node said another attempt",
+        "may succeed.",
         "",
         "| event | from | to | conditions |",
         "|---|---|---|---|",

@@ -31,9 +31,12 @@ from .errors import LEASE_GONE, InvalidArgument, SchedulerError, StreamOverflow
 from .registry import NodeEntry, Registry
 from .service import Undecodable, abort, assignment_pb, error_status, lease_status_pb, refused_pb, state_pb
 from .settings import Settings
-from .store import Changed, Lease, Store
+from .store import Changed, Claim, Lease, Store
+from .throttle import ThrottledWarning
 
 log = logging.getLogger(__name__)
+# A fleet of stalled nodes must not flood the log: one line per interval, with a count.
+_quarantines = ThrottledWarning(log, interval_s=10)
 
 
 def _duration(ms: int) -> Duration:
@@ -101,6 +104,14 @@ class Session:
         self.unsent: set[str] = set()  # job ids claimed for the node but not yet written to its stream
         self.draining = False
         self.replaced = False
+        # Back-pressure. Job id -> when it was claimed for this stream (monotonic s), while the node has
+        # not acknowledged it (an ack, a heartbeat, a completion or an unavailable report counts);
+        # oldest first. At most ack_window of them (free_slots()).
+        self.unacked: dict[str, float] = {}
+        # Assignments taken back unacknowledged past the ack timeout (job id -> lease token), so that a
+        # late ack of one still counts. At most the window: a quarantined stream gets nothing new.
+        self.timed_out: dict[str, str] = {}
+        self.quarantined = False
         # Messages for the node, in order; None closes the stream once what is before it is written.
         # Bounded by send(), not by the queue: the closing None must always fit.
         self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
@@ -109,12 +120,66 @@ class Session:
         self.finished = asyncio.Event()  # the stream's handler is done, leases released
 
     def free_slots(self) -> int:
-        return 0 if self.draining else max(0, self.reg.max_concurrency - len(self.in_flight))
+        """How many more assignments the node may be sent now (the one capacity the dispatcher asks):
+        none while it drains or is quarantined; else its free slots, with at most ack_window (never
+        more than max_concurrency) unacknowledged at a time, so a node gets new work only while it
+        acknowledges what it was sent."""
+        if self.draining or self.is_quarantined():
+            return 0
+        window = min(self.owner.settings.ack_window, self.reg.max_concurrency)
+        return max(0, min(self.reg.max_concurrency - len(self.in_flight), window - len(self.unacked)))
+
+    def is_quarantined(self) -> bool:
+        """A stream that let an assignment pass its ack timeout unacknowledged gets no new work until it
+        acknowledges one or reconnects. Evaluated lazily, from the oldest unacknowledged assignment
+        (no timer or task per stream); release() catches one taken back before this looked."""
+        if not self.quarantined and self.unacked:
+            job_id, sent = next(iter(self.unacked.items()))
+            if time.monotonic() - sent > self.owner.settings.ack_timeout_ms / 1000:
+                self._quarantine(job_id)
+        return self.quarantined
+
+    def _quarantine(self, job_id: str) -> None:
+        self.quarantined = True
+        _quarantines("node %s quarantined: job %s was not acknowledged within the ack timeout (%d ms); no new "
+                     "work for this stream until the node acknowledges an assignment or reconnects",
+                     self.node_id, job_id, self.owner.settings.ack_timeout_ms)
+
+    def assigned(self, claims: list[Claim]) -> None:
+        """Hand claims made for this stream to the node: tracked as in flight and unacknowledged, and
+        queued as one message."""
+        now = time.monotonic()
+        for c in claims:
+            self.in_flight[c.job_id] = Lease(c.job_id, c.token, c.attempt)
+            self.unsent.add(c.job_id)
+            self.unacked.pop(c.job_id, None)  # (re)inserted last: the dict stays oldest first
+            self.unacked[c.job_id] = now
+            self.timed_out.pop(c.job_id, None)
+        self.send(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
+
+    def acked(self, job_id: str, token: str) -> None:
+        """The node answered about a lease it was sent (ack, heartbeat, completion, unavailable): the
+        lease leaves the window, and a quarantine ends. A heartbeat of a job acknowledged before
+        changes nothing, nor does a lease this stream never handed out."""
+        before = self.free_slots()
+        if self.holds(job_id, token):
+            if self.unacked.pop(job_id, None) is None:
+                return
+        elif self.timed_out.get(job_id) == token:
+            del self.timed_out[job_id]  # too late for the job (it went back), not for the node
+        else:
+            return
+        if self.quarantined:
+            self.quarantined = False
+            self.timed_out.clear()
+            log.info("node %s acknowledged an assignment: out of quarantine", self.node_id)
+        if self.free_slots() > before:  # the window (or the quarantine) was what held it back
+            self.consumer.wake.set()
 
     def entry(self) -> NodeEntry:
         return NodeEntry(self.node_id, self.pools, self.reg.max_concurrency, len(self.in_flight),
                          self.owner.settings.instance_id, dict(self.reg.labels), self.reg.version,
-                         self.connected_ms, self.draining)
+                         self.connected_ms, self.draining, self.is_quarantined())
 
     def holds(self, job_id: str, token: str) -> bool:
         lease = self.in_flight.get(job_id)
@@ -126,6 +191,15 @@ class Session:
         if self.holds(job_id, token):
             del self.in_flight[job_id]
             self.unsent.discard(job_id)
+            sent = self.unacked.pop(job_id, None)
+            # Taken back unacknowledged (ack_timeout). Half the timeout is enough to tell: this clock
+            # started when the claim's reply came back, a little after Redis's, and a healthy node acks
+            # in milliseconds (if it was a client's cancel instead, its late ack ends the quarantine).
+            if sent is not None and (self.quarantined or
+                                     time.monotonic() - sent > self.owner.settings.ack_timeout_ms / 2000):
+                self.timed_out[job_id] = token
+                if not self.quarantined:
+                    self._quarantine(job_id)
             self.consumer.wake.set()  # a slot is free: look for work
             self._maybe_done()
 
@@ -210,7 +284,7 @@ class NodeSessions:
         for e in await self.registry.entries():
             info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency,
                                in_flight=e.in_flight, instance_id=e.instance_id, labels=e.labels,
-                               version=e.version, draining=e.draining)
+                               version=e.version, draining=e.draining, quarantined=e.quarantined)
             info.connected_at.FromMilliseconds(e.connected_ms)
             out.append(info)
         return out
@@ -339,10 +413,7 @@ class NodeSessions:
                 await asyncio.sleep(self.settings.poll_interval_ms / 1000)
                 continue
             if claims:
-                for c in claims:
-                    session.in_flight[c.job_id] = Lease(c.job_id, c.token, c.attempt)
-                    session.unsent.add(c.job_id)
-                session.send(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
+                session.assigned(claims)
                 continue
             await self.dispatcher.wait_for_work(session.consumer, 1.0)
 
@@ -384,12 +455,14 @@ class NodeSessions:
 
         try:
             completions = valid(m.completions, "completions", validate.completion)
+            touched = valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
+            unavailable = valid(m.unavailable, "unavailable")
+            for item in (*touched, *(c.lease for c in completions), *unavailable):
+                session.acked(item.job_id, item.lease_token)  # back-pressure: the node answers what it got
             # An ack that rides with its job's result needs no state change of its own: complete is
             # allowed from assigned, so the result alone moves the job (one Lua call saved).
             finishing = {(c.lease.job_id, c.lease.lease_token) for c in completions}
-            touches = [lease_of(t) for t in valid(m.acks, "acks") + valid(m.heartbeats, "heartbeats")
-                       if (t.job_id, t.lease_token) not in finishing]
-            unavailable = valid(m.unavailable, "unavailable")
+            touches = [lease_of(t) for t in touched if (t.job_id, t.lease_token) not in finishing]
             if touches:
                 for lease, t in zip(touches, await self.store.touch(session.node_id, touches), strict=True):
                     if t.code < 0:

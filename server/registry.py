@@ -23,6 +23,7 @@ class NodeEntry:
     version: str
     connected_ms: int
     draining: bool
+    quarantined: bool = False  # no new work: it let an assignment pass its ack timeout (server/node.py)
 
 
 class Registry:
@@ -38,6 +39,7 @@ class Registry:
             ("pools", ",".join(entry.pools)), ("maxc", entry.max_concurrency), ("inflight", entry.in_flight),
             ("instance", entry.instance_id), ("labels", json.dumps(entry.labels, sort_keys=True)),
             ("version", entry.version), ("connected", entry.connected_ms), ("draining", int(entry.draining)),
+            ("quarantined", int(entry.quarantined)),
         )
         reply = await self.scripts.call(self.redis, RegisterNode(entry.node_id, token, renew, self.ttl_ms,
                                                                  fields).call())
@@ -68,7 +70,7 @@ class Registry:
                 max_concurrency=int(h[b"maxc"]), in_flight=int(h[b"inflight"]),
                 instance_id=h[b"instance"].decode(), labels=json.loads(h[b"labels"]),
                 version=h[b"version"].decode(), connected_ms=int(h[b"connected"]),
-                draining=h[b"draining"] == b"1",
+                draining=h[b"draining"] == b"1", quarantined=h.get(b"quarantined") == b"1",
             ))
         if gone:
             await self.redis.zrem(keys.NODES, *gone)

@@ -76,6 +76,11 @@ class Settings:
     ack_timeout_ms: int = 5_000
     heartbeat_interval_ms: int = 1_000
     lease_ms: int = 5_000
+    # Back-pressure: a node stream holds at most this many assignments it has not acknowledged (never
+    # more than its max_concurrency); more are sent as it acks. A stream that lets an assignment pass
+    # its ack timeout unacknowledged is quarantined (no new work) until it acknowledges one or
+    # reconnects; the job goes back to the queue with its attempt given back (ack_timeout).
+    ack_window: int = 16
     # After a node's stream closes, its jobs are requeued once this grace has passed without it back.
     # At least twice the heartbeat interval: a closing stream shortens its leases to this grace
     # without knowing whether the node is already back on another stream; the node's next heartbeat
@@ -162,6 +167,8 @@ class Settings:
                 raise ValueError(f"--pools: {pool!r} is not a pair such as 'zh:en' (two different language tags)")
         if self.stream_outbox_max < 1:
             raise ValueError("stream_outbox_max must be at least 1")
+        if self.ack_window < 1:
+            raise ValueError("ack_window must be at least 1")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:

@@ -18,7 +18,17 @@ from typing import Any
 from lingua_sdk import pb
 from ulid import ULID
 
-from ..fsm import HELD, Event, JobState, TransitionRefused, decide, fixed_dest, is_repeat
+from ..fsm import (
+    GIVES_BACK_ATTEMPT,
+    HELD,
+    Event,
+    JobState,
+    TransitionRefused,
+    decide,
+    fixed_dest,
+    is_repeat,
+    unacknowledged,
+)
 from . import keys, wire
 from .calls import ClaimJob, Fence, FinishJob, Outcome, PromoteJob, RequeueJob, ShareSweep, SubmitJob, TouchJob
 from .errors import (
@@ -422,10 +432,14 @@ class Store:
         visible: Callable[[str], bool] | None = None,
     ) -> Changed:
         """Read the record, let the FSM decide, commit with the version read; re-read on a lost race.
-        `visible`: the caller's tenant check (a job of a tenant it fails is JobNotFound)."""
+        `visible`: the caller's tenant check (a job of a tenant it fails is JobNotFound).
+        `lease_expired` and `node_lost` of a job its node never acknowledged are `ack_timeout`
+        (decided on each record read: an ack may land in between)."""
+        requested = event
         for _ in range(8):
             rec = record or await self.record(job_id)
             record = None
+            event = unacknowledged(rec.state, requested)
             if visible is not None and not visible(rec.tenant):
                 raise JobNotFound(f"job {job_id} not found")
             if token is not None and rec.token != token:
@@ -443,10 +457,11 @@ class Store:
             fence = Fence(node or "", token or "", rec.version)
             outcome = Outcome(error.code, error.message, error.retryable) if error else Outcome()
             if dest == JobState.QUEUED:
-                backoff = min(self.settings.backoff_max_ms,
-                              self.settings.backoff_base_ms * 2 ** max(rec.attempt - 1, 0))
+                given_back = event in GIVES_BACK_ATTEMPT  # no execution started: no backoff either
+                backoff = 0 if given_back else min(self.settings.backoff_max_ms,
+                                                   self.settings.backoff_base_ms * 2 ** max(rec.attempt - 1, 0))
                 call = RequeueJob(job_id, event, dest, fence, outcome, backoff_ms=backoff, avoid=avoid,
-                                  guard=guard).call()
+                                  guard=guard, give_back_attempt=given_back).call()
             else:
                 call = FinishJob(job_id, event, dest, fence, outcome, self.settings.retention_ms, guard=guard).call()
             reply = await self.scripts.call(self.redis, call)
@@ -476,7 +491,8 @@ class Store:
         return [_s(i) for i in reply]
 
     async def fire_timer(self, member: str) -> Changed | None:
-        """Act on one due timer: promote a retry, take back an expired lease, expire a job."""
+        """Act on one due timer: promote a retry, take back an expired lease (an assignment never
+        acknowledged: ack_timeout, attempt given back), expire a job."""
         try:
             timer = wire.parse_timer(member)
         except ValueError:
@@ -489,11 +505,18 @@ class Store:
                 return Changed(job_id, ScriptCode(r[0]), JobState.QUEUED, 0)
             if timer.kind == wire.LEASE:
                 rec = await self.record(job_id)
-                error = pb.JobError(
-                    code="LINGUA_LEASE_EXPIRED", retryable=True,
-                    message=f"node {rec.node} did not ack or heartbeat attempt {rec.attempt} in time, "
-                    "or the attempt ran past its execution timeout",
-                )
+                if rec.state == JobState.ASSIGNED:
+                    error = pb.JobError(
+                        code="LINGUA_ACK_TIMEOUT", retryable=True,
+                        message=f"node {rec.node} did not acknowledge attempt {rec.attempt} within the ack "
+                        "timeout; the attempt was given back",
+                    )
+                else:
+                    error = pb.JobError(
+                        code="LINGUA_LEASE_EXPIRED", retryable=True,
+                        message=f"node {rec.node} did not ack or heartbeat attempt {rec.attempt} in time, "
+                        "or the attempt ran past its execution timeout",
+                    )
                 return await self.transition(job_id, Event.LEASE_EXPIRED, token=timer.token or None, error=error,
                                              guard="lease", record=rec, avoid=True)
             error = pb.JobError(code="LINGUA_DEADLINE_EXCEEDED", message="the job's deadline passed")

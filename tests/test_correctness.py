@@ -130,8 +130,8 @@ async def test_an_instance_that_never_saw_a_pool_sweeps_its_timers(make_app: App
     second = await make_app()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as ch:
         stub = pb_grpc.SchedulerStub(ch)
-        expired = await until_event(stub, job_id, "lease_expired")
-        assert expired.error.code == "LINGUA_LEASE_EXPIRED" and expired.attempt == a.attempt
+        expired = await until_event(stub, job_id, "ack_timeout")  # never acknowledged: attempt given back
+        assert expired.error.code == "LINGUA_ACK_TIMEOUT" and expired.attempt == a.attempt - 1
 
 
 # 4. In-flight is tracked per lease: a late message about an earlier claim changes nothing.

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from lingua_scheduler.fsm import (
+    GIVES_BACK_ATTEMPT,
     MACHINE,
     TERMINAL,
     TRANSITIONS,
@@ -17,6 +18,7 @@ from lingua_scheduler.fsm import (
     allowed_pairs,
     decide,
     sources_of,
+    unacknowledged,
 )
 
 ALLOWED = allowed_pairs()
@@ -65,6 +67,22 @@ def test_retry_conditions(event: Event, attempt: int, retryable: bool, expected:
     assert decide(JobState.RUNNING, event, attempt=attempt, max_attempts=3, retryable=retryable) == expected
 
 
+def test_an_assignment_never_acknowledged_gives_its_attempt_back_whatever_max_attempts() -> None:
+    """Attempts count executions a node started: the ack timeout (or a lost stream) of a job still
+    `assigned` is `ack_timeout`, which requeues it even on its last attempt; once running, the same
+    silence is lease_expired / node_lost and uses the attempt up."""
+    for silence in (Event.LEASE_EXPIRED, Event.NODE_LOST):
+        assert unacknowledged(JobState.ASSIGNED, silence) == Event.ACK_TIMEOUT
+        assert unacknowledged(JobState.RUNNING, silence) == silence
+        assert decide(JobState.RUNNING, silence, attempt=1, max_attempts=1) == JobState.FAILED
+        with pytest.raises(TransitionRefused):
+            decide(JobState.ASSIGNED, silence, attempt=1, max_attempts=3)
+    assert unacknowledged(JobState.ASSIGNED, Event.FAIL) == Event.FAIL
+    assert decide(JobState.ASSIGNED, Event.ACK_TIMEOUT, attempt=1, max_attempts=1) == JobState.QUEUED
+    assert sources_of(Event.ACK_TIMEOUT) == [JobState.ASSIGNED]
+    assert GIVES_BACK_ATTEMPT == {Event.RELEASE, Event.ACK_TIMEOUT}
+
+
 def test_unknown_event_and_state_are_refused() -> None:
     with pytest.raises(TransitionRefused):
         decide(JobState.QUEUED, "teleport")
@@ -96,13 +114,15 @@ class JobLifecycle(RuleBasedStateMachine):
             Event.ASSIGN: JobState.ASSIGNED if s == JobState.QUEUED else None,
             Event.START: JobState.RUNNING if s == JobState.ASSIGNED else None,
             Event.RELEASE: JobState.QUEUED if s == JobState.ASSIGNED else None,
+            Event.ACK_TIMEOUT: JobState.QUEUED if s == JobState.ASSIGNED else None,
             Event.COMPLETE: JobState.SUCCEEDED if held else None,
             Event.FAIL: (JobState.QUEUED if retryable and left else JobState.FAILED) if held else None,
             Event.CANCEL: JobState.CANCELLED if s in (JobState.QUEUED, *([s] if held else [])) else None,
             Event.EXPIRE: JobState.EXPIRED if s in (JobState.QUEUED, *([s] if held else [])) else None,
         }
-        for lost in (Event.LEASE_EXPIRED, Event.NODE_LOST, Event.UNAVAILABLE):
-            table[lost] = (JobState.QUEUED if left else JobState.FAILED) if held else None
+        for lost in (Event.LEASE_EXPIRED, Event.NODE_LOST):  # from assigned these are ack_timeout
+            table[lost] = (JobState.QUEUED if left else JobState.FAILED) if s == JobState.RUNNING else None
+        table[Event.UNAVAILABLE] = (JobState.QUEUED if left else JobState.FAILED) if held else None
         return table[event]
 
     @rule(event=st.sampled_from(list(Event)), retryable=st.booleans())
@@ -117,8 +137,8 @@ class JobLifecycle(RuleBasedStateMachine):
         assert got == want
         if event == Event.ASSIGN:
             self.attempt += 1
-        if event == Event.RELEASE:
-            self.attempt -= 1  # the claim never reached its node: its attempt is given back
+        if event in (Event.RELEASE, Event.ACK_TIMEOUT):
+            self.attempt -= 1  # the claim never reached its node, or no node started it: given back
         self.state = got
 
     @invariant()

@@ -223,7 +223,8 @@ def _nodes(nodes: list[NodeInfo], out: TextIO) -> None:
         return
     rows = [["NODE", "POOLS", "LOAD", "INSTANCE", "STATE", "VERSION", "CONNECTED"]]
     rows += [[n.node_id, ",".join(n.pools), f"{n.in_flight}/{n.max_concurrency}", n.instance_id,
-              "draining" if n.draining else "serving", n.version or "-", _when(n.connected_at)] for n in nodes]
+              "draining" if n.draining else "quarantined" if n.quarantined else "serving", n.version or "-",
+              _when(n.connected_at)] for n in nodes]
     _table(rows, out)
 
 

@@ -234,12 +234,13 @@ class NodeInfo:
     connected_at: datetime | None
     draining: bool
     proto: pb.NodeInfo = field(repr=False, compare=False)
+    quarantined: bool = False  # no new work: it let an assignment pass its ack timeout unacknowledged
 
     @classmethod
     def from_proto(cls, m: pb.NodeInfo) -> NodeInfo:
         return cls(node_id=m.node_id, pools=list(m.pools), max_concurrency=m.max_concurrency, in_flight=m.in_flight,
                    instance_id=m.instance_id, labels=dict(m.labels), version=m.version,
-                   connected_at=_time(m.connected_at), draining=m.draining, proto=m)
+                   connected_at=_time(m.connected_at), draining=m.draining, proto=m, quarantined=m.quarantined)
 
 
 class Assignment:

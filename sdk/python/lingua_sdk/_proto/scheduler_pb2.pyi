@@ -407,7 +407,7 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "pools", "max_concurrency", "in_flight", "instance_id", "labels", "version", "connected_at", "draining")
+    __slots__ = ("node_id", "pools", "max_concurrency", "in_flight", "instance_id", "labels", "version", "connected_at", "draining", "quarantined")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -424,6 +424,7 @@ class NodeInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     pools: _containers.RepeatedScalarFieldContainer[str]
     max_concurrency: int
@@ -433,4 +434,5 @@ class NodeInfo(_message.Message):
     version: str
     connected_at: _timestamp_pb2.Timestamp
     draining: bool
-    def __init__(self, node_id: _Optional[str] = ..., pools: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., in_flight: _Optional[int] = ..., instance_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    quarantined: bool
+    def __init__(self, node_id: _Optional[str] = ..., pools: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., in_flight: _Optional[int] = ..., instance_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., quarantined: _Optional[bool] = ...) -> None: ...
