@@ -21,7 +21,7 @@ from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import create_server
 from lingua_scheduler.server.main import main as server_main
 from lingua_scheduler.server.settings import Settings
-from lingua_scheduler.server.tenants import TenantConfigError, Tenants, parse
+from lingua_scheduler.server.tenants import TenantConfigError, TenantLimits, Tenants, parse
 from lingua_sdk import AsyncClient, ResourceExhausted, pb, pb_grpc
 from lingua_sdk.cli import main as cli_main
 from test_lua_scripts import documented_codes
@@ -292,3 +292,12 @@ async def test_the_cli_prints_the_retry_delay(make_app: AppFactory, tenants_file
     err = capsys.readouterr().err
     assert "RESOURCE_EXHAUSTED: tenant frugal is over its submit_rate" in err
     assert "retry in " in err and "s (TENANT_RATE_LIMITED)" in err
+
+
+def test_the_documented_example_loads(repo_root: Path) -> None:
+    text = (repo_root / "docs" / "deployment.md").read_text()
+    block = text.split("<!-- tenants-example -->\n```toml\n", 1)[1].split("```", 1)[0]
+    tenants = Tenants(config=parse(block, "deployment.md"))
+    assert tenants.of("acme") == TenantLimits(weight=3, max_queued=20000, submit_rate=500, submit_burst=2000)
+    assert tenants.of("trial-42") == TenantLimits(max_queued=100, submit_rate=5)
+    assert tenants.of("trial-42").burst == 5 and not tenants.of("anyone").limited
