@@ -194,7 +194,7 @@ class Store:
     def tags_of_pool(self, pool: str) -> list[str]:
         return keys.partition_tags(pool, self.settings.partitions)
 
-    def _submit_call(self, spec: pb.JobSpec) -> SubmitJob:
+    def _submit_job(self, spec: pb.JobSpec) -> SubmitJob:
         s = self.settings
         tag = self.partition_tag(spec)
         job_id = tag + str(ULID())
@@ -234,7 +234,7 @@ class Store:
 
         Tenants with limits (--tenants) are admitted first (server/quotas.py: one more round trip,
         for them only); a refusal raises TenantLimit (or TooLarge) and stores nothing."""
-        jobs = [self._submit_call(spec) for spec in specs]
+        jobs = [self._submit_job(spec) for spec in specs]
         admitted = await self.quotas.admit(jobs)
         await self._remember_pools({keys.pool_of(sp.src_lang, sp.tgt_lang) for sp in specs})
         replies = self._raise_errors(await self.scripts.call_many(self.redis, [job.call() for job in jobs]))
