@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from helpers import spec
-from lingua_scheduler.server import keys
+from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.dispatch import Consumer, Dispatcher
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Claim, Lease, Store
@@ -204,3 +204,25 @@ async def test_a_node_serves_the_newcomer_within_a_few_jobs(make_app: Any, tmp_p
             await asyncio.wait_for(running, 10)
     last_b = len(order) - order[::-1].index("B")
     assert last_b - at <= 40, (at, last_b, order[at:last_b])
+
+
+async def test_scores_stay_in_their_band(make_store: Any, redis: Any) -> None:
+    """Passes are integers in a double: a band far on starts again when empty, and a pass that would
+    leave its band is clamped (priority never breaks)."""
+    store = make_store()
+    pk = keys.PartitionKeys.of(keys.partition_tag(POOL, 0))
+    band = 9  # priority 0
+    low = band * wire.QUEUE_BAND
+    await submit(store, "A", 1, sessions=1)
+    await redis.zadd(pk.fair, {f"c{band}": low + wire.FAIR_RESET + 5})  # far on, and A's job still queued
+    (second,) = await submit(store, "A", 1, sessions=1, start=1)
+    assert await redis.zscore(pk.queue, second) == low + wire.FAIR_RESET + 5 + wire.FAIR_STEP  # not started again
+    await take_heads(store, 2)  # the band is empty now
+    await submit(store, "B", 1, sessions=1)
+    assert await redis.zscore(pk.fair, f"c{band}") == low  # started again from the band's bottom
+    assert await redis.zrange(pk.fair, 0, -1) == [f"c{band}".encode(), f"t{band}:B".encode()]
+    await redis.zadd(pk.fair, {f"t{band}:B": low + wire.QUEUE_BAND - 10})
+    (last,) = await submit(store, "B", 1, sessions=1, start=1)
+    assert await redis.zscore(pk.queue, last) == low + wire.QUEUE_BAND - 1
+    (high,) = await submit(store, "B", 1, sessions=1, start=2, priority=1)
+    assert await redis.zscore(pk.queue, high) < await redis.zscore(pk.queue, last)  # the next band's jobs first
