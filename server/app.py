@@ -22,6 +22,7 @@ from .node import NodeSessions
 from .service import SchedulerService, add_to_server
 from .settings import Settings, is_local
 from .store import Store
+from .tenants import Tenants
 from .tls import ServerCertificates
 
 log = logging.getLogger(__name__)
@@ -162,13 +163,14 @@ class App:
 
     def reload(self) -> None:
         """SIGHUP: re-read the files named by flags: TLS certificates (new connections get them; open ones
-        keep theirs) and auth keys."""
+        keep theirs), auth keys and the tenants file."""
         if self.certificates is not None:
             self.certificates.reload()
         if self.auth is not None:
             self.auth.reload()
-        if self.certificates is None and self.auth is None:
-            log.info("SIGHUP: no TLS certificates or auth keys to reload")
+        self.store.tenants.reload()
+        if self.certificates is None and self.auth is None and not self.settings.tenants:
+            log.info("SIGHUP: no TLS certificates, auth keys or tenants file to reload")
 
     def describe(self) -> str:
         """The security mode, for the startup log."""
@@ -189,6 +191,7 @@ class App:
         await self.redis.ping()  # fail fast on a wrong address; on a cluster, learns the slot map
         await check_partitions(self.redis, self.settings.partitions)
         await self.dispatcher.start()
+        self.store.quotas.start()
         await self.nodes.start()
         if self.auth is None:  # every RPC's caller is AUTH_OFF (grpc.aio's tasks inherit the context)
             await asyncio.get_running_loop().create_task(self.server.start(), context=open_context())
@@ -206,6 +209,7 @@ class App:
             ("grpc server", self.server.stop(0), 5.0),
             ("node sessions", self.nodes.stop(), 5),
             ("dispatcher", self.dispatcher.stop(), 5),
+            ("quotas", self.store.quotas.stop(), 5),
             ("redis", close_redis(self.redis), 5),
         ):
             try:
@@ -217,9 +221,11 @@ class App:
 def create_server(settings: Settings, redis: Any = None) -> App:
     """Build the server bound to settings.listen (port 0 picks one: see App.port). Call start().
 
-    ValueError when it would serve without authentication beyond loopback (Settings.check_exposure), or
-    for a key file that cannot be used (AuthKeyError); tls.CertificateError when the TLS files cannot serve."""
+    ValueError when it would serve without authentication beyond loopback (Settings.check_exposure), for
+    a key file that cannot be used (AuthKeyError), or for a tenants file that cannot (TenantConfigError);
+    tls.CertificateError when the TLS files cannot serve."""
     settings.check_exposure()
+    tenants = Tenants(settings.tenants)
     if settings.auth_jwt_key and not settings.tls_cert and not is_local(settings.listen):
         log.warning("authentication on but TLS off on %s: bearer tokens cross the network in plaintext, where "
                     "anyone on the path can read and replay them; give --tls-cert and --tls-key "
@@ -229,7 +235,7 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     verifier = (Verifier(settings.auth_jwt_key, settings.auth_jwt_audience, settings.auth_jwt_issuer)
                 if settings.auth_jwt_key else None)
     client = redis if redis is not None else connect_redis(settings)
-    store = Store(client, settings)
+    store = Store(client, settings, tenants=tenants)
     dispatcher = Dispatcher(store, settings)
     nodes = NodeSessions(store, dispatcher, settings)
     server = grpc.aio.server(interceptors=[AuthInterceptor(verifier)] if verifier else None, options=[

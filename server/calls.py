@@ -34,14 +34,16 @@ class SubmitJob:
     digest: str
     session_jobs: str  # keys.session_jobs of the job's shard
     utterance_index: int
+    tenant_id: str
+    fair_step: int  # wire.fair_step of the tenant's weight
 
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         return Call("submit_job", [self.identity, jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers,
-                                   pk.affinity, self.session_jobs], [
+                                   pk.affinity, self.session_jobs, pk.fair], [
             self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
             self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
-            self.affinity_ttl_ms, wake, self.digest, self.utterance_index,
+            self.affinity_ttl_ms, wake, self.digest, self.utterance_index, self.tenant_id, self.fair_step,
         ])
 
 
@@ -59,7 +61,7 @@ class ClaimJob:
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
         return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.meta, jk.payload,
-                                  jk.events], [
+                                  jk.events, pk.fair], [
             self.job_id, self.node_id, self.token, self.ack_timeout_ms, self.affinity_wait_ms, self.hint_count,
             self.avoid_ms, self.affinity_ttl_ms,
         ])
@@ -147,6 +149,39 @@ class PromoteJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         return Call("promote_job", [jk.fsm, pk.queue, pk.timers], [self.job_id, wake])
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitJobs:
+    """One tenant's new jobs of a Submit batch, against its limits (0: none)."""
+
+    tenant_id: str
+    submit_rate: float
+    burst: int
+    max_queued: int
+    default_ttl_ms: int
+    jobs: tuple[tuple[str, int], ...]  # (job id, deadline ms or 0)
+
+    def call(self) -> Call:
+        tk = keys.TenantKeys.of(self.tenant_id)
+        return Call("admit_jobs", [tk.bucket, tk.jobs], [
+            self.submit_rate, self.burst, self.max_queued, self.default_ttl_ms,
+            *(v for job in self.jobs for v in job),
+        ])
+
+
+@dataclass(frozen=True, slots=True)
+class RefundJobs:
+    """Admitted jobs that were not created: their tokens and places back."""
+
+    tenant_id: str
+    submit_rate: float
+    burst: int
+    job_ids: tuple[str, ...]
+
+    def call(self) -> Call:
+        tk = keys.TenantKeys.of(self.tenant_id)
+        return Call("refund_jobs", [tk.bucket, tk.jobs], [self.submit_rate, self.burst, *self.job_ids])
 
 
 @dataclass(frozen=True, slots=True)

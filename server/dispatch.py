@@ -248,12 +248,15 @@ class Dispatcher:
                         consumer.node_id, len(leases), err)
 
     async def _oldest(self, consumer: Consumer, count: int, now_ms: float) -> list[str]:
-        """The `count` oldest queued jobs (highest priority first) across the consumer's partitions."""
+        """The next `count` queued jobs across the consumer's partitions: highest priority first, then the
+        partitions in turn, each in its own (fair share) order. A pass is a partition's own virtual time,
+        so passes of two partitions are not compared."""
         tags = [t for pool in consumer.pools for t in self.store.tags_of_pool(pool)]
         peeked = await self.store.peek(tags, count + consumer.avoiding(now_ms))
-        merged = heapq.merge(*peeked.values(), key=lambda pair: pair[1])
+        merged = heapq.merge(*([(wire.queue_band(score), rank, job_id) for rank, (job_id, score) in enumerate(found)]
+                               for found in peeked.values()))
         out: list[str] = []
-        for job_id, _score in merged:
+        for _band, _rank, job_id in merged:
             if consumer.avoids(job_id, now_ms):
                 continue
             out.append(job_id)

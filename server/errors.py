@@ -24,6 +24,8 @@ class ScriptCode(IntEnum):
     RESERVED = -9
     NOT_DUE = -10
     IDENTITY_CONFLICT = -11  # a repeat submit whose content differs from the first
+    TENANT_QUEUE_FULL = -12  # admit_jobs: the tenant's unfinished jobs would pass its max_queued
+    TENANT_RATE_LIMITED = -13  # admit_jobs: the tenant's submit-rate token bucket is short
 
 
 # google.rpc.ErrorInfo.domain of every error status; each class's `reason` is its stable ErrorInfo.reason
@@ -69,6 +71,29 @@ class StreamOverflow(SchedulerError):
 
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "STREAM_OVERFLOW"
+
+
+class TenantLimit(SchedulerError):
+    """A tenant's Submit over one of its limits (--tenants file): the whole batch is refused, nothing is
+    stored; the same call may pass after `retry_delay` seconds."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_delay: float) -> None:
+        super().__init__(message)
+        self.retry_delay = retry_delay
+
+
+class TenantQueueFull(TenantLimit):
+    """The tenant has max_queued jobs queued or running already."""
+
+    reason = "TENANT_QUEUE_FULL"
+
+
+class TenantRateLimited(TenantLimit):
+    """The tenant submits faster than its submit_rate (beyond its submit_burst)."""
+
+    reason = "TENANT_RATE_LIMITED"
 
 
 class Unavailable(SchedulerError):

@@ -77,16 +77,18 @@ class JobKeys:
 class PartitionKeys:
     """The keys of one partition of a pool."""
 
-    queue: str  # ZSET job id -> priority band + enqueue time (oldest first within priority)
+    queue: str  # ZSET job id -> priority band + pass (tenants in turn within a priority: server/wire.py)
     timers: str  # ZSET lease, deadline and retry-ready members (server/wire.py) -> due time (ms): the
     #              shard's, shared by all its pools (shard_timers)
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
     affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
+    fair: str  # ZSET fair share of the queue: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" -> the
+    #            tenant's last pass in the band (queue score units; lua/submit_job-10.lua)
 
     @classmethod
     def of(cls, tag: str) -> PartitionKeys:
         return cls(f"{PREFIX}queue:{tag}", shard_timers(shard_of_tag(tag)), f"{PREFIX}affinity:{tag}",
-                   f"{PREFIX}affinity-at:{tag}")
+                   f"{PREFIX}affinity-at:{tag}", f"{PREFIX}fair:{tag}")
 
 
 def shard_timers(shard: str) -> str:
@@ -120,6 +122,19 @@ SESSION_CHANNEL = PREFIX + "session-done:"
 def session_channel(tenant_id: str, session_id: str) -> str:
     """Pub/sub channel told about every job of the session that reaches a terminal state."""
     return SESSION_CHANNEL + session_field(tenant_id, session_id)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKeys:
+    """The quota keys of one tenant (its own hash tag: one slot per tenant, apart from its jobs')."""
+
+    bucket: str  # HASH tokens, ts: the submit-rate token bucket, shared by every instance
+    jobs: str  # ZSET job id -> deadline (ms): the tenant's unfinished jobs, for its max_queued limit
+
+    @classmethod
+    def of(cls, tenant_id: str) -> TenantKeys:
+        base = f"{PREFIX}tenant:{{{tenant_id}}}"
+        return cls(base, base + ":jobs")
 
 
 def node(node_id: str) -> str:

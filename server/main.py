@@ -4,7 +4,8 @@
 With no Redis URL it starts an embedded redis-server (data in --data-dir, AOF on) and stops it on exit;
 it refuses to start when another scheduler's embedded Redis has that folder (see embedded.py).
 SIGTERM/SIGINT: health goes NOT_SERVING, no new work is handed out, streams drain within the grace,
-then Redis is closed. SIGHUP: the TLS certificate files and the --auth-jwt-key files are read again.
+then Redis is closed. SIGHUP: the TLS certificate files, the --auth-jwt-key files and the --tenants file
+are read again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .app import PartitionsMismatch, check_redis, close_redis, create_server
 from .auth import AuthKeyError
 from .embedded import DataDirInUse, EmbeddedRedis
 from .settings import Settings
+from .tenants import TenantConfigError
+from .tenants import load as load_tenants
 from .tls import CertificateError
 
 log = logging.getLogger("lingua_scheduler")
@@ -72,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("transitions").setLevel(logging.WARNING)  # it logs every transition at INFO
     try:
         settings = Settings.load(argv)
-    except ValueError as err:
+        if settings.tenants:
+            load_tenants(settings.tenants)  # a bad file stops us before anything starts
+    except ValueError as err:  # TenantConfigError too
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 2
     embedded = None
@@ -98,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PartitionsMismatch, CertificateError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 1
-    except AuthKeyError as err:
+    except (AuthKeyError, TenantConfigError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 2
     finally:

@@ -1,6 +1,6 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-8.lua` takes 8. Every script is
+A script's file name says how many KEYS it takes: `claim_job-9.lua` takes 9. Every script is
 assembled at load time as PRELUDE + the file: the prelude holds what all scripts share (the clock,
 the events-list entry, timer member names) and the machine's rules, generated from fsm/ (which
 states each event fires from, where it leads, what counts as a repeat), so no script retypes a state
@@ -65,6 +65,11 @@ def prelude() -> str:
         "local function now_ms()",
         '  local t = rcall("TIME")',
         "  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)",
+        "end",
+        "-- Queue scores: band * BAND + pass (server/wire.py); fmt() prints one exactly for a ZRANGEBYSCORE bound.",
+        f"local BAND, FAIR_RESET = {wire.QUEUE_BAND}, {wire.FAIR_RESET}",
+        "local function fmt(score)",
+        '  return string.format("%.0f", score)',
         "end",
         "local function lease_member(jobId, token)",
         f'  return "{wire.LEASE}:" .. jobId .. "{wire.TOKEN_SEP}" .. token',

@@ -118,6 +118,10 @@ class Settings:
     # empty: any pair. Submit, Assign and Register of another pair are refused with INVALID_ARGUMENT,
     # so made-up pairs create no pool to sweep.
     pools: str = ""
+    # Per-tenant fair-share weights and Submit limits (max_queued, submit_rate, submit_burst): a TOML
+    # file (server/tenants.py, docs/deployment.md), read at start and again on SIGHUP. Empty: every
+    # tenant weighs 1 and has no limit (and Submit costs no extra round trip).
+    tenants: str = ""
 
     def allowed_pools(self) -> frozenset[str] | None:
         """The --pools allow-list, or None when every pair is allowed."""

@@ -42,8 +42,10 @@ from .errors import (
     StaleLease,
     raise_for,
 )
-from .scripts import Call, Scripts
+from .quotas import Quotas
+from .scripts import Scripts
 from .settings import Settings
+from .tenants import Tenants
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +173,20 @@ class Changed:
     code: ScriptCode
     state: str
     version: int
+    tenant: str = ""  # of a job that reached a terminal state now (finish_job tells it)
 
 
 
 class Store:
     """Jobs in Redis. `redis` is a redis.asyncio client (Redis or RedisCluster) with bytes replies."""
 
-    def __init__(self, redis: Any, settings: Settings, scripts: Scripts | None = None) -> None:
+    def __init__(self, redis: Any, settings: Settings, scripts: Scripts | None = None,
+                 tenants: Tenants | None = None) -> None:
         self.redis = redis
         self.settings = settings
         self.scripts = scripts or Scripts()
+        self.tenants = tenants if tenants is not None else Tenants(settings.tenants)
+        self.quotas = Quotas(redis, self.scripts, self.tenants, settings)
         # Completions and releases commit without reading the record first (one round trip), so
         # the machine must give these events one destination (fixed_dest raises otherwise).
         self._release_dest = fixed_dest(Event.RELEASE)
@@ -202,7 +208,7 @@ class Store:
     def shard_timers(self, shards: list[int]) -> list[str]:
         return [keys.shard_timers(keys.shard_tag(s)) for s in shards]
 
-    def _submit_call(self, spec: pb.JobSpec) -> Call:
+    def _submit_job(self, spec: pb.JobSpec) -> SubmitJob:
         s = self.settings
         tag = self.partition_tag(spec)
         job_id = tag + str(ULID())
@@ -229,16 +235,25 @@ class Store:
             digest=spec_digest(meta, spec.payload),
             session_jobs=keys.session_jobs(keys.shard_of_tag(tag), spec.tenant_id, spec.session_id),
             utterance_index=spec.utterance_index,
-        ).call()
+            tenant_id=spec.tenant_id,
+            fair_step=self.tenants.of(spec.tenant_id).step,
+        )
 
     async def submit(self, specs: list[pb.JobSpec]) -> list[Submitted]:
         """Create the jobs (or find the ones an identical submit made): one pipelined round trip.
 
         A repeat whose content differs from the job its identity has raises AlreadyExists naming it;
         the other jobs of the batch (before and after it) are stored (a retry of the batch finds them).
-        An identity is per pool: the same key with another pair is another job."""
-        calls = [self._submit_call(spec) for spec in specs]
-        replies = self._raise_errors(await self.scripts.call_many(self.redis, calls))
+        An identity is per pool: the same key with another pair is another job.
+
+        Tenants with limits (--tenants) are admitted first (server/quotas.py: one more round trip,
+        for them only); a refusal raises TenantLimit (or TooLarge) and stores nothing."""
+        jobs = [self._submit_job(spec) for spec in specs]
+        admitted = await self.quotas.admit(jobs)
+        replies = self._raise_errors(await self.scripts.call_many(self.redis, [job.call() for job in jobs]))
+        if admitted:
+            await self.quotas.settle(admitted, {job.job_id for job, r in zip(jobs, replies, strict=True)
+                                                if r[0] == ScriptCode.APPLIED})
         for i, r in enumerate(replies):
             if r[0] == ScriptCode.IDENTITY_CONFLICT:
                 raise AlreadyExists(
@@ -403,8 +418,12 @@ class Store:
                       Outcome(result=result.SerializeToString()), self.settings.retention_ms).call()
             for lease, result in items
         ]
-        return self._outcomes([lease.job_id for lease, _ in items], await self.scripts.call_many(self.redis, calls),
-                              Event.COMPLETE)
+        outcomes = self._outcomes([lease.job_id for lease, _ in items],
+                                  await self.scripts.call_many(self.redis, calls), Event.COMPLETE)
+        for outcome in outcomes:
+            if isinstance(outcome, Changed) and outcome.tenant:
+                self.quotas.finished(outcome.tenant, outcome.job_id)
+        return outcomes
 
     async def fail(self, job_id: str, node_id: str, token: str, error: pb.JobError) -> Changed:
         """A failed attempt, fenced: requeued with backoff while retryable with attempts left, else failed."""
@@ -468,6 +487,8 @@ class Store:
             if reply[0] == ScriptCode.VERSION_MISMATCH:
                 continue
             changed = self._changed(job_id, reply, event)
+            if changed.tenant:
+                self.quotas.finished(changed.tenant, job_id)
             if changed.code == ScriptCode.APPLIED and node is None and rec.state in HELD:
                 # Taken away from its node by someone else (cancel, expiry, lease): tell the node.
                 await self.redis.publish(keys.node_channel(rec.node), wire.cancel(job_id, rec.token))
@@ -557,4 +578,5 @@ class Store:
             raise_for(code, job=job_id, event=event,
                       state=detail.decode() if isinstance(detail, bytes) else "",
                       attempt=detail if isinstance(detail, int) else 0)
-        return Changed(job_id, ScriptCode(code), _s(reply[1]), int(reply[2]))
+        tenant = _s(reply[3]).partition("\x00")[0] if code == ScriptCode.APPLIED and len(reply) > 3 else ""
+        return Changed(job_id, ScriptCode(code), _s(reply[1]), int(reply[2]), tenant)

@@ -9,6 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-10.lua). Band 0 is
+# priority 9; within a band a tenant's jobs are FAIR_STEP / weight apart in passes, and a tenant that
+# joins starts at the band's virtual clock, so tenants take turns. Scores stay exact integers in a
+# double (< 10 * 2^49 < 2^53); a band's clock restarts from 0 when it passed FAIR_RESET and the band is empty.
+QUEUE_BAND = 2**49
+FAIR_STEP = 2**16
+FAIR_RESET = 2**48
+
+
+def queue_band(score: float) -> int:
+    """The priority band of a queue score: 0 for priority 9 ... 9 for priority 0."""
+    return int(score // QUEUE_BAND)
+
+
+def fair_step(weight: float) -> int:
+    """How far apart a tenant of this weight puts its jobs in a band (passes; at least 1)."""
+    return max(1, round(FAIR_STEP / weight))
+
+
 LEASE, DEADLINE, RETRY = "l", "d", "r"  # timer kinds
 TOKEN_SEP = "#"  # never in a job id (a partition tag and a ULID) nor in a lease token (hex)
 

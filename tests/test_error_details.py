@@ -128,3 +128,14 @@ async def test_store_down_is_unavailable_with_a_retry_delay(settings: Settings, 
     assert down.value.message == "job store unavailable"
     assert "job store unavailable: Error" in caplog.text and str(tmp_path) in caplog.text  # its socket's path
     assert isinstance(down.value, LinguaError)
+
+
+def test_every_reason_is_listed_in_the_docs(repo_root: Path) -> None:
+    """docs/errors.md lists every reason a SchedulerError class has (a contract: none goes unmentioned)."""
+    from lingua_scheduler.server import errors
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
+
+    text = (repo_root / "docs" / "errors.md").read_text()
+    assert {c.reason for c in subclasses(errors.SchedulerError) if f"`{c.reason}`" not in text} == set()

@@ -3,8 +3,10 @@ redis-servers started here, a full job lifecycle through each, and ACL LOG check
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,26 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iter
     server.stop()
 
 
+# Tenants with limits, so admission, its refusal path and its refunds run through the ACL user too.
+TENANTS = """
+[tenant."capped"]
+max_queued = 1
+[tenant."rated"]
+submit_rate = 1000
+submit_burst = 5
+"""
+
+
 async def lifecycle(settings: Settings) -> None:
-    """Submit, a node's stream, claim, ack, complete, read back, watch, cancel, list nodes, session."""
+    """Submit, a node's stream, claim, ack, complete, read back, watch, cancel, list nodes, session;
+    tenant limits: admitted, refused, a repeat."""
+    with tempfile.TemporaryDirectory() as folder:
+        tenants = Path(folder) / "tenants.toml"
+        tenants.write_text(TENANTS)
+        await _lifecycle(dataclasses.replace(settings, tenants=str(tenants)))
+
+
+async def _lifecycle(settings: Settings) -> None:
     app = create_server(settings)
     assert await check_redis(app.redis) is not None
     await app.start()
@@ -77,6 +97,15 @@ async def lifecycle(settings: Settings) -> None:
             assert (await stub.Assign(pb.AssignRequest(node_id="gpu-2", pairs=[pair("ja", "en")], max_jobs=1))
                     ).assignments == []
             assert (await stub.CancelJob(pb.CancelJobRequest(job_id=other))).state == pb.JOB_STATE_CANCELLED
+            firsts = []
+            for tenant in ("capped", "rated"):  # admitted; a repeat (refused first, or admitted and refunded)
+                request = pb.SubmitRequest(jobs=[spec(tenant_id=tenant, session_id="acl3")])
+                firsts.append((await stub.Submit(request)).results[0].job_id)
+                assert (await stub.Submit(request)).results[0].job_id == firsts[-1]
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await stub.Submit(pb.SubmitRequest(jobs=[spec(tenant_id="capped", session_id="acl4")]))
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await stub.CancelJob(pb.CancelJobRequest(job_id=firsts[0]))  # counted out (flushed by app.stop at the latest)
     finally:
         await app.stop(grace=0)
 

@@ -29,7 +29,8 @@
              (a channel, not a key: no slot; the caller need not know the session)
 
   Output:
-    {1, state, version}   applied
+    {1, state, version, session}   applied; session is the record's `sess` ("<tenant>\0<session>"), so
+                          the caller can count the job out of its tenant's queued jobs (server/quotas.py)
     {0, state, version}   a repeat of the event already applied (same token); nothing changed
     {-1}                  job not found
     {-2, state}           invalid transition from the current state
@@ -94,4 +95,4 @@ end
 if f[9] then  -- a record written before sessions were indexed has no `sess`
   rcall("PUBLISH", ARGV[14] .. f[9], session_done_message(jobId, f[10] or "", dest))
 end
-return {1, dest, version}
+return {1, dest, version, f[9] or ""}

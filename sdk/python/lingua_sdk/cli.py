@@ -28,7 +28,7 @@ from .errors import DeadlineExceeded, LinguaError
 from .models import Job, JobEvent, JobState, NodeInfo, SubmitResult, as_dict
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-EXIT = """exit status: 0 done, 1 the scheduler refused (the status is printed), 2 usage,
+EXIT = """exit status: 0 done, 1 the scheduler refused (the status is printed, and when to retry if it said), 2 usage,
 3 submit --wait: the job ended other than succeeded, 4 submit --wait SECONDS: not finished in time"""
 
 
@@ -325,6 +325,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         for field, why in err.field_violations:  # those the message does not already say
             if f"{field}: {why}" not in err.message:
                 sys.stderr.write(f"  {field}: {why}\n")
+        if err.retry_delay is not None:  # google.rpc.RetryInfo: when the same command may pass
+            sys.stderr.write(f"  retry in {err.retry_delay:g} s ({err.reason or err.code.name})\n")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,12 +1,15 @@
 import assert from "node:assert/strict";
 import { once } from "node:events";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import * as http2 from "node:http2";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, test } from "node:test";
 import {
   CancelledError, Client, DeadlineExceededError, InvalidArgumentError, JobState, Node, NotFoundError,
-  SchedulerError, UnimplementedError, stateName,
+  ResourceExhaustedError, SchedulerError, UnimplementedError, stateName,
 } from "../src/index.js";
-import { type RunningScheduler, startScheduler } from "./scheduler.js";
+import { type RunningScheduler, TEST_FLAGS, startScheduler } from "./scheduler.js";
 
 let scheduler: RunningScheduler;
 let client: Client;
@@ -105,6 +108,28 @@ test("errors are typed and carry the gRPC code", { timeout: 30_000 }, async () =
     assert.deepEqual(err.fieldViolations.map((v) => v.field), ["jobs[0].src_lang"]);
     return true;
   });
+});
+
+test("a tenant over its submit rate: ResourceExhaustedError with the retry delay", { timeout: 30_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "lingua-tenants-"));
+  const file = join(dir, "tenants.toml");
+  writeFileSync(file, '[tenant."acme"]\nsubmit_rate = 0.5\nsubmit_burst = 1\n');
+  const limited = await startScheduler([...TEST_FLAGS, "--tenants", file]);
+  const own = new Client(limited.target);
+  try {
+    await own.submit(spec("rated", 0));
+    await assert.rejects(own.submit(spec("rated", 1)), (err: unknown) => {
+      assert.ok(err instanceof ResourceExhaustedError);
+      assert.equal(err.reason, "TENANT_RATE_LIMITED");
+      assert.ok(err.retryDelayMs !== undefined && err.retryDelayMs > 0 && err.retryDelayMs <= 2000, `${err.retryDelayMs}`);
+      assert.match(err.rawMessage, /tenant acme is over its submit_rate of 0.5 jobs\/s/);
+      return true;
+    });
+  } finally {
+    own.close();
+    await limited.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("wait gives up after timeoutMs, and an AbortSignal cancels it", { timeout: 30_000 }, async () => {

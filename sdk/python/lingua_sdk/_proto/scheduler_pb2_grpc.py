@@ -102,6 +102,8 @@ class SchedulerServicer:
         priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
         trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
         The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
+        A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
+        (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

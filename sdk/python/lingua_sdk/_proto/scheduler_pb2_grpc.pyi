@@ -48,6 +48,8 @@ class SchedulerStub:
     priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
     trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
     The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
+    A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
+    (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]
     """Reads one job: its state, attempt, node, last error and result."""
@@ -100,6 +102,8 @@ class SchedulerAsyncStub(SchedulerStub):
     priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
     trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
     The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
+    A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
+    (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
     """Reads one job: its state, attempt, node, last error and result."""
@@ -155,6 +159,8 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
         trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
         The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
+        A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
+        (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.
         """
 
     @_abc_1.abstractmethod

@@ -72,7 +72,8 @@ export type JobSpec = Message<"lingua.scheduler.v1.JobSpec"> & {
   traceId: string;
 
   /**
-   * 0 (lowest) to 9 (highest); nodes are served higher priorities first, oldest first within one.
+   * 0 (lowest) to 9 (highest); nodes are served higher priorities first. Within one, the tenants with
+   * queued jobs take turns (weighted by the server's tenants file), each tenant's jobs oldest first.
    *
    * @generated from field: int32 priority = 7;
    */
@@ -770,7 +771,7 @@ export const AssignmentSchema: GenMessage<Assignment> = /*@__PURE__*/
  */
 export type AssignResponse = Message<"lingua.scheduler.v1.AssignResponse"> & {
   /**
-   * The claimed jobs, oldest first within priority.
+   * The claimed jobs, in queue order: higher priority first, then tenants in turn.
    *
    * @generated from field: repeated lingua.scheduler.v1.Assignment assignments = 1;
    */
@@ -1551,6 +1552,8 @@ export const Scheduler: GenService<{
    * priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
    * trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
    * The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
+   * A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
+   * (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.
    *
    * @generated from rpc lingua.scheduler.v1.Scheduler.Submit
    */

@@ -12,6 +12,7 @@
     KEYS[6] job meta
     KEYS[7] job payload
     KEYS[8] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
+    KEYS[9] partition fair-share zset (lua/submit_job-10.lua): the claim moves its band's virtual clock
     ARGV[1] job id (a candidate read from the queue earlier)
     ARGV[2] node id
     ARGV[3] lease token of this claim (unique per claim)
@@ -31,7 +32,7 @@
     {-9, candidates, until}  the job is held back for its session's node until `until` (ms)
 ]]
 local queueKey, timersKey, affinityKey, affinityAtKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local fsmKey, metaKey, payloadKey, eventsKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local fsmKey, metaKey, payloadKey, eventsKey, fairKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
 local function heads()
@@ -46,7 +47,8 @@ if f[9] == token then  -- a repeat of this claim: the same assignment while it h
   end
   return {-7, heads()}
 end
-if not rcall("ZSCORE", queueKey, jobId) then
+local score = tonumber(rcall("ZSCORE", queueKey, jobId))
+if not score then
   return {-7, heads()}
 end
 if not state then
@@ -72,6 +74,26 @@ local version = tonumber(f[2]) + 1
 local attempt = tonumber(f[3]) + 1
 local lease = now + tonumber(ARGV[4])
 rcall("ZREM", queueKey, jobId)
+-- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
+-- only to the band's head when the job was taken out of turn (a wake-up names the newest job), so such a
+-- claim never puts the tenants that join later behind the whole queue. A band left empty evens everyone
+-- out: its clock moves to the highest pass handed out. No clock: the key expired, nothing to keep.
+local band = math.floor(score / BAND)
+local low, clockMember = band * BAND, "c" .. band
+local clock = tonumber(rcall("ZSCORE", fairKey, clockMember))
+if clock and score > clock then
+  local head = rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "WITHSCORES", "LIMIT", 0, 1)
+  local to = score
+  if head[1] then
+    to = math.min(score, tonumber(head[2]))
+  else
+    local top = rcall("ZREVRANGEBYSCORE", fairKey, "(" .. fmt(low + BAND), low, "WITHSCORES", "LIMIT", 0, 1)
+    to = math.max(score, tonumber(top[2]))
+  end
+  if to > clock then
+    rcall("ZADD", fairKey, to, clockMember)
+  end
+end
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
   "tok", token, "lease", lease, "started", 0, "updated", now)
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))

@@ -12,6 +12,8 @@
     KEYS[7] partition timers zset
     KEYS[8] partition affinity hash
     KEYS[9] session jobs zset of this partition (job id -> utterance index; WatchSession reads it)
+    KEYS[10] partition fair-share zset: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" ->
+             the tenant's last pass in the band (both in queue score units)
     ARGV[1] job id
     ARGV[2] meta bytes
     ARGV[3] payload bytes ("" for none)
@@ -26,6 +28,8 @@
     ARGV[12] wake-up channel
     ARGV[13] spec digest (what a repeat must match)
     ARGV[14] utterance index
+    ARGV[15] tenant id
+    ARGV[16] fair step: how far apart the tenant's jobs go in a band (FAIR_STEP / its weight, >= 1)
 
   Output:
     {1, job id, state}  created
@@ -34,7 +38,7 @@
 ]]
 local idemKey, fsmKey, metaKey, payloadKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local eventsKey, queueKey, timersKey, affinityKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local sessionKey = KEYS[9]
+local sessionKey, fairKey = KEYS[9], KEYS[10]
 local jobId, digest, utterance = ARGV[1], ARGV[13], ARGV[14]
 
 local existing = rcall("GET", idemKey)
@@ -52,7 +56,29 @@ if deadline == 0 then
   deadline = now + tonumber(ARGV[7])
 end
 local retention = tonumber(ARGV[9])
-local queueScore = (9 - tonumber(ARGV[4])) * 8796093022208 + now
+
+-- Fair share (stride scheduling): within a priority band, each of a tenant's jobs goes one step (FAIR_STEP
+-- / weight) after the tenant's previous one, and never before the band's virtual clock (where dispatch
+-- is: lua/claim_job-9.lua moves it), so a tenant that joins is served next and busy tenants take turns.
+-- Entries at or below the clock say nothing more than "starts at the clock": they are deleted here.
+local band = 9 - tonumber(ARGV[4])
+local low = band * BAND
+local clockMember, tenantMember = "c" .. band, "t" .. band .. ":" .. ARGV[15]
+local clock = tonumber(rcall("ZSCORE", fairKey, clockMember))
+if clock and clock - low >= FAIR_RESET
+    and not rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "LIMIT", 0, 1)[1] then
+  rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(low + BAND))  -- far on and empty: start the band again
+  clock = nil
+end
+if clock then
+  rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(clock))
+else
+  clock = low
+  rcall("ZADD", fairKey, clock, clockMember)
+end
+local last = tonumber(rcall("ZSCORE", fairKey, tenantMember)) or clock
+local queueScore = math.min(math.max(last, clock) + tonumber(ARGV[16]), low + BAND - 1)
+rcall("ZADD", fairKey, queueScore, tenantMember)
 
 local preferred = ""
 local binding = rcall("HGET", affinityKey, ARGV[10])
@@ -80,6 +106,11 @@ local keepUntil = deadline + retention
 local ttl = rcall("PTTL", sessionKey)
 if ttl < 0 or now + ttl < keepUntil then
   rcall("PEXPIREAT", sessionKey, keepUntil)
+end
+-- The fair share matters while a job of the partition may still be queued: until the last deadline.
+ttl = rcall("PTTL", fairKey)
+if ttl < 0 or now + ttl < deadline then
+  rcall("PEXPIREAT", fairKey, deadline)
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 record_event(eventsKey, {s = state, v = 1, a = 0, n = "", e = E.submit, t = now})
