@@ -170,3 +170,11 @@ class ReleaseNode:
 
     def call(self) -> Call:
         return Call("release_node", [keys.node(self.node_id)], [self.session_token])
+
+
+@dataclass(frozen=True, slots=True)
+class ReadNode:
+    node_id: str
+
+    def call(self) -> Call:
+        return Call("read_node", [keys.node(self.node_id)], [])
