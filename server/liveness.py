@@ -67,7 +67,7 @@ class Liveness:
         self.registry = registry
         self.settings = settings
         self.streams = streams  # the instance's current streams (one per node id)
-        self._failing = 0  # renewals that failed in the last round (logged when it starts and ends)
+        self._failing = 0  # renewals that failed in the last round
 
     async def check_forever(self, stopping: asyncio.Event) -> None:
         tick = self.settings.liveness_tick_ms() / 1000
@@ -126,8 +126,8 @@ class Liveness:
             elif isinstance(reply, Exception):
                 stream.pulse.renewed_at = previous
                 failed.append(reply)
-        if failed and not self._failing:
+        if failed:  # at most one line a tick, whatever the number of streams
             log.warning("renewing %d of %d registry entries failed (%r); retrying", len(failed), len(due), failed[0])
-        elif self._failing and not failed:
+        elif self._failing:
             log.info("registry renewals succeed again")
         self._failing = len(failed)
