@@ -173,8 +173,8 @@ class ReleaseNode:
 
 
 @dataclass(frozen=True, slots=True)
-class ReadNode:
-    node_id: str
+class ReadClock:
+    key: str = keys.NODES  # the registry's index: its server judges the entries' ages
 
     def call(self) -> Call:
-        return Call("read_node", [keys.node(self.node_id)], [])
+        return Call("read_clock", [self.key], [])

@@ -5,8 +5,8 @@ asks: a stream that carried no message from its node for --ping-interval-ms is s
 that then stays silent for --ping-timeout-ms is ended UNAVAILABLE (NODE_UNRESPONSIVE); its jobs go as
 those of any lost stream. Any message from the node counts as an answer.
 
-The registry entries of the instance's streams are renewed together, in one pipelined round trip
-per tick, and only those of nodes that proved alive since their last renewal: the scheduler no
+The registry entries of the instance's streams are renewed together, pipelined (one round trip per
+tick, per 500 entries due), and only those of nodes that proved alive since their last renewal: the scheduler no
 longer vouches for a node it has not heard from, so ListNodes (which shows only entries renewed
 lately) drops a silent node even before its stream is ended.
 
@@ -102,7 +102,7 @@ class Liveness:
             await self.renew(time.monotonic())
 
     async def renew(self, now: float) -> None:
-        """Renew, in one round trip, the entries due (a renewal period, node_ttl / 3, since the last)
+        """Renew, pipelined, the entries due (a renewal period, node_ttl / 3, since the last)
         of the nodes heard from since their last renewal. A renewal refused because a newer stream
         took the node id over ends this stream (`replaced`); one that failed is tried again next tick."""
         period = self.settings.node_ttl_ms / 3000

@@ -98,7 +98,7 @@ class Settings:
     # SCAN walks the whole keyspace (about 1 ms of Redis time per 1,000 keys), hence the long period.
     pool_rescan_ms: int = 600_000
     # Registry presence of a node. Each instance renews the entries of its streams every node_ttl / 3,
-    # in one pipelined round trip, and only those of nodes that proved alive since the last renewal
+    # pipelined (500 per round trip), and only those of nodes that proved alive since the last renewal
     # (a message, or an answered ping); the entry of a node that stops answering is left to expire.
     # ListNodes hides an entry older than node_listed_ms() at once. At least node_listed_ms(), so
     # the entry of a live node never expires between two renewals.

@@ -13,7 +13,9 @@ import pytest
 from conftest import AppFactory
 from helpers import spec, watch_until
 from lingua_scheduler.server import keys
+from lingua_scheduler.server import registry as registry_module
 from lingua_scheduler.server.app import App
+from lingua_scheduler.server.calls import ReadClock
 from lingua_scheduler.server.registry import NodeEntry, Registry
 from lingua_scheduler.server.settings import Settings
 from lingua_sdk import pb, pb_grpc
@@ -83,6 +85,9 @@ async def test_list_nodes_hides_an_entry_not_renewed_lately(app: App, redis: Any
     """An entry whose instance stopped renewing it (the instance hung or died, or its node went
     silent) is hidden at once, not kept until its TTL runs out; renewed again, it is back."""
     registry = Registry(redis, app.store.scripts, settings.node_ttl_ms)
+    seconds, micros = await redis.time()
+    clock = await app.store.scripts.call(redis, ReadClock().call())  # what ListNodes compares `seen` with
+    assert 0 <= clock - (seconds * 1000 + micros // 1000) < 5_000
     for node_id in ("fresh", "stale"):
         await registry.register(NodeEntry(node_id, ["zh:en"], 1, 0, "gone-instance", {}, "v", 1, False), "tok-" + node_id)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
@@ -97,9 +102,11 @@ async def test_list_nodes_hides_an_entry_not_renewed_lately(app: App, redis: Any
         assert await listed(stub) == ["fresh", "stale"]
 
 
-async def test_renewals_in_one_batch_keep_newest_stream_wins(app: App, redis: Any, settings: Settings) -> None:
-    """renew_many answers per entry: renewed (the token), taken back after it expired (""; listed
-    again), refused because a newer stream took the node id (None)."""
+async def test_renewals_in_one_batch_keep_newest_stream_wins(app: App, redis: Any, settings: Settings,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """renew_many answers per entry, in order: renewed (the token), taken back after it expired (""; listed
+    again), refused because a newer stream took the node id (None); also across pipelines."""
+    monkeypatch.setattr(registry_module, "RENEW_BATCH", 2)  # 3 entries: two round trips
     registry = Registry(redis, app.store.scripts, settings.node_ttl_ms)
 
     def entry(node_id: str) -> NodeEntry:
