@@ -6,9 +6,9 @@ that then stays silent for --ping-timeout-ms is ended UNAVAILABLE (NODE_UNRESPON
 those of any lost stream. Any message from the node counts as an answer.
 
 The registry entries of the instance's streams are renewed together, pipelined (one round trip per
-tick, per 500 entries due), and only those of nodes that proved alive since their last renewal: the scheduler no
-longer vouches for a node it has not heard from, so ListNodes (which shows only entries renewed
-lately) drops a silent node even before its stream is ended.
+tick, per 500 entries due), and only those of nodes that proved alive since their last renewal: the
+scheduler no longer vouches for a node it has not heard from, so ListNodes (which shows only entries
+renewed lately) drops a silent node even before its stream is ended.
 
 Two tasks per instance, whatever the number of streams: one checks every stream each tick (no
 Redis), one renews (Redis); a slow Redis never delays a ping or a timeout.
@@ -17,6 +17,7 @@ Redis), one renews (Redis); a slow Redis never delays a ping or a timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -120,12 +121,21 @@ class Liveness:
         except Exception as err:
             replies = [err] * len(due)
         failed: list[Exception] = []
+        gone: list[Stream] = []
         for stream, previous, reply in zip(due, before, replies, strict=True):
             if reply is None:
                 stream.on_message(wire.REPLACED, [stream.token])
             elif isinstance(reply, Exception):
                 stream.pulse.renewed_at = previous
                 failed.append(reply)
+            elif reply == "":
+                gone.append(stream)  # the entry was gone: expired, or released by a stream that just closed
+        if gone:
+            current = set(map(id, self.streams()))
+            for stream in gone:
+                if id(stream) not in current:  # closed while the renewal was on its way: release it again
+                    with contextlib.suppress(Exception):  # else it expires, and leaves ListNodes sooner
+                        await self.registry.release(stream.node_id, stream.token)
         if failed:  # at most one line a tick, whatever the number of streams
             log.warning("renewing %d of %d registry entries failed (%r); retrying", len(failed), len(due), failed[0])
         elif self._failing:

@@ -16,6 +16,7 @@ from lingua_scheduler.server import keys
 from lingua_scheduler.server import registry as registry_module
 from lingua_scheduler.server.app import App
 from lingua_scheduler.server.calls import ReadClock
+from lingua_scheduler.server.liveness import Liveness, Pulse
 from lingua_scheduler.server.registry import NodeEntry, Registry
 from lingua_scheduler.server.settings import Settings
 from lingua_sdk import pb, pb_grpc
@@ -143,3 +144,40 @@ def test_settings_refuse_ping_settings_that_cannot_work(overrides: dict[str, int
     with pytest.raises(ValueError, match=problem):
         Settings(**overrides).validate()  # type: ignore[arg-type]
     assert Settings().node_listed_ms() == 18_750  # the defaults: 5 s + 10 s, plus 3 ticks of 1.25 s
+
+
+class _Stream:
+    """A stand-in for a node stream (server/node.py's Session): what Liveness reads of one."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id, self.token, self.pulse = node_id, "tok-" + node_id, Pulse(last_seen=1.0, renewed_at=0.0)
+        self.sent: list[pb.SchedulerMessage] = []
+
+    def send(self, message: pb.SchedulerMessage) -> None:
+        self.sent.append(message)
+
+    def entry(self) -> NodeEntry:
+        return NodeEntry(self.node_id, ["zh:en"], 1, 0, "me", {}, "v", 1, False)
+
+    def on_message(self, verb: str, args: list[str]) -> None:
+        raise AssertionError("not replaced")
+
+
+async def test_a_renewal_that_crosses_its_streams_close_does_not_leave_the_entry_behind(
+        app: App, redis: Any, settings: Settings) -> None:
+    """The stream closed (its entry released) while its renewal was on the way: the renewal finds no
+    entry and takes it back; since the stream is gone by then, it releases it again. A live stream
+    whose entry had expired keeps the entry it took back."""
+    registry = Registry(redis, app.store.scripts, settings.node_ttl_ms)
+    closing, live = _Stream("closing"), _Stream("live")
+    calls = 0
+
+    def streams() -> list[_Stream]:
+        nonlocal calls
+        calls += 1
+        return [closing, live] if calls == 1 else [live]  # "closing" closed during the renewal
+
+    await Liveness(registry, settings, streams).renew(now=1_000.0)
+    assert not await redis.exists(keys.node("closing"))
+    assert await redis.hget(keys.node("live"), "session") == b"tok-live"
+    assert closing.pulse.renewed_at == live.pulse.renewed_at == 1_000.0
