@@ -17,10 +17,10 @@ FLEET = Path(__file__).resolve().parent.parent / "scripts" / "fleet.py"
 def test_fleet_script_small_run() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LINGUA_TOKEN", "LINGUA_TARGET")}
     done = subprocess.run([sys.executable, str(FLEET), "--spawn", "--streams", "20", "--channels", "2",
-                           "--jobs", "12", "--rate", "0", "--idle-window", "1", "--timeout", "30",
-                           # pinged every 0.2 s of silence, dropped 0.3 s after an unanswered ping: the idle
-                           # window and the jobs take longer, so the streams must answer to stay
-                           "--scheduler-arg=--ping-interval-ms=200", "--scheduler-arg=--ping-timeout-ms=300"],
+                           "--jobs", "12", "--rate", "0", "--idle-window", "2", "--timeout", "30",
+                           # pinged after 0.2 s of silence, dropped 1 s after an unanswered ping: the idle
+                           # window alone takes longer, so the streams must answer to stay
+                           "--scheduler-arg=--ping-interval-ms=200", "--scheduler-arg=--ping-timeout-ms=1000"],
                           env=env, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     report = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)

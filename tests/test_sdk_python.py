@@ -740,8 +740,8 @@ async def test_eager_start_a_timeout_entered_at_the_start_is_the_handlers_own() 
 
 async def test_an_idle_node_answers_pings_and_keeps_its_stream(app: Any, caplog: pytest.LogCaptureFixture) -> None:
     """No job, so no heartbeat: only the answers to the scheduler's pings keep the stream. The test
-    scheduler pings after 0.5 s of silence and ends a stream 1 s after an unanswered ping: 6 pings
-    outlast that several times over."""
+    scheduler pings after 0.5 s of silence and ends a stream 1.5 s after an unanswered ping: 6 pings
+    (over 3 s) outlast that twice over."""
     caplog.set_level(logging.INFO, logger="lingua_sdk.node")
     node = make_node(target(app), translate, node_id="idle-1")
     async with AsyncClient(target(app)) as client, running(node):
