@@ -6,7 +6,8 @@ is measured against. The simulator, the chaos run and the benchmark's rows use t
 (scripts/simulated.py). It acks each
 assignment at once, "works" for a drawn processing time, heartbeats while working, and reports a
 result, a failure or "model not available"; it can crash (drop its stream, report nothing), go
-silent (keep the stream, stop heartbeating) or drain. Messages are batched: everything that is
+silent (keep the stream, stop heartbeating), hang (keep the stream, answer no ping) or drain. It answers
+the scheduler's pings at once (unless hung). Messages are batched: everything that is
 ready when the writer runs goes out in one NodeMessage.
 """
 
@@ -33,6 +34,7 @@ class Behaviour:
     fatal_rate: float = 0.0  # non-retryable failure
     unavailable_rate: float = 0.0  # "model not available"
     heartbeat: bool = True  # False: a silent node (stream open, no heartbeats)
+    answer_pings: bool = True  # False: a hung node (stream open, pings unanswered: the scheduler ends it)
     rng: random.Random = field(default_factory=random.Random)
 
 
@@ -64,6 +66,7 @@ class SimNode:
         self.cancels: list[pb.JobLease] = []
         self.refused: list[pb.LeaseStatus] = []
         self.errors: list[str] = []
+        self.pings = 0  # pings received from the scheduler
         self.registered: pb.RegisterAck | None = None
         self.working: dict[str, tuple[asyncio.Task[None], pb.JobLease]] = {}  # job id -> (work, lease)
         self.changed = asyncio.Event()  # set on every message from the scheduler
@@ -71,7 +74,8 @@ class SimNode:
         self._call: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.closed = asyncio.Event()
-        self.status: grpc.StatusCode | None = None
+        self.status: grpc.StatusCode | None = None  # how the stream ended, and the status message
+        self.details = ""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -132,6 +136,10 @@ class SimNode:
     async def _read(self) -> None:
         try:
             while (m := await self._call.read()) is not grpc.aio.EOF:
+                if m.HasField("ping"):
+                    self.pings += 1
+                    if self.behaviour.answer_pings:
+                        self.send(pb.NodeMessage(pong=pb.Pong(id=m.ping.id)))
                 for a in m.assignments:
                     got = Received(a.job_id, a.attempt, time.perf_counter(), a.spec, a.lease_token)
                     self.received.append(got)
@@ -149,7 +157,7 @@ class SimNode:
                     self.errors.append(m.error)
                 self.changed.set()
         except grpc.aio.AioRpcError as err:
-            self.status = err.code()
+            self.status, self.details = err.code(), err.details() or ""
         except asyncio.CancelledError:
             raise
         else:

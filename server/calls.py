@@ -215,3 +215,11 @@ class ShareSweep:
 
     def call(self) -> Call:
         return Call("share_sweep", [keys.INSTANCES], [self.instance_id, self.live_ms, "1" if self.alive else "0"])
+
+
+@dataclass(frozen=True, slots=True)
+class ReadClock:
+    key: str = keys.NODES  # the registry's index: its server judges the entries' ages
+
+    def call(self) -> Call:
+        return Call("read_clock", [self.key], [])

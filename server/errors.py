@@ -96,6 +96,14 @@ class TenantRateLimited(TenantLimit):
     reason = "TENANT_RATE_LIMITED"
 
 
+class NodeUnresponsive(SchedulerError):
+    """A node stream left a ping unanswered for --ping-timeout-ms: the connection (or the node) is taken
+    for dead and the stream is ended. Its jobs go as those of any lost stream; a live node reconnects."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    reason = "NODE_UNRESPONSIVE"
+
+
 class Unavailable(SchedulerError):
     """The job store (Redis) cannot be reached or failed mid-call."""
 

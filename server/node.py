@@ -2,9 +2,10 @@
 
 The first message registers the node; then the server pushes assignments while the node has free
 slots, and the node batches acks, heartbeats, results, "model not available" and drain in its
-messages. The liveness signal is the stream itself: leases are extended only by messages on it.
-When the stream ends, the node's leases shrink to a short grace; unless the node comes back (to any
-instance) and heartbeats within it, its jobs are requeued (node_lost), or by any instance's sweeper.
+messages. Leases are extended only by messages on the stream. A stream silent for a while is
+pinged, and ended when the ping goes unanswered (server/liveness.py). When the stream ends, the
+node's leases shrink to a short grace; unless the node comes back (to any instance) and heartbeats
+within it, its jobs are requeued (node_lost), or by any instance's sweeper.
 
 Two live streams with one node id: the newest wins. The older stream is told `error: replaced` and
 closed; its jobs stay with the node (same node id: the fence still matches), so a node that
@@ -27,7 +28,8 @@ from lingua_sdk import pb
 from ..fsm import Event
 from . import auth, keys, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
-from .errors import LEASE_GONE, InvalidArgument, SchedulerError, StreamOverflow
+from .errors import LEASE_GONE, InvalidArgument, NodeUnresponsive, SchedulerError, StreamOverflow
+from .liveness import Liveness, Pulse
 from .registry import NodeEntry, Registry
 from .service import Undecodable, abort, assignment_pb, error_status, lease_status_pb, refused_pb, state_pb
 from .settings import Settings
@@ -118,6 +120,7 @@ class Session:
         self.overflowed = asyncio.Event()
         self.consumer = Consumer(self.node_id, pools, self.free_slots)
         self.finished = asyncio.Event()  # the stream's handler is done, leases released
+        self.pulse = Pulse()  # the node's last message, pings, registry renewals (server/liveness.py)
 
     def free_slots(self) -> int:
         """How many more assignments the node may be sent now (the one capacity the dispatcher asks):
@@ -245,6 +248,7 @@ class NodeSessions:
         self.settings = settings
         self.registry = Registry(store.redis, store.scripts, settings.node_ttl_ms)
         self.sessions: dict[str, Session] = {}  # node id -> its current stream
+        self.liveness = Liveness(self.registry, settings, self.sessions.values)
         self._open: set[Session] = set()  # every stream whose handler has not finished
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -256,7 +260,8 @@ class NodeSessions:
         return session.on_message if session else None
 
     async def start(self) -> None:
-        self._spawn(self._renew_forever())
+        self._spawn(self.liveness.check_forever(self._stopping))
+        self._spawn(self.liveness.renew_forever(self._stopping))
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -281,7 +286,7 @@ class NodeSessions:
 
     async def list_nodes(self) -> list[pb.NodeInfo]:
         out = []
-        for e in await self.registry.entries():
+        for e in await self.registry.entries(self.settings.node_listed_ms()):
             info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency,
                                in_flight=e.in_flight, instance_id=e.instance_id, labels=e.labels,
                                version=e.version, draining=e.draining, quarantined=e.quarantined)
@@ -294,15 +299,6 @@ class NodeSessions:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
-
-    async def _renew_forever(self) -> None:
-        while not await sleep_unless(self._stopping, self.settings.node_ttl_ms / 3000):
-            for session in list(self.sessions.values()):
-                try:
-                    if await self.registry.register(session.entry(), session.token, renew=True) is None:
-                        session.on_message(wire.REPLACED, [session.token])
-                except Exception as err:
-                    log.warning("renewing node %s failed: %s", session.node_id, err)
 
     # -- one stream -----------------------------------------------------------------------------
 
@@ -358,6 +354,7 @@ class NodeSessions:
         await context.write(pb.SchedulerMessage(registered=pb.RegisterAck(
             instance_id=s.instance_id, heartbeat_interval=_duration(s.heartbeat_interval_ms),
             lease_duration=_duration(s.lease_ms), ack_timeout=_duration(s.ack_timeout_ms), pools=session.pools,
+            ping_interval=_duration(s.ping_interval_ms), ping_timeout=_duration(s.ping_timeout_ms),
         )))
         if first.drain:  # a draining node that reconnects: no new work, from the first message on
             session.draining = True
@@ -370,8 +367,13 @@ class NodeSessions:
         reader.add_done_callback(lambda _t: session.close())
         writer = asyncio.create_task(self._write(session, context))
         overflow = asyncio.create_task(session.overflowed.wait())
-        tasks += [writer, overflow]
-        await asyncio.wait([writer, overflow], return_when=asyncio.FIRST_COMPLETED)
+        dead = asyncio.create_task(session.pulse.dead.wait())
+        tasks += [writer, overflow, dead]
+        await asyncio.wait([writer, overflow, dead], return_when=asyncio.FIRST_COMPLETED)
+        if session.pulse.dead.is_set() and not writer.done():
+            writer.cancel()  # the node does not answer: maybe not reading either
+            await abort(context, NodeUnresponsive(
+                f"node {session.node_id}: no answer to ping within {self.settings.ping_timeout_ms} ms"), "NodeSession")
         if session.overflowed.is_set():
             writer.cancel()  # stuck on flow control: the node does not read
             log.warning("node %s: closing its stream, over %d messages unread", session.node_id,
@@ -419,6 +421,7 @@ class NodeSessions:
 
     async def _read(self, session: Session, it: Any) -> None:
         async for message in it:
+            session.pulse.beat()  # any message, even one not understood, proves the node alive
             try:
                 if isinstance(message, Undecodable):  # junk bytes (logged, throttled, on registration)
                     raise message.refusal()

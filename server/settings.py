@@ -102,8 +102,19 @@ class Settings:
     # Live instances share the shards' sweeping: each renews its sign of life this often, and one
     # silent for 3 periods is taken for gone (its shards go to the others). See docs/design.md.
     instance_heartbeat_ms: int = 1_000
-    # Registry presence of a node (renewed while its stream is open).
-    node_ttl_ms: int = 15_000
+    # Registry presence of a node. Each instance renews the entries of its streams every node_ttl / 3,
+    # pipelined (500 per round trip), and only those of nodes that proved alive since the last renewal
+    # (a message, or an answered ping); the entry of a node that stops answering is left to expire.
+    # ListNodes hides an entry older than node_listed_ms() at once. At least node_listed_ms(), so
+    # the entry of a live node never expires between two renewals.
+    node_ttl_ms: int = 30_000
+    # Liveness of node streams: a stream that carried no message from its node for ping_interval_ms is
+    # sent a ping (SchedulerMessage.ping); a ping left unanswered (by a pong or any other message) for
+    # ping_timeout_ms ends the stream UNAVAILABLE (NODE_UNRESPONSIVE), and its jobs go as those of any
+    # lost stream (stream_grace_ms, then requeued as node_lost). One task per instance checks every
+    # stream each liveness_tick_ms(). Both must be above 0; the node learns both in RegisterAck.
+    ping_interval_ms: int = 5_000
+    ping_timeout_ms: int = 10_000
     # Grace period for streams to drain on SIGTERM.
     shutdown_grace_s: float = 5.0
     # Run the event loop on uvloop (faster); --uvloop 0 for the standard asyncio loop.
@@ -126,6 +137,18 @@ class Settings:
     def allowed_pools(self) -> frozenset[str] | None:
         """The --pools allow-list, or None when every pair is allowed."""
         return _pool_set(self.pools)
+
+    def liveness_tick_ms(self) -> int:
+        """How often the liveness task checks every stream (pings, timeouts, registry renewals): a
+        quarter of the shorter of ping_interval_ms and ping_timeout_ms, so each fires at most that late."""
+        return max(10, min(self.ping_interval_ms, self.ping_timeout_ms) // 4)
+
+    def node_listed_ms(self) -> int:
+        """How recent a node's last registry renewal must be for ListNodes to show it. A live node is
+        renewed at least this often: it proves alive within ping_interval + ping_timeout (plus a tick to
+        send the ping), its instance renews it at the first tick after both that and a renewal period
+        (node_ttl / 3) since the last renewal; one more tick is spare for Redis and event-loop delays."""
+        return max(self.node_ttl_ms // 3, self.ping_interval_ms + self.ping_timeout_ms) + 3 * self.liveness_tick_ms()
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -173,6 +196,12 @@ class Settings:
             raise ValueError("stream_outbox_max must be at least 1")
         if self.ack_window < 1:
             raise ValueError("ack_window must be at least 1")
+        if self.ping_interval_ms < 1 or self.ping_timeout_ms < 1:
+            raise ValueError("ping_interval_ms and ping_timeout_ms must be above 0")
+        if self.node_ttl_ms < self.node_listed_ms():
+            raise ValueError(f"node_ttl_ms must be at least {self.node_listed_ms()} with these ping settings "
+                             "(max(node_ttl_ms / 3, ping_interval_ms + ping_timeout_ms) + 3 liveness ticks): a live "
+                             "node's registry entry must not expire between two renewals")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:

@@ -29,6 +29,7 @@ FAST = dict(
     partitions=2, ack_timeout_ms=1_000, heartbeat_interval_ms=150, lease_ms=1_000, stream_grace_ms=300,
     backoff_base_ms=50, backoff_max_ms=200, affinity_wait_ms=300, poll_interval_ms=100,
     sweep_interval_ms=50, node_ttl_ms=3_000, shutdown_grace_s=0.5, avoid_ms=300,
+    ping_interval_ms=500, ping_timeout_ms=1_500,
 )
 
 

@@ -91,10 +91,12 @@ async def code_of(call: Any) -> grpc.StatusCode:
 
 
 async def stream_code(call: Any) -> grpc.StatusCode:
-    """Read a stream to its end; its status (which must not be OK)."""
+    """Read a stream to its end; its status (which must not be OK). A NodeSession answers the
+    scheduler's pings, as a live node does: only what the test is about may end it."""
     try:
-        while await call.read() is not grpc.aio.EOF:
-            pass
+        while (m := await call.read()) is not grpc.aio.EOF:
+            if isinstance(m, pb.SchedulerMessage) and m.HasField("ping"):
+                await call.write(pb.NodeMessage(pong=pb.Pong(id=m.ping.id)))
     except grpc.aio.AioRpcError as err:
         return err.code()
     code: grpc.StatusCode = await call.code()

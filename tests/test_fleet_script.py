@@ -17,7 +17,10 @@ FLEET = Path(__file__).resolve().parent.parent / "scripts" / "fleet.py"
 def test_fleet_script_small_run() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LINGUA_TOKEN", "LINGUA_TARGET")}
     done = subprocess.run([sys.executable, str(FLEET), "--spawn", "--streams", "20", "--channels", "2",
-                           "--jobs", "12", "--rate", "0", "--idle-window", "1", "--timeout", "30"],
+                           "--jobs", "12", "--rate", "0", "--idle-window", "2", "--timeout", "30",
+                           # pinged after 0.2 s of silence, dropped 1 s after an unanswered ping: the idle
+                           # window alone takes longer, so the streams must answer to stay
+                           "--scheduler-arg=--ping-interval-ms=200", "--scheduler-arg=--ping-timeout-ms=1000"],
                           env=env, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     report = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
@@ -31,3 +34,5 @@ def test_fleet_script_small_run() -> None:
     p50, p99 = (float(report["dispatch ms"].split()[i]) for i in (1, 3))
     assert 0 < p50 <= p99
     assert report["dispatch ms"].endswith("(n=12)")
+    assert report["streams listed after jobs"] == "20" and report["streams open at end"] == "20"
+    assert report["registry renewal failures"] == "0"

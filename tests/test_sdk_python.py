@@ -736,3 +736,23 @@ async def test_eager_start_a_timeout_entered_at_the_start_is_the_handlers_own() 
     assert isinstance(task.exception(), TimeoutError)
     current = asyncio.current_task()
     assert current is not None and current.cancelling() == 0
+
+
+async def test_an_idle_node_answers_pings_and_keeps_its_stream(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """No job, so no heartbeat: only the answers to the scheduler's pings keep the stream. The test
+    scheduler pings after 0.5 s of silence and ends a stream 1.5 s after an unanswered ping: 6 pings
+    (over 3 s) outlast that twice over."""
+    caplog.set_level(logging.INFO, logger="lingua_sdk.node")
+    node = make_node(target(app), translate, node_id="idle-1")
+    async with AsyncClient(target(app)) as client, running(node):
+        deadline = time.monotonic() + 20
+        while (session := app.nodes.sessions.get("idle-1")) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        while session.pulse.ping_id < 6:
+            assert time.monotonic() < deadline, "too few pings"
+            assert app.nodes.sessions.get("idle-1") is session and not session.pulse.dead.is_set()
+            await asyncio.sleep(0.05)
+        assert [n.node_id for n in await client.list_nodes()] == ["idle-1"]
+        assert app.nodes.sessions.get("idle-1") is session and node.instance_id == app.settings.instance_id
+    assert len([r for r in caplog.records if "registered with instance" in r.getMessage()]) == 1

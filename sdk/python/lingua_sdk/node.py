@@ -1,7 +1,8 @@
 """`Node`: the worker runtime. The user owns one async function; the runtime owns the protocol.
 
 It holds a NodeSession stream, registers, runs the handler for every assignment (at most
-`concurrency` at once), acks at once, heartbeats at the interval the scheduler asks for, reports each
+`concurrency` at once), acks at once, heartbeats at the interval the scheduler asks for, answers the
+scheduler's pings at once (a stream that leaves one unanswered is ended as dead), reports each
 outcome, and keeps every outcome until the scheduler confirms it was stored (`confirmed`) or refuses
 it for good (`refused`). Answers are matched to leases by job id + lease token: an answer about an
 earlier claim of a job never settles a newer claim's outcome. A refusal that means "the store could
@@ -158,6 +159,7 @@ class Node:
         self._acks: list[pb.JobLease] = []
         self._unavailable: list[pb.JobLease] = []
         self._beat = False
+        self._pong: int | None = None  # the id of a ping to answer in the next message
         self._drain_sent = False
         self._stopping = False
         self._flush = asyncio.Event()  # something is ready to send (or the node may be drained)
@@ -341,6 +343,7 @@ class Node:
             # every outcome not confirmed yet goes again.
             self._acks.clear()
             self._unavailable.clear()
+            self._pong = None
             for result in self._results.values():
                 result.sent_at = None
                 if result.timer is not None:
@@ -378,6 +381,9 @@ class Node:
 
     async def _read(self, call: Any) -> None:
         while (m := await call.read()) is not _EOF:
+            if m.HasField("ping"):  # answered by the next message, written at once
+                self._pong = m.ping.id
+                self._flush.set()
             for a in m.assignments:
                 self._start(a)
             for lease in m.cancels:
@@ -432,11 +438,15 @@ class Node:
             acking = {a.job_id for a in acks}
             heartbeats = [h.lease for job_id, h in self._held.items() if job_id not in acking]
         drain = self._stopping and not self._drain_sent
-        if not (acks or completions or heartbeats or unavailable or drain):
+        pong, self._pong = self._pong, None
+        if not (acks or completions or heartbeats or unavailable or drain or pong is not None):
             return None
         self._drain_sent = self._drain_sent or drain
-        return pb.NodeMessage(acks=acks, heartbeats=heartbeats, completions=completions, unavailable=unavailable,
-                              drain=drain)
+        message = pb.NodeMessage(acks=acks, heartbeats=heartbeats, completions=completions, unavailable=unavailable,
+                                 drain=drain)
+        if pong is not None:
+            message.pong.id = pong
+        return message
 
     async def _heartbeats(self, interval: float) -> None:
         loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ import { FatalError, ModelUnavailableError, RetryableError, type SchedulerError,
 import {
   type Assignment as AssignmentMessage, type Completion, CompletionSchema, type JobError, JobErrorSchema,
   type JobLease, JobLeaseSchema, type JobResult, type JobSpec, type LeaseStatus, LeaseStatusSchema, type NodeMessage,
-  NodeMessageSchema, type RegisterAck, Scheduler, type SchedulerMessage,
+  NodeMessageSchema, PongSchema, type RegisterAck, Scheduler, type SchedulerMessage,
 } from "./gen/lingua/scheduler/v1/scheduler_pb.js";
 import { AsyncQueue } from "./queue.js";
 import { connect, type Connection, type ConnectionOptions } from "./transport.js";
@@ -75,6 +75,9 @@ export interface NodeEvents {
   cancelled: [jobId: string];
   /** Heartbeats were sent for this many running jobs. */
   heartbeat: [count: number];
+  /** The scheduler pinged the stream (it carried nothing from the node for a while); the runtime
+   * answered at once. A stream that leaves a ping unanswered is ended by the scheduler as dead. */
+  ping: [id: bigint];
   /** A problem the runtime handled: a message the scheduler did not understand, results lost at
    * a forced stop, a handler that threw after its job was taken away. */
   warning: [message: string];
@@ -318,6 +321,10 @@ export class Node extends EventEmitter<NodeEvents> {
   }
 
   #receive(message: SchedulerMessage): void {
+    if (message.ping) {
+      this.#queue({ pong: create(PongSchema, { id: message.ping.id }) });
+      this.emit("ping", message.ping.id);
+    }
     for (const lease of message.cancels) {
       const work = this.#jobs.get(lease.jobId);
       if (work && work.lease.attempt === lease.attempt && sameToken(work.lease, lease)) {
@@ -465,7 +472,7 @@ export class Node extends EventEmitter<NodeEvents> {
   /** Adds to the message sent at the end of this turn of the event loop (one message carries all
    * the acks, heartbeats and outcomes of a turn). Dropped while no stream is registered: the next
    * registration declares the running jobs and resends the unconfirmed outcomes. */
-  #queue(part: Partial<Pick<NodeMessage, "acks" | "heartbeats" | "completions" | "unavailable" | "drain">>): void {
+  #queue(part: Partial<Pick<NodeMessage, "acks" | "heartbeats" | "completions" | "unavailable" | "drain" | "pong">>): void {
     if (!this.#out) return;
     if (!this.#batch) {
       this.#batch = create(NodeMessageSchema);
@@ -477,6 +484,7 @@ export class Node extends EventEmitter<NodeEvents> {
     b.completions.push(...(part.completions ?? []));
     b.unavailable.push(...(part.unavailable ?? []));
     b.drain ||= part.drain ?? false;
+    b.pong = part.pong ?? b.pong;
   }
 
   #flush(): void {

@@ -4,7 +4,7 @@ import { after, before, test } from "node:test";
 import {
   Client, FatalError, InvalidArgumentError, JobState, type LeaseStatus, Node, type NodeOptions, RetryableError, stateName,
 } from "../src/index.js";
-import { Proxy, type RunningScheduler, startScheduler } from "./scheduler.js";
+import { Proxy, type RunningScheduler, startScheduler, TEST_FLAGS } from "./scheduler.js";
 
 let scheduler: RunningScheduler;
 let client: Client;
@@ -242,3 +242,29 @@ test("an outcome whose confirmation was lost is sent again after a reconnect, th
 });
 
 
+
+test("an idle node answers the scheduler's pings and stays registered past many ping timeouts", { timeout: 30_000 }, async () => {
+  // Pinged after 200 ms of silence, dropped 1 s after an unanswered ping (slack for a loaded machine):
+  // without answers an idle node would lose its stream within 1.2 s; 16 pings take over 3 s.
+  const pinging = await startScheduler([...TEST_FLAGS, "--ping-interval-ms", "200", "--ping-timeout-ms", "1000"]);
+  const pingClient = new Client(pinging.target);
+  try {
+    const { node, running } = startNode(pinging.target, { nodeId: "ts-idle", pairs: ["sv:nb"], handler: async () => ({}) });
+    let registrations = 0;
+    const disconnects: unknown[] = [];
+    node.on("registered", () => registrations++);
+    node.on("disconnected", (error) => disconnects.push(error ?? "closed"));
+    const [ack] = (await once(node, "registered")) as [{ pingInterval?: unknown; pingTimeout?: unknown }];
+    assert.ok(ack.pingInterval && ack.pingTimeout, "RegisterAck carries the ping settings");
+    const ids: bigint[] = [];
+    while (ids.length < 16) ids.push(((await once(node, "ping")) as [bigint])[0]);
+    assert.deepEqual(ids, ids.map((_, i) => ids[0]! + BigInt(i)), "one stream: ping ids increase by one");
+    assert.deepEqual([registrations, disconnects], [1, []], "never dropped, never reconnected");
+    assert.deepEqual((await pingClient.listNodes()).map((n) => n.nodeId), ["ts-idle"]);
+    await node.stop();
+    await running;
+  } finally {
+    pingClient.close();
+    await pinging.stop();
+  }
+});

@@ -351,50 +351,72 @@ class Completion(_message.Message):
     def __init__(self, lease: _Optional[_Union[JobLease, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ...) -> None: ...
 
 class NodeMessage(_message.Message):
-    __slots__ = ("register", "acks", "heartbeats", "completions", "unavailable", "drain")
+    __slots__ = ("register", "acks", "heartbeats", "completions", "unavailable", "drain", "pong")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     ACKS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
     COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
     register: Register
     acks: _containers.RepeatedCompositeFieldContainer[JobLease]
     heartbeats: _containers.RepeatedCompositeFieldContainer[JobLease]
     completions: _containers.RepeatedCompositeFieldContainer[Completion]
     unavailable: _containers.RepeatedCompositeFieldContainer[JobLease]
     drain: bool
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., acks: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., heartbeats: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., unavailable: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., drain: _Optional[bool] = ...) -> None: ...
+    pong: Pong
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., acks: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., heartbeats: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., unavailable: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., drain: _Optional[bool] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ...) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ("id", "sent_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    sent_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[int] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Pong(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
-    __slots__ = ("registered", "assignments", "cancels", "refused", "error", "confirmed")
+    __slots__ = ("registered", "assignments", "cancels", "refused", "error", "confirmed", "ping")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     CANCELS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
     registered: RegisterAck
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
     cancels: _containers.RepeatedCompositeFieldContainer[JobLease]
     refused: _containers.RepeatedCompositeFieldContainer[LeaseStatus]
     error: str
     confirmed: _containers.RepeatedCompositeFieldContainer[LeaseStatus]
-    def __init__(self, registered: _Optional[_Union[RegisterAck, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., error: _Optional[str] = ..., confirmed: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ...) -> None: ...
+    ping: Ping
+    def __init__(self, registered: _Optional[_Union[RegisterAck, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., error: _Optional[str] = ..., confirmed: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
-    __slots__ = ("instance_id", "heartbeat_interval", "lease_duration", "ack_timeout", "pools")
+    __slots__ = ("instance_id", "heartbeat_interval", "lease_duration", "ack_timeout", "pools", "ping_interval", "ping_timeout")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     LEASE_DURATION_FIELD_NUMBER: _ClassVar[int]
     ACK_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
+    PING_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    PING_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     heartbeat_interval: _duration_pb2.Duration
     lease_duration: _duration_pb2.Duration
     ack_timeout: _duration_pb2.Duration
     pools: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, instance_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ack_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pools: _Optional[_Iterable[str]] = ...) -> None: ...
+    ping_interval: _duration_pb2.Duration
+    ping_timeout: _duration_pb2.Duration
+    def __init__(self, instance_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ack_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pools: _Optional[_Iterable[str]] = ..., ping_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ping_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

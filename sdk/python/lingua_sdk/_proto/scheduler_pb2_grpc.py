@@ -177,7 +177,9 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListNodes(self, request, context):
-        """Lists the nodes currently registered, with their capabilities and load.
+        """Lists the nodes currently registered, with their capabilities and load: only nodes whose stream
+        proved them alive recently (a message, or an answered ping; see Ping), so a node whose
+        connection went half-dead, or whose scheduler instance died, drops out within seconds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -85,7 +85,10 @@ class SchedulerStub:
     SchedulerMessage.error and the stream stays open.
     """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]
-    """Lists the nodes currently registered, with their capabilities and load."""
+    """Lists the nodes currently registered, with their capabilities and load: only nodes whose stream
+    proved them alive recently (a message, or an answered ping; see Ping), so a node whose
+    connection went half-dead, or whose scheduler instance died, drops out within seconds.
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -139,7 +142,10 @@ class SchedulerAsyncStub(SchedulerStub):
     SchedulerMessage.error and the stream stays open.
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]  # type: ignore[assignment]
-    """Lists the nodes currently registered, with their capabilities and load."""
+    """Lists the nodes currently registered, with their capabilities and load: only nodes whose stream
+    proved them alive recently (a message, or an answered ping; see Ping), so a node whose
+    connection went half-dead, or whose scheduler instance died, drops out within seconds.
+    """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     """The scheduler. Any number of instances serve it over one Redis (or Redis Cluster).
@@ -250,6 +256,9 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.ListNodesResponse, _abc.Awaitable[_scheduler_pb2.ListNodesResponse]]:
-        """Lists the nodes currently registered, with their capabilities and load."""
+        """Lists the nodes currently registered, with their capabilities and load: only nodes whose stream
+        proved them alive recently (a message, or an answered ping; see Ping), so a node whose
+        connection went half-dead, or whose scheduler instance died, drops out within seconds.
+        """
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
