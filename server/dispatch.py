@@ -1,21 +1,27 @@
 """Dispatch: claims work from Redis for the nodes whose streams (or long-polls) this instance holds.
 
-Pull, not push: nothing is routed to "the instance that owns a node". Each local consumer (a node
-stream with free slots, or a unary Assign waiting) claims for itself. A Redis pub/sub wake-up names
-the job just queued, so the claim usually costs one round trip; a slow poll (peek, then claim) backs
-up lost wake-ups. The same task sweeps the timers of every partition (leases, deadlines, retries).
+Pull, not push: nothing is routed to "the instance that owns a node". Each instance claims for its own
+consumers (node streams with free slots, unary Assigns waiting), all of them from one dispatch task,
+so its Redis work grows with jobs, not with streams. A Redis pub/sub wake-up names the job just queued
+(and its session's node), a freed slot puts a consumer back in its pools' turn; a pass pairs the jobs
+the instance knows of with the consumers that want work (the session's node first, then in turn, one
+job each before anyone gets a second) and sends all those claims in one pipelined round trip. A pool's
+queue is peeked (one pipeline for all such pools) only while the instance may not know all its jobs: a
+cold start, a claim reply that shows more queue heads, and the slow poll that backs up lost wake-ups.
+Another task sweeps the timers of every partition (leases, deadlines, retries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import random
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -53,6 +59,13 @@ async def finish(tasks: list[asyncio.Task[Any]] | set[asyncio.Task[Any]], timeou
 
 
 MAX_AVOIDED = 256  # jobs remembered per consumer as keeping away from it (the oldest are forgotten)
+MAX_HINTS = 1024  # queued job ids remembered per pool (past it the oldest are forgotten, the queue peeked)
+PEEK_COUNT = 64  # queue heads read per partition when a pool is peeked
+HINT_COUNT = 8  # queue heads each claim reply carries: the next candidates
+MAX_BATCH = 512  # claims per pass (one pipelined round trip); the rest wait for the next pass
+
+# One claim of a pass: (consumer, job id, lease token, pool it was paired in; "" for one sent again).
+Item = tuple["Consumer", str, str, str]
 
 
 def new_lease_token() -> str:
@@ -61,19 +74,32 @@ def new_lease_token() -> str:
 
 
 class Consumer:
-    """A local taker of work: a node stream, or one unary Assign call."""
+    """A local taker of work: a node stream, or one unary Assign call.
 
-    def __init__(self, node_id: str, pools: list[str], capacity: Callable[[], int]) -> None:
+    `capacity()` is how many more jobs it takes now. The dispatch task hands it the claims it made for
+    it with `deliver(claims)`, synchronously (nothing runs between the reply and the hand-over); a
+    consumer without `deliver` is only claimed for by claim_for()."""
+
+    __slots__ = ("avoided", "capacity", "deliver", "gone", "hints", "node_id", "pending", "pools", "round", "serving")
+
+    def __init__(self, node_id: str, pools: list[str], capacity: Callable[[], int],
+                 deliver: Callable[[list[Claim]], None] | None = None) -> None:
         self.node_id = node_id
         self.pools = pools
         self.capacity = capacity
-        self.hints: deque[str] = deque(maxlen=64)
-        self.wake = asyncio.Event()
-        self.reserved_until = 0.0  # a job held back from this node becomes claimable then (ms)
+        self.deliver = deliver
+        self.hints: list[str] = []  # job ids claim_for() tries before peeking
         self.avoided: dict[str, float] = {}  # job id -> until (ms): jobs that keep away from this node
         # Claims sent to Redis whose reply has not been handled (job id -> lease token): after a lost
         # reply they are claimed again with the same token (adopted), or released when nobody takes them.
         self.pending: dict[str, str] = {}
+        self.serving = False  # added to the dispatcher (and not removed yet)
+        self.gone = False  # removed from the dispatcher: nothing more is handed to it
+        self.round: asyncio.Future[None] | None = None  # the dispatch round trip carrying claims for it
+
+    def wants(self) -> int:
+        """How many jobs the dispatch task may claim for it now (claims on their way count as taken)."""
+        return self.capacity() - len(self.pending) if self.serving and self.deliver is not None else 0
 
     def avoids(self, job_id: str, now_ms: float) -> bool:
         until = self.avoided.get(job_id)
@@ -97,8 +123,46 @@ class Consumer:
         return sum(1 for u in self.avoided.values() if u > now_ms)
 
     def hint(self, job_id: str) -> None:
+        """A job for claim_for() to try first."""
         self.hints.append(job_id)
-        self.wake.set()
+
+
+class LocalPool:
+    """A pool as this instance dispatches it: its consumers waiting for work, in turn, and the queued
+    jobs it has heard of. Exists while the pool has a local consumer."""
+
+    __slots__ = ("by_node", "count", "due", "held", "hints", "marks", "ready", "unknown")
+
+    def __init__(self) -> None:
+        # Consumers that may want work, oldest first: served from the front, sent to the back once
+        # served (round robin). One found wanting nothing leaves it until Dispatcher.ready() again.
+        self.ready: OrderedDict[Consumer, None] = OrderedDict()
+        self.by_node: dict[str, Consumer] = {}  # node id -> its consumer here (a session's preferred node)
+        self.count = 0  # local consumers of the pool
+        self.hints: dict[str, str] = {}  # job id -> its session's node ("": any): queued jobs heard of, oldest first
+        self.held: dict[str, float] = {}  # job id -> until (ms): held back for its session's node (code -9)
+        self.unknown = True  # the queue may hold jobs missing from `hints`: peek it
+        self.marks = 0  # times `unknown` was set: a peek sent before the latest one cannot clear it
+        self.due = True  # the next pass looks at this pool
+
+    def mark_unknown(self) -> None:
+        self.unknown = True
+        self.marks += 1
+
+    def hear(self, job_id: str, preferred: str = "") -> None:
+        """A queued job (bounded: past MAX_HINTS the oldest is forgotten and the queue is peeked again)."""
+        if job_id not in self.hints and len(self.hints) >= MAX_HINTS:
+            del self.hints[next(iter(self.hints))]
+            self.mark_unknown()
+        self.hints[job_id] = preferred or self.hints.get(job_id, "")
+
+    def wanted(self, free: Callable[[Consumer], int]) -> bool:
+        """Whether a consumer here wants work (those at the front that want none leave the turn)."""
+        while self.ready:
+            if free(next(iter(self.ready))) > 0:
+                return True
+            self.ready.popitem(last=False)
+        return False
 
 
 class Inbox(asyncio.Queue[bytes]):
@@ -127,15 +191,26 @@ class Inbox(asyncio.Queue[bytes]):
         return super().get_nowait()
 
 
+def _free(wants: dict[Consumer, int], consumer: Consumer) -> int:
+    """What `consumer` wants in this pass (asked once per pass, then counted down as jobs are paired)."""
+    n = wants.get(consumer)
+    if n is None:
+        n = wants[consumer] = consumer.wants()
+    return n
+
+
 class Dispatcher:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self.consumers: dict[str, list[Consumer]] = {}  # pool -> consumers
+        self.local: dict[str, LocalPool] = {}  # pool -> how it is dispatched here (pools with a local consumer)
         # node id -> callback(verb, args) for messages to nodes held here (set by NodeSessions)
         self.node_listeners: Any = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._kick = asyncio.Event()  # something for the dispatch task to look at
+        self._poll_at = 0.0  # monotonic time of the next slow poll
+        self._unsettled: set[Consumer] = set()  # consumers whose claims' replies were lost: sent again first
         self._pubsub: Any = None
         self._watches: dict[str, set[Inbox]] = {}  # channel -> watchers' inboxes (WatchJob, WatchSession)
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
@@ -146,6 +221,7 @@ class Dispatcher:
         # Redis down: not a line per sweep or per resubscription attempt.
         self._sweep_errors = ThrottledWarning(log, interval_s=10)
         self._listen_errors = ThrottledWarning(log, interval_s=10)
+        self._dispatch_errors = ThrottledWarning(log, interval_s=10)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -154,33 +230,69 @@ class Dispatcher:
         self._tasks = [
             asyncio.create_task(self._listen(ready), name="dispatch-listen"),
             asyncio.create_task(self._sweep_forever(), name="dispatch-sweep"),
+            asyncio.create_task(self._dispatch_forever(), name="dispatch-claims"),
         ]
         await ready.wait()
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._kick.set()
         if not self._tasks:
             return  # never started, or stopped already
         self._tasks[0].cancel()  # the subscription only waits for messages: cancelling it is safe
         await finish(self._tasks)
         self._tasks = []
 
+    # -- consumers ------------------------------------------------------------------------------
+
     def add(self, consumer: Consumer) -> None:
+        """Serve `consumer` from the next pass on (its pools' wake-ups are kept for it from now on)."""
+        consumer.serving = True
         for pool in consumer.pools:
-            self.consumers.setdefault(pool, []).append(consumer)
+            local = self.local.get(pool)
+            if local is None:
+                local = self.local[pool] = LocalPool()  # new here: its queue is peeked (a cold start)
+            local.count += 1
+            local.by_node[consumer.node_id] = consumer
+            local.ready[consumer] = None
+            local.due = True
+        self._kick.set()
+
+    def ready(self, consumer: Consumer) -> None:
+        """`consumer` may want more (a slot was freed): back in its pools' turn, and a pass soon for
+        those that have work."""
+        kick = False
+        for pool in consumer.pools:
+            local = self.local.get(pool)
+            if local is not None and consumer.serving:
+                local.ready[consumer] = None
+                if local.hints or local.unknown:
+                    local.due = kick = True
+        if kick:
+            self._kick.set()
 
     def remove(self, consumer: Consumer) -> None:
+        """Nothing more for `consumer`. Claims on their way to it: see release_pending()."""
+        was_serving, consumer.serving, consumer.gone = consumer.serving, False, True
+        self._unsettled.discard(consumer)
+        if not was_serving:
+            return
         for pool in consumer.pools:
-            group = self.consumers.get(pool, [])
-            if consumer in group:
-                group.remove(consumer)
-            if not group:
-                self.consumers.pop(pool, None)
+            local = self.local.get(pool)
+            if local is None:
+                continue
+            local.ready.pop(consumer, None)
+            if local.by_node.get(consumer.node_id) is consumer:
+                del local.by_node[consumer.node_id]
+            local.count -= 1
+            if local.count <= 0:
+                del self.local[pool]
 
-    # -- claiming -------------------------------------------------------------------------------
+    # -- claiming for one consumer, in the caller's task ------------------------------------------
 
     async def claim_for(self, consumer: Consumer, want: int) -> list[Claim]:
-        """Claim up to `want` jobs for the consumer: hints first, else the oldest queued of its pools.
+        """Claim up to `want` jobs for the consumer now, in the caller's task (Assign's first try):
+        its hints first, else the oldest queued of its pools. Streams are served by the dispatch task.
 
         Every claim carries a fresh lease token and is recorded in `consumer.pending` until its reply
         is handled. If a reply is lost (an error, a timeout, a cancel), the next call claims those
@@ -189,15 +301,14 @@ class Dispatcher:
         got: list[Claim] = []
         now_ms = time.time() * 1000
         if consumer.pending:
-            got = [c for c in await self._claim(consumer, list(consumer.pending.items()), now_ms)
-                   if c.code == ScriptCode.APPLIED]
+            got = await self._claim(consumer, list(consumer.pending.items()), now_ms)
         for _ in range(4):
             need = want - len(got)
             if need <= 0:
                 break
             candidates: list[str] = []
             while consumer.hints and len(candidates) < need:
-                job_id = consumer.hints.popleft()
+                job_id = consumer.hints.pop(0)
                 if job_id not in candidates and not consumer.avoids(job_id, now_ms):
                     candidates.append(job_id)
             if not candidates:
@@ -205,38 +316,58 @@ class Dispatcher:
             candidates = [j for j in candidates if j not in consumer.pending]  # claimed by this call already
             if not candidates:
                 break
-            tokens = [(job_id, new_lease_token()) for job_id in candidates]
-            got += [c for c in await self._claim(consumer, tokens, now_ms) if c.code == ScriptCode.APPLIED]
+            got += await self._claim(consumer, [(job_id, new_lease_token()) for job_id in candidates], now_ms)
         for claim in got:  # handed to the caller now (no await between this and the caller taking them)
             del consumer.pending[claim.job_id]
         return got
 
     async def _claim(self, consumer: Consumer, tokens: list[tuple[str, str]], now_ms: float) -> list[Claim]:
-        consumer.pending.update(tokens)
-        sent = asyncio.ensure_future(self.store.claim(consumer.node_id, tokens))
+        """claim_for's round trip: the claims that applied (still in `consumer.pending`)."""
+        sent = asyncio.ensure_future(self._send([(consumer, job_id, token, "") for job_id, token in tokens], now_ms))
         try:
-            claims = await asyncio.shield(sent)
+            replies = await asyncio.shield(sent)
         except asyncio.CancelledError:
             # The caller gave up (a deadline, a closed stream). Let the claim's reply arrive (bounded),
             # so a release that follows is sent after the claim, not racing it on another connection.
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(sent, self.settings.ack_timeout_ms / 1000)
             raise
-        for claim in claims:
-            if claim.code != ScriptCode.APPLIED:
-                consumer.pending.pop(claim.job_id, None)
-            if claim.code in (ScriptCode.AVOIDED, ScriptCode.RESERVED):
-                if claim.code == ScriptCode.AVOIDED:
-                    consumer.avoid(claim.job_id, claim.reserved_until, now_ms)
-                consumer.reserved_until = max(consumer.reserved_until, claim.reserved_until)
+        got = []
+        for claim in replies:
+            if isinstance(claim, Exception):
+                continue
+            if claim.code == ScriptCode.APPLIED:
+                got.append(claim)
             consumer.hints.extend(
                 j for j in claim.candidates if j != claim.job_id and not consumer.avoids(j, now_ms)
             )
-        return claims
+        del consumer.hints[:-64]
+        return got
+
+    async def _oldest(self, consumer: Consumer, count: int, now_ms: float) -> list[str]:
+        """The `count` oldest queued jobs (highest priority first) across the consumer's pools."""
+        marks = {pool: local.marks for pool in consumer.pools if (local := self.local.get(pool)) is not None}
+        peeked = await self._peek(consumer.pools, count + consumer.avoiding(now_ms))
+        for pool, mark in marks.items():  # found nothing queued: the dispatch task need not peek it again
+            local = self.local.get(pool)
+            if local is not None and local.marks == mark and not peeked[pool][0]:
+                local.unknown = False
+        out: list[str] = []
+        for job_id, _score in heapq.merge(*(found for found, _ in peeked.values()), key=lambda pair: pair[1]):
+            if consumer.avoids(job_id, now_ms):
+                continue
+            out.append(job_id)
+            if len(out) >= count:
+                break
+        return out
 
     async def release_pending(self, consumer: Consumer) -> None:
         """The consumer is going away with claims whose replies it never handled: put back whichever
         went through (their attempts given back; a claim that did not go through is left alone)."""
+        if consumer.round is not None:
+            # A dispatch round trip carries claims for it: let their replies arrive first (bounded), so
+            # the release follows the claims instead of racing them on another connection.
+            await asyncio.wait([consumer.round], timeout=self.settings.ack_timeout_ms / 1000)
         if not consumer.pending:
             return
         leases = [Lease(job_id, token) for job_id, token in consumer.pending.items()]
@@ -247,34 +378,222 @@ class Dispatcher:
             log.warning("node %s: releasing %d unanswered claims failed (%r); their ack timeout covers them",
                         consumer.node_id, len(leases), err)
 
-    async def _oldest(self, consumer: Consumer, count: int, now_ms: float) -> list[str]:
-        """The `count` oldest queued jobs (highest priority first) across the consumer's partitions."""
-        tags = [t for pool in consumer.pools for t in self.store.tags_of_pool(pool)]
-        peeked = await self.store.peek(tags, count + consumer.avoiding(now_ms))
-        merged = heapq.merge(*peeked.values(), key=lambda pair: pair[1])
-        out: list[str] = []
-        for job_id, _score in merged:
-            if consumer.avoids(job_id, now_ms):
+    # -- shared by both ---------------------------------------------------------------------------
+
+    async def _peek(self, pools: list[str], count: int) -> dict[str, tuple[list[tuple[str, float]], bool]]:
+        """The first `count` (job id, queue score) of each partition of `pools`, merged per pool
+        (highest priority, then oldest, first), and whether that is the pool's whole queue (no
+        partition had `count`): one pipelined round trip."""
+        tags = {pool: self.store.tags_of_pool(pool) for pool in pools}
+        peeked = await self.store.peek([t for ts in tags.values() for t in ts], count)
+        return {pool: (list(heapq.merge(*(peeked[t] for t in ts), key=lambda pair: pair[1])),
+                       all(len(peeked[t]) < count for t in ts))
+                for pool, ts in tags.items()}
+
+    async def _send(self, items: list[Item], now_ms: float) -> list[Claim | Exception]:
+        """One pipelined round trip of claims. Each is in its consumer's `pending` until its reply is
+        handled: when the round trip fails they stay there, to be claimed again with the same tokens
+        (adopted) or released."""
+        for consumer, job_id, token, _ in items:
+            consumer.pending[job_id] = token
+        replies = await self.store.claim_many([(job_id, c.node_id, token) for c, job_id, token, _ in items])
+        for (consumer, job_id, _, _), claim in zip(items, replies, strict=True):
+            if isinstance(claim, Exception):  # this one failed in Redis (a damaged record): not claimed
+                consumer.pending.pop(job_id, None)
+                self._dispatch_errors("claiming job %s failed: %r", job_id, claim)
                 continue
-            out.append(job_id)
-            if len(out) >= count:
+            if claim.code != ScriptCode.APPLIED:
+                consumer.pending.pop(job_id, None)
+            if claim.code == ScriptCode.AVOIDED:
+                consumer.avoid(job_id, claim.reserved_until, now_ms)
+        return replies
+
+    # -- the dispatch task --------------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        while not self._stopping.is_set():
+            self._kick.clear()
+            try:
+                await self.dispatch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # Redis down: claims whose replies were lost are sent again next time
+                self._dispatch_errors("dispatch failed (%r); retrying", err)
+                await sleep_unless(self._stopping, self.settings.poll_interval_ms / 1000)
+                continue
+            if self._kick.is_set():
+                await asyncio.sleep(0)  # wake-ups already read come in before the next pass
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._idle_for()):
+                    await self._kick.wait()
+
+    def _idle_for(self) -> float:
+        """Seconds until the slow poll or the end of the first hold on a job, whichever is first."""
+        wait = self._poll_at - time.monotonic()
+        held = [until for local in self.local.values() for until in local.held.values()]
+        if held:
+            wait = min(wait, (min(held) - time.time() * 1000) / 1000 + 0.001)
+        return max(wait, 0.0)
+
+    async def dispatch_once(self) -> int:
+        """One pass over the pools with something to do: peek those whose queue this instance may not
+        know (one round trip for all), pair their jobs with the consumers that want work, and send
+        every claim, of every pool and consumer, in one pipelined round trip. Returns how many claims
+        were handed to consumers."""
+        now = time.monotonic()
+        now_ms = time.time() * 1000
+        polling = now >= self._poll_at
+        if polling:  # the slow poll: a job whose wake-up was lost is found here
+            self._poll_at = now + self.settings.poll_interval_ms / 1000 * random.uniform(0.8, 1.2)
+        wants: dict[Consumer, int] = {}  # what each consumer looked at in this pass still wants
+        free = functools.partial(_free, wants)
+        # Claims whose replies were lost go first, with their tokens: adopted if they went through.
+        items: list[Item] = [(c, job_id, token, "") for c in self._unsettled for job_id, token in c.pending.items()]
+        self._unsettled.clear()
+        due: list[tuple[str, LocalPool]] = []
+        for pool, local in self.local.items():
+            if polling:
+                local.mark_unknown()
+                local.due = True
+            if local.held:
+                for job_id in [j for j, until in local.held.items() if until <= now_ms]:
+                    del local.held[job_id]
+                    local.due = True
+            if local.due:
+                local.due = False
+                due.append((pool, local))
+        peek = [(pool, local) for pool, local in due
+                if local.unknown and (polling or len(local.hints) - len(local.held) < HINT_COUNT) and local.wanted(free)]
+        if peek:
+            await self._learn(peek)
+        sending = {job_id for _, job_id, _, _ in items}
+        for pool, local in due:
+            if self.local.get(pool) is not local:
+                continue  # its last consumer left meanwhile
+            room = MAX_BATCH - len(items)
+            if room <= 0:
+                local.due = True
+                self._kick.set()
+                continue
+            items += self._pair(pool, local, wants, sending, room, now_ms)
+        if not items:
+            return 0
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for c, _, _, _ in items:
+            c.round = done
+        try:
+            replies = await self._send(items, now_ms)
+        except BaseException:
+            self._unsettled.update(c for c, _, _, _ in items if not c.gone and c.pending)
+            raise
+        finally:
+            done.set_result(None)
+            for c, _, _, _ in items:
+                if c.round is done:
+                    c.round = None
+        return self._settle(items, replies)
+
+    async def _learn(self, peek: list[tuple[str, LocalPool]]) -> None:
+        """Peek the queues of these pools (one round trip) and remember what they hold. A peek that
+        read a whole queue also shows which remembered jobs are no longer queued."""
+        marks = [(local.marks, set(local.hints)) for _, local in peek]
+        peeked = await self._peek([pool for pool, _ in peek], PEEK_COUNT)
+        for (pool, local), (mark, before) in zip(peek, marks, strict=True):
+            found, whole = peeked[pool]
+            if whole:
+                queued = {job_id for job_id, _ in found}
+                for job_id in before - queued:  # claimed by someone else (or gone) since it was heard of
+                    local.hints.pop(job_id, None)
+                    local.held.pop(job_id, None)
+                if local.marks == mark:
+                    local.unknown = False
+            for job_id, _ in found:
+                local.hear(job_id)
+
+    def _pair(self, pool: str, local: LocalPool, wants: dict[Consumer, int], sending: set[str],
+              room: int, now_ms: float) -> list[Item]:
+        """Pair the pool's known jobs, oldest heard first, with its consumers that want work: a job
+        goes to its session's node when that one is here with a free slot; otherwise to the next
+        consumer in turn, each getting one before any gets a second (so a consumer with more free
+        slots gets more only when there are more jobs than consumers). Held-back jobs wait for their
+        node; a job that keeps away from a consumer goes to another."""
+        free = functools.partial(_free, wants)
+        out: list[Item] = []
+        served: list[Consumer] = []  # taken from the front of the turn in this pass
+        cycle = 0
+
+        def next_consumer(job_id: str) -> Consumer | None:
+            nonlocal cycle
+            while local.ready:  # someone not served in this pass yet
+                c, _ = local.ready.popitem(last=False)
+                if free(c) <= 0:
+                    continue  # wants nothing: out of the turn until it is ready() again
+                served.append(c)
+                if not c.avoids(job_id, now_ms):
+                    return c
+            for _ in range(len(served)):  # everyone had one: again, while slots are left
+                c = served[cycle % len(served)]
+                cycle += 1
+                if free(c) > 0 and not c.avoids(job_id, now_ms):
+                    return c
+            return None
+
+        for job_id, preferred in list(local.hints.items()):
+            if len(out) >= room:
+                local.due = True  # the rest next pass
+                self._kick.set()
                 break
+            if job_id in sending:
+                continue
+            chosen = local.by_node.get(preferred) if preferred else None
+            if chosen is None or free(chosen) <= 0 or chosen.avoids(job_id, now_ms):
+                chosen = None if job_id in local.held else next_consumer(job_id)
+            if chosen is None:
+                if not local.ready and not any(free(c) > 0 for c in served):
+                    break  # nobody here wants work
+                continue
+            wants[chosen] = free(chosen) - 1
+            out.append((chosen, job_id, new_lease_token(), pool))
+            sending.add(job_id)
+        for c in served:  # served ones go to the back of the turn (see _settle for those that got a job)
+            if free(c) > 0:
+                local.ready[c] = None
         return out
 
-    async def wait_for_work(self, consumer: Consumer, timeout: float) -> None:
-        """Sleep until a wake-up for the consumer's pools, a reservation ends, or the poll interval."""
-        poll = self.settings.poll_interval_ms / 1000 * random.uniform(0.8, 1.2)
-        delay = min(timeout, poll)
-        if consumer.reserved_until:
-            delay = min(delay, max(0.0, consumer.reserved_until / 1000 - time.time()) + 0.001)
-            consumer.reserved_until = 0
-        if consumer.hints and consumer.capacity() > 0:
-            return
-        consumer.wake.clear()
-        with contextlib.suppress(TimeoutError):
-            # asyncio.timeout, not wait_for: wait_for can swallow a cancel that races the wake-up.
-            async with asyncio.timeout(delay):
-                await consumer.wake.wait()
+    def _settle(self, items: list[Item], replies: list[Claim | Exception]) -> int:
+        """Learn from a pass's replies and hand the claims that applied to their consumers."""
+        handed: dict[Consumer, list[Claim]] = {}
+        for (c, job_id, _, pool), claim in zip(items, replies, strict=True):
+            local = self.local.get(pool) if pool else None
+            if local is not None:
+                local.due = True  # another pass: more jobs, or other consumers for these
+                if isinstance(claim, Exception) or claim.code not in (ScriptCode.RESERVED, ScriptCode.AVOIDED):
+                    local.hints.pop(job_id, None)  # claimed, or not claimable (any more)
+                    local.held.pop(job_id, None)
+                elif claim.code == ScriptCode.RESERVED:
+                    local.held[job_id] = claim.reserved_until
+                if not isinstance(claim, Exception):
+                    for next_id in claim.candidates:
+                        local.hear(next_id)
+                    if len(claim.candidates) >= HINT_COUNT:
+                        local.mark_unknown()  # more queued than the reply shows
+            if not isinstance(claim, Exception) and claim.code == ScriptCode.APPLIED:
+                handed.setdefault(c, []).append(claim)
+        count = 0
+        for c, claims in handed.items():
+            if c.gone:
+                continue  # its stream went away meanwhile: release_pending() puts these back
+            for claim in claims:
+                del c.pending[claim.job_id]
+            assert c.deliver is not None
+            c.deliver(claims)
+            count += len(claims)
+        for c, _, _, _ in items:
+            if not c.gone and c.wants() > 0:
+                self.ready(c)
+        self._kick.set()
+        return count
 
     # -- pub/sub --------------------------------------------------------------------------------
 
@@ -288,6 +607,10 @@ class Dispatcher:
                     await pubsub.subscribe(*self._watches)
                 self._pubsub = pubsub
                 ready.set()
+                for local in self.local.values():  # wake-ups may have been lost while unsubscribed
+                    local.mark_unknown()
+                    local.due = True
+                self._kick.set()
                 wake_prefix = len(keys.wake_channel(""))
                 node_prefix = len(keys.node_channel(""))
                 async for message in pubsub.listen():
@@ -345,12 +668,18 @@ class Dispatcher:
                         await self._pubsub.unsubscribe(channel)
 
     def _on_wake(self, pool: str, data: str) -> None:
+        local = self.local.get(pool)
+        if local is None:
+            return  # no consumer of this pool here
         job_id, preferred = wire.parse_wake(data)
-        group = [c for c in self.consumers.get(pool, ()) if c.capacity() > 0]
-        if not group:
+        try:
+            keys.tag_of(job_id)
+        except ValueError:
+            self._listen_errors("ignoring a wake-up no scheduler sent: %r", data)
             return
-        chosen = next((c for c in group if c.node_id == preferred), None) or random.choice(group)
-        chosen.hint(job_id)
+        local.hear(job_id, preferred)
+        local.due = True
+        self._kick.set()
 
     def _on_node_message(self, node_id: str, data: str) -> None:
         verb, args = wire.parse_node_message(data)

@@ -31,7 +31,7 @@ from .errors import LEASE_GONE, InvalidArgument, SchedulerError, StreamOverflow
 from .registry import NodeEntry, Registry
 from .service import Undecodable, abort, assignment_pb, error_status, lease_status_pb, refused_pb, state_pb
 from .settings import Settings
-from .store import Changed, Lease, Store
+from .store import Changed, Claim, Lease, Store
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,19 @@ class Session:
         # Bounded by send(), not by the queue: the closing None must always fit.
         self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
         self.overflowed = asyncio.Event()
-        self.consumer = Consumer(self.node_id, pools, self.free_slots)
+        self.writer: asyncio.Task[None] | None = None  # writes the outbox to the stream; cancelled on overflow
+        self.consumer = Consumer(self.node_id, pools, self.free_slots, self.deliver)
         self.finished = asyncio.Event()  # the stream's handler is done, leases released
 
     def free_slots(self) -> int:
         return 0 if self.draining else max(0, self.reg.max_concurrency - len(self.in_flight))
+
+    def deliver(self, claims: list[Claim]) -> None:
+        """From the dispatcher: jobs claimed for this node, held from now on and queued to be written."""
+        for c in claims:
+            self.in_flight[c.job_id] = Lease(c.job_id, c.token, c.attempt)
+            self.unsent.add(c.job_id)
+        self.send(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
 
     def entry(self) -> NodeEntry:
         return NodeEntry(self.node_id, self.pools, self.reg.max_concurrency, len(self.in_flight),
@@ -126,7 +134,7 @@ class Session:
         if self.holds(job_id, token):
             del self.in_flight[job_id]
             self.unsent.discard(job_id)
-            self.consumer.wake.set()  # a slot is free: look for work
+            self.owner.dispatcher.ready(self.consumer)  # a slot is free: back in the turn for work
             self._maybe_done()
 
     def send(self, message: pb.SchedulerMessage) -> None:
@@ -137,6 +145,8 @@ class Session:
             return
         if self.outbox.qsize() >= self.owner.settings.stream_outbox_max:
             self.overflowed.set()
+            if self.writer is not None:
+                self.writer.cancel()  # stuck on flow control: the node does not read
             return
         self.outbox.put_nowait(message)
 
@@ -292,14 +302,13 @@ class NodeSessions:
         session._maybe_done()  # a draining node that came back holding nothing (left) is done at once
         self.dispatcher.add(session.consumer)
         reader = asyncio.create_task(self._read(session, it))
-        tasks += [reader, asyncio.create_task(self._feed(session))]
         reader.add_done_callback(lambda _t: session.close())
-        writer = asyncio.create_task(self._write(session, context))
-        overflow = asyncio.create_task(session.overflowed.wait())
-        tasks += [writer, overflow]
-        await asyncio.wait([writer, overflow], return_when=asyncio.FIRST_COMPLETED)
+        session.writer = writer = asyncio.create_task(self._write(session, context))
+        tasks += [reader, writer]
+        if session.overflowed.is_set():  # already, while it resumed
+            writer.cancel()
+        await asyncio.wait([writer])  # the stream closed, a write failed, or send() cancelled it (overflow)
         if session.overflowed.is_set():
-            writer.cancel()  # stuck on flow control: the node does not read
             log.warning("node %s: closing its stream, over %d messages unread", session.node_id,
                         self.settings.stream_outbox_max)
             await abort(context, StreamOverflow(
@@ -327,24 +336,6 @@ class NodeSessions:
                 session.in_flight[t.job_id] = lease
             else:
                 session.send(pb.SchedulerMessage(refused=[lease_status_pb(t, lease.token)]))
-
-    async def _feed(self, session: Session) -> None:
-        """Push assignments while the node has free slots."""
-        while True:
-            free = session.free_slots()
-            try:
-                claims = await self.dispatcher.claim_for(session.consumer, free) if free else []
-            except Exception as err:
-                log.warning("node %s: claiming failed (%r); retrying", session.node_id, err)
-                await asyncio.sleep(self.settings.poll_interval_ms / 1000)
-                continue
-            if claims:
-                for c in claims:
-                    session.in_flight[c.job_id] = Lease(c.job_id, c.token, c.attempt)
-                    session.unsent.add(c.job_id)
-                session.send(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
-                continue
-            await self.dispatcher.wait_for_work(session.consumer, 1.0)
 
     async def _read(self, session: Session, it: Any) -> None:
         async for message in it:
