@@ -102,10 +102,12 @@ class Session:
         self.draining = False
         self.replaced = False
         # Messages for the node, in order; None closes the stream once what is before it is written.
-        # Bounded by send(), not by the queue: the closing None must always fit.
-        self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
-        self.overflowed = asyncio.Event()
-        self.writer: asyncio.Task[None] | None = None  # writes the outbox to the stream; cancelled on overflow
+        # Bounded by send(): the closing None must always fit. A list and a future made only while
+        # the writer waits: an idle stream's buffer costs little (thousands of streams per instance).
+        self.outbox: list[pb.SchedulerMessage | None] = []
+        self._more: asyncio.Future[None] | None = None  # set when the outbox gets something
+        self.overflowed = False
+        self.writer: asyncio.Task[Any] | None = None  # the task writing the outbox: cancelled on overflow
         self.consumer = Consumer(self.node_id, pools, self.free_slots, self.deliver)
         self.finished = asyncio.Event()  # the stream's handler is done, leases released
 
@@ -141,17 +143,32 @@ class Session:
         """Queue a message for the node. A node that does not read lets the outbox fill (its writes
         wait on flow control): at stream_outbox_max the stream is ended with RESOURCE_EXHAUSTED
         instead of the outbox growing, and its leases go as for any closed stream."""
-        if self.overflowed.is_set():
+        if self.overflowed:
             return
-        if self.outbox.qsize() >= self.owner.settings.stream_outbox_max:
-            self.overflowed.set()
+        if len(self.outbox) >= self.owner.settings.stream_outbox_max:
+            self.overflowed = True
             if self.writer is not None:
                 self.writer.cancel()  # stuck on flow control: the node does not read
             return
-        self.outbox.put_nowait(message)
+        self._put(message)
 
     def close(self) -> None:
-        self.outbox.put_nowait(None)
+        self._put(None)
+
+    def _put(self, message: pb.SchedulerMessage | None) -> None:
+        self.outbox.append(message)
+        if self._more is not None and not self._more.done():
+            self._more.set_result(None)
+
+    async def next_message(self) -> pb.SchedulerMessage | None:
+        """The oldest message of the outbox, waiting for one."""
+        while not self.outbox:
+            self._more = asyncio.get_running_loop().create_future()
+            try:
+                await self._more
+            finally:
+                self._more = None
+        return self.outbox.pop(0)
 
     def _maybe_done(self) -> None:
         if self.draining and not self.in_flight:
@@ -303,24 +320,30 @@ class NodeSessions:
         self.dispatcher.add(session.consumer)
         reader = asyncio.create_task(self._read(session, it))
         reader.add_done_callback(lambda _t: session.close())
-        session.writer = writer = asyncio.create_task(self._write(session, context))
-        tasks += [reader, writer]
-        if session.overflowed.is_set():  # already, while it resumed
-            writer.cancel()
-        await asyncio.wait([writer])  # the stream closed, a write failed, or send() cancelled it (overflow)
-        if session.overflowed.is_set():
+        tasks.append(reader)
+        await self._write(session, context)  # in this task: one task per stream besides gRPC's own
+
+    async def _write(self, session: Session, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        """Write the outbox until its closing marker. A node that does not read leaves this task stuck
+        on flow control until send() finds the outbox full and cancels it: then RESOURCE_EXHAUSTED."""
+        task = asyncio.current_task()
+        session.writer = task  # only while writing: a cancel must never cut a Redis call halfway
+        try:
+            while not session.overflowed and (message := await session.next_message()) is not None:
+                await context.write(message)
+                for a in message.assignments:
+                    session.unsent.discard(a.job_id)
+        except asyncio.CancelledError:
+            if not session.overflowed or task is None:
+                raise
+            task.uncancel()  # send()'s cancel, not the RPC's
+        finally:
+            session.writer = None
+        if session.overflowed:
             log.warning("node %s: closing its stream, over %d messages unread", session.node_id,
                         self.settings.stream_outbox_max)
             await abort(context, StreamOverflow(
                 f"node {session.node_id} left more than {self.settings.stream_outbox_max} messages unread"), "NodeSession")
-        await writer
-
-    @staticmethod
-    async def _write(session: Session, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
-        while (message := await session.outbox.get()) is not None:
-            await context.write(message)
-            for a in message.assignments:
-                session.unsent.discard(a.job_id)
 
     async def _resume(self, session: Session, holding: Any) -> None:
         leases = []
