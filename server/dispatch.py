@@ -63,6 +63,7 @@ MAX_HINTS = 1024  # queued job ids remembered per pool (past it the oldest are f
 PEEK_COUNT = 64  # queue heads read per partition when a pool is peeked
 HINT_COUNT = 8  # queue heads each claim reply carries: the next candidates
 MAX_BATCH = 512  # claims per pass (one pipelined round trip); the rest wait for the next pass
+MAX_GATHER_TURNS = 8  # event-loop turns a pass waits while wake-ups keep coming in (see _gather_wake_ups)
 
 # One claim of a pass: (consumer, job id, lease token, pool it was paired in; "" for one sent again).
 Item = tuple["Consumer", str, str, str]
@@ -210,6 +211,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._kick = asyncio.Event()  # something for the dispatch task to look at
         self._poll_at = 0.0  # monotonic time of the next slow poll
+        self._heard = 0  # wake-ups heard so far
         self._unsettled: set[Consumer] = set()  # consumers whose claims' replies were lost: sent again first
         self._pubsub: Any = None
         self._watches: dict[str, set[Inbox]] = {}  # channel -> watchers' inboxes (WatchJob, WatchSession)
@@ -412,6 +414,7 @@ class Dispatcher:
 
     async def _dispatch_forever(self) -> None:
         while not self._stopping.is_set():
+            await self._gather_wake_ups()
             self._kick.clear()
             try:
                 await self.dispatch_once()
@@ -422,11 +425,22 @@ class Dispatcher:
                 await sleep_unless(self._stopping, self.settings.poll_interval_ms / 1000)
                 continue
             if self._kick.is_set():
-                await asyncio.sleep(0)  # wake-ups already read come in before the next pass
                 continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._idle_for()):
                     await self._kick.wait()
+
+    async def _gather_wake_ups(self) -> None:
+        """Let the wake-ups that already reached this process in before a pass: a few turns of the
+        event loop while more keep coming, so a burst read at once is claimed in one round trip.
+        Microseconds; a lone wake-up waits for nothing. (Wake-ups heard while a pass's round trip is
+        on its way go together in the next one.)"""
+        for _ in range(MAX_GATHER_TURNS):
+            heard = self._heard
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one turn to poll the socket, one for the listener to run
+            if self._heard == heard:
+                return
 
     def _idle_for(self) -> float:
         """Seconds until the slow poll or the end of the first hold on a job, whichever is first."""
@@ -520,7 +534,8 @@ class Dispatcher:
         node; a job that keeps away from a consumer goes to another."""
         free = functools.partial(_free, wants)
         out: list[Item] = []
-        served: list[Consumer] = []  # taken from the front of the turn in this pass
+        taken: list[Consumer] = []  # taken from the front of the turn in this pass, in turn order
+        last: dict[Consumer, int] = {}  # consumer -> when it got its last job of this pass
         cycle = 0
 
         def next_consumer(job_id: str) -> Consumer | None:
@@ -529,11 +544,11 @@ class Dispatcher:
                 c, _ = local.ready.popitem(last=False)
                 if free(c) <= 0:
                     continue  # wants nothing: out of the turn until it is ready() again
-                served.append(c)
+                taken.append(c)
                 if not c.avoids(job_id, now_ms):
                     return c
-            for _ in range(len(served)):  # everyone had one: again, while slots are left
-                c = served[cycle % len(served)]
+            for _ in range(len(taken)):  # everyone had one: again, while slots are left
+                c = taken[cycle % len(taken)]
                 cycle += 1
                 if free(c) > 0 and not c.avoids(job_id, now_ms):
                     return c
@@ -550,15 +565,23 @@ class Dispatcher:
             if chosen is None or free(chosen) <= 0 or chosen.avoids(job_id, now_ms):
                 chosen = None if job_id in local.held else next_consumer(job_id)
             if chosen is None:
-                if not local.ready and not any(free(c) > 0 for c in served):
+                if not local.ready and not any(free(c) > 0 for c in taken):
                     break  # nobody here wants work
                 continue
             wants[chosen] = free(chosen) - 1
+            last[chosen] = len(out)
             out.append((chosen, job_id, new_lease_token(), pool))
             sending.add(job_id)
-        for c in served:  # served ones go to the back of the turn (see _settle for those that got a job)
+        # Back in the turn: those taken that got nothing keep their place in front; those that got a
+        # job go to the back, the one served last, last (see _settle for those whose claim failed).
+        for c in reversed(taken):
+            if c not in last and free(c) > 0:
+                local.ready[c] = None
+                local.ready.move_to_end(c, last=False)
+        for c in sorted(last, key=last.__getitem__):
             if free(c) > 0:
                 local.ready[c] = None
+                local.ready.move_to_end(c)
         return out
 
     def _settle(self, items: list[Item], replies: list[Claim | Exception]) -> int:
@@ -586,8 +609,8 @@ class Dispatcher:
                 continue  # its stream went away meanwhile: release_pending() puts these back
             for claim in claims:
                 del c.pending[claim.job_id]
-            assert c.deliver is not None
-            c.deliver(claims)
+            if c.deliver is not None:  # (always: the dispatch task claims only for those that take deliveries)
+                c.deliver(claims)
             count += len(claims)
         for c, _, _, _ in items:
             if not c.gone and c.wants() > 0:
@@ -679,6 +702,7 @@ class Dispatcher:
             return
         local.hear(job_id, preferred)
         local.due = True
+        self._heard += 1
         self._kick.set()
 
     def _on_node_message(self, node_id: str, data: str) -> None:
