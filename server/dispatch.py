@@ -132,7 +132,7 @@ class LocalPool:
     """A pool as this instance dispatches it: its consumers waiting for work, in turn, and the queued
     jobs it has heard of. Exists while the pool has a local consumer."""
 
-    __slots__ = ("by_node", "count", "due", "held", "hints", "marks", "ready", "unknown")
+    __slots__ = ("by_node", "count", "held", "hints", "marks", "ready", "unknown")
 
     def __init__(self) -> None:
         # Consumers that may want work, oldest first: served from the front, sent to the back once
@@ -144,7 +144,6 @@ class LocalPool:
         self.held: dict[str, float] = {}  # job id -> until (ms): held back for its session's node (code -9)
         self.unknown = True  # the queue may hold jobs missing from `hints`: peek it
         self.marks = 0  # times `unknown` was set: a peek sent before the latest one cannot clear it
-        self.due = True  # the next pass looks at this pool
 
     def mark_unknown(self) -> None:
         self.unknown = True
@@ -213,6 +212,8 @@ class Dispatcher:
         self._poll_at = 0.0  # monotonic time of the next slow poll
         self._heard = 0  # wake-ups heard so far
         self._unsettled: set[Consumer] = set()  # consumers whose claims' replies were lost: sent again first
+        self._due: set[str] = set()  # pools the next pass looks at (a pass costs what is due, not every pool)
+        self._holding: set[str] = set()  # pools with jobs held back for their session's node
         self._pubsub: Any = None
         self._watches: dict[str, set[Inbox]] = {}  # channel -> watchers' inboxes (WatchJob, WatchSession)
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
@@ -257,7 +258,7 @@ class Dispatcher:
             local.count += 1
             local.by_node[consumer.node_id] = consumer
             local.ready[consumer] = None
-            local.due = True
+            self._due.add(pool)
         self._kick.set()
 
     def ready(self, consumer: Consumer) -> None:
@@ -269,7 +270,8 @@ class Dispatcher:
             if local is not None and consumer.serving:
                 local.ready[consumer] = None
                 if local.hints or local.unknown:
-                    local.due = kick = True
+                    self._due.add(pool)
+                    kick = True
         if kick:
             self._kick.set()
 
@@ -445,7 +447,7 @@ class Dispatcher:
     def _idle_for(self) -> float:
         """Seconds until the slow poll or the end of the first hold on a job, whichever is first."""
         wait = self._poll_at - time.monotonic()
-        held = [until for local in self.local.values() for until in local.held.values()]
+        held = [until for pool in self._holding if (local := self.local.get(pool)) for until in local.held.values()]
         if held:
             wait = min(wait, (min(held) - time.time() * 1000) / 1000 + 0.001)
         return max(wait, 0.0)
@@ -460,23 +462,28 @@ class Dispatcher:
         polling = now >= self._poll_at
         if polling:  # the slow poll: a job whose wake-up was lost is found here
             self._poll_at = now + self.settings.poll_interval_ms / 1000 * random.uniform(0.8, 1.2)
+            for local in self.local.values():
+                local.mark_unknown()
+            self._due.update(self.local)
+        for pool in list(self._holding):  # holds that ended: those jobs may go to anyone now
+            holder = self.local.get(pool)
+            if holder is None:
+                self._holding.discard(pool)
+                continue
+            ended = [j for j, until in holder.held.items() if until <= now_ms]
+            for job_id in ended:
+                del holder.held[job_id]
+            if ended:
+                self._due.add(pool)
+            if not holder.held:
+                self._holding.discard(pool)
         wants: dict[Consumer, int] = {}  # what each consumer looked at in this pass still wants
         free = functools.partial(_free, wants)
         # Claims whose replies were lost go first, with their tokens: adopted if they went through.
         items: list[Item] = [(c, job_id, token, "") for c in self._unsettled for job_id, token in c.pending.items()]
         self._unsettled.clear()
-        due: list[tuple[str, LocalPool]] = []
-        for pool, local in self.local.items():
-            if polling:
-                local.mark_unknown()
-                local.due = True
-            if local.held:
-                for job_id in [j for j, until in local.held.items() if until <= now_ms]:
-                    del local.held[job_id]
-                    local.due = True
-            if local.due:
-                local.due = False
-                due.append((pool, local))
+        due = [(pool, self.local[pool]) for pool in self._due if pool in self.local]
+        self._due.clear()
         peek = [(pool, local) for pool, local in due
                 if local.unknown and (polling or len(local.hints) - len(local.held) < HINT_COUNT) and local.wanted(free)]
         if peek:
@@ -487,7 +494,7 @@ class Dispatcher:
                 continue  # its last consumer left meanwhile
             room = MAX_BATCH - len(items)
             if room <= 0:
-                local.due = True
+                self._due.add(pool)
                 self._kick.set()
                 continue
             items += self._pair(pool, local, wants, sending, room, now_ms)
@@ -556,7 +563,7 @@ class Dispatcher:
 
         for job_id, preferred in list(local.hints.items()):
             if len(out) >= room:
-                local.due = True  # the rest next pass
+                self._due.add(pool)  # the rest next pass
                 self._kick.set()
                 break
             if job_id in sending:
@@ -590,12 +597,13 @@ class Dispatcher:
         for (c, job_id, _, pool), claim in zip(items, replies, strict=True):
             local = self.local.get(pool) if pool else None
             if local is not None:
-                local.due = True  # another pass: more jobs, or other consumers for these
+                self._due.add(pool)  # another pass: more jobs, or other consumers for these
                 if isinstance(claim, Exception) or claim.code not in (ScriptCode.RESERVED, ScriptCode.AVOIDED):
                     local.hints.pop(job_id, None)  # claimed, or not claimable (any more)
                     local.held.pop(job_id, None)
                 elif claim.code == ScriptCode.RESERVED:
                     local.held[job_id] = claim.reserved_until
+                    self._holding.add(pool)
                 if not isinstance(claim, Exception):
                     for next_id in claim.candidates:
                         local.hear(next_id)
@@ -632,7 +640,7 @@ class Dispatcher:
                 ready.set()
                 for local in self.local.values():  # wake-ups may have been lost while unsubscribed
                     local.mark_unknown()
-                    local.due = True
+                self._due.update(self.local)
                 self._kick.set()
                 wake_prefix = len(keys.wake_channel(""))
                 node_prefix = len(keys.node_channel(""))
@@ -701,7 +709,7 @@ class Dispatcher:
             self._listen_errors("ignoring a wake-up no scheduler sent: %r", data)
             return
         local.hear(job_id, preferred)
-        local.due = True
+        self._due.add(pool)
         self._heard += 1
         self._kick.set()
 
