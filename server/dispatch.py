@@ -19,15 +19,19 @@ import functools
 import heapq
 import logging
 import random
-import secrets
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.exceptions import ResponseError
 
 from . import keys, wire
+
+# Consumer, MAX_AVOIDED and new_lease_token are re-exported: callers import them from here.
+from .consumers import MAX_AVOIDED as MAX_AVOIDED
+from .consumers import Consumer as Consumer
+from .consumers import LocalPool, pass_want
+from .consumers import new_lease_token as new_lease_token
 from .errors import ScriptCode, StreamOverflow
 from .settings import Settings
 from .store import Claim, Lease, Store
@@ -58,111 +62,13 @@ async def finish(tasks: list[asyncio.Task[Any]] | set[asyncio.Task[Any]], timeou
             await task
 
 
-MAX_AVOIDED = 256  # jobs remembered per consumer as keeping away from it (the oldest are forgotten)
-MAX_HINTS = 1024  # queued job ids remembered per pool (past it the oldest are forgotten, the queue peeked)
 PEEK_COUNT = 64  # queue heads read per partition when a pool is peeked
 HINT_COUNT = 8  # queue heads each claim reply carries: the next candidates
 MAX_BATCH = 512  # claims per pass (one pipelined round trip); the rest wait for the next pass
 MAX_GATHER_TURNS = 8  # event-loop turns a pass waits while wake-ups keep coming in (see _gather_wake_ups)
 
 # One claim of a pass: (consumer, job id, lease token, pool it was paired in; "" for one sent again).
-Item = tuple["Consumer", str, str, str]
-
-
-def new_lease_token() -> str:
-    """A claim's lease token: unique, and unguessable (it is the capability to act on the lease)."""
-    return secrets.token_hex(12)
-
-
-class Consumer:
-    """A local taker of work: a node stream, or one unary Assign call.
-
-    `capacity()` is how many more jobs it takes now. The dispatch task hands it the claims it made for
-    it with `deliver(claims)`, synchronously (nothing runs between the reply and the hand-over); a
-    consumer without `deliver` is only claimed for by claim_for()."""
-
-    __slots__ = ("avoided", "capacity", "deliver", "gone", "hints", "node_id", "pending", "pools", "round", "serving")
-
-    def __init__(self, node_id: str, pools: list[str], capacity: Callable[[], int],
-                 deliver: Callable[[list[Claim]], None] | None = None) -> None:
-        self.node_id = node_id
-        self.pools = pools
-        self.capacity = capacity
-        self.deliver = deliver
-        self.hints: list[str] = []  # job ids claim_for() tries before peeking
-        self.avoided: dict[str, float] = {}  # job id -> until (ms): jobs that keep away from this node
-        # Claims sent to Redis whose reply has not been handled (job id -> lease token): after a lost
-        # reply they are claimed again with the same token (adopted), or released when nobody takes them.
-        self.pending: dict[str, str] = {}
-        self.serving = False  # added to the dispatcher (and not removed yet)
-        self.gone = False  # removed from the dispatcher: nothing more is handed to it
-        self.round: asyncio.Future[None] | None = None  # the dispatch round trip carrying claims for it
-
-    def wants(self) -> int:
-        """How many jobs the dispatch task may claim for it now (claims on their way count as taken)."""
-        return self.capacity() - len(self.pending) if self.serving and self.deliver is not None else 0
-
-    def avoids(self, job_id: str, now_ms: float) -> bool:
-        until = self.avoided.get(job_id)
-        if until is not None and until <= now_ms:
-            del self.avoided[job_id]
-            return False
-        return until is not None
-
-    def avoid(self, job_id: str, until: float, now_ms: float) -> None:
-        """Remember that `job_id` keeps away from this consumer until `until` (bounded: expired entries
-        go first, then the oldest)."""
-        if len(self.avoided) >= MAX_AVOIDED:
-            for stale in [j for j, u in self.avoided.items() if u <= now_ms]:
-                del self.avoided[stale]
-            while len(self.avoided) >= MAX_AVOIDED:
-                del self.avoided[next(iter(self.avoided))]
-        self.avoided[job_id] = until
-
-    def avoiding(self, now_ms: float) -> int:
-        """How many jobs keep away from this consumer now."""
-        return sum(1 for u in self.avoided.values() if u > now_ms)
-
-    def hint(self, job_id: str) -> None:
-        """A job for claim_for() to try first."""
-        self.hints.append(job_id)
-
-
-class LocalPool:
-    """A pool as this instance dispatches it: its consumers waiting for work, in turn, and the queued
-    jobs it has heard of. Exists while the pool has a local consumer."""
-
-    __slots__ = ("by_node", "count", "held", "hints", "marks", "ready", "unknown")
-
-    def __init__(self) -> None:
-        # Consumers that may want work, oldest first: served from the front, sent to the back once
-        # served (round robin). One found wanting nothing leaves it until Dispatcher.ready() again.
-        self.ready: OrderedDict[Consumer, None] = OrderedDict()
-        self.by_node: dict[str, Consumer] = {}  # node id -> its consumer here (a session's preferred node)
-        self.count = 0  # local consumers of the pool
-        self.hints: dict[str, str] = {}  # job id -> its session's node ("": any): queued jobs heard of, oldest first
-        self.held: dict[str, float] = {}  # job id -> until (ms): held back for its session's node (code -9)
-        self.unknown = True  # the queue may hold jobs missing from `hints`: peek it
-        self.marks = 0  # times `unknown` was set: a peek sent before the latest one cannot clear it
-
-    def mark_unknown(self) -> None:
-        self.unknown = True
-        self.marks += 1
-
-    def hear(self, job_id: str, preferred: str = "") -> None:
-        """A queued job (bounded: past MAX_HINTS the oldest is forgotten and the queue is peeked again)."""
-        if job_id not in self.hints and len(self.hints) >= MAX_HINTS:
-            del self.hints[next(iter(self.hints))]
-            self.mark_unknown()
-        self.hints[job_id] = preferred or self.hints.get(job_id, "")
-
-    def wanted(self, free: Callable[[Consumer], int]) -> bool:
-        """Whether a consumer here wants work (those at the front that want none leave the turn)."""
-        while self.ready:
-            if free(next(iter(self.ready))) > 0:
-                return True
-            self.ready.popitem(last=False)
-        return False
+Item = tuple[Consumer, str, str, str]
 
 
 class Inbox(asyncio.Queue[bytes]):
@@ -189,14 +95,6 @@ class Inbox(asyncio.Queue[bytes]):
     def get_nowait(self) -> bytes:
         self._check()
         return super().get_nowait()
-
-
-def _free(wants: dict[Consumer, int], consumer: Consumer) -> int:
-    """What `consumer` wants in this pass (asked once per pass, then counted down as jobs are paired)."""
-    n = wants.get(consumer)
-    if n is None:
-        n = wants[consumer] = consumer.wants()
-    return n
 
 
 class Dispatcher:
@@ -478,7 +376,7 @@ class Dispatcher:
             if not holder.held:
                 self._holding.discard(pool)
         wants: dict[Consumer, int] = {}  # what each consumer looked at in this pass still wants
-        free = functools.partial(_free, wants)
+        free = functools.partial(pass_want, wants)
         # Claims whose replies were lost go first, with their tokens: adopted if they went through.
         items: list[Item] = [(c, job_id, token, "") for c in self._unsettled for job_id, token in c.pending.items()]
         self._unsettled.clear()
@@ -539,7 +437,7 @@ class Dispatcher:
         consumer in turn, each getting one before any gets a second (so a consumer with more free
         slots gets more only when there are more jobs than consumers). Held-back jobs wait for their
         node; a job that keeps away from a consumer goes to another."""
-        free = functools.partial(_free, wants)
+        free = functools.partial(pass_want, wants)
         out: list[Item] = []
         taken: list[Consumer] = []  # taken from the front of the turn in this pass, in turn order
         last: dict[Consumer, int] = {}  # consumer -> when it got its last job of this pass
