@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +14,9 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from lingua_sdk import pb
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
 from . import keys, reflection
@@ -55,33 +59,92 @@ def _redis_auth(settings: Settings) -> dict[str, Any]:
                                             ("password", settings.redis_password)) if value}
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The Sentinel-followed master's pool, waiting for a free connection as BlockingConnectionPool
+    does (redis-py's SentinelConnectionPool raises MaxConnectionsError instead)."""
+
+
+_holding_slot: contextvars.ContextVar[bool] = contextvars.ContextVar("lingua_redis_slot", default=False)
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        async with self.cluster_client.slot():  # type: ignore[attr-defined]
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+class BoundedRedisCluster(RedisCluster):
+    """A RedisCluster whose callers wait for a free connection. redis-py's cluster client has no
+    blocking pool: past a node's max_connections it raises MaxConnectionsError. Here every command and
+    pipeline first takes one of `slots` permits (waiting up to `slot_timeout` seconds, then
+    ConnectionError) and holds it while it runs; each uses at most one connection per node at a time,
+    so no node's pool is asked for more than `slots` connections, plus the pub/sub's."""
+
+    def __init__(self, *args: Any, slots: int, slot_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = asyncio.Semaphore(slots)
+        self._slot_timeout = slot_timeout
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if _holding_slot.get():  # a redirection retried inside a command or pipeline that holds one
+            yield
+            return
+        try:
+            async with asyncio.timeout(self._slot_timeout):
+                await self._slots.acquire()
+        except TimeoutError as err:
+            raise RedisConnectionError("No connection available.") from err
+        held = _holding_slot.set(True)
+        try:
+            yield
+        finally:
+            _holding_slot.reset(held)
+            self._slots.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.slot():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)
+        return _ClusterPipeline(self)  # type: ignore[abstract]  # (the stubs; redis-py builds it so)
+
+
 def connect_redis(settings: Settings) -> Any:
     """A redis.asyncio client (bytes replies): a RedisCluster for settings.redis_cluster seeds, a
     Sentinel-followed master for settings.redis_sentinel, else a Redis for settings.redis_url; with the
-    --redis-username/--redis-password and --redis-tls* settings in every mode."""
+    --redis-username/--redis-password and --redis-tls* settings in every mode.
+
+    Whatever the number of streams and calls, the client holds at most settings.redis_max_connections
+    connections (per node on a cluster, plus its pub/sub connection there); a call that finds them all
+    busy waits for one, up to settings.redis_pool_timeout_ms, instead of failing at once."""
     tls = _redis_tls(settings) if settings.redis_tls else {}
+    bound, wait = settings.redis_max_connections, settings.redis_pool_timeout_ms / 1000
     if settings.redis_cluster:
         seeds = [ClusterNode(host, port) for host, port in _addresses(settings.redis_cluster)]
-        return RedisCluster(startup_nodes=seeds, decode_responses=False,
-                            max_connections=settings.redis_max_connections,
-                            ssl=bool(tls), **tls, **_redis_auth(settings))
+        return BoundedRedisCluster(startup_nodes=seeds, decode_responses=False, slots=bound, slot_timeout=wait,
+                                   max_connections=bound + 2,  # + the pub/sub, + a topology refresh
+                                   ssl=bool(tls), **tls, **_redis_auth(settings))
     if settings.redis_sentinel:
         # The sentinels get the TLS settings (they serve TLS alongside their master), not the ACL user:
         # that one is the data's.
         sentinel = Sentinel(_addresses(settings.redis_sentinel), socket_timeout=5,  # type: ignore[no-untyped-call]
                             sentinel_kwargs={"ssl": True, **tls} if tls else None)
         return sentinel.master_for(settings.redis_sentinel_master, decode_responses=False,
-                                   max_connections=settings.redis_max_connections,
+                                   connection_pool_class=_BlockingSentinelPool, max_connections=bound, timeout=wait,
                                    **({"ssl": True, **tls} if tls else {}), **_redis_auth(settings))
     url = settings.redis_url
     if tls and url.startswith("redis://"):
         url = "rediss://" + url.removeprefix("redis://")
     if url.startswith("rediss://"):
         tls = _redis_tls(settings)  # --redis-tls-ca/-cert/-key apply to a rediss:// URL too
-    return aioredis.from_url(
-        url, decode_responses=False, max_connections=settings.redis_max_connections,
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, decode_responses=False, max_connections=bound, timeout=wait,
         health_check_interval=30, **tls, **_redis_auth(settings),
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 async def close_redis(client: Any) -> None:

@@ -1,28 +1,37 @@
 """Dispatch: claims work from Redis for the nodes whose streams (or long-polls) this instance holds.
 
-Pull, not push: nothing is routed to "the instance that owns a node". Each local consumer (a node
-stream with free slots, or a unary Assign waiting) claims for itself. A Redis pub/sub wake-up names
-the job just queued, so the claim usually costs one round trip; a slow poll (peek, then claim) backs
-up lost wake-ups. Another task sweeps the timers (leases, deadlines, retries) of this instance's share
-of the shards.
+Pull, not push: nothing is routed to "the instance that owns a node". Each instance claims for its own
+consumers (node streams with free slots, unary Assigns waiting), all of them from one dispatch task,
+so its Redis work grows with jobs, not with streams. A Redis pub/sub wake-up names the job just queued
+(and its session's node), a freed slot puts a consumer back in its pools' turn; a pass pairs the jobs
+the instance knows of with the consumers that want work (the session's node first, then in turn, one
+job each before anyone gets a second) and sends all those claims in one pipelined round trip. A pool's
+queue is peeked (one pipeline for all such pools) only while the instance may not know all its jobs: a
+cold start, a claim reply that shows more queue heads, and the slow poll that backs up lost wake-ups.
+Another task sweeps the timers (leases, deadlines, retries) of this instance's share of the shards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import random
-import secrets
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.exceptions import ResponseError
 
 from . import keys, wire
+
+# Consumer, MAX_AVOIDED and new_lease_token are re-exported: callers import them from here.
+from .consumers import MAX_AVOIDED as MAX_AVOIDED
+from .consumers import Consumer as Consumer
+from .consumers import LocalPool, pass_want
+from .consumers import new_lease_token as new_lease_token
 from .errors import ScriptCode, StreamOverflow
 from .settings import Settings
 from .store import Claim, Lease, Store
@@ -53,53 +62,13 @@ async def finish(tasks: list[asyncio.Task[Any]] | set[asyncio.Task[Any]], timeou
             await task
 
 
-MAX_AVOIDED = 256  # jobs remembered per consumer as keeping away from it (the oldest are forgotten)
+PEEK_COUNT = 64  # queue heads read per partition when a pool is peeked
+HINT_COUNT = 8  # queue heads each claim reply carries: the next candidates
+MAX_BATCH = 512  # claims per pass (one pipelined round trip); the rest wait for the next pass
+MAX_GATHER_TURNS = 8  # event-loop turns a pass waits while wake-ups keep coming in (see _gather_wake_ups)
 
-
-def new_lease_token() -> str:
-    """A claim's lease token: unique, and unguessable (it is the capability to act on the lease)."""
-    return secrets.token_hex(12)
-
-
-class Consumer:
-    """A local taker of work: a node stream, or one unary Assign call."""
-
-    def __init__(self, node_id: str, pools: list[str], capacity: Callable[[], int]) -> None:
-        self.node_id = node_id
-        self.pools = pools
-        self.capacity = capacity
-        self.hints: deque[str] = deque(maxlen=64)
-        self.wake = asyncio.Event()
-        self.reserved_until = 0.0  # a job held back from this node becomes claimable then (ms)
-        self.avoided: dict[str, float] = {}  # job id -> until (ms): jobs that keep away from this node
-        # Claims sent to Redis whose reply has not been handled (job id -> lease token): after a lost
-        # reply they are claimed again with the same token (adopted), or released when nobody takes them.
-        self.pending: dict[str, str] = {}
-
-    def avoids(self, job_id: str, now_ms: float) -> bool:
-        until = self.avoided.get(job_id)
-        if until is not None and until <= now_ms:
-            del self.avoided[job_id]
-            return False
-        return until is not None
-
-    def avoid(self, job_id: str, until: float, now_ms: float) -> None:
-        """Remember that `job_id` keeps away from this consumer until `until` (bounded: expired entries
-        go first, then the oldest)."""
-        if len(self.avoided) >= MAX_AVOIDED:
-            for stale in [j for j, u in self.avoided.items() if u <= now_ms]:
-                del self.avoided[stale]
-            while len(self.avoided) >= MAX_AVOIDED:
-                del self.avoided[next(iter(self.avoided))]
-        self.avoided[job_id] = until
-
-    def avoiding(self, now_ms: float) -> int:
-        """How many jobs keep away from this consumer now."""
-        return sum(1 for u in self.avoided.values() if u > now_ms)
-
-    def hint(self, job_id: str) -> None:
-        self.hints.append(job_id)
-        self.wake.set()
+# One claim of a pass: (consumer, job id, lease token, pool it was paired in; "" for one sent again).
+Item = tuple[Consumer, str, str, str]
 
 
 class Inbox(asyncio.Queue[bytes]):
@@ -132,11 +101,17 @@ class Dispatcher:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self.consumers: dict[str, list[Consumer]] = {}  # pool -> consumers
+        self.local: dict[str, LocalPool] = {}  # pool -> how it is dispatched here (pools with a local consumer)
         # node id -> callback(verb, args) for messages to nodes held here (set by NodeSessions)
         self.node_listeners: Any = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._kick = asyncio.Event()  # something for the dispatch task to look at
+        self._poll_at = 0.0  # monotonic time of the next slow poll
+        self._heard = 0  # wake-ups heard so far
+        self._unsettled: set[Consumer] = set()  # consumers whose claims' replies were lost: sent again first
+        self._due: set[str] = set()  # pools the next pass looks at (a pass costs what is due, not every pool)
+        self._holding: set[str] = set()  # pools with jobs held back for their session's node
         self._pubsub: Any = None
         self._watches: dict[str, set[Inbox]] = {}  # channel -> watchers' inboxes (WatchJob, WatchSession)
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
@@ -146,6 +121,7 @@ class Dispatcher:
         # Redis down: not a line per sweep or per resubscription attempt.
         self._sweep_errors = ThrottledWarning(log, interval_s=10)
         self._listen_errors = ThrottledWarning(log, interval_s=10)
+        self._dispatch_errors = ThrottledWarning(log, interval_s=10)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -154,33 +130,70 @@ class Dispatcher:
         self._tasks = [
             asyncio.create_task(self._listen(ready), name="dispatch-listen"),
             asyncio.create_task(self._sweep_forever(), name="dispatch-sweep"),
+            asyncio.create_task(self._dispatch_forever(), name="dispatch-claims"),
         ]
         await ready.wait()
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._kick.set()
         if not self._tasks:
             return  # never started, or stopped already
         self._tasks[0].cancel()  # the subscription only waits for messages: cancelling it is safe
         await finish(self._tasks)
         self._tasks = []
 
+    # -- consumers ------------------------------------------------------------------------------
+
     def add(self, consumer: Consumer) -> None:
+        """Serve `consumer` from the next pass on (its pools' wake-ups are kept for it from now on)."""
+        consumer.serving = True
         for pool in consumer.pools:
-            self.consumers.setdefault(pool, []).append(consumer)
+            local = self.local.get(pool)
+            if local is None:
+                local = self.local[pool] = LocalPool()  # new here: its queue is peeked (a cold start)
+            local.count += 1
+            local.by_node[consumer.node_id] = consumer
+            local.ready[consumer] = None
+            self._due.add(pool)
+        self._kick.set()
+
+    def ready(self, consumer: Consumer) -> None:
+        """`consumer` may want more (a slot was freed): back in its pools' turn, and a pass soon for
+        those that have work."""
+        kick = False
+        for pool in consumer.pools:
+            local = self.local.get(pool)
+            if local is not None and consumer.serving:
+                local.ready[consumer] = None
+                if local.hints or local.unknown:
+                    self._due.add(pool)
+                    kick = True
+        if kick:
+            self._kick.set()
 
     def remove(self, consumer: Consumer) -> None:
+        """Nothing more for `consumer`. Claims on their way to it: see release_pending()."""
+        was_serving, consumer.serving, consumer.gone = consumer.serving, False, True
+        self._unsettled.discard(consumer)
+        if not was_serving:
+            return
         for pool in consumer.pools:
-            group = self.consumers.get(pool, [])
-            if consumer in group:
-                group.remove(consumer)
-            if not group:
-                self.consumers.pop(pool, None)
+            local = self.local.get(pool)
+            if local is None:
+                continue
+            local.ready.pop(consumer, None)
+            if local.by_node.get(consumer.node_id) is consumer:
+                del local.by_node[consumer.node_id]
+            local.count -= 1
+            if local.count <= 0:
+                del self.local[pool]
 
-    # -- claiming -------------------------------------------------------------------------------
+    # -- claiming for one consumer, in the caller's task ------------------------------------------
 
     async def claim_for(self, consumer: Consumer, want: int) -> list[Claim]:
-        """Claim up to `want` jobs for the consumer: hints first, else the oldest queued of its pools.
+        """Claim up to `want` jobs for the consumer now, in the caller's task (Assign's first try):
+        its hints first, else the oldest queued of its pools. Streams are served by the dispatch task.
 
         Every claim carries a fresh lease token and is recorded in `consumer.pending` until its reply
         is handled. If a reply is lost (an error, a timeout, a cancel), the next call claims those
@@ -189,15 +202,14 @@ class Dispatcher:
         got: list[Claim] = []
         now_ms = time.time() * 1000
         if consumer.pending:
-            got = [c for c in await self._claim(consumer, list(consumer.pending.items()), now_ms)
-                   if c.code == ScriptCode.APPLIED]
+            got = await self._claim(consumer, list(consumer.pending.items()), now_ms)
         for _ in range(4):
             need = want - len(got)
             if need <= 0:
                 break
             candidates: list[str] = []
             while consumer.hints and len(candidates) < need:
-                job_id = consumer.hints.popleft()
+                job_id = consumer.hints.pop(0)
                 if job_id not in candidates and not consumer.avoids(job_id, now_ms):
                     candidates.append(job_id)
             if not candidates:
@@ -205,38 +217,58 @@ class Dispatcher:
             candidates = [j for j in candidates if j not in consumer.pending]  # claimed by this call already
             if not candidates:
                 break
-            tokens = [(job_id, new_lease_token()) for job_id in candidates]
-            got += [c for c in await self._claim(consumer, tokens, now_ms) if c.code == ScriptCode.APPLIED]
+            got += await self._claim(consumer, [(job_id, new_lease_token()) for job_id in candidates], now_ms)
         for claim in got:  # handed to the caller now (no await between this and the caller taking them)
             del consumer.pending[claim.job_id]
         return got
 
     async def _claim(self, consumer: Consumer, tokens: list[tuple[str, str]], now_ms: float) -> list[Claim]:
-        consumer.pending.update(tokens)
-        sent = asyncio.ensure_future(self.store.claim(consumer.node_id, tokens))
+        """claim_for's round trip: the claims that applied (still in `consumer.pending`)."""
+        sent = asyncio.ensure_future(self._send([(consumer, job_id, token, "") for job_id, token in tokens], now_ms))
         try:
-            claims = await asyncio.shield(sent)
+            replies = await asyncio.shield(sent)
         except asyncio.CancelledError:
             # The caller gave up (a deadline, a closed stream). Let the claim's reply arrive (bounded),
             # so a release that follows is sent after the claim, not racing it on another connection.
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(sent, self.settings.ack_timeout_ms / 1000)
             raise
-        for claim in claims:
-            if claim.code != ScriptCode.APPLIED:
-                consumer.pending.pop(claim.job_id, None)
-            if claim.code in (ScriptCode.AVOIDED, ScriptCode.RESERVED):
-                if claim.code == ScriptCode.AVOIDED:
-                    consumer.avoid(claim.job_id, claim.reserved_until, now_ms)
-                consumer.reserved_until = max(consumer.reserved_until, claim.reserved_until)
+        got = []
+        for claim in replies:
+            if isinstance(claim, Exception):
+                continue
+            if claim.code == ScriptCode.APPLIED:
+                got.append(claim)
             consumer.hints.extend(
                 j for j in claim.candidates if j != claim.job_id and not consumer.avoids(j, now_ms)
             )
-        return claims
+        del consumer.hints[:-64]
+        return got
+
+    async def _oldest(self, consumer: Consumer, count: int, now_ms: float) -> list[str]:
+        """The `count` oldest queued jobs (highest priority first) across the consumer's pools."""
+        marks = {pool: local.marks for pool in consumer.pools if (local := self.local.get(pool)) is not None}
+        peeked = await self._peek(consumer.pools, count + consumer.avoiding(now_ms))
+        for pool, mark in marks.items():  # found nothing queued: the dispatch task need not peek it again
+            local = self.local.get(pool)
+            if local is not None and local.marks == mark and not peeked[pool][0]:
+                local.unknown = False
+        out: list[str] = []
+        for job_id, _score in heapq.merge(*(found for found, _ in peeked.values()), key=lambda pair: pair[1]):
+            if consumer.avoids(job_id, now_ms):
+                continue
+            out.append(job_id)
+            if len(out) >= count:
+                break
+        return out
 
     async def release_pending(self, consumer: Consumer) -> None:
         """The consumer is going away with claims whose replies it never handled: put back whichever
         went through (their attempts given back; a claim that did not go through is left alone)."""
+        if consumer.round is not None:
+            # A dispatch round trip carries claims for it: let their replies arrive first (bounded), so
+            # the release follows the claims instead of racing them on another connection.
+            await asyncio.wait([consumer.round], timeout=self.settings.ack_timeout_ms / 1000)
         if not consumer.pending:
             return
         leases = [Lease(job_id, token) for job_id, token in consumer.pending.items()]
@@ -247,37 +279,254 @@ class Dispatcher:
             log.warning("node %s: releasing %d unanswered claims failed (%r); their ack timeout covers them",
                         consumer.node_id, len(leases), err)
 
-    async def _oldest(self, consumer: Consumer, count: int, now_ms: float) -> list[str]:
-        """The next `count` queued jobs across the consumer's partitions: highest priority first, then the
-        partitions in turn, each in its own (fair share) order. A pass is a partition's own virtual time,
-        so passes of two partitions are not compared."""
-        tags = [t for pool in consumer.pools for t in self.store.tags_of_pool(pool)]
-        peeked = await self.store.peek(tags, count + consumer.avoiding(now_ms))
-        merged = heapq.merge(*([(wire.queue_band(score), rank, job_id) for rank, (job_id, score) in enumerate(found)]
-                               for found in peeked.values()))
-        out: list[str] = []
-        for _band, _rank, job_id in merged:
-            if consumer.avoids(job_id, now_ms):
+    # -- shared by both ---------------------------------------------------------------------------
+
+    async def _peek(self, pools: list[str], count: int) -> dict[str, tuple[list[tuple[str, float]], bool]]:
+        """The first `count` (job id, queue score) of each partition of `pools`, merged per pool, and
+        whether that is the pool's whole queue (no partition had `count`): one pipelined round trip.
+        Merged: highest priority first, then the partitions in turn, each in its own (fair share)
+        order. A pass is a partition's own virtual time, so passes of two partitions are not compared."""
+        tags = {pool: self.store.tags_of_pool(pool) for pool in pools}
+        peeked = await self.store.peek([t for ts in tags.values() for t in ts], count)
+
+        def merged(ts: list[str]) -> list[tuple[str, float]]:
+            ranked = heapq.merge(*([(wire.queue_band(score), rank, job_id, score)
+                                    for rank, (job_id, score) in enumerate(peeked[t])] for t in ts))
+            return [(job_id, score) for _band, _rank, job_id, score in ranked]
+
+        return {pool: (merged(ts), all(len(peeked[t]) < count for t in ts)) for pool, ts in tags.items()}
+
+    async def _send(self, items: list[Item], now_ms: float) -> list[Claim | Exception]:
+        """One pipelined round trip of claims. Each is in its consumer's `pending` until its reply is
+        handled: when the round trip fails they stay there, to be claimed again with the same tokens
+        (adopted) or released."""
+        for consumer, job_id, token, _ in items:
+            consumer.pending[job_id] = token
+        replies = await self.store.claim_many([(job_id, c.node_id, token) for c, job_id, token, _ in items])
+        for (consumer, job_id, _, _), claim in zip(items, replies, strict=True):
+            if isinstance(claim, Exception):  # this one failed in Redis (a damaged record): not claimed
+                consumer.pending.pop(job_id, None)
+                self._dispatch_errors("claiming job %s failed: %r", job_id, claim)
                 continue
-            out.append(job_id)
-            if len(out) >= count:
+            if claim.code != ScriptCode.APPLIED:
+                consumer.pending.pop(job_id, None)
+            if claim.code == ScriptCode.AVOIDED:
+                consumer.avoid(job_id, claim.reserved_until, now_ms)
+        return replies
+
+    # -- the dispatch task --------------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        while not self._stopping.is_set():
+            await self._gather_wake_ups()
+            self._kick.clear()
+            try:
+                await self.dispatch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # Redis down: claims whose replies were lost are sent again next time
+                self._dispatch_errors("dispatch failed (%r); retrying", err)
+                await sleep_unless(self._stopping, self.settings.poll_interval_ms / 1000)
+                continue
+            if self._kick.is_set():
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._idle_for()):
+                    await self._kick.wait()
+
+    async def _gather_wake_ups(self) -> None:
+        """Let the wake-ups that already reached this process in before a pass: a few turns of the
+        event loop while more keep coming, so a burst read at once is claimed in one round trip.
+        Microseconds; a lone wake-up waits for nothing. (Wake-ups heard while a pass's round trip is
+        on its way go together in the next one.)"""
+        for _ in range(MAX_GATHER_TURNS):
+            heard = self._heard
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one turn to poll the socket, one for the listener to run
+            if self._heard == heard:
+                return
+
+    def _idle_for(self) -> float:
+        """Seconds until the slow poll or the end of the first hold on a job, whichever is first."""
+        wait = self._poll_at - time.monotonic()
+        held = [until for pool in self._holding if (local := self.local.get(pool)) for until in local.held.values()]
+        if held:
+            wait = min(wait, (min(held) - time.time() * 1000) / 1000 + 0.001)
+        return max(wait, 0.0)
+
+    async def dispatch_once(self) -> int:
+        """One pass over the pools with something to do: peek those whose queue this instance may not
+        know (one round trip for all), pair their jobs with the consumers that want work, and send
+        every claim, of every pool and consumer, in one pipelined round trip. Returns how many claims
+        were handed to consumers."""
+        now = time.monotonic()
+        now_ms = time.time() * 1000
+        polling = now >= self._poll_at
+        if polling:  # the slow poll: a job whose wake-up was lost is found here
+            self._poll_at = now + self.settings.poll_interval_ms / 1000 * random.uniform(0.8, 1.2)
+            for local in self.local.values():
+                local.mark_unknown()
+            self._due.update(self.local)
+        for pool in list(self._holding):  # holds that ended: those jobs may go to anyone now
+            holder = self.local.get(pool)
+            if holder is None:
+                self._holding.discard(pool)
+                continue
+            ended = [j for j, until in holder.held.items() if until <= now_ms]
+            for job_id in ended:
+                del holder.held[job_id]
+            if ended:
+                self._due.add(pool)
+            if not holder.held:
+                self._holding.discard(pool)
+        wants: dict[Consumer, int] = {}  # what each consumer looked at in this pass still wants
+        free = functools.partial(pass_want, wants)
+        # Claims whose replies were lost go first, with their tokens: adopted if they went through.
+        items: list[Item] = [(c, job_id, token, "") for c in self._unsettled for job_id, token in c.pending.items()]
+        self._unsettled.clear()
+        due = [(pool, self.local[pool]) for pool in self._due if pool in self.local]
+        self._due.clear()
+        peek = [(pool, local) for pool, local in due
+                if local.unknown and (polling or len(local.hints) - len(local.held) < HINT_COUNT) and local.wanted(free)]
+        if peek:
+            await self._learn(peek)
+        sending = {job_id for _, job_id, _, _ in items}
+        for pool, local in due:
+            if self.local.get(pool) is not local:
+                continue  # its last consumer left meanwhile
+            room = MAX_BATCH - len(items)
+            if room <= 0:
+                self._due.add(pool)
+                self._kick.set()
+                continue
+            items += self._pair(pool, local, wants, sending, room, now_ms)
+        if not items:
+            return 0
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for c, _, _, _ in items:
+            c.round = done
+        try:
+            replies = await self._send(items, now_ms)
+        except BaseException:
+            self._unsettled.update(c for c, _, _, _ in items if not c.gone and c.pending)
+            raise
+        finally:
+            done.set_result(None)
+            for c, _, _, _ in items:
+                if c.round is done:
+                    c.round = None
+        return self._settle(items, replies)
+
+    async def _learn(self, peek: list[tuple[str, LocalPool]]) -> None:
+        """Peek the queues of these pools (one round trip) and remember what they hold. A peek that
+        read a whole queue also shows which remembered jobs are no longer queued."""
+        marks = [(local.marks, set(local.hints)) for _, local in peek]
+        peeked = await self._peek([pool for pool, _ in peek], PEEK_COUNT)
+        for (pool, local), (mark, before) in zip(peek, marks, strict=True):
+            found, whole = peeked[pool]
+            if whole:
+                queued = {job_id for job_id, _ in found}
+                for job_id in before - queued:  # claimed by someone else (or gone) since it was heard of
+                    local.hints.pop(job_id, None)
+                    local.held.pop(job_id, None)
+                if local.marks == mark:
+                    local.unknown = False
+            for job_id, _ in found:
+                local.hear(job_id)
+
+    def _pair(self, pool: str, local: LocalPool, wants: dict[Consumer, int], sending: set[str],
+              room: int, now_ms: float) -> list[Item]:
+        """Pair the pool's known jobs, oldest heard first, with its consumers that want work: a job
+        goes to its session's node when that one is here with a free slot; otherwise to the next
+        consumer in turn, each getting one before any gets a second (so a consumer with more free
+        slots gets more only when there are more jobs than consumers). Held-back jobs wait for their
+        node; a job that keeps away from a consumer goes to another."""
+        free = functools.partial(pass_want, wants)
+        out: list[Item] = []
+        taken: list[Consumer] = []  # taken from the front of the turn in this pass, in turn order
+        last: dict[Consumer, int] = {}  # consumer -> when it got its last job of this pass
+        cycle = 0
+
+        def next_consumer(job_id: str) -> Consumer | None:
+            nonlocal cycle
+            while local.ready:  # someone not served in this pass yet
+                c, _ = local.ready.popitem(last=False)
+                if free(c) <= 0:
+                    continue  # wants nothing: out of the turn until it is ready() again
+                taken.append(c)
+                if not c.avoids(job_id, now_ms):
+                    return c
+            for _ in range(len(taken)):  # everyone had one: again, while slots are left
+                c = taken[cycle % len(taken)]
+                cycle += 1
+                if free(c) > 0 and not c.avoids(job_id, now_ms):
+                    return c
+            return None
+
+        for job_id, preferred in list(local.hints.items()):
+            if len(out) >= room:
+                self._due.add(pool)  # the rest next pass
+                self._kick.set()
                 break
+            if job_id in sending:
+                continue
+            chosen = local.by_node.get(preferred) if preferred else None
+            if chosen is None or free(chosen) <= 0 or chosen.avoids(job_id, now_ms):
+                chosen = None if job_id in local.held else next_consumer(job_id)
+            if chosen is None:
+                if not local.ready and not any(free(c) > 0 for c in taken):
+                    break  # nobody here wants work
+                continue
+            wants[chosen] = free(chosen) - 1
+            last[chosen] = len(out)
+            out.append((chosen, job_id, new_lease_token(), pool))
+            sending.add(job_id)
+        # Back in the turn: those taken that got nothing keep their place in front; those that got a
+        # job go to the back, the one served last, last (see _settle for those whose claim failed).
+        for c in reversed(taken):
+            if c not in last and free(c) > 0:
+                local.ready[c] = None
+                local.ready.move_to_end(c, last=False)
+        for c in sorted(last, key=last.__getitem__):
+            if free(c) > 0:
+                local.ready[c] = None
+                local.ready.move_to_end(c)
         return out
 
-    async def wait_for_work(self, consumer: Consumer, timeout: float) -> None:
-        """Sleep until a wake-up for the consumer's pools, a reservation ends, or the poll interval."""
-        poll = self.settings.poll_interval_ms / 1000 * random.uniform(0.8, 1.2)
-        delay = min(timeout, poll)
-        if consumer.reserved_until:
-            delay = min(delay, max(0.0, consumer.reserved_until / 1000 - time.time()) + 0.001)
-            consumer.reserved_until = 0
-        if consumer.hints and consumer.capacity() > 0:
-            return
-        consumer.wake.clear()
-        with contextlib.suppress(TimeoutError):
-            # asyncio.timeout, not wait_for: wait_for can swallow a cancel that races the wake-up.
-            async with asyncio.timeout(delay):
-                await consumer.wake.wait()
+    def _settle(self, items: list[Item], replies: list[Claim | Exception]) -> int:
+        """Learn from a pass's replies and hand the claims that applied to their consumers."""
+        handed: dict[Consumer, list[Claim]] = {}
+        for (c, job_id, _, pool), claim in zip(items, replies, strict=True):
+            local = self.local.get(pool) if pool else None
+            if local is not None:
+                self._due.add(pool)  # another pass: more jobs, or other consumers for these
+                if isinstance(claim, Exception) or claim.code not in (ScriptCode.RESERVED, ScriptCode.AVOIDED):
+                    local.hints.pop(job_id, None)  # claimed, or not claimable (any more)
+                    local.held.pop(job_id, None)
+                elif claim.code == ScriptCode.RESERVED:
+                    local.held[job_id] = claim.reserved_until
+                    self._holding.add(pool)
+                if not isinstance(claim, Exception):
+                    for next_id in claim.candidates:
+                        local.hear(next_id)
+                    if len(claim.candidates) >= HINT_COUNT:
+                        local.mark_unknown()  # more queued than the reply shows
+            if not isinstance(claim, Exception) and claim.code == ScriptCode.APPLIED:
+                handed.setdefault(c, []).append(claim)
+        count = 0
+        for c, claims in handed.items():
+            if c.gone:
+                continue  # its stream went away meanwhile: release_pending() puts these back
+            for claim in claims:
+                del c.pending[claim.job_id]
+            if c.deliver is not None:  # (always: the dispatch task claims only for those that take deliveries)
+                c.deliver(claims)
+            count += len(claims)
+        for c, _, _, _ in items:
+            if not c.gone and c.wants() > 0:
+                self.ready(c)
+        self._kick.set()
+        return count
 
     # -- pub/sub --------------------------------------------------------------------------------
 
@@ -291,6 +540,10 @@ class Dispatcher:
                     await pubsub.subscribe(*self._watches)
                 self._pubsub = pubsub
                 ready.set()
+                for local in self.local.values():  # wake-ups may have been lost while unsubscribed
+                    local.mark_unknown()
+                self._due.update(self.local)
+                self._kick.set()
                 wake_prefix = len(keys.wake_channel(""))
                 node_prefix = len(keys.node_channel(""))
                 async for message in pubsub.listen():
@@ -348,12 +601,19 @@ class Dispatcher:
                         await self._pubsub.unsubscribe(channel)
 
     def _on_wake(self, pool: str, data: str) -> None:
+        local = self.local.get(pool)
+        if local is None:
+            return  # no consumer of this pool here
         job_id, preferred = wire.parse_wake(data)
-        group = [c for c in self.consumers.get(pool, ()) if c.capacity() > 0]
-        if not group:
+        try:
+            keys.tag_of(job_id)
+        except ValueError:
+            self._listen_errors("ignoring a wake-up no scheduler sent: %r", data)
             return
-        chosen = next((c for c in group if c.node_id == preferred), None) or random.choice(group)
-        chosen.hint(job_id)
+        local.hear(job_id, preferred)
+        self._due.add(pool)
+        self._heard += 1
+        self._kick.set()
 
     def _on_node_message(self, node_id: str, data: str) -> None:
         verb, args = wire.parse_node_message(data)

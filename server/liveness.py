@@ -43,7 +43,7 @@ class Pulse:
     renewed_at: float = field(default_factory=time.monotonic)  # its registry entry's last renewal
     ping_id: int = 0  # of the last ping sent
     ping_sent: float | None = None  # when the unanswered ping went out; None: none outstanding
-    dead: asyncio.Event = field(default_factory=asyncio.Event)  # set: end the stream (no answer)
+    dead: bool = False  # the stream is ended (no answer)
 
     def beat(self) -> None:
         """The node said something: it is alive, and any ping is answered."""
@@ -59,6 +59,7 @@ class Stream(Protocol):
     pulse: Pulse
 
     def send(self, message: pb.SchedulerMessage) -> None: ...
+    def unresponsive(self) -> None: ...
     def entry(self) -> NodeEntry: ...
     def on_message(self, verb: str, args: list[str]) -> None: ...
 
@@ -82,13 +83,13 @@ class Liveness:
         sent_at: Timestamp | None = None
         for stream in list(self.streams()):
             p = stream.pulse
-            if p.dead.is_set():
+            if p.dead:
                 continue
             if p.ping_sent is not None:
                 if now - p.ping_sent >= timeout:
                     log.warning("node %s: no answer to ping %d within %d ms; ending its stream", stream.node_id,
                                 p.ping_id, self.settings.ping_timeout_ms)
-                    p.dead.set()
+                    stream.unresponsive()
             elif now - p.last_seen >= interval:
                 if sent_at is None:
                     sent_at = Timestamp()
@@ -109,7 +110,7 @@ class Liveness:
         period = self.settings.node_ttl_ms / 3000
         due = [s for s in self.streams()
                if s.pulse.last_seen > s.pulse.renewed_at and now - s.pulse.renewed_at >= period
-               and not s.pulse.dead.is_set()]
+               and not s.pulse.dead]
         if not due:
             return
         before = [s.pulse.renewed_at for s in due]

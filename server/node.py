@@ -115,10 +115,13 @@ class Session:
         self.timed_out: dict[str, str] = {}
         self.quarantined = False
         # Messages for the node, in order; None closes the stream once what is before it is written.
-        # Bounded by send(), not by the queue: the closing None must always fit.
-        self.outbox: asyncio.Queue[pb.SchedulerMessage | None] = asyncio.Queue()
-        self.overflowed = asyncio.Event()
-        self.consumer = Consumer(self.node_id, pools, self.free_slots)
+        # Bounded by send(): the closing None must always fit. A list and a future made only while
+        # the writer waits: an idle stream's buffer costs little (thousands of streams per instance).
+        self.outbox: list[pb.SchedulerMessage | None] = []
+        self._more: asyncio.Future[None] | None = None  # set when the outbox gets something
+        self.overflowed = False
+        self.writer: asyncio.Task[Any] | None = None  # the task writing the outbox: cancelled on overflow
+        self.consumer = Consumer(self.node_id, pools, self.free_slots, self.assigned)
         self.finished = asyncio.Event()  # the stream's handler is done, leases released
         self.pulse = Pulse()  # the node's last message, pings, registry renewals (server/liveness.py)
 
@@ -149,8 +152,8 @@ class Session:
                      self.node_id, job_id, self.owner.settings.ack_timeout_ms)
 
     def assigned(self, claims: list[Claim]) -> None:
-        """Hand claims made for this stream to the node: tracked as in flight and unacknowledged, and
-        queued as one message."""
+        """From the dispatcher: claims made for this stream, handed to the node: tracked as in flight
+        and unacknowledged, and queued as one message."""
         now = time.monotonic()
         for c in claims:
             self.in_flight[c.job_id] = Lease(c.job_id, c.token, c.attempt)
@@ -177,7 +180,7 @@ class Session:
             self.timed_out.clear()
             log.info("node %s acknowledged an assignment: out of quarantine", self.node_id)
         if self.free_slots() > before:  # the window (or the quarantine) was what held it back
-            self.consumer.wake.set()
+            self.owner.dispatcher.ready(self.consumer)
 
     def entry(self) -> NodeEntry:
         return NodeEntry(self.node_id, self.pools, self.reg.max_concurrency, len(self.in_flight),
@@ -203,22 +206,46 @@ class Session:
                 self.timed_out[job_id] = token
                 if not self.quarantined:
                     self._quarantine(job_id)
-            self.consumer.wake.set()  # a slot is free: look for work
+            self.owner.dispatcher.ready(self.consumer)  # a slot is free: back in the turn for work
             self._maybe_done()
 
     def send(self, message: pb.SchedulerMessage) -> None:
         """Queue a message for the node. A node that does not read lets the outbox fill (its writes
         wait on flow control): at stream_outbox_max the stream is ended with RESOURCE_EXHAUSTED
         instead of the outbox growing, and its leases go as for any closed stream."""
-        if self.overflowed.is_set():
+        if self.overflowed:
             return
-        if self.outbox.qsize() >= self.owner.settings.stream_outbox_max:
-            self.overflowed.set()
+        if len(self.outbox) >= self.owner.settings.stream_outbox_max:
+            self.overflowed = True
+            if self.writer is not None:
+                self.writer.cancel()  # stuck on flow control: the node does not read
             return
-        self.outbox.put_nowait(message)
+        self._put(message)
 
     def close(self) -> None:
-        self.outbox.put_nowait(None)
+        self._put(None)
+
+    def unresponsive(self) -> None:
+        """From liveness: a ping went unanswered. The stream ends (NODE_UNRESPONSIVE), even with its
+        writer stuck on flow control."""
+        self.pulse.dead = True
+        if self.writer is not None:
+            self.writer.cancel()
+
+    def _put(self, message: pb.SchedulerMessage | None) -> None:
+        self.outbox.append(message)
+        if self._more is not None and not self._more.done():
+            self._more.set_result(None)
+
+    async def next_message(self) -> pb.SchedulerMessage | None:
+        """The oldest message of the outbox, waiting for one."""
+        while not self.outbox:
+            self._more = asyncio.get_running_loop().create_future()
+            try:
+                await self._more
+            finally:
+                self._more = None
+        return self.outbox.pop(0)
 
     def _maybe_done(self) -> None:
         if self.draining and not self.in_flight:
@@ -363,31 +390,34 @@ class NodeSessions:
         session._maybe_done()  # a draining node that came back holding nothing (left) is done at once
         self.dispatcher.add(session.consumer)
         reader = asyncio.create_task(self._read(session, it))
-        tasks += [reader, asyncio.create_task(self._feed(session))]
         reader.add_done_callback(lambda _t: session.close())
-        writer = asyncio.create_task(self._write(session, context))
-        overflow = asyncio.create_task(session.overflowed.wait())
-        dead = asyncio.create_task(session.pulse.dead.wait())
-        tasks += [writer, overflow, dead]
-        await asyncio.wait([writer, overflow, dead], return_when=asyncio.FIRST_COMPLETED)
-        if session.pulse.dead.is_set() and not writer.done():
-            writer.cancel()  # the node does not answer: maybe not reading either
+        tasks.append(reader)
+        await self._write(session, context)  # in this task: one task per stream besides gRPC's own
+
+    async def _write(self, session: Session, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        """Write the outbox until its closing marker. A node that does not read leaves this task stuck
+        on flow control until send() finds the outbox full and cancels it: then RESOURCE_EXHAUSTED."""
+        task = asyncio.current_task()
+        session.writer = task  # only while writing: a cancel must never cut a Redis call halfway
+        try:
+            while not (session.overflowed or session.pulse.dead) and (message := await session.next_message()) is not None:
+                await context.write(message)
+                for a in message.assignments:
+                    session.unsent.discard(a.job_id)
+        except asyncio.CancelledError:
+            if not (session.overflowed or session.pulse.dead) or task is None:
+                raise
+            task.uncancel()  # send()'s or liveness's cancel, not the RPC's
+        finally:
+            session.writer = None
+        if session.pulse.dead:  # the node does not answer pings: maybe not reading either
             await abort(context, NodeUnresponsive(
                 f"node {session.node_id}: no answer to ping within {self.settings.ping_timeout_ms} ms"), "NodeSession")
-        if session.overflowed.is_set():
-            writer.cancel()  # stuck on flow control: the node does not read
+        if session.overflowed:
             log.warning("node %s: closing its stream, over %d messages unread", session.node_id,
                         self.settings.stream_outbox_max)
             await abort(context, StreamOverflow(
                 f"node {session.node_id} left more than {self.settings.stream_outbox_max} messages unread"), "NodeSession")
-        await writer
-
-    @staticmethod
-    async def _write(session: Session, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
-        while (message := await session.outbox.get()) is not None:
-            await context.write(message)
-            for a in message.assignments:
-                session.unsent.discard(a.job_id)
 
     async def _resume(self, session: Session, holding: Any) -> None:
         leases = []
@@ -403,21 +433,6 @@ class NodeSessions:
                 session.in_flight[t.job_id] = lease
             else:
                 session.send(pb.SchedulerMessage(refused=[lease_status_pb(t, lease.token)]))
-
-    async def _feed(self, session: Session) -> None:
-        """Push assignments while the node has free slots."""
-        while True:
-            free = session.free_slots()
-            try:
-                claims = await self.dispatcher.claim_for(session.consumer, free) if free else []
-            except Exception as err:
-                log.warning("node %s: claiming failed (%r); retrying", session.node_id, err)
-                await asyncio.sleep(self.settings.poll_interval_ms / 1000)
-                continue
-            if claims:
-                session.assigned(claims)
-                continue
-            await self.dispatcher.wait_for_work(session.consumer, 1.0)
 
     async def _read(self, session: Session, it: Any) -> None:
         async for message in it:

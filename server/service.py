@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -249,18 +250,34 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         want = request.max_jobs or 1
         wait = request.wait.ToMilliseconds() / 1000 if request.HasField("wait") else 0
         until = time.monotonic() + min(wait, auth.expires_in())  # no work for a token that expired meanwhile
-        consumer = Consumer(request.node_id, pools, capacity=lambda: 1)
+        got: list[Claim] = []
+        waiting = False
+        arrived = asyncio.Event()
+
+        def deliver(claims: list[Claim]) -> None:
+            got.extend(claims)
+            arrived.set()
+
+        # Added before the first claim, so a wake-up heard meanwhile is kept; served by the dispatch
+        # task only once that claim found nothing and the call waits (one delivery ends the wait).
+        consumer = Consumer(request.node_id, pools, lambda: want if waiting and not got else 0, deliver)
         self.dispatcher.add(consumer)
         try:
-            while True:
-                claims = await self.dispatcher.claim_for(consumer, want)
-                remaining = until - time.monotonic()
-                if claims or remaining <= 0:
-                    return pb.AssignResponse(assignments=[assignment_pb(c) for c in claims])
-                await self.dispatcher.wait_for_work(consumer, remaining)
+            got += await self.dispatcher.claim_for(consumer, want)
+            remaining = until - time.monotonic()
+            if not got and remaining > 0:
+                waiting = True
+                self.dispatcher.ready(consumer)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await arrived.wait()
+            answer = pb.AssignResponse(assignments=[assignment_pb(c) for c in got])
+            got = []  # answered: nothing left to give back
+            return answer
         finally:
-            self.dispatcher.remove(consumer)
-            if consumer.pending:  # a claim whose reply was lost (the call's deadline fired mid-claim)
+            self.dispatcher.remove(consumer)  # before any await: nothing is delivered after the answer
+            consumer.pending.update((c.job_id, c.token) for c in got)  # delivered, never answered (cancelled)
+            if consumer.pending or consumer.round is not None:  # a claim whose reply was lost, or on its way
                 await asyncio.shield(asyncio.ensure_future(self.dispatcher.release_pending(consumer)))
 
     @handled

@@ -119,8 +119,11 @@ class Settings:
     shutdown_grace_s: float = 5.0
     # Run the event loop on uvloop (faster); --uvloop 0 for the standard asyncio loop.
     uvloop: int = 1
-    # Redis connection pool size.
+    # Redis connections this instance holds at most (per node on a cluster), whatever the number of
+    # streams and calls: dispatch is one task per instance, so streams do not each need one. A call
+    # that finds them all busy waits for one, up to redis_pool_timeout_ms, then fails (UNAVAILABLE).
     redis_max_connections: int = 256
+    redis_pool_timeout_ms: int = 5_000
     # Messages one stream may have waiting: a node stream's outbox (the node does not read), a watch's
     # inbox (WatchJob, WatchSession). A stream over it is ended with RESOURCE_EXHAUSTED, so one client
     # that stops reading cannot grow the server's memory; a watcher resumes, a node reconnects.

@@ -352,7 +352,19 @@ class Store:
         return {tag: [(_s(j), score) for j, score in found] for tag, found in zip(tags, replies, strict=True)}
 
     async def claim(self, node_id: str, candidates: list[tuple[str, str]], hint_count: int = 8) -> list[Claim]:
-        """Try to claim each (job id, lease token) for `node_id`, pipelined in one round trip.
+        """Try to claim each (job id, lease token) for `node_id`: claim_many() for one node, raising the
+        first per-claim error."""
+        out = []
+        for claim in await self.claim_many([(job_id, node_id, token) for job_id, token in candidates], hint_count):
+            if isinstance(claim, Exception):
+                raise claim
+            out.append(claim)
+        return out
+
+    async def claim_many(self, items: list[tuple[str, str, str]], hint_count: int = 8) -> list[Claim | Exception]:
+        """Try to claim each (job id, node id, lease token), pipelined in one round trip: the claims
+        the dispatcher pairs for all its nodes in one pass go together. A claim that fails on its own
+        (a script error on a damaged record) is returned in its place, so it cannot fail the others.
 
         Idempotent per token: claiming again with the same token answers the same assignment, which
         is how a caller whose reply was lost learns what it holds."""
@@ -360,11 +372,13 @@ class Store:
         calls = [
             ClaimJob(job_id, node_id, token, s.ack_timeout_ms, s.affinity_wait_ms, hint_count, s.avoid_ms,
                      s.affinity_ttl_ms).call()
-            for job_id, token in candidates
+            for job_id, node_id, token in items
         ]
-        out = []
-        replies = self._raise_errors(await self.scripts.call_many(self.redis, calls))
-        for (job_id, token), r in zip(candidates, replies, strict=True):
+        out: list[Claim | Exception] = []
+        for (job_id, _node_id, token), r in zip(items, await self.scripts.call_many(self.redis, calls), strict=True):
+            if isinstance(r, Exception):
+                out.append(r)
+                continue
             code = ScriptCode(r[0])
             hints = [_s(j) for j in r[1]]
             if code == ScriptCode.APPLIED:

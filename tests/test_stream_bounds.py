@@ -46,9 +46,9 @@ async def test_a_node_that_writes_junk_and_never_reads_is_closed_and_its_jobs_go
     session = app.nodes.sessions["flooder"]
     deepest = 0
     junk = pb.NodeMessage(register=pb.Register(node_id="flooder"))  # each answered by an error message
-    while not session.overflowed.is_set():
+    while not session.overflowed:
         await call.write(junk)
-        deepest = max(deepest, session.outbox.qsize())
+        deepest = max(deepest, len(session.outbox))
     assert deepest <= BOUND + 1  # the messages, and at most the closing marker
     await session.finished.wait()  # the server lets the stream go without the node reading a byte
     # What the node finds once it reads: what was already on the wire, then RESOURCE_EXHAUSTED.

@@ -1,0 +1,119 @@
+"""The consumers of work an instance dispatches to (node streams, waiting Assigns), and what it
+knows of each pool: who waits for work, in turn, and which queued jobs it has heard of. No I/O:
+server/dispatch.py claims with them."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+
+from .store import Claim
+
+MAX_AVOIDED = 256  # jobs remembered per consumer as keeping away from it (the oldest are forgotten)
+MAX_HINTS = 1024  # queued job ids remembered per pool (past it the oldest are forgotten, the queue peeked)
+
+
+def new_lease_token() -> str:
+    """A claim's lease token: unique, and unguessable (it is the capability to act on the lease)."""
+    return secrets.token_hex(12)
+
+
+class Consumer:
+    """A local taker of work: a node stream, or one unary Assign call.
+
+    `capacity()` is how many more jobs it takes now. The dispatch task hands it the claims it made for
+    it with `deliver(claims)`, synchronously (nothing runs between the reply and the hand-over); a
+    consumer without `deliver` is only claimed for by claim_for()."""
+
+    __slots__ = ("avoided", "capacity", "deliver", "gone", "hints", "node_id", "pending", "pools", "round", "serving")
+
+    def __init__(self, node_id: str, pools: list[str], capacity: Callable[[], int],
+                 deliver: Callable[[list[Claim]], None] | None = None) -> None:
+        self.node_id = node_id
+        self.pools = pools
+        self.capacity = capacity
+        self.deliver = deliver
+        self.hints: list[str] = []  # job ids claim_for() tries before peeking
+        self.avoided: dict[str, float] = {}  # job id -> until (ms): jobs that keep away from this node
+        # Claims sent to Redis whose reply has not been handled (job id -> lease token): after a lost
+        # reply they are claimed again with the same token (adopted), or released when nobody takes them.
+        self.pending: dict[str, str] = {}
+        self.serving = False  # added to the dispatcher (and not removed yet)
+        self.gone = False  # removed from the dispatcher: nothing more is handed to it
+        self.round: asyncio.Future[None] | None = None  # the dispatch round trip carrying claims for it
+
+    def wants(self) -> int:
+        """How many jobs the dispatch task may claim for it now (claims on their way count as taken)."""
+        return self.capacity() - len(self.pending) if self.serving and self.deliver is not None else 0
+
+    def avoids(self, job_id: str, now_ms: float) -> bool:
+        until = self.avoided.get(job_id)
+        if until is not None and until <= now_ms:
+            del self.avoided[job_id]
+            return False
+        return until is not None
+
+    def avoid(self, job_id: str, until: float, now_ms: float) -> None:
+        """Remember that `job_id` keeps away from this consumer until `until` (bounded: expired entries
+        go first, then the oldest)."""
+        if len(self.avoided) >= MAX_AVOIDED:
+            for stale in [j for j, u in self.avoided.items() if u <= now_ms]:
+                del self.avoided[stale]
+            while len(self.avoided) >= MAX_AVOIDED:
+                del self.avoided[next(iter(self.avoided))]
+        self.avoided[job_id] = until
+
+    def avoiding(self, now_ms: float) -> int:
+        """How many jobs keep away from this consumer now."""
+        return sum(1 for u in self.avoided.values() if u > now_ms)
+
+    def hint(self, job_id: str) -> None:
+        """A job for claim_for() to try first."""
+        self.hints.append(job_id)
+
+
+class LocalPool:
+    """A pool as this instance dispatches it: its consumers waiting for work, in turn, and the queued
+    jobs it has heard of. Exists while the pool has a local consumer."""
+
+    __slots__ = ("by_node", "count", "held", "hints", "marks", "ready", "unknown")
+
+    def __init__(self) -> None:
+        # Consumers that may want work, oldest first: served from the front, sent to the back once
+        # served (round robin). One found wanting nothing leaves it until Dispatcher.ready() again.
+        self.ready: OrderedDict[Consumer, None] = OrderedDict()
+        self.by_node: dict[str, Consumer] = {}  # node id -> its consumer here (a session's preferred node)
+        self.count = 0  # local consumers of the pool
+        self.hints: dict[str, str] = {}  # job id -> its session's node ("": any): queued jobs heard of, oldest first
+        self.held: dict[str, float] = {}  # job id -> until (ms): held back for its session's node (code -9)
+        self.unknown = True  # the queue may hold jobs missing from `hints`: peek it
+        self.marks = 0  # times `unknown` was set: a peek sent before the latest one cannot clear it
+
+    def mark_unknown(self) -> None:
+        self.unknown = True
+        self.marks += 1
+
+    def hear(self, job_id: str, preferred: str = "") -> None:
+        """A queued job (bounded: past MAX_HINTS the oldest is forgotten and the queue is peeked again)."""
+        if job_id not in self.hints and len(self.hints) >= MAX_HINTS:
+            del self.hints[next(iter(self.hints))]
+            self.mark_unknown()
+        self.hints[job_id] = preferred or self.hints.get(job_id, "")
+
+    def wanted(self, free: Callable[[Consumer], int]) -> bool:
+        """Whether a consumer here wants work (those at the front that want none leave the turn)."""
+        while self.ready:
+            if free(next(iter(self.ready))) > 0:
+                return True
+            self.ready.popitem(last=False)
+        return False
+
+
+def pass_want(wants: dict[Consumer, int], consumer: Consumer) -> int:
+    """What `consumer` wants in this pass (asked once per pass, then counted down as jobs are paired)."""
+    n = wants.get(consumer)
+    if n is None:
+        n = wants[consumer] = consumer.wants()
+    return n
