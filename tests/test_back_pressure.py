@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -70,6 +70,8 @@ class RawNode:
         while (m := await self.call.read()) is not grpc.aio.EOF:
             self.assignments += m.assignments
             self.refused += m.refused
+            if m.HasField("ping"):  # a node that reads answers pings (liveness), and acks only as told
+                await self.call.write(pb.NodeMessage(pong=pb.Pong(id=m.ping.id)))
 
     async def send(self, message: pb.NodeMessage) -> None:
         await self.call.write(message)
@@ -99,6 +101,18 @@ async def submit_many(stub: pb_grpc.SchedulerStub, count: int, tenants: int = 1,
     return out
 
 
+# A node that never reads cannot answer pings either: liveness would end its stream (tests/test_liveness.py).
+# Long pings keep such a stream connected, so what is tested with it is back-pressure alone.
+PATIENT = dict(ping_interval_ms=60_000, ping_timeout_ms=60_000, node_ttl_ms=200_000)
+
+
+@pytest.fixture
+async def patient(make_app: Any) -> AsyncIterator[tuple[App, grpc.aio.Channel]]:
+    app = await make_app(**PATIENT)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        yield app, channel
+
+
 @pytest.fixture
 async def ch(app: App) -> Any:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -106,11 +120,12 @@ async def ch(app: App) -> Any:
 
 
 async def test_a_stalled_node_cannot_make_any_job_fail_or_wait_past_its_ack_timeout(
-        app: App, ch: grpc.aio.Channel) -> None:
+        patient: tuple[App, grpc.aio.Channel]) -> None:
     """The issue's reproduction: a node registering max_concurrency 1024 that never reads its stream.
     It is handed one ack window of jobs, never more; each comes back once (ack_timeout, attempt given
     back) within the ack timeout plus a sweep; every job, of every tenant, succeeds on its first
     counted attempt although max_attempts is 1."""
+    app, ch = patient
     stub = pb_grpc.SchedulerStub(ch)
     stalled = await RawNode(stub, "stalled", 1024, reads=False).open()
     await until(lambda: listed(stub, "stalled"), what="the stalled node registered")
@@ -217,7 +232,8 @@ async def test_a_quarantined_stream_gets_work_again_once_it_acknowledges(
 
 
 async def test_a_quarantined_node_that_reconnects_gets_work_on_its_new_stream(
-        app: App, ch: grpc.aio.Channel) -> None:
+        patient: tuple[App, grpc.aio.Channel]) -> None:
+    app, ch = patient
     stub = pb_grpc.SchedulerStub(ch)
     stuck = await RawNode(stub, "stuck", 4, reads=False).open()
     (job_id,) = await submit_many(stub, 1, max_attempts=1)

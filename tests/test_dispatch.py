@@ -131,7 +131,7 @@ async def submit_at_once(app: App, redis: Any, specs: list[pb.JobSpec]) -> None:
     await app.store.scripts.load(redis, "submit_job")
     async with redis.pipeline(transaction=True) as pipe:
         for job in specs:
-            pipe.execute_command("EVALSHA", *app.store.scripts.args(app.store._submit_call(job)))
+            pipe.execute_command("EVALSHA", *app.store.scripts.args(app.store._submit_job(job).call()))
         await pipe.execute()
 
 
