@@ -9,10 +9,12 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 
+from . import keys
 from .store import Claim
+from .wire import queue_band
 
 MAX_AVOIDED = 256  # jobs remembered per consumer as keeping away from it (the oldest are forgotten)
-MAX_HINTS = 1024  # queued job ids remembered per pool (past it the oldest are forgotten, the queue peeked)
+MAX_HINTS = 1024  # queued job ids remembered per pool (past it they are forgotten, the queue peeked)
 
 
 def new_lease_token() -> str:
@@ -86,7 +88,9 @@ class LocalPool:
         self.ready: OrderedDict[Consumer, None] = OrderedDict()
         self.by_node: dict[str, Consumer] = {}  # node id -> its consumer here (a session's preferred node)
         self.count = 0  # local consumers of the pool
-        self.hints: dict[str, str] = {}  # job id -> its session's node ("": any): queued jobs heard of, oldest first
+        # Queued jobs heard of, oldest heard first: job id -> (its session's node, "" for any; its queue
+        # score, None while unknown). Paired in queue order (in_order()), not as heard.
+        self.hints: dict[str, tuple[str, float | None]] = {}
         self.held: dict[str, float] = {}  # job id -> until (ms): held back for its session's node (code -9)
         self.unknown = True  # the queue may hold jobs missing from `hints`: peek it
         self.marks = 0  # times `unknown` was set: a peek sent before the latest one cannot clear it
@@ -95,12 +99,35 @@ class LocalPool:
         self.unknown = True
         self.marks += 1
 
-    def hear(self, job_id: str, preferred: str = "") -> None:
-        """A queued job (bounded: past MAX_HINTS the oldest is forgotten and the queue is peeked again)."""
-        if job_id not in self.hints and len(self.hints) >= MAX_HINTS:
-            del self.hints[next(iter(self.hints))]
+    def hear(self, job_id: str, preferred: str = "", score: float | None = None) -> None:
+        """A queued job. Bounded: past MAX_HINTS (a burst) what was heard is forgotten and the queue is
+        peeked again, so the jobs kept are the queue's heads in its order, not the burst's newest."""
+        known = self.hints.get(job_id)
+        if known is None and len(self.hints) >= MAX_HINTS:
+            self.hints.clear()
             self.mark_unknown()
-        self.hints[job_id] = preferred or self.hints.get(job_id, "")
+        if known is not None:
+            preferred, score = preferred or known[0], known[1] if score is None else score
+        self.hints[job_id] = (preferred, score)
+
+    def in_order(self) -> list[tuple[str, str]]:
+        """The jobs heard of as (job id, preferred node), in the queue's order as far as known: highest
+        priority first, then the partitions in turn, each in its own (fair share) order, since a
+        queue score is a partition's own virtual time (server/wire.py). So a tenant's backlog heard
+        first does not go before another tenant's next job. Jobs of unknown score go last, as heard."""
+        by_tag: dict[str, list[tuple[float, str]]] = {}
+        unknown: list[str] = []
+        for job_id, (_, score) in self.hints.items():
+            if score is None:
+                unknown.append(job_id)
+            else:
+                by_tag.setdefault(keys.tag_of(job_id), []).append((score, job_id))
+        ranked: list[tuple[int, int, str]] = []
+        for found in by_tag.values():
+            found.sort()
+            ranked += [(queue_band(score), rank, job_id) for rank, (score, job_id) in enumerate(found)]
+        ranked.sort()
+        return [(job_id, self.hints[job_id][0]) for *_, job_id in ranked] + [(j, self.hints[j][0]) for j in unknown]
 
     def wanted(self, free: Callable[[Consumer], int]) -> bool:
         """Whether a consumer here wants work (those at the front that want none leave the turn)."""

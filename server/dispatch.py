@@ -431,12 +431,12 @@ class Dispatcher:
                     local.held.pop(job_id, None)
                 if local.marks == mark:
                     local.unknown = False
-            for job_id, _ in found:
-                local.hear(job_id)
+            for job_id, score in found:
+                local.hear(job_id, score=score)
 
     def _pair(self, pool: str, local: LocalPool, wants: dict[Consumer, int], sending: set[str],
               room: int, now_ms: float) -> list[Item]:
-        """Pair the pool's known jobs, oldest heard first, with its consumers that want work: a job
+        """Pair the pool's known jobs, in queue order (LocalPool.in_order), with its consumers that want work: a job
         goes to its session's node when that one is here with a free slot; otherwise to the next
         consumer in turn, each getting one before any gets a second (so a consumer with more free
         slots gets more only when there are more jobs than consumers). Held-back jobs wait for their
@@ -463,7 +463,7 @@ class Dispatcher:
                     return c
             return None
 
-        for job_id, preferred in list(local.hints.items()):
+        for job_id, preferred in local.in_order():
             if len(out) >= room:
                 self._due.add(pool)  # the rest next pass
                 self._kick.set()
@@ -507,8 +507,8 @@ class Dispatcher:
                     local.held[job_id] = claim.reserved_until
                     self._holding.add(pool)
                 if not isinstance(claim, Exception):
-                    for next_id in claim.candidates:
-                        local.hear(next_id)
+                    for next_id, score in zip(claim.candidates, claim.scores, strict=True):
+                        local.hear(next_id, score=score)
                     if len(claim.candidates) >= HINT_COUNT:
                         local.mark_unknown()  # more queued than the reply shows
             if not isinstance(claim, Exception) and claim.code == ScriptCode.APPLIED:
@@ -604,13 +604,13 @@ class Dispatcher:
         local = self.local.get(pool)
         if local is None:
             return  # no consumer of this pool here
-        job_id, preferred = wire.parse_wake(data)
         try:
+            job_id, preferred, score = wire.parse_wake(data)
             keys.tag_of(job_id)
         except ValueError:
             self._listen_errors("ignoring a wake-up no scheduler sent: %r", data)
             return
-        local.hear(job_id, preferred)
+        local.hear(job_id, preferred, score)
         self._due.add(pool)
         self._heard += 1
         self._kick.set()

@@ -142,7 +142,7 @@ def node(node_id: str) -> str:
     return f"{PREFIX}node:{{{node_id}}}"
 
 
-NODES = PREFIX + "nodes"  # ZSET node id -> last renewal (ms): the index ListNodes reads
+NODES = PREFIX + "nodes"  # ZSET node id -> when its stream connected (ms): the index ListNodes reads
 # ZSET instance id -> last sign of life (ms, Redis time): the live instances share the shards' sweeping.
 INSTANCES = PREFIX + "instances"
 

@@ -152,6 +152,7 @@ class Claim:
     meta: bytes = b""
     payload: bytes = b""
     reserved_until: int = 0
+    scores: tuple[float, ...] = ()  # the candidates' queue scores, in the same order
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,12 +381,13 @@ class Store:
                 out.append(r)
                 continue
             code = ScriptCode(r[0])
-            hints = [_s(j) for j in r[1]]
+            hints, scores = [_s(j) for j in r[1][::2]], tuple(float(s) for s in r[1][1::2])
             if code == ScriptCode.APPLIED:
-                out.append(Claim(job_id, code, hints, token, int(r[2]), int(r[3]), r[4] or b"", r[5] or b""))
+                out.append(Claim(job_id, code, hints, token, int(r[2]), int(r[3]), r[4] or b"", r[5] or b"",
+                                 scores=scores))
             else:
                 held = code in (ScriptCode.RESERVED, ScriptCode.AVOIDED)
-                out.append(Claim(job_id, code, hints, reserved_until=int(r[2]) if held else 0))
+                out.append(Claim(job_id, code, hints, reserved_until=int(r[2]) if held else 0, scores=scores))
         return out
 
     async def release(self, node_id: str, leases: list[Lease]) -> list[Changed | Exception]:

@@ -67,14 +67,17 @@ def parse_timer(member: str) -> Timer:
 WAKE_SEP = " "
 
 
-def wake(job_id: str, preferred_node: str = "") -> str:
-    """A wake-up: `job_id` was queued (and prefers `preferred_node`, when set)."""
-    return f"{job_id}{WAKE_SEP}{preferred_node}"
+def wake(job_id: str, preferred_node: str = "", score: float | None = None) -> str:
+    """A wake-up: `job_id` was queued (and prefers `preferred_node`, when set), at queue `score`, so a
+    dispatcher pairs what it heard of in queue order (priority, then tenants in turn), not as heard."""
+    return f"{job_id}{WAKE_SEP}{preferred_node}" + ("" if score is None else f"{WAKE_SEP}{score:.0f}")
 
 
-def parse_wake(data: str) -> tuple[str, str]:
-    job_id, _, preferred = data.partition(WAKE_SEP)
-    return job_id, preferred
+def parse_wake(data: str) -> tuple[str, str, float | None]:
+    """(job id, preferred node, queue score or None); ValueError for a score that is not a number."""
+    job_id, _, rest = data.partition(WAKE_SEP)
+    preferred, _, score = rest.partition(WAKE_SEP)
+    return job_id, preferred, float(score) if score else None
 
 
 # Messages to the instance holding a node's stream (on keys.node_channel(node_id)).

@@ -255,13 +255,14 @@ for _, event in ipairs(ARGV) do
   end
 end
 table.insert(out, lease_member("zh:en:{0}J", "tok") .. "|" .. deadline_member("J") .. "|" .. retry_member("J")
-  .. "|" .. wake_message("J", "n1"))
+  .. "|" .. wake_message("J", "n1", 4503599627370495))
 return out
 """
     rows = [r.decode() for r in await redis.eval(probe, 0, *[str(e) for e in Event])]
     members = rows.pop()
     assert members.split("|") == [wire.lease_timer("zh:en:{0}J", "tok"), wire.deadline_timer("J"),
-                                  wire.retry_timer("J"), wire.wake("J", "n1")]
+                                  wire.retry_timer("J"), wire.wake("J", "n1", 2.0 ** 52 - 1)]
+    assert wire.parse_wake(members.split("|")[-1]) == ("J", "n1", 2.0 ** 52 - 1)  # a queue score, exactly
     for row in rows:
         event, state, allowed, repeat, fixed = row.split("|")
         assert (allowed == "true") == (JobState(state) in sources_of(event)), row

@@ -751,7 +751,7 @@ async def test_an_idle_node_answers_pings_and_keeps_its_stream(app: Any, caplog:
             await asyncio.sleep(0.02)
         while session.pulse.ping_id < 6:
             assert time.monotonic() < deadline, "too few pings"
-            assert app.nodes.sessions.get("idle-1") is session and not session.pulse.dead.is_set()
+            assert app.nodes.sessions.get("idle-1") is session and not session.pulse.dead
             await asyncio.sleep(0.05)
         assert [n.node_id for n in await client.list_nodes()] == ["idle-1"]
         assert app.nodes.sessions.get("idle-1") is session and node.instance_id == app.settings.instance_id

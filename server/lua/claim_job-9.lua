@@ -22,7 +22,8 @@
     ARGV[7] avoid window, ms: how long a requeued job keeps away from the nodes it avoids
     ARGV[8] affinity time to live, ms: bindings older than this are deleted (a few per call)
 
-  Output: {code, next candidates, ...}
+  Output: {code, next candidates, ...}; the candidates are the queue's heads with their scores,
+  {id, score, id, score, ...} (the dispatcher pairs jobs in queue order)
     {1, candidates, attempt, lease deadline ms, meta, payload}  claimed (now, or by this token before)
     {-1, candidates}         job not found (its queue entry is dropped)
     {-2, candidates, state}  job not in a claimable state (its queue entry is dropped)
@@ -35,8 +36,8 @@ local queueKey, timersKey, affinityKey, affinityAtKey = KEYS[1], KEYS[2], KEYS[3
 local fsmKey, metaKey, payloadKey, eventsKey, fairKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
-local function heads()
-  return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[6]) - 1)
+local function heads()  -- the next candidates with their queue scores: {id, score, id, score, ...}
+  return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[6]) - 1, "WITHSCORES")
 end
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease")

@@ -33,5 +33,5 @@ if f[1] ~= S.queued then
 end
 rcall("ZADD", queueKey, f[2], jobId)
 rcall("ZREM", timersKey, member)
-rcall("PUBLISH", ARGV[2], wake_message(jobId, ""))
+rcall("PUBLISH", ARGV[2], wake_message(jobId, "", f[2]))
 return {1}

@@ -84,7 +84,7 @@ if backoff > 0 then
   rcall("ZADD", timersKey, now + backoff, retry_member(jobId))
 else
   rcall("ZADD", queueKey, f[6], jobId)
-  rcall("PUBLISH", ARGV[13], wake_message(jobId, ""))
+  rcall("PUBLISH", ARGV[13], wake_message(jobId, "", f[6]))
 end
 record_event(eventsKey, {s = dest, v = version, a = attempt, n = f[4], e = event, t = now,
   ec = ARGV[8], em = ARGV[9], er = ARGV[10]})

@@ -114,5 +114,5 @@ if ttl < 0 or now + ttl < deadline then
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 record_event(eventsKey, {s = state, v = 1, a = 0, n = "", e = E.submit, t = now})
-rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred))
+rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred, queueScore))
 return {1, jobId, state}
