@@ -112,7 +112,7 @@ class Quotas:
                 delay = int(reply[1]) / 1000
                 refused[tenant] = TenantRateLimited(
                     f"tenant {tenant} is over its submit_rate of {limits.submit_rate:g} jobs/s (burst "
-                    f"{limits.burst}): {len(groups[tenant])} more jobs fit in {delay:.3f} s", delay)
+                    f"{limits.burst}): a batch of {len(groups[tenant])} fits again in {delay:.3f} s", delay)
         return refused
 
     async def _existing(self, jobs: list[SubmitJob]) -> set[str]:

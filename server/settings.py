@@ -199,6 +199,8 @@ class Settings:
             raise ValueError("stream_outbox_max must be at least 1")
         if self.ack_window < 1:
             raise ValueError("ack_window must be at least 1")
+        if self.instance_heartbeat_ms < 1 or self.redis_pool_timeout_ms < 1:
+            raise ValueError("instance_heartbeat_ms and redis_pool_timeout_ms must be at least 1")
         if self.ping_interval_ms < 1 or self.ping_timeout_ms < 1:
             raise ValueError("ping_interval_ms and ping_timeout_ms must be above 0")
         if self.node_ttl_ms < self.node_listed_ms():
