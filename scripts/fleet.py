@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -326,6 +327,11 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=20.0, help="submits per second (0: as fast as possible)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds past the last planned submit (jobs/rate) the job phase may take")
+    # This process holds as many streams as the scheduler: its own full garbage collections would show
+    # up as dispatch latency (it timestamps the assignments), so it collects as the scheduler does.
+    from lingua_scheduler.server.main import GC_THRESHOLDS
+
+    gc.set_threshold(*GC_THRESHOLDS)
     return asyncio.run(main_task(p.parse_args()))
 
 
