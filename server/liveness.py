@@ -81,17 +81,22 @@ class Liveness:
         self._failing = 0  # renewals that failed in the last round
 
     async def check_forever(self, stopping: asyncio.Event) -> None:
-        # Finer than the renewal tick: the pings due go out a few at a time, not thousands at once.
+        # Each stream is checked once a liveness tick, as before, but the streams are taken a slice
+        # every CHECK_TICK_S: the loop is held ~1 ms at a time with 5,000 streams, not ~10 ms, and the
+        # pings due go out a few at a time, not thousands at once.
         tick = min(CHECK_TICK_S, self.settings.liveness_tick_ms() / 1000)
+        slices = max(1, round(self.settings.liveness_tick_ms() / 1000 / tick))
+        turn = 0
         while not await sleep_unless(stopping, tick):
-            self.check(time.monotonic())
+            self.check(time.monotonic(), list(self.streams())[turn % slices::slices])
+            turn += 1
 
-    def check(self, now: float) -> None:
-        """Ping the streams silent for ping_interval; mark dead those whose ping is unanswered after
-        ping_timeout."""
+    def check(self, now: float, streams: list[Stream] | None = None) -> None:
+        """Ping the streams (all, or `streams`) silent for ping_interval; end those whose ping is
+        unanswered after ping_timeout."""
         interval, timeout = self.settings.ping_interval_ms / 1000, self.settings.ping_timeout_ms / 1000
         sent_at: Timestamp | None = None
-        for stream in list(self.streams()):
+        for stream in list(self.streams()) if streams is None else streams:
             p = stream.pulse
             if p.dead:
                 continue
