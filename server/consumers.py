@@ -5,9 +5,10 @@ server/dispatch.py claims with them."""
 from __future__ import annotations
 
 import asyncio
+import heapq
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from . import keys
 from .store import Claim
@@ -76,6 +77,15 @@ class Consumer:
         self.hints.append(job_id)
 
 
+def in_turn(partitions: Iterable[list[tuple[str, float]]]) -> list[tuple[str, float]]:
+    """(job id, queue score) lists, each one partition's in its queue order, merged: highest priority
+    band first, then the partitions in turn. A score's pass is its partition's own virtual time
+    (server/wire.py), so passes of two partitions are never compared."""
+    ranked = heapq.merge(*([(queue_band(score), rank, job_id, score) for rank, (job_id, score) in enumerate(found)]
+                           for found in partitions))
+    return [(job_id, score) for _band, _rank, job_id, score in ranked]
+
+
 class LocalPool:
     """A pool as this instance dispatches it: its consumers waiting for work, in turn, and the queued
     jobs it has heard of. Exists while the pool has a local consumer."""
@@ -115,19 +125,15 @@ class LocalPool:
         priority first, then the partitions in turn, each in its own (fair share) order, since a
         queue score is a partition's own virtual time (server/wire.py). So a tenant's backlog heard
         first does not go before another tenant's next job. Jobs of unknown score go last, as heard."""
-        by_tag: dict[str, list[tuple[float, str]]] = {}
+        by_tag: dict[str, list[tuple[str, float]]] = {}
         unknown: list[str] = []
         for job_id, (_, score) in self.hints.items():
             if score is None:
                 unknown.append(job_id)
             else:
-                by_tag.setdefault(keys.tag_of(job_id), []).append((score, job_id))
-        ranked: list[tuple[int, int, str]] = []
-        for found in by_tag.values():
-            found.sort()
-            ranked += [(queue_band(score), rank, job_id) for rank, (score, job_id) in enumerate(found)]
-        ranked.sort()
-        return [(job_id, self.hints[job_id][0]) for *_, job_id in ranked] + [(j, self.hints[j][0]) for j in unknown]
+                by_tag.setdefault(keys.tag_of(job_id), []).append((job_id, score))
+        known = in_turn(sorted(found, key=lambda pair: (pair[1], pair[0])) for found in by_tag.values())
+        return [(job_id, self.hints[job_id][0]) for job_id in [j for j, _ in known] + unknown]
 
     def wanted(self, free: Callable[[Consumer], int]) -> bool:
         """Whether a consumer here wants work (those at the front that want none leave the turn)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import heapq
 import logging
 import random
 import time
@@ -30,7 +29,7 @@ from . import keys, wire
 # Consumer, MAX_AVOIDED and new_lease_token are re-exported: callers import them from here.
 from .consumers import MAX_AVOIDED as MAX_AVOIDED
 from .consumers import Consumer as Consumer
-from .consumers import LocalPool, pass_want
+from .consumers import LocalPool, in_turn, pass_want
 from .consumers import new_lease_token as new_lease_token
 from .errors import ScriptCode, StreamOverflow
 from .settings import Settings
@@ -254,7 +253,7 @@ class Dispatcher:
             if local is not None and local.marks == mark and not peeked[pool][0]:
                 local.unknown = False
         out: list[str] = []
-        for job_id, _score in heapq.merge(*(found for found, _ in peeked.values()), key=lambda pair: pair[1]):
+        for job_id, _score in in_turn(found for found, _ in peeked.values()):
             if consumer.avoids(job_id, now_ms):
                 continue
             out.append(job_id)
@@ -288,13 +287,8 @@ class Dispatcher:
         order. A pass is a partition's own virtual time, so passes of two partitions are not compared."""
         tags = {pool: self.store.tags_of_pool(pool) for pool in pools}
         peeked = await self.store.peek([t for ts in tags.values() for t in ts], count)
-
-        def merged(ts: list[str]) -> list[tuple[str, float]]:
-            ranked = heapq.merge(*([(wire.queue_band(score), rank, job_id, score)
-                                    for rank, (job_id, score) in enumerate(peeked[t])] for t in ts))
-            return [(job_id, score) for _band, _rank, job_id, score in ranked]
-
-        return {pool: (merged(ts), all(len(peeked[t]) < count for t in ts)) for pool, ts in tags.items()}
+        return {pool: (in_turn(peeked[t] for t in ts), all(len(peeked[t]) < count for t in ts))
+                for pool, ts in tags.items()}
 
     async def _send(self, items: list[Item], now_ms: float) -> list[Claim | Exception]:
         """One pipelined round trip of claims. Each is in its consumer's `pending` until its reply is
