@@ -40,3 +40,20 @@ async def all_keys(redis: Any, pattern: str = "*") -> list[bytes]:
     if hasattr(redis, "get_primaries"):
         return sorted(await redis.keys(pattern, target_nodes=redis.get_primaries()))
     return sorted(await redis.keys(pattern))
+
+
+async def until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll `predicate` (sync or async) until it holds, for state no event announces; fail after
+    `timeout` seconds naming `what`."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout} s"
+        await asyncio.sleep(0.01)

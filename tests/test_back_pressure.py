@@ -10,38 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from conftest import AppFactory
 from google.protobuf.duration_pb2 import Duration
-from helpers import pair, spec, watch_until
+from helpers import pair, spec, until, watch_until
 from lingua_scheduler.server.app import App
 from lingua_sdk import pb, pb_grpc
 from simnode import Behaviour, SimNode
 
 ACK_TIMEOUT_MS = 1_000  # tests/conftest.py FAST
 SWEEP_MS = 50
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll `predicate` (sync or async) until it holds; fail after `timeout` seconds."""
-
-    async def loop() -> None:
-        while True:
-            got = predicate()
-            if asyncio.iscoroutine(got):
-                got = await got
-            if got:
-                return
-            await asyncio.sleep(0.02)
-
-    try:
-        await asyncio.wait_for(loop(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"{what} did not hold within {timeout} s") from None
 
 
 class RawNode:

@@ -9,14 +9,14 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from conftest import AppFactory
 from google.protobuf.duration_pb2 import Duration
-from helpers import pair, spec
+from helpers import pair, spec, until
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
 from lingua_scheduler.server.dispatch import Consumer, new_lease_token
@@ -27,14 +27,6 @@ from lingua_sdk import pb, pb_grpc
 from simnode import Behaviour, SimNode
 
 HOLD = Behaviour(processing_s=lambda: 600.0)  # a node that keeps its jobs (acks, heartbeats, no result)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll a condition that no event announces (the dispatcher's own state), with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

@@ -4,8 +4,6 @@ after 0.5 s of silence and end a stream 1.5 s after an unanswered ping."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import grpc
@@ -25,14 +23,6 @@ from simnode import Behaviour, SimNode
 
 async def listed(stub: pb_grpc.SchedulerStub) -> list[str]:
     return sorted(n.node_id for n in (await stub.ListNodes(pb.ListNodesRequest())).nodes)
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll `predicate` (sync or async) until true, failing after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (await r if asyncio.iscoroutine(r := predicate()) else r):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_node_that_stops_answering_pings_is_dropped_and_its_job_finished_elsewhere(

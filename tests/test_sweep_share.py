@@ -4,24 +4,16 @@ is empty, and the live instances split the shards between them."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import all_keys, spec
+from helpers import all_keys, spec, until
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.dispatch import Dispatcher
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def commands(redis: Any) -> int:
