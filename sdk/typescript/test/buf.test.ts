@@ -20,7 +20,10 @@ function buf(args: string[]): { status: number | null; output: string } {
 
 /** buf breaking of `dir` against the released v1 protos in this repository's git history. */
 function breaking(dir: string) {
-  const r = buf(["breaking", dir, "--against", `.git#ref=${RELEASED_V1},subdir=protos`]);
+  // buf clones the ref with a depth of 50 commits unless told: the release is further back than that.
+  const since = spawnSync("git", ["rev-list", "--count", `${RELEASED_V1}..HEAD`], { cwd: REPO_DIR, encoding: "utf8" });
+  const depth = Number(since.stdout.trim()) + 1 || 50;
+  const r = buf(["breaking", dir, "--against", `.git#ref=${RELEASED_V1},depth=${depth},subdir=protos`]);
   if (/not a git repository|unknown revision|couldn't find remote ref|did not match/i.test(r.output)) {
     assert.fail(`buf breaking needs the git history down to ${RELEASED_V1} (a full clone): ${r.output}`);
   }
