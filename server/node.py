@@ -401,9 +401,11 @@ class NodeSessions:
         session.writer = task  # only while writing: a cancel must never cut a Redis call halfway
         try:
             while not (session.overflowed or session.pulse.dead) and (message := await session.next_message()) is not None:
-                await context.write(message)
+                # Taken from the outbox: maybe sent from here on, even if the write is cut (the node
+                # may have it and come back holding it), so only what never left the outbox is unsent.
                 for a in message.assignments:
                     session.unsent.discard(a.job_id)
+                await context.write(message)
         except asyncio.CancelledError:
             if not (session.overflowed or session.pulse.dead) or task is None:
                 raise
