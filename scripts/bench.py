@@ -226,7 +226,8 @@ class Lifecycle:
 
 def start_scheduler(redis_url: str, profile: Path | None, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
     prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
-    proc = subprocess.Popen([*prefix, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([*prefix, "-m", "lingua_scheduler.server",
+            "--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
                              "--redis-url", redis_url, *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()

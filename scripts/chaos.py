@@ -172,7 +172,8 @@ class Chaos:
 
     async def start_instance(self, port: int) -> Instance:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lingua_scheduler.server", "--listen", f"127.0.0.1:{port}", *self.redis_flags(),
+            sys.executable, "-m", "lingua_scheduler.server",
+            "--http-listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{port}", *self.redis_flags(),
             *FAST_FLAGS, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()

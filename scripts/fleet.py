@@ -50,7 +50,8 @@ from simulated import SimulatedNode
 def spawn_scheduler(redis_url: str, extra: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """One scheduler process on a loopback port; its log goes to `log` (warnings are counted)."""
     with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0",
+        proc = subprocess.Popen([sys.executable, "-m", "lingua_scheduler.server",
+            "--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
                                  "--redis-url", redis_url, *extra], stdout=subprocess.PIPE, stderr=err)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()

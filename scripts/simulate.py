@@ -62,7 +62,8 @@ def spawn_schedulers(count: int, redis_url: str, extra: list[str]) -> list[tuple
     procs = []
     for _ in range(count):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--redis-url", redis_url,
+            [sys.executable, "-m", "lingua_scheduler.server",
+            "--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--redis-url", redis_url,
              *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()

@@ -14,6 +14,7 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from lingua_sdk import pb
+from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,6 +23,7 @@ from redis.exceptions import NoPermissionError
 from . import keys, reflection
 from .auth import AuthInterceptor, Verifier, open_context
 from .dispatch import Dispatcher
+from .http import HttpServer
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
 from .settings import Settings, is_local
@@ -258,6 +260,7 @@ class App:
     health: health.aio.HealthServicer  # type: ignore[name-defined]
     certificates: ServerCertificates | None = None  # with TLS: the files, re-read on change or reload()
     auth: Verifier | None = None  # None: no authentication
+    http: HttpServer | None = None  # the operations HTTP port (--http-listen); None when off
 
     def reload(self) -> None:
         """SIGHUP: re-read the files named by flags: TLS certificates (new connections get them; open ones
@@ -291,6 +294,8 @@ class App:
         await self.dispatcher.start()
         self.store.quotas.start()
         await self.nodes.start()
+        if self.http is not None:  # before gRPC: a port that cannot be bound stops the start cleanly
+            await self.http.start()
         if self.auth is None:  # every RPC's caller is AUTH_OFF (grpc.aio's tasks inherit the context)
             await asyncio.get_running_loop().create_task(self.server.start(), context=open_context())
         else:  # the interceptor sets each RPC's caller; none set is no one (server/auth.py)
@@ -305,6 +310,7 @@ class App:
         await self.nodes.drain_all(grace)
         for name, step, limit in (
             ("grpc server", self.server.stop(0), 5.0),
+            ("http server", self.http.stop() if self.http is not None else asyncio.sleep(0), 5),
             ("node sessions", self.nodes.stop(), 5),
             ("dispatcher", self.dispatcher.stop(), 5),
             ("quotas", self.store.quotas.stop(), 5),
@@ -354,4 +360,5 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         else server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
-    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier)
+    http = HttpServer(settings.http_listen, CollectorRegistry()) if settings.http_listen else None
+    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier, http)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from .app import PartitionsMismatch, check_redis, close_redis, create_server
 from .auth import AuthKeyError
 from .embedded import DataDirInUse, EmbeddedRedis
+from .http import HttpListenError
 from .settings import Settings
 from .tenants import TenantConfigError
 from .tenants import load as load_tenants
@@ -49,6 +50,9 @@ async def serve(settings: Settings) -> None:
     log.info("listening on %s, port %d (instance %s, redis %s): %s", settings.listen, app.port, settings.instance_id,
              _redacted(settings.redis_cluster or settings.redis_sentinel or settings.redis_url), app.describe())
     print(f"lingua-scheduler listening on {settings.listen.rsplit(':', 1)[0]}:{app.port}", flush=True)
+    if app.http is not None:
+        log.info("operations HTTP port: http://%s:%d/ (dashboard), /metrics (Prometheus)", app.http.host, app.http.port)
+        print(f"lingua-scheduler http on {app.http.host}:{app.http.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -109,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
-    except (PartitionsMismatch, CertificateError) as err:
+    except (PartitionsMismatch, CertificateError, HttpListenError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 1
     except (AuthKeyError, TenantConfigError) as err:

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from ..fsm import TERMINAL, JobState
 from . import auth, keys, validate
+from .admin import Admin
 from .dispatch import Consumer, Dispatcher
 from .errors import (
     DOMAIN,
@@ -177,6 +178,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.dispatcher = dispatcher
         self.settings = settings
         self.nodes = nodes  # server.node.NodeSessions, set by the app
+        self.admin = Admin(store, settings, nodes)
 
     @handled
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
@@ -313,6 +315,36 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         if self.nodes is None:
             return pb.ListNodesResponse()
         return pb.ListNodesResponse(nodes=await self.nodes.list_nodes())
+
+    # -- administration (admin role: server/auth.py RULES leaves these to it) -------------------------
+
+    @handled
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        return await self.admin.list_jobs(request)
+
+    @handled
+    async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
+        return await self.admin.get_stats(request)
+
+    @handled
+    async def RetryJob(self, request: pb.RetryJobRequest, context: Any) -> pb.Job:
+        return await self.admin.retry_job(request)
+
+    @handled
+    async def CancelSession(self, request: pb.CancelSessionRequest, context: Any) -> pb.CancelSessionResponse:
+        return await self.admin.cancel_session(request)
+
+    @handled
+    async def PausePool(self, request: pb.PausePoolRequest, context: Any) -> pb.PoolState:
+        return await self.admin.pause_pool(request)
+
+    @handled
+    async def ResumePool(self, request: pb.ResumePoolRequest, context: Any) -> pb.PoolState:
+        return await self.admin.resume_pool(request)
+
+    @handled
+    async def DrainNode(self, request: pb.DrainNodeRequest, context: Any) -> pb.NodeInfo:
+        return await self.admin.drain_node(request)
 
 
 # -- registration: request bytes that do not decode ----------------------------------------------

@@ -136,6 +136,12 @@ class Settings:
     # file (server/tenants.py, docs/deployment.md), read at start and again on SIGHUP. Empty: every
     # tenant weighs 1 and has no limit (and Submit costs no extra round trip).
     tenants: str = ""
+    # The operations HTTP port (server/http.py): Prometheus metrics at /metrics, the live dashboard at
+    # /. "host:port" (port 0 picks a free one); empty turns it off. Loopback by default: see
+    # docs/operations.md before exposing it.
+    http_listen: str = "127.0.0.1:8081"
+    # Log lines as "text" (human-readable) or "json" (one object per line, for log shippers).
+    log_format: str = "text"
 
     def allowed_pools(self) -> frozenset[str] | None:
         """The --pools allow-list, or None when every pair is allowed."""
@@ -211,6 +217,12 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:
                 raise ValueError(f"{f.name} must not be negative")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.http_listen:
+            from .http import split_listen
+
+            split_listen(self.http_listen)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

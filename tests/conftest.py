@@ -7,6 +7,7 @@ folder) and only those are flushed.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -24,12 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # s
 
 from redis_cluster import LocalCluster
 
+# Schedulers the tests start as processes: an operations HTTP port on a free port, never 8081.
+os.environ.setdefault("LINGUA_HTTP_LISTEN", "127.0.0.1:0")
+
 # Short timings so lease, grace and backoff paths run in well under a second.
 FAST = dict(
     partitions=2, ack_timeout_ms=1_000, heartbeat_interval_ms=150, lease_ms=1_000, stream_grace_ms=300,
     backoff_base_ms=50, backoff_max_ms=200, affinity_wait_ms=300, poll_interval_ms=100,
     sweep_interval_ms=50, node_ttl_ms=3_000, shutdown_grace_s=0.5, avoid_ms=300,
     ping_interval_ms=500, ping_timeout_ms=1_500,
+    http_listen="",  # no operations HTTP port unless a test asks for one (127.0.0.1:0)
 )
 
 

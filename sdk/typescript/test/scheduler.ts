@@ -37,7 +37,7 @@ export interface RunningScheduler {
 /** Starts a scheduler and resolves once it printed its listening line. */
 export async function startScheduler(flags: string[] = TEST_FLAGS): Promise<RunningScheduler> {
   const dataDir = mkdtempSync(join(tmpdir(), "lingua-ts-"));
-  const child = spawn(python(), ["-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--data-dir", dataDir, ...flags],
+  const child = spawn(python(), ["-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir", dataDir, ...flags],
     { stdio: ["ignore", "pipe", "pipe"], cwd: REPO_DIR });
   let stderr = "";
   child.stderr!.setEncoding("utf8").on("data", (chunk: string) => (stderr = (stderr + chunk).slice(-20_000)));

@@ -31,7 +31,14 @@ JOB_STATE_CANCELLED: JobState
 JOB_STATE_EXPIRED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "utterance_index", "src_lang", "tgt_lang", "trace_id", "priority", "deadline", "max_attempts", "idempotency_key", "payload", "payload_ref", "execution_timeout")
+    __slots__ = ("tenant_id", "session_id", "utterance_index", "src_lang", "tgt_lang", "trace_id", "priority", "deadline", "max_attempts", "idempotency_key", "payload", "payload_ref", "execution_timeout", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +52,7 @@ class JobSpec(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_REF_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     utterance_index: int
@@ -58,7 +66,8 @@ class JobSpec(_message.Message):
     payload: bytes
     payload_ref: str
     execution_timeout: _duration_pb2.Duration
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., utterance_index: _Optional[int] = ..., src_lang: _Optional[str] = ..., tgt_lang: _Optional[str] = ..., trace_id: _Optional[str] = ..., priority: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., payload: _Optional[bytes] = ..., payload_ref: _Optional[str] = ..., execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., utterance_index: _Optional[int] = ..., src_lang: _Optional[str] = ..., tgt_lang: _Optional[str] = ..., trace_id: _Optional[str] = ..., priority: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., payload: _Optional[bytes] = ..., payload_ref: _Optional[str] = ..., execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JobResult(_message.Message):
     __slots__ = ("text_asr", "text_translated", "tts_audio", "tts_audio_ref", "tts_format", "extra")
@@ -458,3 +467,133 @@ class NodeInfo(_message.Message):
     draining: bool
     quarantined: bool
     def __init__(self, node_id: _Optional[str] = ..., pools: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., in_flight: _Optional[int] = ..., instance_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., quarantined: _Optional[bool] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("pool", "state", "tenant_id", "session_id", "page_size", "page_token")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    state: JobState
+    tenant_id: str
+    session_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, pool: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    def __init__(self, pool: _Optional[str] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("pools", "as_of")
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStats]
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class StateCount(_message.Message):
+    __slots__ = ("state", "count")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    state: JobState
+    count: int
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class PoolStats(_message.Message):
+    __slots__ = ("pool", "jobs", "nodes", "capacity", "in_flight", "submitted_per_second", "finished_per_second", "paused", "oldest_queued_age")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_QUEUED_AGE_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    jobs: _containers.RepeatedCompositeFieldContainer[StateCount]
+    nodes: int
+    capacity: int
+    in_flight: int
+    submitted_per_second: float
+    finished_per_second: float
+    paused: bool
+    oldest_queued_age: _duration_pb2.Duration
+    def __init__(self, pool: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[StateCount, _Mapping]]] = ..., nodes: _Optional[int] = ..., capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., submitted_per_second: _Optional[float] = ..., finished_per_second: _Optional[float] = ..., paused: _Optional[bool] = ..., oldest_queued_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class RetryJobRequest(_message.Message):
+    __slots__ = ("job_id", "reason", "deadline", "max_attempts")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    deadline: _timestamp_pb2.Timestamp
+    max_attempts: int
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ...) -> None: ...
+
+class CancelSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "reason")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    reason: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelSessionResponse(_message.Message):
+    __slots__ = ("cancelled_job_ids", "already_finished")
+    CANCELLED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    cancelled_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    already_finished: int
+    def __init__(self, cancelled_job_ids: _Optional[_Iterable[str]] = ..., already_finished: _Optional[int] = ...) -> None: ...
+
+class PausePoolRequest(_message.Message):
+    __slots__ = ("pool", "reason")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    reason: str
+    def __init__(self, pool: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResumePoolRequest(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    def __init__(self, pool: _Optional[str] = ...) -> None: ...
+
+class PoolState(_message.Message):
+    __slots__ = ("pool", "paused", "reason", "paused_at")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    paused: bool
+    reason: str
+    paused_at: _timestamp_pb2.Timestamp
+    def __init__(self, pool: _Optional[str] = ..., paused: _Optional[bool] = ..., reason: _Optional[str] = ..., paused_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class DrainNodeRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...

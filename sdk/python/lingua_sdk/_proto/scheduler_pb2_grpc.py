@@ -87,6 +87,41 @@ class SchedulerStub:
                 request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/lingua.scheduler.v1.Scheduler/ListJobs',
+                request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/lingua.scheduler.v1.Scheduler/GetStats',
+                request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/lingua.scheduler.v1.Scheduler/RetryJob',
+                request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelSession = channel.unary_unary(
+                '/lingua.scheduler.v1.Scheduler/CancelSession',
+                request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.CancelSessionRequest.SerializeToString,
+                response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.CancelSessionResponse.FromString,
+                _registered_method=True)
+        self.PausePool = channel.unary_unary(
+                '/lingua.scheduler.v1.Scheduler/PausePool',
+                request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PausePoolRequest.SerializeToString,
+                response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PoolState.FromString,
+                _registered_method=True)
+        self.ResumePool = channel.unary_unary(
+                '/lingua.scheduler.v1.Scheduler/ResumePool',
+                request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ResumePoolRequest.SerializeToString,
+                response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PoolState.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/lingua.scheduler.v1.Scheduler/DrainNode',
+                request_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeInfo.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -185,6 +220,64 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """Administration: the admin role only (docs/security.md, docs/operations.md). Every change goes
+        through the state machine and the compare-and-set scripts like any other.
+
+        Lists jobs, newest first, filtered by pool, state, tenant and session; cursor paging. Reads
+        indexes kept with the jobs (same retention), never the whole keyspace. Payloads are omitted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Per pool: jobs by state, nodes, capacity, in-flight, rates, paused. Counted in Redis, so the
+        figures are the same whichever instance answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryJob(self, request, context):
+        """Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
+        state is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSession(self, request, context):
+        """Cancels every unfinished job of one session in one call (a speaker hung up). Finished jobs are
+        left as they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PausePool(self, request, context):
+        """Stops dispatching a pool: submits still queue, nothing is assigned until ResumePool. Jobs already
+        assigned or running go on. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumePool(self, request, context):
+        """Dispatches a paused pool again. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Drains one node, on whichever instance holds its stream: it finishes what it holds and gets
+        nothing new. NOT_FOUND when no such node is registered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +330,41 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesRequest.FromString,
                     response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListJobsRequest.FromString,
+                    response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatsRequest.FromString,
+                    response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.RetryJobRequest.FromString,
+                    response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.Job.SerializeToString,
+            ),
+            'CancelSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSession,
+                    request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.CancelSessionRequest.FromString,
+                    response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.CancelSessionResponse.SerializeToString,
+            ),
+            'PausePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.PausePool,
+                    request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PausePoolRequest.FromString,
+                    response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PoolState.SerializeToString,
+            ),
+            'ResumePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumePool,
+                    request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ResumePoolRequest.FromString,
+                    response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PoolState.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.DrainNodeRequest.FromString,
+                    response_serializer=lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -512,6 +640,195 @@ class Scheduler:
             '/lingua.scheduler.v1.Scheduler/ListNodes',
             lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesRequest.SerializeToString,
             lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lingua.scheduler.v1.Scheduler/ListJobs',
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lingua.scheduler.v1.Scheduler/GetStats',
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatsRequest.SerializeToString,
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lingua.scheduler.v1.Scheduler/RetryJob',
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.RetryJobRequest.SerializeToString,
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lingua.scheduler.v1.Scheduler/CancelSession',
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.CancelSessionRequest.SerializeToString,
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.CancelSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PausePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lingua.scheduler.v1.Scheduler/PausePool',
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PausePoolRequest.SerializeToString,
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PoolState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lingua.scheduler.v1.Scheduler/ResumePool',
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.ResumePoolRequest.SerializeToString,
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.PoolState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lingua.scheduler.v1.Scheduler/DrainNode',
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.DrainNodeRequest.SerializeToString,
+            lingua_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,35 @@ class SchedulerStub:
     proved them alive recently (a message, or an answered ping; see Ping), so a node whose
     connection went half-dead, or whose scheduler instance died, drops out within seconds.
     """
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListJobsRequest, _scheduler_pb2.ListJobsResponse]
+    """Administration: the admin role only (docs/security.md, docs/operations.md). Every change goes
+    through the state machine and the compare-and-set scripts like any other.
+
+    Lists jobs, newest first, filtered by pool, state, tenant and session; cursor paging. Reads
+    indexes kept with the jobs (same retention), never the whole keyspace. Payloads are omitted.
+    """
+    GetStats: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetStatsRequest, _scheduler_pb2.GetStatsResponse]
+    """Per pool: jobs by state, nodes, capacity, in-flight, rates, paused. Counted in Redis, so the
+    figures are the same whichever instance answers.
+    """
+    RetryJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RetryJobRequest, _scheduler_pb2.Job]
+    """Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
+    state is FAILED_PRECONDITION.
+    """
+    CancelSession: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelSessionRequest, _scheduler_pb2.CancelSessionResponse]
+    """Cancels every unfinished job of one session in one call (a speaker hung up). Finished jobs are
+    left as they are.
+    """
+    PausePool: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.PausePoolRequest, _scheduler_pb2.PoolState]
+    """Stops dispatching a pool: submits still queue, nothing is assigned until ResumePool. Jobs already
+    assigned or running go on. Idempotent.
+    """
+    ResumePool: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ResumePoolRequest, _scheduler_pb2.PoolState]
+    """Dispatches a paused pool again. Idempotent."""
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DrainNodeRequest, _scheduler_pb2.NodeInfo]
+    """Drains one node, on whichever instance holds its stream: it finishes what it holds and gets
+    nothing new. NOT_FOUND when no such node is registered.
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -145,6 +174,35 @@ class SchedulerAsyncStub(SchedulerStub):
     """Lists the nodes currently registered, with their capabilities and load: only nodes whose stream
     proved them alive recently (a message, or an answered ping; see Ping), so a node whose
     connection went half-dead, or whose scheduler instance died, drops out within seconds.
+    """
+    ListJobs: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListJobsRequest, _scheduler_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """Administration: the admin role only (docs/security.md, docs/operations.md). Every change goes
+    through the state machine and the compare-and-set scripts like any other.
+
+    Lists jobs, newest first, filtered by pool, state, tenant and session; cursor paging. Reads
+    indexes kept with the jobs (same retention), never the whole keyspace. Payloads are omitted.
+    """
+    GetStats: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetStatsRequest, _scheduler_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """Per pool: jobs by state, nodes, capacity, in-flight, rates, paused. Counted in Redis, so the
+    figures are the same whichever instance answers.
+    """
+    RetryJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RetryJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
+    """Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
+    state is FAILED_PRECONDITION.
+    """
+    CancelSession: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelSessionRequest, _scheduler_pb2.CancelSessionResponse]  # type: ignore[assignment]
+    """Cancels every unfinished job of one session in one call (a speaker hung up). Finished jobs are
+    left as they are.
+    """
+    PausePool: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.PausePoolRequest, _scheduler_pb2.PoolState]  # type: ignore[assignment]
+    """Stops dispatching a pool: submits still queue, nothing is assigned until ResumePool. Jobs already
+    assigned or running go on. Idempotent.
+    """
+    ResumePool: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ResumePoolRequest, _scheduler_pb2.PoolState]  # type: ignore[assignment]
+    """Dispatches a paused pool again. Idempotent."""
+    DrainNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainNodeRequest, _scheduler_pb2.NodeInfo]  # type: ignore[assignment]
+    """Drains one node, on whichever instance holds its stream: it finishes what it holds and gets
+    nothing new. NOT_FOUND when no such node is registered.
     """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
@@ -259,6 +317,77 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         """Lists the nodes currently registered, with their capabilities and load: only nodes whose stream
         proved them alive recently (a message, or an answered ping; see Ping), so a node whose
         connection went half-dead, or whose scheduler instance died, drops out within seconds.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _scheduler_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListJobsResponse, _abc.Awaitable[_scheduler_pb2.ListJobsResponse]]:
+        """Administration: the admin role only (docs/security.md, docs/operations.md). Every change goes
+        through the state machine and the compare-and-set scripts like any other.
+
+        Lists jobs, newest first, filtered by pool, state, tenant and session; cursor paging. Reads
+        indexes kept with the jobs (same retention), never the whole keyspace. Payloads are omitted.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _scheduler_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.GetStatsResponse, _abc.Awaitable[_scheduler_pb2.GetStatsResponse]]:
+        """Per pool: jobs by state, nodes, capacity, in-flight, rates, paused. Counted in Redis, so the
+        figures are the same whichever instance answers.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryJob(
+        self,
+        request: _scheduler_pb2.RetryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Job, _abc.Awaitable[_scheduler_pb2.Job]]:
+        """Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
+        state is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelSession(
+        self,
+        request: _scheduler_pb2.CancelSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.CancelSessionResponse, _abc.Awaitable[_scheduler_pb2.CancelSessionResponse]]:
+        """Cancels every unfinished job of one session in one call (a speaker hung up). Finished jobs are
+        left as they are.
+        """
+
+    @_abc_1.abstractmethod
+    def PausePool(
+        self,
+        request: _scheduler_pb2.PausePoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.PoolState, _abc.Awaitable[_scheduler_pb2.PoolState]]:
+        """Stops dispatching a pool: submits still queue, nothing is assigned until ResumePool. Jobs already
+        assigned or running go on. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumePool(
+        self,
+        request: _scheduler_pb2.ResumePoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.PoolState, _abc.Awaitable[_scheduler_pb2.PoolState]]:
+        """Dispatches a paused pool again. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _scheduler_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.NodeInfo, _abc.Awaitable[_scheduler_pb2.NodeInfo]]:
+        """Drains one node, on whichever instance holds its stream: it finishes what it holds and gets
+        nothing new. NOT_FOUND when no such node is registered.
         """
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lingua/scheduler/v1/scheduler.proto.
  */
 export const file_lingua_scheduler_v1_scheduler: GenFile = /*@__PURE__*/
-  fileDesc("CiNsaW5ndWEvc2NoZWR1bGVyL3YxL3NjaGVkdWxlci5wcm90bxITbGluZ3VhLnNjaGVkdWxlci52MSLKAgoHSm9iU3BlYxIRCgl0ZW5hbnRfaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIXCg91dHRlcmFuY2VfaW5kZXgYAyABKAMSEAoIc3JjX2xhbmcYBCABKAkSEAoIdGd0X2xhbmcYBSABKAkSEAoIdHJhY2VfaWQYBiABKAkSEAoIcHJpb3JpdHkYByABKAUSLAoIZGVhZGxpbmUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDG1heF9hdHRlbXB0cxgJIAEoBRIXCg9pZGVtcG90ZW5jeV9rZXkYCiABKAkSDwoHcGF5bG9hZBgLIAEoDBITCgtwYXlsb2FkX3JlZhgMIAEoCRI0ChFleGVjdXRpb25fdGltZW91dBgNIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLcAQoJSm9iUmVzdWx0EhAKCHRleHRfYXNyGAEgASgJEhcKD3RleHRfdHJhbnNsYXRlZBgCIAEoCRIRCgl0dHNfYXVkaW8YAyABKAwSFQoNdHRzX2F1ZGlvX3JlZhgEIAEoCRISCgp0dHNfZm9ybWF0GAUgASgJEjgKBWV4dHJhGAYgAygLMikubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JSZXN1bHQuRXh0cmFFbnRyeRosCgpFeHRyYUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPAoISm9iRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhEKCXJldHJ5YWJsZRgDIAEoCCKvAwoDSm9iEg4KBmpvYl9pZBgBIAEoCRIqCgRzcGVjGAIgASgLMhwubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTcGVjEiwKBXN0YXRlGAMgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZRIPCgd2ZXJzaW9uGAQgASgDEg8KB2F0dGVtcHQYBSABKAUSDwoHbm9kZV9pZBgGIAEoCRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sZWFzZV9kZWFkbGluZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoKbGFzdF9lcnJvchgKIAEoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iRXJyb3ISLgoGcmVzdWx0GAsgASgLMh4ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JSZXN1bHQSFAoMbWF4X2F0dGVtcHRzGAwgASgFIjsKDVN1Ym1pdFJlcXVlc3QSKgoEam9icxgBIAMoCzIcLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3BlYyJECg5TdWJtaXRSZXNwb25zZRIyCgdyZXN1bHRzGAEgAygLMiEubGluZ3VhLnNjaGVkdWxlci52MS5TdWJtaXRSZXN1bHQiXQoMU3VibWl0UmVzdWx0Eg4KBmpvYl9pZBgBIAEoCRIPCgdjcmVhdGVkGAIgASgIEiwKBXN0YXRlGAMgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZSI4Cg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIXCg9pbmNsdWRlX3BheWxvYWQYAiABKAgiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSLgAQoISm9iRXZlbnQSDgoGam9iX2lkGAEgASgJEiwKBXN0YXRlGAIgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZRIPCgd2ZXJzaW9uGAMgASgDEg8KB2F0dGVtcHQYBCABKAUSDwoHbm9kZV9pZBgFIAEoCRImCgJhdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFZXZlbnQYByABKAkSLAoFZXJyb3IYCCABKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkVycm9yImIKE1dhdGNoU2Vzc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEgoKZnJvbV9pbmRleBgDIAEoAxIQCgh0Z3RfbGFuZxgEIAEoCSJMCgxTZXNzaW9uRXZlbnQSJgoEam9icxgBIAMoCzIYLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iEhQKDHJlc3VtZV9pbmRleBgCIAEoAyIyChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiMgoMTGFuZ3VhZ2VQYWlyEhAKCHNyY19sYW5nGAEgASgJEhAKCHRndF9sYW5nGAIgASgJIo0BCg1Bc3NpZ25SZXF1ZXN0Eg8KB25vZGVfaWQYASABKAkSMAoFcGFpcnMYAiADKAsyIS5saW5ndWEuc2NoZWR1bGVyLnYxLkxhbmd1YWdlUGFpchIQCghtYXhfam9icxgDIAEoBRInCgR3YWl0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqIBCgpBc3NpZ25tZW50Eg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEioKBHNwZWMYAyABKAsyHC5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlNwZWMSMgoObGVhc2VfZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2xlYXNlX3Rva2VuGAUgASgJIkYKDkFzc2lnblJlc3BvbnNlEjQKC2Fzc2lnbm1lbnRzGAEgAygLMh8ubGluZ3VhLnNjaGVkdWxlci52MS5Bc3NpZ25tZW50IkAKCEpvYkxlYXNlEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEhMKC2xlYXNlX3Rva2VuGAMgASgJIlIKEEhlYXJ0YmVhdFJlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCRItCgZsZWFzZXMYAiADKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkxlYXNlIkUKEUhlYXJ0YmVhdFJlc3BvbnNlEjAKBmxlYXNlcxgBIAMoCzIgLmxpbmd1YS5zY2hlZHVsZXIudjEuTGVhc2VTdGF0dXMi2wEKC0xlYXNlU3RhdHVzEg4KBmpvYl9pZBgBIAEoCRIKCgJvaxgCIAEoCBIsCgVzdGF0ZRgDIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUSMgoObGVhc2VfZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmVycm9yX2NvZGUYBSABKAkSFQoNZXJyb3JfbWVzc2FnZRgGIAEoCRITCgtsZWFzZV90b2tlbhgHIAEoCRIOCgZyZWFzb24YCCABKAkixQEKD0NvbXBsZXRlUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIPCgdub2RlX2lkGAMgASgJEjAKBnJlc3VsdBgEIAEoCzIeLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iUmVzdWx0SAASLgoFZXJyb3IYBSABKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkVycm9ySAASEwoLbGVhc2VfdG9rZW4YBiABKAlCCQoHb3V0Y29tZSJRChBDb21wbGV0ZVJlc3BvbnNlEiwKBXN0YXRlGAEgASgOMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTdGF0ZRIPCgd2ZXJzaW9uGAIgASgDIrcCCghSZWdpc3RlchIPCgdub2RlX2lkGAEgASgJEjAKBXBhaXJzGAIgAygLMiEubGluZ3VhLnNjaGVkdWxlci52MS5MYW5ndWFnZVBhaXISEQoJYXNyX2xhbmdzGAMgAygJEhEKCXR0c19sYW5ncxgEIAMoCRIXCg9tYXhfY29uY3VycmVuY3kYBSABKAUSOQoGbGFiZWxzGAYgAygLMikubGluZ3VhLnNjaGVkdWxlci52MS5SZWdpc3Rlci5MYWJlbHNFbnRyeRIPCgd2ZXJzaW9uGAcgASgJEi4KB2hvbGRpbmcYCCADKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkxlYXNlGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEipwEKCkNvbXBsZXRpb24SLAoFbGVhc2UYASABKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkxlYXNlEjAKBnJlc3VsdBgCIAEoCzIeLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iUmVzdWx0SAASLgoFZXJyb3IYAyABKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkVycm9ySABCCQoHb3V0Y29tZSLAAgoLTm9kZU1lc3NhZ2USLwoIcmVnaXN0ZXIYASABKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLlJlZ2lzdGVyEisKBGFja3MYAiADKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkxlYXNlEjEKCmhlYXJ0YmVhdHMYAyADKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkxlYXNlEjQKC2NvbXBsZXRpb25zGAQgAygLMh8ubGluZ3VhLnNjaGVkdWxlci52MS5Db21wbGV0aW9uEjIKC3VuYXZhaWxhYmxlGAUgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRINCgVkcmFpbhgGIAEoCBInCgRwb25nGAcgASgLMhkubGluZ3VhLnNjaGVkdWxlci52MS5Qb25nIj8KBFBpbmcSCgoCaWQYASABKAQSKwoHc2VudF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiEgoEUG9uZxIKCgJpZBgBIAEoBCLOAgoQU2NoZWR1bGVyTWVzc2FnZRI0CgpyZWdpc3RlcmVkGAEgASgLMiAubGluZ3VhLnNjaGVkdWxlci52MS5SZWdpc3RlckFjaxI0Cgthc3NpZ25tZW50cxgCIAMoCzIfLmxpbmd1YS5zY2hlZHVsZXIudjEuQXNzaWdubWVudBIuCgdjYW5jZWxzGAMgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRIxCgdyZWZ1c2VkGAQgAygLMiAubGluZ3VhLnNjaGVkdWxlci52MS5MZWFzZVN0YXR1cxINCgVlcnJvchgFIAEoCRIzCgljb25maXJtZWQYBiADKAsyIC5saW5ndWEuc2NoZWR1bGVyLnYxLkxlYXNlU3RhdHVzEicKBHBpbmcYByABKAsyGS5saW5ndWEuc2NoZWR1bGVyLnYxLlBpbmcirgIKC1JlZ2lzdGVyQWNrEhMKC2luc3RhbmNlX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5sZWFzZV9kdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgthY2tfdGltZW91dBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgVwb29scxgFIAMoCRIwCg1waW5nX2ludGVydmFsGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDHBpbmdfdGltZW91dBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiISChBMaXN0Tm9kZXNSZXF1ZXN0IkEKEUxpc3ROb2Rlc1Jlc3BvbnNlEiwKBW5vZGVzGAEgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Ob2RlSW5mbyK/AgoITm9kZUluZm8SDwoHbm9kZV9pZBgBIAEoCRINCgVwb29scxgCIAMoCRIXCg9tYXhfY29uY3VycmVuY3kYAyABKAUSEQoJaW5fZmxpZ2h0GAQgASgFEhMKC2luc3RhbmNlX2lkGAUgASgJEjkKBmxhYmVscxgGIAMoCzIpLmxpbmd1YS5zY2hlZHVsZXIudjEuTm9kZUluZm8uTGFiZWxzRW50cnkSDwoHdmVyc2lvbhgHIAEoCRIwCgxjb25uZWN0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAkgASgIEhMKC3F1YXJhbnRpbmVkGAogASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEqyQEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIWChJKT0JfU1RBVEVfQVNTSUdORUQQAhIVChFKT0JfU1RBVEVfUlVOTklORxADEhcKE0pPQl9TVEFURV9TVUNDRUVERUQQBBIUChBKT0JfU1RBVEVfRkFJTEVEEAUSFwoTSk9CX1NUQVRFX0NBTkNFTExFRBAGEhUKEUpPQl9TVEFURV9FWFBJUkVEEAcy5gYKCVNjaGVkdWxlchJRCgZTdWJtaXQSIi5saW5ndWEuc2NoZWR1bGVyLnYxLlN1Ym1pdFJlcXVlc3QaIy5saW5ndWEuc2NoZWR1bGVyLnYxLlN1Ym1pdFJlc3BvbnNlEkYKBkdldEpvYhIiLmxpbmd1YS5zY2hlZHVsZXIudjEuR2V0Sm9iUmVxdWVzdBoYLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iElEKCFdhdGNoSm9iEiQubGluZ3VhLnNjaGVkdWxlci52MS5XYXRjaEpvYlJlcXVlc3QaHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkV2ZW50MAESXQoMV2F0Y2hTZXNzaW9uEigubGluZ3VhLnNjaGVkdWxlci52MS5XYXRjaFNlc3Npb25SZXF1ZXN0GiEubGluZ3VhLnNjaGVkdWxlci52MS5TZXNzaW9uRXZlbnQwARJMCglDYW5jZWxKb2ISJS5saW5ndWEuc2NoZWR1bGVyLnYxLkNhbmNlbEpvYlJlcXVlc3QaGC5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYhJRCgZBc3NpZ24SIi5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnblJlcXVlc3QaIy5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnblJlc3BvbnNlEloKCUhlYXJ0YmVhdBIlLmxpbmd1YS5zY2hlZHVsZXIudjEuSGVhcnRiZWF0UmVxdWVzdBomLmxpbmd1YS5zY2hlZHVsZXIudjEuSGVhcnRiZWF0UmVzcG9uc2USVwoIQ29tcGxldGUSJC5saW5ndWEuc2NoZWR1bGVyLnYxLkNvbXBsZXRlUmVxdWVzdBolLmxpbmd1YS5zY2hlZHVsZXIudjEuQ29tcGxldGVSZXNwb25zZRJaCgtOb2RlU2Vzc2lvbhIgLmxpbmd1YS5zY2hlZHVsZXIudjEuTm9kZU1lc3NhZ2UaJS5saW5ndWEuc2NoZWR1bGVyLnYxLlNjaGVkdWxlck1lc3NhZ2UoATABEloKCUxpc3ROb2RlcxIlLmxpbmd1YS5zY2hlZHVsZXIudjEuTGlzdE5vZGVzUmVxdWVzdBomLmxpbmd1YS5zY2hlZHVsZXIudjEuTGlzdE5vZGVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiNsaW5ndWEvc2NoZWR1bGVyL3YxL3NjaGVkdWxlci5wcm90bxITbGluZ3VhLnNjaGVkdWxlci52MSLGAwoHSm9iU3BlYxIRCgl0ZW5hbnRfaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIXCg91dHRlcmFuY2VfaW5kZXgYAyABKAMSEAoIc3JjX2xhbmcYBCABKAkSEAoIdGd0X2xhbmcYBSABKAkSEAoIdHJhY2VfaWQYBiABKAkSEAoIcHJpb3JpdHkYByABKAUSLAoIZGVhZGxpbmUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDG1heF9hdHRlbXB0cxgJIAEoBRIXCg9pZGVtcG90ZW5jeV9rZXkYCiABKAkSDwoHcGF5bG9hZBgLIAEoDBITCgtwYXlsb2FkX3JlZhgMIAEoCRI0ChFleGVjdXRpb25fdGltZW91dBgNIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhJFCg10cmFjZV9jb250ZXh0GA4gAygLMi4ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTcGVjLlRyYWNlQ29udGV4dEVudHJ5GjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi3AEKCUpvYlJlc3VsdBIQCgh0ZXh0X2FzchgBIAEoCRIXCg90ZXh0X3RyYW5zbGF0ZWQYAiABKAkSEQoJdHRzX2F1ZGlvGAMgASgMEhUKDXR0c19hdWRpb19yZWYYBCABKAkSEgoKdHRzX2Zvcm1hdBgFIAEoCRI4CgVleHRyYRgGIAMoCzIpLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iUmVzdWx0LkV4dHJhRW50cnkaLAoKRXh0cmFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjwKCEpvYkVycm9yEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCglyZXRyeWFibGUYAyABKAgirwMKA0pvYhIOCgZqb2JfaWQYASABKAkSKgoEc3BlYxgCIAEoCzIcLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3BlYxIsCgVzdGF0ZRgDIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUSDwoHdmVyc2lvbhgEIAEoAxIPCgdhdHRlbXB0GAUgASgFEg8KB25vZGVfaWQYBiABKAkSLgoKY3JlYXRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGVhc2VfZGVhZGxpbmUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKCmxhc3RfZXJyb3IYCiABKAsyHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYkVycm9yEi4KBnJlc3VsdBgLIAEoCzIeLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iUmVzdWx0EhQKDG1heF9hdHRlbXB0cxgMIAEoBSI7Cg1TdWJtaXRSZXF1ZXN0EioKBGpvYnMYASADKAsyHC5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlNwZWMiRAoOU3VibWl0UmVzcG9uc2USMgoHcmVzdWx0cxgBIAMoCzIhLmxpbmd1YS5zY2hlZHVsZXIudjEuU3VibWl0UmVzdWx0Il0KDFN1Ym1pdFJlc3VsdBIOCgZqb2JfaWQYASABKAkSDwoHY3JlYXRlZBgCIAEoCBIsCgVzdGF0ZRgDIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUiOAoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFwoPaW5jbHVkZV9wYXlsb2FkGAIgASgIIiEKD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAki4AEKCEpvYkV2ZW50Eg4KBmpvYl9pZBgBIAEoCRIsCgVzdGF0ZRgCIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUSDwoHdmVyc2lvbhgDIAEoAxIPCgdhdHRlbXB0GAQgASgFEg8KB25vZGVfaWQYBSABKAkSJgoCYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWV2ZW50GAcgASgJEiwKBWVycm9yGAggASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JFcnJvciJiChNXYXRjaFNlc3Npb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhIKCmZyb21faW5kZXgYAyABKAMSEAoIdGd0X2xhbmcYBCABKAkiTAoMU2Vzc2lvbkV2ZW50EiYKBGpvYnMYASADKAsyGC5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYhIUCgxyZXN1bWVfaW5kZXgYAiABKAMiMgoQQ2FuY2VsSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDgoGcmVhc29uGAIgASgJIjIKDExhbmd1YWdlUGFpchIQCghzcmNfbGFuZxgBIAEoCRIQCgh0Z3RfbGFuZxgCIAEoCSKNAQoNQXNzaWduUmVxdWVzdBIPCgdub2RlX2lkGAEgASgJEjAKBXBhaXJzGAIgAygLMiEubGluZ3VhLnNjaGVkdWxlci52MS5MYW5ndWFnZVBhaXISEAoIbWF4X2pvYnMYAyABKAUSJwoEd2FpdBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKiAQoKQXNzaWdubWVudBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIqCgRzcGVjGAMgASgLMhwubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JTcGVjEjIKDmxlYXNlX2RlYWRsaW5lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtsZWFzZV90b2tlbhgFIAEoCSJGCg5Bc3NpZ25SZXNwb25zZRI0Cgthc3NpZ25tZW50cxgBIAMoCzIfLmxpbmd1YS5zY2hlZHVsZXIudjEuQXNzaWdubWVudCJACghKb2JMZWFzZRIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRITCgtsZWFzZV90b2tlbhgDIAEoCSJSChBIZWFydGJlYXRSZXF1ZXN0Eg8KB25vZGVfaWQYASABKAkSLQoGbGVhc2VzGAIgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZSJFChFIZWFydGJlYXRSZXNwb25zZRIwCgZsZWFzZXMYASADKAsyIC5saW5ndWEuc2NoZWR1bGVyLnYxLkxlYXNlU3RhdHVzItsBCgtMZWFzZVN0YXR1cxIOCgZqb2JfaWQYASABKAkSCgoCb2sYAiABKAgSLAoFc3RhdGUYAyABKA4yHS5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlN0YXRlEjIKDmxlYXNlX2RlYWRsaW5lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgplcnJvcl9jb2RlGAUgASgJEhUKDWVycm9yX21lc3NhZ2UYBiABKAkSEwoLbGVhc2VfdG9rZW4YByABKAkSDgoGcmVhc29uGAggASgJIsUBCg9Db21wbGV0ZVJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDwoHbm9kZV9pZBgDIAEoCRIwCgZyZXN1bHQYBCABKAsyHi5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlJlc3VsdEgAEi4KBWVycm9yGAUgASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JFcnJvckgAEhMKC2xlYXNlX3Rva2VuGAYgASgJQgkKB291dGNvbWUiUQoQQ29tcGxldGVSZXNwb25zZRIsCgVzdGF0ZRgBIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUSDwoHdmVyc2lvbhgCIAEoAyK3AgoIUmVnaXN0ZXISDwoHbm9kZV9pZBgBIAEoCRIwCgVwYWlycxgCIAMoCzIhLmxpbmd1YS5zY2hlZHVsZXIudjEuTGFuZ3VhZ2VQYWlyEhEKCWFzcl9sYW5ncxgDIAMoCRIRCgl0dHNfbGFuZ3MYBCADKAkSFwoPbWF4X2NvbmN1cnJlbmN5GAUgASgFEjkKBmxhYmVscxgGIAMoCzIpLmxpbmd1YS5zY2hlZHVsZXIudjEuUmVnaXN0ZXIuTGFiZWxzRW50cnkSDwoHdmVyc2lvbhgHIAEoCRIuCgdob2xkaW5nGAggAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqcBCgpDb21wbGV0aW9uEiwKBWxlYXNlGAEgASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRIwCgZyZXN1bHQYAiABKAsyHi5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYlJlc3VsdEgAEi4KBWVycm9yGAMgASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JFcnJvckgAQgkKB291dGNvbWUiwAIKC05vZGVNZXNzYWdlEi8KCHJlZ2lzdGVyGAEgASgLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5SZWdpc3RlchIrCgRhY2tzGAIgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRIxCgpoZWFydGJlYXRzGAMgAygLMh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JMZWFzZRI0Cgtjb21wbGV0aW9ucxgEIAMoCzIfLmxpbmd1YS5zY2hlZHVsZXIudjEuQ29tcGxldGlvbhIyCgt1bmF2YWlsYWJsZRgFIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2USDQoFZHJhaW4YBiABKAgSJwoEcG9uZxgHIAEoCzIZLmxpbmd1YS5zY2hlZHVsZXIudjEuUG9uZyI/CgRQaW5nEgoKAmlkGAEgASgEEisKB3NlbnRfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhIKBFBvbmcSCgoCaWQYASABKAQizgIKEFNjaGVkdWxlck1lc3NhZ2USNAoKcmVnaXN0ZXJlZBgBIAEoCzIgLmxpbmd1YS5zY2hlZHVsZXIudjEuUmVnaXN0ZXJBY2sSNAoLYXNzaWdubWVudHMYAiADKAsyHy5saW5ndWEuc2NoZWR1bGVyLnYxLkFzc2lnbm1lbnQSLgoHY2FuY2VscxgDIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iTGVhc2USMQoHcmVmdXNlZBgEIAMoCzIgLmxpbmd1YS5zY2hlZHVsZXIudjEuTGVhc2VTdGF0dXMSDQoFZXJyb3IYBSABKAkSMwoJY29uZmlybWVkGAYgAygLMiAubGluZ3VhLnNjaGVkdWxlci52MS5MZWFzZVN0YXR1cxInCgRwaW5nGAcgASgLMhkubGluZ3VhLnNjaGVkdWxlci52MS5QaW5nIq4CCgtSZWdpc3RlckFjaxITCgtpbnN0YW5jZV9pZBgBIAEoCRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SMQoObGVhc2VfZHVyYXRpb24YAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoLYWNrX3RpbWVvdXQYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDQoFcG9vbHMYBSADKAkSMAoNcGluZ19pbnRlcnZhbBgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIvCgxwaW5nX3RpbWVvdXQYByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iEgoQTGlzdE5vZGVzUmVxdWVzdCJBChFMaXN0Tm9kZXNSZXNwb25zZRIsCgVub2RlcxgBIAMoCzIdLmxpbmd1YS5zY2hlZHVsZXIudjEuTm9kZUluZm8ivwIKCE5vZGVJbmZvEg8KB25vZGVfaWQYASABKAkSDQoFcG9vbHMYAiADKAkSFwoPbWF4X2NvbmN1cnJlbmN5GAMgASgFEhEKCWluX2ZsaWdodBgEIAEoBRITCgtpbnN0YW5jZV9pZBgFIAEoCRI5CgZsYWJlbHMYBiADKAsyKS5saW5ndWEuc2NoZWR1bGVyLnYxLk5vZGVJbmZvLkxhYmVsc0VudHJ5Eg8KB3ZlcnNpb24YByABKAkSMAoMY29ubmVjdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghkcmFpbmluZxgJIAEoCBITCgtxdWFyYW50aW5lZBgKIAEoCBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpsBCg9MaXN0Sm9ic1JlcXVlc3QSDAoEcG9vbBgBIAEoCRIsCgVzdGF0ZRgCIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUSEQoJdGVuYW50X2lkGAMgASgJEhIKCnNlc3Npb25faWQYBCABKAkSEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkiUwoQTGlzdEpvYnNSZXNwb25zZRImCgRqb2JzGAEgAygLMhgubGluZ3VhLnNjaGVkdWxlci52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KD0dldFN0YXRzUmVxdWVzdBIMCgRwb29sGAEgASgJImwKEEdldFN0YXRzUmVzcG9uc2USLQoFcG9vbHMYASADKAsyHi5saW5ndWEuc2NoZWR1bGVyLnYxLlBvb2xTdGF0cxIpCgVhc19vZhgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSQoKU3RhdGVDb3VudBIsCgVzdGF0ZRgBIAEoDjIdLmxpbmd1YS5zY2hlZHVsZXIudjEuSm9iU3RhdGUSDQoFY291bnQYAiABKAMi/QEKCVBvb2xTdGF0cxIMCgRwb29sGAEgASgJEi0KBGpvYnMYAiADKAsyHy5saW5ndWEuc2NoZWR1bGVyLnYxLlN0YXRlQ291bnQSDQoFbm9kZXMYAyABKAUSEAoIY2FwYWNpdHkYBCABKAUSEQoJaW5fZmxpZ2h0GAUgASgFEhwKFHN1Ym1pdHRlZF9wZXJfc2Vjb25kGAYgASgBEhsKE2ZpbmlzaGVkX3Blcl9zZWNvbmQYByABKAESDgoGcGF1c2VkGAggASgIEjQKEW9sZGVzdF9xdWV1ZWRfYWdlGAkgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uInUKD1JldHJ5Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDgoGcmVhc29uGAIgASgJEiwKCGRlYWRsaW5lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgxtYXhfYXR0ZW1wdHMYBCABKAUiTQoUQ2FuY2VsU2Vzc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSDgoGcmVhc29uGAMgASgJIkwKFUNhbmNlbFNlc3Npb25SZXNwb25zZRIZChFjYW5jZWxsZWRfam9iX2lkcxgBIAMoCRIYChBhbHJlYWR5X2ZpbmlzaGVkGAIgASgFIjAKEFBhdXNlUG9vbFJlcXVlc3QSDAoEcG9vbBgBIAEoCRIOCgZyZWFzb24YAiABKAkiIQoRUmVzdW1lUG9vbFJlcXVlc3QSDAoEcG9vbBgBIAEoCSJoCglQb29sU3RhdGUSDAoEcG9vbBgBIAEoCRIOCgZwYXVzZWQYAiABKAgSDgoGcmVhc29uGAMgASgJEi0KCXBhdXNlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiIwoQRHJhaW5Ob2RlUmVxdWVzdBIPCgdub2RlX2lkGAEgASgJKskBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFgoSSk9CX1NUQVRFX0FTU0lHTkVEEAISFQoRSk9CX1NUQVRFX1JVTk5JTkcQAxIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAQSFAoQSk9CX1NUQVRFX0ZBSUxFRBAFEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBhIVChFKT0JfU1RBVEVfRVhQSVJFRBAHMskLCglTY2hlZHVsZXISUQoGU3VibWl0EiIubGluZ3VhLnNjaGVkdWxlci52MS5TdWJtaXRSZXF1ZXN0GiMubGluZ3VhLnNjaGVkdWxlci52MS5TdWJtaXRSZXNwb25zZRJGCgZHZXRKb2ISIi5saW5ndWEuc2NoZWR1bGVyLnYxLkdldEpvYlJlcXVlc3QaGC5saW5ndWEuc2NoZWR1bGVyLnYxLkpvYhJRCghXYXRjaEpvYhIkLmxpbmd1YS5zY2hlZHVsZXIudjEuV2F0Y2hKb2JSZXF1ZXN0Gh0ubGluZ3VhLnNjaGVkdWxlci52MS5Kb2JFdmVudDABEl0KDFdhdGNoU2Vzc2lvbhIoLmxpbmd1YS5zY2hlZHVsZXIudjEuV2F0Y2hTZXNzaW9uUmVxdWVzdBohLmxpbmd1YS5zY2hlZHVsZXIudjEuU2Vzc2lvbkV2ZW50MAESTAoJQ2FuY2VsSm9iEiUubGluZ3VhLnNjaGVkdWxlci52MS5DYW5jZWxKb2JSZXF1ZXN0GhgubGluZ3VhLnNjaGVkdWxlci52MS5Kb2ISUQoGQXNzaWduEiIubGluZ3VhLnNjaGVkdWxlci52MS5Bc3NpZ25SZXF1ZXN0GiMubGluZ3VhLnNjaGVkdWxlci52MS5Bc3NpZ25SZXNwb25zZRJaCglIZWFydGJlYXQSJS5saW5ndWEuc2NoZWR1bGVyLnYxLkhlYXJ0YmVhdFJlcXVlc3QaJi5saW5ndWEuc2NoZWR1bGVyLnYxLkhlYXJ0YmVhdFJlc3BvbnNlElcKCENvbXBsZXRlEiQubGluZ3VhLnNjaGVkdWxlci52MS5Db21wbGV0ZVJlcXVlc3QaJS5saW5ndWEuc2NoZWR1bGVyLnYxLkNvbXBsZXRlUmVzcG9uc2USWgoLTm9kZVNlc3Npb24SIC5saW5ndWEuc2NoZWR1bGVyLnYxLk5vZGVNZXNzYWdlGiUubGluZ3VhLnNjaGVkdWxlci52MS5TY2hlZHVsZXJNZXNzYWdlKAEwARJaCglMaXN0Tm9kZXMSJS5saW5ndWEuc2NoZWR1bGVyLnYxLkxpc3ROb2Rlc1JlcXVlc3QaJi5saW5ndWEuc2NoZWR1bGVyLnYxLkxpc3ROb2Rlc1Jlc3BvbnNlElcKCExpc3RKb2JzEiQubGluZ3VhLnNjaGVkdWxlci52MS5MaXN0Sm9ic1JlcXVlc3QaJS5saW5ndWEuc2NoZWR1bGVyLnYxLkxpc3RKb2JzUmVzcG9uc2USVwoIR2V0U3RhdHMSJC5saW5ndWEuc2NoZWR1bGVyLnYxLkdldFN0YXRzUmVxdWVzdBolLmxpbmd1YS5zY2hlZHVsZXIudjEuR2V0U3RhdHNSZXNwb25zZRJKCghSZXRyeUpvYhIkLmxpbmd1YS5zY2hlZHVsZXIudjEuUmV0cnlKb2JSZXF1ZXN0GhgubGluZ3VhLnNjaGVkdWxlci52MS5Kb2ISZgoNQ2FuY2VsU2Vzc2lvbhIpLmxpbmd1YS5zY2hlZHVsZXIudjEuQ2FuY2VsU2Vzc2lvblJlcXVlc3QaKi5saW5ndWEuc2NoZWR1bGVyLnYxLkNhbmNlbFNlc3Npb25SZXNwb25zZRJSCglQYXVzZVBvb2wSJS5saW5ndWEuc2NoZWR1bGVyLnYxLlBhdXNlUG9vbFJlcXVlc3QaHi5saW5ndWEuc2NoZWR1bGVyLnYxLlBvb2xTdGF0ZRJUCgpSZXN1bWVQb29sEiYubGluZ3VhLnNjaGVkdWxlci52MS5SZXN1bWVQb29sUmVxdWVzdBoeLmxpbmd1YS5zY2hlZHVsZXIudjEuUG9vbFN0YXRlElEKCURyYWluTm9kZRIlLmxpbmd1YS5zY2hlZHVsZXIudjEuRHJhaW5Ob2RlUmVxdWVzdBodLmxpbmd1YS5zY2hlZHVsZXIudjEuTm9kZUluZm9iBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * What a client asks to be done: one utterance of one session, translated src_lang -> tgt_lang.
@@ -124,6 +124,15 @@ export type JobSpec = Message<"lingua.scheduler.v1.JobSpec"> & {
    * @generated from field: google.protobuf.Duration execution_timeout = 13;
    */
   executionTimeout?: Duration | undefined;
+
+  /**
+   * W3C trace context of the submit ("traceparent", "tracestate"), carried to the node with the
+   * assignment so that the node's work joins the submit's trace (OpenTelemetry). Set by the SDKs and
+   * by the server when tracing is on; optional, at most 8 entries of 512 characters.
+   *
+   * @generated from field: map<string, string> trace_context = 14;
+   */
+  traceContext: { [key: string]: string };
 };
 
 /**
@@ -1553,6 +1562,463 @@ export const NodeInfoSchema: GenMessage<NodeInfo> = /*@__PURE__*/
   messageDesc(file_lingua_scheduler_v1_scheduler, 32);
 
 /**
+ * List jobs, newest first. Every filter is optional; filters combine with AND.
+ *
+ * @generated from message lingua.scheduler.v1.ListJobsRequest
+ */
+export type ListJobsRequest = Message<"lingua.scheduler.v1.ListJobsRequest"> & {
+  /**
+   * Only jobs of this pool, "src:tgt".
+   *
+   * @generated from field: string pool = 1;
+   */
+  pool: string;
+
+  /**
+   * Only jobs in this state (JOB_STATE_UNSPECIFIED: any).
+   *
+   * @generated from field: lingua.scheduler.v1.JobState state = 2;
+   */
+  state: JobState;
+
+  /**
+   * Only jobs of this tenant.
+   *
+   * @generated from field: string tenant_id = 3;
+   */
+  tenantId: string;
+
+  /**
+   * Only jobs of this session (tenant_id required with it).
+   *
+   * @generated from field: string session_id = 4;
+   */
+  sessionId: string;
+
+  /**
+   * The most jobs to return, 1 to 500; 0 means 50.
+   *
+   * @generated from field: int32 page_size = 5;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page; empty for the first page.
+   *
+   * @generated from field: string page_token = 6;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.ListJobsRequest.
+ * Use `create(ListJobsRequestSchema)` to create a new message.
+ */
+export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 33);
+
+/**
+ * One page of jobs, newest first.
+ *
+ * @generated from message lingua.scheduler.v1.ListJobsResponse
+ */
+export type ListJobsResponse = Message<"lingua.scheduler.v1.ListJobsResponse"> & {
+  /**
+   * The jobs (payload omitted).
+   *
+   * @generated from field: repeated lingua.scheduler.v1.Job jobs = 1;
+   */
+  jobs: Job[];
+
+  /**
+   * Pass as page_token for the next page; empty when there is none.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.ListJobsResponse.
+ * Use `create(ListJobsResponseSchema)` to create a new message.
+ */
+export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 34);
+
+/**
+ * Read the statistics of every pool, or of one.
+ *
+ * @generated from message lingua.scheduler.v1.GetStatsRequest
+ */
+export type GetStatsRequest = Message<"lingua.scheduler.v1.GetStatsRequest"> & {
+  /**
+   * Only this pool, "src:tgt"; empty for every pool that has jobs or nodes.
+   *
+   * @generated from field: string pool = 1;
+   */
+  pool: string;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.GetStatsRequest.
+ * Use `create(GetStatsRequestSchema)` to create a new message.
+ */
+export const GetStatsRequestSchema: GenMessage<GetStatsRequest> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 35);
+
+/**
+ * Statistics per pool.
+ *
+ * @generated from message lingua.scheduler.v1.GetStatsResponse
+ */
+export type GetStatsResponse = Message<"lingua.scheduler.v1.GetStatsResponse"> & {
+  /**
+   * One entry per pool, by pool name.
+   *
+   * @generated from field: repeated lingua.scheduler.v1.PoolStats pools = 1;
+   */
+  pools: PoolStats[];
+
+  /**
+   * When the figures were read (Redis server time).
+   *
+   * @generated from field: google.protobuf.Timestamp as_of = 2;
+   */
+  asOf?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.GetStatsResponse.
+ * Use `create(GetStatsResponseSchema)` to create a new message.
+ */
+export const GetStatsResponseSchema: GenMessage<GetStatsResponse> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 36);
+
+/**
+ * How many jobs of a pool are in one state.
+ *
+ * @generated from message lingua.scheduler.v1.StateCount
+ */
+export type StateCount = Message<"lingua.scheduler.v1.StateCount"> & {
+  /**
+   * The state.
+   *
+   * @generated from field: lingua.scheduler.v1.JobState state = 1;
+   */
+  state: JobState;
+
+  /**
+   * Jobs in it: now, for QUEUED, ASSIGNED and RUNNING; finished within the server's retention
+   * (still readable with GetJob), for the terminal states.
+   *
+   * @generated from field: int64 count = 2;
+   */
+  count: bigint;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.StateCount.
+ * Use `create(StateCountSchema)` to create a new message.
+ */
+export const StateCountSchema: GenMessage<StateCount> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 37);
+
+/**
+ * One pool's figures.
+ *
+ * @generated from message lingua.scheduler.v1.PoolStats
+ */
+export type PoolStats = Message<"lingua.scheduler.v1.PoolStats"> & {
+  /**
+   * The pool, "src:tgt".
+   *
+   * @generated from field: string pool = 1;
+   */
+  pool: string;
+
+  /**
+   * Jobs by state (every state, zeros included).
+   *
+   * @generated from field: repeated lingua.scheduler.v1.StateCount jobs = 2;
+   */
+  jobs: StateCount[];
+
+  /**
+   * Nodes registered for the pool (as ListNodes counts them).
+   *
+   * @generated from field: int32 nodes = 3;
+   */
+  nodes: number;
+
+  /**
+   * The sum of those nodes' max_concurrency.
+   *
+   * @generated from field: int32 capacity = 4;
+   */
+  capacity: number;
+
+  /**
+   * Jobs those nodes hold now.
+   *
+   * @generated from field: int32 in_flight = 5;
+   */
+  inFlight: number;
+
+  /**
+   * Jobs submitted per second, over the last minute.
+   *
+   * @generated from field: double submitted_per_second = 6;
+   */
+  submittedPerSecond: number;
+
+  /**
+   * Jobs that reached a terminal state per second, over the last minute.
+   *
+   * @generated from field: double finished_per_second = 7;
+   */
+  finishedPerSecond: number;
+
+  /**
+   * True while the pool is paused (PausePool).
+   *
+   * @generated from field: bool paused = 8;
+   */
+  paused: boolean;
+
+  /**
+   * How long the oldest queued job has waited; zero when none is queued.
+   *
+   * @generated from field: google.protobuf.Duration oldest_queued_age = 9;
+   */
+  oldestQueuedAge?: Duration | undefined;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.PoolStats.
+ * Use `create(PoolStatsSchema)` to create a new message.
+ */
+export const PoolStatsSchema: GenMessage<PoolStats> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 38);
+
+/**
+ * Retry a failed or expired job.
+ *
+ * @generated from message lingua.scheduler.v1.RetryJobRequest
+ */
+export type RetryJobRequest = Message<"lingua.scheduler.v1.RetryJobRequest"> & {
+  /**
+   * The job. Required.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Why; recorded with the retry event. Optional, at most 1024 characters.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * The new deadline. Optional: by default, as far ahead as the job's first deadline was from its
+   * submit (or the server's default job TTL).
+   *
+   * @generated from field: google.protobuf.Timestamp deadline = 3;
+   */
+  deadline?: Timestamp | undefined;
+
+  /**
+   * The fresh attempt budget; 0 means the job's own max_attempts.
+   *
+   * @generated from field: int32 max_attempts = 4;
+   */
+  maxAttempts: number;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.RetryJobRequest.
+ * Use `create(RetryJobRequestSchema)` to create a new message.
+ */
+export const RetryJobRequestSchema: GenMessage<RetryJobRequest> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 39);
+
+/**
+ * Cancel the unfinished jobs of one session.
+ *
+ * @generated from message lingua.scheduler.v1.CancelSessionRequest
+ */
+export type CancelSessionRequest = Message<"lingua.scheduler.v1.CancelSessionRequest"> & {
+  /**
+   * The session's tenant. Required.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The session. Required.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * Why; stored as each cancelled job's last error message. Optional, at most 1024 characters.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.CancelSessionRequest.
+ * Use `create(CancelSessionRequestSchema)` to create a new message.
+ */
+export const CancelSessionRequestSchema: GenMessage<CancelSessionRequest> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 40);
+
+/**
+ * What CancelSession did.
+ *
+ * @generated from message lingua.scheduler.v1.CancelSessionResponse
+ */
+export type CancelSessionResponse = Message<"lingua.scheduler.v1.CancelSessionResponse"> & {
+  /**
+   * The jobs it cancelled.
+   *
+   * @generated from field: repeated string cancelled_job_ids = 1;
+   */
+  cancelledJobIds: string[];
+
+  /**
+   * Jobs of the session that were already terminal, left as they were.
+   *
+   * @generated from field: int32 already_finished = 2;
+   */
+  alreadyFinished: number;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.CancelSessionResponse.
+ * Use `create(CancelSessionResponseSchema)` to create a new message.
+ */
+export const CancelSessionResponseSchema: GenMessage<CancelSessionResponse> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 41);
+
+/**
+ * Pause one pool.
+ *
+ * @generated from message lingua.scheduler.v1.PausePoolRequest
+ */
+export type PausePoolRequest = Message<"lingua.scheduler.v1.PausePoolRequest"> & {
+  /**
+   * The pool, "src:tgt". Required.
+   *
+   * @generated from field: string pool = 1;
+   */
+  pool: string;
+
+  /**
+   * Why; shown by GetStats, the CLI and the dashboard. Optional, at most 1024 characters.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.PausePoolRequest.
+ * Use `create(PausePoolRequestSchema)` to create a new message.
+ */
+export const PausePoolRequestSchema: GenMessage<PausePoolRequest> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 42);
+
+/**
+ * Resume one pool.
+ *
+ * @generated from message lingua.scheduler.v1.ResumePoolRequest
+ */
+export type ResumePoolRequest = Message<"lingua.scheduler.v1.ResumePoolRequest"> & {
+  /**
+   * The pool, "src:tgt". Required.
+   *
+   * @generated from field: string pool = 1;
+   */
+  pool: string;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.ResumePoolRequest.
+ * Use `create(ResumePoolRequestSchema)` to create a new message.
+ */
+export const ResumePoolRequestSchema: GenMessage<ResumePoolRequest> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 43);
+
+/**
+ * A pool's dispatch state after PausePool or ResumePool.
+ *
+ * @generated from message lingua.scheduler.v1.PoolState
+ */
+export type PoolState = Message<"lingua.scheduler.v1.PoolState"> & {
+  /**
+   * The pool, "src:tgt".
+   *
+   * @generated from field: string pool = 1;
+   */
+  pool: string;
+
+  /**
+   * True while nothing is dispatched.
+   *
+   * @generated from field: bool paused = 2;
+   */
+  paused: boolean;
+
+  /**
+   * The reason given to PausePool.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+
+  /**
+   * When it was paused (unset when not paused).
+   *
+   * @generated from field: google.protobuf.Timestamp paused_at = 4;
+   */
+  pausedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.PoolState.
+ * Use `create(PoolStateSchema)` to create a new message.
+ */
+export const PoolStateSchema: GenMessage<PoolState> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 44);
+
+/**
+ * Drain one node.
+ *
+ * @generated from message lingua.scheduler.v1.DrainNodeRequest
+ */
+export type DrainNodeRequest = Message<"lingua.scheduler.v1.DrainNodeRequest"> & {
+  /**
+   * The node. Required.
+   *
+   * @generated from field: string node_id = 1;
+   */
+  nodeId: string;
+};
+
+/**
+ * Describes the message lingua.scheduler.v1.DrainNodeRequest.
+ * Use `create(DrainNodeRequestSchema)` to create a new message.
+ */
+export const DrainNodeRequestSchema: GenMessage<DrainNodeRequest> = /*@__PURE__*/
+  messageDesc(file_lingua_scheduler_v1_scheduler, 45);
+
+/**
  * The state of a job. Terminal states: SUCCEEDED, FAILED, CANCELLED, EXPIRED.
  *
  * @generated from enum lingua.scheduler.v1.JobState
@@ -1748,6 +2214,82 @@ export const Scheduler: GenService<{
     methodKind: "unary";
     input: typeof ListNodesRequestSchema;
     output: typeof ListNodesResponseSchema;
+  },
+  /**
+   * Lists jobs, newest first, filtered by pool, state, tenant and session; cursor paging. Reads
+   * indexes kept with the jobs (same retention), never the whole keyspace. Payloads are omitted.
+   *
+   * @generated from rpc lingua.scheduler.v1.Scheduler.ListJobs
+   */
+  listJobs: {
+    methodKind: "unary";
+    input: typeof ListJobsRequestSchema;
+    output: typeof ListJobsResponseSchema;
+  },
+  /**
+   * Per pool: jobs by state, nodes, capacity, in-flight, rates, paused. Counted in Redis, so the
+   * figures are the same whichever instance answers.
+   *
+   * @generated from rpc lingua.scheduler.v1.Scheduler.GetStats
+   */
+  getStats: {
+    methodKind: "unary";
+    input: typeof GetStatsRequestSchema;
+    output: typeof GetStatsResponseSchema;
+  },
+  /**
+   * Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
+   * state is FAILED_PRECONDITION.
+   *
+   * @generated from rpc lingua.scheduler.v1.Scheduler.RetryJob
+   */
+  retryJob: {
+    methodKind: "unary";
+    input: typeof RetryJobRequestSchema;
+    output: typeof JobSchema;
+  },
+  /**
+   * Cancels every unfinished job of one session in one call (a speaker hung up). Finished jobs are
+   * left as they are.
+   *
+   * @generated from rpc lingua.scheduler.v1.Scheduler.CancelSession
+   */
+  cancelSession: {
+    methodKind: "unary";
+    input: typeof CancelSessionRequestSchema;
+    output: typeof CancelSessionResponseSchema;
+  },
+  /**
+   * Stops dispatching a pool: submits still queue, nothing is assigned until ResumePool. Jobs already
+   * assigned or running go on. Idempotent.
+   *
+   * @generated from rpc lingua.scheduler.v1.Scheduler.PausePool
+   */
+  pausePool: {
+    methodKind: "unary";
+    input: typeof PausePoolRequestSchema;
+    output: typeof PoolStateSchema;
+  },
+  /**
+   * Dispatches a paused pool again. Idempotent.
+   *
+   * @generated from rpc lingua.scheduler.v1.Scheduler.ResumePool
+   */
+  resumePool: {
+    methodKind: "unary";
+    input: typeof ResumePoolRequestSchema;
+    output: typeof PoolStateSchema;
+  },
+  /**
+   * Drains one node, on whichever instance holds its stream: it finishes what it holds and gets
+   * nothing new. NOT_FOUND when no such node is registered.
+   *
+   * @generated from rpc lingua.scheduler.v1.Scheduler.DrainNode
+   */
+  drainNode: {
+    methodKind: "unary";
+    input: typeof DrainNodeRequestSchema;
+    output: typeof NodeInfoSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_lingua_scheduler_v1_scheduler, 0);
