@@ -7,7 +7,7 @@ Each App has its own prometheus CollectorRegistry (several servers can live in o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -38,10 +38,15 @@ class HttpServer:
         self.registry = registry
         self.app = web.Application()
         self.app.router.add_get("/metrics", self._metrics)
+        # Awaited before every scrape, in order: collectors whose figures come from Redis refresh their
+        # cached snapshot here (prometheus_client's collect() is synchronous).
+        self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, _request: web.Request) -> web.Response:
+        for refresh in self.before_scrape:
+            await refresh()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
