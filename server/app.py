@@ -20,8 +20,9 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
-from . import keys, reflection
+from . import dashboard, keys, reflection
 from .auth import AuthInterceptor, Verifier, open_context
+from .dashboard import Dashboard
 from .dispatch import Dispatcher
 from .http import HttpServer
 from .node import NodeSessions
@@ -261,6 +262,7 @@ class App:
     certificates: ServerCertificates | None = None  # with TLS: the files, re-read on change or reload()
     auth: Verifier | None = None  # None: no authentication
     http: HttpServer | None = None  # the operations HTTP port (--http-listen); None when off
+    dashboard: Dashboard | None = None  # on the HTTP port (server/dashboard.py); None when off
 
     def reload(self) -> None:
         """SIGHUP: re-read the files named by flags: TLS certificates (new connections get them; open ones
@@ -349,7 +351,8 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
     ])
-    add_to_server(SchedulerService(store, dispatcher, settings, nodes), server)  # undecodable bytes: INVALID_ARGUMENT
+    service = SchedulerService(store, dispatcher, settings, nodes)
+    add_to_server(service, server)  # undecodable bytes: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # v1 and v1alpha, with the proto comments (server/reflection.py)
@@ -361,4 +364,6 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
     http = HttpServer(settings.http_listen, CollectorRegistry()) if settings.http_listen else None
-    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier, http)
+    board = dashboard.mount(http, service.admin, nodes, store, settings, verifier) if http is not None else None
+    return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier, http,
+               board)

@@ -266,6 +266,14 @@ class Session:
             self.close()
 
 
+def node_info(e: NodeEntry) -> pb.NodeInfo:
+    info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency,
+                       in_flight=e.in_flight, instance_id=e.instance_id, labels=e.labels,
+                       version=e.version, draining=e.draining, quarantined=e.quarantined)
+    info.connected_at.FromMilliseconds(e.connected_ms)
+    return info
+
+
 class NodeSessions:
     """Every NodeSession stream this instance holds."""
 
@@ -311,15 +319,12 @@ class NodeSessions:
             for task in pending:
                 task.cancel()
 
+    async def node_entries(self) -> list[NodeEntry]:
+        """The registry's entries of the nodes ListNodes shows (live ones), with their last renewal."""
+        return await self.registry.entries(self.settings.node_listed_ms())
+
     async def list_nodes(self) -> list[pb.NodeInfo]:
-        out = []
-        for e in await self.registry.entries(self.settings.node_listed_ms()):
-            info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency,
-                               in_flight=e.in_flight, instance_id=e.instance_id, labels=e.labels,
-                               version=e.version, draining=e.draining, quarantined=e.quarantined)
-            info.connected_at.FromMilliseconds(e.connected_ms)
-            out.append(info)
-        return out
+        return [node_info(e) for e in await self.node_entries()]
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)

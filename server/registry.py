@@ -36,6 +36,7 @@ class NodeEntry:
     connected_ms: int
     draining: bool
     quarantined: bool = False  # no new work: it let an assignment pass its ack timeout (server/node.py)
+    seen_ms: int = 0  # its last renewal (by the entry's Redis clock): when it last proved alive, as read
 
 
 def _fields(entry: NodeEntry) -> tuple[tuple[str, str | int], ...]:
@@ -119,6 +120,7 @@ class Registry:
                 instance_id=h[b"instance"].decode(), labels=json.loads(h[b"labels"]),
                 version=h[b"version"].decode(), connected_ms=int(h[b"connected"]),
                 draining=h[b"draining"] == b"1", quarantined=h.get(b"quarantined") == b"1",
+                seen_ms=int(h.get(b"seen", 0)),
             ))
         if gone:
             await self.redis.zrem(keys.NODES, *gone)

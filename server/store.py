@@ -342,6 +342,16 @@ class Store:
         """The job's state changes from index `start` on, oldest first."""
         return [json.loads(e) for e in await self.redis.lrange(keys.JobKeys.of(job_id).events, start, -1)]
 
+    async def timelines(self, job_ids: list[str]) -> list[list[dict[str, Any]]]:
+        """Every state change of each job, oldest first, in one pipelined round trip (the dashboard)."""
+        if not job_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.lrange(keys.JobKeys.of(job_id).events, 0, -1)
+            found = await pipe.execute()
+        return [[json.loads(e) for e in entries] for entries in found]
+
     # -- claims (queued -> assigned) ------------------------------------------------------------
 
     async def peek(self, tags: list[str], count: int) -> dict[str, list[tuple[str, float]]]:
