@@ -201,10 +201,10 @@ class Dashboard:
         app.router.add_get("/api/stats", self._stats)
         app.router.add_get("/api/nodes", self._nodes)
         app.router.add_get("/api/jobs", self._jobs)
-        app.router.add_get("/api/jobs/{job_id}", self._job)
-        app.router.add_post("/api/jobs/{job_id}/retry", self._retry)
-        app.router.add_post("/api/pools/{pool}/pause", self._pause)
-        app.router.add_post("/api/pools/{pool}/resume", self._resume)
+        app.router.add_get("/api/jobs/{job_id:[^/]+}", self._job)
+        app.router.add_post("/api/jobs/{job_id:[^/]+}/retry", self._retry)
+        app.router.add_post("/api/pools/{pool:[^/]+}/pause", self._pause)
+        app.router.add_post("/api/pools/{pool:[^/]+}/resume", self._resume)
         app.router.add_get("/api/events", self._events)
 
     # -- the guard: host, CSRF, caller ------------------------------------------------------------

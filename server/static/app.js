@@ -452,7 +452,8 @@ function jobCard(j) {
       h("dt", {}, "Created"), h("dd", {}, dateTime(j.created_at)),
       e.code ? [h("dt", {}, "Last error"), h("dd", { class: "error-text" }, `${e.code}: ${e.message}`)] : null),
     h("table", { class: "timeline" },
-      h("thead", {}, h("tr", {}, ["Time", "Event", "State", "Attempt", "Node", "Error"].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["Time", "Event", "State", "Attempt", "Node", "Error"].map(
+        (t) => h("th", { class: t === "Attempt" ? "num" : null }, t)))),
       h("tbody", {}, (j.timeline || []).map((ev) => {
         const err = ev.error || {};
         return h("tr", { dataset: { event: ev.event } },
