@@ -226,6 +226,10 @@ async def test_with_auth_the_api_wants_an_admin_token_and_the_page_asks_for_one(
             assert r.status == 200 and await r.json() == {"nodes": []}
         async with http.get(url(app, "/metrics")) as r:
             assert r.status == 200  # Prometheus needs no token
+        # An event stream ends when the token that opened it expires (the page then asks for a new one).
+        async with http.get(url(app, "/api/events"), headers={"Authorization": f"Bearer {token(secret, 'admin', ttl=2)}"}) as r:
+            assert r.status == 200
+            assert (await asyncio.wait_for(r.content.read(), 10)).endswith(b"event: expired\ndata: {}\n\n")
 
     await page.goto(url(app))
     await expect(page.locator("#sign-in")).to_be_visible(timeout=WAIT_MS)
@@ -281,6 +285,15 @@ async def test_one_snapshot_producer_whatever_the_number_of_browsers(make_app: A
     # Five streams of three snapshots: one read per snapshot interval, not one per stream.
     assert feed.reads - start <= 5, feed.reads - start
     await until(lambda: feed._task is None or feed._task.done(), 10, "the producer to stop with no one listening")
+    # A stream still open when the server stops is ended by it (the stop does not wait for the browser).
+    assert app.http is not None
+    async with aiohttp.ClientSession() as http, http.get(url(app, "/api/events")) as r:
+        async for line in r.content:
+            if line.startswith(b"event: snapshot"):
+                break
+        stopping = asyncio.create_task(app.http.stop())
+        await asyncio.wait_for(r.content.read(), 5)
+        await asyncio.wait_for(stopping, 5)
 
 
 @pytest.mark.single_redis
