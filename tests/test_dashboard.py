@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import jwt
 import pytest
 from conftest import AppFactory
@@ -25,8 +26,6 @@ from lingua_scheduler.server.app import App, create_server
 from lingua_scheduler.server.settings import Settings
 from lingua_sdk import Assignment, FatalError, Node, pb, pb_grpc
 from playwright.async_api import Browser, Page, async_playwright, expect
-
-import grpc
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -216,7 +215,8 @@ async def test_with_auth_the_api_wants_an_admin_token_and_the_page_asks_for_one(
             async with http.get(url(app, path)) as r:
                 assert r.status == 401, path
                 assert (await r.json())["error"]["code"] == "UNAUTHENTICATED"
-        async with http.get(url(app, "/api/nodes"), headers={"Authorization": f"Bearer {token(secret, 'client', tenants=['*'])}"}) as r:
+        client = token(secret, "client", tenants=["*"])
+        async with http.get(url(app, "/api/nodes"), headers={"Authorization": f"Bearer {client}"}) as r:
             assert r.status == 403 and "admin" in (await r.json())["error"]["message"]
         async with http.get(url(app, "/api/nodes"), headers={"Authorization": f"Bearer {token(secret, 'admin', ttl=-5)}"}) as r:
             assert r.status == 401 and "expired" in (await r.json())["error"]["message"]
