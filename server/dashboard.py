@@ -112,8 +112,8 @@ def error_body(err: BaseException) -> web.Response:
 
 
 def _loopback_host(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    name = name.removeprefix("[").removesuffix("]")
+    """Whether a Host header ("name", "name:port", "[v6]:port") names this machine's loopback."""
+    name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
     if name == "localhost":
         return True
     try:
@@ -224,8 +224,12 @@ class Dashboard:
                 return await handler(request)
             with auth.acting_as(self._caller(request)):
                 return await handler(request)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as err:  # no such route, or not this method: JSON like every API answer
+            if err.status < 400:
+                raise
+            return web.json_response({"error": {"code": err.reason.upper().replace(" ", "_"), "reason": "",
+                                                "message": f"{request.method} {request.path}: {err.reason}"}},
+                                     status=err.status, headers={k: v for k, v in err.headers.items() if k == "Allow"})
         except Exception as err:
             return error_body(err)
 

@@ -307,7 +307,8 @@ async def test_api_guards_without_auth(make_app: AppFactory, settings: Settings)
                                                                             "Origin": "http://evil.example"}) as r:
             assert r.status == 403 and "origin" in (await r.json())["error"]["message"]
         async with http.get(url(app, "/api/pools/zh:en/pause")) as r:
-            assert r.status == 405  # changes are POST only
+            assert r.status == 405 and r.headers["Allow"] == "POST"  # changes are POST only
+            assert (await r.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
         async with http.get(url(app, "/api/jobs/not-a-job")) as r:
             assert r.status == 400 and (await r.json())["error"]["code"] == "INVALID_ARGUMENT"
         async with http.get(url(app, "/api/jobs?colour=red")) as r:
