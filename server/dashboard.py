@@ -48,6 +48,7 @@ from .node import NodeSessions, node_info
 from .service import job_pb, scheduler_error, watch_event_pb
 from .settings import Settings, is_local
 from .store import Store
+from .throttle import ThrottledWarning
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -189,6 +190,7 @@ class Dashboard:
         # An open API on loopback answers requests naming a loopback host only (DNS rebinding).
         self.loopback_only = verifier is None and is_local(settings.http_listen)
         self.feed = Feed(self.snapshot)
+        self._failing = {name: ThrottledWarning(log) for name in ("stats", "nodes", "failed")}
 
     def mount(self, app: web.Application) -> None:
         app.middlewares.append(self._guard)
@@ -379,8 +381,8 @@ class Dashboard:
                 if not isinstance(part, Exception):
                     raise part
                 error = scheduler_error(part)
-                if error.status is grpc.StatusCode.INTERNAL:
-                    log.error("dashboard snapshot: %s failed", name, exc_info=part)
+                if error.status is grpc.StatusCode.INTERNAL:  # every second while it lasts: throttled
+                    self._failing[name]("dashboard snapshot: %s could not be read: %r", name, part)
                 out[name] = {"error": {"code": error.status.name, "reason": error.reason, "message": str(error)}}
             else:
                 out[name] = part
