@@ -63,6 +63,9 @@ async def shoot(out: Path) -> None:
             await page.goto(f"http://127.0.0.1:{app.http.port}/")
             await expect(page.locator('#pools tr[data-pool="zh:en"]')).to_be_visible(timeout=15_000)
             await expect(page.locator("#nodes tbody tr")).to_have_count(3, timeout=15_000)
+            # A node's load is as of its registry entry's last renewal (every node_ttl / 3).
+            await expect(page.locator('#nodes tr[data-node="gpu-a2"] [data-field="load"]')).not_to_contain_text(
+                "0 / 4", timeout=30_000)
             await page.fill("#search-job", submitted[3 * 3].job_id)  # utterance 3, zh:en: failed
             await page.click("#search-form button[type=submit]")
             await expect(page.locator("article.job")).to_have_count(1, timeout=15_000)

@@ -278,10 +278,13 @@ function renderPools(stats) {
     setText(field(row, "submitted"), rate(p.submitted_per_second));
     setText(field(row, "finished"), rate(p.finished_per_second));
     setText(field(row, "nodes"), String(p.nodes || 0));
+    // Held jobs by their state (counted with every change) rather than the nodes' in_flight, which is as
+    // of their last registry renewal.
+    const held = (counts.ASSIGNED || 0) + (counts.RUNNING || 0);
     const load = field(row, "load");
-    const figure = `${p.in_flight || 0} / ${p.capacity || 0}`;
+    const figure = `${held} / ${p.capacity || 0}`;
     if (load.dataset.figure !== figure) {
-      load.replaceChildren(loadBar(p.in_flight || 0, p.capacity || 0));
+      load.replaceChildren(loadBar(held, p.capacity || 0));
       load.dataset.figure = figure;
     }
     row.dataset.paused = p.paused ? "true" : "false";
