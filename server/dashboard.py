@@ -311,7 +311,8 @@ class Dashboard:
 
     async def node_list(self) -> list[dict[str, Any]]:
         """ListNodes' nodes, each with when its registry entry was last renewed (its last proof of life)."""
-        return [as_json(node_info(e)) | {"last_seen": _iso(e.seen_ms)} for e in await self.nodes.node_entries()]
+        entries = sorted(await self.nodes.node_entries(), key=lambda e: e.node_id)
+        return [as_json(node_info(e)) | {"last_seen": _iso(e.seen_ms)} for e in entries]
 
     async def _jobs(self, request: web.Request) -> web.Response:
         """ListJobs; with timeline=1 each job carries its state changes too (one more round trip)."""
