@@ -4,6 +4,7 @@ a node on whichever instance holds it. Every job change is a compare-and-set scr
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from lingua_sdk import pb
@@ -113,11 +114,9 @@ class Operations:
                     cancelled.append(rec.job_id)
             except (InvalidTransition, JobNotFound):
                 finished += 1
-        if tell:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for rec in tell:
-                    pipe.publish(keys.node_channel(rec.node), wire.cancel(rec.job_id, rec.token))
-                await pipe.execute()
+        if tell:  # (a cluster client sends no PUBLISH in a pipeline: concurrently instead)
+            await asyncio.gather(*(self.redis.publish(keys.node_channel(rec.node), wire.cancel(rec.job_id, rec.token))
+                                   for rec in tell))
         return SessionCancelled(cancelled, finished)
 
     # -- PausePool / ResumePool -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from ..fsm import JobState
 from . import buckets, keys
+from .calls import ReadClock
 from .store import Store, _s
 
 SNAPSHOT_TTL_S = 1.0
@@ -73,17 +74,16 @@ class Stats:
         now = buckets.now_ms()
         rate_keys = {shard: buckets.rate_keys(shard, now) for shard in shards}
         done_keys = {shard: buckets.done_keys(shard, now, s.retention_ms) for shard in shards}
-        entries = self.nodes.registry.entries(s.node_listed_ms()) if self.nodes is not None else None
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in shards:
                 pipe.smembers(keys.ShardKeys.of(shard).pools)
                 pipe.hgetall(keys.ShardKeys.of(shard).held)
                 for key in rate_keys[shard] + done_keys[shard]:
                     pipe.hgetall(key)
-            pipe.time()
-            read, registered = await asyncio.gather(pipe.execute(), entries if entries is not None else _none())
-        seconds, micros = read[-1]
-        redis_now = int(seconds) * 1000 + int(micros) // 1000
+            read, redis_now, registered = await asyncio.gather(
+                pipe.execute(), self.store.scripts.call(self.redis, ReadClock().call()),
+                self.nodes.registry.entries(s.node_listed_ms()) if self.nodes is not None else _none())
+        redis_now = int(redis_now)
         pools: dict[str, PoolFigures] = {}
 
         def figures(pool: str) -> PoolFigures:

@@ -42,7 +42,7 @@ local queueKey, timersKey, waitingKey, endedKey, doneKey = KEYS[5], KEYS[6], KEY
 local idemKey, sessionKey, jobsKey, tenantJobsKey, spanKey = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
 local jobId = ARGV[1]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs", "node")
+local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs")
 local state = f[1]
 if not state then
   return {-1}
@@ -96,7 +96,8 @@ end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 rcall("ZADD", waitingKey, now, jobId)
 rcall("ZADD", queueKey, f[7], jobId)
-record_event(eventsKey, {s = dest, v = version, a = 0, n = f[8] or "", e = E.retry, t = now, ec = "",
+-- The reason rides as the event's error (code LINGUA_RETRIED), as a cancel's does; last_error stays.
+record_event(eventsKey, {s = dest, v = version, a = 0, n = "", e = E.retry, t = now, ec = "LINGUA_RETRIED",
   em = ARGV[6], er = "0"})
 rcall("PUBLISH", ARGV[8], wake_message(jobId, "", f[7]))
 return {1, dest, version}
