@@ -72,7 +72,7 @@ class Admin:
             raise InvalidArgument("page_size", f"must be 0 (default {PAGE_DEFAULT}) to {PAGE_MAX}")
         after = decode_cursor(request.page_token) if request.page_token else None
         state = pb.JobState.Name(request.state).removeprefix("JOB_STATE_").lower() if request.state else ""
-        views, cursor = await self.listing.list(
+        views, cursor = await self.listing.page(
             Filter(request.pool, state, request.tenant_id, request.session_id),
             request.page_size or PAGE_DEFAULT, after)
         return pb.ListJobsResponse(jobs=[job_pb(v) for v in views],

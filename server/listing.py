@@ -112,7 +112,7 @@ class Listing:
         merged = [m for m in heapq.merge(*found, reverse=True) if bound is None or m >= bound]
         return merged[:count], bound is None and len(merged) <= count
 
-    async def list(self, f: Filter, page_size: int, after: str | None) -> tuple[list[JobView], str | None]:
+    async def page(self, f: Filter, page_size: int, after: str | None) -> tuple[list[JobView], str | None]:
         """One page of jobs matching `f`, newest first, after the cursor member `after`; and the cursor
         of the next page (None at the end)."""
         out: list[JobView] = []
