@@ -28,6 +28,7 @@ from .http import HttpServer
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
 from .settings import Settings, is_local
+from .stats import PoolGauges
 from .store import Store
 from .tenants import Tenants
 from .tls import ServerCertificates
@@ -364,6 +365,10 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
     http = HttpServer(settings.http_listen, CollectorRegistry()) if settings.http_listen else None
+    if http is not None:  # the cluster-wide gauges, from GetStats' cached snapshot
+        gauges = PoolGauges(service.admin.stats)
+        http.registry.register(gauges)
+        http.before_scrape.append(gauges.refresh)
     board = dashboard.mount(http, service.admin, nodes, store, settings, verifier) if http is not None else None
     return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier, http,
                board)
