@@ -153,6 +153,7 @@ async function signIn(token) {
 
 function signedOut(why) {
   live.stop();
+  live.state("offline", "signed out");
   sessionStorage.removeItem(TOKEN_KEY);
   $("board").hidden = true;
   $("sign-out").hidden = true;
@@ -201,10 +202,10 @@ const live = {
     if (this.source) this.source.close();
     this.source = null;
   },
-  state(name) {
+  state(name, label) {
     const el = $("live");
     el.className = "live " + name;
-    setText(el, name);
+    setText(el, label || name);
   },
 };
 
