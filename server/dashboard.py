@@ -216,7 +216,10 @@ class Dashboard:
                      ) -> web.StreamResponse:
         if not request.path.startswith("/api/"):
             if request.path == "/" or request.path.startswith("/static/"):
-                self._check_host(request)
+                try:
+                    self._check_host(request)
+                except PermissionDenied as err:
+                    return web.Response(status=403, text=f"{err}\n")
             return await handler(request)
         try:
             self._check_host(request)

@@ -303,6 +303,10 @@ async def test_api_guards_without_auth(make_app: AppFactory, settings: Settings)
         # A page of another site whose name points at 127.0.0.1 (DNS rebinding) names its own host.
         async with http.get(url(app, "/api/nodes"), headers={"Host": "evil.example:80"}) as r:
             assert r.status == 403 and "loopback" in (await r.json())["error"]["message"]
+        async with http.get(url(app, "/"), headers={"Host": "evil.example"}) as r:
+            assert r.status == 403 and "loopback" in await r.text()
+        async with http.get(url(app, "/metrics"), headers={"Host": "evil.example"}) as r:
+            assert r.status == 200  # metrics are no secret
         async with http.post(url(app, "/api/pools/zh:en/pause"), headers={"X-Lingua-Dashboard": "1",
                                                                             "Origin": "http://evil.example"}) as r:
             assert r.status == 403 and "origin" in (await r.json())["error"]["message"]
