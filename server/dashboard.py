@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from .errors import InvalidArgument, PermissionDenied, SchedulerError, Unauthent
 from .http import HttpServer
 from .node import NodeSessions, node_info
 from .service import job_pb, scheduler_error, watch_event_pb
-from .settings import Settings, is_local
+from .settings import Settings, is_local, is_loopback_name
 from .store import Store
 from .throttle import ThrottledWarning
 
@@ -114,13 +113,7 @@ def error_body(err: BaseException) -> web.Response:
 
 def _loopback_host(host: str) -> bool:
     """Whether a Host header ("name", "name:port", "[v6]:port") names this machine's loopback."""
-    name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_name(host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0])
 
 
 class Feed:

@@ -253,7 +253,11 @@ def is_local(listen: str) -> bool:
     if listen.startswith(("unix:", "unix-abstract:")):
         return True
     host = listen.rsplit(":", 1)[0] if ":" in listen else listen
-    host = host.removeprefix("[").removesuffix("]")
+    return is_loopback_name(host.removeprefix("[").removesuffix("]"))
+
+
+def is_loopback_name(host: str) -> bool:
+    """localhost, or a loopback IP address."""
     if host == "localhost":
         return True
     try:

@@ -26,6 +26,7 @@ from lingua_scheduler.server.app import App, create_server
 from lingua_scheduler.server.settings import Settings
 from lingua_sdk import Assignment, FatalError, Node, pb, pb_grpc
 from playwright.async_api import Browser, Page, async_playwright, expect
+from test_sdk_python import make_node, running, target, translate
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -64,24 +65,8 @@ async def grpc_stub(app: App) -> AsyncIterator[pb_grpc.SchedulerStub]:
         yield pb_grpc.SchedulerStub(channel)
 
 
-@contextlib.asynccontextmanager
-async def serving(node: Node) -> AsyncIterator[Node]:
-    task = asyncio.create_task(node.run())
-    try:
-        yield node
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def make_node(app: App, handler: Any, **kw: Any) -> Node:
-    return Node(f"127.0.0.1:{app.port}", node_id=kw.pop("node_id", "gpu-1"), pairs=["zh:en"], concurrency=2,
-                handler=handler, handle_signals=False, backoff=(0.05, 0.5), **kw)
-
-
-async def translate(a: Assignment) -> dict[str, Any]:
-    return {"text_asr": "ni hao", "text_translated": "hello"}
+def sdk_node(app: App, handler: Any, **kw: Any) -> Node:
+    return make_node(target(app), handler, concurrency=2, **kw)
 
 
 async def submit(stub: pb_grpc.SchedulerStub, **overrides: Any) -> str:
@@ -117,7 +102,7 @@ async def test_a_job_from_submit_to_done_in_pools_nodes_and_search(make_app: App
             await release.wait()
             return await translate(a)
 
-        async with serving(make_node(app, held, labels={"gpu": "a100"})):
+        async with running(sdk_node(app, held, labels={"gpu": "a100"})):
             await asyncio.wait_for(started.wait(), 20)
             node = page.locator('#nodes tr[data-node="gpu-1"]')
             await expect(node.locator('[data-field="load"]')).to_contain_text("1 / 2", timeout=WAIT_MS)
@@ -145,7 +130,7 @@ async def test_failed_job_listed_and_retried_from_the_page(make_app: AppFactory,
         return await translate(a)
 
     await page.goto(url(app))
-    async with grpc_stub(app) as stub, serving(make_node(app, fails_first)):
+    async with grpc_stub(app) as stub, running(sdk_node(app, fails_first)):
         job_id = await submit(stub, session_id="talk-2")
         row = page.locator(f'#failed tr[data-job="{job_id}"]')
         await expect(row.locator('[data-field="error"]')).to_have_text(
@@ -167,7 +152,7 @@ async def test_failed_job_listed_and_retried_from_the_page(make_app: AppFactory,
 async def test_pause_and_resume_a_pool_from_the_page(make_app: AppFactory, page: Page) -> None:
     app = await make_app(http_listen="127.0.0.1:0")
     await page.goto(url(app))
-    async with grpc_stub(app) as stub, serving(make_node(app, translate)):
+    async with grpc_stub(app) as stub, running(sdk_node(app, translate)):
         pool = page.locator(POOL)  # a pool with a node is listed before it has jobs
         await expect(pool.locator('[data-field="nodes"]')).to_have_text("1", timeout=WAIT_MS)
         await pool.locator("button.pause").click()

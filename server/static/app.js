@@ -248,11 +248,15 @@ function field(row, name) {
   return row.querySelector(`[data-field="${name}"]`);
 }
 
-function loadBar(used, capacity) {
+// A bar and "used / capacity" in `cell`, redrawn only when the figures change.
+function setLoad(cell, used, capacity) {
+  const figure = `${used} / ${capacity}`;
+  if (cell.dataset.figure === figure) return;
   const share = capacity > 0 ? Math.min(1, used / capacity) : 0;
   const fill = h("span", { class: share >= 1 ? "full" : "" });
   fill.style.width = `${Math.round(share * 100)}%`; // through the CSSOM: the page's CSP allows no inline style
-  return h("span", { class: "load" }, h("span", { class: "bar" }, fill), h("span", { class: "figure" }, `${used} / ${capacity}`));
+  cell.replaceChildren(h("span", { class: "load" }, h("span", { class: "bar" }, fill), h("span", { class: "figure" }, figure)));
+  cell.dataset.figure = figure;
 }
 
 // -- pools -----------------------------------------------------------------------------------------------
@@ -282,12 +286,7 @@ function renderPools(stats) {
     // Held jobs by their state (counted with every change) rather than the nodes' in_flight, which is as
     // of their last registry renewal.
     const held = (counts.ASSIGNED || 0) + (counts.RUNNING || 0);
-    const load = field(row, "load");
-    const figure = `${held} / ${p.capacity || 0}`;
-    if (load.dataset.figure !== figure) {
-      load.replaceChildren(loadBar(held, p.capacity || 0));
-      load.dataset.figure = figure;
-    }
+    setLoad(field(row, "load"), held, p.capacity || 0);
     row.dataset.paused = p.paused ? "true" : "false";
     const button = field(row, "action").firstChild;
     if (!button.disabled) setText(button, p.paused ? "Resume" : "Pause");
@@ -330,12 +329,7 @@ function renderNodes(nodes, now) {
   }, (row, n) => {
     setText(field(row, "node"), n.node_id);
     setText(field(row, "pools"), (n.pools || []).join(", "));
-    const load = field(row, "load");
-    const figure = `${n.in_flight || 0} / ${n.max_concurrency || 0}`;
-    if (load.dataset.figure !== figure) {
-      load.replaceChildren(loadBar(n.in_flight || 0, n.max_concurrency || 0));
-      load.dataset.figure = figure;
-    }
+    setLoad(field(row, "load"), n.in_flight || 0, n.max_concurrency || 0);
     const labels = Object.entries(n.labels || {}).sort().map(([k, v]) => `${k}=${v}`);
     if (field(row, "labels").dataset.text !== labels.join(",")) {
       field(row, "labels").replaceChildren(...labels.map((l) => h("span", { class: "chip" }, l)));
