@@ -425,7 +425,8 @@ export type GetJobRequest = Message<"lingua.scheduler.v1.GetJobRequest"> & {
   jobId: string;
 
   /**
-   * Also return the payload, while the job still has it (it is dropped at the terminal state).
+   * Also return the payload, while the job still has it: it is dropped when the job succeeds or is
+   * cancelled; a FAILED or EXPIRED job keeps it for the retention (so RetryJob can run it again).
    *
    * @generated from field: bool include_payload = 2;
    */
