@@ -85,7 +85,9 @@ class Admin:
         out = pb.GetStatsResponse()
         out.as_of.FromMilliseconds(snap.as_of_ms)
         allowed = self.settings.allowed_pools()
-        names = [request.pool] if request.pool else sorted(p for p in snap.pools if allowed is None or p in allowed)
+        names = [request.pool] if request.pool else sorted(
+            p for p, f in snap.pools.items()
+            if (allowed is None or p in allowed) and (f.nodes or f.paused or any(f.jobs.values())))
         for name in names:
             f = snap.pools.get(name)
             entry = out.pools.add(pool=name)

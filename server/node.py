@@ -261,7 +261,7 @@ class Session:
                     pb.JobLease(job_id=job_id, attempt=lease.attempt, lease_token=token)]))
                 self.release(job_id, token)
         elif verb == wire.DRAIN:
-            self.owner._spawn(self.owner.drain(self))
+            self.owner._spawn(self.owner.drain_quietly(self))
         elif verb == wire.REPLACED and args and args[0] == self.token:
             self.replaced = True
             self.send(pb.SchedulerMessage(error="replaced: a newer stream registered this node_id"))
@@ -511,6 +511,14 @@ class NodeSessions:
                 session.release(lease.job_id, lease.token)
         if m.drain:
             await self.drain(session)
+
+    async def drain_quietly(self, session: Session) -> None:
+        """DrainNode's drain: the stream drains whatever happens; a registry that cannot be reached now
+        shows it at the next renewal."""
+        try:
+            await self.drain(session)
+        except Exception as err:
+            log.warning("node %s: draining, but its registry entry could not be updated (%r)", session.node_id, err)
 
     async def drain(self, session: Session) -> None:
         """The node's own drain, or DrainNode's (from any instance, over the node's channel): no new work;
