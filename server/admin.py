@@ -7,7 +7,6 @@ keep (server/listing.py, server/stats.py)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from lingua_sdk import pb
@@ -108,14 +107,7 @@ class Admin:
 
         validate.job_id(request.job_id, self.settings)
         reason = _reason(request.reason)
-        deadline_ms = 0
-        if request.HasField("deadline"):
-            now_ms = int(time.time() * 1000)
-            deadline_ms = validate.timestamp_ms(request.deadline, "deadline")
-            if deadline_ms <= now_ms:
-                raise InvalidArgument("deadline", "must be in the future")
-            if deadline_ms > now_ms + self.settings.max_job_ttl_ms:
-                raise InvalidArgument("deadline", f"at most {self.settings.max_job_ttl_ms // 1000} s ahead")
+        deadline_ms = validate.deadline(request.deadline, self.settings, "deadline") if request.HasField("deadline") else 0
         if not 0 <= request.max_attempts <= self.settings.max_attempts_cap:
             raise InvalidArgument("max_attempts", f"must be 0 (the job's own) to {self.settings.max_attempts_cap}")
         await self.ops.retry(request.job_id, deadline_ms=deadline_ms, max_attempts=request.max_attempts,
@@ -145,8 +137,8 @@ class Admin:
         validate.node_id(request.node_id)
         if not await self.ops.drain(request.node_id):
             raise NodeNotFound(f"node {request.node_id} is not registered")
-        info = next((n for n in (await self.nodes.list_nodes() if self.nodes is not None else [])
-                     if n.node_id == request.node_id), None) or pb.NodeInfo(node_id=request.node_id)
+        found = await self.nodes.node_info(request.node_id) if self.nodes is not None else None
+        info = found or pb.NodeInfo(node_id=request.node_id)
         info.draining = True
         return info
 

@@ -92,6 +92,14 @@ def check_register(reg: pb.Register, settings: Settings) -> list[str]:
     return pools_of(reg, settings)
 
 
+def node_info_pb(e: NodeEntry) -> pb.NodeInfo:
+    info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency, in_flight=e.in_flight,
+                       instance_id=e.instance_id, labels=e.labels, version=e.version, draining=e.draining,
+                       quarantined=e.quarantined)
+    info.connected_at.FromMilliseconds(e.connected_ms)
+    return info
+
+
 class Session:
     """One open NodeSession stream."""
 
@@ -314,14 +322,12 @@ class NodeSessions:
                 task.cancel()
 
     async def list_nodes(self) -> list[pb.NodeInfo]:
-        out = []
-        for e in await self.registry.entries(self.settings.node_listed_ms()):
-            info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency,
-                               in_flight=e.in_flight, instance_id=e.instance_id, labels=e.labels,
-                               version=e.version, draining=e.draining, quarantined=e.quarantined)
-            info.connected_at.FromMilliseconds(e.connected_ms)
-            out.append(info)
-        return out
+        return [node_info_pb(e) for e in await self.registry.entries(self.settings.node_listed_ms())]
+
+    async def node_info(self, node_id: str) -> pb.NodeInfo | None:
+        """One node as its registry entry shows it (None when it has none)."""
+        entry = await self.registry.entry(node_id)
+        return node_info_pb(entry) if entry is not None else None
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
