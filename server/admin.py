@@ -112,6 +112,7 @@ class Admin:
             raise InvalidArgument("max_attempts", f"must be 0 (the job's own) to {self.settings.max_attempts_cap}")
         await self.ops.retry(request.job_id, deadline_ms=deadline_ms, max_attempts=request.max_attempts,
                              reason=reason)
+        self.stats.invalidate()
         return job_pb(await self.store.get(request.job_id, lambda _tenant: True))
 
     async def cancel_session(self, request: pb.CancelSessionRequest) -> pb.CancelSessionResponse:
@@ -120,18 +121,23 @@ class Admin:
         if not request.session_id:
             raise InvalidArgument("session_id", "required")
         done = await self.ops.cancel_session(request.tenant_id, request.session_id, _reason(request.reason))
+        self.stats.invalidate()
         return pb.CancelSessionResponse(cancelled_job_ids=done.cancelled, already_finished=done.already_finished)
 
     async def pause_pool(self, request: pb.PausePoolRequest) -> pb.PoolState:
         if not request.pool:
             raise InvalidArgument("pool", "required")
         pool = _pool(request.pool, self.settings)
-        return _pool_state(await self.ops.set_paused(pool, True, _reason(request.reason)))
+        state = await self.ops.set_paused(pool, True, _reason(request.reason))
+        self.stats.invalidate()
+        return _pool_state(state)
 
     async def resume_pool(self, request: pb.ResumePoolRequest) -> pb.PoolState:
         if not request.pool:
             raise InvalidArgument("pool", "required")
-        return _pool_state(await self.ops.set_paused(_pool(request.pool, self.settings), False))
+        state = await self.ops.set_paused(_pool(request.pool, self.settings), False)
+        self.stats.invalidate()
+        return _pool_state(state)
 
     async def drain_node(self, request: pb.DrainNodeRequest) -> pb.NodeInfo:
         validate.node_id(request.node_id)
