@@ -57,3 +57,27 @@ async def test_index_keys_expire_with_their_jobs(store: Store, redis: Any) -> No
     for key in (keys.PartitionKeys.of(tag).jobs, keys.tenant_jobs(shard, "acme")):
         assert 0 < await redis.pttl(key) <= span + store.settings.retention_ms
     assert await redis.smembers(keys.ShardKeys.of(shard).pools) == {b"zh:en"}
+
+
+async def test_a_sparse_filter_pages_on_past_its_scan_budget(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filter the indexes do not serve (RUNNING) is checked job by job, at most SCAN_BUDGET a call: a
+    page may come back short with a token, and following the tokens finds every match, newest first."""
+    from lingua_scheduler.server import listing
+
+    first = [s.job_id for s in await store.submit([spec(utterance_index=i) for i in range(2)])]
+    for i, job_id in enumerate(first):
+        (c,) = await store.claim("n1", [(job_id, f"t{i}")])
+        assert c.code == ScriptCode.APPLIED
+        await store.touch("n1", [Lease(job_id, f"t{i}")])
+    await store.submit([spec(utterance_index=i) for i in range(2, 30)])
+    monkeypatch.setattr(listing, "SCAN_BUDGET", 10)
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        views, cursor = await listing.Listing(store).page(listing.Filter(state="running"), 50, cursor)
+        pages.append([v.record.job_id for v in views])
+        if cursor is None:
+            break
+    assert pages[0] == []  # the 10 newest are queued: a short page, and a token to go on
+    assert [j for page in pages for j in page] == sorted(first, key=lambda j: j[-26:], reverse=True)
+    assert len(pages) >= 3
