@@ -522,16 +522,19 @@ class NodeSessions:
         """DrainNode's drain: the stream drains whatever happens; a registry that cannot be reached now
         shows it at the next renewal."""
         try:
-            await self.drain(session)
+            await self.drain(session, tell=True)
         except Exception as err:
             log.warning("node %s: draining, but its registry entry could not be updated (%r)", session.node_id, err)
 
-    async def drain(self, session: Session) -> None:
-        """The node's own drain, or DrainNode's (from any instance, over the node's channel): no new work;
-        the stream closes once what it holds is finished. The registry shows it at once."""
+    async def drain(self, session: Session, *, tell: bool = False) -> None:
+        """The node's own drain, or DrainNode's (from any instance, over the node's channel; `tell`: the
+        node is told, SchedulerMessage.drain): no new work; the stream closes once what it holds is
+        finished. The registry shows it at once."""
         if session.draining:
             return
         session.draining = True
+        if tell:
+            session.send(pb.SchedulerMessage(drain=True))
         await self.registry.register(session.entry(), session.token, renew=True)
         session._maybe_done()
 
