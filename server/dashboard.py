@@ -43,7 +43,7 @@ from .admin import Admin
 from .auth import AUTH_OFF, Caller, Role, Verifier
 from .errors import InvalidArgument, PermissionDenied, SchedulerError, Unauthenticated
 from .http import HttpServer
-from .node import NodeSessions, node_info
+from .node import NodeSessions, node_info_pb
 from .service import job_pb, scheduler_error, watch_event_pb
 from .settings import Settings, is_local, is_loopback_name
 from .store import Store
@@ -308,7 +308,7 @@ class Dashboard:
     async def node_list(self) -> list[dict[str, Any]]:
         """ListNodes' nodes, each with when its registry entry was last renewed (its last proof of life)."""
         entries = sorted(await self.nodes.node_entries(), key=lambda e: e.node_id)
-        return [as_json(node_info(e)) | {"last_seen": _iso(e.seen_ms)} for e in entries]
+        return [as_json(node_info_pb(e)) | {"last_seen": _iso(e.seen_ms)} for e in entries]
 
     async def _jobs(self, request: web.Request) -> web.Response:
         """ListJobs; with timeline=1 each job carries its state changes too (one more round trip)."""
