@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from lingua_sdk import pb
 
 from . import keys, logs
+from .errors import ScriptCode
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -115,11 +116,21 @@ class Tracing:
     def _parent(self, trace_context: Mapping[str, str]) -> Context | None:
         return self._propagate.extract(trace_context) if trace_context else None
 
+    def _submit_parent(self, trace_context: Mapping[str, str]) -> Context | None:
+        """The job's trace_context; the current span (the RPC's) instead when it is of the same trace
+        (the client sent traceparent metadata too), so the submit nests under the call."""
+        parent = self._parent(trace_context)
+        if parent is None:
+            return None
+        current = self._trace.get_current_span().get_span_context()
+        given = self._trace.get_current_span(parent).get_span_context()
+        return None if current.is_valid and current.trace_id == given.trace_id else parent
+
     async def submit(self, store: Any, specs: Sequence[pb.JobSpec]) -> list[Submitted]:
         """store.submit(specs) inside one `lingua.submit` span per job, each spec's trace_context set to it."""
         spans = []
         for spec in specs:
-            span = self.tracer.start_span("lingua.submit", context=self._parent(spec.trace_context), attributes={
+            span = self.tracer.start_span("lingua.submit", context=self._submit_parent(spec.trace_context), attributes={
                 "lingua.pool": keys.pool_of(spec.src_lang, spec.tgt_lang), "lingua.tenant_id": spec.tenant_id})
             ctx = self._trace.set_span_in_context(span)
             spec.trace_context.pop("traceparent", None)
@@ -147,7 +158,7 @@ class Tracing:
     def claimed(self, claims: Sequence[tuple[str, Claim | Exception]], start_ns: int) -> None:
         """A `lingua.claim` span per claim that applied ((node id, claim) pairs of one round trip)."""
         for node_id, claim in claims:
-            if isinstance(claim, Exception) or claim.code != 0:  # ScriptCode.APPLIED
+            if isinstance(claim, Exception) or claim.code != ScriptCode.APPLIED:
                 continue
             spec = pb.JobSpec.FromString(claim.meta)
             parent = self._parent(spec.trace_context)
