@@ -43,11 +43,19 @@ def fields(job_id: str = "", node_id: str = "", tenant_id: str = "", trace_conte
     return {k: v for k, v in given.items() if v}
 
 
+_ID_FIELDS: dict[Any, tuple[tuple[str, ContextVar[str]], ...]] = {}  # message descriptor -> its id fields
+
+
 def from_request(request: Any) -> None:
     """Set the ids an RPC's request names (its `job_id`, `node_id`, `tenant_id` fields) for the call."""
-    for name, var in FIELDS[:3]:
-        value = getattr(request, name, None)
-        if value and isinstance(value, str):
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    found = _ID_FIELDS.get(descriptor)
+    if found is None:  # once per message type (a stream's iterator has none)
+        names = descriptor.fields_by_name if descriptor is not None else {}
+        found = _ID_FIELDS[descriptor] = tuple((name, var) for name, var in FIELDS[:3] if name in names)
+    for name, var in found:
+        value = getattr(request, name)
+        if value:
             var.set(value)
 
 
