@@ -31,7 +31,7 @@ class ThrottledWarning:
             return False
         if self.suppressed:
             msg += " (%d more like it suppressed in the last %.0f s)"
-            args = (*args, self.suppressed, now - (self._last or now))
+            args = (*args, self.suppressed, now - (now if self._last is None else self._last))  # (a clock may start at 0)
         self.logger.log(self.level, msg, *args, **kwargs)
         self._last, self.suppressed = now, 0
         return True

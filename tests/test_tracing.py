@@ -307,3 +307,30 @@ async def test_no_payload_or_token_reaches_the_log(make_app: AppFactory, setting
     assert job_id in text and "refused" in text  # the log did record this lifecycle and the refusal
     for secret_text in (payload.decode(), result, client_token, node_token, junk, client_token.split(".")[2]):
         assert secret_text not in text
+
+
+def test_a_throttled_line_keeps_its_level_and_ids() -> None:
+    """ThrottledWarning passes `extra` (the ids) and `exc_info` through, at its level, and counts what it held back."""
+    from lingua_scheduler.server.throttle import ThrottledWarning
+
+    now = [0.0]
+    out = io.StringIO()
+    logger = logging.getLogger("test.tracing.throttle")
+    logger.addHandler(logs.handler("json", out))
+    logger.propagate = False
+    try:
+        warn = ThrottledWarning(logger, interval_s=10, clock=lambda: now[0], level=logging.ERROR)
+        for i in range(4):
+            now[0] = i * 4.0  # 0 logged, 4 and 8 held back, 12 logged again
+            try:
+                raise RuntimeError("boom")
+            except RuntimeError:
+                warn("node %s failed", "gpu-1", extra=logs.fields(node_id="gpu-1"), exc_info=True)
+    finally:
+        logger.propagate = True
+        logger.handlers.clear()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["level"], x["message"], x["node_id"]) for x in lines] == [
+        ("ERROR", "node gpu-1 failed", "gpu-1"),
+        ("ERROR", "node gpu-1 failed (2 more like it suppressed in the last 12 s)", "gpu-1")]
+    assert all("RuntimeError: boom" in x["exc_info"] for x in lines)
