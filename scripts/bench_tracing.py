@@ -4,9 +4,10 @@
 One process: a private redis-server, a scheduler App, SDK AsyncClients submitting in batches and an
 SDK Node (zero processing time) completing. "off" is the App as main builds it without OTEL_*
 variables (no tracer anywhere); "on" has a TracerProvider whose spans go, batched, to an
-InMemorySpanExporter, every trace sampled; "10%" samples one trace in ten (parentbased_traceidratio) (what an OTLP exporter costs on top, on its own thread, is the collector's
-business). Rounds alternate the three modes; each prints jobs/s. The SDK client and node share the process,
-so the figures are lower than scripts/bench's and only their ratio means something.
+InMemorySpanExporter, every trace sampled; "10%" samples one trace in ten (parentbased_traceidratio).
+What an OTLP exporter costs on top runs on the batch processor's thread. Rounds alternate the three
+modes; each prints jobs/s. The SDK client and node share the process, so the figures are lower than
+scripts/bench's and only their ratios mean something.
 
 Usage: .venv/bin/python scripts/bench_tracing.py [--jobs 2000] [--rounds 3]
 """
