@@ -335,3 +335,23 @@ def test_a_throttled_line_keeps_its_level_and_ids() -> None:
         ("ERROR", "node gpu-1 failed", "gpu-1"),
         ("ERROR", "node gpu-1 failed (2 more like it suppressed in the last 12 s)", "gpu-1")]
     assert all("RuntimeError: boom" in x["exc_info"] for x in lines)
+
+
+def test_the_sdk_works_without_opentelemetry() -> None:
+    """lingua-scheduler-sdk without its [otel] extra: submits carry no context, handlers run without a span."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["opentelemetry"] = None  # as if opentelemetry-api were not installed: importing it fails
+from lingua_sdk import _otel, pb
+from lingua_sdk.client import _Core
+request = _Core.submit_request([dict(tenant_id="acme", session_id="s", src_lang="zh", tgt_lang="en", payload_ref="x:y")])
+assert _otel.trace is None and dict(request.jobs[0].trace_context) == {}
+with _otel.job_span(pb.Assignment(job_id="j"), "gpu-1") as span:
+    assert span is None
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
