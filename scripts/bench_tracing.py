@@ -6,7 +6,8 @@ SDK Node (zero processing time) completing. "off" is the App as main builds it w
 variables (no tracer anywhere); "on" has a TracerProvider whose spans go, batched, to an
 InMemorySpanExporter, every trace sampled; "10%" samples one trace in ten (parentbased_traceidratio).
 What an OTLP exporter costs on top runs on the batch processor's thread. Rounds alternate the three
-modes; each prints jobs/s. The SDK client and node share the process, so the figures are lower than
+modes; each prints lifecycles/s and the process's CPU time per lifecycle (the steadier figure on a
+shared machine). The SDK client and node share the process, so the figures are lower than
 scripts/bench's and only their ratios mean something.
 
 Usage: .venv/bin/python scripts/bench_tracing.py [--jobs 2000] [--rounds 3]
@@ -31,9 +32,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 
-async def one_round(redis_url: str, jobs: int, mode: str) -> tuple[float, int]:
-    """(lifecycles/s, spans recorded) of `jobs` jobs submitted by 4 clients, done by one node. `mode`:
-    off, on (every trace sampled) or 10% (OTEL_TRACES_SAMPLER=parentbased_traceidratio, arg 0.1)."""
+async def one_round(redis_url: str, jobs: int, mode: str) -> tuple[float, float, int]:
+    """(lifecycles/s, CPU us per lifecycle of this process, spans recorded) of `jobs` jobs submitted by
+    4 clients, done by one node. `mode`: off, on (every trace sampled) or 10% (as
+    OTEL_TRACES_SAMPLER=parentbased_traceidratio with arg 0.1)."""
     provider: Any = None
     exporter = InMemorySpanExporter()
     if mode != "off":
@@ -58,7 +60,7 @@ async def one_round(redis_url: str, jobs: int, mode: str) -> tuple[float, int]:
     clients = [AsyncClient(target) for _ in range(4)]
     try:
         await asyncio.sleep(0.5)  # the node registers
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
 
         async def submit(c: int) -> list[str]:
             ids = []
@@ -72,7 +74,7 @@ async def one_round(redis_url: str, jobs: int, mode: str) -> tuple[float, int]:
         await asyncio.wait_for(done.wait(), 120)
         for job_id in ids[-8:]:  # the last results are stored too
             assert (await clients[0].wait(job_id, timeout=30)).state is JobState.SUCCEEDED
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         for client in clients:
             await client.close()
@@ -81,7 +83,7 @@ async def one_round(redis_url: str, jobs: int, mode: str) -> tuple[float, int]:
         await app.stop(grace=0)
     if provider is not None:
         provider.shutdown()
-    return len(ids) / elapsed, len(exporter.get_finished_spans())
+    return len(ids) / elapsed, cpu / len(ids) * 1e6, len(exporter.get_finished_spans())
 
 
 async def main() -> None:
@@ -93,18 +95,22 @@ async def main() -> None:
         redis = EmbeddedRedis(folder, persistent=False).start()
         try:
             rates: dict[str, list[float]] = {"off": [], "10%": [], "on": []}
+            cpus: dict[str, list[float]] = {mode: [] for mode in rates}
             await one_round(redis.url, 200, "off")  # warm-up
             for r in range(args.rounds):
                 for mode in rates:
-                    rate, spans = await one_round(redis.url, args.jobs, mode)
+                    rate, cpu, spans = await one_round(redis.url, args.jobs, mode)
                     rates[mode].append(rate)
-                    print(f"round {r + 1} tracing {mode:3}: {rate:7.0f} lifecycles/s ({spans} spans)", flush=True)
+                    cpus[mode].append(cpu)
+                    print(f"round {r + 1} tracing {mode:3}: {rate:7.0f} lifecycles/s, {cpu:5.0f} us CPU per lifecycle "
+                          f"({spans} spans)", flush=True)
         finally:
             redis.stop()
-    off = statistics.median(rates["off"])
+    off, off_cpu = statistics.median(rates["off"]), statistics.median(cpus["off"])
     for mode in ("10%", "on"):
-        median = statistics.median(rates[mode])
-        print(f"median: off {off:.0f}/s, {mode} sampled {median:.0f}/s: costs {100 * (1 - median / off):.1f}% of lifecycles/s")
+        rate, cpu = statistics.median(rates[mode]), statistics.median(cpus[mode])
+        print(f"median, tracing {mode} vs off: {rate:.0f} vs {off:.0f} lifecycles/s ({100 * (rate / off - 1):+.1f}%), "
+              f"{cpu:.0f} vs {off_cpu:.0f} us CPU per lifecycle ({100 * (cpu / off_cpu - 1):+.1f}%)")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ try:
 except ImportError:  # the [otel] extra is not installed
     propagate = trace = None  # type: ignore[assignment]
 
+# A proxy until the application sets its TracerProvider, then that provider's tracer: made once.
+_tracer = trace.get_tracer("lingua_sdk") if trace is not None else None
+
 
 def inject(request: pb.SubmitRequest) -> None:
     """The current trace context into each job's trace_context that the caller left empty."""
@@ -35,11 +38,11 @@ def inject(request: pb.SubmitRequest) -> None:
 @contextlib.contextmanager
 def job_span(a: pb.Assignment, node_id: str) -> Iterator[Any]:
     """The handler's span (None without opentelemetry): a child of the submit that made the job."""
-    if trace is None:
+    if _tracer is None:
         yield None
         return
     parent = propagate.extract(a.spec.trace_context) if a.spec.trace_context else None
-    with trace.get_tracer("lingua_sdk").start_as_current_span(
+    with _tracer.start_as_current_span(
         "lingua.job", context=parent, kind=trace.SpanKind.CONSUMER, attributes={
             "lingua.job_id": a.job_id, "lingua.node_id": node_id, "lingua.attempt": a.attempt,
             "lingua.pool": f"{a.spec.src_lang}:{a.spec.tgt_lang}", "lingua.tenant_id": a.spec.tenant_id}) as span:
