@@ -157,7 +157,10 @@ async def abort(context: grpc.aio.ServicerContext, err: BaseException, what: str
     if status.code == grpc.StatusCode.INTERNAL.value[0]:
         _internal.setdefault(what, ThrottledWarning(log, interval_s=10, level=logging.ERROR))(
             "%s failed", what, exc_info=err)
-    await context.abort_with_status(rpc_status.to_status(status))  # type: ignore[attr-defined]  # grpc-stubs lacks it
+    grpc_status = rpc_status.to_status(status)
+    context.set_code(grpc_status.code)  # what tracing's wrapper of the context records (abort_with_status bypasses it)
+    context.set_details(grpc_status.details)
+    await context.abort_with_status(grpc_status)  # type: ignore[attr-defined]  # grpc-stubs lacks it
     raise AssertionError("unreachable: abort_with_status raises")
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import grpc
 import pytest
 from conftest import AppFactory
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from helpers import all_keys, spec
 from lingua_scheduler.server import logs, tracing
 from lingua_scheduler.server.app import App, create_server
@@ -188,6 +190,22 @@ async def test_bad_trace_context_is_refused_naming_the_field(
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "jobs[1].trace_context" in (raised.value.details() or "") and what in (raised.value.details() or "")
     assert await all_keys(redis, "lingua:v1:job:*") == []  # the whole batch refused: nothing stored
+
+
+async def test_with_tracing_on_a_refusal_keeps_its_rich_status(traced_app: App, exporter: InMemorySpanExporter) -> None:
+    """The instrumentation wraps each call's context: abort_with_status still carries the details."""
+    async with grpc.aio.insecure_channel(target(traced_app)) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await pb_grpc.SchedulerStub(channel).Submit(pb.SubmitRequest(jobs=[spec(
+                trace_context={f"k{i}": "v" for i in range(9)})]))
+    status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
+    violation = error_details_pb2.BadRequest()
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert status.details[1].Unpack(violation) and violation.field_violations[0].field == "jobs[0].trace_context"
+    (rpc,) = [s for s in exporter.get_finished_spans() if s.name.endswith("/Submit")]
+    assert not named(exporter, "lingua.submit")  # refused before anything was submitted
+    # The call's span records the code (a caller's mistake is not a server error: its status stays unset).
+    assert (rpc.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 async def test_a_repeat_submit_with_another_trace_context_finds_its_job(stub: pb_grpc.SchedulerStub) -> None:
