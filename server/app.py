@@ -27,6 +27,7 @@ from .http import HttpServer
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
 from .settings import Settings, is_local
+from .stats import PoolGauges
 from .store import Store
 from .tenants import Tenants
 from .tls import ServerCertificates
@@ -355,9 +356,9 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
     ])
-    servicer = SchedulerService(store, dispatcher, settings, nodes)
-    servicer.tracing = tracing
-    add_to_server(servicer, server)  # undecodable bytes: INVALID_ARGUMENT
+    service = SchedulerService(store, dispatcher, settings, nodes)
+    service.tracing = tracing
+    add_to_server(service, server)  # undecodable bytes: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # v1 and v1alpha, with the proto comments (server/reflection.py)
@@ -369,5 +370,9 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
     http = HttpServer(settings.http_listen, CollectorRegistry()) if settings.http_listen else None
+    if http is not None:  # the cluster-wide gauges, from GetStats' cached snapshot
+        gauges = PoolGauges(service.admin.stats)
+        http.registry.register(gauges)
+        http.before_scrape.append(gauges.refresh)
     return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier, http,
                tracing)
