@@ -24,7 +24,6 @@ TRACE_ID: ContextVar[str] = ContextVar("trace_id", default="")
 FIELDS = (("job_id", JOB_ID), ("node_id", NODE_ID), ("tenant_id", TENANT_ID), ("trace_id", TRACE_ID))
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LEVELS = ("debug", "info", "warning", "error")
 
 
 def trace_id_of(trace_context: Any) -> str:
@@ -94,18 +93,32 @@ def json_formatter() -> logging.Formatter:
                          timestamp="time")
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is written (as logging's last resort does), so a
+    process that swaps it (a test runner capturing output) never leaves it writing to a closed file."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def handler(log_format: str, stream: Any = None) -> logging.Handler:
     """A stream handler (stderr by default) with the context filter and the chosen formatter."""
-    out = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    out = logging.StreamHandler(stream) if stream is not None else _Stderr()
     out.addFilter(ContextFilter())
     out.setFormatter(json_formatter() if log_format == "json" else TextFormatter())
     return out
 
 
 def setup(log_format: str, level: str = "info") -> None:
-    """The process's logging: the root logger writes through handler(log_format) at `level`."""
+    """The process's logging: the root logger writes to stderr through handler(log_format) at `level`
+    (in place of the handler an earlier setup() added; other handlers, a test runner's, stay)."""
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _Stderr)]:
         root.removeHandler(old)
     root.addHandler(handler(log_format))
     root.setLevel(level.upper())
