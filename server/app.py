@@ -32,6 +32,7 @@ from .stats import PoolGauges
 from .store import Store
 from .tenants import Tenants
 from .tls import ServerCertificates
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -264,6 +265,7 @@ class App:
     auth: Verifier | None = None  # None: no authentication
     http: HttpServer | None = None  # the operations HTTP port (--http-listen); None when off
     dashboard: Dashboard | None = None  # on the HTTP port (server/dashboard.py); None when off
+    tracing: Tracing | None = None  # OpenTelemetry spans (server/tracing.py); None when off
 
     def reload(self) -> None:
         """SIGHUP: re-read the files named by flags: TLS certificates (new connections get them; open ones
@@ -325,8 +327,9 @@ class App:
                 log.error("shutdown: %s did not stop within %.1f s; going on", name, limit)
 
 
-def create_server(settings: Settings, redis: Any = None) -> App:
+def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = None) -> App:
     """Build the server bound to settings.listen (port 0 picks one: see App.port). Call start().
+    With an OpenTelemetry `tracer_provider` (server/tracing.py), it makes spans; without, none.
 
     ValueError when it would serve without authentication beyond loopback (Settings.check_exposure), for
     a key file that cannot be used (AuthKeyError), or for a tenants file that cannot (TenantConfigError);
@@ -345,7 +348,10 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     store = Store(client, settings, tenants=tenants)
     dispatcher = Dispatcher(store, settings)
     nodes = NodeSessions(store, dispatcher, settings)
-    server = grpc.aio.server(interceptors=[AuthInterceptor(verifier)] if verifier else None, options=[
+    tracing = Tracing(tracer_provider) if tracer_provider is not None else None
+    store.tracing = dispatcher.tracing = tracing
+    interceptors = ([tracing.interceptor()] if tracing else []) + ([AuthInterceptor(verifier)] if verifier else [])
+    server = grpc.aio.server(interceptors=interceptors or None, options=[
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -353,6 +359,7 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
     ])
     service = SchedulerService(store, dispatcher, settings, nodes)
+    service.tracing = tracing
     add_to_server(service, server)  # undecodable bytes: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -371,4 +378,4 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         http.before_scrape.append(gauges.refresh)
     board = dashboard.mount(http, service.admin, nodes, store, settings, verifier) if http is not None else None
     return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier, http,
-               board)
+               board, tracing)

@@ -24,7 +24,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from . import keys, wire
+from . import keys, logs, wire
 
 # Consumer, MAX_AVOIDED and new_lease_token are re-exported: callers import them from here.
 from .consumers import MAX_AVOIDED as MAX_AVOIDED
@@ -35,6 +35,7 @@ from .errors import ScriptCode, StreamOverflow
 from .settings import Settings
 from .store import Claim, Lease, Store
 from .throttle import ThrottledWarning
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class Dispatcher:
         self._sweep_errors = ThrottledWarning(log, interval_s=10)
         self._listen_errors = ThrottledWarning(log, interval_s=10)
         self._dispatch_errors = ThrottledWarning(log, interval_s=10)
+        self._release_errors = ThrottledWarning(log, interval_s=10)
+        self.tracing: Tracing | None = None  # set by the app when tracing is on (server/tracing.py)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -281,8 +284,8 @@ class Dispatcher:
         try:
             await self.store.release(consumer.node_id, leases)
         except Exception as err:  # Redis is down: the ack timeout takes them back
-            log.warning("node %s: releasing %d unanswered claims failed (%r); their ack timeout covers them",
-                        consumer.node_id, len(leases), err)
+            self._release_errors("node %s: releasing %d unanswered claims failed (%r); their ack timeout covers them",
+                                 consumer.node_id, len(leases), err, extra=logs.fields(node_id=consumer.node_id))
 
     # -- shared by both ---------------------------------------------------------------------------
 
@@ -302,11 +305,15 @@ class Dispatcher:
         (adopted) or released."""
         for consumer, job_id, token, _ in items:
             consumer.pending[job_id] = token
+        started = time.time_ns()
         replies = await self.store.claim_many([(job_id, c.node_id, token) for c, job_id, token, _ in items])
+        if self.tracing is not None:
+            self.tracing.claimed([(c.node_id, claim) for (c, _, _, _), claim in zip(items, replies, strict=True)], started)
         for (consumer, job_id, _, _), claim in zip(items, replies, strict=True):
             if isinstance(claim, Exception):  # this one failed in Redis (a damaged record): not claimed
                 consumer.pending.pop(job_id, None)
-                self._dispatch_errors("claiming job %s failed: %r", job_id, claim)
+                self._dispatch_errors("claiming job %s failed: %r", job_id, claim,
+                                      extra=logs.fields(job_id, consumer.node_id))
                 continue
             if claim.code != ScriptCode.APPLIED:
                 consumer.pending.pop(job_id, None)

@@ -28,12 +28,16 @@ from typing import Protocol
 from google.protobuf.timestamp_pb2 import Timestamp
 from lingua_sdk import pb
 
-from . import wire
+from . import logs, wire
 from .dispatch import sleep_unless
 from .registry import NodeEntry, Registry
 from .settings import Settings
+from .throttle import ThrottledWarning
 
 log = logging.getLogger(__name__)
+# A fleet that loses its network, or Redis down: a line per interval, with a count, not one per node or tick.
+_unanswered = ThrottledWarning(log, interval_s=10)
+_renewals = ThrottledWarning(log, interval_s=10)
 
 
 CHECK_TICK_S = 0.1  # how often the pings due are sent (at most; shorter with short ping settings)
@@ -102,8 +106,8 @@ class Liveness:
                 continue
             if p.ping_sent is not None:
                 if now - p.ping_sent >= timeout:
-                    log.warning("node %s: no answer to ping %d within %d ms; ending its stream", stream.node_id,
-                                p.ping_id, self.settings.ping_timeout_ms)
+                    _unanswered("node %s: no answer to ping %d within %d ms; ending its stream", stream.node_id,
+                                p.ping_id, self.settings.ping_timeout_ms, extra=logs.fields(node_id=stream.node_id))
                     stream.unresponsive()
             elif now - p.last_seen >= interval * (1 - p.spread / 4):
                 if sent_at is None:
@@ -155,7 +159,7 @@ class Liveness:
                     with contextlib.suppress(Exception):  # else it expires, and leaves ListNodes sooner
                         await self.registry.release(stream.node_id, stream.token)
         if failed:  # at most one line a tick, whatever the number of streams
-            log.warning("renewing %d of %d registry entries failed (%r); retrying", len(failed), len(due), failed[0])
+            _renewals("renewing %d of %d registry entries failed (%r); retrying", len(failed), len(due), failed[0])
         elif self._failing:
             log.info("registry renewals succeed again")
         self._failing = len(failed)

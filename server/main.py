@@ -14,10 +14,13 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from . import logs, tracing
 from .app import PartitionsMismatch, check_redis, close_redis, create_server
 from .auth import AuthKeyError
 from .embedded import DataDirInUse, EmbeddedRedis
@@ -27,14 +30,19 @@ from .tenants import TenantConfigError
 from .tenants import load as load_tenants
 from .tls import CertificateError
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
 log = logging.getLogger("lingua_scheduler")
 
 
 GC_THRESHOLDS = (50_000, 50, 1_000)  # gen0 allocations, gen1 and gen2 collection counts (gc.set_threshold)
 
 
-async def serve(settings: Settings) -> None:
-    app = create_server(settings)
+async def serve(settings: Settings, provider: TracerProvider | None = None) -> None:
+    app = create_server(settings, tracer_provider=provider)
+    if provider is not None:
+        log.info("tracing on: exporting spans to %s", ", ".join(tracing.exporters_wanted(os.environ)))
     if app.auth is not None:
         log.info("authentication on: bearer JWTs, keys %s",
                  ", ".join(f"{k.kid} ({k.algorithm})" for k in app.auth.keys))
@@ -61,6 +69,8 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down: draining streams for up to %.1f s", settings.shutdown_grace_s)
     await app.stop()
+    if provider is not None:
+        provider.shutdown()  # exports the spans still batched
 
 
 def _redacted(url: str) -> str:
@@ -79,12 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return token_main(args[1:])
     argv = args
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transitions").setLevel(logging.WARNING)  # it logs every transition at INFO
     try:
         settings = Settings.load(argv)
+        logs.setup(settings.log_format, settings.log_level)
         if settings.tenants:
             load_tenants(settings.tenants)  # a bad file stops us before anything starts
+        provider = tracing.provider_from_env()  # None unless OTEL_* variables turn tracing on
     except ValueError as err:  # TenantConfigError too
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 2
@@ -110,9 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.uvloop:
             import uvloop
 
-            uvloop.run(serve(settings))
+            uvloop.run(serve(settings, provider))
         else:
-            asyncio.run(serve(settings))
+            asyncio.run(serve(settings, provider))
     except (PartitionsMismatch, CertificateError, HttpListenError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ from google.protobuf.duration_pb2 import Duration
 from lingua_sdk import pb
 
 from ..fsm import Event
-from . import auth, keys, validate, wire
+from . import auth, keys, logs, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import LEASE_GONE, InvalidArgument, NodeUnresponsive, SchedulerError, StreamOverflow
 from .liveness import Liveness, Pulse
@@ -39,6 +39,8 @@ from .throttle import ThrottledWarning
 log = logging.getLogger(__name__)
 # A fleet of stalled nodes must not flood the log: one line per interval, with a count.
 _quarantines = ThrottledWarning(log, interval_s=10)
+_overflows = ThrottledWarning(log, interval_s=10)
+_failures = ThrottledWarning(log, interval_s=10, level=logging.ERROR)
 
 
 def _duration(ms: int) -> Duration:
@@ -169,7 +171,12 @@ class Session:
             self.unacked.pop(c.job_id, None)  # (re)inserted last: the dict stays oldest first
             self.unacked[c.job_id] = now
             self.timed_out.pop(c.job_id, None)
-        self.send(pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims]))
+        message = pb.SchedulerMessage(assignments=[assignment_pb(c) for c in claims])
+        if log.isEnabledFor(logging.DEBUG):  # the dispatch task's lines: the job's ids given, not in context
+            for a in message.assignments:
+                log.debug("assigned job %s (attempt %d) to node %s", a.job_id, a.attempt, self.node_id,
+                          extra=logs.fields(a.job_id, self.node_id, a.spec.tenant_id, a.spec.trace_context, a.spec.trace_id))
+        self.send(message)
 
     def acked(self, job_id: str, token: str) -> None:
         """The node answered about a lease it was sent (ack, heartbeat, completion, unavailable): the
@@ -354,6 +361,7 @@ class NodeSessions:
         except SchedulerError as err:
             await abort(context, err, "NodeSession")
         session = Session(self, first.register, pools)
+        logs.NODE_ID.set(session.node_id)  # this call's task and the tasks it starts (its reader)
         self._open.add(session)
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -428,8 +436,8 @@ class NodeSessions:
             await abort(context, NodeUnresponsive(
                 f"node {session.node_id}: no answer to ping within {self.settings.ping_timeout_ms} ms"), "NodeSession")
         if session.overflowed:
-            log.warning("node %s: closing its stream, over %d messages unread", session.node_id,
-                        self.settings.stream_outbox_max)
+            _overflows("node %s: closing its stream, over %d messages unread", session.node_id,
+                       self.settings.stream_outbox_max)
             await abort(context, StreamOverflow(
                 f"node {session.node_id} left more than {self.settings.stream_outbox_max} messages unread"), "NodeSession")
 
@@ -462,7 +470,7 @@ class NodeSessions:
             except Exception as err:
                 code, text = error_status(err)
                 if code == grpc.StatusCode.INTERNAL:
-                    log.exception("node %s: message failed", session.node_id)
+                    _failures("node %s: message failed", session.node_id, exc_info=True)
                 session.send(pb.SchedulerMessage(error=f"{code.name}: {text}"))
 
     async def _handle(self, session: Session, m: pb.NodeMessage) -> None:
@@ -548,6 +556,7 @@ class NodeSessions:
         """A completion's outcome: confirmed when stored; refused otherwise. The slot is freed only
         when the lease is settled or gone, not when Redis could not be reached (the node resends)."""
         if isinstance(outcome, Changed):
+            log.debug("job %s: %s", lease.job_id, outcome.state, extra=logs.fields(lease.job_id, tenant_id=outcome.tenant))
             confirmed.append(_confirmed(outcome, lease.token))
             freed.append(lease)
             return

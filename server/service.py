@@ -22,7 +22,7 @@ from lingua_sdk import pb, pb_grpc
 from redis.exceptions import RedisError
 
 from ..fsm import TERMINAL, JobState
-from . import auth, keys, validate
+from . import auth, keys, logs, validate
 from .admin import Admin
 from .dispatch import Consumer, Dispatcher
 from .errors import (
@@ -40,10 +40,12 @@ from .session import SessionWatch
 from .settings import Settings
 from .store import Claim, JobView, Lease, Store, Touched
 from .throttle import ThrottledWarning
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _store_down = ThrottledWarning(log)
+_internal: dict[str, ThrottledWarning] = {}  # per method (a bounded set of names): a bug's line, not one per call
 
 _STATE = {s.value: getattr(pb, f"JOB_STATE_{s.name}", pb.JOB_STATE_UNSPECIFIED) for s in JobState}
 
@@ -153,8 +155,12 @@ async def abort(context: grpc.aio.ServicerContext, err: BaseException, what: str
     """End the call with the rich status of `err`; the unexpected (INTERNAL) is logged with its traceback."""
     status = rich_status(err)
     if status.code == grpc.StatusCode.INTERNAL.value[0]:
-        log.error("%s failed", what, exc_info=err)
-    await context.abort_with_status(rpc_status.to_status(status))  # type: ignore[attr-defined]  # grpc-stubs lacks it
+        _internal.setdefault(what, ThrottledWarning(log, interval_s=10, level=logging.ERROR))(
+            "%s failed", what, exc_info=err)
+    grpc_status = rpc_status.to_status(status)
+    context.set_code(grpc_status.code)  # what tracing's wrapper of the context records (abort_with_status bypasses it)
+    context.set_details(grpc_status.details)
+    await context.abort_with_status(grpc_status)  # type: ignore[attr-defined]  # grpc-stubs lacks it
     raise AssertionError("unreachable: abort_with_status raises")
 
 
@@ -179,13 +185,23 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.settings = settings
         self.nodes = nodes  # server.node.NodeSessions, set by the app
         self.admin = Admin(store, settings, nodes)
+        self.tracing: Tracing | None = None  # set by the app when tracing is on (server/tracing.py)
 
     @handled
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
         validate.submit(request, self.settings)
         for i, spec in enumerate(request.jobs):
             auth.check_tenant(spec.tenant_id, f"jobs[{i}].tenant_id")
-        done = await self.store.submit(list(request.jobs))
+        logs.TENANT_ID.set(request.jobs[0].tenant_id)
+        if self.tracing is None:
+            done = await self.store.submit(list(request.jobs))
+        else:
+            done = await self.tracing.submit(self.store, request.jobs)
+        if log.isEnabledFor(logging.DEBUG):
+            for spec, d in zip(request.jobs, done, strict=True):
+                log.debug("submitted job %s (%s)", d.job_id, "new" if d.created else f"repeat, {d.state}",
+                          extra=logs.fields(d.job_id, tenant_id=spec.tenant_id, trace_context=spec.trace_context,
+                                            trace_id=spec.trace_id))
         return pb.SubmitResponse(results=[
             pb.SubmitResult(job_id=d.job_id, created=d.created, state=state_pb(d.state))  # type: ignore[arg-type]
             for d in done
@@ -427,6 +443,7 @@ def _guarded(handler: Any, method: str, message: str, warn: ThrottledWarning) ->
             return checked(request, context)
         if isinstance(request, Undecodable):
             await refuse(request, context)
+        logs.from_request(request)
         return request
 
     if inspect.isasyncgenfunction(behaviour):

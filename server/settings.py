@@ -142,6 +142,9 @@ class Settings:
     http_listen: str = "127.0.0.1:8081"
     # Log lines as "text" (human-readable) or "json" (one object per line, for log shippers).
     log_format: str = "text"
+    # The least severe lines written: debug (adds a line per job submitted, assigned and finished),
+    # info, warning or error.
+    log_level: str = "info"
 
     def allowed_pools(self) -> frozenset[str] | None:
         """The --pools allow-list, or None when every pair is allowed."""
@@ -219,6 +222,8 @@ class Settings:
                 raise ValueError(f"{f.name} must not be negative")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
         if self.http_listen:
             from .http import split_listen
 

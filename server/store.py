@@ -46,8 +46,11 @@ from .quotas import Quotas
 from .scripts import Scripts
 from .settings import Settings
 from .tenants import Tenants
+from .throttle import ThrottledWarning
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
+_junk_timers = ThrottledWarning(log, interval_s=10)  # a bad writer's members would come every sweep
 
 
 def _s(value: bytes | None) -> str:
@@ -60,10 +63,11 @@ def _i(value: bytes | None) -> int:
 
 def spec_digest(meta: pb.JobSpec, payload: bytes) -> str:
     """What a repeat submit must match: the spec without payload (`meta`) and the payload, less the
-    fields a client's retry may change (trace_id, deadline)."""
+    fields a client's retry may change (trace_id, trace_context, deadline)."""
     core = pb.JobSpec()
     core.CopyFrom(meta)
     core.ClearField("trace_id")
+    core.ClearField("trace_context")
     core.ClearField("deadline")
     h = hashlib.blake2b(core.SerializeToString(deterministic=True), digest_size=16)
     h.update(payload)
@@ -192,6 +196,7 @@ class Store:
         # the machine must give these events one destination (fixed_dest raises otherwise).
         self._release_dest = fixed_dest(Event.RELEASE)
         self._complete_dest = fixed_dest(Event.COMPLETE)
+        self.tracing: Tracing | None = None  # set by the app when tracing is on: finish spans (server/tracing.py)
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -446,9 +451,12 @@ class Store:
         ]
         outcomes = self._outcomes([lease.job_id for lease, _ in items],
                                   await self.scripts.call_many(self.redis, calls), Event.COMPLETE)
-        for outcome in outcomes:
+        for outcome, (lease, _) in zip(outcomes, items, strict=True):
             if isinstance(outcome, Changed) and outcome.tenant:
                 self.quotas.finished(outcome.tenant, outcome.job_id)
+            if self.tracing is not None and isinstance(outcome, Changed) and outcome.code == ScriptCode.APPLIED:
+                self.tracing.finished(outcome.job_id, Event.COMPLETE, outcome.state, node_id=node_id,
+                                      tenant_id=outcome.tenant, attempt=lease.attempt, terminal=True)
         return outcomes
 
     async def fail(self, job_id: str, node_id: str, token: str, error: pb.JobError) -> Changed:
@@ -515,6 +523,9 @@ class Store:
             changed = self._changed(job_id, reply, event)
             if changed.tenant:
                 self.quotas.finished(changed.tenant, job_id)
+            if self.tracing is not None and changed.code == ScriptCode.APPLIED:
+                self.tracing.finished(job_id, event, changed.state, node_id=rec.node, tenant_id=rec.tenant,
+                                      attempt=rec.attempt, terminal=bool(changed.tenant))
             if changed.code == ScriptCode.APPLIED and node is None and rec.state in HELD:
                 # Taken away from its node by someone else (cancel, expiry, lease): tell the node.
                 await self.redis.publish(keys.node_channel(rec.node), wire.cancel(job_id, rec.token))
@@ -543,7 +554,7 @@ class Store:
         try:
             timer = wire.parse_timer(member)
         except ValueError:
-            log.warning("dropping a timer member no scheduler wrote: %r", member)
+            _junk_timers("dropping a timer member no scheduler wrote: %r", member)
             return None
         job_id = timer.job_id
         try:

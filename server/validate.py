@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -87,6 +87,16 @@ def attempt(value: int, field: str = "attempt") -> None:
         raise InvalidArgument(field, "must be 1 or more (the attempt the job was assigned with)")
 
 
+def trace_context(value: Mapping[str, str], field: str) -> None:
+    """W3C trace context entries ("traceparent", "tracestate", ...): at most 8, names 1 to 512 and values
+    up to 512 characters."""
+    if len(value) > 8:
+        raise InvalidArgument(field, f"at most 8 entries, not {len(value)}")
+    for name, text in value.items():
+        if not 0 < len(name) <= 512 or len(text) > 512:
+            raise InvalidArgument(field, f"entry {name[:64]!r}: names must be 1 to 512 and values at most 512 characters")
+
+
 def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
     if not TENANT.fullmatch(s.tenant_id):
         raise InvalidArgument(f"{field}.tenant_id", "required, 1 to 64 of A-Z a-z 0-9 . _ -")
@@ -100,6 +110,8 @@ def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
     served(keys.pool_of(s.src_lang, s.tgt_lang), settings, f"{field}.tgt_lang")
     if len(s.trace_id) > 128:
         raise InvalidArgument(f"{field}.trace_id", "at most 128 characters")
+    if s.trace_context:
+        trace_context(s.trace_context, f"{field}.trace_context")
     if not 0 <= s.priority <= 9:
         raise InvalidArgument(f"{field}.priority", "must be 0 to 9")
     if not 0 <= s.max_attempts <= settings.max_attempts_cap:

@@ -17,6 +17,7 @@ from typing import Any, Self
 
 import grpc
 
+from . import _otel
 from ._channel import Connection, TLSOption, TokenOption
 from ._proto import scheduler_pb2 as pb
 from ._proto import scheduler_pb2_grpc as pb_grpc
@@ -72,7 +73,9 @@ class _Core:
 
     @staticmethod
     def submit_request(specs: Iterable[SpecLike]) -> pb.SubmitRequest:
-        return pb.SubmitRequest(jobs=[JobSpec.of(s) for s in specs])
+        request = pb.SubmitRequest(jobs=[JobSpec.of(s) for s in specs])  # copies: the caller's specs stay as given
+        _otel.inject(request)
+        return request
 
     @staticmethod
     def submitted(reply: pb.SubmitResponse) -> list[SubmitResult]:

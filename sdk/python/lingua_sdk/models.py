@@ -68,12 +68,15 @@ class JobSpec:
     max_attempts: int = 0
     idempotency_key: str = ""
     execution_timeout: timedelta | float | None = None
+    # W3C trace context ("traceparent", ...): with opentelemetry-api installed, a submit fills it from
+    # the current span when left empty.
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
     def to_proto(self) -> pb.JobSpec:
         m = pb.JobSpec(tenant_id=self.tenant_id, session_id=self.session_id, utterance_index=self.utterance_index,
                        src_lang=self.src_lang, tgt_lang=self.tgt_lang, trace_id=self.trace_id, priority=self.priority,
                        max_attempts=self.max_attempts, idempotency_key=self.idempotency_key, payload=self.payload,
-                       payload_ref=self.payload_ref)
+                       payload_ref=self.payload_ref, trace_context=dict(self.trace_context))
         if self.deadline is not None:
             m.deadline.FromDatetime(self.deadline)
         if self.execution_timeout is not None:
@@ -88,7 +91,8 @@ class JobSpec:
                    trace_id=m.trace_id, priority=m.priority,
                    deadline=_time(m.deadline) if m.HasField("deadline") else None,
                    max_attempts=m.max_attempts, idempotency_key=m.idempotency_key,
-                   execution_timeout=m.execution_timeout.ToTimedelta() if m.HasField("execution_timeout") else None)
+                   execution_timeout=m.execution_timeout.ToTimedelta() if m.HasField("execution_timeout") else None,
+                   trace_context=dict(m.trace_context))
 
     @classmethod
     def of(cls, spec: JobSpec | Mapping[str, Any] | pb.JobSpec) -> pb.JobSpec:

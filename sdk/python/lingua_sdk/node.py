@@ -47,7 +47,7 @@ from typing import Any
 
 import grpc
 
-from . import __version__
+from . import __version__, _otel
 from ._channel import Connection, TLSOption, TokenOption
 from ._proto import scheduler_pb2 as pb
 from ._proto import scheduler_pb2_grpc as pb_grpc
@@ -492,7 +492,9 @@ class Node:
         completion: pb.Completion | None
         async with self._slots:
             try:
-                completion = pb.Completion(lease=lease, result=JobResult.of(await self.handler(Assignment(a))))
+                with _otel.job_span(a, self.node_id):  # the handler's work joins the submit's trace
+                    returned = await self.handler(Assignment(a))
+                completion = pb.Completion(lease=lease, result=JobResult.of(returned))
             except asyncio.CancelledError:
                 raise
             except ModelUnavailable:

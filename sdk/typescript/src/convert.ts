@@ -32,6 +32,11 @@ export interface JobSpecInput {
   payloadRef?: string;
   /** The longest one attempt may run; absent: the server default. */
   executionTimeoutMs?: number;
+  /** W3C trace context ("traceparent", "tracestate") of the submit, at most 8 entries of 512
+   * characters: fill it with @opentelemetry/api's `propagation.inject(context.active(), traceContext)`
+   * to make the job's work part of your trace (see the README). Carried to the node unchanged, or,
+   * when the scheduler traces, replaced by its submit span's context (in the same trace). */
+  traceContext?: Record<string, string>;
 }
 
 /** What a node handler returns for a successful job: the fields of a JobResult, in plain types. */

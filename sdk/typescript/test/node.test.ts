@@ -68,6 +68,29 @@ test("a failing handler: any error and RetryableError retry, FatalError fails th
   await running;
 });
 
+test("a submit's traceContext reaches the node's assignment unchanged (the scheduler does not trace here)", { timeout: 30_000 }, async () => {
+  const traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  const seen: Record<string, string>[] = [];
+  const { node, running } = startNode(scheduler.target, {
+    nodeId: "ts-traced", pairs: ["ko:ja"],
+    handler: async ({ spec }) => {
+      seen.push({ ...spec.traceContext });
+      return { textTranslated: "ok" };
+    },
+  });
+  try {
+    const { jobId } = await client.submit({
+      tenantId: "acme", sessionId: "s-traced", srcLang: "ko", tgtLang: "ja", payloadRef: "s3://audio/koja/0.opus",
+      traceContext: { traceparent, tracestate: "vendor=1" },
+    });
+    assert.equal(stateName((await client.wait(jobId, { timeoutMs: 20_000 })).state), "succeeded");
+    assert.deepEqual(seen, [{ traceparent, tracestate: "vendor=1" }]);
+  } finally {
+    await node.stop();
+  }
+  await running;
+});
+
 test("a registration the scheduler refuses rejects run() with the typed error", { timeout: 30_000 }, async () => {
   const node = new Node(scheduler.target, {
     nodeId: "ts-bad-pair", pairs: ["ZH:en"], concurrency: 1, handleSignals: false, handler: async () => ({}),
