@@ -23,7 +23,9 @@ from redis.exceptions import NoPermissionError
 from . import keys, reflection
 from .auth import AuthInterceptor, Verifier, open_context
 from .dispatch import Dispatcher
+from .grpc_metrics import GrpcMetrics
 from .http import HttpServer
+from .metrics import InstanceCollector, Metrics, instance_figures
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
 from .settings import Settings, is_local
@@ -342,7 +344,17 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     store = Store(client, settings, tenants=tenants)
     dispatcher = Dispatcher(store, settings)
     nodes = NodeSessions(store, dispatcher, settings)
-    server = grpc.aio.server(interceptors=[AuthInterceptor(verifier)] if verifier else None, options=[
+    # Metrics only with the HTTP port on (nothing would read them otherwise): server/metrics.py.
+    registry = CollectorRegistry() if settings.http_listen else None
+    interceptors: list[Any] = []
+    if registry is not None:
+        store.metrics = Metrics(registry)
+        store.scripts.metrics = store.metrics.redis
+        registry.register(InstanceCollector(instance_figures(nodes, dispatcher)))
+        interceptors.append(GrpcMetrics(registry))  # first: it counts what the interceptors after it refuse
+    if verifier:
+        interceptors.append(AuthInterceptor(verifier))
+    server = grpc.aio.server(interceptors=interceptors or None, options=[
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -360,5 +372,5 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         else server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
-    http = HttpServer(settings.http_listen, CollectorRegistry()) if settings.http_listen else None
+    http = HttpServer(settings.http_listen, registry) if registry is not None else None
     return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier, http)

@@ -1,0 +1,275 @@
+"""Prometheus metrics (server/metrics.py, server/grpc_metrics.py) scraped from a live server's /metrics:
+real gRPC, a real node (the SDK's Node), real Redis (one server and a cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+import yaml
+from conftest import AppFactory
+from helpers import spec, until
+from lingua_scheduler.fsm import MACHINE, Event
+from lingua_scheduler.server.app import App
+from lingua_scheduler.server.metrics import ATTEMPT_OUTCOMES, attempt_ending_events
+from lingua_scheduler.server.tokens import mint
+from lingua_sdk import AsyncClient, FatalError, JobResult, JobState, Node, RetryableError, pb, pb_grpc
+from lingua_sdk.models import Assignment
+from prometheus_client.parser import text_string_to_metric_families
+
+HTTP = "127.0.0.1:0"
+# The gauges read from Redis (queue depth, jobs by state, nodes, capacity, in flight) are another
+# change's; the dashboard and the alerts use them already. Allowed by name until they are exported.
+REDIS_GAUGES = {"lingua_queue_depth", "lingua_jobs_in_state", "lingua_nodes", "lingua_pool_capacity",
+                "lingua_pool_in_flight"}
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape_text(app: App) -> str:
+    assert app.http is not None
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{app.http.port}/metrics") as reply:
+        assert reply.status == 200
+        return await reply.text()
+
+
+async def scrape(app: App) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(await scrape_text(app)) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample with exactly these labels (0 when absent: a child never touched)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def make_node(app: App, handler: Any) -> Node:
+    return Node(f"127.0.0.1:{app.port}", node_id="gpu-1", pairs=["zh:en"], concurrency=4, handler=handler,
+                handle_signals=False, backoff=(0.05, 0.5))
+
+
+@contextlib.asynccontextmanager
+async def running(node: Node) -> AsyncIterator[None]:
+    task = asyncio.create_task(node.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_every_event_that_ends_an_attempt_has_its_outcome() -> None:
+    ending = attempt_ending_events()
+    assert ending, "the machine has events that end an attempt"
+    assert ending <= set(ATTEMPT_OUTCOMES), f"events without an outcome: {ending - set(ATTEMPT_OUTCOMES)}"
+    assert Event.START not in ending and Event.SUBMIT not in ending
+    assert set(ATTEMPT_OUTCOMES) <= set(MACHINE.events)
+
+
+async def test_counters_and_histograms_say_what_happened(make_app: AppFactory) -> None:
+    """5 jobs submitted (and 2 repeats), one cancelled while queued; a node finishes the others: two
+    succeed, one fails, one fails once (retried) then succeeds. Plus a refused Submit."""
+    app = await make_app(http_listen=HTTP)
+    target = f"127.0.0.1:{app.port}"
+    specs = [dict(tenant_id="acme", session_id=f"s{i}", utterance_index=0, src_lang="zh", tgt_lang="en",
+                  payload_ref=f"s3://a/{i}", idempotency_key=f"k{i}") for i in range(5)]
+
+    async def work(a: Assignment) -> JobResult:
+        if a.spec.session_id == "s2":
+            raise FatalError("not speech", code="NOT_SPEECH")
+        if a.spec.session_id == "s3" and a.attempt == 1:
+            raise RetryableError("GPU hiccup", code="GPU_HICCUP")
+        return JobResult(text_translated="hello")
+
+    async with AsyncClient(target) as client:
+        ids = [(await client.submit(**s)).job_id for s in specs]
+        for s in specs[:2]:  # repeats: the same jobs, nothing created
+            assert (await client.submit(**s)).job_id in ids
+        await client.cancel(ids[4])
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.SchedulerStub(channel).Submit(pb.SubmitRequest(jobs=[spec(tenant_id="")]))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        async with running(make_node(app, work)):
+            await until(lambda: scrape_has(app, "lingua_node_streams", 1), 20, "one node stream")
+            states = [(await client.wait(job_id, timeout=20)).state for job_id in ids[:4]]
+    assert states == [JobState.SUCCEEDED, JobState.SUCCEEDED, JobState.FAILED, JobState.SUCCEEDED]
+
+    m = await scrape(app)
+    pool = {"pool": "zh:en"}
+    assert value(m, "lingua_jobs_submitted_total", **pool) == 5
+    assert {s: value(m, "lingua_jobs_finished_total", **pool, state=s)
+            for s in ("succeeded", "failed", "cancelled", "expired")} == \
+        {"succeeded": 3, "failed": 1, "cancelled": 1, "expired": 0}
+    attempts = {o: value(m, "lingua_job_attempts_total", **pool, outcome=o)
+                for o in ("succeeded", "failed", "retried", "cancelled", "lease_expired", "ack_timeout")}
+    assert attempts == {"succeeded": 3, "failed": 1, "retried": 1, "cancelled": 0, "lease_expired": 0,
+                        "ack_timeout": 0}
+    # Every claim ended in one attempt outcome; four jobs were claimed for the first time; four ended held.
+    assert value(m, "lingua_queue_wait_seconds_count", **pool) == total(m, "lingua_job_attempts_total", **pool) == 5
+    assert value(m, "lingua_dispatch_latency_seconds_count", **pool) == 4
+    assert value(m, "lingua_run_seconds_count", **pool) == 4
+    assert 0 < value(m, "lingua_dispatch_latency_seconds_sum", **pool) < 20
+    assert value(m, "lingua_redis_call_seconds_count", op="submit_job") >= 3  # a round trip per Submit
+    assert value(m, "lingua_redis_call_seconds_count", op="claim_job") >= 1
+
+    scheduler = {"grpc_service": "lingua.scheduler.v1.Scheduler", "grpc_type": "unary"}
+    assert value(m, "grpc_server_handled_total", **scheduler, grpc_method="Submit", grpc_code="OK") == 7
+    assert value(m, "grpc_server_handled_total", **scheduler, grpc_method="Submit", grpc_code="INVALID_ARGUMENT") == 1
+    assert value(m, "grpc_server_started_total", **scheduler, grpc_method="Submit") == 8
+    assert value(m, "grpc_server_handling_seconds_count", **scheduler, grpc_method="Submit") == 8
+    assert value(m, "grpc_server_handled_total", **scheduler, grpc_method="CancelJob", grpc_code="OK") == 1
+    session = {"grpc_service": "lingua.scheduler.v1.Scheduler", "grpc_type": "bidi_stream",
+               "grpc_method": "NodeSession"}
+    assert value(m, "grpc_server_started_total", **session) == 1
+    # Register, then acks and results; registered, then assignments (several to a message at times).
+    assert value(m, "grpc_server_msg_received_total", **session) >= 2
+    assert value(m, "grpc_server_msg_sent_total", **session) >= 2
+    await until(lambda: scrape_has(app, "lingua_node_streams", 0), 20, "the node stream closed")
+    m = await scrape(app)
+    assert total(m, "grpc_server_handled_total", **session) == 1  # the stream ended, with whatever code
+
+
+async def scrape_has(app: App, name: str, want: float) -> bool:
+    return value(await scrape(app), name) == want
+
+
+async def test_refused_calls_are_counted_with_their_code_when_auth_is_on(make_app: AppFactory, tmp_path: Path) -> None:
+    secret = tmp_path / "hs.secret"
+    secret.write_bytes(b"0123456789abcdef0123456789abcdef-metrics\n")
+    app = await make_app(http_listen=HTTP, auth_jwt_key=(str(secret),))
+    node = mint(str(secret), "node", node_ids=["gpu-*"], ttl_s=60)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        request = pb.SubmitRequest(jobs=[spec()])
+        with pytest.raises(grpc.aio.AioRpcError) as no_token:
+            await stub.Submit(request)
+        assert no_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_role:
+            await stub.Submit(request, metadata=[("authorization", f"Bearer {node}")])
+        assert wrong_role.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    m = await scrape(app)
+    labels = {"grpc_service": "lingua.scheduler.v1.Scheduler", "grpc_type": "unary", "grpc_method": "Submit"}
+    assert value(m, "grpc_server_handled_total", **labels, grpc_code="UNAUTHENTICATED") == 1
+    assert value(m, "grpc_server_handled_total", **labels, grpc_code="PERMISSION_DENIED") == 1
+    assert value(m, "grpc_server_started_total", **labels) == 2
+    assert value(m, "lingua_jobs_submitted_total", pool="zh:en") == 0
+
+
+async def set_maxmemory(redis: Any, value: str) -> None:
+    """CONFIG SET maxmemory on the server, or on every primary of a cluster."""
+    if hasattr(redis, "get_primaries"):
+        await redis.execute_command("CONFIG SET", "maxmemory", value, target_nodes=redis.get_primaries())
+    else:
+        await redis.config_set("maxmemory", value)
+
+
+async def test_redis_errors_are_counted_by_script_and_class(make_app: AppFactory, redis: Any) -> None:
+    """A Redis that refuses writes (out of memory, noeviction): Submit answers UNAVAILABLE, and the
+    failed script call is counted with its error class."""
+    app = await make_app(http_listen=HTTP)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        await stub.Submit(pb.SubmitRequest(jobs=[spec(session_id="ok")]))
+        await set_maxmemory(redis, "1")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Submit(pb.SubmitRequest(jobs=[spec(session_id="oom")]))
+        finally:
+            await set_maxmemory(redis, "0")
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    m = await scrape(app)
+    assert value(m, "lingua_redis_errors_total", op="submit_job", error="OutOfMemoryError") == 1
+    assert value(m, "lingua_redis_call_seconds_count", op="submit_job") == 2
+    assert value(m, "lingua_jobs_submitted_total", pool="zh:en") == 1
+    assert value(m, "grpc_server_handled_total", grpc_service="lingua.scheduler.v1.Scheduler", grpc_type="unary",
+                 grpc_method="Submit", grpc_code="UNAVAILABLE") == 1
+
+
+@pytest.mark.single_redis
+async def test_a_stopped_redis_is_counted_as_connection_errors(make_app: AppFactory, tmp_path: Path) -> None:
+    from lingua_scheduler.server.embedded import EmbeddedRedis
+
+    private = EmbeddedRedis(tmp_path, persistent=False).start()
+    try:
+        app = await make_app(http_listen=HTTP, redis_url=private.url, redis_pool_timeout_ms=500)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = pb_grpc.SchedulerStub(channel)
+            await stub.Submit(pb.SubmitRequest(jobs=[spec()]))
+            private.stop()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Submit(pb.SubmitRequest(jobs=[spec(session_id="after")]))
+    finally:
+        private.stop()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    m = await scrape(app)
+    assert total(m, "lingua_redis_errors_total", op="submit_job") >= 1
+    assert value(m, "lingua_redis_errors_total", op="submit_job", error="ConnectionError") >= 1
+
+
+async def test_no_http_port_no_metrics(app: App) -> None:
+    assert app.http is None and app.store.metrics is None and app.store.scripts.metrics is None
+
+
+# -- the dashboard and the alert rules ----------------------------------------------------------------
+
+METRIC = re.compile(r"\b((?:lingua|grpc_server)_[a-z0-9_]+)")
+SUFFIXES = ("_bucket", "_count", "_sum")
+
+
+def referenced(repo_root: Path) -> set[str]:
+    dashboard = json.loads((repo_root / "docs/grafana/lingua-scheduler.json").read_text())
+    rules = yaml.safe_load((repo_root / "docs/prometheus/alerts.yml").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    exprs += [t["query"] for t in dashboard.get("templating", {}).get("list", []) if isinstance(t.get("query"), str)]
+    rule_list = [r for group in rules["groups"] for r in group["rules"]]
+    for rule in rule_list:
+        assert {"alert", "expr", "labels", "annotations"} <= set(rule), rule.get("alert")
+        assert {"summary", "description", "runbook"} <= set(rule["annotations"]), rule["alert"]
+    exprs += [r["expr"] for r in rule_list]
+    assert exprs
+    return {name for expr in exprs for name in METRIC.findall(expr)}
+
+
+def exported(text: str) -> set[str]:
+    """Every sample name the scrape can carry: from its TYPE lines (families with no sample yet too)."""
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        names.add(name)
+        if kind == "counter":
+            names.add(name if name.endswith("_total") else name + "_total")
+        if kind == "histogram":
+            names.update(name + s for s in SUFFIXES)
+    return names
+
+
+async def test_dashboard_and_alerts_use_only_exported_metrics(make_app: AppFactory, repo_root: Path) -> None:
+    app = await make_app(http_listen=HTTP)
+    async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+
+        async def work(a: Assignment) -> JobResult:
+            return JobResult(text_translated="hi")
+
+        async with running(make_node(app, work)):
+            job = await client.wait((await client.submit(tenant_id="acme", session_id="s", src_lang="zh",
+                                                         tgt_lang="en", payload_ref="s3://a")).job_id, timeout=20)
+    assert job.state == JobState.SUCCEEDED
+    names = referenced(repo_root)
+    missing = names - exported(await scrape_text(app)) - REDIS_GAUGES
+    assert not missing, f"referenced in docs/ but not exported: {sorted(missing)}"
+    assert {"lingua_jobs_submitted_total", "grpc_server_handled_total", "lingua_queue_depth"} <= names
