@@ -392,7 +392,8 @@ def metrics_row(label: str, on: list[Run], off: list[Run]) -> str:
     rate = [a.rate / b.rate for a, b in zip(on, off, strict=True)]
     cpu = [a.sched_cpu_per_1000 / b.sched_cpu_per_1000 for a, b in zip(on, off, strict=True)]
     return (f"| {label} | {span([r.rate for r in on], '.0f')} | {span([r.rate for r in off], '.0f')} | {span(rate)} | "
-            f"{span([r.sched_cpu_per_1000 for r in on])} | {span([r.sched_cpu_per_1000 for r in off])} | {span(cpu)} |")
+            f"{pct(rate, 50):.3f} | {span([r.sched_cpu_per_1000 for r in on])} | "
+            f"{span([r.sched_cpu_per_1000 for r in off])} | {span(cpu)} | {pct(cpu, 50):.3f} |")
 
 
 def metrics_section(args: argparse.Namespace, rows: list[tuple[str, list[Run], list[Run]]]) -> str:
@@ -402,12 +403,12 @@ With --metrics each combination also ran with the operations HTTP port off (`--h
 metrics are made or counted) beside the usual rows (port on, 127.0.0.1:0: every job counter and
 histogram, the Redis script timings and the gRPC server metrics counted; not scraped during the run).
 The two alternate, {args.rounds} round(s) each, the order rotating each round; ranges over the rounds,
-ratios of round i beside round i. The goal: metrics cost less than 3% of lifecycles/s (ratio on / off
->= 0.97).
+ratios of round i beside round i, and their median. The goal: metrics cost less than 3% of
+lifecycles/s (ratio on / off >= 0.97).
 
-| clients x nodes, batch | lifecycles/s, metrics on | metrics off | ratio on / off | scheduler CPU s/1000, on \
-| off | ratio on / off |
-|---|---|---|---|---|---|---|
+| clients x nodes, batch | lifecycles/s, metrics on | metrics off | ratio on / off | median | scheduler CPU \
+s/1000, on | off | ratio on / off | median |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(metrics_row(*r) for r in rows)}
 """
 

@@ -8,10 +8,11 @@ grpc.aio: unary and streaming calls, on the App's registry.
     grpc_server_handling_seconds{grpc_type,grpc_service,grpc_method}  (histogram, every call type)
 
 The maintained libraries are for the sync server (py-grpc-prometheus); the aio fork we looked at
-awaits streaming handlers (async generators cannot be) and counts no stream's end, so this is a small
-interceptor of our own. It must come first in the server's interceptors: what the interceptors after
-it refuse (AuthInterceptor: UNAUTHENTICATED, PERMISSION_DENIED) is counted with its code. Each
-method's children are bound once; without authentication the wrapped handler is reused too.
+(py-async-grpc-prometheus) awaits streaming handlers (async generators cannot be) and counts no
+stream's end, so this is a small interceptor of our own, on server/tally.py's lock-free children. It
+must come first in the server's interceptors: what the interceptors after it refuse (AuthInterceptor:
+UNAUTHENTICATED, PERMISSION_DENIED) is counted with its code. Each method's children are bound once;
+without authentication the wrapped handler is reused too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+
+from .tally import Counter, Histogram
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -152,7 +155,7 @@ def _wrap(m: _Method, handler: Handler) -> Handler:
             else:
                 m.received.inc()
             try:
-                async for response in behaviour(request, _Counted(context, m.sent)):
+                async for response in behaviour(request, context):
                     m.sent.inc()
                     yield response
             except BaseException as e:

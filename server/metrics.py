@@ -7,8 +7,9 @@ is made by one instance). Figures about the whole fleet (queue depth, jobs by st
 gauges read from Redis elsewhere, not counted here.
 
 The hot paths stay lean: every labelled child is bound once (per pool, per script, per outcome) and
-kept, so counting is a dict lookup and an `inc()`; durations come from the times Redis recorded
-(the scripts return them), never from two instances' clocks, and cost no extra round trip.
+kept, and children are server/tally.py's lock-free ones, so counting is a dict lookup and an add.
+Durations come from the times Redis recorded (the scripts return them), never from two instances'
+clocks, and cost no extra round trip.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..fsm import HELD, MACHINE, TERMINAL, Event, JobState, dests_of, sources_of
+from .tally import Counter, Histogram
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher

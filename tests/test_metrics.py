@@ -73,6 +73,31 @@ async def running(node: Node) -> AsyncIterator[None]:
             await task
 
 
+def test_tally_families_render_as_prometheus_clients_own() -> None:
+    """server/tally.py's lock-free counters and histograms give the samples prometheus_client's give."""
+    import prometheus_client
+    from lingua_scheduler.server import tally
+
+    ours, theirs = prometheus_client.CollectorRegistry(), prometheus_client.CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    for module, registry in ((tally, ours), (prometheus_client, theirs)):
+        counter = module.Counter("t_things_total", "things", ["pool"], registry=registry)
+        histogram = module.Histogram("t_wait_seconds", "wait", ["pool"], buckets=buckets, registry=registry)
+        counter.labels("a").inc()
+        counter.labels("a").inc(2)
+        counter.labels("b").inc()
+        for v in (0.0005, 0.001, 0.002, 0.5, 1.0, 7.0):
+            histogram.labels("a").observe(v)
+
+    def samples(registry: Any) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        text = prometheus_client.generate_latest(registry).decode()
+        return {(s.name, tuple(sorted(s.labels.items())), s.value) for f in text_string_to_metric_families(text)
+                for s in f.samples if not s.name.endswith("_created")}
+
+    assert samples(ours) == samples(theirs)
+    assert ("t_wait_seconds_bucket", (("le", "0.001"), ("pool", "a")), 2.0) in samples(ours)
+
+
 def test_every_event_that_ends_an_attempt_has_its_outcome() -> None:
     ending = attempt_ending_events()
     assert ending, "the machine has events that end an attempt"
