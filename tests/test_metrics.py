@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -257,18 +259,28 @@ METRIC = re.compile(r"\b((?:lingua|grpc_server)_[a-z0-9_]+)")
 SUFFIXES = ("_bucket", "_count", "_sum")
 
 
-def referenced(repo_root: Path) -> set[str]:
+def referenced(repo_root: Path, tmp_path: Path) -> set[str]:
+    """The metric names the dashboard's queries and the alert rules use (parsed; with promtool on the
+    machine, the rules and every dashboard query are checked by it too)."""
     dashboard = json.loads((repo_root / "docs/grafana/lingua-scheduler.json").read_text())
-    rules = yaml.safe_load((repo_root / "docs/prometheus/alerts.yml").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
-    exprs += [t["query"] for t in dashboard.get("templating", {}).get("list", []) if isinstance(t.get("query"), str)]
+    rules_file = repo_root / "docs/prometheus/alerts.yml"
+    rules = yaml.safe_load(rules_file.read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
     rule_list = [r for group in rules["groups"] for r in group["rules"]]
     for rule in rule_list:
         assert {"alert", "expr", "labels", "annotations"} <= set(rule), rule.get("alert")
         assert {"summary", "description", "runbook"} <= set(rule["annotations"]), rule["alert"]
-    exprs += [r["expr"] for r in rule_list]
-    assert exprs
-    return {name for expr in exprs for name in METRIC.findall(expr)}
+    assert queries and rule_list
+    if shutil.which("promtool"):  # Debian's prometheus package: PromQL syntax checked as well
+        as_rules = tmp_path / "dashboard-queries.yml"
+        as_rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
+            {"record": f"dashboard:query_{i}", "expr": q.replace("$__rate_interval", "5m").replace("$pool", ".*")}
+            for i, q in enumerate(queries)]}]}))
+        for path in (rules_file, as_rules):
+            checked = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+    variables = [t["query"] for t in dashboard.get("templating", {}).get("list", []) if t.get("type") == "query"]
+    return {name for expr in [*queries, *variables, *(r["expr"] for r in rule_list)] for name in METRIC.findall(expr)}
 
 
 def exported(text: str) -> set[str]:
@@ -283,7 +295,8 @@ def exported(text: str) -> set[str]:
     return names
 
 
-async def test_dashboard_and_alerts_use_only_exported_metrics(make_app: AppFactory, repo_root: Path) -> None:
+async def test_dashboard_and_alerts_use_only_exported_metrics(make_app: AppFactory, repo_root: Path,
+                                                             tmp_path: Path) -> None:
     app = await make_app(http_listen=HTTP)
     async with AsyncClient(f"127.0.0.1:{app.port}") as client:
 
@@ -294,7 +307,7 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(make_app: AppFacto
             job = await client.wait((await client.submit(tenant_id="acme", session_id="s", src_lang="zh",
                                                          tgt_lang="en", payload_ref="s3://a")).job_id, timeout=20)
     assert job.state == JobState.SUCCEEDED
-    names = referenced(repo_root)
+    names = referenced(repo_root, tmp_path)
     missing = names - exported(await scrape_text(app)) - REDIS_GAUGES
     assert not missing, f"referenced in docs/ but not exported: {sorted(missing)}"
     assert {"lingua_jobs_submitted_total", "grpc_server_handled_total", "lingua_queue_depth"} <= names
