@@ -298,6 +298,8 @@ class App:
         await self.nodes.start()
         if self.http is not None:  # before gRPC: a port that cannot be bound stops the start cleanly
             await self.http.start()
+        if self.store.metrics is not None:
+            self.store.metrics.start()
         if self.auth is None:  # every RPC's caller is AUTH_OFF (grpc.aio's tasks inherit the context)
             await asyncio.get_running_loop().create_task(self.server.start(), context=open_context())
         else:  # the interceptor sets each RPC's caller; none set is no one (server/auth.py)
@@ -313,6 +315,7 @@ class App:
         for name, step, limit in (
             ("grpc server", self.server.stop(0), 5.0),
             ("http server", self.http.stop() if self.http is not None else asyncio.sleep(0), 5),
+            ("metrics", self.store.metrics.stop() if self.store.metrics is not None else asyncio.sleep(0), 5),
             ("node sessions", self.nodes.stop(), 5),
             ("dispatcher", self.dispatcher.stop(), 5),
             ("quotas", self.store.quotas.stop(), 5),

@@ -14,6 +14,9 @@ clocks, and cost no extra round trip.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
 
 # Real-time work: most of it within a second, the tail in tens of seconds (a deadline).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LAG_TICK_S = 0.25  # how often the event loop's lag is sampled
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 # How an attempt ended (lingua_job_attempts_total{outcome}): the events that take a job out of a held
@@ -100,7 +105,12 @@ class Metrics:
         self.run = Histogram(
             "lingua_run_seconds", "Last assignment -> terminal state, by Redis' clock (jobs finished here).",
             ["pool"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.loop_lag = Histogram(
+            "lingua_event_loop_lag_seconds", f"How late the event loop ran a timer due every {LAG_TICK_S} s: "
+            "everything this instance does waits that long (CPU-bound instance, a long callback).", [],
+            buckets=LAG_BUCKETS, registry=registry).labels()
         self.redis = RedisMetrics(registry)
+        self._lag_task: asyncio.Task[None] | None = None
         self._by_tag: dict[str, PoolMetrics] = {}  # partition tag (`zh:en:{3}`) -> its pool's children
         self._by_pool: dict[str, PoolMetrics] = {}
 
@@ -117,6 +127,22 @@ class Metrics:
         if found is None:
             found = self._by_tag[tag] = self.pool(tag[: tag.find(":{")])
         return found
+
+    def start(self) -> None:
+        self._lag_task = asyncio.get_running_loop().create_task(self._sample_lag(), name="metrics-loop-lag")
+
+    async def stop(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+            self._lag_task = None
+
+    async def _sample_lag(self) -> None:
+        while True:
+            due = time.monotonic() + LAG_TICK_S
+            await asyncio.sleep(LAG_TICK_S)
+            self.loop_lag.observe(max(0.0, time.monotonic() - due))
 
     # -- what the store tells -------------------------------------------------------------------
 

@@ -154,6 +154,7 @@ async def test_counters_and_histograms_say_what_happened(make_app: AppFactory) -
     assert 0 < value(m, "lingua_dispatch_latency_seconds_sum", **pool) < 20
     assert value(m, "lingua_redis_call_seconds_count", op="submit_job") >= 3  # a round trip per Submit
     assert value(m, "lingua_redis_call_seconds_count", op="claim_job") >= 1
+    await until(lambda: scrape_has(app, "lingua_event_loop_lag_seconds_count", 1, at_least=True), 20, "a lag sample")
 
     scheduler = {"grpc_service": "lingua.scheduler.v1.Scheduler", "grpc_type": "unary"}
     assert value(m, "grpc_server_handled_total", **scheduler, grpc_method="Submit", grpc_code="OK") == 7
@@ -172,8 +173,9 @@ async def test_counters_and_histograms_say_what_happened(make_app: AppFactory) -
     assert total(m, "grpc_server_handled_total", **session) == 1  # the stream ended, with whatever code
 
 
-async def scrape_has(app: App, name: str, want: float) -> bool:
-    return value(await scrape(app), name) == want
+async def scrape_has(app: App, name: str, want: float, *, at_least: bool = False) -> bool:
+    got = value(await scrape(app), name)
+    return got >= want if at_least else got == want
 
 
 async def test_refused_calls_are_counted_with_their_code_when_auth_is_on(make_app: AppFactory, tmp_path: Path) -> None:
