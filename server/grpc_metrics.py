@@ -64,9 +64,9 @@ class _Counted:
         self._context = context
         self._sent = sent
 
-    async def write(self, message: Any) -> None:
-        await self._context.write(message)
-        self._sent.inc()
+    def write(self, message: Any) -> Any:
+        self._sent.inc()  # counted as handed to grpc (no coroutine of our own around every write)
+        return self._context.write(message)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
