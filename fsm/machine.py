@@ -42,6 +42,7 @@ class Event(StrEnum):
     RELEASE = "release"
     CANCEL = "cancel"
     EXPIRE = "expire"
+    RETRY = "retry"
 
 
 TERMINAL: frozenset[JobState] = frozenset(
@@ -87,6 +88,8 @@ TRANSITIONS: list[dict[str, Any]] = [
     ),
     {"trigger": Event.CANCEL, "source": ACTIVE, "dest": JobState.CANCELLED},
     {"trigger": Event.EXPIRE, "source": ACTIVE, "dest": JobState.EXPIRED},
+    # An operator puts a job that failed or expired back (RetryJob): a fresh attempt budget and deadline.
+    {"trigger": Event.RETRY, "source": [JobState.FAILED, JobState.EXPIRED], "dest": JobState.QUEUED},
 ]
 
 

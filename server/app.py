@@ -29,6 +29,7 @@ from .metrics import InstanceCollector, Metrics, instance_figures
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
 from .settings import Settings, is_local
+from .stats import PoolGauges
 from .store import Store
 from .tenants import Tenants
 from .tls import ServerCertificates
@@ -364,7 +365,8 @@ def create_server(settings: Settings, redis: Any = None) -> App:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
     ])
-    add_to_server(SchedulerService(store, dispatcher, settings, nodes), server)  # undecodable bytes: INVALID_ARGUMENT
+    service = SchedulerService(store, dispatcher, settings, nodes)
+    add_to_server(service, server)  # undecodable bytes: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # v1 and v1alpha, with the proto comments (server/reflection.py)
@@ -376,4 +378,8 @@ def create_server(settings: Settings, redis: Any = None) -> App:
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
     http = HttpServer(settings.http_listen, registry) if registry is not None else None
+    if http is not None:  # the cluster-wide gauges, from GetStats' cached snapshot
+        gauges = PoolGauges(service.admin.stats)
+        http.registry.register(gauges)
+        http.before_scrape.append(gauges.refresh)
     return App(settings, server, port, client, store, dispatcher, nodes, health_servicer, certificates, verifier, http)

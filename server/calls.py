@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import keys
+from . import buckets, keys
 from .scripts import Call
 
 
 def _job(job_id: str) -> tuple[keys.JobKeys, keys.PartitionKeys, str]:
     tag = keys.tag_of(job_id)
     return keys.JobKeys.of(job_id), keys.PartitionKeys.of(tag), keys.wake_channel(keys.pool_of_tag(tag))
+
+
+def _shard(job_id: str) -> tuple[str, keys.ShardKeys]:
+    shard = keys.shard_of_tag(keys.tag_of(job_id))
+    return shard, keys.ShardKeys.of(shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +44,15 @@ class SubmitJob:
 
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
+        shard, sk = _shard(self.job_id)
+        rate_key, rate_expiry = buckets.rate(shard, buckets.now_ms())
         return Call("submit_job", [self.identity, jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers,
-                                   pk.affinity, self.session_jobs, pk.fair], [
+                                   pk.affinity, self.session_jobs, pk.fair, pk.waiting, pk.jobs,
+                                   keys.tenant_jobs(shard, self.tenant_id), sk.pools, sk.span, rate_key], [
             self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
             self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
             self.affinity_ttl_ms, wake, self.digest, self.utterance_index, self.tenant_id, self.fair_step,
+            rate_expiry,
         ])
 
 
@@ -61,7 +70,7 @@ class ClaimJob:
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
         return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.meta, jk.payload,
-                                  jk.events, pk.fair], [
+                                  jk.events, pk.fair, pk.waiting, _shard(self.job_id)[1].held, pk.paused], [
             self.job_id, self.node_id, self.token, self.ack_timeout_ms, self.affinity_wait_ms, self.hint_count,
             self.avoid_ms, self.affinity_ttl_ms,
         ])
@@ -77,7 +86,7 @@ class TouchJob:
 
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
-        return Call("touch_job", [jk.fsm, jk.events, pk.timers],
+        return Call("touch_job", [jk.fsm, jk.events, pk.timers, _shard(self.job_id)[1].held],
                     [self.job_id, self.node_id, self.token, self.lease_ms, self.mode])
 
 
@@ -113,10 +122,16 @@ class FinishJob:
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
         o, f = self.outcome, self.fence
-        return Call("finish_job", [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers], [
+        shard, sk = _shard(self.job_id)
+        now = buckets.now_ms()
+        rate_key, rate_expiry = buckets.rate(shard, now)
+        done_key, done_expiry = buckets.done(shard, now, self.retention_ms)
+        return Call("finish_job", [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers,
+                                   pk.waiting, sk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest),
+                                   sk.span], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
-            self.retention_ms, self.guard, keys.SESSION_CHANNEL,
+            self.retention_ms, self.guard, keys.SESSION_CHANNEL, rate_expiry, done_expiry,
         ])
 
 
@@ -135,11 +150,53 @@ class RequeueJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         o, f = self.outcome, self.fence
-        return Call("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers], [
+        return Call("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers, pk.waiting, _shard(self.job_id)[1].held], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             self.backoff_ms, o.error_code, o.error_message, int(o.error_retryable), int(self.avoid), self.guard,
             wake, int(self.give_back_attempt),
         ])
+
+
+@dataclass(frozen=True, slots=True)
+class RetryJob:
+    """A failed or expired job back to queued (RetryJob): compare-and-set on `version`."""
+
+    job_id: str
+    version: int
+    state: str  # the state read (failed or expired): its ended index and done bucket count it out
+    finished_ms: int  # when it ended (its done bucket)
+    identity: str  # the job's idempotency key's name (keys.idempotency)
+    session_jobs: str  # keys.session_jobs of the job's session
+    tenant_id: str
+    deadline_ms: int  # 0: as far ahead as its first deadline was from its submit
+    max_job_ttl_ms: int
+    max_attempts: int  # 0: the job's own
+    reason: str
+    retention_ms: int
+
+    def call(self) -> Call:
+        jk, pk, wake = _job(self.job_id)
+        shard, sk = _shard(self.job_id)
+        done_key, _ = buckets.done(shard, self.finished_ms, self.retention_ms)
+        return Call("retry_job", [jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers, pk.waiting,
+                                  keys.ended_jobs(shard, self.state), done_key, self.identity, self.session_jobs,
+                                  pk.jobs, keys.tenant_jobs(shard, self.tenant_id), sk.span], [
+            self.job_id, self.version, self.deadline_ms, self.max_job_ttl_ms, self.max_attempts, self.reason,
+            self.retention_ms, wake,
+        ])
+
+
+@dataclass(frozen=True, slots=True)
+class PausePool:
+    """Pause (reason) or resume one partition of a pool."""
+
+    tag: str  # the partition (keys.partition_tag)
+    pause: bool
+    reason: str = ""
+
+    def call(self) -> Call:
+        return Call("pause_pool", [keys.PartitionKeys.of(self.tag).paused],
+                    ["pause" if self.pause else "resume", self.reason])
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ class LocalPool:
     """A pool as this instance dispatches it: its consumers waiting for work, in turn, and the queued
     jobs it has heard of. Exists while the pool has a local consumer."""
 
-    __slots__ = ("by_node", "count", "held", "hints", "marks", "ready", "unknown")
+    __slots__ = ("by_node", "count", "held", "hints", "marks", "paused", "ready", "unknown")
 
     def __init__(self) -> None:
         # Consumers that may want work, oldest first: served from the front, sent to the back once
@@ -104,6 +104,9 @@ class LocalPool:
         self.held: dict[str, float] = {}  # job id -> until (ms): held back for its session's node (code -9)
         self.unknown = True  # the queue may hold jobs missing from `hints`: peek it
         self.marks = 0  # times `unknown` was set: a peek sent before the latest one cannot clear it
+        # The pool is paused (PausePool: a claim answered POOL_PAUSED, or the pool channel said so): no
+        # peeks, no claims until ResumePool is heard (or the slow poll tries once, should that be lost).
+        self.paused = False
 
     def mark_unknown(self) -> None:
         self.unknown = True

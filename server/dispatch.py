@@ -360,6 +360,7 @@ class Dispatcher:
             self._poll_at = now + self.settings.poll_interval_ms / 1000 * random.uniform(0.8, 1.2)
             for local in self.local.values():
                 local.mark_unknown()
+                local.paused = False  # a resume whose message was lost: one claim finds out
             self._due.update(self.local)
         for pool in list(self._holding):  # holds that ended: those jobs may go to anyone now
             holder = self.local.get(pool)
@@ -378,7 +379,7 @@ class Dispatcher:
         # Claims whose replies were lost go first, with their tokens: adopted if they went through.
         items: list[Item] = [(c, job_id, token, "") for c in self._unsettled for job_id, token in c.pending.items()]
         self._unsettled.clear()
-        due = [(pool, self.local[pool]) for pool in self._due if pool in self.local]
+        due = [(pool, self.local[pool]) for pool in self._due if pool in self.local and not self.local[pool].paused]
         self._due.clear()
         peek = [(pool, local) for pool, local in due
                 if local.unknown and (polling or len(local.hints) - len(local.held) < HINT_COUNT) and local.wanted(free)]
@@ -494,6 +495,8 @@ class Dispatcher:
             local = self.local.get(pool) if pool else None
             if local is not None:
                 self._due.add(pool)  # another pass: more jobs, or other consumers for these
+                if not isinstance(claim, Exception) and claim.code == ScriptCode.POOL_PAUSED:
+                    local.paused = True  # nothing more until ResumePool is heard
                 if isinstance(claim, Exception) or claim.code not in (ScriptCode.RESERVED, ScriptCode.AVOIDED):
                     local.hints.pop(job_id, None)  # claimed, or not claimable (any more)
                     local.held.pop(job_id, None)
@@ -529,7 +532,7 @@ class Dispatcher:
         while True:
             pubsub = self.store.redis.pubsub()
             try:
-                await pubsub.psubscribe(keys.wake_channel("*"), keys.node_channel("*"))
+                await pubsub.psubscribe(keys.wake_channel("*"), keys.node_channel("*"), keys.pool_channel("*"))
                 if self._watches:
                     await pubsub.subscribe(*self._watches)
                 self._pubsub = pubsub
@@ -540,6 +543,7 @@ class Dispatcher:
                 self._kick.set()
                 wake_prefix = len(keys.wake_channel(""))
                 node_prefix = len(keys.node_channel(""))
+                pool_prefix = len(keys.pool_channel(""))
                 async for message in pubsub.listen():
                     kind = message["type"]
                     channel = message["channel"].decode()
@@ -552,6 +556,8 @@ class Dispatcher:
                         data = message["data"].decode()
                         if channel.startswith(keys.wake_channel("")):
                             self._on_wake(channel[wake_prefix:], data)
+                        elif channel.startswith(keys.pool_channel("")):
+                            self._on_pool_message(channel[pool_prefix:], data)
                         else:
                             self._on_node_message(channel[node_prefix:], data)
             except asyncio.CancelledError:
@@ -608,6 +614,17 @@ class Dispatcher:
         self._due.add(pool)
         self._heard += 1
         self._kick.set()
+
+    def _on_pool_message(self, pool: str, data: str) -> None:
+        """PausePool / ResumePool on any instance: stop claiming from the pool, or dispatch its queue now."""
+        local = self.local.get(pool)
+        if local is None:
+            return  # no consumer of this pool here: a claim finds out when one comes
+        local.paused = data == wire.PAUSE
+        if not local.paused:
+            local.mark_unknown()
+            self._due.add(pool)
+            self._kick.set()
 
     def _on_node_message(self, node_id: str, data: str) -> None:
         verb, args = wire.parse_node_message(data)

@@ -26,6 +26,7 @@ class ScriptCode(IntEnum):
     IDENTITY_CONFLICT = -11  # a repeat submit whose content differs from the first
     TENANT_QUEUE_FULL = -12  # admit_jobs: the tenant's unfinished jobs would pass its max_queued
     TENANT_RATE_LIMITED = -13  # admit_jobs: the tenant's submit-rate token bucket is short
+    POOL_PAUSED = -14  # claim_job: the job's pool is paused (PausePool)
 
 
 # google.rpc.ErrorInfo.domain of every error status; each class's `reason` is its stable ErrorInfo.reason
@@ -142,6 +143,11 @@ class PermissionDenied(SchedulerError):
 class JobNotFound(SchedulerError):
     status = grpc.StatusCode.NOT_FOUND
     reason = "JOB_NOT_FOUND"
+
+
+class NodeNotFound(SchedulerError):
+    status = grpc.StatusCode.NOT_FOUND
+    reason = "NODE_NOT_FOUND"
 
 
 class InvalidTransition(SchedulerError):

@@ -260,6 +260,8 @@ class Session:
                 self.send(pb.SchedulerMessage(cancels=[
                     pb.JobLease(job_id=job_id, attempt=lease.attempt, lease_token=token)]))
                 self.release(job_id, token)
+        elif verb == wire.DRAIN:
+            self.owner._spawn(self.owner.drain(self))
         elif verb == wire.REPLACED and args and args[0] == self.token:
             self.replaced = True
             self.send(pb.SchedulerMessage(error="replaced: a newer stream registered this node_id"))
@@ -507,10 +509,17 @@ class NodeSessions:
                 session.send(pb.SchedulerMessage(refused=refused, cancels=cancels, confirmed=confirmed))
             for lease in freed:
                 session.release(lease.job_id, lease.token)
-        if m.drain and not session.draining:
-            session.draining = True
-            await self.registry.register(session.entry(), session.token, renew=True)
-            session._maybe_done()
+        if m.drain:
+            await self.drain(session)
+
+    async def drain(self, session: Session) -> None:
+        """The node's own drain, or DrainNode's (from any instance, over the node's channel): no new work;
+        the stream closes once what it holds is finished. The registry shows it at once."""
+        if session.draining:
+            return
+        session.draining = True
+        await self.registry.register(session.entry(), session.token, renew=True)
+        session._maybe_done()
 
     @staticmethod
     def _settled(lease: Lease, outcome: Changed | BaseException, refused: list[pb.LeaseStatus],

@@ -207,13 +207,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                     raise JobNotFound(f"job {request.job_id} not found")
                 version = 0
                 while True:
-                    for e in entries:
+                    for i, e in enumerate(entries):
                         if int(e["v"]) <= version:
                             continue  # already sent (read from the list and heard on the channel)
                         version = int(e["v"])
                         yield watch_event_pb(request.job_id, e)
-                        if e["s"] in TERMINAL:
-                            return
+                        if e["s"] in TERMINAL and i == len(entries) - 1:
+                            return  # (a terminal state followed by more is a job RetryJob put back)
                     try:
                         async with asyncio.timeout(5.0):
                             e = json.loads(await inbox.get())

@@ -80,8 +80,10 @@ def parse_wake(data: str) -> tuple[str, str, float | None]:
     return job_id, preferred, float(score) if score else None
 
 
-# Messages to the instance holding a node's stream (on keys.node_channel(node_id)).
-CANCEL, REPLACED = "cancel", "replaced"
+# Messages to the instance holding a node's stream (on keys.node_channel(node_id)); DRAIN: DrainNode.
+CANCEL, REPLACED, DRAIN = "cancel", "replaced", "drain"
+# Messages on keys.pool_channel(pool): PausePool and ResumePool.
+PAUSE, RESUME = "pause", "resume"
 
 
 def cancel(job_id: str, token: str) -> str:

@@ -289,6 +289,27 @@ async def test_list_nodes_is_for_admins_only(keys: Path, connect: Callable[[str 
     node.cancel()
 
 
+ADMIN_CALLS = {
+    "ListJobs": pb.ListJobsRequest(), "GetStats": pb.GetStatsRequest(),
+    "RetryJob": pb.RetryJobRequest(job_id="zh:en:{0}01JDZ000000000000000000000"),
+    "CancelSession": pb.CancelSessionRequest(tenant_id="acme", session_id="s1"),
+    "PausePool": pb.PausePoolRequest(pool="zh:en"), "ResumePool": pb.ResumePoolRequest(pool="zh:en"),
+    "DrainNode": pb.DrainNodeRequest(node_id="gpu-1"),
+}
+
+
+async def test_admin_calls_are_for_admins_only(keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
+    """Client and node tokens (even for every tenant and node id) are refused every admin call; an admin's
+    token reaches them (PausePool answers)."""
+    for tok in (token(keys, "client", tenants=["*"]), token(keys, "node", node_ids=["*"])):
+        stub = connect(tok)
+        for method, request in ADMIN_CALLS.items():
+            assert await code_of(getattr(stub, method)(request)) == grpc.StatusCode.PERMISSION_DENIED, method
+    admin = connect(token(keys, "admin"))
+    assert (await admin.PausePool(pb.PausePoolRequest(pool="zh:en"))).paused
+    assert not (await admin.ResumePool(pb.ResumePoolRequest(pool="zh:en"))).paused
+
+
 async def test_roles_outside_the_table_are_permission_denied(
         keys: Path, connect: Callable[[str | None], pb_grpc.SchedulerStub]) -> None:
     node = connect(token(keys, "node", node_ids=["*"]))

@@ -46,9 +46,14 @@ def test_every_pair_is_allowed_or_refused(state: JobState, event: Event) -> None
         assert dest in declared_dests(state, event)
 
 
-def test_terminal_states_accept_nothing() -> None:
+def test_terminal_states_accept_only_an_operators_retry() -> None:
+    """Nothing a node or client does moves a finished job; RetryJob's `retry` puts a failed or expired
+    one back in the queue (a succeeded or cancelled one stays as it is)."""
     for state in TERMINAL:
-        assert not any(s == state for s, _ in ALLOWED)
+        events = {e for s, e in ALLOWED if s == state}
+        assert events == ({Event.RETRY} if state in (JobState.FAILED, JobState.EXPIRED) else set()), state
+    assert decide(JobState.FAILED, Event.RETRY) == JobState.QUEUED
+    assert decide(JobState.EXPIRED, Event.RETRY) == JobState.QUEUED
 
 
 @pytest.mark.parametrize(
@@ -119,6 +124,7 @@ class JobLifecycle(RuleBasedStateMachine):
             Event.FAIL: (JobState.QUEUED if retryable and left else JobState.FAILED) if held else None,
             Event.CANCEL: JobState.CANCELLED if s in (JobState.QUEUED, *([s] if held else [])) else None,
             Event.EXPIRE: JobState.EXPIRED if s in (JobState.QUEUED, *([s] if held else [])) else None,
+            Event.RETRY: JobState.QUEUED if s in (JobState.FAILED, JobState.EXPIRED) else None,
         }
         for lost in (Event.LEASE_EXPIRED, Event.NODE_LOST):  # from assigned these are ack_timeout
             table[lost] = (JobState.QUEUED if left else JobState.FAILED) if s == JobState.RUNNING else None
@@ -139,6 +145,8 @@ class JobLifecycle(RuleBasedStateMachine):
             self.attempt += 1
         if event in (Event.RELEASE, Event.ACK_TIMEOUT):
             self.attempt -= 1  # the claim never reached its node, or no node started it: given back
+        if event == Event.RETRY:
+            self.attempt = 0  # a fresh attempt budget
         self.state = got
 
     @invariant()

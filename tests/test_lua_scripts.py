@@ -12,6 +12,7 @@ from lingua_scheduler.fsm import Event, JobState, dests_of, fixed_dest, is_repea
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.calls import Fence, FinishJob, Outcome, PromoteJob, RegisterNode, ReleaseNode, RequeueJob, TouchJob
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
+from lingua_scheduler.server.operations import Operations
 from lingua_scheduler.server.scripts import Call, Scripts, prelude
 from lingua_scheduler.server.store import Lease, Store
 from lingua_sdk import pb
@@ -104,6 +105,16 @@ async def test_claim_codes(store: Store, redis: Any) -> None:
     (c,) = await store.claim("n9", [(reserved, "tok6")])
     seen.add(c.code)
     assert c.code == ScriptCode.RESERVED and c.reserved_until > 0
+    # A paused pool: nothing is claimed, and no candidates come back (the dispatcher waits for a resume).
+    paused = await queued(store, utterance_index=3)
+    await Operations(store).set_paused(keys.pool_of_tag(tag), True, "maintenance")
+    (c,) = await store.claim("n1", [(paused, "tok7")])
+    seen.add(c.code)
+    assert c.code == ScriptCode.POOL_PAUSED and c.candidates == []
+    assert (await store.record(paused)).state == JobState.QUEUED
+    await Operations(store).set_paused(keys.pool_of_tag(tag), False)
+    (c,) = await store.claim("n1", [(paused, "tok8")])
+    assert c.code == ScriptCode.APPLIED
     assert {int(s) for s in seen} == documented_codes("claim_job")
 
 
@@ -209,7 +220,7 @@ async def test_registry_codes(store: Store, redis: Any) -> None:
 
 
 async def test_key_count_is_checked_and_noscript_is_retried(store: Store, redis: Any) -> None:
-    with pytest.raises(ValueError, match="takes 3 keys"):
+    with pytest.raises(ValueError, match="takes 4 keys"):
         store.scripts.args(Call("touch_job", ["a"], []))
     job_id = await queued(store)
     await redis.script_flush()  # as after a Redis restart

@@ -27,14 +27,31 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
-from .models import Assignment, Job, JobError, JobEvent, JobResult, JobSpec, JobState, NodeInfo, SessionEvent, SubmitResult
+from .models import (
+    Assignment,
+    Job,
+    JobError,
+    JobEvent,
+    JobPage,
+    JobResult,
+    JobSpec,
+    JobState,
+    NodeInfo,
+    PoolState,
+    PoolStats,
+    SessionCancelled,
+    SessionEvent,
+    Stats,
+    SubmitResult,
+)
 from .node import Node
 
 __all__ = [
     "TLS", "Aborted", "AlreadyExists", "Assignment", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded",
     "FailedPrecondition", "FatalError", "HandlerError", "Internal", "InvalidArgument", "Job", "JobError", "JobEvent",
-    "JobResult", "JobSpec", "JobState", "LinguaError", "ModelUnavailable", "Node", "NodeInfo", "NotFound",
-    "PermissionDenied", "ResourceExhausted", "RetryableError", "SessionEvent", "SubmitResult", "Unauthenticated",
+    "JobPage", "JobResult", "JobSpec", "JobState", "LinguaError", "ModelUnavailable", "Node", "NodeInfo", "NotFound",
+    "PermissionDenied", "PoolState", "PoolStats", "ResourceExhausted", "RetryableError", "SessionCancelled",
+    "SessionEvent", "Stats", "SubmitResult", "Unauthenticated",
     "Unavailable", "Unimplemented",
     "pb", "pb_grpc",
 ]

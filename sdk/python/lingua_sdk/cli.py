@@ -4,6 +4,10 @@
     lingua submit --tenant T --session S --from zh --to en [--index N] (--payload-ref URI | --payload-file F) [--wait [SECONDS]]
     lingua get JOB_ID | watch JOB_ID | cancel JOB_ID [--reason R] | nodes
     lingua session TENANT SESSION [--from-index N] [--lang L] [--count N] [--timeout SECONDS]
+  administration (admin role):
+    lingua jobs [--pool P] [--state S] [--tenant T] [--session S] [--limit N] [--page-token T]
+    lingua stats [--pool P] | retry JOB_ID [--reason R] [--max-attempts N] | drain NODE_ID
+    lingua cancel-session TENANT SESSION [--reason R] | pause POOL [--reason R] | resume POOL
 
 Environment: LINGUA_TARGET (default 127.0.0.1:50051), LINGUA_TOKEN. Exit status: 0 done, 1 the
 scheduler refused (the status is printed), 2 usage, 3 `submit --wait` ended in a state other than
@@ -25,7 +29,7 @@ from typing import Any, TextIO
 from ._channel import TLS
 from .client import Client
 from .errors import DeadlineExceeded, LinguaError
-from .models import Job, JobEvent, JobState, NodeInfo, SubmitResult, as_dict
+from .models import Job, JobEvent, JobState, NodeInfo, PoolState, PoolStats, SubmitResult, as_dict
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 EXIT = """exit status: 0 done, 1 the scheduler refused (the status is printed, and when to retry if it said), 2 usage,
@@ -121,7 +125,41 @@ def parser() -> argparse.ArgumentParser:
     session.add_argument("--count", type=int, default=0, metavar="N", help="stop after N jobs")
     session.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                          help="stop after SECONDS (default: run until --count jobs or Ctrl-C)")
+    _admin_commands(sub, common)
     return top
+
+
+def _admin_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    states = [str(s) for s in JobState if s is not JobState.UNSPECIFIED]
+    jobs = sub.add_parser("jobs", parents=[common], help="list jobs, newest first (admin)",
+                          description="List jobs, newest first, filtered; prints the next page's token when "
+                                      "there are more than --limit.")
+    jobs.add_argument("--pool", default="", metavar="SRC:TGT", help="only this pool, e.g. zh:en")
+    jobs.add_argument("--state", default=None, choices=states, help="only jobs in this state")
+    jobs.add_argument("--tenant", default="", help="only this tenant's jobs")
+    jobs.add_argument("--session", default="", help="only this session's jobs (with --tenant)")
+    jobs.add_argument("--limit", type=int, default=20, metavar="N", help="show at most N jobs (default 20)")
+    jobs.add_argument("--page-token", default="", metavar="TOKEN", help="continue where a previous listing stopped")
+    stats = sub.add_parser("stats", parents=[common], help="per-pool figures: jobs by state, nodes, rates (admin)")
+    stats.add_argument("--pool", default="", metavar="SRC:TGT", help="only this pool")
+    retry = sub.add_parser("retry", parents=[common], help="put a failed or expired job back in its queue (admin)")
+    retry.add_argument("job_id", help="a failed or expired job's id")
+    retry.add_argument("--reason", default="", help="why, recorded with the retry")
+    retry.add_argument("--max-attempts", type=int, default=0, metavar="N",
+                       help="a fresh attempt budget of N (default: the job's own)")
+    cancel_session = sub.add_parser("cancel-session", parents=[common],
+                                    help="cancel every unfinished job of a session (admin)")
+    cancel_session.add_argument("tenant", help="the session's tenant")
+    cancel_session.add_argument("session", help="the session id")
+    cancel_session.add_argument("--reason", default="", help="why, recorded with each cancellation")
+    pause = sub.add_parser("pause", parents=[common], help="stop dispatching a pool; submits still queue (admin)")
+    pause.add_argument("pool", metavar="SRC:TGT", help="the pool, e.g. zh:en")
+    pause.add_argument("--reason", default="", help="why, shown by stats and the dashboard")
+    resume = sub.add_parser("resume", parents=[common], help="dispatch a paused pool again (admin)")
+    resume.add_argument("pool", metavar="SRC:TGT", help="the pool, e.g. zh:en")
+    drain = sub.add_parser("drain", parents=[common],
+                           help="drain a node: it finishes what it holds and gets nothing new (admin)")
+    drain.add_argument("node_id", help="the node")
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -228,6 +266,34 @@ def _nodes(nodes: list[NodeInfo], out: TextIO) -> None:
     _table(rows, out)
 
 
+def _job_rows(jobs: list[Job], out: TextIO) -> None:
+    rows = [["JOB", "STATE", "ATTEMPT", "TENANT/SESSION", "CREATED", "LAST ERROR"]]
+    rows += [[j.job_id, str(j.state), f"{j.attempt}/{j.max_attempts}",
+              f"{j.spec.tenant_id}/{j.spec.session_id} #{j.spec.utterance_index}", _when(j.created_at),
+              f"{j.last_error.code}: {j.last_error.message}" if j.last_error else ""] for j in jobs]
+    _table(rows, out)
+
+
+def _stats(pools: list[PoolStats], out: TextIO) -> None:
+    if not pools:
+        out.write("no pools with jobs or nodes\n")
+        return
+    states = [str(s) for s in JobState if s is not JobState.UNSPECIFIED]
+    rows = [["POOL", *(s.upper() for s in states), "NODES", "LOAD", "IN/S", "OUT/S", "OLDEST", "DISPATCH"]]
+    rows += [[p.pool, *(str(p.jobs[s]) for s in states), str(p.nodes), f"{p.in_flight}/{p.capacity}",
+              f"{p.submitted_per_second:.1f}", f"{p.finished_per_second:.1f}",
+              f"{p.oldest_queued_age.total_seconds():.1f}s", "paused" if p.paused else "on"] for p in pools]
+    _table(rows, out)
+
+
+def _pool_state(state: PoolState, out: TextIO) -> None:
+    if state.paused:
+        why = f": {state.reason}" if state.reason else ""
+        out.write(f"pool {state.pool} paused since {_when(state.paused_at)}{why}\n")
+    else:
+        out.write(f"pool {state.pool} dispatching\n")
+
+
 def _dump(value: Any, out: TextIO) -> None:
     out.write(json.dumps(as_dict(value) if hasattr(value, "__dataclass_fields__") else value) + "\n")
 
@@ -313,6 +379,58 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                 _dump([as_dict(n) for n in nodes], out)
             else:
                 _nodes(nodes, out)
+        else:
+            return _run_admin(client, args, as_json, out)
+    return 0
+
+
+def _run_admin(client: Client, args: argparse.Namespace, as_json: bool, out: TextIO) -> int:
+    if args.command == "jobs":
+        listed: list[Job] = []
+        token = args.page_token
+        while len(listed) < args.limit:
+            page = client.list_jobs(pool=args.pool, state=args.state, tenant_id=args.tenant, session_id=args.session,
+                                    page_size=min(500, args.limit - len(listed)), page_token=token)
+            listed += page.jobs
+            token = page.next_page_token
+            if not token:
+                break
+        if as_json:
+            _dump({"jobs": [as_dict(j) for j in listed], "next_page_token": token}, out)
+        elif listed:
+            _job_rows(listed, out)
+        else:
+            out.write("no jobs\n")
+        if token and not as_json:
+            sys.stderr.write(f"lingua: more jobs: --page-token {token}\n")
+    elif args.command == "stats":
+        stats = client.get_stats(args.pool)
+        if as_json:
+            _dump({"pools": [as_dict(p) for p in stats.pools], "as_of": _when(stats.as_of)}, out)
+        else:
+            _stats(stats.pools, out)
+    elif args.command == "retry":
+        _show(client.retry(args.job_id, reason=args.reason, max_attempts=args.max_attempts), as_json, out)
+    elif args.command == "cancel-session":
+        done = client.cancel_session(args.tenant, args.session, reason=args.reason)
+        if as_json:
+            _dump(done, out)
+        else:
+            out.write(f"cancelled {len(done.cancelled_job_ids)} job(s); {done.already_finished} already finished\n")
+            out.writelines(f"  {job_id}\n" for job_id in done.cancelled_job_ids)
+    elif args.command in ("pause", "resume"):
+        state = client.pause_pool(args.pool, reason=args.reason) if args.command == "pause" else \
+            client.resume_pool(args.pool)
+        if as_json:
+            _dump(state, out)
+        else:
+            _pool_state(state, out)
+    elif args.command == "drain":
+        node = client.drain_node(args.node_id)
+        if as_json:
+            _dump(node, out)
+        else:
+            _nodes([node], out)
     return 0
 
 

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Generator, Iterable, Mapping, Sequence
 from contextlib import aclosing, closing
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -20,7 +21,19 @@ from ._channel import Connection, TLSOption, TokenOption
 from ._proto import scheduler_pb2 as pb
 from ._proto import scheduler_pb2_grpc as pb_grpc
 from .errors import DeadlineExceeded, Unavailable, from_rpc_error
-from .models import Job, JobEvent, JobSpec, JobState, NodeInfo, SessionEvent, SubmitResult
+from .models import (
+    Job,
+    JobEvent,
+    JobPage,
+    JobSpec,
+    JobState,
+    NodeInfo,
+    PoolState,
+    SessionCancelled,
+    SessionEvent,
+    Stats,
+    SubmitResult,
+)
 
 _RETRY_PAUSE = 0.2  # seconds between two watches of one wait (after an instance went away)
 
@@ -69,6 +82,20 @@ class _Core:
     def session_request(tenant_id: str, session_id: str, from_index: int, tgt_lang: str) -> pb.WatchSessionRequest:
         return pb.WatchSessionRequest(tenant_id=tenant_id, session_id=session_id, from_index=from_index,
                                       tgt_lang=tgt_lang)
+
+    @staticmethod
+    def list_jobs_request(pool: str, state: JobState | str | None, tenant_id: str, session_id: str, page_size: int,
+                          page_token: str) -> pb.ListJobsRequest:
+        number = getattr(pb, f"JOB_STATE_{JobState(state).name}") if state else pb.JOB_STATE_UNSPECIFIED
+        return pb.ListJobsRequest(pool=pool, state=number, tenant_id=tenant_id, session_id=session_id,
+                                  page_size=page_size, page_token=page_token)
+
+    @staticmethod
+    def retry_request(job_id: str, reason: str, deadline: datetime | None, max_attempts: int) -> pb.RetryJobRequest:
+        request = pb.RetryJobRequest(job_id=job_id, reason=reason, max_attempts=max_attempts)
+        if deadline is not None:
+            request.deadline.FromDatetime(deadline)
+        return request
 
     @staticmethod
     def left(deadline: float | None) -> float | None:
@@ -126,6 +153,40 @@ class AsyncClient:
     async def list_nodes(self) -> list[NodeInfo]:
         reply = await self._unary(self.stub.ListNodes, pb.ListNodesRequest())
         return [NodeInfo.from_proto(n) for n in reply.nodes]
+
+    # -- administration: the admin role (docs/operations.md) ---------------------------------------
+
+    async def list_jobs(self, *, pool: str = "", state: JobState | str | None = None, tenant_id: str = "",
+                        session_id: str = "", page_size: int = 0, page_token: str = "") -> JobPage:
+        """One page of jobs, newest first, filtered (every filter optional; session_id needs tenant_id)."""
+        return JobPage.from_proto(await self._unary(self.stub.ListJobs, _Core.list_jobs_request(
+            pool, state, tenant_id, session_id, page_size, page_token)))
+
+    async def get_stats(self, pool: str = "") -> Stats:
+        """Per pool (every pool, or one): jobs by state, nodes, capacity, in-flight, rates, paused."""
+        return Stats.from_proto(await self._unary(self.stub.GetStats, pb.GetStatsRequest(pool=pool)))
+
+    async def retry(self, job_id: str, *, reason: str = "", deadline: datetime | None = None,
+                    max_attempts: int = 0) -> Job:
+        """A FAILED or EXPIRED job back to QUEUED, with a fresh attempt budget and deadline."""
+        return Job.from_proto(await self._unary(self.stub.RetryJob, _Core.retry_request(
+            job_id, reason, deadline, max_attempts)))
+
+    async def cancel_session(self, tenant_id: str, session_id: str, *, reason: str = "") -> SessionCancelled:
+        """Cancel every unfinished job of a session (a speaker hung up)."""
+        return SessionCancelled.from_proto(await self._unary(self.stub.CancelSession, pb.CancelSessionRequest(
+            tenant_id=tenant_id, session_id=session_id, reason=reason)))
+
+    async def pause_pool(self, pool: str, *, reason: str = "") -> PoolState:
+        """Stop dispatching a pool ("src:tgt"): submits still queue, nothing is assigned until resumed."""
+        return PoolState.from_proto(await self._unary(self.stub.PausePool, pb.PausePoolRequest(pool=pool, reason=reason)))
+
+    async def resume_pool(self, pool: str) -> PoolState:
+        return PoolState.from_proto(await self._unary(self.stub.ResumePool, pb.ResumePoolRequest(pool=pool)))
+
+    async def drain_node(self, node_id: str) -> NodeInfo:
+        """The node finishes what it holds and gets nothing new (on whichever instance holds it)."""
+        return NodeInfo.from_proto(await self._unary(self.stub.DrainNode, pb.DrainNodeRequest(node_id=node_id)))
 
     async def watch(self, job_id: str, *, timeout: float | None = None) -> AsyncGenerator[JobEvent, None]:
         """Every state change of the job, oldest first; ends after the terminal one."""
@@ -237,6 +298,40 @@ class Client:
 
     def list_nodes(self) -> list[NodeInfo]:
         return [NodeInfo.from_proto(n) for n in self._unary(self.stub.ListNodes, pb.ListNodesRequest()).nodes]
+
+    # -- administration: the admin role (docs/operations.md) ---------------------------------------
+
+    def list_jobs(self, *, pool: str = "", state: JobState | str | None = None, tenant_id: str = "",
+                        session_id: str = "", page_size: int = 0, page_token: str = "") -> JobPage:
+        """One page of jobs, newest first, filtered (every filter optional; session_id needs tenant_id)."""
+        return JobPage.from_proto(self._unary(self.stub.ListJobs, _Core.list_jobs_request(
+            pool, state, tenant_id, session_id, page_size, page_token)))
+
+    def get_stats(self, pool: str = "") -> Stats:
+        """Per pool (every pool, or one): jobs by state, nodes, capacity, in-flight, rates, paused."""
+        return Stats.from_proto(self._unary(self.stub.GetStats, pb.GetStatsRequest(pool=pool)))
+
+    def retry(self, job_id: str, *, reason: str = "", deadline: datetime | None = None,
+                    max_attempts: int = 0) -> Job:
+        """A FAILED or EXPIRED job back to QUEUED, with a fresh attempt budget and deadline."""
+        return Job.from_proto(self._unary(self.stub.RetryJob, _Core.retry_request(
+            job_id, reason, deadline, max_attempts)))
+
+    def cancel_session(self, tenant_id: str, session_id: str, *, reason: str = "") -> SessionCancelled:
+        """Cancel every unfinished job of a session (a speaker hung up)."""
+        return SessionCancelled.from_proto(self._unary(self.stub.CancelSession, pb.CancelSessionRequest(
+            tenant_id=tenant_id, session_id=session_id, reason=reason)))
+
+    def pause_pool(self, pool: str, *, reason: str = "") -> PoolState:
+        """Stop dispatching a pool ("src:tgt"): submits still queue, nothing is assigned until resumed."""
+        return PoolState.from_proto(self._unary(self.stub.PausePool, pb.PausePoolRequest(pool=pool, reason=reason)))
+
+    def resume_pool(self, pool: str) -> PoolState:
+        return PoolState.from_proto(self._unary(self.stub.ResumePool, pb.ResumePoolRequest(pool=pool)))
+
+    def drain_node(self, node_id: str) -> NodeInfo:
+        """The node finishes what it holds and gets nothing new (on whichever instance holds it)."""
+        return NodeInfo.from_proto(self._unary(self.stub.DrainNode, pb.DrainNodeRequest(node_id=node_id)))
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Generator[JobEvent, None, None]:
         """Every state change of the job, oldest first; ends after the terminal one."""

@@ -243,6 +243,85 @@ class NodeInfo:
                    connected_at=_time(m.connected_at), draining=m.draining, proto=m, quarantined=m.quarantined)
 
 
+@dataclass(frozen=True, kw_only=True)
+class JobPage:
+    """One page of ListJobs, newest first; pass `next_page_token` for the next ("" when none)."""
+
+    jobs: list[Job]
+    next_page_token: str
+    proto: pb.ListJobsResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: pb.ListJobsResponse) -> JobPage:
+        return cls(jobs=[Job.from_proto(j) for j in m.jobs], next_page_token=m.next_page_token, proto=m)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolStats:
+    """One pool's figures (GetStats). `jobs` maps every state's name ("queued", ...) to a count: now
+    for queued/assigned/running, finished within the server's retention for the terminal states."""
+
+    pool: str
+    jobs: dict[str, int]
+    nodes: int
+    capacity: int
+    in_flight: int
+    submitted_per_second: float
+    finished_per_second: float
+    paused: bool
+    oldest_queued_age: timedelta
+    proto: pb.PoolStats = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: pb.PoolStats) -> PoolStats:
+        jobs = {str(s): 0 for s in JobState if s is not JobState.UNSPECIFIED}
+        jobs.update({str(JobState.from_proto(c.state)): c.count for c in m.jobs})
+        return cls(pool=m.pool, jobs=jobs, nodes=m.nodes, capacity=m.capacity, in_flight=m.in_flight,
+                   submitted_per_second=m.submitted_per_second, finished_per_second=m.finished_per_second,
+                   paused=m.paused, oldest_queued_age=m.oldest_queued_age.ToTimedelta(), proto=m)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stats:
+    """GetStats: every pool's figures (by pool name), read at `as_of` (Redis time)."""
+
+    pools: list[PoolStats]
+    as_of: datetime | None
+    proto: pb.GetStatsResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: pb.GetStatsResponse) -> Stats:
+        return cls(pools=[PoolStats.from_proto(p) for p in m.pools], as_of=_time(m.as_of), proto=m)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolState:
+    """A pool's dispatch state after PausePool or ResumePool."""
+
+    pool: str
+    paused: bool
+    reason: str
+    paused_at: datetime | None
+    proto: pb.PoolState = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: pb.PoolState) -> PoolState:
+        return cls(pool=m.pool, paused=m.paused, reason=m.reason, paused_at=_time(m.paused_at), proto=m)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionCancelled:
+    """What CancelSession did: the jobs it cancelled, and how many were already finished."""
+
+    cancelled_job_ids: list[str]
+    already_finished: int
+    proto: pb.CancelSessionResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: pb.CancelSessionResponse) -> SessionCancelled:
+        return cls(cancelled_job_ids=list(m.cancelled_job_ids), already_finished=m.already_finished, proto=m)
+
+
 class Assignment:
     """One job given to a node's handler: `job_id`, `attempt`, `spec` (a JobSpec, payload included),
     `lease_deadline`. The lease itself is the runtime's business; `proto` is the message as received."""

@@ -1,10 +1,14 @@
 // The client of application developers: submit utterances, read and wait for results.
 import { setTimeout as sleep } from "node:timers/promises";
 import { Code, ConnectError, createClient, type Client as GeneratedClient } from "@connectrpc/connect";
-import { isTerminal, jobSpec, type JobSpecInput, jsonable, withStateName, type WithStateName } from "./convert.js";
-import { call, toSchedulerError, UnavailableError } from "./errors.js";
 import {
-  type Job, type JobEvent, type NodeInfo, Scheduler, type SessionEvent, type SubmitResult,
+  isTerminal, jobSpec, type JobSpecInput, jsonable, type StateName, withStateName, type WithStateName,
+} from "./convert.js";
+import { call, toSchedulerError, UnavailableError } from "./errors.js";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import {
+  type CancelSessionResponse, type GetStatsResponse, type Job, type JobEvent, JobState, type NodeInfo, type PoolState,
+  Scheduler, type SessionEvent, type SubmitResult,
 } from "./gen/lingua/scheduler/v1/scheduler_pb.js";
 import { connect, type Connection, type ConnectionOptions } from "./transport.js";
 
@@ -16,6 +20,24 @@ export type ClientOptions = ConnectionOptions;
 export type JobView = WithStateName<Job>;
 export type JobEventView = WithStateName<JobEvent>;
 export type SubmitResultView = WithStateName<SubmitResult>;
+
+/** ListJobs' filters: a pool ("zh:en"), a state (by name or value), a tenant, a session (with its
+ * tenant), and paging. */
+export interface ListJobsFilter {
+  pool?: string;
+  state?: StateName | JobState;
+  tenantId?: string;
+  sessionId?: string;
+  /** 1 to 500; absent or 0: 50. */
+  pageSize?: number;
+  pageToken?: string;
+}
+
+function stateOf(name: StateName): JobState {
+  const value = JobState[name.toUpperCase() as keyof typeof JobState];
+  if (value === undefined) throw new TypeError(`state: ${JSON.stringify(name)} is not a job state`);
+  return value;
+}
 
 /** Per call: an AbortSignal cancels the call (it rejects with CancelledError); timeoutMs sets a
  * gRPC deadline (DeadlineExceededError). */
@@ -138,6 +160,53 @@ export class Client {
       }
       await sleep(200, undefined, { signal: rest.signal });
     }
+  }
+
+  // -- administration: the admin role (docs/operations.md) -------------------------------------
+
+  /** One page of jobs, newest first, filtered (every filter optional; sessionId needs tenantId).
+   * Pass `nextPageToken` back as `pageToken` for the next page ("" when there is none). */
+  async listJobs(filter: ListJobsFilter = {}, options: CallOptions = {}): Promise<{ jobs: JobView[]; nextPageToken: string }> {
+    const { state, ...rest } = filter;
+    const request = { ...rest, state: typeof state === "string" ? stateOf(state) : state ?? JobState.UNSPECIFIED };
+    const page = await call(() => this.stub.listJobs(request, options));
+    return { jobs: page.jobs.map(withStateName), nextPageToken: page.nextPageToken };
+  }
+
+  /** Per pool (every pool, or `pool`): jobs by state, nodes, capacity, in-flight, rates, paused. */
+  async getStats(pool = "", options: CallOptions = {}): Promise<GetStatsResponse> {
+    return jsonable(await call(() => this.stub.getStats({ pool }, options)));
+  }
+
+  /** A FAILED or EXPIRED job back to QUEUED, with a fresh attempt budget and deadline. */
+  async retry(jobId: string, options: CallOptions & { reason?: string; deadline?: Date; maxAttempts?: number } = {}):
+    Promise<JobView> {
+    const { reason = "", deadline, maxAttempts = 0, ...rest } = options;
+    const request = { jobId, reason, maxAttempts, ...(deadline !== undefined && { deadline: timestampFromDate(deadline) }) };
+    return withStateName(await call(() => this.stub.retryJob(request, rest)));
+  }
+
+  /** Cancels every unfinished job of a session (a speaker hung up). */
+  async cancelSession(tenantId: string, sessionId: string, options: CallOptions & { reason?: string } = {}):
+    Promise<CancelSessionResponse> {
+    const { reason = "", ...rest } = options;
+    return jsonable(await call(() => this.stub.cancelSession({ tenantId, sessionId, reason }, rest)));
+  }
+
+  /** Stops dispatching a pool ("src:tgt"): submits still queue, nothing is assigned until resumed. */
+  async pausePool(pool: string, options: CallOptions & { reason?: string } = {}): Promise<PoolState> {
+    const { reason = "", ...rest } = options;
+    return jsonable(await call(() => this.stub.pausePool({ pool, reason }, rest)));
+  }
+
+  /** Dispatches a paused pool again. */
+  async resumePool(pool: string, options: CallOptions = {}): Promise<PoolState> {
+    return jsonable(await call(() => this.stub.resumePool({ pool }, options)));
+  }
+
+  /** Drains a node on whichever instance holds it: it finishes what it holds and gets nothing new. */
+  async drainNode(nodeId: string, options: CallOptions = {}): Promise<NodeInfo> {
+    return jsonable(await call(() => this.stub.drainNode({ nodeId }, options)));
   }
 
   /** Closes the connection; calls in progress fail. */

@@ -1,6 +1,6 @@
 // @lingua/scheduler-sdk: a typed client and a node runtime for the Lingua Scheduler.
 export {
-  Client, type CallOptions, type ClientOptions, type JobEventView, type JobView, type SubmitResultView,
+  Client, type CallOptions, type ClientOptions, type JobEventView, type JobView, type ListJobsFilter, type SubmitResultView,
 } from "./client.js";
 export { Node, type Assignment, type Handler, type NodeEvents, type NodeOptions } from "./node.js";
 export {

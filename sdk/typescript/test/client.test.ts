@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import {
-  CancelledError, Client, DeadlineExceededError, InvalidArgumentError, JobState, Node, NotFoundError,
+  CancelledError, Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, JobState, Node, NotFoundError,
   ResourceExhaustedError, SchedulerError, UnimplementedError, stateName,
 } from "../src/index.js";
 import { type RunningScheduler, TEST_FLAGS, startScheduler } from "./scheduler.js";
@@ -209,4 +209,42 @@ test("submit defaults utteranceIndex to 0 and rejects a fractional one; results 
   assert.match(mine.connectedAt, /^\d{4}-\d\d-\d\dT/);
   await node.stop();
   await running;
+});
+
+test("admin calls: stats and listJobs, pause holds a pool, resume dispatches, retry, cancelSession", { timeout: 30_000 }, async () => {
+  const queued = await client.submitMany([spec("admin", 0, "it", "es"), spec("admin", 1, "it", "es")]);
+  const page = await client.listJobs({ pool: "it:es", pageSize: 1 });
+  assert.deepEqual(page.jobs.map((j) => j.jobId), [queued[1]!.jobId]); // newest first
+  const rest = await client.listJobs({ pool: "it:es", state: "queued", pageToken: page.nextPageToken });
+  assert.deepEqual(rest.jobs.map((j) => j.jobId), [queued[0]!.jobId]);
+  const paused = await client.pausePool("it:es", { reason: "upgrade" });
+  assert.equal(paused.paused, true);
+  assert.equal(paused.reason, "upgrade");
+  const [stats] = (await client.getStats("it:es")).pools;
+  assert.equal(stats?.paused, true);
+  assert.equal(stats?.jobs.find((c) => c.state === JobState.QUEUED)?.count, 2n);
+  assert.equal(JSON.parse(JSON.stringify(await client.getStats("it:es"))).pools[0].pool, "it:es");
+
+  const node = new Node(scheduler.target, {
+    nodeId: "ts-admin", pairs: ["it:es", "es:it"], concurrency: 2, handleSignals: false,
+    handler: async () => ({ textTranslated: "ok" }),
+  });
+  const running = node.run();
+  try {
+    const other = await client.submit(spec("admin-other", 0, "es", "it")); // served while it:es holds
+    assert.equal((await client.wait(other.jobId, { timeoutMs: 20_000 })).stateName, "succeeded");
+    assert.equal((await client.get(queued[0]!.jobId)).stateName, "queued");
+    assert.equal((await client.resumePool("it:es")).paused, false);
+    for (const { jobId } of queued) assert.equal((await client.wait(jobId, { timeoutMs: 20_000 })).stateName, "succeeded");
+    const drained = await client.drainNode("ts-admin");
+    assert.equal(drained.draining, true);
+  } finally {
+    await node.stop();
+  }
+  await running;
+  const { jobId } = await client.submit(spec("admin-cancel", 0, "it", "ko"));
+  const cancelled = await client.cancelSession("acme", "admin-cancel", { reason: "hung up" });
+  assert.deepEqual(cancelled.cancelledJobIds, [jobId]);
+  assert.equal((await client.get(jobId)).stateName, "cancelled");
+  await assert.rejects(client.retry(jobId), FailedPreconditionError); // only failed or expired jobs
 });

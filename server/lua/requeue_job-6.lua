@@ -9,6 +9,8 @@
     KEYS[2] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[3] partition queue zset
     KEYS[4] partition timers zset
+    KEYS[5] partition waiting zset (the job enters it, in backoff too)
+    KEYS[6] shard held hash ("<pool>|<state left>" counted down)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
     ARGV[3] destination state (decided by the FSM)
@@ -35,6 +37,7 @@
     {-10}                 guard: the lease has not run out
 ]]
 local fsmKey, eventsKey, queueKey, timersKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local waitingKey, heldKey = KEYS[5], KEYS[6]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "qs", "avoid", "ev", "tok")
@@ -79,6 +82,8 @@ if ARGV[8] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[8], "emsg", ARGV[9], "eretry", ARGV[10])
 end
 rcall("ZREM", timersKey, lease_member(jobId, tok))
+rcall("HINCRBY", heldKey, pool_of(jobId) .. "|" .. state, -1)
+rcall("ZADD", waitingKey, now, jobId)
 local backoff = tonumber(ARGV[7])
 if backoff > 0 then
   rcall("ZADD", timersKey, now + backoff, retry_member(jobId))

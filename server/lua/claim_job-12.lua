@@ -13,6 +13,9 @@
     KEYS[7] job payload
     KEYS[8] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[9] partition fair-share zset (lua/submit_job-10.lua): the claim moves its band's virtual clock
+    KEYS[10] partition waiting zset (the job leaves it)
+    KEYS[11] shard held hash ("<pool>|assigned" counted up)
+    KEYS[12] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)
     ARGV[1] job id (a candidate read from the queue earlier)
     ARGV[2] node id
     ARGV[3] lease token of this claim (unique per claim)
@@ -34,9 +37,11 @@
                              claim was released or expired already (a token is good for one claim)
     {-8, candidates, until}  the job avoids this node until `until` (ms): the node lost it or lacked the model
     {-9, candidates, until}  the job is held back for its session's node until `until` (ms)
+    {-14, {}}                the pool is paused (no candidates: the dispatcher waits for ResumePool)
 ]]
 local queueKey, timersKey, affinityKey, affinityAtKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local fsmKey, metaKey, payloadKey, eventsKey, fairKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local waitingKey, heldKey, pausedKey = KEYS[10], KEYS[11], KEYS[12]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
 local function heads()  -- the next candidates with their queue scores: {id, score, id, score, ...}
@@ -51,6 +56,9 @@ if f[9] == token then  -- a repeat of this claim: the same assignment while it h
     return {1, heads(), tonumber(f[3]), tonumber(f[10]), rcall("GET", metaKey), rcall("GET", payloadKey) or ""}
   end
   return {-7, heads()}
+end
+if rcall("EXISTS", pausedKey) == 1 then
+  return {-14, {}}
 end
 local score = tonumber(rcall("ZSCORE", queueKey, jobId))
 if not score then
@@ -79,6 +87,8 @@ local version = tonumber(f[2]) + 1
 local attempt = tonumber(f[3]) + 1
 local lease = now + tonumber(ARGV[4])
 rcall("ZREM", queueKey, jobId)
+rcall("ZREM", waitingKey, jobId)
+rcall("HINCRBY", heldKey, pool_of(jobId) .. "|" .. dest, 1)
 -- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
 -- only to the band's head when the job was taken out of turn (a wake-up names the newest job), so such a
 -- claim never puts the tenants that join later behind the whole queue. A band left empty evens everyone

@@ -8,6 +8,7 @@
     KEYS[1] job fsm hash
     KEYS[2] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[3] partition timers zset
+    KEYS[4] shard held hash ("<pool>|assigned" -> "<pool>|running" on an ack)
     ARGV[1] job id
     ARGV[2] node id (fence)
     ARGV[3] lease token (fence)
@@ -22,7 +23,7 @@
     {-4, attempt}              stale lease (another claim's token)
     {-5, node}                 held by another node
 ]]
-local fsmKey, eventsKey, timersKey = KEYS[1], KEYS[2], KEYS[3]
+local fsmKey, eventsKey, timersKey, heldKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "started", "xto", "tok")
@@ -54,6 +55,9 @@ elseif acking then
   version = version + 1
   started = now
   rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now)
+  local pool = pool_of(jobId)
+  rcall("HINCRBY", heldKey, pool .. "|" .. f[1], -1)
+  rcall("HINCRBY", heldKey, pool .. "|" .. state, 1)
   record_event(eventsKey, {s = state, v = version, a = tonumber(f[3]), n = nodeId, e = E.start, t = now})
 end
 local xto = tonumber(f[7])

@@ -1,7 +1,8 @@
 --[[
   Moves a job to a terminal state (succeeded, failed, cancelled, expired): compare-and-set on the
-  state (and version, when given), fenced by node + lease token when given. Drops the payload,
-  stores the result, clears the job's queue and timer entries, lets the job's keys expire at
+  state (and version, when given), fenced by node + lease token when given. Drops the payload of a
+  job that succeeded or was cancelled (a failed or expired one keeps it for RetryJob, as long as its
+  other keys), stores the result, clears the job's queue and timer entries, lets the job's keys expire at
   max(now, deadline) + retention, and announces the job on its session's channel (WatchSession).
 
   Input:
@@ -12,6 +13,13 @@
     KEYS[5] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[6] partition queue zset
     KEYS[7] partition timers zset
+    KEYS[8] partition waiting zset (a queued job leaves it)
+    KEYS[9] shard held hash ("<pool>|<state left>" counted down, for assigned and running)
+    KEYS[10] rate bucket hash of now ("<pool>|finished" counted)
+    KEYS[11] done bucket hash of now ("<pool>|<destination>" counted)
+    KEYS[12] the shard's index of jobs ended in the destination state (ListJobs; used for failed,
+             expired and cancelled only)
+    KEYS[13] shard span (how long index entries live: lua/submit_job-16.lua)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
     ARGV[3] destination state (decided by the FSM)
@@ -27,6 +35,8 @@
     ARGV[13] guard: "" none; "lease": only if the lease ran out; "deadline": only if the deadline passed
     ARGV[14] session channel prefix: the announcement goes to this prefix .. the record's `sess`
              (a channel, not a key: no slot; the caller need not know the session)
+    ARGV[15] when the rate bucket expires, ms
+    ARGV[16] when the done bucket expires, ms
 
   Output:
     {1, state, version, session, from, run ms}  applied; session is the record's `sess`
@@ -44,6 +54,8 @@
 ]]
 local fsmKey, metaKey, payloadKey, resultKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local eventsKey, queueKey, timersKey = KEYS[5], KEYS[6], KEYS[7]
+local waitingKey, heldKey, rateKey, doneKey, endedKey, spanKey = KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12],
+  KEYS[13]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg")
@@ -82,7 +94,12 @@ rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "u
 if ARGV[9] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[9], "emsg", ARGV[10], "eretry", ARGV[11])
 end
-rcall("DEL", payloadKey)
+local keep = {fsmKey, metaKey, resultKey, eventsKey}
+if dest == S.failed or dest == S.expired then
+  keep[5] = payloadKey  -- RetryJob needs the input
+else
+  rcall("DEL", payloadKey)
+end
 if ARGV[7] == "1" then
   rcall("SET", resultKey, ARGV[8])
 end
@@ -90,9 +107,21 @@ rcall("ZREM", queueKey, jobId)
 rcall("ZREM", timersKey, lease_member(jobId, tok), deadline_member(jobId), retry_member(jobId))
 record_event(eventsKey, {s = dest, v = version, a = tonumber(f[3]), n = f[4], e = event, t = now,
   ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
-local expireAt = math.max(now, deadline) + tonumber(ARGV[12])
-for _, key in ipairs({fsmKey, metaKey, resultKey, eventsKey}) do
+local retention = tonumber(ARGV[12])
+local expireAt = math.max(now, deadline) + retention
+for _, key in ipairs(keep) do
   rcall("PEXPIREAT", key, expireAt)
+end
+local pool = pool_of(jobId)
+if state == S.queued then
+  rcall("ZREM", waitingKey, jobId)
+else
+  rcall("HINCRBY", heldKey, pool .. "|" .. state, -1)
+end
+count_in(rateKey, pool .. "|finished", tonumber(ARGV[15]))
+count_in(doneKey, pool .. "|" .. dest, tonumber(ARGV[16]))
+if dest ~= S.succeeded then
+  index_add(endedKey, jobId, now, tonumber(rcall("GET", spanKey)) or 0, retention)
 end
 if f[9] then  -- a record written before sessions were indexed has no `sess`
   rcall("PUBLISH", ARGV[14] .. f[9], session_done_message(jobId, f[10] or "", dest))

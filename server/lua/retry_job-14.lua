@@ -1,0 +1,103 @@
+--[[
+  Puts a failed or expired job back in its queue (RetryJob): compare-and-set on the state and version,
+  a fresh attempt budget (attempts counted from 0 again) and a new deadline. The job's keys stop
+  expiring (they expire again when it ends), it re-enters its queue at its queue score (priority and
+  fair-share pass as submitted), gets a deadline timer, leaves the index of its ended state, is
+  counted out of the ended jobs of its finish's bucket, and the retry is recorded in its events with
+  the reason (WatchJob shows it) and announced to the dispatchers.
+
+  Input:
+    KEYS[1] job fsm hash
+    KEYS[2] job meta
+    KEYS[3] job payload
+    KEYS[4] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
+    KEYS[5] partition queue zset
+    KEYS[6] partition timers zset
+    KEYS[7] partition waiting zset
+    KEYS[8] the shard's index of jobs ended in the job's current state (lua/finish_job-13.lua)
+    KEYS[9] done bucket hash of the job's finish ("<pool>|<state>" counted down)
+    KEYS[10] idempotency key of the job (lives as long as the job record again)
+    KEYS[11] session jobs zset (WatchSession's index; lives as long as its longest-lived job)
+    KEYS[12] partition jobs index (ListJobs by pool)
+    KEYS[13] tenant jobs index of this shard (ListJobs by tenant)
+    KEYS[14] shard span (the longest deadline - created of its jobs, ms)
+    ARGV[1] job id
+    ARGV[2] expected version
+    ARGV[3] new deadline, ms since epoch; 0 for now + the job's own time to live (its first deadline -
+            created), at most ARGV[4] ahead
+    ARGV[4] max job time to live, ms
+    ARGV[5] new max attempts; 0 keeps the job's own
+    ARGV[6] reason (recorded as the retry event's message)
+    ARGV[7] retention of a finished job, ms
+    ARGV[8] wake-up channel
+
+  Output:
+    {1, state, version}   queued again
+    {-1}                  job not found
+    {-2, state}           not failed or expired
+    {-3, version}         version mismatch
+]]
+local fsmKey, metaKey, payloadKey, eventsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local queueKey, timersKey, waitingKey, endedKey, doneKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local idemKey, sessionKey, jobsKey, tenantJobsKey, spanKey = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local jobId = ARGV[1]
+
+local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs")
+local state = f[1]
+if not state then
+  return {-1}
+end
+if not allowed(E.retry, state) then
+  return {-2, state}
+end
+if f[2] ~= ARGV[2] then
+  return {-3, tonumber(f[2])}
+end
+local now = now_ms()
+local ttl = tonumber(f[5]) or (tonumber(f[3]) - tonumber(f[4]))
+local deadline = tonumber(ARGV[3])
+if deadline == 0 then
+  deadline = now + math.min(ttl, tonumber(ARGV[4]))
+end
+local maxAttempts = tonumber(ARGV[5])
+if maxAttempts == 0 then
+  maxAttempts = tonumber(f[6])
+end
+local dest = FIXED[E.retry]
+local version = tonumber(f[2]) + 1
+rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.retry, "att", 0, "maxatt", maxAttempts, "tok", "",
+  "lease", 0, "dl", deadline, "ttl", ttl, "started", 0, "updated", now, "avoid", ",", "pref", "")
+for _, key in ipairs({fsmKey, metaKey, payloadKey, eventsKey}) do
+  rcall("PERSIST", key)
+end
+local retention = tonumber(ARGV[7])
+rcall("PEXPIREAT", idemKey, deadline + retention)
+local ttlLeft = rcall("PTTL", sessionKey)
+if ttlLeft >= 0 and now + ttlLeft < deadline + retention then
+  rcall("PEXPIREAT", sessionKey, deadline + retention)
+end
+-- The indexes keep entries span + retention after the job's creation: the span must cover the new deadline.
+local span = tonumber(rcall("GET", spanKey)) or 0
+local created = tonumber(f[4])
+if deadline - created > span then
+  span = deadline - created
+  rcall("SET", spanKey, span)
+end
+for _, key in ipairs({jobsKey, tenantJobsKey}) do
+  if rcall("PTTL", key) >= 0 then
+    rcall("PEXPIREAT", key, now + span + retention)
+  end
+end
+rcall("ZREM", endedKey, index_member(jobId))
+local pool = pool_of(jobId)
+if tonumber(rcall("HINCRBY", doneKey, pool .. "|" .. state, -1)) < 0 then
+  rcall("HDEL", doneKey, pool .. "|" .. state)  -- the bucket expired meanwhile: nothing to count out
+end
+rcall("ZADD", timersKey, deadline, deadline_member(jobId))
+rcall("ZADD", waitingKey, now, jobId)
+rcall("ZADD", queueKey, f[7], jobId)
+-- The reason rides as the event's error (code LINGUA_RETRIED), as a cancel's does; last_error stays.
+record_event(eventsKey, {s = dest, v = version, a = 0, n = "", e = E.retry, t = now, ec = "LINGUA_RETRIED",
+  em = ARGV[6], er = "0"})
+rcall("PUBLISH", ARGV[8], wake_message(jobId, "", f[7]))
+return {1, dest, version}

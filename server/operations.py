@@ -1,0 +1,153 @@
+"""The Redis side of the admin calls that change things (server/admin.py validates and answers):
+retrying a failed or expired job, cancelling a session's jobs, pausing and resuming a pool, draining
+a node on whichever instance holds it. Every job change is a compare-and-set script, as in store.py."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from lingua_sdk import pb
+
+from ..fsm import HELD, Event, TransitionRefused, decide, fixed_dest, sources_of
+from . import keys, wire
+from .calls import Fence, FinishJob, Outcome, PausePool, RetryJob
+from .errors import ConcurrentModification, InvalidTransition, JobNotFound, ScriptCode, raise_for
+from .store import Changed, JobRecord, Store, _s
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A pool's dispatch state: paused (with its reason and when, ms) or not."""
+
+    pool: str
+    paused: bool
+    reason: str = ""
+    at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCancelled:
+    cancelled: list[str]
+    already_finished: int
+
+
+class Operations:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.settings = store.settings
+
+    # -- RetryJob ---------------------------------------------------------------------------------
+
+    async def retry(self, job_id: str, *, deadline_ms: int, max_attempts: int, reason: str) -> Changed:
+        """A failed or expired job back to queued (InvalidTransition naming its state otherwise)."""
+        s = self.settings
+        for _ in range(8):
+            view = await self.store.get(job_id, lambda _tenant: True)
+            rec, spec = view.record, view.spec
+            if rec.state not in sources_of(Event.RETRY):
+                raise InvalidTransition(f"job {job_id} is {rec.state}: only a failed or expired job can be retried")
+            tag = keys.tag_of(job_id)
+            identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else (
+                f"u:{spec.utterance_index}:{spec.tgt_lang}")
+            call = RetryJob(
+                job_id, rec.version, rec.state, rec.updated,
+                keys.idempotency(tag, spec.tenant_id, spec.session_id, identity),
+                keys.session_jobs(keys.shard_of_tag(tag), spec.tenant_id, spec.session_id), spec.tenant_id,
+                deadline_ms, s.max_job_ttl_ms, max_attempts, reason or "retried by an operator", s.retention_ms,
+            ).call()
+            reply = await self.store.scripts.call(self.redis, call)
+            code = int(reply[0])
+            if code == ScriptCode.VERSION_MISMATCH:
+                continue
+            if code < 0:
+                raise_for(code, job=job_id, event=Event.RETRY, state=_s(reply[1]) if len(reply) > 1 else "")
+            return Changed(job_id, ScriptCode(code), _s(reply[1]), int(reply[2]))
+        raise ConcurrentModification(f"job {job_id} keeps changing; retry")
+
+    # -- CancelSession ----------------------------------------------------------------------------
+
+    async def cancel_session(self, tenant_id: str, session_id: str, reason: str) -> SessionCancelled:
+        """Cancel every unfinished job of the session: its index, then every record (one pipelined
+        round trip), then every cancel with the version read (one more); a job that changed in between
+        goes through the one-job path (store.cancel). Nodes holding a cancelled job are told."""
+        shard = keys.shard_tag(self.store.shard_of(tenant_id, session_id))
+        job_ids = [_s(j) for j in await self.redis.zrange(keys.session_jobs(shard, tenant_id, session_id), 0, -1)]
+        if not job_ids:
+            return SessionCancelled([], 0)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(keys.JobKeys.of(job_id).fsm)
+            found = await pipe.execute()
+        error = pb.JobError(code="LINGUA_CANCELLED", message=reason or "session cancelled by an operator")
+        outcome = Outcome(error.code, error.message, False)
+        records: list[JobRecord] = []
+        finished = 0
+        for job_id, h in zip(job_ids, found, strict=True):
+            if not h:
+                continue  # past its retention
+            rec = JobRecord.parse(job_id, h)
+            try:
+                decide(rec.state, Event.CANCEL)
+            except TransitionRefused:
+                finished += 1
+                continue
+            records.append(rec)
+        dest = fixed_dest(Event.CANCEL)
+        calls = [FinishJob(rec.job_id, Event.CANCEL, dest, Fence(version=rec.version), outcome,
+                           self.settings.retention_ms).call() for rec in records]
+        replies = await self.store.scripts.call_many(self.redis, calls)
+        cancelled: list[str] = []
+        tell: list[JobRecord] = []
+        for rec, reply in zip(records, replies, strict=True):
+            code = int(reply[0]) if not isinstance(reply, Exception) else ScriptCode.VERSION_MISMATCH
+            if code == ScriptCode.APPLIED:
+                self.store._changed(rec.job_id, reply, Event.CANCEL)  # counted in the metrics, as every change
+                cancelled.append(rec.job_id)
+                self.store.quotas.finished(rec.tenant, rec.job_id)
+                if rec.state in HELD:
+                    tell.append(rec)
+                continue
+            try:  # it moved since it was read: decide again on a fresh read
+                changed = await self.store.cancel(rec.job_id, error.message)
+                if changed.code == ScriptCode.APPLIED:
+                    cancelled.append(rec.job_id)
+            except (InvalidTransition, JobNotFound):
+                finished += 1
+        if tell:  # (a cluster client sends no PUBLISH in a pipeline: concurrently instead)
+            await asyncio.gather(*(self.redis.publish(keys.node_channel(rec.node), wire.cancel(rec.job_id, rec.token))
+                                   for rec in tell))
+        return SessionCancelled(cancelled, finished)
+
+    # -- PausePool / ResumePool -------------------------------------------------------------------
+
+    async def set_paused(self, pool: str, pause: bool, reason: str = "") -> Pause:
+        """Pause or resume every partition of the pool (one pipelined round trip), then tell every
+        instance's dispatcher (keys.pool_channel): a resume is dispatched at once."""
+        calls = [PausePool(tag, pause, reason).call() for tag in self.store.tags_of_pool(pool)]
+        replies = self.store._raise_errors(await self.store.scripts.call_many(self.redis, calls))
+        await self.redis.publish(keys.pool_channel(pool), wire.PAUSE if pause else wire.RESUME)
+        if not pause:
+            return Pause(pool, False)
+        first = replies[0]
+        return Pause(pool, True, _s(first[1]), min(int(r[2]) for r in replies))
+
+    async def paused(self, pools: list[str]) -> dict[str, Pause]:
+        """The pause state of each pool (its first partition's: all are set together), one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool in pools:
+                pipe.hmget(keys.PartitionKeys.of(keys.partition_tag(pool, 0)).paused, "reason", "at")
+            found = await pipe.execute()
+        return {pool: Pause(pool, at is not None, _s(reason), int(at or 0))
+                for pool, (reason, at) in zip(pools, found, strict=True)}
+
+    # -- DrainNode --------------------------------------------------------------------------------
+
+    async def drain(self, node_id: str) -> bool:
+        """Tell the instance holding the node's stream to drain it; False when no such node is registered."""
+        if not await self.redis.exists(keys.node(node_id)):
+            return False
+        await self.redis.publish(keys.node_channel(node_id), wire.DRAIN)
+        return True
+

@@ -1,0 +1,190 @@
+"""GetStats' figures and the cluster-wide gauges, read from Redis (never one process's counts), cached.
+
+The scripts keep the counts as they change state, so a read costs a few small reads per shard, not a
+count of keys: QUEUED is the ZCARD of each partition's waiting zset (its lowest score: when the oldest
+queued job entered the queue), ASSIGNED and RUNNING are fields of the shard's held hash (HINCRBY at
+every transition), jobs that ended (by state) and submits/finishes per second come from time buckets
+(server/buckets.py). Nodes, capacity and in-flight come from the node registry as ListNodes shows it.
+A snapshot is reused for SNAPSHOT_TTL_S, so scrapes and dashboards do not hammer Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..fsm import JobState
+from . import buckets, keys
+from .calls import ReadClock
+from .store import Store, _s
+
+SNAPSHOT_TTL_S = 1.0
+STATES = [s for s in JobState if s != JobState.NEW]
+HELD_STATES = (JobState.ASSIGNED, JobState.RUNNING)
+
+
+@dataclass
+class PoolFigures:
+    pool: str
+    jobs: dict[str, int] = field(default_factory=lambda: {str(s): 0 for s in STATES})
+    nodes: int = 0
+    capacity: int = 0
+    in_flight: int = 0
+    submitted_per_second: float = 0.0
+    finished_per_second: float = 0.0
+    paused: bool = False
+    oldest_queued_age_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    as_of_ms: int  # Redis time
+    pools: dict[str, PoolFigures]
+
+
+class Stats:
+    """Cached snapshots of every pool's figures. `nodes` is the NodeSessions (its registry), or None."""
+
+    def __init__(self, store: Store, nodes: Any = None) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.settings = store.settings
+        self.nodes = nodes
+        self._snapshot: Snapshot | None = None
+        self._taken = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def snapshot(self) -> Snapshot:
+        """The figures, read at most SNAPSHOT_TTL_S ago (concurrent callers share one read)."""
+        async with self._lock:
+            if self._snapshot is None or time.monotonic() - self._taken >= SNAPSHOT_TTL_S:
+                self._snapshot = await self._read()
+                self._taken = time.monotonic()
+            return self._snapshot
+
+    async def _read(self) -> Snapshot:
+        s = self.settings
+        shards = [keys.shard_tag(i) for i in range(s.partitions)]
+        now = buckets.now_ms()
+        rate_keys = {shard: buckets.rate_keys(shard, now) for shard in shards}
+        done_keys = {shard: buckets.done_keys(shard, now, s.retention_ms) for shard in shards}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.smembers(keys.ShardKeys.of(shard).pools)
+                pipe.hgetall(keys.ShardKeys.of(shard).held)
+                for key in rate_keys[shard] + done_keys[shard]:
+                    pipe.hgetall(key)
+            read, redis_now, registered = await asyncio.gather(
+                pipe.execute(), self.store.scripts.call(self.redis, ReadClock().call()),
+                self.nodes.registry.entries(s.node_listed_ms()) if self.nodes is not None else _none())
+        redis_now = int(redis_now)
+        pools: dict[str, PoolFigures] = {}
+
+        def figures(pool: str) -> PoolFigures:
+            found = pools.get(pool)
+            if found is None:
+                found = pools[pool] = PoolFigures(pool)
+            return found
+
+        per_shard: dict[str, list[str]] = {}
+        i = 0
+        window_start = (now // buckets.RATE_BUCKET_MS - buckets.RATE_WINDOW_MS // buckets.RATE_BUCKET_MS) \
+            * buckets.RATE_BUCKET_MS
+        covered_s = max(1.0, (now - window_start) / 1000)
+        for shard in shards:
+            members, held = read[i], read[i + 1]
+            i += 2
+            per_shard[shard] = sorted(_s(p) for p in members)
+            for pool in per_shard[shard]:
+                figures(pool)
+            for name, count in held.items():
+                pool, _, state = _s(name).rpartition("|")
+                figures(pool).jobs[state] = figures(pool).jobs.get(state, 0) + int(count)
+            for _ in rate_keys[shard]:
+                for name, count in read[i].items():
+                    pool, _, what = _s(name).rpartition("|")
+                    if what == "submitted":
+                        figures(pool).submitted_per_second += int(count) / covered_s
+                    else:
+                        figures(pool).finished_per_second += int(count) / covered_s
+                i += 1
+            for _ in done_keys[shard]:
+                for name, count in read[i].items():
+                    pool, _, state = _s(name).rpartition("|")
+                    figures(pool).jobs[state] = figures(pool).jobs.get(state, 0) + int(count)
+                i += 1
+        for entry in registered or []:
+            for pool in entry.pools:
+                f = figures(pool)
+                f.nodes += 1
+                f.capacity += entry.max_concurrency
+                f.in_flight += entry.in_flight
+        # Queued jobs and the oldest's age per partition, and the pause state per pool: one more round trip.
+        names = sorted(pools)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool in names:
+                for tag in self.store.tags_of_pool(pool):
+                    waiting = keys.PartitionKeys.of(tag).waiting
+                    pipe.zcard(waiting)
+                    pipe.zrange(waiting, 0, 0, withscores=True)
+                pipe.exists(keys.PartitionKeys.of(keys.partition_tag(pool, 0)).paused)
+            found = await pipe.execute()
+        i = 0
+        for pool in names:
+            f = pools[pool]
+            f.jobs[JobState.QUEUED] = 0
+            oldest: float | None = None
+            for _ in range(s.partitions):
+                f.jobs[JobState.QUEUED] += int(found[i])
+                for _job, score in found[i + 1]:
+                    oldest = score if oldest is None else min(oldest, score)
+                i += 2
+            f.paused = bool(found[i])
+            i += 1
+            f.oldest_queued_age_ms = max(0, redis_now - int(oldest)) if oldest is not None else 0
+            for state in HELD_STATES:  # never below 0, should a count have been lost with a Redis failover
+                f.jobs[state] = max(0, f.jobs[state])
+        return Snapshot(redis_now, pools)
+
+
+async def _none() -> None:
+    return None
+
+
+class PoolGauges(Collector):
+    """The cluster-wide gauges on /metrics, from the cached snapshot (App.http.before_scrape refreshes it):
+    lingua_queue_depth{pool}, lingua_jobs_in_state{pool,state}, lingua_nodes{pool},
+    lingua_pool_capacity{pool}, lingua_pool_in_flight{pool}."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.latest: Snapshot | None = None
+
+    async def refresh(self) -> None:
+        self.latest = await self.stats.snapshot()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("lingua_queue_depth", "Jobs queued (waiting for a node, in retry backoff too), "
+                                  "read from Redis: the same on every instance", labels=["pool"])
+        in_state = GaugeMetricFamily("lingua_jobs_in_state", "Jobs by state: now for queued, assigned and running; "
+                                     "ended within the retention for the terminal states", labels=["pool", "state"])
+        nodes = GaugeMetricFamily("lingua_nodes", "Live nodes serving the pool (as ListNodes counts them)",
+                                  labels=["pool"])
+        capacity = GaugeMetricFamily("lingua_pool_capacity", "Sum of max_concurrency of the pool's live nodes",
+                                     labels=["pool"])
+        in_flight = GaugeMetricFamily("lingua_pool_in_flight", "Jobs the pool's live nodes hold now",
+                                      labels=["pool"])
+        for pool, f in sorted((self.latest.pools if self.latest else {}).items()):
+            depth.add_metric([pool], f.jobs[JobState.QUEUED])
+            for state in STATES:
+                in_state.add_metric([pool, str(state)], f.jobs.get(state, 0))
+            nodes.add_metric([pool], f.nodes)
+            capacity.add_metric([pool], f.capacity)
+            in_flight.add_metric([pool], f.in_flight)
+        yield from (depth, in_state, nodes, capacity, in_flight)
