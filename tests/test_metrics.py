@@ -309,3 +309,17 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(make_app: AppFacto
     missing = names - exported(await scrape_text(app))
     assert not missing, f"referenced in docs/ but not exported: {sorted(missing)}"
     assert {"lingua_jobs_submitted_total", "grpc_server_handled_total", "lingua_queue_depth"} <= names
+
+
+async def test_cancel_session_counts_every_job_it_cancels(make_app: AppFactory) -> None:
+    """CancelSession cancels in one pipelined round trip of its own: those changes are counted too."""
+    app = await make_app(http_listen=HTTP)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        await stub.Submit(pb.SubmitRequest(jobs=[spec(session_id="call", utterance_index=i) for i in range(3)]))
+        reply = await stub.CancelSession(pb.CancelSessionRequest(tenant_id="acme", session_id="call"))
+    assert len(reply.cancelled_job_ids) == 3
+    m = await scrape(app)
+    assert value(m, "lingua_jobs_finished_total", pool="zh:en", state="cancelled") == 3
+    assert total(m, "lingua_job_attempts_total") == 0  # queued jobs: no attempt ended
+    assert value(m, "lingua_run_seconds_count", pool="zh:en") == 0
