@@ -323,3 +323,43 @@ async def test_cancel_session_counts_every_job_it_cancels(make_app: AppFactory) 
     assert value(m, "lingua_jobs_finished_total", pool="zh:en", state="cancelled") == 3
     assert total(m, "lingua_job_attempts_total") == 0  # queued jobs: no attempt ended
     assert value(m, "lingua_run_seconds_count", pool="zh:en") == 0
+
+
+async def test_ack_timeout_and_lease_expiry_are_attempt_outcomes(make_app: AppFactory) -> None:
+    """Taken back by the sweeper: an assignment never acknowledged (ack_timeout), then one acknowledged
+    and never heard of again (lease_expired), then a completion. Dispatch latency is observed at the
+    first claim only; queue wait at every claim; run time once, at the end."""
+    from google.protobuf.duration_pb2 import Duration
+
+    app = await make_app(http_listen=HTTP)
+    pool = {"pool": "zh:en"}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+
+        async def assign(node: str) -> pb.Assignment:
+            reply = await stub.Assign(pb.AssignRequest(node_id=node, pairs=[pb.LanguagePair(src_lang="zh", tgt_lang="en")],
+                                                       max_jobs=1, wait=Duration(seconds=10)))
+            assert [a.job_id for a in reply.assignments] == [job_id]
+            return reply.assignments[0]
+
+        async def outcome_is(outcome: str) -> bool:
+            return value(await scrape(app), "lingua_job_attempts_total", **pool, outcome=outcome) == 1
+
+        await assign("n1")  # never acknowledged
+        await until(lambda: outcome_is("ack_timeout"), 20, "the ack timeout")
+        second = await assign("n2")
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n2", leases=[
+            pb.JobLease(job_id=job_id, attempt=second.attempt, lease_token=second.lease_token)]))
+        await until(lambda: outcome_is("lease_expired"), 20, "the lease expiry")
+        third = await assign("n3")
+        await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=third.attempt, lease_token=third.lease_token,
+                                               node_id="n3", result=pb.JobResult(text_translated="hi")))
+    m = await scrape(app)
+    assert {o: value(m, "lingua_job_attempts_total", **pool, outcome=o)
+            for o in ("ack_timeout", "lease_expired", "succeeded")} == {"ack_timeout": 1, "lease_expired": 1, "succeeded": 1}
+    assert total(m, "lingua_job_attempts_total", **pool) == 3
+    assert value(m, "lingua_dispatch_latency_seconds_count", **pool) == 1
+    assert value(m, "lingua_queue_wait_seconds_count", **pool) == 3
+    assert value(m, "lingua_run_seconds_count", **pool) == 1
+    assert value(m, "lingua_jobs_finished_total", **pool, state="succeeded") == 1
