@@ -67,6 +67,7 @@ class SimNode:
         self.refused: list[pb.LeaseStatus] = []
         self.errors: list[str] = []
         self.pings = 0  # pings received from the scheduler
+        self.drained = False  # the scheduler said an operator drained this node (SchedulerMessage.drain)
         self.registered: pb.RegisterAck | None = None
         self.working: dict[str, tuple[asyncio.Task[None], pb.JobLease]] = {}  # job id -> (work, lease)
         self.changed = asyncio.Event()  # set on every message from the scheduler
@@ -153,6 +154,8 @@ class SimNode:
                         del self.working[c.job_id]
                         work[0].cancel()
                 self.refused.extend(m.refused)
+                if m.drain:
+                    self.drained = True
                 if m.error:
                     self.errors.append(m.error)
                 self.changed.set()

@@ -7,7 +7,6 @@ keep (server/listing.py, server/stats.py)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from lingua_sdk import pb
@@ -85,7 +84,9 @@ class Admin:
         out = pb.GetStatsResponse()
         out.as_of.FromMilliseconds(snap.as_of_ms)
         allowed = self.settings.allowed_pools()
-        names = [request.pool] if request.pool else sorted(p for p in snap.pools if allowed is None or p in allowed)
+        names = [request.pool] if request.pool else sorted(
+            p for p, f in snap.pools.items()
+            if (allowed is None or p in allowed) and (f.nodes or f.paused or any(f.jobs.values())))
         for name in names:
             f = snap.pools.get(name)
             entry = out.pools.add(pool=name)
@@ -106,18 +107,12 @@ class Admin:
 
         validate.job_id(request.job_id, self.settings)
         reason = _reason(request.reason)
-        deadline_ms = 0
-        if request.HasField("deadline"):
-            now_ms = int(time.time() * 1000)
-            deadline_ms = validate.timestamp_ms(request.deadline, "deadline")
-            if deadline_ms <= now_ms:
-                raise InvalidArgument("deadline", "must be in the future")
-            if deadline_ms > now_ms + self.settings.max_job_ttl_ms:
-                raise InvalidArgument("deadline", f"at most {self.settings.max_job_ttl_ms // 1000} s ahead")
+        deadline_ms = validate.deadline(request.deadline, self.settings, "deadline") if request.HasField("deadline") else 0
         if not 0 <= request.max_attempts <= self.settings.max_attempts_cap:
             raise InvalidArgument("max_attempts", f"must be 0 (the job's own) to {self.settings.max_attempts_cap}")
         await self.ops.retry(request.job_id, deadline_ms=deadline_ms, max_attempts=request.max_attempts,
                              reason=reason)
+        self.stats.invalidate()
         return job_pb(await self.store.get(request.job_id, lambda _tenant: True))
 
     async def cancel_session(self, request: pb.CancelSessionRequest) -> pb.CancelSessionResponse:
@@ -126,25 +121,30 @@ class Admin:
         if not request.session_id:
             raise InvalidArgument("session_id", "required")
         done = await self.ops.cancel_session(request.tenant_id, request.session_id, _reason(request.reason))
+        self.stats.invalidate()
         return pb.CancelSessionResponse(cancelled_job_ids=done.cancelled, already_finished=done.already_finished)
 
     async def pause_pool(self, request: pb.PausePoolRequest) -> pb.PoolState:
         if not request.pool:
             raise InvalidArgument("pool", "required")
         pool = _pool(request.pool, self.settings)
-        return _pool_state(await self.ops.set_paused(pool, True, _reason(request.reason)))
+        state = await self.ops.set_paused(pool, True, _reason(request.reason))
+        self.stats.invalidate()
+        return _pool_state(state)
 
     async def resume_pool(self, request: pb.ResumePoolRequest) -> pb.PoolState:
         if not request.pool:
             raise InvalidArgument("pool", "required")
-        return _pool_state(await self.ops.set_paused(_pool(request.pool, self.settings), False))
+        state = await self.ops.set_paused(_pool(request.pool, self.settings), False)
+        self.stats.invalidate()
+        return _pool_state(state)
 
     async def drain_node(self, request: pb.DrainNodeRequest) -> pb.NodeInfo:
         validate.node_id(request.node_id)
         if not await self.ops.drain(request.node_id):
             raise NodeNotFound(f"node {request.node_id} is not registered")
-        info = next((n for n in (await self.nodes.list_nodes() if self.nodes is not None else [])
-                     if n.node_id == request.node_id), None) or pb.NodeInfo(node_id=request.node_id)
+        found = await self.nodes.node_info(request.node_id) if self.nodes is not None else None
+        info = found or pb.NodeInfo(node_id=request.node_id)
         info.draining = True
         return info
 

@@ -87,6 +87,14 @@ RULES: dict[str, dict[Role, Grant]] = {
     "Complete": {Role.NODE: Grant.NODE_IDS},
     "NodeSession": {Role.NODE: Grant.NODE_IDS},
     "ListNodes": {},
+    # Administration (docs/operations.md "Admin calls"): the admin role only.
+    "ListJobs": {},
+    "GetStats": {},
+    "RetryJob": {},
+    "CancelSession": {},
+    "PausePool": {},
+    "ResumePool": {},
+    "DrainNode": {},
 }
 
 

@@ -236,6 +236,9 @@ class Dispatcher:
         for claim in replies:
             if isinstance(claim, Exception):
                 continue
+            if claim.code == ScriptCode.POOL_PAUSED and (local := self.local.get(keys.pool_of_tag(
+                    keys.tag_of(claim.job_id)))) is not None:
+                local.paused = True  # not peeked again until ResumePool is heard
             if claim.code == ScriptCode.APPLIED:
                 got.append(claim)
             consumer.hints.extend(
@@ -246,8 +249,11 @@ class Dispatcher:
 
     async def _oldest(self, consumer: Consumer, count: int, now_ms: float) -> list[str]:
         """The `count` oldest queued jobs (highest priority first) across the consumer's pools."""
-        marks = {pool: local.marks for pool in consumer.pools if (local := self.local.get(pool)) is not None}
-        peeked = await self._peek(consumer.pools, count + consumer.avoiding(now_ms))
+        pools = [pool for pool in consumer.pools if not ((local := self.local.get(pool)) and local.paused)]
+        if not pools:
+            return []
+        marks = {pool: local.marks for pool in pools if (local := self.local.get(pool)) is not None}
+        peeked = await self._peek(pools, count + consumer.avoiding(now_ms))
         for pool, mark in marks.items():  # found nothing queued: the dispatch task need not peek it again
             local = self.local.get(pool)
             if local is not None and local.marks == mark and not peeked[pool][0]:

@@ -118,16 +118,6 @@ class NotEnabled(SchedulerError):
     reason = "NOT_ENABLED"
 
 
-class NotImplementedYet(SchedulerError):
-    """A method of the contract this server version does not serve yet."""
-
-    status = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
-
-    def __init__(self, method: str) -> None:
-        super().__init__(f"{method} is not implemented by this server version")
-
-
 class Unauthenticated(SchedulerError):
     """No bearer token, or one that is malformed, expired or not signed by a configured key."""
 

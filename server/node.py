@@ -92,6 +92,14 @@ def check_register(reg: pb.Register, settings: Settings) -> list[str]:
     return pools_of(reg, settings)
 
 
+def node_info_pb(e: NodeEntry) -> pb.NodeInfo:
+    info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency, in_flight=e.in_flight,
+                       instance_id=e.instance_id, labels=e.labels, version=e.version, draining=e.draining,
+                       quarantined=e.quarantined)
+    info.connected_at.FromMilliseconds(e.connected_ms)
+    return info
+
+
 class Session:
     """One open NodeSession stream."""
 
@@ -261,7 +269,7 @@ class Session:
                     pb.JobLease(job_id=job_id, attempt=lease.attempt, lease_token=token)]))
                 self.release(job_id, token)
         elif verb == wire.DRAIN:
-            self.owner._spawn(self.owner.drain(self))
+            self.owner._spawn(self.owner.drain_quietly(self))
         elif verb == wire.REPLACED and args and args[0] == self.token:
             self.replaced = True
             self.send(pb.SchedulerMessage(error="replaced: a newer stream registered this node_id"))
@@ -314,14 +322,12 @@ class NodeSessions:
                 task.cancel()
 
     async def list_nodes(self) -> list[pb.NodeInfo]:
-        out = []
-        for e in await self.registry.entries(self.settings.node_listed_ms()):
-            info = pb.NodeInfo(node_id=e.node_id, pools=e.pools, max_concurrency=e.max_concurrency,
-                               in_flight=e.in_flight, instance_id=e.instance_id, labels=e.labels,
-                               version=e.version, draining=e.draining, quarantined=e.quarantined)
-            info.connected_at.FromMilliseconds(e.connected_ms)
-            out.append(info)
-        return out
+        return [node_info_pb(e) for e in await self.registry.entries(self.settings.node_listed_ms())]
+
+    async def node_info(self, node_id: str) -> pb.NodeInfo | None:
+        """One node as its registry entry shows it (None when it has none)."""
+        entry = await self.registry.entry(node_id)
+        return node_info_pb(entry) if entry is not None else None
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -512,12 +518,23 @@ class NodeSessions:
         if m.drain:
             await self.drain(session)
 
-    async def drain(self, session: Session) -> None:
-        """The node's own drain, or DrainNode's (from any instance, over the node's channel): no new work;
-        the stream closes once what it holds is finished. The registry shows it at once."""
+    async def drain_quietly(self, session: Session) -> None:
+        """DrainNode's drain: the stream drains whatever happens; a registry that cannot be reached now
+        shows it at the next renewal."""
+        try:
+            await self.drain(session, tell=True)
+        except Exception as err:
+            log.warning("node %s: draining, but its registry entry could not be updated (%r)", session.node_id, err)
+
+    async def drain(self, session: Session, *, tell: bool = False) -> None:
+        """The node's own drain, or DrainNode's (from any instance, over the node's channel; `tell`: the
+        node is told, SchedulerMessage.drain): no new work; the stream closes once what it holds is
+        finished. The registry shows it at once."""
         if session.draining:
             return
         session.draining = True
+        if tell:
+            session.send(pb.SchedulerMessage(drain=True))
         await self.registry.register(session.entry(), session.token, renew=True)
         session._maybe_done()
 

@@ -63,6 +63,10 @@ class Operations:
                 continue
             if code < 0:
                 raise_for(code, job=job_id, event=Event.RETRY, state=_s(reply[1]) if len(reply) > 1 else "")
+            if self.store.tenants.of(spec.tenant_id).max_queued:
+                # Unfinished again: it counts against its tenant's max_queued (an operator's retry is not
+                # refused by it), until it finishes (quotas.finished) or its deadline passes.
+                await self.redis.zadd(keys.TenantKeys.of(spec.tenant_id).jobs, {job_id: int(reply[3])})
             return Changed(job_id, ScriptCode(code), _s(reply[1]), int(reply[2]))
         raise ConcurrentModification(f"job {job_id} keeps changing; retry")
 

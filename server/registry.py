@@ -47,6 +47,16 @@ def _fields(entry: NodeEntry) -> tuple[tuple[str, str | int], ...]:
     )
 
 
+def _parse(node_id: str, h: dict[bytes, bytes]) -> NodeEntry:
+    return NodeEntry(
+        node_id=node_id, pools=[p for p in h[b"pools"].decode().split(",") if p],
+        max_concurrency=int(h[b"maxc"]), in_flight=int(h[b"inflight"]),
+        instance_id=h[b"instance"].decode(), labels=json.loads(h[b"labels"]),
+        version=h[b"version"].decode(), connected_ms=int(h[b"connected"]),
+        draining=h[b"draining"] == b"1", quarantined=h.get(b"quarantined") == b"1",
+    )
+
+
 class Registry:
     def __init__(self, redis: Any, scripts: Scripts, ttl_ms: int) -> None:
         self.redis = redis
@@ -94,6 +104,11 @@ class Registry:
             await self.redis.zrem(keys.NODES, node_id)
         return bool(reply[0] > 0)
 
+    async def entry(self, node_id: str) -> NodeEntry | None:
+        """One node's entry, however old (None when it has none)."""
+        h = await self.redis.hgetall(keys.node(node_id))
+        return _parse(node_id, h) if h else None
+
     async def entries(self, max_age_ms: int) -> list[NodeEntry]:
         """The entries renewed within `max_age_ms`: the index and the Redis clock (of the index's
         server) at once, then every entry in one pipelined read. Ids whose entry is gone are dropped
@@ -113,13 +128,7 @@ class Registry:
                 continue
             if int(now) - int(h.get(b"seen", 0)) > max_age_ms:
                 continue  # not renewed lately: its node stopped answering, or its instance stopped
-            out.append(NodeEntry(
-                node_id=node_id, pools=[p for p in h[b"pools"].decode().split(",") if p],
-                max_concurrency=int(h[b"maxc"]), in_flight=int(h[b"inflight"]),
-                instance_id=h[b"instance"].decode(), labels=json.loads(h[b"labels"]),
-                version=h[b"version"].decode(), connected_ms=int(h[b"connected"]),
-                draining=h[b"draining"] == b"1", quarantined=h.get(b"quarantined") == b"1",
-            ))
+            out.append(_parse(node_id, h))
         if gone:
             await self.redis.zrem(keys.NODES, *gone)
         return out

@@ -1,6 +1,6 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-9.lua` takes 9. Every script is
+A script's file name says how many KEYS it takes: `claim_job-12.lua` takes 9. Every script is
 assembled at load time as PRELUDE + the file: the prelude holds what all scripts share (the clock,
 the events-list entry, timer member names) and the machine's rules, generated from fsm/ (which
 states each event fires from, where it leads, what counts as a repeat), so no script retypes a state

@@ -68,6 +68,10 @@ class Stats:
                 self._taken = time.monotonic()
             return self._snapshot
 
+    def invalidate(self) -> None:
+        """A change made through this instance (an admin call): its next snapshot is read afresh."""
+        self._snapshot = None
+
     async def _read(self) -> Snapshot:
         s = self.settings
         shards = [keys.shard_tag(i) for i in range(s.partitions)]

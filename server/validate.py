@@ -107,12 +107,7 @@ def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
     if s.idempotency_key:
         _token(s.idempotency_key, f"{field}.idempotency_key")
     if s.HasField("deadline"):
-        now_ms = int(time.time() * 1000)
-        at = timestamp_ms(s.deadline, f"{field}.deadline")
-        if at <= now_ms:
-            raise InvalidArgument(f"{field}.deadline", "must be in the future")
-        if at > now_ms + settings.max_job_ttl_ms:
-            raise InvalidArgument(f"{field}.deadline", f"at most {settings.max_job_ttl_ms // 1000} s ahead")
+        deadline(s.deadline, settings, f"{field}.deadline")
     if s.HasField("execution_timeout"):
         ms = duration_ms(s.execution_timeout, f"{field}.execution_timeout")
         if ms <= 0 or ms > settings.max_job_ttl_ms:
@@ -125,6 +120,17 @@ def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
         raise TooLarge(f"{field}.payload", f"{len(s.payload)} bytes is over the cap of {settings.max_payload_bytes}")
     if s.payload_ref and (len(s.payload_ref) > 2048 or not URI.fullmatch(s.payload_ref)):
         raise InvalidArgument(f"{field}.payload_ref", "must be a URI (scheme:...) of at most 2048 characters")
+
+
+def deadline(ts: Timestamp, settings: Settings, field: str) -> int:
+    """A job's deadline (Submit, RetryJob): in the future, at most the max job TTL ahead; its ms."""
+    now_ms = int(time.time() * 1000)
+    at = timestamp_ms(ts, field)
+    if at <= now_ms:
+        raise InvalidArgument(field, "must be in the future")
+    if at > now_ms + settings.max_job_ttl_ms:
+        raise InvalidArgument(field, f"at most {settings.max_job_ttl_ms // 1000} s ahead")
+    return at
 
 
 def submit(req: pb.SubmitRequest, settings: Settings) -> None:

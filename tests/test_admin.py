@@ -195,6 +195,7 @@ async def test_drain_node_held_by_another_instance(make_app: AppFactory) -> None
         await node.wait_for(lambda: len(node.received) == 1)
         info = await stub_of(cb).DrainNode(pb.DrainNodeRequest(node_id="n1"))  # asked on the other instance
         assert info.node_id == "n1" and info.draining and info.instance_id == a.settings.instance_id
+        await node.wait_for(lambda: node.drained)  # the node is told (so it does not reconnect for more)
         await watch_until(stub_of(cb), job_id, pb.JOB_STATE_SUCCEEDED)  # it finishes what it holds
         await node.wait_for(lambda: node.closed.is_set())  # then its stream closes, OK
         assert node.status == grpc.StatusCode.OK

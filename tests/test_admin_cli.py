@@ -3,6 +3,7 @@ node: what an on-call engineer types, read back as they would read it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -99,7 +100,7 @@ async def test_cancel_session_and_drain_node(app: Any, capsys: pytest.CaptureFix
     rc, out = await lingua("--target", t, "--json", "cancel-session", "acme", "hung-up")
     assert (rc, json.loads(out)["cancelled_job_ids"], json.loads(out)["already_finished"]) == (0, [], 2)
 
-    async with AsyncClient(t) as client, running(make_node(t, translate)):
+    async with AsyncClient(t) as client, running(make_node(t, translate)) as node_run:
         async def registered() -> bool:
             return bool(await client.list_nodes())
 
@@ -108,6 +109,7 @@ async def test_cancel_session_and_drain_node(app: Any, capsys: pytest.CaptureFix
         header, row = out.splitlines()
         assert rc == 0 and header.split()[:3] == ["NODE", "POOLS", "LOAD"]
         assert row.split()[0] == "gpu-1" and "draining" in row.split()
+        await asyncio.wait_for(node_run, 10)  # the drained node's run() returns: it does not reconnect
     rc, _ = await lingua("--target", t, "drain", "nobody")
     assert rc == 1 and "NOT_FOUND" in capsys.readouterr().err
 

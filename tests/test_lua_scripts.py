@@ -10,7 +10,18 @@ import pytest
 from helpers import spec
 from lingua_scheduler.fsm import Event, JobState, dests_of, fixed_dest, is_repeat, sources_of
 from lingua_scheduler.server import keys, wire
-from lingua_scheduler.server.calls import Fence, FinishJob, Outcome, PromoteJob, RegisterNode, ReleaseNode, RequeueJob, TouchJob
+from lingua_scheduler.server.calls import (
+    Fence,
+    FinishJob,
+    Outcome,
+    PausePool,
+    PromoteJob,
+    RegisterNode,
+    ReleaseNode,
+    RequeueJob,
+    RetryJob,
+    TouchJob,
+)
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.operations import Operations
 from lingua_scheduler.server.scripts import Call, Scripts, prelude
@@ -304,3 +315,43 @@ async def test_scripts_accept_exactly_what_the_machine_allows(store: Store, redi
             assert (r[0] == ScriptCode.APPLIED) == (state in sources_of(event)), (event, state, r)
             if r[0] != ScriptCode.APPLIED:
                 assert r[0] == ScriptCode.INVALID_TRANSITION and r[1] == str(state).encode()
+
+
+async def test_retry_codes(store: Store, redis: Any) -> None:
+    call, seen = store.scripts.call, set()
+    job_id = await claimed(store)
+    await store.fail(job_id, "n1", "tok1", pb.JobError(code="E", message="fatal"))
+    rec = await store.record(job_id)
+    assert rec.state == JobState.FAILED
+
+    def retry(version: int, target: str = job_id) -> Call:
+        tag = keys.tag_of(target)
+        return RetryJob(target, version, rec.state, rec.updated, keys.idempotency(tag, "acme", "s1", "u:0:en"),
+                        keys.session_jobs(keys.shard_of_tag(tag), "acme", "s1"), "acme", 0, 86_400_000, 0, "why",
+                        60_000).call()
+
+    seen.add((await call(redis, retry(rec.version + 5)))[0])
+    r = await call(redis, retry(rec.version))
+    seen.add(r[0])
+    assert r[0] == ScriptCode.APPLIED and r[1] == b"queued" and r[2] == rec.version + 1
+    after = await store.record(job_id)
+    assert (after.attempt, after.max_attempts, after.state) == (0, rec.max_attempts, JobState.QUEUED)
+    assert after.deadline - after.updated == rec.deadline - rec.created  # as far ahead as the first deadline was
+    assert await redis.pttl(keys.JobKeys.of(job_id).fsm) == -1  # no longer expiring
+    assert await redis.zscore(keys.PartitionKeys.of(keys.tag_of(job_id)).queue, job_id) is not None
+    r = await call(redis, retry(after.version))
+    seen.add(r[0])
+    assert r[0] == ScriptCode.INVALID_TRANSITION and r[1] == b"queued"
+    seen.add((await call(redis, retry(1, keys.tag_of(job_id) + "01GHOST")))[0])
+    assert seen == documented_codes("retry_job") == {1, -1, -2, -3}
+
+
+async def test_pause_codes(store: Store, redis: Any) -> None:
+    tag = keys.partition_tag("zh:en", 0)
+    paused = await store.scripts.call(redis, PausePool(tag, True, "why").call())
+    assert paused[0] == 1 and paused[1] == b"why" and paused[2] > 0
+    again = await store.scripts.call(redis, PausePool(tag, True).call())
+    assert list(again) == list(paused)  # idempotent: reason and time kept
+    assert (await store.scripts.call(redis, PausePool(tag, False).call()))[0] == 0
+    assert not await redis.exists(keys.PartitionKeys.of(tag).paused)
+    assert documented_codes("pause_pool") == {1, 0}

@@ -301,3 +301,22 @@ def test_the_documented_example_loads(repo_root: Path) -> None:
     assert tenants.of("acme") == TenantLimits(weight=3, max_queued=20000, submit_rate=500, submit_burst=2000)
     assert tenants.of("trial-42") == TenantLimits(max_queued=100, submit_rate=5)
     assert tenants.of("trial-42").burst == 5 and not tenants.of("anyone").limited
+
+
+async def test_a_retried_job_counts_against_its_tenants_max_queued_again(make_app: AppFactory, tenants_file: str,
+                                                                        redis: Any) -> None:
+    app = await make_app(tenants=tenants_file)
+    async with grpc.aio.insecure_channel(target(app)) as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+        await stub.Submit(pb.SubmitRequest(jobs=[pb.JobSpec(**job("small", i)) for i in range(3)]))
+        claim = await stub.Assign(pb.AssignRequest(node_id="n1", pairs=[pb.LanguagePair(src_lang="zh", tgt_lang="en")],
+                                                   max_jobs=1))
+        (a,) = claim.assignments
+        await stub.Complete(pb.CompleteRequest(job_id=a.job_id, attempt=a.attempt, node_id="n1",
+                                               lease_token=a.lease_token, error=pb.JobError(code="FATAL")))
+        await until(lambda: unfinished(redis, "small"), 2)  # the failed job counted out (batched)
+        await stub.RetryJob(pb.RetryJobRequest(job_id=a.job_id))
+        assert await unfinished(redis, "small") == 3
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Submit(pb.SubmitRequest(jobs=[pb.JobSpec(**job("small", 9))]))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

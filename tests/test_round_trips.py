@@ -95,3 +95,28 @@ async def test_commands_per_rpc(make_app: AppFactory, redis: Any) -> None:
         async with mon.watch():
             await stub.Assign(pb.AssignRequest(node_id="n1", pairs=[pair()], max_jobs=1))
         assert mon.client == Counter(ZRANGE=app.settings.partitions, EVALSHA=1), mon.client
+
+
+@pytest.mark.single_redis
+async def test_admin_calls_round_trips(make_app: AppFactory, redis: Any) -> None:
+    """CancelSession reads the session's index, then its jobs' records (one pipeline), then cancels them
+    all (one pipeline); GetStats within a second of the last read costs Redis nothing (cached snapshot);
+    a ListJobs filter on FAILED reads only the failed jobs' index."""
+    app = await make_app(sweep_interval_ms=600_000, poll_interval_ms=600_000)
+    mon = Monitor(redis)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+        await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=i) for i in range(20)]))
+        async with mon.watch():
+            done = await stub.CancelSession(pb.CancelSessionRequest(tenant_id="acme", session_id="s1"))
+        assert len(done.cancelled_job_ids) == 20
+        assert mon.client == Counter(ZRANGE=1, HGETALL=20, EVALSHA=20), mon.client
+        await stub.GetStats(pb.GetStatsRequest())
+        async with mon.watch():
+            await stub.GetStats(pb.GetStatsRequest())
+        assert mon.client == Counter(), mon.client
+        async with mon.watch():
+            listed = await stub.ListJobs(pb.ListJobsRequest(state=pb.JOB_STATE_FAILED))
+        assert list(listed.jobs) == []
+        # One (empty) failed-jobs index per shard, nothing else: the 20 cancelled jobs are not read.
+        assert mon.client == Counter(ZREVRANGEBYLEX=app.settings.partitions), mon.client

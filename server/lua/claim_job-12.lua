@@ -12,7 +12,7 @@
     KEYS[6] job meta
     KEYS[7] job payload
     KEYS[8] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
-    KEYS[9] partition fair-share zset (lua/submit_job-10.lua): the claim moves its band's virtual clock
+    KEYS[9] partition fair-share zset (lua/submit_job-16.lua): the claim moves its band's virtual clock
     KEYS[10] partition waiting zset (the job leaves it)
     KEYS[11] shard held hash ("<pool>|assigned" counted up)
     KEYS[12] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)

@@ -32,7 +32,7 @@
     ARGV[8] wake-up channel
 
   Output:
-    {1, state, version}   queued again
+    {1, state, version, deadline ms}   queued again
     {-1}                  job not found
     {-2, state}           not failed or expired
     {-3, version}         version mismatch
@@ -100,4 +100,4 @@ rcall("ZADD", queueKey, f[7], jobId)
 record_event(eventsKey, {s = dest, v = version, a = 0, n = "", e = E.retry, t = now, ec = "LINGUA_RETRIED",
   em = ARGV[6], er = "0"})
 rcall("PUBLISH", ARGV[8], wake_message(jobId, "", f[7]))
-return {1, dest, version}
+return {1, dest, version, deadline}

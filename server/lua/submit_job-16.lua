@@ -68,7 +68,7 @@ local retention = tonumber(ARGV[9])
 
 -- Fair share (stride scheduling): within a priority band, each of a tenant's jobs goes one step (FAIR_STEP
 -- / weight) after the tenant's previous one, and never before the band's virtual clock (where dispatch
--- is: lua/claim_job-9.lua moves it), so a tenant that joins is served next and busy tenants take turns.
+-- is: lua/claim_job-12.lua moves it), so a tenant that joins is served next and busy tenants take turns.
 -- Entries at or below the clock say nothing more than "starts at the clock": they are deleted here.
 local band = 9 - tonumber(ARGV[4])
 local low = band * BAND

@@ -392,6 +392,9 @@ class Node:
                 self._refused(status)
             for status in m.confirmed:
                 self._confirmed(status)
+            if m.drain and not self._stopping:  # DrainNode: as stop(), and run() returns once drained
+                log.info("node %s: drained by an operator: finishing what it holds", self.node_id)
+                self.stop()
             if m.error:
                 if m.error.startswith("replaced"):
                     raise FailedPrecondition(f"node_id {self.node_id!r} was registered by another stream: {m.error}")

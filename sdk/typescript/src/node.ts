@@ -360,6 +360,8 @@ export class Node extends EventEmitter<NodeEvents> {
       this.emit("warning", `scheduler: ${message.error}`);
     }
     for (const assignment of message.assignments) this.#accept(assignment);
+    // DrainNode: an operator drained this node; as stop(), and run() resolves once drained.
+    if (message.drain && !this.#stopping) void this.stop();
   }
 
   #accept(message: AssignmentMessage): void {

@@ -238,6 +238,7 @@ test("admin calls: stats and listJobs, pause holds a pool, resume dispatches, re
     for (const { jobId } of queued) assert.equal((await client.wait(jobId, { timeoutMs: 20_000 })).stateName, "succeeded");
     const drained = await client.drainNode("ts-admin");
     assert.equal(drained.draining, true);
+    await running; // a drained node's run() resolves: it does not reconnect for more work
   } finally {
     await node.stop();
   }

@@ -392,7 +392,7 @@ class Pong(_message.Message):
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
-    __slots__ = ("registered", "assignments", "cancels", "refused", "error", "confirmed", "ping")
+    __slots__ = ("registered", "assignments", "cancels", "refused", "error", "confirmed", "ping", "drain")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     CANCELS_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +400,7 @@ class SchedulerMessage(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CONFIRMED_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
     registered: RegisterAck
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
     cancels: _containers.RepeatedCompositeFieldContainer[JobLease]
@@ -407,7 +408,8 @@ class SchedulerMessage(_message.Message):
     error: str
     confirmed: _containers.RepeatedCompositeFieldContainer[LeaseStatus]
     ping: Ping
-    def __init__(self, registered: _Optional[_Union[RegisterAck, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., error: _Optional[str] = ..., confirmed: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
+    drain: bool
+    def __init__(self, registered: _Optional[_Union[RegisterAck, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[JobLease, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., error: _Optional[str] = ..., confirmed: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., drain: _Optional[bool] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
     __slots__ = ("instance_id", "heartbeat_interval", "lease_duration", "ack_timeout", "pools", "ping_interval", "ping_timeout")
