@@ -11,7 +11,10 @@ again, in the same run, with the raw-stub node of scripts/simnode.py as the base
 Node / simnode of lifecycles/s and of scheduler CPU per lifecycle is printed and written (--rounds N
 repeats each pair; the ranges are reported). With --auth each combination also runs, in the same
 rounds, with bearer-token authentication on and with authentication and TLS on (an HS256 key and a
-server certificate made for the run); the ratios to the row without are printed and written. Then the
+server certificate made for the run); the ratios to the row without are printed and written. With
+--metrics each combination also runs, in the same rounds, with the operations HTTP port off
+(`--http-listen ''`: no metrics counted) beside the usual rows (port on: every counter, histogram and
+gRPC metric counted); the ratio on / off is printed and written. Then the
 same at half the best throughput, for dispatch latency. Then Redis memory per queued and per
 finished job. Then RQ, arq and Celery on the same Redis (scripts/bench_others.py). Writes
 docs/benchmarks.md and docs/benchmarks.png.
@@ -53,6 +56,7 @@ from simulated import SimulatedNode  # noqa: E402
 
 NODES = ("sdk", "simnode")  # the SDK's Node; the raw-stub baseline
 SECURITY = ("none", "auth", "auth+TLS")  # --auth: each combination in these three modes
+METRICS_OFF = "metrics off"  # --metrics: each combination also with the HTTP port (and so metrics) off
 
 TICK = os.sysconf("SC_CLK_TCK")
 SESSIONS_PER_CLIENT = 8  # --session-reader: live sessions per client, one WatchSession stream each
@@ -263,7 +267,8 @@ def security_modes(folder: Path) -> dict[str, Security]:
     token = mint(str(key), "admin")
     return {"none": Security(), "auth": Security(auth, token),
             "auth+TLS": Security((*auth, "--tls-cert", str(cert), "--tls-key", str(cert_key)), token,
-                                 TLS(root_certificates=ca.pem))}
+                                 TLS(root_certificates=ca.pem)),
+            METRICS_OFF: Security(("--http-listen", ""))}
 
 
 async def lifecycle(redis_url: str, run: Run, jobs: int, rate: float = 0.0, profile: Path | None = None,
@@ -381,6 +386,33 @@ def security_row(label: str, modes: dict[str, list[Run]]) -> str:
     return f"| {label} | {' | '.join(cells)} |"
 
 
+def metrics_row(label: str, on: list[Run], off: list[Run]) -> str:
+    """One markdown row: lifecycles/s with metrics on and off, the ratio on / off (round i beside round
+    i), and scheduler CPU per 1000 lifecycles."""
+    rate = [a.rate / b.rate for a, b in zip(on, off, strict=True)]
+    cpu = [a.sched_cpu_per_1000 / b.sched_cpu_per_1000 for a, b in zip(on, off, strict=True)]
+    return (f"| {label} | {span([r.rate for r in on], '.0f')} | {span([r.rate for r in off], '.0f')} | {span(rate)} | "
+            f"{pct(rate, 50):.3f} | {span([r.sched_cpu_per_1000 for r in on])} | "
+            f"{span([r.sched_cpu_per_1000 for r in off])} | {span(cpu)} | {pct(cpu, 50):.3f} |")
+
+
+def metrics_section(args: argparse.Namespace, rows: list[tuple[str, list[Run], list[Run]]]) -> str:
+    return f"""## Metrics on and off (same run)
+
+With --metrics each combination also ran with the operations HTTP port off (`--http-listen ''`: no
+metrics are made or counted) beside the usual rows (port on, 127.0.0.1:0: every job counter and
+histogram, the Redis script timings and the gRPC server metrics counted; not scraped during the run).
+The two alternate, {args.rounds} round(s) each, the order rotating each round; ranges over the rounds,
+ratios of round i beside round i, and their median. The goal: metrics cost less than 3% of
+lifecycles/s (ratio on / off >= 0.97).
+
+| clients x nodes, batch | lifecycles/s, metrics on | metrics off | ratio on / off | median | scheduler CPU \
+s/1000, on | off | ratio on / off | median |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(metrics_row(*r) for r in rows)}
+"""
+
+
 SECURITY_TABLE_HEAD = """| clients x nodes, batch | lifecycles/s, no auth | auth | auth+TLS | ratio auth / none \
 | ratio auth+TLS / none | scheduler CPU s/1000, no auth | auth | auth+TLS | clients+nodes CPU s/1000, no auth \
 | auth | auth+TLS |
@@ -410,7 +442,8 @@ NODE_TABLE_HEAD = """| clients x nodes, batch | SDK Node lifecycles/s | simnode 
 
 def write_report(args: argparse.Namespace, runs: list[Run], half: Run, mem: dict[str, float],
                  comp: dict[str, dict[str, Any]], profile: str, pairs: list[tuple[str, list[Run], list[Run]]],
-                 secured: list[tuple[str, dict[str, list[Run]]]], out: Path) -> None:
+                 secured: list[tuple[str, dict[str, list[Run]]]], metered: list[tuple[str, list[Run], list[Run]]],
+                 out: Path) -> None:
     import importlib.metadata as md
 
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("grpcio", "protobuf", "redis", "hiredis", "transitions"))
@@ -467,6 +500,7 @@ job**, **{mem['per_finished']:.0f} bytes per retained finished job** (with a sho
 
 {node_section}
 {security_section(args, secured) if secured else ""}
+{metrics_section(args, metered) if metered else ""}
 ## Beside RQ, arq and Celery (same Redis, same run)
 
 The same trivial job (return its argument), {args.compare_jobs} jobs enqueued, drained by two workers,
@@ -519,6 +553,7 @@ async def main_async(args: argparse.Namespace) -> int:
         modes = security_modes(tmp)
         pairs: list[tuple[str, list[Run], list[Run]]] = []  # combo label, SDK Node runs, simnode runs
         secured: list[tuple[str, dict[str, list[Run]]]] = []  # combo label, runs per SECURITY mode
+        metered: list[tuple[str, list[Run], list[Run]]] = []  # combo label, metrics on runs, metrics off runs
         for combo in args.combos.split(","):
             c, rest = combo.split("x")
             n, b = rest.split("b") if "b" in rest else (rest, "1")
@@ -526,6 +561,7 @@ async def main_async(args: argparse.Namespace) -> int:
             # (node kind, security mode): the SDK Node plain first, the simnode baseline, the secured rows
             variants = [("sdk", "none")] + [("simnode", "none")] * args.baseline
             variants += [("sdk", m) for m in SECURITY[1:]] * args.auth
+            variants += [("sdk", METRICS_OFF)] * args.metrics
             done: dict[tuple[str, str], list[Run]] = {v: [] for v in variants}
             for r in range(args.rounds):
                 shift = r % len(variants)  # rotate which goes first
@@ -547,6 +583,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 secured.append((label, by_mode))
                 auth_runs += [max(by_mode[m], key=lambda r: r.rate) for m in SECURITY[1:]]
                 print(security_row(label, by_mode), flush=True)
+            if args.metrics:
+                metered.append((label, done[("sdk", "none")], done[("sdk", METRICS_OFF)]))
+                print(metrics_row(*metered[-1]), flush=True)
             if args.session_reader:
                 srun = Run(f"{label}, WatchSession", int(c), int(n), int(b), reader="session")
                 await lifecycle(redis.url, srun, args.jobs)
@@ -556,6 +595,8 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.lifecycle_only:
             if secured:
                 print(security_section(args, secured))
+            if metered:
+                print(metrics_section(args, metered))
             return 0
         best = max(runs, key=lambda r: r.rate)
         half = Run(f"{best.clients} x {best.nodes}, batch {best.batch}, at half rate", best.clients, best.nodes, best.batch)
@@ -571,7 +612,7 @@ async def main_async(args: argparse.Namespace) -> int:
             profile = profile_summary(prof, args.jobs)
         comp = others(redis.url, args.compare_jobs, args.arq_python) if args.compare_jobs else {}
         print(json.dumps(comp), flush=True)
-        write_report(args, runs + auth_runs + session_runs, half, mem, comp, profile, pairs, secured,
+        write_report(args, runs + auth_runs + session_runs, half, mem, comp, profile, pairs, secured, metered,
                      docs / "benchmarks.md")
         plot(runs, comp, docs / "benchmarks.png")
         print("wrote docs/benchmarks.md and docs/benchmarks.png")
@@ -598,6 +639,9 @@ def main() -> int:
     p.add_argument("--auth", action="store_true",
                    help="also run each row with bearer-token authentication on (an HS256 key made for the run) "
                         "and with authentication and TLS on (a server certificate made for the run)")
+    p.add_argument("--metrics", action="store_true",
+                   help="also run each row with the operations HTTP port off (--http-listen '': no metrics) "
+                        "beside the usual rows (metrics on)")
     p.add_argument("--lifecycle-only", action="store_true",
                    help="only the lifecycle rows: print them, skip half rate, memory, the others and the report")
     return asyncio.run(main_async(p.parse_args()))

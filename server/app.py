@@ -24,7 +24,9 @@ from . import dashboard, keys, reflection
 from .auth import AuthInterceptor, Verifier, open_context
 from .dashboard import Dashboard
 from .dispatch import Dispatcher
+from .grpc_metrics import GrpcMetrics
 from .http import HttpServer
+from .metrics import InstanceCollector, Metrics, instance_figures
 from .node import NodeSessions
 from .service import SchedulerService, add_to_server
 from .settings import Settings, is_local
@@ -301,6 +303,8 @@ class App:
         await self.nodes.start()
         if self.http is not None:  # before gRPC: a port that cannot be bound stops the start cleanly
             await self.http.start()
+        if self.store.metrics is not None:
+            self.store.metrics.start()
         if self.auth is None:  # every RPC's caller is AUTH_OFF (grpc.aio's tasks inherit the context)
             await asyncio.get_running_loop().create_task(self.server.start(), context=open_context())
         else:  # the interceptor sets each RPC's caller; none set is no one (server/auth.py)
@@ -316,6 +320,7 @@ class App:
         for name, step, limit in (
             ("grpc server", self.server.stop(0), 5.0),
             ("http server", self.http.stop() if self.http is not None else asyncio.sleep(0), 5),
+            ("metrics", self.store.metrics.stop() if self.store.metrics is not None else asyncio.sleep(0), 5),
             ("node sessions", self.nodes.stop(), 5),
             ("dispatcher", self.dispatcher.stop(), 5),
             ("quotas", self.store.quotas.stop(), 5),
@@ -350,7 +355,18 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
     nodes = NodeSessions(store, dispatcher, settings)
     tracing = Tracing(tracer_provider) if tracer_provider is not None else None
     store.tracing = dispatcher.tracing = tracing
-    interceptors = ([tracing.interceptor()] if tracing else []) + ([AuthInterceptor(verifier)] if verifier else [])
+    # Metrics only with the HTTP port on (nothing would read them otherwise): server/metrics.py.
+    registry = CollectorRegistry() if settings.http_listen else None
+    interceptors: list[Any] = []
+    if registry is not None:
+        store.metrics = Metrics(registry)
+        store.scripts.metrics = store.metrics.redis
+        registry.register(InstanceCollector(instance_figures(nodes, dispatcher)))
+        interceptors.append(GrpcMetrics(registry))  # first: it counts what the interceptors after it refuse
+    if tracing:
+        interceptors.append(tracing.interceptor())
+    if verifier:
+        interceptors.append(AuthInterceptor(verifier))
     server = grpc.aio.server(interceptors=interceptors or None, options=[
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
@@ -371,7 +387,7 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
         else server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
-    http = HttpServer(settings.http_listen, CollectorRegistry()) if settings.http_listen else None
+    http = HttpServer(settings.http_listen, registry) if registry is not None else None
     if http is not None:  # the cluster-wide gauges, from GetStats' cached snapshot
         gauges = PoolGauges(service.admin.stats)
         http.registry.register(gauges)

@@ -6,14 +6,18 @@ Each App has its own prometheus CollectorRegistry (several servers can live in o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .throttle import ThrottledWarning
+
 log = logging.getLogger(__name__)
 
+REFRESH_TIMEOUT_S = 3.0  # well within Prometheus' default scrape timeout (10 s)
 RouteMaker = Callable[[web.Application], Iterable[web.RouteDef]]
 
 
@@ -41,12 +45,20 @@ class HttpServer:
         # Awaited before every scrape, in order: collectors whose figures come from Redis refresh their
         # cached snapshot here (prometheus_client's collect() is synchronous).
         self.before_scrape: list[Callable[[], Awaitable[None]]] = []
+        self._refresh_errors = ThrottledWarning(log, interval_s=60)
         self.port = 0
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         for refresh in self.before_scrape:
-            await refresh()
+            # A hook that cannot refresh (Redis down or slow) leaves its figures as they were: the scrape
+            # still answers, with this instance's own metrics, the Redis errors among them.
+            try:
+                async with asyncio.timeout(REFRESH_TIMEOUT_S):
+                    await refresh()
+            except Exception as err:
+                self._refresh_errors("metrics: a refresh before the scrape failed (%s: %s); serving the "
+                                     "figures of the last one", type(err).__name__, err)
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

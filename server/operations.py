@@ -107,6 +107,7 @@ class Operations:
         for rec, reply in zip(records, replies, strict=True):
             code = int(reply[0]) if not isinstance(reply, Exception) else ScriptCode.VERSION_MISMATCH
             if code == ScriptCode.APPLIED:
+                self.store._changed(rec.job_id, reply, Event.CANCEL)  # counted in the metrics, as every change
                 cancelled.append(rec.job_id)
                 self.store.quotas.finished(rec.tenant, rec.job_id)
                 if rec.state in HELD:

@@ -6,19 +6,30 @@ the events-list entry, timer member names) and the machine's rules, generated fr
 states each event fires from, where it leads, what counts as a repeat), so no script retypes a state
 or event name. Still one EVALSHA per call. A NOSCRIPT reply (the Redis script cache is empty after a
 restart or failover) loads the script again and retries.
+
+With metrics on (server/metrics.py), every call or pipelined batch is timed here, the one place the
+scheduler's scripts reach Redis: lingua_redis_call_seconds{op} and lingua_redis_errors_total{op,error},
+op being the script's name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import NoScriptError
 
 from ..fsm import MACHINE, Event, JobState, dests_of, fixed_dest, sources_of
 from . import wire
+
+if TYPE_CHECKING:
+    from .metrics import RedisMetrics
+
+T = TypeVar("T")
 
 
 def _lua_table(items: dict[str, str]) -> str:
@@ -166,6 +177,7 @@ class Scripts:
 
     def __init__(self) -> None:
         self._by_name = _load_all()
+        self.metrics: RedisMetrics | None = None  # set by the app when metrics are on
 
     def __getitem__(self, name: str) -> Script:
         return self._by_name[name]
@@ -187,6 +199,10 @@ class Scripts:
 
     async def call(self, client: Any, call: Call) -> Any:
         """Run one script on `client`: one round trip, two only after a NOSCRIPT."""
+        work = self._call(client, call)
+        return await (work if self.metrics is None else self._timed(call.script, work))
+
+    async def _call(self, client: Any, call: Call) -> Any:
         args = self.args(call)
         try:
             return await client.evalsha(*args)
@@ -201,6 +217,28 @@ class Scripts:
         """
         if not calls:
             return []
+        if self.metrics is None:
+            return await self._call_many(client, calls)
+        op = calls[0].script  # a batch is of one script (claims, completions, ...)
+        results = await self._timed(op, self._call_many(client, calls))
+        for r in results:
+            if isinstance(r, Exception):
+                self.metrics.error(op, r)
+        return results
+
+    async def _timed(self, op: str, work: Awaitable[T]) -> T:
+        metrics = self.metrics
+        assert metrics is not None
+        start = time.perf_counter()
+        try:
+            return await work
+        except Exception as err:  # a NOSCRIPT was retried inside: what comes out here failed
+            metrics.error(op, err)
+            raise
+        finally:
+            metrics.observe(op, time.perf_counter() - start)
+
+    async def _call_many(self, client: Any, calls: list[Call]) -> list[Any]:
         results = await self._pipeline(client, calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:

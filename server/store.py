@@ -21,6 +21,7 @@ from ulid import ULID
 from ..fsm import (
     GIVES_BACK_ATTEMPT,
     HELD,
+    TERMINAL,
     Event,
     JobState,
     TransitionRefused,
@@ -42,6 +43,7 @@ from .errors import (
     StaleLease,
     raise_for,
 )
+from .metrics import Metrics
 from .quotas import Quotas
 from .scripts import Scripts
 from .settings import Settings
@@ -197,6 +199,8 @@ class Store:
         self._release_dest = fixed_dest(Event.RELEASE)
         self._complete_dest = fixed_dest(Event.COMPLETE)
         self.tracing: Tracing | None = None  # set by the app when tracing is on: finish spans (server/tracing.py)
+        # This instance's counters and histograms (server/metrics.py); None when the HTTP port is off.
+        self.metrics: Metrics | None = None
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -260,6 +264,10 @@ class Store:
         if admitted:
             await self.quotas.settle(admitted, {job.job_id for job, r in zip(jobs, replies, strict=True)
                                                 if r[0] == ScriptCode.APPLIED})
+        if self.metrics is not None:
+            for job, r in zip(jobs, replies, strict=True):
+                if r[0] == ScriptCode.APPLIED:
+                    self.metrics.of_job(job.job_id).submitted.inc()
         for i, r in enumerate(replies):
             if r[0] == ScriptCode.IDENTITY_CONFLICT:
                 raise AlreadyExists(
@@ -391,6 +399,7 @@ class Store:
             for job_id, node_id, token in items
         ]
         out: list[Claim | Exception] = []
+        metrics = self.metrics
         for (job_id, _node_id, token), r in zip(items, await self.scripts.call_many(self.redis, calls), strict=True):
             if isinstance(r, Exception):
                 out.append(r)
@@ -398,6 +407,8 @@ class Store:
             code = ScriptCode(r[0])
             hints, scores = [_s(j) for j in r[1][::2]], tuple(float(s) for s in r[1][1::2])
             if code == ScriptCode.APPLIED:
+                if metrics is not None and len(r) > 7:  # claimed now, not a repeat of this token's claim
+                    metrics.claimed(job_id, int(r[6]), int(r[7]))
                 out.append(Claim(job_id, code, hints, token, int(r[2]), int(r[3]), r[4] or b"", r[5] or b"",
                                  scores=scores))
             else:
@@ -605,8 +616,8 @@ class Store:
                 out.append(err)
         return out
 
-    @staticmethod
-    def _changed(job_id: str, reply: Any, event: str) -> Changed:
+    def _changed(self, job_id: str, reply: Any, event: str) -> Changed:
+        """A finish_job or requeue_job reply as Changed (counted in the metrics when applied now)."""
         if isinstance(reply, Exception):
             raise reply
         code = int(reply[0])
@@ -615,5 +626,12 @@ class Store:
             raise_for(code, job=job_id, event=event,
                       state=detail.decode() if isinstance(detail, bytes) else "",
                       attempt=detail if isinstance(detail, int) else 0)
-        tenant = _s(reply[3]).partition("\x00")[0] if code == ScriptCode.APPLIED and len(reply) > 3 else ""
-        return Changed(job_id, ScriptCode(code), _s(reply[1]), int(reply[2]), tenant)
+        dest, tenant = _s(reply[1]), ""
+        if code == ScriptCode.APPLIED:
+            if dest in TERMINAL:  # finish_job: {1, state, version, session, from, run ms}
+                tenant = _s(reply[3]).partition("\x00")[0]
+                if self.metrics is not None:
+                    self.metrics.changed(job_id, event, _s(reply[4]), dest, int(reply[5]))
+            elif self.metrics is not None:  # requeue_job: {1, state, version, from}
+                self.metrics.changed(job_id, event, _s(reply[3]), dest, -1)
+        return Changed(job_id, ScriptCode(code), dest, int(reply[2]), tenant)

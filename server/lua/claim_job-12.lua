@@ -27,7 +27,10 @@
 
   Output: {code, next candidates, ...}; the candidates are the queue's heads with their scores,
   {id, score, id, score, ...} (the dispatcher pairs jobs in queue order)
-    {1, candidates, attempt, lease deadline ms, meta, payload}  claimed (now, or by this token before)
+    {1, candidates, attempt, lease deadline ms, meta, payload, queued ms, dispatch ms}  claimed now:
+                             queued ms is how long the job was queued (since it entered queued);
+                             dispatch ms the time since submit for the job's first claim, -1 after
+    {1, candidates, attempt, lease deadline ms, meta, payload}  claimed by this token before (a repeat)
     {-1, candidates}         job not found (its queue entry is dropped)
     {-2, candidates, state}  job not in a claimable state (its queue entry is dropped)
     {-7, candidates}         job no longer in the queue (someone else claimed it), or this token's
@@ -45,7 +48,8 @@ local function heads()  -- the next candidates with their queue scores: {id, sco
   return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[6]) - 1, "WITHSCORES")
 end
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease",
+  "created", "asg")
 local state = f[1]
 if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
   if state == FIXED[E.assign] and f[8] == nodeId then
@@ -106,7 +110,7 @@ if clock and score > clock then
   end
 end
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
-  "tok", token, "lease", lease, "started", 0, "updated", now)
+  "tok", token, "lease", lease, "started", 0, "updated", now, "asg", now)
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
 rcall("ZADD", affinityAtKey, now, f[7])
@@ -116,4 +120,9 @@ if #stale > 0 then
   rcall("ZREM", affinityAtKey, unpack(stale))
 end
 record_event(eventsKey, {s = dest, v = version, a = attempt, n = nodeId, e = E.assign, t = now})
-return {1, heads(), attempt, lease, rcall("GET", metaKey), rcall("GET", payloadKey) or ""}
+local dispatched = -1  -- "asg" is the time of the job's latest claim: none before, this is its first
+if not f[12] and f[11] then
+  dispatched = now - tonumber(f[11])
+end
+return {1, heads(), attempt, lease, rcall("GET", metaKey), rcall("GET", payloadKey) or "", now - tonumber(f[6]),
+  dispatched}

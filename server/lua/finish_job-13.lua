@@ -39,8 +39,10 @@
     ARGV[16] when the done bucket expires, ms
 
   Output:
-    {1, state, version, session}   applied; session is the record's `sess` ("<tenant>\0<session>"), so
-                          the caller can count the job out of its tenant's queued jobs (server/quotas.py)
+    {1, state, version, session, from, run ms}  applied; session is the record's `sess`
+                          ("<tenant>\0<session>"), so the caller can count the job out of its tenant's
+                          queued jobs (server/quotas.py); from is the state it left; run ms the time
+                          since its latest claim when it left a held state (assigned, running), else -1
     {0, state, version}   a repeat of the event already applied (same token); nothing changed
     {-1}                  job not found
     {-2, state}           invalid transition from the current state
@@ -56,7 +58,7 @@ local waitingKey, heldKey, rateKey, doneKey, endedKey, spanKey = KEYS[8], KEYS[9
   KEYS[13]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg")
 local state = f[1]
 if not state then
   return {-1}
@@ -124,4 +126,8 @@ end
 if f[9] then  -- a record written before sessions were indexed has no `sess`
   rcall("PUBLISH", ARGV[14] .. f[9], session_done_message(jobId, f[10] or "", dest))
 end
-return {1, dest, version, f[9] or ""}
+local ran = -1
+if (state == S.assigned or state == S.running) and f[11] then
+  ran = now - tonumber(f[11])
+end
+return {1, dest, version, f[9] or "", state, ran}

@@ -27,7 +27,7 @@
     ARGV[14] "1": give the attempt back (the claim never reached its node)
 
   Output:
-    {1, state, version}   applied
+    {1, state, version, from}  applied; from is the state it left
     {0, state, version}   a repeat of the event already applied (same token); nothing changed
     {-1}                  job not found
     {-2, state}           invalid transition from the current state
@@ -93,4 +93,4 @@ else
 end
 record_event(eventsKey, {s = dest, v = version, a = attempt, n = f[4], e = event, t = now,
   ec = ARGV[8], em = ARGV[9], er = ARGV[10]})
-return {1, dest, version}
+return {1, dest, version, state}
