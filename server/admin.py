@@ -99,6 +99,9 @@ class Admin:
             entry.nodes, entry.capacity, entry.in_flight = f.nodes, f.capacity, f.in_flight
             entry.submitted_per_second, entry.finished_per_second = f.submitted_per_second, f.finished_per_second
             entry.paused = f.paused
+            if f.paused:
+                entry.paused_reason = f.paused_reason
+                entry.paused_at.FromMilliseconds(f.paused_at_ms)
             entry.oldest_queued_age.FromMilliseconds(f.oldest_queued_age_ms)
         return out
 

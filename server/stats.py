@@ -39,6 +39,8 @@ class PoolFigures:
     submitted_per_second: float = 0.0
     finished_per_second: float = 0.0
     paused: bool = False
+    paused_reason: str = ""
+    paused_at_ms: int = 0
     oldest_queued_age_ms: int = 0
 
 
@@ -129,7 +131,7 @@ class Stats:
                 f.nodes += 1
                 f.capacity += entry.max_concurrency
                 f.in_flight += entry.in_flight
-        # Queued jobs and the oldest's age per partition, and the pause state per pool: one more round trip.
+        # Queued jobs and the oldest's age per partition, and the pause state (reason, since) per pool: one more round trip.
         names = sorted(pools)
         async with self.redis.pipeline(transaction=False) as pipe:
             for pool in names:
@@ -137,7 +139,7 @@ class Stats:
                     waiting = keys.PartitionKeys.of(tag).waiting
                     pipe.zcard(waiting)
                     pipe.zrange(waiting, 0, 0, withscores=True)
-                pipe.exists(keys.PartitionKeys.of(keys.partition_tag(pool, 0)).paused)
+                pipe.hmget(keys.PartitionKeys.of(keys.partition_tag(pool, 0)).paused, "reason", "at")
             found = await pipe.execute()
         i = 0
         for pool in names:
@@ -149,7 +151,8 @@ class Stats:
                 for _job, score in found[i + 1]:
                     oldest = score if oldest is None else min(oldest, score)
                 i += 2
-            f.paused = bool(found[i])
+            reason, at = found[i]
+            f.paused, f.paused_reason, f.paused_at_ms = at is not None, _s(reason), int(at or 0)
             i += 1
             f.oldest_queued_age_ms = max(0, redis_now - int(oldest)) if oldest is not None else 0
             for state in HELD_STATES:  # never below 0, should a count have been lost with a Redis failover

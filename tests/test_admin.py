@@ -53,6 +53,7 @@ async def test_pause_then_submit_dispatches_nothing_and_resume_dispatches_at_onc
         assert [r.job_id for r in node.received] == [other]
         stats = await pool_stats(stub)
         assert stats.paused and counts(stats)["queued"] == 3
+        assert (stats.paused_reason, stats.paused_at) == ("model upgrade", paused.paused_at)
         # A unary Assign finds nothing in a paused pool either.
         got = await stub.Assign(pb.AssignRequest(node_id="n2", pairs=[pb.LanguagePair(src_lang="zh", tgt_lang="en")],
                                                  max_jobs=3))
@@ -61,6 +62,8 @@ async def test_pause_then_submit_dispatches_nothing_and_resume_dispatches_at_onc
         resumed = await stub.ResumePool(pb.ResumePoolRequest(pool="zh:en"))
         assert not resumed.paused and not resumed.HasField("paused_at")
         assert not (await stub.ResumePool(pb.ResumePoolRequest(pool="zh:en"))).paused  # idempotent
+        stats = await pool_stats(stub)
+        assert not stats.paused and stats.paused_reason == "" and not stats.HasField("paused_at")
         for job_id in held:
             await watch_until(stub, job_id, pb.JOB_STATE_SUCCEEDED)
         assert sorted(r.job_id for r in node.received) == sorted([other, *held])

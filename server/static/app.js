@@ -278,6 +278,7 @@ function renderPools(stats) {
     const dispatch = field(row, "dispatch");
     setText(dispatch, p.paused ? "paused" : "dispatching");
     dispatch.className = p.paused ? "badge paused" : "badge ok";
+    dispatch.title = p.paused ? `paused${p.paused_reason ? `: ${p.paused_reason}` : ""}` : "";
     for (const s of STATES) setText(field(row, s.toLowerCase()), String(counts[s] || 0));
     setText(field(row, "oldest"), age(parseFloat(p.oldest_queued_age || "0")));
     setText(field(row, "submitted"), rate(p.submitted_per_second));

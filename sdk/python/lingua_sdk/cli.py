@@ -284,6 +284,10 @@ def _stats(pools: list[PoolStats], out: TextIO) -> None:
               f"{p.submitted_per_second:.1f}", f"{p.finished_per_second:.1f}",
               f"{p.oldest_queued_age.total_seconds():.1f}s", "paused" if p.paused else "on"] for p in pools]
     _table(rows, out)
+    for p in pools:
+        if p.paused:
+            why = f": {p.paused_reason}" if p.paused_reason else ""
+            out.write(f"pool {p.pool} paused since {_when(p.paused_at)}{why}\n")
 
 
 def _pool_state(state: PoolState, out: TextIO) -> None:

@@ -275,6 +275,8 @@ class PoolStats:
     paused: bool
     oldest_queued_age: timedelta
     proto: pb.PoolStats = field(repr=False, compare=False)
+    paused_reason: str = ""  # while paused: the reason given to PausePool
+    paused_at: datetime | None = None
 
     @classmethod
     def from_proto(cls, m: pb.PoolStats) -> PoolStats:
@@ -282,7 +284,8 @@ class PoolStats:
         jobs.update({str(JobState.from_proto(c.state)): c.count for c in m.jobs})
         return cls(pool=m.pool, jobs=jobs, nodes=m.nodes, capacity=m.capacity, in_flight=m.in_flight,
                    submitted_per_second=m.submitted_per_second, finished_per_second=m.finished_per_second,
-                   paused=m.paused, oldest_queued_age=m.oldest_queued_age.ToTimedelta(), proto=m)
+                   paused=m.paused, oldest_queued_age=m.oldest_queued_age.ToTimedelta(), proto=m,
+                   paused_reason=m.paused_reason, paused_at=_time(m.paused_at))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -517,7 +517,7 @@ class StateCount(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., count: _Optional[int] = ...) -> None: ...
 
 class PoolStats(_message.Message):
-    __slots__ = ("pool", "jobs", "nodes", "capacity", "in_flight", "submitted_per_second", "finished_per_second", "paused", "oldest_queued_age")
+    __slots__ = ("pool", "jobs", "nodes", "capacity", "in_flight", "submitted_per_second", "finished_per_second", "paused", "oldest_queued_age", "paused_reason", "paused_at")
     POOL_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -527,6 +527,8 @@ class PoolStats(_message.Message):
     FINISHED_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     OLDEST_QUEUED_AGE_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_REASON_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
     pool: str
     jobs: _containers.RepeatedCompositeFieldContainer[StateCount]
     nodes: int
@@ -536,7 +538,9 @@ class PoolStats(_message.Message):
     finished_per_second: float
     paused: bool
     oldest_queued_age: _duration_pb2.Duration
-    def __init__(self, pool: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[StateCount, _Mapping]]] = ..., nodes: _Optional[int] = ..., capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., submitted_per_second: _Optional[float] = ..., finished_per_second: _Optional[float] = ..., paused: _Optional[bool] = ..., oldest_queued_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    paused_reason: str
+    paused_at: _timestamp_pb2.Timestamp
+    def __init__(self, pool: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[StateCount, _Mapping]]] = ..., nodes: _Optional[int] = ..., capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., submitted_per_second: _Optional[float] = ..., finished_per_second: _Optional[float] = ..., paused: _Optional[bool] = ..., oldest_queued_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., paused_reason: _Optional[str] = ..., paused_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RetryJobRequest(_message.Message):
     __slots__ = ("job_id", "reason", "deadline", "max_attempts")
