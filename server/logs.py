@@ -6,6 +6,7 @@ the context). grpc.aio runs each call in its own task, which copies the context:
 handler stays with that call and the tasks it starts. The dispatcher and the sweeper run their own
 tasks, so their lines name the job with `extra`. A filter on the handler copies the set ones onto
 every record; the JSON formatter writes them as keys, the text formatter as `key=value` at the end.
+A worker of `--workers N` names its instance on every line too (`instance_id`).
 
 Never log a payload, a result, a bearer token or a Redis password: a line names jobs by id.
 """
@@ -22,6 +23,7 @@ NODE_ID: ContextVar[str] = ContextVar("node_id", default="")
 TENANT_ID: ContextVar[str] = ContextVar("tenant_id", default="")
 TRACE_ID: ContextVar[str] = ContextVar("trace_id", default="")
 FIELDS = (("job_id", JOB_ID), ("node_id", NODE_ID), ("tenant_id", TENANT_ID), ("trace_id", TRACE_ID))
+NAMES = ("instance_id", *(name for name, _ in FIELDS))  # as the text line shows them
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -59,9 +61,14 @@ def from_request(request: Any) -> None:
 
 
 class ContextFilter(logging.Filter):
-    """Copies the set context ids onto each record (an `extra=` id of the same name wins)."""
+    """Copies the set context ids onto each record (an `extra=` id of the same name wins), and the
+    process's instance id when it is one of several workers (`instance`, set by setup())."""
+
+    instance = ""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if self.instance:
+            record.instance_id = self.instance
         for name, var in FIELDS:
             value = var.get()
             if value and not getattr(record, name, ""):
@@ -77,7 +84,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        ids = " ".join(f"{name}={value}" for name, _ in FIELDS if (value := getattr(record, name, "")))
+        ids = " ".join(f"{name}={value}" for name in NAMES if (value := getattr(record, name, "")))
         if not ids:
             return line
         head, sep, tail = line.partition("\n")  # a traceback stays below the line
@@ -106,20 +113,23 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def handler(log_format: str, stream: Any = None) -> logging.Handler:
-    """A stream handler (stderr by default) with the context filter and the chosen formatter."""
+def handler(log_format: str, stream: Any = None, instance: str = "") -> logging.Handler:
+    """A stream handler (stderr by default) with the context filter and the chosen formatter; with an
+    `instance` id, every line names it (a worker of `--workers N`: server/workers.py)."""
     out = logging.StreamHandler(stream) if stream is not None else _Stderr()
-    out.addFilter(ContextFilter())
+    context = ContextFilter()
+    context.instance = instance
+    out.addFilter(context)
     out.setFormatter(json_formatter() if log_format == "json" else TextFormatter())
     return out
 
 
-def setup(log_format: str, level: str = "info") -> None:
-    """The process's logging: the root logger writes to stderr through handler(log_format) at `level`
-    (in place of the handler an earlier setup() added; other handlers, a test runner's, stay)."""
+def setup(log_format: str, level: str = "info", instance: str = "") -> None:
+    """The process's logging: the root logger writes to stderr through handler(log_format, instance=)
+    at `level` (in place of the handler an earlier setup() added; other handlers, a test runner's, stay)."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _Stderr)]:
         root.removeHandler(old)
-    root.addHandler(handler(log_format))
+    root.addHandler(handler(log_format, instance=instance))
     root.setLevel(level.upper())
     logging.getLogger("transitions").setLevel(logging.WARNING)  # it logs every transition at INFO

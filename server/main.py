@@ -6,6 +6,8 @@ it refuses to start when another scheduler's embedded Redis has that folder (see
 SIGTERM/SIGINT: health goes NOT_SERVING, no new work is handed out, streams drain within the grace,
 then Redis is closed. SIGHUP: the TLS certificate files, the --auth-jwt-key files and the --tenants file
 are read again.
+
+With --workers N (N > 1) this process supervises N such processes on one port instead (server/workers.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import logs, tracing
+from . import logs, tracing, workers
 from .app import PartitionsMismatch, check_redis, close_redis, create_server
 from .auth import AuthKeyError
 from .embedded import DataDirInUse, EmbeddedRedis
@@ -66,11 +68,20 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
+    if workers.slot():  # a worker: its stdin is a pipe from the supervisor, closed when the supervisor is gone
+        loop.add_reader(sys.stdin.fileno(), _supervisor_gone, stop)
     await stop.wait()
     log.info("shutting down: draining streams for up to %.1f s", settings.shutdown_grace_s)
     await app.stop()
     if provider is not None:
         provider.shutdown()  # exports the spans still batched
+
+
+def _supervisor_gone(stop: asyncio.Event) -> None:
+    if not os.read(sys.stdin.fileno(), 512):  # end of file (the supervisor never writes)
+        asyncio.get_running_loop().remove_reader(sys.stdin.fileno())
+        log.error("the supervisor (--workers) is gone: stopping")
+        stop.set()
 
 
 def _redacted(url: str) -> str:
@@ -91,10 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = args
     try:
         settings = Settings.load(argv)
-        logs.setup(settings.log_format, settings.log_level)
+        logs.setup(settings.log_format, settings.log_level, instance=settings.instance_id if workers.slot() else "")
         if settings.tenants:
             load_tenants(settings.tenants)  # a bad file stops us before anything starts
-        provider = tracing.provider_from_env()  # None unless OTEL_* variables turn tracing on
+        # None unless OTEL_* variables turn tracing on; a supervisor serves nothing, so traces nothing
+        provider = tracing.provider_from_env() if settings.workers == 1 else None
     except ValueError as err:  # TenantConfigError too
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 2
@@ -117,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # streams (docs/benchmarks.md, "Fleet"): dispatch p99 151 -> 46 ms.
     gc.set_threshold(*GC_THRESHOLDS)
     try:
+        if settings.workers > 1:
+            return workers.supervise(settings, argv)
         if settings.uvloop:
             import uvloop
 

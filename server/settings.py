@@ -51,6 +51,11 @@ class Settings:
     redis_tls_ca: str = ""
     redis_tls_cert: str = ""
     redis_tls_key: str = ""
+    # Scheduler processes on this host (server/workers.py, docs/deployment.md "Several processes per
+    # host"): with more than one, a supervisor process starts that many workers, each an instance of
+    # its own (instance id `<instance_id>-<n>`, own event loop) on the one --listen port (SO_REUSEPORT),
+    # worker n's operations HTTP port on the --http-listen port + n - 1; they share only Redis.
+    workers: int = 1
     # Where the embedded Redis keeps its AOF and dump.
     data_dir: str = ".lingua/redis"
     # This instance's id, as shown in ListNodes and RegisterAck.
@@ -204,6 +209,10 @@ class Settings:
             src, _, tgt = pool.partition(":")
             if not (LANG.fullmatch(src) and LANG.fullmatch(tgt)) or src == tgt:
                 raise ValueError(f"--pools: {pool!r} is not a pair such as 'zh:en' (two different language tags)")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.workers > 1:
+            self._check_workers()
         if self.stream_outbox_max < 1:
             raise ValueError("stream_outbox_max must be at least 1")
         if self.ack_window < 1:
@@ -235,6 +244,19 @@ class Settings:
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ValueError("--redis-tls-cert and --redis-tls-key go together")
         self.check_exposure()
+
+    def _check_workers(self) -> None:
+        """Several workers share a TCP port: not a unix socket, and room for their HTTP ports."""
+        if self.listen.startswith(("unix:", "unix-abstract:")):
+            raise ValueError(f"--workers {self.workers} needs a TCP --listen address (HOST:PORT): workers share "
+                             f"a port through SO_REUSEPORT, which a unix socket ({self.listen}) does not have")
+        if self.http_listen:
+            from .http import split_listen
+
+            _, port = split_listen(self.http_listen)
+            if port and port + self.workers - 1 > 65535:
+                raise ValueError(f"--http-listen {self.http_listen} with --workers {self.workers}: worker n listens on "
+                                 "the port + n - 1, past 65535; give a lower port")
 
     def check_exposure(self) -> None:
         """Refuse to serve without authentication beyond loopback (Redis's protected mode is the model)."""
