@@ -60,6 +60,11 @@ METRICS_OFF = "metrics off"  # --metrics: each combination also with the HTTP po
 
 TICK = os.sysconf("SC_CLK_TCK")
 SESSIONS_PER_CLIENT = 8  # --session-reader: live sessions per client, one WatchSession stream each
+# --workers N: the scheduler runs N worker processes on its port (server/workers.py), and every client
+# and node gets a connection of its own, as separate processes would (by default gRPC gives equal
+# channels of one process one connection, which the kernel hands to one worker).
+WORKERS: list[str] = []
+OWN_CONNECTION: list[tuple[str, Any]] = []
 
 
 def pct(values: list[float], p: float) -> float:
@@ -68,8 +73,10 @@ def pct(values: list[float], p: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of the process and its live children (the workers of --workers N)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir() for k in (task / "children").read_text().split()]
+    return (int(fields[11]) + int(fields[12])) / TICK + sum(cpu_seconds(k) for k in kids)
 
 
 async def redis_counters(client: Any) -> dict[str, float]:
@@ -122,7 +129,7 @@ class Lifecycle:
             def sdk_receive(a: Assignment, at: float) -> None:
                 self.on_receive(run, a.proto.spec, at)
             return await SimulatedNode(self.address, f"bench-{i}", [("zh", "en")], 64, on_receive=sdk_receive,
-                                       token=self.token, tls=self.tls).start()
+                                       token=self.token, tls=self.tls, options=OWN_CONNECTION).start()
         assert self.tls is None, "the raw-stub node speaks plaintext only"
         channel = open_channel(self.address, self.token)
         self.raw_channels.append(channel)
@@ -189,7 +196,8 @@ class Lifecycle:
         redis = aioredis.from_url(self.redis_url)
         self.raw_channels: list[grpc.aio.Channel] = []
         nodes = [await self.start_node(run, i) for i in range(run.nodes)]
-        stubs = [AsyncClient(self.address, token=self.token, tls=self.tls or False) for _ in range(run.clients)]
+        stubs = [AsyncClient(self.address, token=self.token, tls=self.tls or False, options=OWN_CONNECTION)
+                 for _ in range(run.clients)]
         before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
         own0 = time.process_time()
         if rate:  # open loop: a new lifecycle every 1/rate s
@@ -232,7 +240,8 @@ def start_scheduler(redis_url: str, profile: Path | None, *flags: str) -> tuple[
     prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
     proc = subprocess.Popen([*prefix, "-m", "lingua_scheduler.server",
             "--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
-                             "--redis-url", redis_url, *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                             "--redis-url", redis_url, *WORKERS, *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if "listening on" not in line:
@@ -644,7 +653,19 @@ def main() -> int:
                         "beside the usual rows (metrics on)")
     p.add_argument("--lifecycle-only", action="store_true",
                    help="only the lifecycle rows: print them, skip half rate, memory, the others and the report")
-    return asyncio.run(main_async(p.parse_args()))
+    p.add_argument("--workers", type=int, default=0,
+                   help="run the scheduler with --workers N, each client and node on its own connection "
+                        "(scripts/bench_workers.py compares worker counts)")
+    args = p.parse_args()
+    use_workers(args.workers)
+    return asyncio.run(main_async(args))
+
+
+def use_workers(count: int) -> None:
+    """Schedulers started from now on run `count` workers (0: the flag left out), and every client and
+    node gets its own connection (with a count)."""
+    WORKERS[:] = ["--workers", str(count)] if count else []
+    OWN_CONNECTION[:] = [("grpc.use_local_subchannel_pool", 1)] if count else []
 
 
 if __name__ == "__main__":

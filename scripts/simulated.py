@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lingua_sdk import TLS, Assignment, FatalError, ModelUnavailable, Node, RetryableError, pb
 from lingua_sdk.node import Handler
@@ -63,12 +64,13 @@ class SimulatedNode:
 
     def __init__(self, target: str, node_id: str, pairs: list[tuple[str, str]], concurrency: int = 4,
                  behaviour: Behaviour | None = None, on_receive: Received | None = None,
-                 drain_timeout: float = 10.0, token: str | None = None, tls: TLS | None = None) -> None:
+                 drain_timeout: float = 10.0, token: str | None = None, tls: TLS | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
         self.node_id, self.pairs, self.concurrency = node_id, pairs, concurrency
         self.behaviour = behaviour or Behaviour()
         self.node = Node(target, node_id=node_id, pairs=pairs, concurrency=concurrency, token=token, tls=tls or False,
                          handler=handler(node_id, self.behaviour, on_receive), version="sim-sdk-1",
-                         handle_signals=False, backoff=(0.05, 1.0), drain_timeout=drain_timeout)
+                         handle_signals=False, backoff=(0.05, 1.0), drain_timeout=drain_timeout, options=options)
         self.task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 10.0) -> SimulatedNode:
