@@ -61,9 +61,11 @@ def spawn_scheduler(redis_url: str, extra: list[str], log: Path) -> tuple[subpro
 
 
 def rss_kib(pid: int) -> int:
+    """Resident memory of the process and its live children (the workers of --workers N)."""
+    kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir() for k in (task / "children").read_text().split()]
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+            return int(line.split()[1]) + sum(rss_kib(k) for k in kids)
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 

@@ -142,8 +142,9 @@ class Worker:
     async def _pass_on(stdout: asyncio.StreamReader) -> None:
         """Whatever else it prints goes to our stdout (and its pipe never fills)."""
         while line := await stdout.readline():
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
+            with contextlib.suppress(OSError):  # our stdout closed by whoever read the startup lines
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc is not None and self.proc.returncode is None:
