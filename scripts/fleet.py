@@ -60,12 +60,14 @@ def spawn_scheduler(redis_url: str, extra: list[str], log: Path) -> tuple[subpro
     return proc, line.rsplit(" ", 1)[-1].strip()
 
 
-def rss_kib(pid: int) -> int:
-    """Resident memory of the process and its live children (the workers of --workers N)."""
-    kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir() for k in (task / "children").read_text().split()]
+def rss_kib(pid: int, children: bool = False) -> int:
+    """Resident memory of the process (and, with `children`, of its live children: the scheduler's
+    workers under --workers N)."""
+    kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
+            for k in (task / "children").read_text().split()] if children else []
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) + sum(rss_kib(k) for k in kids)
+            return int(line.split()[1]) + sum(rss_kib(k, children) for k in kids)
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
@@ -237,7 +239,7 @@ async def run(args: argparse.Namespace) -> int:
         await client.list_nodes()  # the scheduler answers (and the token is good) before any stream opens
         say("streams wanted", args.streams)
         say("stream kind", "sdk Node (own channel each)" if args.sdk else f"raw NodeSession on {args.channels} channels")
-        rss_before = rss_kib(pid) if pid else None
+        rss_before = rss_kib(pid, children=True) if pid else None
         if rss_before is not None:
             say("scheduler rss before (KiB)", rss_before)
         t0 = time.monotonic()
@@ -256,7 +258,7 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(args.idle_window)
             say("redis commands/s idle", f"{(await redis_calls(redis_url) - before - 1) / args.idle_window:.0f}")
         if rss_before is not None and pid is not None:
-            rss_after = rss_kib(pid)
+            rss_after = rss_kib(pid, children=True)
             say("scheduler rss after (KiB)", rss_after)
             say("rss per idle stream (KiB)", f"{(rss_after - rss_before) / max(1, fleet.held):.1f}")
         if args.jobs:
