@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,9 @@ async def run(args: argparse.Namespace) -> int:
         list_errors: list[str] = []
         say("streams listed", await listed(client, fleet.held, time.monotonic() + args.list_timeout, list_errors))
         say("listed seconds", f"{time.monotonic() - t0:.2f}")
+        with contextlib.suppress(LinguaError):  # how the streams spread over instances (--workers N)
+            spread = Counter(n.instance_id for n in await client.list_nodes() if n.node_id.startswith("fleet-"))
+            say("streams per instance", ", ".join(f"{i} {c}" for i, c in sorted(spread.items())))
         if redis_url:
             before = await redis_calls(redis_url)
             await asyncio.sleep(args.idle_window)
