@@ -121,9 +121,13 @@ async def scheduler(*flags: str, http_lines: int = 0, stop: bool = True) -> Asyn
             assert await asyncio.wait_for(proc.wait(), 60) == 0, run.stderr[-20:]
             await until(lambda: all(gone(p) for p in descendants), 10, "every child process gone")
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        if proc.returncode is None:  # a failed test: stop it all the same (SIGKILL would leave the embedded Redis)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
         await run._drain
 
 
