@@ -48,7 +48,7 @@ class SubmitJob:
         rate_key, rate_expiry = buckets.rate(shard, buckets.now_ms())
         return Call("submit_job", [self.identity, jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers,
                                    pk.affinity, self.session_jobs, pk.fair, pk.waiting, pk.jobs,
-                                   keys.tenant_jobs(shard, self.tenant_id), sk.pools, sk.span, rate_key], [
+                                   keys.tenant_jobs(shard, self.tenant_id), sk.pools, rate_key], [
             self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
             self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
             self.affinity_ttl_ms, wake, self.digest, self.utterance_index, self.tenant_id, self.fair_step,
@@ -127,8 +127,7 @@ class FinishJob:
         rate_key, rate_expiry = buckets.rate(shard, now)
         done_key, done_expiry = buckets.done(shard, now, self.retention_ms)
         return Call("finish_job", [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers,
-                                   pk.waiting, sk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest),
-                                   sk.span], [
+                                   pk.waiting, sk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest)], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
             self.retention_ms, self.guard, keys.SESSION_CHANNEL, rate_expiry, done_expiry,
@@ -164,7 +163,7 @@ class RetryJob:
     job_id: str
     version: int
     state: str  # the state read (failed or expired): its ended index and done bucket count it out
-    finished_ms: int  # when it ended (its done bucket)
+    done_bucket: str  # the done bucket its finish counted it in (JobRecord.done_bucket)
     identity: str  # the job's idempotency key's name (keys.idempotency)
     session_jobs: str  # keys.session_jobs of the job's session
     tenant_id: str
@@ -176,11 +175,10 @@ class RetryJob:
 
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
-        shard, sk = _shard(self.job_id)
-        done_key, _ = buckets.done(shard, self.finished_ms, self.retention_ms)
+        shard, _ = _shard(self.job_id)
         return Call("retry_job", [jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers, pk.waiting,
-                                  keys.ended_jobs(shard, self.state), done_key, self.identity, self.session_jobs,
-                                  pk.jobs, keys.tenant_jobs(shard, self.tenant_id), sk.span], [
+                                  keys.ended_jobs(shard, self.state), self.done_bucket, self.identity,
+                                  self.session_jobs, pk.jobs, keys.tenant_jobs(shard, self.tenant_id)], [
             self.job_id, self.version, self.deadline_ms, self.max_job_ttl_ms, self.max_attempts, self.reason,
             self.retention_ms, wake,
         ])

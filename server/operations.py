@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from lingua_sdk import pb
 
 from ..fsm import HELD, Event, TransitionRefused, decide, fixed_dest, sources_of
-from . import keys, wire
+from . import buckets, keys, wire
 from .calls import Fence, FinishJob, Outcome, PausePool, RetryJob
 from .errors import ConcurrentModification, InvalidTransition, JobNotFound, ScriptCode, raise_for
-from .store import Changed, JobRecord, Store, _s
+from .store import Changed, JobRecord, Store, _s, idempotency_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +49,11 @@ class Operations:
             if rec.state not in sources_of(Event.RETRY):
                 raise InvalidTransition(f"job {job_id} is {rec.state}: only a failed or expired job can be retried")
             tag = keys.tag_of(job_id)
-            identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else (
-                f"u:{spec.utterance_index}:{spec.tgt_lang}")
+            shard = keys.shard_of_tag(tag)
+            done = rec.done_bucket or buckets.done(shard, rec.updated, s.retention_ms)[0]  # (ended before `done`)
             call = RetryJob(
-                job_id, rec.version, rec.state, rec.updated,
-                keys.idempotency(tag, spec.tenant_id, spec.session_id, identity),
-                keys.session_jobs(keys.shard_of_tag(tag), spec.tenant_id, spec.session_id), spec.tenant_id,
+                job_id, rec.version, rec.state, done, idempotency_key(tag, spec),
+                keys.session_jobs(shard, spec.tenant_id, spec.session_id), spec.tenant_id,
                 deadline_ms, s.max_job_ttl_ms, max_attempts, reason or "retried by an operator", s.retention_ms,
             ).call()
             reply = await self.store.scripts.call(self.redis, call)

@@ -326,7 +326,8 @@ async def test_retry_codes(store: Store, redis: Any) -> None:
 
     def retry(version: int, target: str = job_id) -> Call:
         tag = keys.tag_of(target)
-        return RetryJob(target, version, rec.state, rec.updated, keys.idempotency(tag, "acme", "s1", "u:0:en"),
+        assert rec.done_bucket  # the finish named the done bucket that counts the job
+        return RetryJob(target, version, rec.state, rec.done_bucket, keys.idempotency(tag, "acme", "s1", "u:0:en"),
                         keys.session_jobs(keys.shard_of_tag(tag), "acme", "s1"), "acme", 0, 86_400_000, 0, "why",
                         60_000).call()
 

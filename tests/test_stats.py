@@ -3,14 +3,18 @@ done, on one Redis and on a cluster."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any
 
 import pytest
-from helpers import spec
+from google.protobuf.timestamp_pb2 import Timestamp
+from helpers import spec, until
 from lingua_scheduler.fsm import Event
-from lingua_scheduler.server import keys
+from lingua_scheduler.server import keys, listing
 from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.operations import Operations
+from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.stats import Stats
 from lingua_scheduler.server.store import Lease, Store
 from lingua_sdk import pb
@@ -48,15 +52,44 @@ async def test_counts_follow_every_transition(store: Store, redis: Any) -> None:
     assert (zh.jobs["queued"], zh.jobs["expired"]) == (2, 1)
 
 
-async def test_index_keys_expire_with_their_jobs(store: Store, redis: Any) -> None:
+async def test_index_entries_expire_with_their_own_jobs(redis: Any, settings: Settings) -> None:
+    """One job with a far deadline keeps its own entries, not every later job's: a short job's entries go
+    once its record is gone (trimmed on a later add), and the keys live as long as their longest entry."""
+    store = Store(redis, dataclasses.replace(settings, retention_ms=50))
+    now_ms = int(time.time() * 1000)
+    (far,) = await store.submit([spec(utterance_index=0, deadline=Timestamp(seconds=now_ms // 1000 + 20 * 3600))])
+    (near,) = await store.submit([spec(utterance_index=1, deadline=Timestamp(seconds=now_ms // 1000 + 1))])
+    await store.cancel(near.job_id, "not needed")
+    tag = keys.tag_of(far.job_id)
+    shard = keys.shard_of_tag(tag)
+    indexes = (keys.PartitionKeys.of(tag).jobs, keys.tenant_jobs(shard, "acme"))
+    for key in indexes:
+        assert await redis.pttl(key) > 19 * 3600 * 1000
+    fsm = keys.JobKeys.of(near.job_id).fsm
+
+    async def near_gone() -> bool:
+        return not await redis.exists(fsm)
+
+    await until(near_gone, 5, "the cancelled job's record to expire")
+    for i in range(2, 400):  # until an add trims (one in 8, by the new job id's last character)
+        (job,) = await store.submit([spec(utterance_index=i)])
+        if ord(job.job_id[-1]) % 8 == 0 and keys.shard_of_tag(keys.tag_of(job.job_id)) == shard:
+            break
+    for key in indexes:
+        assert await redis.zscore(key, listing.member_of(far.job_id)) is not None
+        assert await redis.zscore(key, listing.member_of(near.job_id)) is None, key
+
+
+async def test_listing_forgets_entries_whose_job_is_gone(store: Store, redis: Any) -> None:
     (job,) = await store.submit([spec()])
     tag = keys.tag_of(job.job_id)
-    shard = keys.shard_of_tag(tag)
-    span = int(await redis.get(keys.ShardKeys.of(shard).span))
-    assert 0 < span <= store.settings.default_job_ttl_ms
-    for key in (keys.PartitionKeys.of(tag).jobs, keys.tenant_jobs(shard, "acme")):
-        assert 0 < await redis.pttl(key) <= span + store.settings.retention_ms
-    assert await redis.smembers(keys.ShardKeys.of(shard).pools) == {b"zh:en"}
+    ghost = tag + "01ARZ3NDEKTSV4RRFFQ69G5FAV"  # an entry written before entries expired with their jobs
+    index = keys.PartitionKeys.of(tag).jobs
+    await redis.zadd(index, {listing.member_of(ghost): 0})
+    views, cursor = await listing.Listing(store).page(listing.Filter(pool="zh:en"), 10, None)
+    assert ([v.record.job_id for v in views], cursor) == ([job.job_id], None)
+    assert await redis.zscore(index, listing.member_of(ghost)) is None
+    assert await redis.zscore(index, listing.member_of(job.job_id)) is not None
 
 
 async def test_a_sparse_filter_pages_on_past_its_scan_budget(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
