@@ -92,16 +92,19 @@ class Admin:
             entry = out.pools.add(pool=name)
             entry.jobs.extend(pb.StateCount(state=pb.JobState.Value(f"JOB_STATE_{s.name}"),  # type: ignore[arg-type]
                                             count=f.jobs.get(s, 0) if f else 0) for s in STATES)
+            if f is None:  # (a pool without jobs or nodes: paused, say)
+                p = (await self.ops.paused([name]))[name]
+                paused, reason, at = p.paused, p.reason, p.at_ms
+            else:
+                paused, reason, at = f.paused, f.paused_reason, f.paused_at_ms
+            entry.paused = paused
+            if paused:
+                entry.paused_reason = reason
+                entry.paused_at.FromMilliseconds(at)
             if f is None:
-                paused = (await self.ops.paused([name]))[name].paused
-                entry.paused = paused
                 continue
             entry.nodes, entry.capacity, entry.in_flight = f.nodes, f.capacity, f.in_flight
             entry.submitted_per_second, entry.finished_per_second = f.submitted_per_second, f.finished_per_second
-            entry.paused = f.paused
-            if f.paused:
-                entry.paused_reason = f.paused_reason
-                entry.paused_at.FromMilliseconds(f.paused_at_ms)
             entry.oldest_queued_age.FromMilliseconds(f.oldest_queued_age_ms)
         return out
 

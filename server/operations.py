@@ -32,6 +32,17 @@ class SessionCancelled:
     already_finished: int
 
 
+def pause_of(pool: str, partitions: list[list[bytes | None]]) -> Pause:
+    """A pool's pause state from its partitions' paused hashes ([reason, at] each): paused when any is
+    (pause and resume write them one by one: a pause cut short leaves some paused, and those claim
+    nothing), with the earliest pause's reason and time."""
+    found = sorted((int(at), _s(reason)) for reason, at in partitions if at is not None)
+    if not found:
+        return Pause(pool, False)
+    at, reason = found[0]
+    return Pause(pool, True, reason, at)
+
+
 class Operations:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -133,17 +144,17 @@ class Operations:
         await self.redis.publish(keys.pool_channel(pool), wire.PAUSE if pause else wire.RESUME)
         if not pause:
             return Pause(pool, False)
-        first = replies[0]
-        return Pause(pool, True, _s(first[1]), min(int(r[2]) for r in replies))
+        return pause_of(pool, [[r[1], r[2]] for r in replies])
 
     async def paused(self, pools: list[str]) -> dict[str, Pause]:
-        """The pause state of each pool (its first partition's: all are set together), one round trip."""
+        """The pause state of each pool (pause_of its partitions'), one round trip."""
+        n = self.settings.partitions
         async with self.redis.pipeline(transaction=False) as pipe:
             for pool in pools:
-                pipe.hmget(keys.PartitionKeys.of(keys.partition_tag(pool, 0)).paused, "reason", "at")
+                for tag in self.store.tags_of_pool(pool):
+                    pipe.hmget(keys.PartitionKeys.of(tag).paused, "reason", "at")
             found = await pipe.execute()
-        return {pool: Pause(pool, at is not None, _s(reason), int(at or 0))
-                for pool, (reason, at) in zip(pools, found, strict=True)}
+        return {pool: pause_of(pool, found[i * n: (i + 1) * n]) for i, pool in enumerate(pools)}
 
     # -- DrainNode --------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from ..fsm import JobState
 from . import buckets, keys
 from .calls import ReadClock
+from .operations import pause_of
 from .store import Store, _s
 
 SNAPSHOT_TTL_S = 1.0
@@ -139,21 +140,22 @@ class Stats:
                     waiting = keys.PartitionKeys.of(tag).waiting
                     pipe.zcard(waiting)
                     pipe.zrange(waiting, 0, 0, withscores=True)
-                pipe.hmget(keys.PartitionKeys.of(keys.partition_tag(pool, 0)).paused, "reason", "at")
+                    pipe.hmget(keys.PartitionKeys.of(tag).paused, "reason", "at")
             found = await pipe.execute()
         i = 0
         for pool in names:
             f = pools[pool]
             f.jobs[JobState.QUEUED] = 0
             oldest: float | None = None
+            paused = []
             for _ in range(s.partitions):
                 f.jobs[JobState.QUEUED] += int(found[i])
                 for _job, score in found[i + 1]:
                     oldest = score if oldest is None else min(oldest, score)
-                i += 2
-            reason, at = found[i]
-            f.paused, f.paused_reason, f.paused_at_ms = at is not None, _s(reason), int(at or 0)
-            i += 1
+                paused.append(found[i + 2])
+                i += 3
+            p = pause_of(pool, paused)
+            f.paused, f.paused_reason, f.paused_at_ms = p.paused, p.reason, p.at_ms
             f.oldest_queued_age_ms = max(0, redis_now - int(oldest)) if oldest is not None else 0
             for state in HELD_STATES:  # never below 0, should a count have been lost with a Redis failover
                 f.jobs[state] = max(0, f.jobs[state])
