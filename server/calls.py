@@ -70,7 +70,7 @@ class ClaimJob:
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
         return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.meta, jk.payload,
-                                  jk.events, pk.fair, pk.waiting, _shard(self.job_id)[1].held, pk.paused], [
+                                  jk.events, pk.fair, pk.waiting, pk.held, pk.paused], [
             self.job_id, self.node_id, self.token, self.ack_timeout_ms, self.affinity_wait_ms, self.hint_count,
             self.avoid_ms, self.affinity_ttl_ms,
         ])
@@ -86,7 +86,7 @@ class TouchJob:
 
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
-        return Call("touch_job", [jk.fsm, jk.events, pk.timers, _shard(self.job_id)[1].held],
+        return Call("touch_job", [jk.fsm, jk.events, pk.timers, pk.held],
                     [self.job_id, self.node_id, self.token, self.lease_ms, self.mode])
 
 
@@ -127,7 +127,7 @@ class FinishJob:
         rate_key, rate_expiry = buckets.rate(shard, now)
         done_key, done_expiry = buckets.done(shard, now, self.retention_ms)
         return Call("finish_job", [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers,
-                                   pk.waiting, sk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest)], [
+                                   pk.waiting, pk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest)], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
             self.retention_ms, self.guard, keys.SESSION_CHANNEL, rate_expiry, done_expiry,
@@ -149,7 +149,7 @@ class RequeueJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         o, f = self.outcome, self.fence
-        return Call("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers, pk.waiting, _shard(self.job_id)[1].held], [
+        return Call("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers, pk.waiting, pk.held], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             self.backoff_ms, o.error_code, o.error_message, int(o.error_retryable), int(self.avoid), self.guard,
             wake, int(self.give_back_attempt),

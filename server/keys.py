@@ -89,12 +89,14 @@ class PartitionKeys:
     jobs: str  # ZSET of index members (the Lua prelude's index_add: each expires with its job): the
     #            partition's jobs, ListJobs' index of a pool
     paused: str  # HASH reason, at: present while the pool is paused (PausePool); the claim script honours it
+    held: str  # ZSET job id -> wire.HELD_ASSIGNED or HELD_RUNNING: the partition's jobs in those states
+    #            (entered on a claim, rescored on an ack, left on a requeue or finish: idempotent counts)
 
     @classmethod
     def of(cls, tag: str) -> PartitionKeys:
         return cls(f"{PREFIX}queue:{tag}", shard_timers(shard_of_tag(tag)), f"{PREFIX}affinity:{tag}",
                    f"{PREFIX}affinity-at:{tag}", f"{PREFIX}fair:{tag}", f"{PREFIX}waiting:{tag}",
-                   f"{PREFIX}jobs:{tag}", f"{PREFIX}paused:{tag}")
+                   f"{PREFIX}jobs:{tag}", f"{PREFIX}paused:{tag}", f"{PREFIX}held:{tag}")
 
 
 def shard_timers(shard: str) -> str:
@@ -125,11 +127,10 @@ class ShardKeys:
     GetStats read, kept by the scripts with the jobs (server/stats.py)."""
 
     pools: str  # SET: every pool that had a job in the shard (GetStats' and ListJobs' list of pools)
-    held: str  # HASH "<pool>|assigned", "<pool>|running" -> jobs in that state now
 
     @classmethod
     def of(cls, shard: str) -> ShardKeys:
-        return cls(f"{PREFIX}pools:{shard}", f"{PREFIX}held:{shard}")
+        return cls(f"{PREFIX}pools:{shard}")
 
 
 def tenant_jobs(shard: str, tenant_id: str) -> str:

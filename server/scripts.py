@@ -73,6 +73,8 @@ def prelude() -> str:
         "local function is_repeat(state, lastEvent, event)",
         '  return lastEvent == event and string.find(DESTS[event], "," .. state .. ",", 1, true) ~= nil',
         "end",
+        "-- A held job's score in its partition's held zset (ZCOUNT by score counts each state).",
+        f"local HELD_SCORE = {{[S.assigned] = {wire.HELD_ASSIGNED}, [S.running] = {wire.HELD_RUNNING}}}",
         "local function now_ms()",
         '  local t = rcall("TIME")',
         "  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)",

@@ -114,3 +114,23 @@ async def test_a_sparse_filter_pages_on_past_its_scan_budget(store: Store, monke
     assert pages[0] == []  # the 10 newest are queued: a short page, and a token to go on
     assert [j for page in pages for j in page] == sorted(first, key=lambda j: j[-26:], reverse=True)
     assert len(pages) >= 3
+
+
+async def test_held_counts_cannot_drift(store: Store, redis: Any) -> None:
+    """ASSIGNED and RUNNING count the partition's held zset: a job that was held before the zset existed
+    (an upgrade) leaving it takes nothing from the count, so later claims are counted right."""
+    a, b = [s.job_id for s in await store.submit([spec(utterance_index=i) for i in range(2)])]
+    (c,) = await store.claim("n1", [(a, "ta")])
+    assert c.code == ScriptCode.APPLIED
+    await store.touch("n1", [Lease(a, "ta")])  # running
+    held = keys.PartitionKeys.of(keys.tag_of(a)).held
+    assert await redis.zscore(held, a) == 1
+    await redis.zrem(held, a)  # as if claimed and acked before the upgrade
+    await store.complete(a, "n1", "ta", pb.JobResult(text_translated="ok"))
+    (c,) = await store.claim("n1", [(b, "tb")])
+    assert c.code == ScriptCode.APPLIED
+    zh = (await Stats(store)._read()).pools["zh:en"]
+    assert (zh.jobs["assigned"], zh.jobs["running"], zh.jobs["succeeded"]) == (1, 0, 1)
+    await store.touch("n1", [Lease(b, "tb")])
+    zh = (await Stats(store)._read()).pools["zh:en"]
+    assert (zh.jobs["assigned"], zh.jobs["running"]) == (0, 1)

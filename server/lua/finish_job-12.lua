@@ -14,7 +14,7 @@
     KEYS[6] partition queue zset
     KEYS[7] partition timers zset
     KEYS[8] partition waiting zset (a queued job leaves it)
-    KEYS[9] shard held hash ("<pool>|<state left>" counted down, for assigned and running)
+    KEYS[9] partition held zset (a held job leaves it)
     KEYS[10] rate bucket hash of now ("<pool>|finished" counted)
     KEYS[11] done bucket hash of now ("<pool>|<destination>" counted)
     KEYS[12] the shard's index of jobs ended in the destination state (ListJobs; used for failed,
@@ -115,7 +115,7 @@ local pool = pool_of(jobId)
 if state == S.queued then
   rcall("ZREM", waitingKey, jobId)
 else
-  rcall("HINCRBY", heldKey, pool .. "|" .. state, -1)
+  rcall("ZREM", heldKey, jobId)
 end
 count_in(rateKey, pool .. "|finished", tonumber(ARGV[15]))
 count_in(doneKey, pool .. "|" .. dest, tonumber(ARGV[16]))
