@@ -86,7 +86,7 @@ class Admin:
         allowed = self.settings.allowed_pools()
         names = [request.pool] if request.pool else sorted(
             p for p, f in snap.pools.items()
-            if (allowed is None or p in allowed) and (f.nodes or f.paused or any(f.jobs.values())))
+            if (allowed is None or p in allowed) and f.active)
         for name in names:
             f = snap.pools.get(name)
             entry = out.pools.add(pool=name)

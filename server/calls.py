@@ -175,10 +175,10 @@ class RetryJob:
 
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
-        shard, _ = _shard(self.job_id)
+        shard, sk = _shard(self.job_id)
         return Call("retry_job", [jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers, pk.waiting,
                                   keys.ended_jobs(shard, self.state), self.done_bucket, self.identity,
-                                  self.session_jobs, pk.jobs, keys.tenant_jobs(shard, self.tenant_id)], [
+                                  self.session_jobs, pk.jobs, keys.tenant_jobs(shard, self.tenant_id), sk.pools], [
             self.job_id, self.version, self.deadline_ms, self.max_job_ttl_ms, self.max_attempts, self.reason,
             self.retention_ms, wake,
         ])

@@ -126,11 +126,12 @@ class ShardKeys:
     """The keys of one shard that are not per pool (`shard` is its hash tag, `{3}`): what ListJobs and
     GetStats read, kept by the scripts with the jobs (server/stats.py)."""
 
-    pools: str  # SET: every pool that had a job in the shard (GetStats' and ListJobs' list of pools)
+    pools: str  # ZSET pool -> until when a job of it in the shard may live (its furthest deadline + retention):
+    #             GetStats' and ListJobs' list of pools, those scored from now on (submits trim the others)
 
     @classmethod
     def of(cls, shard: str) -> ShardKeys:
-        return cls(f"{PREFIX}pools:{shard}")
+        return cls(f"{PREFIX}pools-until:{shard}")
 
 
 def tenant_jobs(shard: str, tenant_id: str) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from lingua_sdk import pb
 
 from ..fsm import JobState
-from . import keys
+from . import buckets, keys
 from .errors import InvalidArgument
 from .store import JobRecord, JobView, Store, _s
 
@@ -85,9 +85,10 @@ class Listing:
             return [keys.tenant_jobs(shard, f.tenant_id) for shard in shards]
         if f.pool:
             return [keys.PartitionKeys.of(tag).jobs for tag in self.store.tags_of_pool(f.pool)]
+        now = buckets.now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in shards:
-                pipe.smembers(keys.ShardKeys.of(shard).pools)
+                pipe.zrangebyscore(keys.ShardKeys.of(shard).pools, now, "+inf")  # pools with jobs left
             found = await pipe.execute()
         return [keys.PartitionKeys.of(keys.partition_tag(_s(p), s)).jobs
                 for s, pools in enumerate(found) for p in sorted(pools)]

@@ -45,6 +45,11 @@ class PoolFigures:
     paused_at_ms: int = 0
     oldest_queued_age_ms: int = 0
 
+    @property
+    def active(self) -> bool:
+        """Worth showing: it has jobs (now, or ended within the retention), live nodes, or a pause."""
+        return bool(self.nodes or self.paused or any(self.jobs.values()))
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -84,7 +89,7 @@ class Stats:
         done_keys = {shard: buckets.done_keys(shard, now, s.retention_ms) for shard in shards}
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in shards:
-                pipe.smembers(keys.ShardKeys.of(shard).pools)
+                pipe.zrangebyscore(keys.ShardKeys.of(shard).pools, now, "+inf")  # pools with jobs left
                 for key in rate_keys[shard] + done_keys[shard]:
                     pipe.hgetall(key)
             read, redis_now, registered = await asyncio.gather(
@@ -190,6 +195,8 @@ class PoolGauges(Collector):
         in_flight = GaugeMetricFamily("lingua_pool_in_flight", "Jobs the pool's live nodes hold now",
                                       labels=["pool"])
         for pool, f in sorted((self.latest.pools if self.latest else {}).items()):
+            if not f.active:
+                continue  # (a pool seen once, long gone: no series)
             depth.add_metric([pool], f.jobs[JobState.QUEUED])
             for state in STATES:
                 in_state.add_metric([pool, str(state)], f.jobs.get(state, 0))

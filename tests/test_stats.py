@@ -134,3 +134,35 @@ async def test_held_counts_cannot_drift(store: Store, redis: Any) -> None:
     await store.touch("n1", [Lease(b, "tb")])
     zh = (await Stats(store)._read()).pools["zh:en"]
     assert (zh.jobs["assigned"], zh.jobs["running"]) == (0, 1)
+
+
+async def test_a_pool_whose_jobs_are_gone_leaves_the_stats_and_the_gauges(redis: Any, settings: Settings) -> None:
+    """Any pair a client submits to becomes a pool; once its jobs are past the retention it is listed
+    no more (GetStats, ListJobs, the gauges), and a later submit deletes it from the shard's pools."""
+    from lingua_scheduler.server.stats import PoolGauges
+
+    store = Store(redis, dataclasses.replace(settings, retention_ms=50))
+    now_s = int(time.time())
+    (job,) = await store.submit([spec(src_lang="xx", tgt_lang="yy", deadline=Timestamp(seconds=now_s + 1))])
+    await store.cancel(job.job_id, "not needed")
+    gauges = PoolGauges(Stats(store))
+    await gauges.refresh()
+    assert "xx:yy" in gauges.latest.pools  # type: ignore[union-attr]
+    assert any(s.labels == {"pool": "xx:yy"} for m in gauges.collect() for s in m.samples)
+    pools = keys.ShardKeys.of(keys.shard_of_tag(keys.tag_of(job.job_id))).pools
+
+    async def gone() -> bool:
+        gauges.stats.invalidate()
+        await gauges.refresh()
+        return not any(s.labels.get("pool") == "xx:yy" for m in gauges.collect() for s in m.samples)
+
+    await until(gone, 10, "the pool to leave the gauges")  # (its cancel counted in a 1 s done bucket first)
+    assert await redis.zscore(pools, "xx:yy") is not None  # read no more, still stored: the next submits trim
+    views, _ = await listing.Listing(store).page(listing.Filter(), 10, None)
+    assert views == []
+    for i in range(400):  # until a submit of that shard trims its pools (one in 8)
+        (other,) = await store.submit([spec(session_id=f"s{i}")])
+        if keys.shard_of_tag(keys.tag_of(other.job_id)) == keys.shard_of_tag(keys.tag_of(job.job_id)) \
+                and ord(other.job_id[-1]) % 8 == 0:
+            break
+    assert await redis.zscore(pools, "xx:yy") is None

@@ -17,7 +17,7 @@
     KEYS[11] partition waiting zset (job id -> when it entered QUEUED, ms)
     KEYS[12] partition jobs index (ListJobs by pool; lex members, see index_add)
     KEYS[13] tenant jobs index of this shard (ListJobs by tenant)
-    KEYS[14] shard pools set (GetStats' and ListJobs' list of pools)
+    KEYS[14] shard pools zset (pool -> until when a job of it may live: GetStats' and ListJobs' list)
     KEYS[15] rate bucket hash of now ("<pool>|submitted" counted)
     ARGV[1] job id
     ARGV[2] meta bytes
@@ -123,10 +123,13 @@ rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 -- What ListJobs and GetStats read: an index entry lives as long as the job's record (deadline + retention).
 rcall("ZADD", waitingKey, now, jobId)
 local pool = pool_of(jobId)
-rcall("SADD", poolsKey, pool)
+rcall("ZADD", poolsKey, "GT", keepUntil, pool)
 count_in(rateKey, pool .. "|submitted", tonumber(ARGV[17]))
 index_add(jobsKey, jobId, keepUntil, now)
 index_add(tenantJobsKey, jobId, keepUntil, now)
+if string.byte(jobId, -1) % 8 == 0 then  -- (as index_add trims) pools whose jobs are all gone leave
+  rcall("ZREMRANGEBYSCORE", poolsKey, "-inf", "(" .. now)
+end
 record_event(eventsKey, {s = state, v = 1, a = 0, n = "", e = E.submit, t = now})
 rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred, queueScore))
 return {1, jobId, state}

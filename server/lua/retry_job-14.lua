@@ -20,6 +20,7 @@
     KEYS[11] session jobs zset (WatchSession's index; lives as long as its longest-lived job)
     KEYS[12] partition jobs index (ListJobs by pool; the job's entry expires with it again)
     KEYS[13] tenant jobs index of this shard (ListJobs by tenant; likewise)
+    KEYS[14] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-15.lua)
     ARGV[1] job id
     ARGV[2] expected version
     ARGV[3] new deadline, ms since epoch; 0 for now + the job's own time to live (its first deadline -
@@ -38,7 +39,7 @@
 ]]
 local fsmKey, metaKey, payloadKey, eventsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local queueKey, timersKey, waitingKey, endedKey, doneKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local idemKey, sessionKey, jobsKey, tenantJobsKey = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local idemKey, sessionKey, jobsKey, tenantJobsKey, poolsKey = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
 local jobId = ARGV[1]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs", "updated")
@@ -83,6 +84,7 @@ end
 local member = index_member(jobId)
 rcall("ZREM", endedKey, member, index_marker(math.max(tonumber(f[8]), oldDeadline) + retention, member))
 local pool = pool_of(jobId)
+rcall("ZADD", poolsKey, "GT", deadline + retention, pool)
 if tonumber(rcall("HINCRBY", doneKey, pool .. "|" .. state, -1)) < 0 then
   rcall("HDEL", doneKey, pool .. "|" .. state)  -- the bucket expired meanwhile: nothing to count out
 end
