@@ -150,7 +150,5 @@ class Admin:
         if not await self.ops.drain(request.node_id):
             raise NodeNotFound(f"node {request.node_id} is not registered")
         found = await self.nodes.node_info(request.node_id) if self.nodes is not None else None
-        info = found or pb.NodeInfo(node_id=request.node_id)
-        info.draining = True
-        return info
+        return found or pb.NodeInfo(node_id=request.node_id, draining=True)  # (as stored: draining)
 

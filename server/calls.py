@@ -254,6 +254,14 @@ class RegisterNode:
 
 
 @dataclass(frozen=True, slots=True)
+class DrainNode:
+    node_id: str
+
+    def call(self) -> Call:
+        return Call("drain_node", [keys.node(self.node_id)], [])
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseNode:
     node_id: str
     session_token: str

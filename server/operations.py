@@ -11,7 +11,7 @@ from lingua_sdk import pb
 
 from ..fsm import HELD, Event, TransitionRefused, decide, fixed_dest, sources_of
 from . import buckets, keys, wire
-from .calls import Fence, FinishJob, Outcome, PausePool, RetryJob
+from .calls import DrainNode, Fence, FinishJob, Outcome, PausePool, RetryJob
 from .errors import ConcurrentModification, InvalidTransition, JobNotFound, ScriptCode, raise_for
 from .store import Changed, JobRecord, Store, _s, idempotency_key
 
@@ -159,8 +159,9 @@ class Operations:
     # -- DrainNode --------------------------------------------------------------------------------
 
     async def drain(self, node_id: str) -> bool:
-        """Tell the instance holding the node's stream to drain it; False when no such node is registered."""
-        if not await self.redis.exists(keys.node(node_id)):
+        """Record the drain in the node's registry entry (its registrations and renewals honour it), then
+        tell the instance holding its stream; False when no such node is registered."""
+        if not int((await self.store.scripts.call(self.redis, DrainNode(node_id).call()))[0]):
             return False
         await self.redis.publish(keys.node_channel(node_id), wire.DRAIN)
         return True

@@ -235,6 +235,13 @@ async def test_drain_node_held_by_another_instance(make_app: AppFactory) -> None
         assert (await stub_of(cb).GetJob(pb.GetJobRequest(job_id=later))).state == pb.JOB_STATE_QUEUED
         assert [r.job_id for r in node.received] == [job_id]
         await node.stop()
+        # The request is stored with the node's entry: back on the other instance (within the entry's
+        # time to live), without asking to drain, the node is drained again and gets nothing.
+        again = await SimNode(cb, "n1", ZH_EN).start()
+        await again.wait_for(lambda: again.drained)
+        await again.wait_for(lambda: again.closed.is_set())
+        assert again.status == grpc.StatusCode.OK and again.received == []
+        await again.stop()
         code, _ = await code_of(stub_of(cb).DrainNode(pb.DrainNodeRequest(node_id="ghost")))
         assert code == grpc.StatusCode.NOT_FOUND
         code, _ = await code_of(stub_of(cb).DrainNode(pb.DrainNodeRequest()))
