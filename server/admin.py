@@ -67,6 +67,10 @@ class Admin:
             raise InvalidArgument("state", f"{request.state} is not a JobState")
         if request.session_id and not request.tenant_id:
             raise InvalidArgument("tenant_id", "required with session_id")
+        if request.session_id:
+            validate.session(request.tenant_id, request.session_id)
+        elif request.tenant_id:
+            validate.tenant_id(request.tenant_id)
         if not 0 <= request.page_size <= PAGE_MAX:
             raise InvalidArgument("page_size", f"must be 0 (default {PAGE_DEFAULT}) to {PAGE_MAX}")
         after = decode_cursor(request.page_token) if request.page_token else None
@@ -122,10 +126,7 @@ class Admin:
         return job_pb(await self.store.get(request.job_id, lambda _tenant: True))
 
     async def cancel_session(self, request: pb.CancelSessionRequest) -> pb.CancelSessionResponse:
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id", "required")
-        if not request.session_id:
-            raise InvalidArgument("session_id", "required")
+        validate.session(request.tenant_id, request.session_id)
         done = await self.ops.cancel_session(request.tenant_id, request.session_id, _reason(request.reason))
         self.stats.invalidate()
         return pb.CancelSessionResponse(cancelled_job_ids=done.cancelled, already_finished=done.already_finished)

@@ -213,7 +213,10 @@ async def test_cancel_session_cancels_queued_and_running_jobs(stub: pb_grpc.Sche
     finally:
         await node.stop()
     for bad, field in ((pb.CancelSessionRequest(session_id="s1"), "tenant_id"),
-                       (pb.CancelSessionRequest(tenant_id="acme"), "session_id")):
+                       (pb.CancelSessionRequest(tenant_id="acme"), "session_id"),
+                       (pb.CancelSessionRequest(tenant_id="ac me", session_id="s1"), "tenant_id"),
+                       (pb.CancelSessionRequest(tenant_id="acme", session_id="s 1"), "session_id"),
+                       (pb.CancelSessionRequest(tenant_id="acme", session_id="s" * 129), "session_id")):
         code, details = await code_of(stub.CancelSession(bad))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
 
@@ -280,7 +283,10 @@ async def test_list_jobs_pages_newest_first_and_filters(stub: pb_grpc.SchedulerS
     assert len(first.jobs) == 10 and first.next_page_token == "" and not first.jobs[0].spec.payload
     for bad, field in ((pb.ListJobsRequest(page_size=501), "page_size"), (pb.ListJobsRequest(page_size=-1), "page_size"),
                        (pb.ListJobsRequest(session_id="s1"), "tenant_id"), (pb.ListJobsRequest(pool="zh"), "pool"),
-                       (pb.ListJobsRequest(page_token="!!"), "page_token"), (pb.ListJobsRequest(state=42), "state")):
+                       (pb.ListJobsRequest(page_token="!!"), "page_token"), (pb.ListJobsRequest(state=42), "state"),
+                       (pb.ListJobsRequest(tenant_id="a" * 65), "tenant_id"),
+                       (pb.ListJobsRequest(tenant_id="ac/me"), "tenant_id"),
+                       (pb.ListJobsRequest(tenant_id="acme", session_id="s\n1"), "session_id")):
         code, details = await code_of(stub.ListJobs(bad))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details, bad
 
