@@ -118,6 +118,9 @@ class Operations:
             code = int(reply[0]) if not isinstance(reply, Exception) else ScriptCode.VERSION_MISMATCH
             if code == ScriptCode.APPLIED:
                 self.store._changed(rec.job_id, reply, Event.CANCEL)  # counted in the metrics, as every change
+                if self.store.tracing is not None:  # its finish span, as every finish's
+                    self.store.tracing.finished(rec.job_id, Event.CANCEL, dest, node_id=rec.node, tenant_id=rec.tenant,
+                                                attempt=rec.attempt, terminal=True)
                 cancelled.append(rec.job_id)
                 self.store.quotas.finished(rec.tenant, rec.job_id)
                 if rec.state in HELD:
