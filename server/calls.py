@@ -122,7 +122,7 @@ class FinishJob:
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
         o, f = self.outcome, self.fence
-        shard, sk = _shard(self.job_id)
+        shard, _ = _shard(self.job_id)
         now = buckets.now_ms()
         rate_key, rate_expiry = buckets.rate(shard, now)
         done_key, done_expiry = buckets.done(shard, now, self.retention_ms)
