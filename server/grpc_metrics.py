@@ -12,7 +12,9 @@ The maintained libraries are for the sync server (py-grpc-prometheus); the aio f
 stream's end, so this is a small interceptor of our own, on server/tally.py's lock-free children. It
 must come first in the server's interceptors: what the interceptors after it refuse (AuthInterceptor:
 UNAUTHENTICATED, PERMISSION_DENIED) is counted with its code. Each method's children are bound once;
-without authentication the wrapped handler is reused too.
+without authentication the wrapped handler is reused too. A request stream, and a stream answered with
+context.write(), are counted by their handler in its own read and write loops (`stream()`: NodeSession's),
+with no layer of ours around every message.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -55,27 +58,40 @@ def _by_value(code: Any) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-class _Counted:
-    """A ServicerContext whose writes are counted as messages sent (streams answered with write())."""
+class _Uncounted:
+    __slots__ = ()
 
-    __slots__ = ("_context", "_sent")
+    def inc(self, amount: float = 1) -> None:
+        pass
 
-    def __init__(self, context: Any, sent: Any) -> None:
-        self._context = context
-        self._sent = sent
 
-    def write(self, message: Any) -> Any:
-        self._sent.inc()  # counted as handed to grpc (no coroutine of our own around every write)
-        return self._context.write(message)
+class Stream:
+    """A streaming call's message counters, for its handler to count what it reads from the request
+    stream and writes with context.write() itself, in its own read and write loops: the interceptor
+    puts no layer of its own around every message (an async generator over the requests, a wrapper
+    of the context). Outside a call this interceptor sees, both count nothing."""
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
+    __slots__ = ("received", "sent")
+
+    def __init__(self, received: Any, sent: Any) -> None:
+        self.received, self.sent = received, sent
+
+
+_UNCOUNTED = Stream(_Uncounted(), _Uncounted())  # never changed
+_STREAM: ContextVar[Stream] = ContextVar("grpc_stream", default=_UNCOUNTED)
+
+
+def stream() -> Stream:
+    """The current call's stream counters (set by the interceptor in the call's own task: grpc.aio runs
+    each RPC in a task of its own, and the tasks the handler starts copy them)."""
+    return _STREAM.get()
 
 
 class _Method:
     """One method's children, bound once, and its last handler with the wrapped one."""
 
-    __slots__ = ("handled", "handler", "labels", "parent", "received", "seconds", "sent", "started", "wrapped")
+    __slots__ = ("handled", "handler", "labels", "parent", "received", "seconds", "sent", "started", "stream",
+                 "wrapped")
 
     def __init__(self, parent: GrpcMetrics, labels: tuple[str, str, str]) -> None:
         self.parent, self.labels = parent, labels
@@ -83,6 +99,7 @@ class _Method:
         self.received = parent.received.labels(*labels)
         self.sent = parent.sent.labels(*labels)
         self.seconds = parent.seconds.labels(*labels)
+        self.stream = Stream(self.received, self.sent)
         self.handled: dict[grpc.StatusCode, Any] = {}
         self.handler: Handler | None = None
         self.wrapped: Handler | None = None
@@ -140,18 +157,14 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 def _wrap(m: _Method, handler: Handler) -> Handler:
     kind = _kind(handler)
     behaviour = getattr(handler, kind)
+    streams = handler.request_streaming or handler.response_streaming
 
-    async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async for request in requests:
-            m.received.inc()
-            yield request
-
-    if inspect.isasyncgenfunction(behaviour):  # responses yielded
+    if inspect.isasyncgenfunction(behaviour):  # responses yielded: counted as they pass
         async def stream_out(request: Any, context: Any) -> AsyncIterator[Any]:
             m.started.inc()
             start, err = time.perf_counter(), None
             if handler.request_streaming:
-                request = counted(request)
+                _STREAM.set(m.stream)  # the handler counts what it reads
             else:
                 m.received.inc()
             try:
@@ -168,15 +181,14 @@ def _wrap(m: _Method, handler: Handler) -> Handler:
     async def call(request: Any, context: Any) -> Any:
         m.started.inc()
         start, err = time.perf_counter(), None
-        if handler.request_streaming:
-            request = counted(request)
-        else:
+        if streams:  # a request stream, or a stream answered with context.write(): the handler counts
+            _STREAM.set(m.stream)
+        if not handler.request_streaming:
             m.received.inc()
         try:
-            if handler.response_streaming:  # a stream answered with context.write()
-                return await behaviour(request, _Counted(context, m.sent))
             response = await behaviour(request, context)
-            m.sent.inc()
+            if not handler.response_streaming:
+                m.sent.inc()
             return response
         except BaseException as e:
             err = e

@@ -18,6 +18,7 @@ import grpc
 import pytest
 import yaml
 from conftest import AppFactory
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import spec, until
 from lingua_scheduler.fsm import MACHINE, Event
 from lingua_scheduler.server.app import App
@@ -169,8 +170,9 @@ async def test_counters_and_histograms_say_what_happened(make_app: AppFactory) -
     assert total(m, "grpc_server_handled_total", **session) == 1  # the stream ended, with whatever code
 
 
-async def scrape_has(app: App, name: str, want: float, *, at_least: bool = False) -> bool:
-    got = value(await scrape(app), name)
+async def scrape_has(app: App, name: str, want: float, *, at_least: bool = False,
+                     labels: dict[str, str] | None = None) -> bool:
+    got = value(await scrape(app), name, **(labels or {}))
     return got >= want if at_least else got == want
 
 
@@ -194,6 +196,30 @@ async def test_refused_calls_are_counted_with_their_code_when_auth_is_on(make_ap
     assert value(m, "grpc_server_handled_total", **labels, grpc_code="PERMISSION_DENIED") == 1
     assert value(m, "grpc_server_started_total", **labels) == 2
     assert value(m, "lingua_jobs_submitted_total", pool="zh:en") == 0
+
+
+async def test_a_request_stream_counts_each_message_it_reads(make_app: AppFactory) -> None:
+    """Request streams are counted by their handler's read loop (server/grpc_metrics.py stream()): the
+    reflection stream, message by message, besides NodeSession's above."""
+    app = await make_app(http_listen=HTTP)
+    labels = {"grpc_service": "grpc.reflection.v1alpha.ServerReflection", "grpc_type": "bidi_stream",
+              "grpc_method": "ServerReflectionInfo"}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        for _ in range(3):
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            assert (await call.read()).HasField("list_services_response")
+        m = await scrape(app)
+        assert value(m, "grpc_server_msg_received_total", **labels) == 3
+        assert value(m, "grpc_server_msg_sent_total", **labels) == 3
+        assert total(m, "grpc_server_handled_total", **labels) == 0  # still open
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+    await until(lambda: scrape_has(app, "grpc_server_handled_total", 1, labels={**labels, "grpc_code": "OK"}),
+                20, "the stream counted as handled")
+    m = await scrape(app)
+    assert value(m, "grpc_server_started_total", **labels) == 1
+    assert value(m, "grpc_server_msg_received_total", **labels) == 3
 
 
 async def set_maxmemory(redis: Any, value: str) -> None:
