@@ -71,7 +71,7 @@ async def messages(n: int) -> AsyncIterator[int]:
 
 async def main(jobs: int, rounds: int) -> None:
     registry = CollectorRegistry()
-    grpc_metrics, metrics = GrpcMetrics(registry), Metrics(registry)
+    grpc_metrics, metrics = GrpcMetrics(registry, counted_by_handler=("/s/NodeSession",)), Metrics(registry)
     handlers = {
         "/s/WatchJob": grpc.unary_stream_rpc_method_handler(watch),
         "/s/Submit": grpc.unary_unary_rpc_method_handler(submit),

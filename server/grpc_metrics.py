@@ -12,9 +12,10 @@ The maintained libraries are for the sync server (py-grpc-prometheus); the aio f
 stream's end, so this is a small interceptor of our own, on server/tally.py's lock-free children. It
 must come first in the server's interceptors: what the interceptors after it refuse (AuthInterceptor:
 UNAUTHENTICATED, PERMISSION_DENIED) is counted with its code. Each method's children are bound once;
-without authentication the wrapped handler is reused too. A request stream, and a stream answered with
-context.write(), are counted by their handler in its own read and write loops (`stream()`: NodeSession's),
-with no layer of ours around every message.
+without authentication the wrapped handler is reused too. The streams of the methods named in
+`counted_by_handler` (NodeSession's) are counted by their handler, in its own read and write loops
+(`stream()`), with no layer of ours around every message; other streams (reflection's, health's Watch)
+through an async generator over the requests and a wrapper of the context.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,23 @@ def _by_value(code: Any) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+class _Counted:
+    """A ServicerContext whose writes are counted as messages sent (streams answered with write())."""
+
+    __slots__ = ("_context", "_sent")
+
+    def __init__(self, context: Any, sent: Any) -> None:
+        self._context = context
+        self._sent = sent
+
+    def write(self, message: Any) -> Any:
+        self._sent.inc()  # counted as handed to grpc (no coroutine of our own around every write)
+        return self._context.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class _Uncounted:
     __slots__ = ()
 
@@ -66,10 +84,9 @@ class _Uncounted:
 
 
 class Stream:
-    """A streaming call's message counters, for its handler to count what it reads from the request
-    stream and writes with context.write() itself, in its own read and write loops: the interceptor
-    puts no layer of its own around every message (an async generator over the requests, a wrapper
-    of the context). Outside a call this interceptor sees, both count nothing."""
+    """A streaming call's message counters, for a handler that counts itself what it reads from the
+    request stream and writes with context.write(), in its own loops. Outside a call of a method in
+    `counted_by_handler` (metrics off, say), both count nothing."""
 
     __slots__ = ("received", "sent")
 
@@ -90,11 +107,11 @@ def stream() -> Stream:
 class _Method:
     """One method's children, bound once, and its last handler with the wrapped one."""
 
-    __slots__ = ("handled", "handler", "labels", "parent", "received", "seconds", "sent", "started", "stream",
-                 "wrapped")
+    __slots__ = ("by_handler", "handled", "handler", "labels", "parent", "received", "seconds", "sent", "started",
+                 "stream", "wrapped")
 
-    def __init__(self, parent: GrpcMetrics, labels: tuple[str, str, str]) -> None:
-        self.parent, self.labels = parent, labels
+    def __init__(self, parent: GrpcMetrics, labels: tuple[str, str, str], by_handler: bool) -> None:
+        self.parent, self.labels, self.by_handler = parent, labels, by_handler
         self.started = parent.started.labels(*labels)
         self.received = parent.received.labels(*labels)
         self.sent = parent.sent.labels(*labels)
@@ -124,7 +141,10 @@ _TYPES = {"unary_unary": "unary", "unary_stream": "server_stream", "stream_unary
 class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """The grpc_server_* metrics of every call this server handles."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, counted_by_handler: Collection[str] = ()) -> None:
+        """`counted_by_handler`: the methods (full names, "/package.Service/Method") whose handlers count
+        their stream's messages themselves, from stream()."""
+        self.counted_by_handler = frozenset(counted_by_handler)
         self.started = Counter("grpc_server_started_total", "Total number of RPCs started on the server.",
                                LABELS, registry=registry)
         self.handled = Counter("grpc_server_handled_total", "Total number of RPCs completed on the server, "
@@ -146,7 +166,8 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = self._methods.get(details.method)
         if method is None:
             service, _, name = details.method.lstrip("/").rpartition("/")
-            method = self._methods[details.method] = _Method(self, (_TYPES[_kind(handler)], service, name))
+            method = self._methods[details.method] = _Method(self, (_TYPES[_kind(handler)], service, name),
+                                                              details.method in self.counted_by_handler)
         wrapped = method.wrapped
         if handler is not method.handler or wrapped is None:  # new (per call when an interceptor after this wraps it)
             wrapped = _wrap(method, handler)
@@ -157,15 +178,22 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 def _wrap(m: _Method, handler: Handler) -> Handler:
     kind = _kind(handler)
     behaviour = getattr(handler, kind)
-    streams = handler.request_streaming or handler.response_streaming
+    by_handler = m.by_handler and (handler.request_streaming or handler.response_streaming)
+
+    async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            m.received.inc()
+            yield request
 
     if inspect.isasyncgenfunction(behaviour):  # responses yielded: counted as they pass
         async def stream_out(request: Any, context: Any) -> AsyncIterator[Any]:
             m.started.inc()
             start, err = time.perf_counter(), None
-            if handler.request_streaming:
-                _STREAM.set(m.stream)  # the handler counts what it reads
-            else:
+            if by_handler:
+                _STREAM.set(m.stream)  # this call's task (and the tasks it starts)
+            elif handler.request_streaming:
+                request = counted(request)
+            if not handler.request_streaming:
                 m.received.inc()
             try:
                 async for response in behaviour(request, context):
@@ -181,14 +209,17 @@ def _wrap(m: _Method, handler: Handler) -> Handler:
     async def call(request: Any, context: Any) -> Any:
         m.started.inc()
         start, err = time.perf_counter(), None
-        if streams:  # a request stream, or a stream answered with context.write(): the handler counts
+        if by_handler:
             _STREAM.set(m.stream)
+        elif handler.request_streaming:
+            request = counted(request)
         if not handler.request_streaming:
             m.received.inc()
         try:
+            if handler.response_streaming:  # a stream answered with context.write()
+                return await behaviour(request, context if by_handler else _Counted(context, m.sent))
             response = await behaviour(request, context)
-            if not handler.response_streaming:
-                m.sent.inc()
+            m.sent.inc()
             return response
         except BaseException as e:
             err = e

@@ -19,8 +19,6 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
-from . import grpc_metrics
-
 V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
 V1 = "grpc.reflection.v1.ServerReflection"
 SERVICE_NAMES = (V1, V1ALPHA)
@@ -123,9 +121,7 @@ class ReflectionServicer:
 
     async def ServerReflectionInfo(self, request_iterator: AsyncIterator[rpb.ServerReflectionRequest],
                                    context: Any) -> AsyncIterator[rpb.ServerReflectionResponse]:
-        received = grpc_metrics.stream().received  # a request stream counts what it reads (metrics on)
         async for request in request_iterator:
-            received.inc()
             yield self.respond(request)
 
 
