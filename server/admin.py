@@ -7,11 +7,15 @@ keep (server/listing.py, server/stats.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+from google.protobuf import text_format
 from lingua_sdk import pb
 
-from . import validate
+from . import auth, validate
 from .errors import InvalidArgument, NodeNotFound
 from .listing import Filter, Listing, decode_cursor, encode_cursor
 from .operations import Operations, Pause
@@ -21,6 +25,21 @@ from .store import Store
 
 PAGE_DEFAULT, PAGE_MAX = 50, 500
 REASON_MAX = 1024
+
+# One INFO line per change an operator made (gRPC or dashboard): what, with which arguments, by whom.
+audit = logging.getLogger("lingua_scheduler.audit")
+R = TypeVar("R")
+
+
+def audited(method: Callable[[Any, Any], Awaitable[R]]) -> Callable[[Any, Any], Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any) -> R:
+        reply = await method(self, request)
+        audit.info("admin %s(%s) by %s", type(request).__name__.removesuffix("Request"),
+                   text_format.MessageToString(request, as_one_line=True), auth.who())
+        return reply
+
+    return wrapper
 
 
 def _pool(value: str, settings: Settings, field: str = "pool") -> str:
@@ -105,6 +124,7 @@ class Admin:
             entry.oldest_queued_age.FromMilliseconds(f.oldest_queued_age_ms)
         return out
 
+    @audited
     async def retry_job(self, request: pb.RetryJobRequest) -> pb.Job:
         from .service import job_pb
 
@@ -118,6 +138,7 @@ class Admin:
         self.stats.invalidate()
         return job_pb(await self.store.get(request.job_id, lambda _tenant: True))
 
+    @audited
     async def cancel_session(self, request: pb.CancelSessionRequest) -> pb.CancelSessionResponse:
         if not request.tenant_id:
             raise InvalidArgument("tenant_id", "required")
@@ -127,6 +148,7 @@ class Admin:
         self.stats.invalidate()
         return pb.CancelSessionResponse(cancelled_job_ids=done.cancelled, already_finished=done.already_finished)
 
+    @audited
     async def pause_pool(self, request: pb.PausePoolRequest) -> pb.PoolState:
         if not request.pool:
             raise InvalidArgument("pool", "required")
@@ -135,6 +157,7 @@ class Admin:
         self.stats.invalidate()
         return _pool_state(state)
 
+    @audited
     async def resume_pool(self, request: pb.ResumePoolRequest) -> pb.PoolState:
         if not request.pool:
             raise InvalidArgument("pool", "required")
@@ -142,6 +165,7 @@ class Admin:
         self.stats.invalidate()
         return _pool_state(state)
 
+    @audited
     async def drain_node(self, request: pb.DrainNodeRequest) -> pb.NodeInfo:
         validate.node_id(request.node_id)
         if not await self.ops.drain(request.node_id):

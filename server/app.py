@@ -298,11 +298,11 @@ class App:
     async def start(self) -> None:
         await self.redis.ping()  # fail fast on a wrong address; on a cluster, learns the slot map
         await check_partitions(self.redis, self.settings.partitions)
+        if self.http is not None:  # first: a port that cannot be bound stops the start before any task runs
+            await self.http.start()
         await self.dispatcher.start()
         self.store.quotas.start()
         await self.nodes.start()
-        if self.http is not None:  # before gRPC: a port that cannot be bound stops the start cleanly
-            await self.http.start()
         if self.store.metrics is not None:
             self.store.metrics.start()
         if self.auth is None:  # every RPC's caller is AUTH_OFF (grpc.aio's tasks inherit the context)

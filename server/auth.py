@@ -112,6 +112,7 @@ class Caller:
     node_ids: tuple[str, ...]  # node role; ids or shell-style patterns ("gpu-*")
     expires: float  # the token's exp, seconds since the epoch
     key_id: str = ""  # the kid of the key that verified the token: its streams close when it is removed
+    subject: str = ""  # the token's sub claim, when it has one: who, for the audit log
 
     @classmethod
     def of(cls, claims: dict[str, Any], key_id: str = "") -> Caller:
@@ -128,7 +129,7 @@ class Caller:
             raise Unauthenticated("token: a client token needs claim tenants (a list, or [\"*\"])")
         if role is Role.NODE and not node_ids:
             raise Unauthenticated("token: a node token needs claim node_ids (ids or patterns such as \"gpu-*\")")
-        return cls(role, frozenset(tenants), tuple(node_ids), float(claims["exp"]), key_id)
+        return cls(role, frozenset(tenants), tuple(node_ids), float(claims["exp"]), key_id, str(claims.get("sub", "")))
 
     def holds_tenant(self, tenant: str) -> bool:
         return self.role is Role.ADMIN or "*" in self.tenants or tenant in self.tenants
@@ -146,6 +147,16 @@ AUTH_OFF = Caller(Role.ADMIN, frozenset({"*"}), ("*",), math.inf)
 # without authentication (open_context()). Unset (None) is no one: every check fails closed, so a
 # code path that escapes the interceptor on a server with authentication is refused, not let through.
 _CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("lingua_caller", default=None)
+
+
+def who() -> str:
+    """The caller of the RPC being served, for the audit log: its token's sub, role and key."""
+    caller = _CALLER.get()
+    if caller is None:
+        return "no one"
+    if caller is AUTH_OFF:
+        return "a caller of a server without authentication"
+    return f"{caller.subject or 'a token without sub'} (role {caller.role.value}, key {caller.key_id or '-'})"
 
 
 def open_context() -> contextvars.Context:

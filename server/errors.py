@@ -122,12 +122,14 @@ class Unauthenticated(SchedulerError):
     """No bearer token, or one that is malformed, expired or not signed by a configured key."""
 
     status = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(SchedulerError):
     """A valid token whose role, tenants or node ids do not allow the call."""
 
     status = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
 
 
 class JobNotFound(SchedulerError):

@@ -406,6 +406,9 @@ class NodeSessions:
             lease_duration=_duration(s.lease_ms), ack_timeout=_duration(s.ack_timeout_ms), pools=session.pools,
             ping_interval=_duration(s.ping_interval_ms), ping_timeout=_duration(s.ping_timeout_ms),
         )))
+        log.info("node %s registered: pools %s, concurrency %d%s", session.node_id, ",".join(session.pools),
+                 session.reg.max_concurrency, ", draining" if first.drain else "",
+                 extra=logs.fields(node_id=session.node_id))
         if first.drain:  # a draining node that reconnects: no new work, from the first message on
             session.draining = True
         if first.register.holding:
@@ -552,6 +555,9 @@ class NodeSessions:
         if session.draining:
             return
         session.draining = True
+        log.info("node %s draining (%s): no new work, %d job(s) to finish", session.node_id,
+                 "DrainNode" if tell else "asked by the node", len(session.in_flight),
+                 extra=logs.fields(node_id=session.node_id))
         if tell:
             session.send(pb.SchedulerMessage(drain=True))
         await self.registry.register(session.entry(), session.token, renew=True)
@@ -601,11 +607,15 @@ class NodeSessions:
         with contextlib.suppress(Exception):
             released = await self.registry.release(session.node_id, session.token)
         if session.replaced or not released or not session.in_flight:
+            log.info("node %s: stream closed%s", session.node_id, " (replaced by a newer stream)" if session.replaced
+                     else "", extra=logs.fields(node_id=session.node_id))
             return  # the node is back on a newer stream (or held nothing): its leases are its own
         leases = list(session.in_flight.values())
         grace = self.settings.stream_grace_ms
         shortened = await self.store.touch(session.node_id, leases, mode="shorten", lease_ms=grace)
         held = [lease for lease, t in zip(leases, shortened, strict=True) if t.code >= 0]
+        log.info("node %s: stream closed holding %d job(s): requeued in %d ms unless it is back", session.node_id,
+                 len(held), grace, extra=logs.fields(node_id=session.node_id))
         if held:
             self._spawn(self._requeue_after_grace(session.node_id, held, grace))
 
@@ -613,7 +623,12 @@ class NodeSessions:
         if await sleep_unless(self._stopping, grace_ms / 1000):
             return  # shutting down: the sweepers of the other instances take these leases back
         error = pb.JobError(code="LINGUA_NODE_LOST", retryable=True, message=f"the stream of node {node_id} closed")
+        lost = 0
         for lease in held:
             with contextlib.suppress(SchedulerError):
                 await self.store.transition(lease.job_id, Event.NODE_LOST, node=node_id, token=lease.token,
                                             error=error, guard="lease", avoid=True)
+                lost += 1
+        if lost:
+            log.warning("node %s did not come back within %d ms: %d job(s) taken back (node_lost)", node_id, grace_ms,
+                        lost, extra=logs.fields(node_id=node_id))

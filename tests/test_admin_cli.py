@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Any
 
@@ -134,3 +135,21 @@ async def test_admin_refusals_are_typed(app: Any, capsys: pytest.CaptureFixture[
             await client.retry(queued)
     rc, _ = await lingua("--target", t, "pause", "zh")
     assert rc == 1 and "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+async def test_every_admin_change_is_audited(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """One INFO line per change an operator made, with its arguments and who made it; reads are not
+    audited."""
+    caplog.set_level(logging.INFO, logger="lingua_scheduler.audit")
+    async with AsyncClient(target(app)) as client:
+        await client.pause_pool("zh:en", reason="model upgrade")
+        await client.resume_pool("zh:en")
+        await client.get_stats()
+        await client.list_jobs()
+        with pytest.raises(InvalidArgument):
+            await client.pause_pool("zh")  # refused: nothing changed, nothing audited
+    lines = [r.getMessage() for r in caplog.records if r.name == "lingua_scheduler.audit"]
+    assert lines == [
+        'admin PausePool(pool: "zh:en" reason: "model upgrade") by a caller of a server without authentication',
+        'admin ResumePool(pool: "zh:en") by a caller of a server without authentication',
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import sys
 from typing import Any
 
@@ -66,4 +67,29 @@ async def test_the_server_process_prints_the_mismatch_and_exits(make_app: AppFac
             await proc.wait()
     assert proc.returncode == 1
     assert f"--partitions {settings.partitions}".encode() in err and b"docs/deployment.md" in err, err
+    assert b"Traceback" not in err, err
+
+
+async def test_an_http_port_taken_stops_the_start_with_a_message(settings: Settings, redis: Any) -> None:
+    """Nothing runs yet when the operations port cannot be bound: the process says why and exits 1
+    (it once hung for ever with the dispatcher's tasks started)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    where = ["--redis-cluster", settings.redis_cluster] if settings.redis_cluster else ["--redis-url", settings.redis_url]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", *where,
+            "--http-listen", f"127.0.0.1:{taken}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        holder.close()
+    assert proc.returncode == 1 and b"listening on" not in out
+    assert f"--http-listen 127.0.0.1:{taken}".encode() in err and b"--http-listen ''" in err, err
     assert b"Traceback" not in err, err

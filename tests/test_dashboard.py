@@ -287,7 +287,9 @@ async def test_api_guards_without_auth(make_app: AppFactory, settings: Settings)
     async with aiohttp.ClientSession() as http:
         # A page of another site whose name points at 127.0.0.1 (DNS rebinding) names its own host.
         async with http.get(url(app, "/api/nodes"), headers={"Host": "evil.example:80"}) as r:
-            assert r.status == 403 and "loopback" in (await r.json())["error"]["message"]
+            error = (await r.json())["error"]
+            assert r.status == 403 and "loopback" in error["message"]
+            assert (error["code"], error["reason"]) == ("PERMISSION_DENIED", "PERMISSION_DENIED")
         async with http.get(url(app, "/"), headers={"Host": "evil.example"}) as r:
             assert r.status == 403 and "loopback" in await r.text()
         async with http.get(url(app, "/metrics"), headers={"Host": "evil.example"}) as r:
