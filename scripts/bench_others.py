@@ -8,8 +8,9 @@ names them). Prints one JSON line: jobs/s (first enqueue to last result read bac
 enqueue -> result latency p50/p99, and per job: Redis CPU (INFO cpu), Redis commands (INFO
 commandstats; the bench's own INFO calls left out), and the system's own CPU, its worker processes' and
 its client's (the enqueueing and result-reading process), all counted from the first enqueue to the
-last result. Run by scripts/bench.py (arq from its own virtualenv: it needs redis-py < 6, the scheduler
->= 8; BullMQ with Node.js from scripts/bench_bullmq, `npm ci` there on first use). Flushes that Redis.
+last result. Run by scripts/bench.py (arq from its own virtualenv, .venv-arq, made by ensure_arq: it needs
+redis-py < 6, the scheduler >= 8; BullMQ with Node.js from scripts/bench_bullmq, `npm ci` there on
+first use by ensure_bullmq). Flushes that Redis.
 """
 
 from __future__ import annotations
@@ -220,10 +221,9 @@ def bench_arq(url: str, jobs: int, tuned: bool) -> dict[str, float]:
             started = time.time()
             queued = [await pool.enqueue_job("arq_noop", i) for i in range(jobs)]
             infos = []
-            for job in queued:  # each result in turn, polled as arq's own Job.result does
-                while (info := await job.result_info()) is None:
-                    await asyncio.sleep(0.02)
-                infos.append(info)
+            for job in queued:  # each result in turn (Job.result polls; 0.02 s apart, not its 0.5 s)
+                await job.result(timeout=300, poll_delay=0.02)
+                infos.append(await job.result_info())
             assert all(i.result == n for n, i in enumerate(infos)), f"wrong arq results: {infos[:3]}"
             lat = [(i.finish_time - i.enqueue_time).total_seconds() * 1000 for i in infos]
             return summary(jobs, started, [i.finish_time.timestamp() for i in infos], lat)
@@ -237,6 +237,15 @@ def bench_arq(url: str, jobs: int, tuned: bool) -> dict[str, float]:
         return result
     finally:
         stop(procs)
+
+
+def ensure_arq(venv: Path = HERE.parent / ".venv-arq") -> str:
+    """The python of arq's own virtualenv (arq pins redis-py < 6, the scheduler >= 8), made on first use."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([os.environ.get("PYTHON", "python3"), "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "arq>=0.26"], check=True)
+    return str(python)
 
 
 def ensure_bullmq() -> None:
