@@ -86,6 +86,10 @@ class Admin:
             raise InvalidArgument("state", f"{request.state} is not a JobState")
         if request.session_id and not request.tenant_id:
             raise InvalidArgument("tenant_id", "required with session_id")
+        if request.session_id:
+            validate.session(request.tenant_id, request.session_id)
+        elif request.tenant_id:
+            validate.tenant_id(request.tenant_id)
         if not 0 <= request.page_size <= PAGE_MAX:
             raise InvalidArgument("page_size", f"must be 0 (default {PAGE_DEFAULT}) to {PAGE_MAX}")
         after = decode_cursor(request.page_token) if request.page_token else None
@@ -105,22 +109,25 @@ class Admin:
         allowed = self.settings.allowed_pools()
         names = [request.pool] if request.pool else sorted(
             p for p, f in snap.pools.items()
-            if (allowed is None or p in allowed) and (f.nodes or f.paused or any(f.jobs.values())))
+            if (allowed is None or p in allowed) and f.active)
         for name in names:
             f = snap.pools.get(name)
             entry = out.pools.add(pool=name)
             entry.jobs.extend(pb.StateCount(state=pb.JobState.Value(f"JOB_STATE_{s.name}"),  # type: ignore[arg-type]
                                             count=f.jobs.get(s, 0) if f else 0) for s in STATES)
+            if f is None:  # (a pool without jobs or nodes: paused, say)
+                p = (await self.ops.paused([name]))[name]
+                paused, reason, at = p.paused, p.reason, p.at_ms
+            else:
+                paused, reason, at = f.paused, f.paused_reason, f.paused_at_ms
+            entry.paused = paused
+            if paused:
+                entry.paused_reason = reason
+                entry.paused_at.FromMilliseconds(at)
             if f is None:
-                paused = (await self.ops.paused([name]))[name].paused
-                entry.paused = paused
                 continue
             entry.nodes, entry.capacity, entry.in_flight = f.nodes, f.capacity, f.in_flight
             entry.submitted_per_second, entry.finished_per_second = f.submitted_per_second, f.finished_per_second
-            entry.paused = f.paused
-            if f.paused:
-                entry.paused_reason = f.paused_reason
-                entry.paused_at.FromMilliseconds(f.paused_at_ms)
             entry.oldest_queued_age.FromMilliseconds(f.oldest_queued_age_ms)
         return out
 
@@ -140,10 +147,7 @@ class Admin:
 
     @audited
     async def cancel_session(self, request: pb.CancelSessionRequest) -> pb.CancelSessionResponse:
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id", "required")
-        if not request.session_id:
-            raise InvalidArgument("session_id", "required")
+        validate.session(request.tenant_id, request.session_id)
         done = await self.ops.cancel_session(request.tenant_id, request.session_id, _reason(request.reason))
         self.stats.invalidate()
         return pb.CancelSessionResponse(cancelled_job_ids=done.cancelled, already_finished=done.already_finished)
@@ -171,7 +175,5 @@ class Admin:
         if not await self.ops.drain(request.node_id):
             raise NodeNotFound(f"node {request.node_id} is not registered")
         found = await self.nodes.node_info(request.node_id) if self.nodes is not None else None
-        info = found or pb.NodeInfo(node_id=request.node_id)
-        info.draining = True
-        return info
+        return found or pb.NodeInfo(node_id=request.node_id, draining=True)  # (as stored: draining)
 

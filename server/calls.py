@@ -48,7 +48,7 @@ class SubmitJob:
         rate_key, rate_expiry = buckets.rate(shard, buckets.now_ms())
         return Call("submit_job", [self.identity, jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers,
                                    pk.affinity, self.session_jobs, pk.fair, pk.waiting, pk.jobs,
-                                   keys.tenant_jobs(shard, self.tenant_id), sk.pools, sk.span, rate_key], [
+                                   keys.tenant_jobs(shard, self.tenant_id), sk.pools, rate_key], [
             self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
             self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
             self.affinity_ttl_ms, wake, self.digest, self.utterance_index, self.tenant_id, self.fair_step,
@@ -70,7 +70,7 @@ class ClaimJob:
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
         return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.meta, jk.payload,
-                                  jk.events, pk.fair, pk.waiting, _shard(self.job_id)[1].held, pk.paused], [
+                                  jk.events, pk.fair, pk.waiting, pk.held, pk.paused], [
             self.job_id, self.node_id, self.token, self.ack_timeout_ms, self.affinity_wait_ms, self.hint_count,
             self.avoid_ms, self.affinity_ttl_ms,
         ])
@@ -86,7 +86,7 @@ class TouchJob:
 
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
-        return Call("touch_job", [jk.fsm, jk.events, pk.timers, _shard(self.job_id)[1].held],
+        return Call("touch_job", [jk.fsm, jk.events, pk.timers, pk.held],
                     [self.job_id, self.node_id, self.token, self.lease_ms, self.mode])
 
 
@@ -122,13 +122,12 @@ class FinishJob:
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
         o, f = self.outcome, self.fence
-        shard, sk = _shard(self.job_id)
+        shard, _ = _shard(self.job_id)
         now = buckets.now_ms()
         rate_key, rate_expiry = buckets.rate(shard, now)
         done_key, done_expiry = buckets.done(shard, now, self.retention_ms)
         return Call("finish_job", [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers,
-                                   pk.waiting, sk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest),
-                                   sk.span], [
+                                   pk.waiting, pk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest)], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
             self.retention_ms, self.guard, keys.SESSION_CHANNEL, rate_expiry, done_expiry,
@@ -150,7 +149,7 @@ class RequeueJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         o, f = self.outcome, self.fence
-        return Call("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers, pk.waiting, _shard(self.job_id)[1].held], [
+        return Call("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers, pk.waiting, pk.held], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             self.backoff_ms, o.error_code, o.error_message, int(o.error_retryable), int(self.avoid), self.guard,
             wake, int(self.give_back_attempt),
@@ -164,7 +163,7 @@ class RetryJob:
     job_id: str
     version: int
     state: str  # the state read (failed or expired): its ended index and done bucket count it out
-    finished_ms: int  # when it ended (its done bucket)
+    done_bucket: str  # the done bucket its finish counted it in (JobRecord.done_bucket)
     identity: str  # the job's idempotency key's name (keys.idempotency)
     session_jobs: str  # keys.session_jobs of the job's session
     tenant_id: str
@@ -177,10 +176,9 @@ class RetryJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         shard, sk = _shard(self.job_id)
-        done_key, _ = buckets.done(shard, self.finished_ms, self.retention_ms)
         return Call("retry_job", [jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers, pk.waiting,
-                                  keys.ended_jobs(shard, self.state), done_key, self.identity, self.session_jobs,
-                                  pk.jobs, keys.tenant_jobs(shard, self.tenant_id), sk.span], [
+                                  keys.ended_jobs(shard, self.state), self.done_bucket, self.identity,
+                                  self.session_jobs, pk.jobs, keys.tenant_jobs(shard, self.tenant_id), sk.pools], [
             self.job_id, self.version, self.deadline_ms, self.max_job_ttl_ms, self.max_attempts, self.reason,
             self.retention_ms, wake,
         ])
@@ -253,6 +251,14 @@ class RegisterNode:
         flat = [v for pair in self.fields for v in pair]
         return Call("register_node", [keys.node(self.node_id)],
                     [self.session_token, "renew" if self.renew else "register", self.ttl_ms, *flat])
+
+
+@dataclass(frozen=True, slots=True)
+class DrainNode:
+    node_id: str
+
+    def call(self) -> Call:
+        return Call("drain_node", [keys.node(self.node_id)], [])
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ class LocalPool:
     """A pool as this instance dispatches it: its consumers waiting for work, in turn, and the queued
     jobs it has heard of. Exists while the pool has a local consumer."""
 
-    __slots__ = ("by_node", "count", "held", "hints", "marks", "paused", "ready", "unknown")
+    __slots__ = ("by_node", "count", "held", "hints", "marks", "paused", "ready", "resumes", "unknown")
 
     def __init__(self) -> None:
         # Consumers that may want work, oldest first: served from the front, sent to the back once
@@ -107,6 +107,12 @@ class LocalPool:
         # The pool is paused (PausePool: a claim answered POOL_PAUSED, or the pool channel said so): no
         # peeks, no claims until ResumePool is heard (or the slow poll tries once, should that be lost).
         self.paused = False
+        self.resumes = 0  # ResumePool heard: a claim sent before the latest one says nothing of the pause now
+
+    def claim_paused(self, resumes: int) -> None:
+        """A claim sent when `resumes` resumes had been heard found the pool paused."""
+        if resumes == self.resumes:
+            self.paused = True  # nothing more until ResumePool is heard
 
     def mark_unknown(self) -> None:
         self.unknown = True

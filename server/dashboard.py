@@ -56,7 +56,8 @@ STATIC = Path(__file__).with_name("static")
 CSRF_HEADER = "X-Lingua-Dashboard"
 COOKIE = "lingua_dashboard_{port}"  # per port: two instances on one host keep their own sign-in
 SNAPSHOT_INTERVAL_S = 1.0
-FAILED_SHOWN = 20  # failed jobs in each snapshot, newest first
+FAILED_SHOWN = 20  # failed jobs in each snapshot, the latest to fail first
+FAILED_READ = 100  # of the newest failed jobs (ListJobs orders by creation): those sorted by when they failed
 # The page's own files only: no inline script, no other origin, never framed (a pause button in a frame
 # of another site could be clicked by trickery).
 PAGE_HEADERS = {
@@ -362,14 +363,15 @@ class Dashboard:
     # -- live updates ------------------------------------------------------------------------------
 
     async def snapshot(self) -> bytes:
-        """Stats, nodes and the newest failed jobs, as one JSON text; a part that cannot be read carries
+        """Stats, nodes and the latest jobs to fail, as one JSON text; a part that cannot be read carries
         its error instead (the others are still shown)."""
         async def stats() -> Any:
             return as_json(await self.admin.get_stats(pb.GetStatsRequest()))
 
         async def failed() -> Any:
-            found = await self.admin.list_jobs(pb.ListJobsRequest(state=pb.JOB_STATE_FAILED, page_size=FAILED_SHOWN))
-            return await self.jobs_json(found, timeline=False)
+            found = await self.admin.list_jobs(pb.ListJobsRequest(state=pb.JOB_STATE_FAILED, page_size=FAILED_READ))
+            latest = sorted(found.jobs, key=lambda job: job.updated_at.ToMilliseconds(), reverse=True)[:FAILED_SHOWN]
+            return await self.jobs_json(pb.ListJobsResponse(jobs=latest), timeline=False)
 
         parts = await asyncio.gather(stats(), self.node_list(), failed(), return_exceptions=True)
         out: dict[str, Any] = {"at": _iso(time.time() * 1000)}

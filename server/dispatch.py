@@ -226,6 +226,7 @@ class Dispatcher:
 
     async def _claim(self, consumer: Consumer, tokens: list[tuple[str, str]], now_ms: float) -> list[Claim]:
         """claim_for's round trip: the claims that applied (still in `consumer.pending`)."""
+        resumes = {pool: local.resumes for pool in consumer.pools if (local := self.local.get(pool)) is not None}
         sent = asyncio.ensure_future(self._send([(consumer, job_id, token, "") for job_id, token in tokens], now_ms))
         try:
             replies = await asyncio.shield(sent)
@@ -239,9 +240,9 @@ class Dispatcher:
         for claim in replies:
             if isinstance(claim, Exception):
                 continue
-            if claim.code == ScriptCode.POOL_PAUSED and (local := self.local.get(keys.pool_of_tag(
-                    keys.tag_of(claim.job_id)))) is not None:
-                local.paused = True  # not peeked again until ResumePool is heard
+            pool = keys.pool_of_tag(keys.tag_of(claim.job_id))
+            if claim.code == ScriptCode.POOL_PAUSED and (local := self.local.get(pool)) is not None:
+                local.claim_paused(resumes.get(pool, -1))  # not peeked again until ResumePool is heard
             if claim.code == ScriptCode.APPLIED:
                 got.append(claim)
             consumer.hints.extend(
@@ -410,6 +411,7 @@ class Dispatcher:
             items += self._pair(pool, local, wants, sending, room, now_ms)
         if not items:
             return 0
+        resumes = {pool: self.local[pool].resumes for _, _, _, pool in items if pool in self.local}
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for c, _, _, _ in items:
             c.round = done
@@ -423,7 +425,7 @@ class Dispatcher:
             for c, _, _, _ in items:
                 if c.round is done:
                     c.round = None
-        return self._settle(items, replies)
+        return self._settle(items, replies, resumes)
 
     async def _learn(self, peek: list[tuple[str, LocalPool]]) -> None:
         """Peek the queues of these pools (one round trip) and remember what they hold. A peek that
@@ -501,15 +503,16 @@ class Dispatcher:
                 local.ready.move_to_end(c)
         return out
 
-    def _settle(self, items: list[Item], replies: list[Claim | Exception]) -> int:
-        """Learn from a pass's replies and hand the claims that applied to their consumers."""
+    def _settle(self, items: list[Item], replies: list[Claim | Exception], resumes: dict[str, int]) -> int:
+        """Learn from a pass's replies and hand the claims that applied to their consumers (`resumes`:
+        each pool's LocalPool.resumes when they were sent)."""
         handed: dict[Consumer, list[Claim]] = {}
         for (c, job_id, _, pool), claim in zip(items, replies, strict=True):
             local = self.local.get(pool) if pool else None
             if local is not None:
                 self._due.add(pool)  # another pass: more jobs, or other consumers for these
                 if not isinstance(claim, Exception) and claim.code == ScriptCode.POOL_PAUSED:
-                    local.paused = True  # nothing more until ResumePool is heard
+                    local.claim_paused(resumes.get(pool, -1))
                 if isinstance(claim, Exception) or claim.code not in (ScriptCode.RESERVED, ScriptCode.AVOIDED):
                     local.hints.pop(job_id, None)  # claimed, or not claimable (any more)
                     local.held.pop(job_id, None)
@@ -635,6 +638,7 @@ class Dispatcher:
             return  # no consumer of this pool here: a claim finds out when one comes
         local.paused = data == wire.PAUSE
         if not local.paused:
+            local.resumes += 1
             local.mark_unknown()
             self._due.add(pool)
             self._kick.set()

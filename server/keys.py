@@ -83,17 +83,20 @@ class PartitionKeys:
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
     affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
     fair: str  # ZSET fair share of the queue: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" -> the
-    #            tenant's last pass in the band (queue score units; lua/submit_job-14.lua)
+    #            tenant's last pass in the band (queue score units; lua/submit_job-15.lua)
     waiting: str  # ZSET job id -> when it entered QUEUED (ms): every queued job of the partition, in backoff
     #               too (its ZCARD is the pool's queued count; its lowest score the oldest queued job's age)
-    jobs: str  # ZSET job id -> created (ms): the partition's jobs within retention, ListJobs' index of a pool
+    jobs: str  # ZSET of index members (the Lua prelude's index_add: each expires with its job): the
+    #            partition's jobs, ListJobs' index of a pool
     paused: str  # HASH reason, at: present while the pool is paused (PausePool); the claim script honours it
+    held: str  # ZSET job id -> wire.HELD_ASSIGNED or HELD_RUNNING: the partition's jobs in those states
+    #            (entered on a claim, rescored on an ack, left on a requeue or finish: idempotent counts)
 
     @classmethod
     def of(cls, tag: str) -> PartitionKeys:
         return cls(f"{PREFIX}queue:{tag}", shard_timers(shard_of_tag(tag)), f"{PREFIX}affinity:{tag}",
                    f"{PREFIX}affinity-at:{tag}", f"{PREFIX}fair:{tag}", f"{PREFIX}waiting:{tag}",
-                   f"{PREFIX}jobs:{tag}", f"{PREFIX}paused:{tag}")
+                   f"{PREFIX}jobs:{tag}", f"{PREFIX}paused:{tag}", f"{PREFIX}held:{tag}")
 
 
 def shard_timers(shard: str) -> str:
@@ -123,23 +126,22 @@ class ShardKeys:
     """The keys of one shard that are not per pool (`shard` is its hash tag, `{3}`): what ListJobs and
     GetStats read, kept by the scripts with the jobs (server/stats.py)."""
 
-    pools: str  # SET: every pool that had a job in the shard (GetStats' and ListJobs' list of pools)
-    held: str  # HASH "<pool>|assigned", "<pool>|running" -> jobs in that state now
-    span: str  # STRING: the longest deadline - created of the shard's jobs (ms): how long index entries live
+    pools: str  # ZSET pool -> until when a job of it in the shard may live (its furthest deadline + retention):
+    #             GetStats' and ListJobs' list of pools, those scored from now on (submits trim the others)
 
     @classmethod
     def of(cls, shard: str) -> ShardKeys:
-        return cls(f"{PREFIX}pools:{shard}", f"{PREFIX}held:{shard}", f"{PREFIX}span:{shard}")
+        return cls(f"{PREFIX}pools-until:{shard}")
 
 
 def tenant_jobs(shard: str, tenant_id: str) -> str:
-    """ZSET job id -> created (ms): a tenant's jobs in the shard within retention (ListJobs by tenant)."""
+    """ZSET of index members (index_add): a tenant's jobs in the shard (ListJobs by tenant)."""
     return f"{PREFIX}jobs:{shard}:t:{len(tenant_id)}:{tenant_id}"
 
 
 def ended_jobs(shard: str, state: str) -> str:
-    """ZSET job id -> created (ms): the shard's jobs that ended FAILED, EXPIRED or CANCELLED (rare states),
-    within retention: ListJobs by one of those states reads this, not every job."""
+    """ZSET of index members (index_add): the shard's jobs that ended FAILED, EXPIRED or CANCELLED (rare
+    states), within retention: ListJobs by one of those states reads this, not every job."""
     return f"{PREFIX}jobs:{shard}:s:{state}"
 
 

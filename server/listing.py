@@ -1,7 +1,8 @@
 """ListJobs' reads: jobs newest first from the indexes the scripts keep with the jobs, never a scan.
 
 Indexes (one slot each, per shard; members '<ULID> <partition tag>', all at score 0, so ZREVRANGEBYLEX
-walks them newest first and the member itself is the cursor):
+walks them newest first and the member itself is the cursor; the expiry markers and the sentinel the
+scripts keep beside them sort after every member, above TOP):
 - keys.PartitionKeys.jobs: a pool's jobs in one shard (a pool filter; every pool's, merged, for none);
 - keys.tenant_jobs: a tenant's jobs in one shard;
 - keys.ended_jobs: the jobs that ended FAILED, EXPIRED or CANCELLED (rare states: a filter on one of
@@ -10,7 +11,8 @@ walks them newest first and the member itself is the cursor):
 The most selective index of the filters is walked, the shards' indexes merged newest first; the other
 filters are checked on each job's record. A page may come back short of page_size when many entries
 in a row do not match (each call examines at most SCAN_BUDGET entries); next_page_token then goes on
-from there, and is empty only at the end.
+from there, and is empty only at the end. Entries expire with their jobs (the scripts trim them); one
+whose job is gone all the same (written before entries expired, say) is skipped and removed.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from dataclasses import dataclass
 from lingua_sdk import pb
 
 from ..fsm import JobState
-from . import keys
+from . import buckets, keys
 from .errors import InvalidArgument
 from .store import JobRecord, JobView, Store, _s
 
 SCAN_BUDGET = 2_000  # index entries one call may examine
+TOP = "(}"  # below the sentinel '}' and the '~' expiry markers (the Lua prelude's index_add): members only
 ENDED_INDEXED = frozenset({JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED})
 
 
@@ -82,9 +85,10 @@ class Listing:
             return [keys.tenant_jobs(shard, f.tenant_id) for shard in shards]
         if f.pool:
             return [keys.PartitionKeys.of(tag).jobs for tag in self.store.tags_of_pool(f.pool)]
+        now = buckets.now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in shards:
-                pipe.smembers(keys.ShardKeys.of(shard).pools)
+                pipe.zrangebyscore(keys.ShardKeys.of(shard).pools, now, "+inf")  # pools with jobs left
             found = await pipe.execute()
         return [keys.PartitionKeys.of(keys.partition_tag(_s(p), s)).jobs
                 for s, pools in enumerate(found) for p in sorted(pools)]
@@ -101,7 +105,7 @@ class Listing:
         sources = await self._sources(f)
         if not sources:
             return [], True
-        top = "(" + after if after is not None else "+"
+        top = "(" + after if after is not None else TOP
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in sources:
                 pipe.zrevrangebylex(key, top, "-", start=0, num=count)
@@ -127,17 +131,38 @@ class Listing:
                     pipe.hgetall(keys.JobKeys.of(job_id).fsm)
                 records = await pipe.execute()
             matching: list[tuple[str, str]] = []
+            gone: list[str] = []
             for member, job_id, h in zip(members, job_ids, records, strict=True):
                 examined += 1
                 after = member
-                if h and f.matches(JobRecord.parse(job_id, h), _s(h.get(b"sess"))):
+                if not h:
+                    gone.append(member)
+                elif f.matches(JobRecord.parse(job_id, h), _s(h.get(b"sess"))):
                     matching.append((member, job_id))
                     if len(out) + len(matching) >= page_size:
                         break
+            if gone:
+                await self._forget(f, gone)
             out += await self._views([job_id for _, job_id in matching])
             if exhausted and after == members[-1]:
                 return out, None
         return out, after
+
+    async def _forget(self, f: Filter, members: list[str]) -> None:
+        """Removes entries whose job is gone from the index they were read from (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                tag = keys.tag_of(job_of(member))
+                shard = keys.shard_of_tag(tag)
+                if f.session_id:
+                    pipe.zrem(keys.session_jobs(shard, f.tenant_id, f.session_id), job_of(member))
+                elif f.state in ENDED_INDEXED:
+                    pipe.zrem(keys.ended_jobs(shard, f.state), member)
+                elif f.tenant_id:
+                    pipe.zrem(keys.tenant_jobs(shard, f.tenant_id), member)
+                else:
+                    pipe.zrem(keys.PartitionKeys.of(tag).jobs, member)
+            await pipe.execute()
 
     async def _views(self, job_ids: list[str]) -> list[JobView]:
         async with self.redis.pipeline(transaction=False) as pipe:

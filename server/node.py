@@ -297,6 +297,17 @@ class NodeSessions:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         dispatcher.node_listeners = self
+        self._drain_asked: set[str] = set()  # session tokens whose registration found a drain request
+        self.registry.on_drain_requested = self._drain_requested
+
+    def _drain_requested(self, node_id: str, token: str) -> None:
+        """A registration or renewal found DrainNode's request in the entry (its message was missed, or
+        the node reconnected here since): drain the stream."""
+        session = self.sessions.get(node_id)
+        if session is not None and session.token == token:
+            self._spawn(self.drain_quietly(session))
+        else:
+            self._drain_asked.add(token)  # its own registration, in serve(): drained there
 
     # The dispatcher looks node ids up here to deliver node messages.
     def get(self, node_id: str) -> Any:
@@ -408,6 +419,10 @@ class NodeSessions:
                  extra=logs.fields(node_id=session.node_id))
         if first.drain:  # a draining node that reconnects: no new work, from the first message on
             session.draining = True
+        elif session.token in self._drain_asked:  # DrainNode asked for it before it reconnected
+            self._drain_asked.discard(session.token)
+            session.draining = True
+            session.send(pb.SchedulerMessage(drain=True))
         if first.register.holding:
             await self._resume(session, first.register.holding)
         session._maybe_done()  # a draining node that came back holding nothing (left) is done at once

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from lingua_sdk import pb
 
 from ..fsm import HELD, Event, TransitionRefused, decide, fixed_dest, sources_of
-from . import keys, wire
-from .calls import Fence, FinishJob, Outcome, PausePool, RetryJob
+from . import buckets, keys, wire
+from .calls import DrainNode, Fence, FinishJob, Outcome, PausePool, RetryJob
 from .errors import ConcurrentModification, InvalidTransition, JobNotFound, ScriptCode, raise_for
-from .store import Changed, JobRecord, Store, _s
+from .store import Changed, JobRecord, Store, _s, idempotency_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,17 @@ class Pause:
 class SessionCancelled:
     cancelled: list[str]
     already_finished: int
+
+
+def pause_of(pool: str, partitions: list[list[bytes | None]]) -> Pause:
+    """A pool's pause state from its partitions' paused hashes ([reason, at] each): paused when any is
+    (pause and resume write them one by one: a pause cut short leaves some paused, and those claim
+    nothing), with the earliest pause's reason and time."""
+    found = sorted((int(at), _s(reason)) for reason, at in partitions if at is not None)
+    if not found:
+        return Pause(pool, False)
+    at, reason = found[0]
+    return Pause(pool, True, reason, at)
 
 
 class Operations:
@@ -49,12 +60,11 @@ class Operations:
             if rec.state not in sources_of(Event.RETRY):
                 raise InvalidTransition(f"job {job_id} is {rec.state}: only a failed or expired job can be retried")
             tag = keys.tag_of(job_id)
-            identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else (
-                f"u:{spec.utterance_index}:{spec.tgt_lang}")
+            shard = keys.shard_of_tag(tag)
+            done = rec.done_bucket or buckets.done(shard, rec.updated, s.retention_ms)[0]  # (ended before `done`)
             call = RetryJob(
-                job_id, rec.version, rec.state, rec.updated,
-                keys.idempotency(tag, spec.tenant_id, spec.session_id, identity),
-                keys.session_jobs(keys.shard_of_tag(tag), spec.tenant_id, spec.session_id), spec.tenant_id,
+                job_id, rec.version, rec.state, done, idempotency_key(tag, spec),
+                keys.session_jobs(shard, spec.tenant_id, spec.session_id), spec.tenant_id,
                 deadline_ms, s.max_job_ttl_ms, max_attempts, reason or "retried by an operator", s.retention_ms,
             ).call()
             reply = await self.store.scripts.call(self.redis, call)
@@ -108,6 +118,9 @@ class Operations:
             code = int(reply[0]) if not isinstance(reply, Exception) else ScriptCode.VERSION_MISMATCH
             if code == ScriptCode.APPLIED:
                 self.store._changed(rec.job_id, reply, Event.CANCEL)  # counted in the metrics, as every change
+                if self.store.tracing is not None:  # its finish span, as every finish's
+                    self.store.tracing.finished(rec.job_id, Event.CANCEL, dest, node_id=rec.node, tenant_id=rec.tenant,
+                                                attempt=rec.attempt, terminal=True)
                 cancelled.append(rec.job_id)
                 self.store.quotas.finished(rec.tenant, rec.job_id)
                 if rec.state in HELD:
@@ -134,23 +147,24 @@ class Operations:
         await self.redis.publish(keys.pool_channel(pool), wire.PAUSE if pause else wire.RESUME)
         if not pause:
             return Pause(pool, False)
-        first = replies[0]
-        return Pause(pool, True, _s(first[1]), min(int(r[2]) for r in replies))
+        return pause_of(pool, [[r[1], r[2]] for r in replies])
 
     async def paused(self, pools: list[str]) -> dict[str, Pause]:
-        """The pause state of each pool (its first partition's: all are set together), one round trip."""
+        """The pause state of each pool (pause_of its partitions'), one round trip."""
+        n = self.settings.partitions
         async with self.redis.pipeline(transaction=False) as pipe:
             for pool in pools:
-                pipe.hmget(keys.PartitionKeys.of(keys.partition_tag(pool, 0)).paused, "reason", "at")
+                for tag in self.store.tags_of_pool(pool):
+                    pipe.hmget(keys.PartitionKeys.of(tag).paused, "reason", "at")
             found = await pipe.execute()
-        return {pool: Pause(pool, at is not None, _s(reason), int(at or 0))
-                for pool, (reason, at) in zip(pools, found, strict=True)}
+        return {pool: pause_of(pool, found[i * n: (i + 1) * n]) for i, pool in enumerate(pools)}
 
     # -- DrainNode --------------------------------------------------------------------------------
 
     async def drain(self, node_id: str) -> bool:
-        """Tell the instance holding the node's stream to drain it; False when no such node is registered."""
-        if not await self.redis.exists(keys.node(node_id)):
+        """Record the drain in the node's registry entry (its registrations and renewals honour it), then
+        tell the instance holding its stream; False when no such node is registered."""
+        if not int((await self.store.scripts.call(self.redis, DrainNode(node_id).call()))[0]):
             return False
         await self.redis.publish(keys.node_channel(node_id), wire.DRAIN)
         return True

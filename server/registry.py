@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,13 @@ class Registry:
         self.redis = redis
         self.scripts = scripts
         self.ttl_ms = ttl_ms
+        # Told (node id, session token) when a registration or renewal finds a drain request (DrainNode)
+        # for an entry not yet draining: the instance holding that stream drains it.
+        self.on_drain_requested: Callable[[str, str], None] | None = None
+
+    def _drain_asked(self, entry: NodeEntry, token: str, reply: Any) -> None:
+        if len(reply) > 2 and int(reply[2]) == 1 and not entry.draining and self.on_drain_requested is not None:
+            self.on_drain_requested(entry.node_id, token)
 
     async def register(self, entry: NodeEntry, token: str, *, renew: bool = False) -> str | None:
         """Register (or renew) the node; returns the token it replaced (None: renew refused, another
@@ -73,6 +81,7 @@ class Registry:
         if reply[0] < 0:
             return None
         await self.redis.zadd(keys.NODES, {entry.node_id: entry.connected_ms})
+        self._drain_asked(entry, token, reply)
         return str(reply[1].decode())
 
     async def renew_many(self, items: list[tuple[NodeEntry, str]]) -> list[str | Exception | None]:
@@ -87,13 +96,14 @@ class Registry:
                 for entry, token in items[start:start + RENEW_BATCH]])
         out: list[str | Exception | None] = []
         back: dict[str, int] = {}
-        for (entry, _), reply in zip(items, replies, strict=True):
+        for (entry, token), reply in zip(items, replies, strict=True):
             if isinstance(reply, Exception):
                 out.append(reply)
             elif reply[0] < 0:
                 out.append(None)
             else:
                 out.append(reply[1].decode())
+                self._drain_asked(entry, token, reply)
                 if not reply[1]:  # the entry had expired: entries() may have dropped it from the index
                     back[entry.node_id] = entry.connected_ms
         if back:

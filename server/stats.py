@@ -2,8 +2,9 @@
 
 The scripts keep the counts as they change state, so a read costs a few small reads per shard, not a
 count of keys: QUEUED is the ZCARD of each partition's waiting zset (its lowest score: when the oldest
-queued job entered the queue), ASSIGNED and RUNNING are fields of the shard's held hash (HINCRBY at
-every transition), jobs that ended (by state) and submits/finishes per second come from time buckets
+queued job entered the queue), ASSIGNED and RUNNING are ZCOUNTs of each partition's held zset (a job
+enters it on a claim, is rescored on its ack, leaves on a requeue or finish: idempotent, so no count
+drifts), jobs that ended (by state) and submits/finishes per second come from time buckets
 (server/buckets.py). Nodes, capacity and in-flight come from the node registry as ListNodes shows it.
 A snapshot is reused for SNAPSHOT_TTL_S, so scrapes and dashboards do not hammer Redis.
 """
@@ -20,8 +21,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..fsm import JobState
-from . import buckets, keys
+from . import buckets, keys, wire
 from .calls import ReadClock
+from .operations import pause_of
 from .store import Store, _s
 
 SNAPSHOT_TTL_S = 1.0
@@ -42,6 +44,11 @@ class PoolFigures:
     paused_reason: str = ""
     paused_at_ms: int = 0
     oldest_queued_age_ms: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Worth showing: it has jobs (now, or ended within the retention), live nodes, or a pause."""
+        return bool(self.nodes or self.paused or any(self.jobs.values()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +89,7 @@ class Stats:
         done_keys = {shard: buckets.done_keys(shard, now, s.retention_ms) for shard in shards}
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in shards:
-                pipe.smembers(keys.ShardKeys.of(shard).pools)
-                pipe.hgetall(keys.ShardKeys.of(shard).held)
+                pipe.zrangebyscore(keys.ShardKeys.of(shard).pools, now, "+inf")  # pools with jobs left
                 for key in rate_keys[shard] + done_keys[shard]:
                     pipe.hgetall(key)
             read, redis_now, registered = await asyncio.gather(
@@ -104,14 +110,11 @@ class Stats:
             * buckets.RATE_BUCKET_MS
         covered_s = max(1.0, (now - window_start) / 1000)
         for shard in shards:
-            members, held = read[i], read[i + 1]
-            i += 2
+            members = read[i]
+            i += 1
             per_shard[shard] = sorted(_s(p) for p in members)
             for pool in per_shard[shard]:
                 figures(pool)
-            for name, count in held.items():
-                pool, _, state = _s(name).rpartition("|")
-                figures(pool).jobs[state] = figures(pool).jobs.get(state, 0) + int(count)
             for _ in rate_keys[shard]:
                 for name, count in read[i].items():
                     pool, _, what = _s(name).rpartition("|")
@@ -136,27 +139,31 @@ class Stats:
         async with self.redis.pipeline(transaction=False) as pipe:
             for pool in names:
                 for tag in self.store.tags_of_pool(pool):
-                    waiting = keys.PartitionKeys.of(tag).waiting
-                    pipe.zcard(waiting)
-                    pipe.zrange(waiting, 0, 0, withscores=True)
-                pipe.hmget(keys.PartitionKeys.of(keys.partition_tag(pool, 0)).paused, "reason", "at")
+                    pk = keys.PartitionKeys.of(tag)
+                    pipe.zcard(pk.waiting)
+                    pipe.zrange(pk.waiting, 0, 0, withscores=True)
+                    pipe.hmget(pk.paused, "reason", "at")
+                    pipe.zcount(pk.held, wire.HELD_ASSIGNED, wire.HELD_ASSIGNED)
+                    pipe.zcount(pk.held, wire.HELD_RUNNING, wire.HELD_RUNNING)
             found = await pipe.execute()
         i = 0
         for pool in names:
             f = pools[pool]
-            f.jobs[JobState.QUEUED] = 0
+            for state in (JobState.QUEUED, *HELD_STATES):
+                f.jobs[state] = 0
             oldest: float | None = None
+            paused = []
             for _ in range(s.partitions):
                 f.jobs[JobState.QUEUED] += int(found[i])
                 for _job, score in found[i + 1]:
                     oldest = score if oldest is None else min(oldest, score)
-                i += 2
-            reason, at = found[i]
-            f.paused, f.paused_reason, f.paused_at_ms = at is not None, _s(reason), int(at or 0)
-            i += 1
+                paused.append(found[i + 2])
+                f.jobs[JobState.ASSIGNED] += int(found[i + 3])
+                f.jobs[JobState.RUNNING] += int(found[i + 4])
+                i += 5
+            p = pause_of(pool, paused)
+            f.paused, f.paused_reason, f.paused_at_ms = p.paused, p.reason, p.at_ms
             f.oldest_queued_age_ms = max(0, redis_now - int(oldest)) if oldest is not None else 0
-            for state in HELD_STATES:  # never below 0, should a count have been lost with a Redis failover
-                f.jobs[state] = max(0, f.jobs[state])
         return Snapshot(redis_now, pools)
 
 
@@ -188,6 +195,8 @@ class PoolGauges(Collector):
         in_flight = GaugeMetricFamily("lingua_pool_in_flight", "Jobs the pool's live nodes hold now",
                                       labels=["pool"])
         for pool, f in sorted((self.latest.pools if self.latest else {}).items()):
+            if not f.active:
+                continue  # (a pool seen once, long gone: no series)
             depth.add_metric([pool], f.jobs[JobState.QUEUED])
             for state in STATES:
                 in_state.add_metric([pool, str(state)], f.jobs.get(state, 0))

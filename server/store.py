@@ -105,6 +105,7 @@ class JobRecord:
     error_message: str
     error_retryable: bool
     tenant: str  # the job's tenant (from `sess`, "<tenant>\0<session>"): what authorization checks
+    done_bucket: str = ""  # the done bucket its finish counted it in ("" before it ended, or written before)
 
     @classmethod
     def parse(cls, job_id: str, h: dict[bytes, bytes]) -> JobRecord:
@@ -125,7 +126,14 @@ class JobRecord:
             error_message=_s(h.get(b"emsg")),
             error_retryable=h.get(b"eretry") == b"1",
             tenant=_s(h.get(b"sess")).partition("\x00")[0],
+            done_bucket=_s(h.get(b"done")),
         )
+
+
+def idempotency_key(tag: str, spec: pb.JobSpec) -> str:
+    """The key naming a submit's identity: its idempotency_key, else its utterance and target language."""
+    identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else f"u:{spec.utterance_index}:{spec.tgt_lang}"
+    return keys.idempotency(tag, spec.tenant_id, spec.session_id, identity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,15 +230,12 @@ class Store:
         s = self.settings
         tag = self.partition_tag(spec)
         job_id = tag + str(ULID())
-        identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else (
-            f"u:{spec.utterance_index}:{spec.tgt_lang}"
-        )
         meta = pb.JobSpec()
         meta.CopyFrom(spec)
         meta.ClearField("payload")
         return SubmitJob(
             job_id=job_id,
-            identity=keys.idempotency(tag, spec.tenant_id, spec.session_id, identity),
+            identity=idempotency_key(tag, spec),
             meta=meta.SerializeToString(),
             payload=spec.payload,
             priority=spec.priority,

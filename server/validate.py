@@ -98,8 +98,7 @@ def trace_context(value: Mapping[str, str], field: str) -> None:
 
 
 def spec(s: pb.JobSpec, settings: Settings, field: str) -> None:
-    if not TENANT.fullmatch(s.tenant_id):
-        raise InvalidArgument(f"{field}.tenant_id", "required, 1 to 64 of A-Z a-z 0-9 . _ -")
+    tenant_id(s.tenant_id, f"{field}.tenant_id")
     _token(s.session_id, f"{field}.session_id")
     if s.utterance_index < 0:
         raise InvalidArgument(f"{field}.utterance_index", "must not be negative")
@@ -244,10 +243,19 @@ def complete(req: pb.CompleteRequest, settings: Settings) -> None:
     outcome(req, settings)
 
 
+def tenant_id(value: str, field: str = "tenant_id") -> None:
+    if not TENANT.fullmatch(value):
+        raise InvalidArgument(field, "required, 1 to 64 of A-Z a-z 0-9 . _ -")
+
+
+def session(tenant: str, session_id: str) -> None:
+    """A session named by tenant_id and session_id (WatchSession, CancelSession, ListJobs)."""
+    tenant_id(tenant)
+    _token(session_id, "session_id")
+
+
 def watch_session(req: pb.WatchSessionRequest) -> None:
-    if not TENANT.fullmatch(req.tenant_id):
-        raise InvalidArgument("tenant_id", "required, 1 to 64 of A-Z a-z 0-9 . _ -")
-    _token(req.session_id, "session_id")
+    session(req.tenant_id, req.session_id)
     if req.from_index < 0:
         raise InvalidArgument("from_index", "must not be negative")
     if req.tgt_lang:

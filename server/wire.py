@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-16.lua). Band 0 is
+# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-15.lua). Band 0 is
 # priority 9; within a band a tenant's jobs are FAIR_STEP / weight apart in passes, and a tenant that
 # joins starts at the band's virtual clock, so tenants take turns. Scores stay exact integers in a
 # double (< 10 * 2^49 < 2^53); a band's clock restarts from 0 when it passed FAIR_RESET and the band is empty.
@@ -27,6 +27,9 @@ def fair_step(weight: float) -> int:
     """How far apart a tenant of this weight puts its jobs in a band (passes; at least 1)."""
     return max(1, round(FAIR_STEP / weight))
 
+
+# A held job's score in its partition's held zset (keys.PartitionKeys.held): ZCOUNT by score counts each state.
+HELD_ASSIGNED, HELD_RUNNING = 0, 1
 
 LEASE, DEADLINE, RETRY = "l", "d", "r"  # timer kinds
 TOKEN_SEP = "#"  # never in a job id (a partition tag and a ULID) nor in a lease token (hex)

@@ -11,7 +11,9 @@ import grpc
 import pytest
 from conftest import AppFactory
 from helpers import spec, until, watch_until
+from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import App
+from lingua_scheduler.server.settings import Settings
 from lingua_sdk import pb, pb_grpc
 from simnode import Behaviour, SimNode
 
@@ -37,8 +39,14 @@ async def pool_stats(stub: pb_grpc.SchedulerStub, pool: str = "zh:en") -> pb.Poo
     return found
 
 
-async def test_pause_then_submit_dispatches_nothing_and_resume_dispatches_at_once(
-        stub: pb_grpc.SchedulerStub, channel: grpc.aio.Channel) -> None:
+async def test_pause_then_submit_dispatches_nothing_and_resume_dispatches_at_once(make_app: AppFactory) -> None:
+    # The slow poll never comes within the test: only the resume's message can dispatch the held jobs.
+    app = await make_app(poll_interval_ms=60_000)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        await pause_then_resume(stub_of(channel), channel)
+
+
+async def pause_then_resume(stub: pb_grpc.SchedulerStub, channel: grpc.aio.Channel) -> None:
     node = await SimNode(channel, "n1", ZH_EN, max_concurrency=8).start()
     try:
         paused = await stub.PausePool(pb.PausePoolRequest(pool="zh:en", reason="model upgrade"))
@@ -65,7 +73,7 @@ async def test_pause_then_submit_dispatches_nothing_and_resume_dispatches_at_onc
         stats = await pool_stats(stub)
         assert not stats.paused and stats.paused_reason == "" and not stats.HasField("paused_at")
         for job_id in held:
-            await watch_until(stub, job_id, pb.JOB_STATE_SUCCEEDED)
+            await watch_until(stub, job_id, pb.JOB_STATE_SUCCEEDED, timeout=5)
         assert sorted(r.job_id for r in node.received) == sorted([other, *held])
     finally:
         await node.stop()
@@ -84,10 +92,31 @@ async def test_pause_refusals(stub: pb_grpc.SchedulerStub, make_app: AppFactory)
     assert not (await pool_stats(stub)).paused  # nothing was paused by the refusals
 
 
+async def test_a_pool_paused_in_any_partition_is_paused(stub: pb_grpc.SchedulerStub, redis: Any,
+                                                        settings: Settings) -> None:
+    """Pause and resume write the partitions one by one: a pause that reached only some (cut short) still
+    holds those, so the pool shows paused; a resume clears every partition, a pause sets every one."""
+    await stub.Submit(pb.SubmitRequest(jobs=[spec()]))  # (the unfiltered GetStats lists pools with jobs)
+    await stub.PausePool(pb.PausePoolRequest(pool="zh:en", reason="upgrade"))
+    paused = [keys.PartitionKeys.of(tag).paused for tag in keys.partition_tags("zh:en", settings.partitions)]
+    await redis.delete(paused[0])  # as if the pause had reached only the other partitions
+    stats = await pool_stats(stub)
+    assert (stats.paused, stats.paused_reason) == (True, "upgrade")
+    (listed,) = [p for p in (await stub.GetStats(pb.GetStatsRequest())).pools if p.pool == "zh:en"]
+    assert listed.paused
+    again = await stub.PausePool(pb.PausePoolRequest(pool="zh:en"))
+    assert (again.paused, again.reason) == (True, "upgrade")
+    assert all([await redis.exists(key) for key in paused])
+    await redis.delete(paused[0])
+    assert not (await stub.ResumePool(pb.ResumePoolRequest(pool="zh:en"))).paused
+    assert not any([await redis.exists(key) for key in paused])
+    assert not (await pool_stats(stub)).paused
+
+
 async def test_pause_on_one_instance_holds_the_others(make_app: AppFactory) -> None:
     """The pause lives in Redis and is checked by the claim script: a node on another instance gets
-    nothing either, and a resume there dispatches at once."""
-    a, b = await make_app(), await make_app()
+    nothing either, and a resume there dispatches at once (no slow poll within the test)."""
+    a, b = await make_app(poll_interval_ms=60_000), await make_app(poll_interval_ms=60_000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as ca, \
             grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as cb:
         node = await SimNode(cb, "n1", ZH_EN).start()
@@ -99,7 +128,7 @@ async def test_pause_on_one_instance_holds_the_others(make_app: AppFactory) -> N
             await watch_until(stub_of(ca), other, pb.JOB_STATE_SUCCEEDED)
             assert [r.job_id for r in node.received] == [other]
             await stub_of(ca).ResumePool(pb.ResumePoolRequest(pool="zh:en"))
-            await watch_until(stub_of(cb), held, pb.JOB_STATE_SUCCEEDED)
+            await watch_until(stub_of(cb), held, pb.JOB_STATE_SUCCEEDED, timeout=5)
         finally:
             await node.stop()
 
@@ -184,7 +213,10 @@ async def test_cancel_session_cancels_queued_and_running_jobs(stub: pb_grpc.Sche
     finally:
         await node.stop()
     for bad, field in ((pb.CancelSessionRequest(session_id="s1"), "tenant_id"),
-                       (pb.CancelSessionRequest(tenant_id="acme"), "session_id")):
+                       (pb.CancelSessionRequest(tenant_id="acme"), "session_id"),
+                       (pb.CancelSessionRequest(tenant_id="ac me", session_id="s1"), "tenant_id"),
+                       (pb.CancelSessionRequest(tenant_id="acme", session_id="s 1"), "session_id"),
+                       (pb.CancelSessionRequest(tenant_id="acme", session_id="s" * 129), "session_id")):
         code, details = await code_of(stub.CancelSession(bad))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
 
@@ -206,6 +238,13 @@ async def test_drain_node_held_by_another_instance(make_app: AppFactory) -> None
         assert (await stub_of(cb).GetJob(pb.GetJobRequest(job_id=later))).state == pb.JOB_STATE_QUEUED
         assert [r.job_id for r in node.received] == [job_id]
         await node.stop()
+        # The request is stored with the node's entry: back on the other instance (within the entry's
+        # time to live), without asking to drain, the node is drained again and gets nothing.
+        again = await SimNode(cb, "n1", ZH_EN).start()
+        await again.wait_for(lambda: again.drained)
+        await again.wait_for(lambda: again.closed.is_set())
+        assert again.status == grpc.StatusCode.OK and again.received == []
+        await again.stop()
         code, _ = await code_of(stub_of(cb).DrainNode(pb.DrainNodeRequest(node_id="ghost")))
         assert code == grpc.StatusCode.NOT_FOUND
         code, _ = await code_of(stub_of(cb).DrainNode(pb.DrainNodeRequest()))
@@ -244,7 +283,10 @@ async def test_list_jobs_pages_newest_first_and_filters(stub: pb_grpc.SchedulerS
     assert len(first.jobs) == 10 and first.next_page_token == "" and not first.jobs[0].spec.payload
     for bad, field in ((pb.ListJobsRequest(page_size=501), "page_size"), (pb.ListJobsRequest(page_size=-1), "page_size"),
                        (pb.ListJobsRequest(session_id="s1"), "tenant_id"), (pb.ListJobsRequest(pool="zh"), "pool"),
-                       (pb.ListJobsRequest(page_token="!!"), "page_token"), (pb.ListJobsRequest(state=42), "state")):
+                       (pb.ListJobsRequest(page_token="!!"), "page_token"), (pb.ListJobsRequest(state=42), "state"),
+                       (pb.ListJobsRequest(tenant_id="a" * 65), "tenant_id"),
+                       (pb.ListJobsRequest(tenant_id="ac/me"), "tenant_id"),
+                       (pb.ListJobsRequest(tenant_id="acme", session_id="s\n1"), "session_id")):
         code, details = await code_of(stub.ListJobs(bad))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details, bad
 

@@ -317,3 +317,27 @@ async def test_api_guards_without_auth(make_app: AppFactory, settings: Settings)
     assert trusted.dashboard is not None and not trusted.dashboard.loopback_only
     for unstarted in (exposed, trusted):
         await unstarted.redis.aclose()
+
+
+async def test_the_failed_list_shows_the_latest_to_fail_first(make_app: AppFactory) -> None:
+    """Ordered by when each job failed, not when it was submitted: an old job failing now comes first."""
+    import json
+
+    from lingua_scheduler.server.calls import ReadClock
+    from lingua_scheduler.server.store import Store
+
+    app = await make_app(http_listen="127.0.0.1:0")
+    assert app.dashboard is not None
+    store: Store = app.store
+    old, new = [s.job_id for s in await store.submit([spec(utterance_index=i) for i in range(2)])]
+    await store.claim("n1", [(old, "t-old"), (new, "t-new")])
+    await store.fail(new, "n1", "t-new", pb.JobError(code="E", message="first to fail"))
+    first = (await store.record(new)).updated
+
+    async def later() -> bool:  # (the two failures in different milliseconds)
+        return int(await store.scripts.call(store.redis, ReadClock().call())) > first
+
+    await until(later, 5, "Redis' clock to pass the first failure")
+    await store.fail(old, "n1", "t-old", pb.JobError(code="E", message="last to fail"))
+    snapshot = json.loads(await app.dashboard.snapshot())
+    assert [job["job_id"] for job in snapshot["failed"]["jobs"]] == [old, new]

@@ -242,3 +242,22 @@ async def test_a_wake_up_no_scheduler_sent_is_ignored(app: App, redis: Any, stub
 BUSY = """local s = redis.call('TIME')
 redis.call('HGET', KEYS[1], 'state')
 repeat local n = redis.call('TIME') until (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > tonumber(ARGV[1])"""
+
+
+async def test_a_paused_reply_to_a_claim_sent_before_a_resume_does_not_pause_again(make_app: AppFactory) -> None:
+    """A claim answered POOL_PAUSED marks the pool paused here, unless a resume was heard since it was
+    sent: that reply speaks of the pause before it, and would leave the pool idle until the slow poll."""
+    app = await make_app(poll_interval_ms=600_000)
+    consumer = Consumer("n1", ["zh:en"], lambda: 0, lambda claims: None)
+    app.dispatcher.add(consumer)
+    local = app.dispatcher.local["zh:en"]
+    app.dispatcher._on_pool_message("zh:en", wire.PAUSE)
+    assert local.paused
+    sent = local.resumes  # a claim goes out now (sent before the pause was heard, say) ...
+    app.dispatcher._on_pool_message("zh:en", wire.RESUME)  # ... a resume is heard ...
+    assert not local.paused
+    local.claim_paused(sent)  # ... then the claim's POOL_PAUSED reply: old news
+    assert not local.paused
+    local.claim_paused(local.resumes)  # a claim sent after the resume that finds it paused: paused again
+    assert local.paused
+    app.dispatcher.remove(consumer)

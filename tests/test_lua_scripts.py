@@ -11,6 +11,7 @@ from helpers import spec
 from lingua_scheduler.fsm import Event, JobState, dests_of, fixed_dest, is_repeat, sources_of
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.calls import (
+    DrainNode,
     Fence,
     FinishJob,
     Outcome,
@@ -225,9 +226,18 @@ async def test_registry_codes(store: Store, redis: Any) -> None:
     assert await redis.exists(key) == 0
     # An entry that expired (a Redis outage longer than the TTL) is taken back by a renewal: nobody
     # replaced the stream.
-    assert list(await call(redis, register("t2", renew=True))) == [1, b""]
+    assert list(await call(redis, register("t2", renew=True))) == [1, b"", 0]
     assert await redis.hget(key, "session") == b"t2"
     assert documented_codes("register_node") == {1, -5} and documented_codes("release_node") == {1, -5}
+    # A drain request (DrainNode) stays with the entry: renewals and registrations are told, and the
+    # entry outlives its stream (held by none) so that the node, back within its TTL, drains again.
+    assert list(await call(redis, DrainNode("n1").call())) == [1]
+    assert list(await call(redis, register("t2", renew=True))) == [1, b"t2", 1]
+    assert (await call(redis, ReleaseNode("n1", "t2").call()))[0] == 1
+    assert await redis.hmget(key, ["session", "draining"]) == [b"", b"1"]
+    assert list(await call(redis, register("t3"))) == [1, b"", 1]
+    assert list(await call(redis, DrainNode("ghost").call())) == [0]
+    assert documented_codes("drain_node") == {1, 0}
 
 
 async def test_key_count_is_checked_and_noscript_is_retried(store: Store, redis: Any) -> None:
@@ -326,7 +336,8 @@ async def test_retry_codes(store: Store, redis: Any) -> None:
 
     def retry(version: int, target: str = job_id) -> Call:
         tag = keys.tag_of(target)
-        return RetryJob(target, version, rec.state, rec.updated, keys.idempotency(tag, "acme", "s1", "u:0:en"),
+        assert rec.done_bucket  # the finish named the done bucket that counts the job
+        return RetryJob(target, version, rec.state, rec.done_bucket, keys.idempotency(tag, "acme", "s1", "u:0:en"),
                         keys.session_jobs(keys.shard_of_tag(tag), "acme", "s1"), "acme", 0, 86_400_000, 0, "why",
                         60_000).call()
 

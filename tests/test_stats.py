@@ -3,14 +3,18 @@ done, on one Redis and on a cluster."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any
 
 import pytest
-from helpers import spec
+from google.protobuf.timestamp_pb2 import Timestamp
+from helpers import spec, until
 from lingua_scheduler.fsm import Event
-from lingua_scheduler.server import keys
+from lingua_scheduler.server import keys, listing
 from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.operations import Operations
+from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.stats import Stats
 from lingua_scheduler.server.store import Lease, Store
 from lingua_sdk import pb
@@ -48,15 +52,44 @@ async def test_counts_follow_every_transition(store: Store, redis: Any) -> None:
     assert (zh.jobs["queued"], zh.jobs["expired"]) == (2, 1)
 
 
-async def test_index_keys_expire_with_their_jobs(store: Store, redis: Any) -> None:
+async def test_index_entries_expire_with_their_own_jobs(redis: Any, settings: Settings) -> None:
+    """One job with a far deadline keeps its own entries, not every later job's: a short job's entries go
+    once its record is gone (trimmed on a later add), and the keys live as long as their longest entry."""
+    store = Store(redis, dataclasses.replace(settings, retention_ms=50))
+    now_ms = int(time.time() * 1000)
+    (far,) = await store.submit([spec(utterance_index=0, deadline=Timestamp(seconds=now_ms // 1000 + 20 * 3600))])
+    (near,) = await store.submit([spec(utterance_index=1, deadline=Timestamp(seconds=now_ms // 1000 + 1))])
+    await store.cancel(near.job_id, "not needed")
+    tag = keys.tag_of(far.job_id)
+    shard = keys.shard_of_tag(tag)
+    indexes = (keys.PartitionKeys.of(tag).jobs, keys.tenant_jobs(shard, "acme"))
+    for key in indexes:
+        assert await redis.pttl(key) > 19 * 3600 * 1000
+    fsm = keys.JobKeys.of(near.job_id).fsm
+
+    async def near_gone() -> bool:
+        return not await redis.exists(fsm)
+
+    await until(near_gone, 5, "the cancelled job's record to expire")
+    for i in range(2, 400):  # until an add trims (one in 8, by the new job id's last character)
+        (job,) = await store.submit([spec(utterance_index=i)])
+        if ord(job.job_id[-1]) % 8 == 0 and keys.shard_of_tag(keys.tag_of(job.job_id)) == shard:
+            break
+    for key in indexes:
+        assert await redis.zscore(key, listing.member_of(far.job_id)) is not None
+        assert await redis.zscore(key, listing.member_of(near.job_id)) is None, key
+
+
+async def test_listing_forgets_entries_whose_job_is_gone(store: Store, redis: Any) -> None:
     (job,) = await store.submit([spec()])
     tag = keys.tag_of(job.job_id)
-    shard = keys.shard_of_tag(tag)
-    span = int(await redis.get(keys.ShardKeys.of(shard).span))
-    assert 0 < span <= store.settings.default_job_ttl_ms
-    for key in (keys.PartitionKeys.of(tag).jobs, keys.tenant_jobs(shard, "acme")):
-        assert 0 < await redis.pttl(key) <= span + store.settings.retention_ms
-    assert await redis.smembers(keys.ShardKeys.of(shard).pools) == {b"zh:en"}
+    ghost = tag + "01ARZ3NDEKTSV4RRFFQ69G5FAV"  # an entry written before entries expired with their jobs
+    index = keys.PartitionKeys.of(tag).jobs
+    await redis.zadd(index, {listing.member_of(ghost): 0})
+    views, cursor = await listing.Listing(store).page(listing.Filter(pool="zh:en"), 10, None)
+    assert ([v.record.job_id for v in views], cursor) == ([job.job_id], None)
+    assert await redis.zscore(index, listing.member_of(ghost)) is None
+    assert await redis.zscore(index, listing.member_of(job.job_id)) is not None
 
 
 async def test_a_sparse_filter_pages_on_past_its_scan_budget(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,3 +114,55 @@ async def test_a_sparse_filter_pages_on_past_its_scan_budget(store: Store, monke
     assert pages[0] == []  # the 10 newest are queued: a short page, and a token to go on
     assert [j for page in pages for j in page] == sorted(first, key=lambda j: j[-26:], reverse=True)
     assert len(pages) >= 3
+
+
+async def test_held_counts_cannot_drift(store: Store, redis: Any) -> None:
+    """ASSIGNED and RUNNING count the partition's held zset: a job that was held before the zset existed
+    (an upgrade) leaving it takes nothing from the count, so later claims are counted right."""
+    a, b = [s.job_id for s in await store.submit([spec(utterance_index=i) for i in range(2)])]
+    (c,) = await store.claim("n1", [(a, "ta")])
+    assert c.code == ScriptCode.APPLIED
+    await store.touch("n1", [Lease(a, "ta")])  # running
+    held = keys.PartitionKeys.of(keys.tag_of(a)).held
+    assert await redis.zscore(held, a) == 1
+    await redis.zrem(held, a)  # as if claimed and acked before the upgrade
+    await store.complete(a, "n1", "ta", pb.JobResult(text_translated="ok"))
+    (c,) = await store.claim("n1", [(b, "tb")])
+    assert c.code == ScriptCode.APPLIED
+    zh = (await Stats(store)._read()).pools["zh:en"]
+    assert (zh.jobs["assigned"], zh.jobs["running"], zh.jobs["succeeded"]) == (1, 0, 1)
+    await store.touch("n1", [Lease(b, "tb")])
+    zh = (await Stats(store)._read()).pools["zh:en"]
+    assert (zh.jobs["assigned"], zh.jobs["running"]) == (0, 1)
+
+
+async def test_a_pool_whose_jobs_are_gone_leaves_the_stats_and_the_gauges(redis: Any, settings: Settings) -> None:
+    """Any pair a client submits to becomes a pool; once its jobs are past the retention it is listed
+    no more (GetStats, ListJobs, the gauges), and a later submit deletes it from the shard's pools."""
+    from lingua_scheduler.server.stats import PoolGauges
+
+    store = Store(redis, dataclasses.replace(settings, retention_ms=50))
+    now_s = int(time.time())
+    (job,) = await store.submit([spec(src_lang="xx", tgt_lang="yy", deadline=Timestamp(seconds=now_s + 1))])
+    await store.cancel(job.job_id, "not needed")
+    gauges = PoolGauges(Stats(store))
+    await gauges.refresh()
+    assert "xx:yy" in gauges.latest.pools  # type: ignore[union-attr]
+    assert any(s.labels == {"pool": "xx:yy"} for m in gauges.collect() for s in m.samples)
+    pools = keys.ShardKeys.of(keys.shard_of_tag(keys.tag_of(job.job_id))).pools
+
+    async def gone() -> bool:
+        gauges.stats.invalidate()
+        await gauges.refresh()
+        return not any(s.labels.get("pool") == "xx:yy" for m in gauges.collect() for s in m.samples)
+
+    await until(gone, 10, "the pool to leave the gauges")  # (its cancel counted in a 1 s done bucket first)
+    assert await redis.zscore(pools, "xx:yy") is not None  # read no more, still stored: the next submits trim
+    views, _ = await listing.Listing(store).page(listing.Filter(), 10, None)
+    assert views == []
+    for i in range(400):  # until a submit of that shard trims its pools (one in 8)
+        (other,) = await store.submit([spec(session_id=f"s{i}")])
+        if keys.shard_of_tag(keys.tag_of(other.job_id)) == keys.shard_of_tag(keys.tag_of(job.job_id)) \
+                and ord(other.job_id[-1]) % 8 == 0:
+            break
+    assert await redis.zscore(pools, "xx:yy") is None

@@ -157,6 +157,21 @@ async def test_without_client_context_the_submit_starts_the_trace_and_metadata_p
     assert bare_job.spec.trace_context["traceparent"].split("-")[2] == f"{bare_submit.context.span_id:016x}"
 
 
+async def test_cancel_session_makes_a_finish_span_per_job_in_its_trace(
+        traced_app: App, exporter: InMemorySpanExporter) -> None:
+    async with grpc.aio.insecure_channel(target(traced_app)) as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        made = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=i) for i in range(2)]))).results
+        done = await stub.CancelSession(pb.CancelSessionRequest(tenant_id="acme", session_id="s1"))
+    assert sorted(done.cancelled_job_ids) == sorted(r.job_id for r in made)
+    finishes = await seen(exporter, "lingua.finish", 2)
+    submits = {s.attributes["lingua.job_id"]: s for s in named(exporter, "lingua.submit")}  # type: ignore[index]
+    for finish in finishes:
+        attrs = finish.attributes or {}
+        assert (attrs["lingua.outcome"], attrs["lingua.state"]) == ("cancel", "cancelled")
+        assert finish.context.trace_id == submits[attrs["lingua.job_id"]].context.trace_id
+
+
 async def test_tracing_off_makes_no_spans_and_leaves_trace_context_alone(
         app: App, exporter: InMemorySpanExporter) -> None:
     """`app` is built without a tracer provider (as main does when no OTEL_* variable turns tracing on)."""

@@ -14,7 +14,7 @@
     KEYS[8] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[9] partition fair-share zset (lua/submit_job-16.lua): the claim moves its band's virtual clock
     KEYS[10] partition waiting zset (the job leaves it)
-    KEYS[11] shard held hash ("<pool>|assigned" counted up)
+    KEYS[11] partition held zset (job id -> 0 while assigned, 1 while running: the job enters it)
     KEYS[12] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)
     ARGV[1] job id (a candidate read from the queue earlier)
     ARGV[2] node id
@@ -88,7 +88,7 @@ local attempt = tonumber(f[3]) + 1
 local lease = now + tonumber(ARGV[4])
 rcall("ZREM", queueKey, jobId)
 rcall("ZREM", waitingKey, jobId)
-rcall("HINCRBY", heldKey, pool_of(jobId) .. "|" .. dest, 1)
+rcall("ZADD", heldKey, HELD_SCORE[dest], jobId)
 -- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
 -- only to the band's head when the job was taken out of turn (a wake-up names the newest job), so such a
 -- claim never puts the tenants that join later behind the whole queue. A band left empty evens everyone

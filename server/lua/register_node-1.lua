@@ -2,7 +2,8 @@
   Registers (or renews) a node in the registry. The newest stream of a node id wins: registering
   with a new session token replaces the old one; renewing with a replaced token fails. Renewing a
   node whose entry is gone (it expired, e.g. during a Redis outage longer than the TTL) takes it
-  back: nobody replaced the stream.
+  back: nobody replaced the stream. A drain request (lua/drain_node-1.lua) stays with the entry: the
+  stream registering or renewing it is told to drain.
 
   Input:
     KEYS[1] node hash
@@ -12,7 +13,7 @@
     ARGV[4..] field, value pairs to set
 
   Output:
-    {1, previous token or ""}  registered or renewed
+    {1, previous token or "", drain}  registered or renewed; drain 1 when DrainNode asked for the node
     {-5, current token}        renew refused: another stream of this node id took over
 ]]
 local nodeKey = KEYS[1]
@@ -22,4 +23,8 @@ if ARGV[2] == "renew" and current ~= ARGV[1] and current ~= "" then
 end
 rcall("HSET", nodeKey, "session", ARGV[1], "seen", now_ms(), unpack(ARGV, 4))
 rcall("PEXPIRE", nodeKey, ARGV[3])
-return {1, current}
+if rcall("HGET", nodeKey, "drainreq") then
+  rcall("HSET", nodeKey, "draining", 1)
+  return {1, current, 1}
+end
+return {1, current, 0}

@@ -10,7 +10,7 @@
     KEYS[3] partition queue zset
     KEYS[4] partition timers zset
     KEYS[5] partition waiting zset (the job enters it, in backoff too)
-    KEYS[6] shard held hash ("<pool>|<state left>" counted down)
+    KEYS[6] partition held zset (the job leaves it)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
     ARGV[3] destination state (decided by the FSM)
@@ -82,7 +82,7 @@ if ARGV[8] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[8], "emsg", ARGV[9], "eretry", ARGV[10])
 end
 rcall("ZREM", timersKey, lease_member(jobId, tok))
-rcall("HINCRBY", heldKey, pool_of(jobId) .. "|" .. state, -1)
+rcall("ZREM", heldKey, jobId)
 rcall("ZADD", waitingKey, now, jobId)
 local backoff = tonumber(ARGV[7])
 if backoff > 0 then

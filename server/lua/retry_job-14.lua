@@ -15,12 +15,12 @@
     KEYS[6] partition timers zset
     KEYS[7] partition waiting zset
     KEYS[8] the shard's index of jobs ended in the job's current state (lua/finish_job-13.lua)
-    KEYS[9] done bucket hash of the job's finish ("<pool>|<state>" counted down)
+    KEYS[9] done bucket hash of the job's finish (the record's `done`; "<pool>|<state>" counted down)
     KEYS[10] idempotency key of the job (lives as long as the job record again)
     KEYS[11] session jobs zset (WatchSession's index; lives as long as its longest-lived job)
-    KEYS[12] partition jobs index (ListJobs by pool)
-    KEYS[13] tenant jobs index of this shard (ListJobs by tenant)
-    KEYS[14] shard span (the longest deadline - created of its jobs, ms)
+    KEYS[12] partition jobs index (ListJobs by pool; the job's entry expires with it again)
+    KEYS[13] tenant jobs index of this shard (ListJobs by tenant; likewise)
+    KEYS[14] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-15.lua)
     ARGV[1] job id
     ARGV[2] expected version
     ARGV[3] new deadline, ms since epoch; 0 for now + the job's own time to live (its first deadline -
@@ -39,10 +39,10 @@
 ]]
 local fsmKey, metaKey, payloadKey, eventsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local queueKey, timersKey, waitingKey, endedKey, doneKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local idemKey, sessionKey, jobsKey, tenantJobsKey, spanKey = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local idemKey, sessionKey, jobsKey, tenantJobsKey, poolsKey = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
 local jobId = ARGV[1]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs")
+local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs", "updated")
 local state = f[1]
 if not state then
   return {-1}
@@ -76,20 +76,15 @@ local ttlLeft = rcall("PTTL", sessionKey)
 if ttlLeft >= 0 and now + ttlLeft < deadline + retention then
   rcall("PEXPIREAT", sessionKey, deadline + retention)
 end
--- The indexes keep entries span + retention after the job's creation: the span must cover the new deadline.
-local span = tonumber(rcall("GET", spanKey)) or 0
-local created = tonumber(f[4])
-if deadline - created > span then
-  span = deadline - created
-  rcall("SET", spanKey, span)
-end
+-- Index entries expire with the job: at its deadline + retention (lua/submit_job-15.lua), now the new one's.
+local oldDeadline = tonumber(f[3])
 for _, key in ipairs({jobsKey, tenantJobsKey}) do
-  if rcall("PTTL", key) >= 0 then
-    rcall("PEXPIREAT", key, now + span + retention)
-  end
+  index_extend(key, jobId, oldDeadline + retention, deadline + retention, now)
 end
-rcall("ZREM", endedKey, index_member(jobId))
+local member = index_member(jobId)
+rcall("ZREM", endedKey, member, index_marker(math.max(tonumber(f[8]), oldDeadline) + retention, member))
 local pool = pool_of(jobId)
+rcall("ZADD", poolsKey, "GT", deadline + retention, pool)
 if tonumber(rcall("HINCRBY", doneKey, pool .. "|" .. state, -1)) < 0 then
   rcall("HDEL", doneKey, pool .. "|" .. state)  -- the bucket expired meanwhile: nothing to count out
 end

@@ -8,7 +8,7 @@
     KEYS[1] job fsm hash
     KEYS[2] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
     KEYS[3] partition timers zset
-    KEYS[4] shard held hash ("<pool>|assigned" -> "<pool>|running" on an ack)
+    KEYS[4] partition held zset (job id -> 0 while assigned, 1 while running: rescored on an ack)
     ARGV[1] job id
     ARGV[2] node id (fence)
     ARGV[3] lease token (fence)
@@ -55,9 +55,7 @@ elseif acking then
   version = version + 1
   started = now
   rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now)
-  local pool = pool_of(jobId)
-  rcall("HINCRBY", heldKey, pool .. "|" .. f[1], -1)
-  rcall("HINCRBY", heldKey, pool .. "|" .. state, 1)
+  rcall("ZADD", heldKey, HELD_SCORE[state], jobId)
   record_event(eventsKey, {s = state, v = version, a = tonumber(f[3]), n = nodeId, e = E.start, t = now})
 end
 local xto = tonumber(f[7])

@@ -165,6 +165,8 @@ class SchedulerServicer:
         Jobs finished through any instance are included. Ordering, holes and resuming are described on
         WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
         deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
+        Each job is delivered once, at its first terminal state: a job retried after it was delivered
+        (RetryJob) is not delivered again on that stream; WatchJob or GetJob give its new result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,7 +243,8 @@ class SchedulerServicer:
 
     def RetryJob(self, request, context):
         """Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
-        state is FAILED_PRECONDITION.
+        state is FAILED_PRECONDITION. A WatchSession stream that already delivered the job (as failed
+        or expired) does not deliver it again: watch the retried job with WatchJob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,6 +63,8 @@ class SchedulerStub:
     Jobs finished through any instance are included. Ordering, holes and resuming are described on
     WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
     deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
+    Each job is delivered once, at its first terminal state: a job retried after it was delivered
+    (RetryJob) is not delivered again on that stream; WatchJob or GetJob give its new result.
     """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelJobRequest, _scheduler_pb2.Job]
     """Cancels a job that is not terminal yet. Cancelling a terminal job is FAILED_PRECONDITION,
@@ -102,7 +104,8 @@ class SchedulerStub:
     """
     RetryJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RetryJobRequest, _scheduler_pb2.Job]
     """Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
-    state is FAILED_PRECONDITION.
+    state is FAILED_PRECONDITION. A WatchSession stream that already delivered the job (as failed
+    or expired) does not deliver it again: watch the retried job with WatchJob.
     """
     CancelSession: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelSessionRequest, _scheduler_pb2.CancelSessionResponse]
     """Cancels every unfinished job of one session in one call (a speaker hung up). Finished jobs are
@@ -149,6 +152,8 @@ class SchedulerAsyncStub(SchedulerStub):
     Jobs finished through any instance are included. Ordering, holes and resuming are described on
     WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
     deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
+    Each job is delivered once, at its first terminal state: a job retried after it was delivered
+    (RetryJob) is not delivered again on that stream; WatchJob or GetJob give its new result.
     """
     CancelJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
     """Cancels a job that is not terminal yet. Cancelling a terminal job is FAILED_PRECONDITION,
@@ -188,7 +193,8 @@ class SchedulerAsyncStub(SchedulerStub):
     """
     RetryJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RetryJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
     """Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
-    state is FAILED_PRECONDITION.
+    state is FAILED_PRECONDITION. A WatchSession stream that already delivered the job (as failed
+    or expired) does not deliver it again: watch the retried job with WatchJob.
     """
     CancelSession: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelSessionRequest, _scheduler_pb2.CancelSessionResponse]  # type: ignore[assignment]
     """Cancels every unfinished job of one session in one call (a speaker hung up). Finished jobs are
@@ -256,6 +262,8 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         Jobs finished through any instance are included. Ordering, holes and resuming are described on
         WatchSessionRequest and SessionEvent. The stream stays open until the client cancels it (or its
         deadline passes, or the server shuts down: reconnect with from_index = the last resume_index).
+        Each job is delivered once, at its first terminal state: a job retried after it was delivered
+        (RetryJob) is not delivered again on that stream; WatchJob or GetJob give its new result.
         """
 
     @_abc_1.abstractmethod
@@ -349,7 +357,8 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.Job, _abc.Awaitable[_scheduler_pb2.Job]]:
         """Puts a FAILED or EXPIRED job back to QUEUED with a fresh attempt budget and deadline. Any other
-        state is FAILED_PRECONDITION.
+        state is FAILED_PRECONDITION. A WatchSession stream that already delivered the job (as failed
+        or expired) does not deliver it again: watch the retried job with WatchJob.
         """
 
     @_abc_1.abstractmethod

@@ -15,11 +15,10 @@
     KEYS[10] partition fair-share zset: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" ->
              the tenant's last pass in the band (both in queue score units)
     KEYS[11] partition waiting zset (job id -> when it entered QUEUED, ms)
-    KEYS[12] partition jobs index (ListJobs by pool; lex members, see index_member)
+    KEYS[12] partition jobs index (ListJobs by pool; lex members, see index_add)
     KEYS[13] tenant jobs index of this shard (ListJobs by tenant)
-    KEYS[14] shard pools set (GetStats' and ListJobs' list of pools)
-    KEYS[15] shard span (the longest deadline - created of its jobs, ms: how long index entries live)
-    KEYS[16] rate bucket hash of now ("<pool>|submitted" counted)
+    KEYS[14] shard pools zset (pool -> until when a job of it may live: GetStats' and ListJobs' list)
+    KEYS[15] rate bucket hash of now ("<pool>|submitted" counted)
     ARGV[1] job id
     ARGV[2] meta bytes
     ARGV[3] payload bytes ("" for none)
@@ -46,8 +45,7 @@
 local idemKey, fsmKey, metaKey, payloadKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local eventsKey, queueKey, timersKey, affinityKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local sessionKey, fairKey = KEYS[9], KEYS[10]
-local waitingKey, jobsKey, tenantJobsKey, poolsKey, spanKey, rateKey = KEYS[11], KEYS[12], KEYS[13], KEYS[14],
-  KEYS[15], KEYS[16]
+local waitingKey, jobsKey, tenantJobsKey, poolsKey, rateKey = KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
 local jobId, digest, utterance = ARGV[1], ARGV[13], ARGV[14]
 
 local existing = rcall("GET", idemKey)
@@ -122,18 +120,16 @@ if ttl < 0 or now + ttl < deadline then
   rcall("PEXPIREAT", fairKey, deadline)
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
--- What ListJobs and GetStats read: the indexes live as long as the longest-lived job of the shard.
+-- What ListJobs and GetStats read: an index entry lives as long as the job's record (deadline + retention).
 rcall("ZADD", waitingKey, now, jobId)
 local pool = pool_of(jobId)
-rcall("SADD", poolsKey, pool)
+rcall("ZADD", poolsKey, "GT", keepUntil, pool)
 count_in(rateKey, pool .. "|submitted", tonumber(ARGV[17]))
-local span = tonumber(rcall("GET", spanKey)) or 0
-if deadline - now > span then
-  span = deadline - now
-  rcall("SET", spanKey, span)
+index_add(jobsKey, jobId, keepUntil, now)
+index_add(tenantJobsKey, jobId, keepUntil, now)
+if string.byte(jobId, -1) % 8 == 0 then  -- (as index_add trims) pools whose jobs are all gone leave
+  rcall("ZREMRANGEBYSCORE", poolsKey, "-inf", "(" .. now)
 end
-index_add(jobsKey, jobId, now, span, retention)
-index_add(tenantJobsKey, jobId, now, span, retention)
 record_event(eventsKey, {s = state, v = 1, a = 0, n = "", e = E.submit, t = now})
 rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred, queueScore))
 return {1, jobId, state}

@@ -14,12 +14,11 @@
     KEYS[6] partition queue zset
     KEYS[7] partition timers zset
     KEYS[8] partition waiting zset (a queued job leaves it)
-    KEYS[9] shard held hash ("<pool>|<state left>" counted down, for assigned and running)
+    KEYS[9] partition held zset (a held job leaves it)
     KEYS[10] rate bucket hash of now ("<pool>|finished" counted)
     KEYS[11] done bucket hash of now ("<pool>|<destination>" counted)
     KEYS[12] the shard's index of jobs ended in the destination state (ListJobs; used for failed,
-             expired and cancelled only)
-    KEYS[13] shard span (how long index entries live: lua/submit_job-16.lua)
+             expired and cancelled only; the entry expires with the job's keys)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
     ARGV[3] destination state (decided by the FSM)
@@ -54,8 +53,7 @@
 ]]
 local fsmKey, metaKey, payloadKey, resultKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local eventsKey, queueKey, timersKey = KEYS[5], KEYS[6], KEYS[7]
-local waitingKey, heldKey, rateKey, doneKey, endedKey, spanKey = KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12],
-  KEYS[13]
+local waitingKey, heldKey, rateKey, doneKey, endedKey = KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg")
@@ -90,7 +88,8 @@ if (guard == "lease" and (lease == 0 or lease > now)) or (guard == "deadline" an
 end
 
 local version = tonumber(f[2]) + 1
-rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now)
+-- `done`: the done bucket that counts the job (RetryJob counts it out of that one).
+rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now, "done", doneKey)
 if ARGV[9] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[9], "emsg", ARGV[10], "eretry", ARGV[11])
 end
@@ -116,12 +115,12 @@ local pool = pool_of(jobId)
 if state == S.queued then
   rcall("ZREM", waitingKey, jobId)
 else
-  rcall("HINCRBY", heldKey, pool .. "|" .. state, -1)
+  rcall("ZREM", heldKey, jobId)
 end
 count_in(rateKey, pool .. "|finished", tonumber(ARGV[15]))
 count_in(doneKey, pool .. "|" .. dest, tonumber(ARGV[16]))
 if dest ~= S.succeeded then
-  index_add(endedKey, jobId, now, tonumber(rcall("GET", spanKey)) or 0, retention)
+  index_add(endedKey, jobId, expireAt, now)
 end
 if f[9] then  -- a record written before sessions were indexed has no `sess`
   rcall("PUBLISH", ARGV[14] .. f[9], session_done_message(jobId, f[10] or "", dest))
