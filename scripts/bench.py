@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: the full job lifecycle through one scheduler instance, beside RQ, arq and Celery.
+"""Benchmark: the full job lifecycle through one scheduler instance, beside BullMQ, Celery, arq and RQ.
 
 Run it as `scripts/bench` (it makes the virtualenvs). It starts its own Redis (one server for every
 system, appendonly off, noeviction) and scheduler process, then for several client x node
@@ -16,7 +16,9 @@ server certificate made for the run); the ratios to the row without are printed 
 (`--http-listen ''`: no metrics counted) beside the usual rows (port on: every counter, histogram and
 gRPC metric counted); the ratio on / off is printed and written. Then the
 same at half the best throughput, for dispatch latency. Then Redis memory per queued and per
-finished job. Then RQ, arq and Celery on the same Redis (scripts/bench_others.py). Writes
+finished job. Then BullMQ, Celery, arq and RQ on the same Redis, each at its defaults and tuned
+(scripts/bench_others.py; --compare-rounds N repeats them), with jobs/s and per job Redis CPU, the
+system's own CPU and Redis commands, beside ours and as ratios us / peer. Writes
 docs/benchmarks.md and docs/benchmarks.png.
 """
 
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +46,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
+from bench_others import ensure_arq  # noqa: E402
 from certs import CA  # noqa: E402
 from lingua_scheduler.server.dispatch import new_lease_token  # noqa: E402
 from lingua_scheduler.server.embedded import EmbeddedRedis  # noqa: E402
@@ -316,19 +320,100 @@ async def memory(redis_url: str, count: int) -> dict[str, float]:
     return {"per_queued": (queued - base) / len(ids), "per_finished": (finished - base) / len(ids)}
 
 
-def others(redis_url: str, jobs: int, arq_python: str) -> dict[str, dict[str, Any]]:
-    out = {}
-    for system, python in (("rq", sys.executable), ("arq", arq_python), ("celery", sys.executable)):
-        client = __import__("redis").Redis.from_url(redis_url)
-        client.flushall()
-        client.close()
-        try:
-            done = subprocess.run([python, str(HERE / "bench_others.py"), system, "--redis-url", redis_url,
-                                   "--jobs", str(jobs)], capture_output=True, text=True, timeout=900, check=True)
-            out[system] = json.loads(done.stdout.strip().splitlines()[-1])
-        except (subprocess.SubprocessError, ValueError, IndexError) as err:
-            out[system] = {"error": str(err)[-300:]}
+# The peers, each at its defaults and tuned (scripts/bench_others.py SETTINGS names the settings).
+PEERS = (("bullmq", False), ("bullmq", True), ("celery", True), ("arq", False), ("arq", True), ("rq", False), ("rq", True))
+
+
+def peer_label(system: str, tuned: bool) -> str:
+    return f"{'BullMQ' if system == 'bullmq' else system}, {'tuned' if tuned else 'default'}"
+
+
+def others(redis_url: str, jobs: int, arq_python: str, rounds: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """Every peer in PEERS `rounds` times on the bench's Redis (the order rotating each round): label ->
+    the JSON line of each round (or {"error": ...})."""
+    out: dict[str, list[dict[str, Any]]] = {peer_label(*p): [] for p in PEERS}
+    for r in range(rounds):
+        shift = r * 3 % len(PEERS)
+        for system, tuned in PEERS[shift:] + PEERS[:shift]:
+            python = arq_python if system == "arq" else sys.executable
+            argv = [python, str(HERE / "bench_others.py"), system, "--redis-url", redis_url, "--jobs", str(jobs)]
+            try:
+                done = subprocess.run(argv + ["--tuned"] * tuned, capture_output=True, text=True, timeout=900, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+            except subprocess.CalledProcessError as err:
+                result = {"error": (err.stderr or "").strip()[-300:]}
+            except (subprocess.SubprocessError, ValueError, IndexError) as err:
+                result = {"error": str(err)[-300:]}
+            out[peer_label(system, tuned)].append(result)
+            print(f"{peer_label(system, tuned)}: {json.dumps(result)}", flush=True)
     return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """The median and, with several rounds, the range: "1234 (1100-1300)"."""
+    mid = f"{median(values):{fmt}}"
+    return mid if len(values) < 2 else f"{mid} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def peers_table(ours: list[Run], comp: dict[str, list[dict[str, Any]]]) -> str:
+    """Us (every round of our best combination) beside each peer: jobs/s, per job Redis CPU, the
+    system's own CPU and Redis commands, medians (ranges over the rounds), and the ratios us / peer of
+    the medians."""
+    us = {"jobs_per_s": [r.rate for r in ours], "redis_cpu_us": [r.redis_cpu_us for r in ours],
+          "system_cpu_us": [(r.sched_cpu_per_1000 + r.bench_cpu_per_1000) * 1000 for r in ours],
+          "own_cpu_us": [r.sched_cpu_per_1000 * 1000 for r in ours], "commands": [r.commands for r in ours]}
+    head = ("| system | jobs/s | Redis CPU us/job | system CPU us/job (of which server / workers) | Redis cmds/job "
+            "| us / peer: jobs/s | Redis CPU | system CPU |\n|---|---|---|---|---|---|---|---|")
+    rows = [f"| **Lingua Scheduler** ({ours[0].label}) | {spread(us['jobs_per_s'], '.0f')} | "
+            f"{spread(us['redis_cpu_us'], '.0f')} | {spread(us['system_cpu_us'], '.0f')} "
+            f"({median(us['own_cpu_us']):.0f} scheduler) | {spread(us['commands'], '.1f')} | 1 | 1 | 1 |"]
+    for label, results in comp.items():
+        good = [r for r in results if "jobs_per_s" in r]
+        if not good:
+            rows.append(f"| {label} | failed: {results[-1].get('error', '') if results else ''} | | | | | | |")
+            continue
+        col = {k: [r[k] for r in good] for k in ("jobs_per_s", "redis_cpu_us", "system_cpu_us", "worker_cpu_us", "commands")}
+        ratio = [median(us[k]) / median(col[k]) for k in ("jobs_per_s", "redis_cpu_us", "system_cpu_us")]
+        failed = f" ({len(results) - len(good)} of {len(results)} rounds failed)" if len(good) < len(results) else ""
+        rows.append(f"| {label} {good[0]['version']}{failed} | {spread(col['jobs_per_s'], '.0f')} | "
+                    f"{spread(col['redis_cpu_us'], '.0f')} | {spread(col['system_cpu_us'], '.0f')} "
+                    f"({median(col['worker_cpu_us']):.0f} workers) | {spread(col['commands'], '.1f')} | "
+                    + " | ".join(f"{x:.2f}" for x in ratio) + " |")
+    return head + "\n" + "\n".join(rows)
+
+
+def peers_section(args: argparse.Namespace, ours: list[Run], comp: dict[str, list[dict[str, Any]]]) -> str:
+    return f"""## Beside BullMQ, Celery, arq and RQ (same Redis, same run)
+
+The same trivial job (return its argument) through each peer on the bench's private Redis (flushed
+before each), {args.compare_jobs} jobs enqueued in bulk where the system has it (BullMQ addBulk, RQ
+enqueue_many; arq and Celery one call per job), drained, and every result read back and checked
+(BullMQ from QueueEvents' `completed` events, RQ from each job's result stream, arq polling each job's
+result in turn, Celery's AsyncResult.get). Each peer at its defaults and at its best documented
+settings for speed ("tuned"):
+
+{peers_settings(comp)}
+
+{args.compare_rounds} round(s) of each, the order rotating; medians (ranges over the rounds). Per
+job, counted from the first enqueue to the last result: Redis CPU (INFO cpu, user + sys), the
+system's own CPU (Lingua: the scheduler process, and the bench process where the SDK clients and
+nodes run; peers: their worker processes, with RQ's forked work horses, and the enqueueing and
+result-reading client process), Redis commands (INFO commandstats, the bench's INFO calls left out,
+commands inside Lua counted). Lingua Scheduler's row is every round of its best combination above (a
+full lifecycle: Submit, dispatch over NodeSession, ack + result, WatchJob). The ratios are us / peer
+of the medians: jobs/s above 1 and CPU below 1 favour us.
+
+{peers_table(ours, comp)}
+"""
+
+
+def peers_settings(comp: dict[str, list[dict[str, Any]]]) -> str:
+    return "\n".join(f"- {label}: {next((r['settings'] for r in results if 'settings' in r), '(failed)')}"
+                     for label, results in comp.items())
 
 
 def profile_summary(path: Path, jobs: int, top: int = 25) -> str:
@@ -346,14 +431,15 @@ def profile_summary(path: Path, jobs: int, top: int = 25) -> str:
     return "\n".join(lines) + "\n```\n" + body[start:].rstrip() + "\n```\n"
 
 
-def plot(runs: list[Run], comp: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(runs: list[Run], comp: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r.label for r in runs] + [k for k, v in comp.items() if "jobs_per_s" in v]
-    rates = [r.rate for r in runs] + [v["jobs_per_s"] for v in comp.values() if "jobs_per_s" in v]
+    done = {k: [r["jobs_per_s"] for r in v if "jobs_per_s" in r] for k, v in comp.items()}
+    labels = [r.label for r in runs] + [k for k, v in done.items() if v]
+    rates = [r.rate for r in runs] + [median(v) for v in done.values() if v]
     colors = ["tab:blue"] * len(runs) + ["tab:gray"] * (len(labels) - len(runs))
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.bar(labels, rates, color=colors)
@@ -450,7 +536,8 @@ NODE_TABLE_HEAD = """| clients x nodes, batch | SDK Node lifecycles/s | simnode 
 
 
 def write_report(args: argparse.Namespace, runs: list[Run], half: Run, mem: dict[str, float],
-                 comp: dict[str, dict[str, Any]], profile: str, pairs: list[tuple[str, list[Run], list[Run]]],
+                 comp: dict[str, list[dict[str, Any]]], ours: list[Run], profile: str,
+                 pairs: list[tuple[str, list[Run], list[Run]]],
                  secured: list[tuple[str, dict[str, list[Run]]]], metered: list[tuple[str, list[Run], list[Run]]],
                  out: Path) -> None:
     import importlib.metadata as md
@@ -464,12 +551,6 @@ def write_report(args: argparse.Namespace, runs: list[Run], half: Run, mem: dict
         f"{r.sched_cpu_per_1000:.2f} |"
         for r in [*runs, half]
     ]
-    comp_rows = [
-        f"| {k} {v.get('version', '')} | {v['jobs_per_s']:.0f} | {v['drain_per_s']:.0f} | {v['p50_ms']:.1f} / {v['p99_ms']:.1f} |"
-        if "jobs_per_s" in v else f"| {k} | failed: {v.get('error', '')} | | |"
-        for k, v in comp.items()
-    ]
-    best = max(runs, key=lambda r: r.rate)
     node_section = f"""## The SDK's Node beside a raw-stub node (same run)
 
 The rows above run on the SDK (AsyncClient, Node with a simulated handler: scripts/simulated.py). Here
@@ -510,18 +591,7 @@ job**, **{mem['per_finished']:.0f} bytes per retained finished job** (with a sho
 {node_section}
 {security_section(args, secured) if secured else ""}
 {metrics_section(args, metered) if metered else ""}
-## Beside RQ, arq and Celery (same Redis, same run)
-
-The same trivial job (return its argument), {args.compare_jobs} jobs enqueued, drained by two workers,
-results on (RQ's default forking worker; arq with its defaults; Celery with the Redis broker and result
-backend, two solo workers). jobs/s counts from the first enqueue to the last result; drain is the
-workers' own pace between the first and the last finish; latency is enqueue -> finished.
-
-| system | jobs/s | drain jobs/s | latency p50 / p99 ms |
-|---|---|---|---|
-| Lingua Scheduler (best row above) | {best.rate:.0f} | | {pct(best.e2e_ms, 50):.1f} / {pct(best.e2e_ms, 99):.1f} |
-{chr(10).join(comp_rows)}
-
+{peers_section(args, ours, comp) if comp else ""}
 ## Where the time goes
 
 {profile}
@@ -563,6 +633,7 @@ async def main_async(args: argparse.Namespace) -> int:
         pairs: list[tuple[str, list[Run], list[Run]]] = []  # combo label, SDK Node runs, simnode runs
         secured: list[tuple[str, dict[str, list[Run]]]] = []  # combo label, runs per SECURITY mode
         metered: list[tuple[str, list[Run], list[Run]]] = []  # combo label, metrics on runs, metrics off runs
+        all_sdk: dict[str, list[Run]] = {}  # combo label -> its SDK Node rows of every round
         for combo in args.combos.split(","):
             c, rest = combo.split("x")
             n, b = rest.split("b") if "b" in rest else (rest, "1")
@@ -584,6 +655,7 @@ async def main_async(args: argparse.Namespace) -> int:
                           "clients+nodes CPU s/1000", flush=True)
                     done[(kind, mode)].append(run)
             runs.append(max(done[("sdk", "none")], key=lambda r: r.rate))
+            all_sdk[runs[-1].label] = done[("sdk", "none")]
             if args.baseline:
                 pairs.append((label, done[("sdk", "none")], done[("simnode", "none")]))
                 print(node_ratio_row(label, done[("sdk", "none")], done[("simnode", "none")]), flush=True)
@@ -619,9 +691,13 @@ async def main_async(args: argparse.Namespace) -> int:
             prof = tmp / "sched.prof"
             await lifecycle(redis.url, Run("profile", best.clients, best.nodes, best.batch), args.jobs, profile=prof)
             profile = profile_summary(prof, args.jobs)
-        comp = others(redis.url, args.compare_jobs, args.arq_python) if args.compare_jobs else {}
-        print(json.dumps(comp), flush=True)
-        write_report(args, runs + auth_runs + session_runs, half, mem, comp, profile, pairs, secured, metered,
+        comp = {}
+        if args.compare_jobs:
+            comp = others(redis.url, args.compare_jobs, args.arq_python or ensure_arq(), args.compare_rounds)
+        ours = all_sdk[best.label]
+        if comp:
+            print(peers_table(ours, comp), flush=True)
+        write_report(args, runs + auth_runs + session_runs, half, mem, comp, ours, profile, pairs, secured, metered,
                      docs / "benchmarks.md")
         plot(runs, comp, docs / "benchmarks.png")
         print("wrote docs/benchmarks.md and docs/benchmarks.png")
@@ -639,8 +715,9 @@ def main() -> int:
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the raw-stub simnode rows (and the SDK/simnode ratio)")
     p.add_argument("--memory-jobs", type=int, default=10_000)
-    p.add_argument("--compare-jobs", type=int, default=2000, help="jobs for RQ/arq/Celery (0: skip them)")
-    p.add_argument("--arq-python", default=sys.executable, help="python of a virtualenv with arq")
+    p.add_argument("--compare-jobs", type=int, default=2000, help="jobs for BullMQ/Celery/arq/RQ (0: skip them)")
+    p.add_argument("--compare-rounds", type=int, default=1, help="runs of each peer (medians and ranges reported)")
+    p.add_argument("--arq-python", default=None, help="python of a virtualenv with arq (default: .venv-arq, made on first use)")
     p.add_argument("--profile", action="store_true", help="also profile the scheduler (cProfile)")
     p.add_argument("--session-reader", action="store_true",
                    help="also run each row with clients reading results over WatchSession (one stream per "

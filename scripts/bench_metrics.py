@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from lingua_scheduler.server.grpc_metrics import GrpcMetrics
+from lingua_scheduler.server.grpc_metrics import GrpcMetrics, stream
 from lingua_scheduler.server.metrics import Metrics
 from prometheus_client import CollectorRegistry
 
@@ -57,7 +57,10 @@ async def submit(request: Any, context: Any) -> int:
 
 
 async def session(requests: AsyncIterator[int], context: Any) -> None:
+    counts = stream()  # counted in the handler's own loops, as server/node.py does (a no-op when bare)
     async for r in requests:
+        counts.received.inc()
+        counts.sent.inc()
         await context.write(r)
 
 
@@ -68,7 +71,7 @@ async def messages(n: int) -> AsyncIterator[int]:
 
 async def main(jobs: int, rounds: int) -> None:
     registry = CollectorRegistry()
-    grpc_metrics, metrics = GrpcMetrics(registry), Metrics(registry)
+    grpc_metrics, metrics = GrpcMetrics(registry, counted_by_handler=("/s/NodeSession",)), Metrics(registry)
     handlers = {
         "/s/WatchJob": grpc.unary_stream_rpc_method_handler(watch),
         "/s/Submit": grpc.unary_unary_rpc_method_handler(submit),

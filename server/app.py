@@ -362,7 +362,8 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
         store.metrics = Metrics(registry)
         store.scripts.metrics = store.metrics.redis
         registry.register(InstanceCollector(instance_figures(nodes, dispatcher)))
-        interceptors.append(GrpcMetrics(registry))  # first: it counts what the interceptors after it refuse
+        # First: it counts what the interceptors after it refuse. NodeSession counts its own messages.
+        interceptors.append(GrpcMetrics(registry, counted_by_handler=(f"/{SERVICE_NAME}/NodeSession",)))
     if tracing:
         interceptors.append(tracing.interceptor())
     if verifier:

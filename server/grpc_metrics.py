@@ -12,7 +12,10 @@ The maintained libraries are for the sync server (py-grpc-prometheus); the aio f
 stream's end, so this is a small interceptor of our own, on server/tally.py's lock-free children. It
 must come first in the server's interceptors: what the interceptors after it refuse (AuthInterceptor:
 UNAUTHENTICATED, PERMISSION_DENIED) is counted with its code. Each method's children are bound once;
-without authentication the wrapped handler is reused too.
+without authentication the wrapped handler is reused too. The streams of the methods named in
+`counted_by_handler` (NodeSession's) are counted by their handler, in its own read and write loops
+(`stream()`), with no layer of ours around every message; other streams (reflection's, health's Watch)
+through an async generator over the requests and a wrapper of the context.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -72,17 +76,47 @@ class _Counted:
         return getattr(self._context, name)
 
 
+class _Uncounted:
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+
+class Stream:
+    """A streaming call's message counters, for a handler that counts itself what it reads from the
+    request stream and writes with context.write(), in its own loops. Outside a call of a method in
+    `counted_by_handler` (metrics off, say), both count nothing."""
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self, received: Any, sent: Any) -> None:
+        self.received, self.sent = received, sent
+
+
+_UNCOUNTED = Stream(_Uncounted(), _Uncounted())  # never changed
+_STREAM: ContextVar[Stream] = ContextVar("grpc_stream", default=_UNCOUNTED)
+
+
+def stream() -> Stream:
+    """The current call's stream counters (set by the interceptor in the call's own task: grpc.aio runs
+    each RPC in a task of its own, and the tasks the handler starts copy them)."""
+    return _STREAM.get()
+
+
 class _Method:
     """One method's children, bound once, and its last handler with the wrapped one."""
 
-    __slots__ = ("handled", "handler", "labels", "parent", "received", "seconds", "sent", "started", "wrapped")
+    __slots__ = ("by_handler", "handled", "handler", "labels", "parent", "received", "seconds", "sent", "started",
+                 "stream", "wrapped")
 
-    def __init__(self, parent: GrpcMetrics, labels: tuple[str, str, str]) -> None:
-        self.parent, self.labels = parent, labels
+    def __init__(self, parent: GrpcMetrics, labels: tuple[str, str, str], by_handler: bool) -> None:
+        self.parent, self.labels, self.by_handler = parent, labels, by_handler
         self.started = parent.started.labels(*labels)
         self.received = parent.received.labels(*labels)
         self.sent = parent.sent.labels(*labels)
         self.seconds = parent.seconds.labels(*labels)
+        self.stream = Stream(self.received, self.sent)
         self.handled: dict[grpc.StatusCode, Any] = {}
         self.handler: Handler | None = None
         self.wrapped: Handler | None = None
@@ -107,7 +141,10 @@ _TYPES = {"unary_unary": "unary", "unary_stream": "server_stream", "stream_unary
 class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """The grpc_server_* metrics of every call this server handles."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, counted_by_handler: Collection[str] = ()) -> None:
+        """`counted_by_handler`: the methods (full names, "/package.Service/Method") whose handlers count
+        their stream's messages themselves, from stream()."""
+        self.counted_by_handler = frozenset(counted_by_handler)
         self.started = Counter("grpc_server_started_total", "Total number of RPCs started on the server.",
                                LABELS, registry=registry)
         self.handled = Counter("grpc_server_handled_total", "Total number of RPCs completed on the server, "
@@ -129,7 +166,8 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = self._methods.get(details.method)
         if method is None:
             service, _, name = details.method.lstrip("/").rpartition("/")
-            method = self._methods[details.method] = _Method(self, (_TYPES[_kind(handler)], service, name))
+            method = self._methods[details.method] = _Method(self, (_TYPES[_kind(handler)], service, name),
+                                                              details.method in self.counted_by_handler)
         wrapped = method.wrapped
         if handler is not method.handler or wrapped is None:  # new (per call when an interceptor after this wraps it)
             wrapped = _wrap(method, handler)
@@ -140,19 +178,22 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 def _wrap(m: _Method, handler: Handler) -> Handler:
     kind = _kind(handler)
     behaviour = getattr(handler, kind)
+    by_handler = m.by_handler and (handler.request_streaming or handler.response_streaming)
 
     async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
             m.received.inc()
             yield request
 
-    if inspect.isasyncgenfunction(behaviour):  # responses yielded
+    if inspect.isasyncgenfunction(behaviour):  # responses yielded: counted as they pass
         async def stream_out(request: Any, context: Any) -> AsyncIterator[Any]:
             m.started.inc()
             start, err = time.perf_counter(), None
-            if handler.request_streaming:
+            if by_handler:
+                _STREAM.set(m.stream)  # this call's task (and the tasks it starts)
+            elif handler.request_streaming:
                 request = counted(request)
-            else:
+            if not handler.request_streaming:
                 m.received.inc()
             try:
                 async for response in behaviour(request, context):
@@ -168,13 +209,15 @@ def _wrap(m: _Method, handler: Handler) -> Handler:
     async def call(request: Any, context: Any) -> Any:
         m.started.inc()
         start, err = time.perf_counter(), None
-        if handler.request_streaming:
+        if by_handler:
+            _STREAM.set(m.stream)
+        elif handler.request_streaming:
             request = counted(request)
-        else:
+        if not handler.request_streaming:
             m.received.inc()
         try:
             if handler.response_streaming:  # a stream answered with context.write()
-                return await behaviour(request, _Counted(context, m.sent))
+                return await behaviour(request, context if by_handler else _Counted(context, m.sent))
             response = await behaviour(request, context)
             m.sent.inc()
             return response

@@ -26,7 +26,7 @@ from google.protobuf.duration_pb2 import Duration
 from lingua_sdk import pb
 
 from ..fsm import Event
-from . import auth, keys, logs, validate, wire
+from . import auth, grpc_metrics, keys, logs, validate, wire
 from .dispatch import Consumer, Dispatcher, finish, sleep_unless
 from .errors import LEASE_GONE, InvalidArgument, NodeUnresponsive, SchedulerError, StreamOverflow
 from .liveness import Liveness, Pulse
@@ -134,6 +134,7 @@ class Session:
         self.consumer = Consumer(self.node_id, pools, self.free_slots, self.assigned)
         self.finished = asyncio.Event()  # the stream's handler is done, leases released
         self.pulse = Pulse()  # the node's last message, pings, registry renewals (server/liveness.py)
+        self.counts = grpc_metrics.stream()  # the stream's messages read and written (metrics on)
 
     def free_slots(self) -> int:
         """How many more assignments the node may be sent now (the one capacity the dispatcher asks):
@@ -363,6 +364,7 @@ class NodeSessions:
         it = requests.__aiter__()
         try:
             first = await asyncio.wait_for(it.__anext__(), timeout=30)
+            grpc_metrics.stream().received.inc()
         except (StopAsyncIteration, TimeoutError):
             await abort(context, InvalidArgument("register", "the first message must register"), "NodeSession")
         if not first.HasField("register"):
@@ -409,6 +411,7 @@ class NodeSessions:
             old.on_message(wire.REPLACED, [old.token])
         self.sessions[session.node_id] = session
         s = self.settings
+        session.counts.sent.inc()
         await context.write(pb.SchedulerMessage(registered=pb.RegisterAck(
             instance_id=s.instance_id, heartbeat_interval=_duration(s.heartbeat_interval_ms),
             lease_duration=_duration(s.lease_ms), ack_timeout=_duration(s.ack_timeout_ms), pools=session.pools,
@@ -437,12 +440,14 @@ class NodeSessions:
         on flow control until send() finds the outbox full and cancels it: then RESOURCE_EXHAUSTED."""
         task = asyncio.current_task()
         session.writer = task  # only while writing: a cancel must never cut a Redis call halfway
+        sent = session.counts.sent
         try:
             while not (session.overflowed or session.pulse.dead) and (message := await session.next_message()) is not None:
                 # Taken from the outbox: maybe sent from here on, even if the write is cut (the node
                 # may have it and come back holding it), so only what never left the outbox is unsent.
                 for a in message.assignments:
                     session.unsent.discard(a.job_id)
+                sent.inc()
                 await context.write(message)
         except asyncio.CancelledError:
             if not (session.overflowed or session.pulse.dead) or task is None:
@@ -475,7 +480,9 @@ class NodeSessions:
                 session.send(pb.SchedulerMessage(refused=[lease_status_pb(t, lease.token)]))
 
     async def _read(self, session: Session, it: Any) -> None:
+        received = session.counts.received
         async for message in it:
+            received.inc()
             session.pulse.beat()  # any message, even one not understood, proves the node alive
             try:
                 if isinstance(message, Undecodable):  # junk bytes (logged, throttled, on registration)

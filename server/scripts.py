@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
@@ -29,7 +28,6 @@ from . import wire
 if TYPE_CHECKING:
     from .metrics import RedisMetrics
 
-T = TypeVar("T")
 
 
 def _lua_table(items: dict[str, str]) -> str:
@@ -222,45 +220,48 @@ class Scripts:
             await client.script_load(script.source)
 
     async def call(self, client: Any, call: Call) -> Any:
-        """Run one script on `client`: one round trip, two only after a NOSCRIPT."""
-        work = self._call(client, call)
-        return await (work if self.metrics is None else self._timed(call.script, work))
-
-    async def _call(self, client: Any, call: Call) -> Any:
-        args = self.args(call)
+        """Run one script on `client`: one round trip, two only after a NOSCRIPT (timed as one, metrics on)."""
+        metrics = self.metrics
+        start = time.perf_counter() if metrics is not None else 0.0  # timed here: no coroutine of its own
         try:
-            return await client.evalsha(*args)
-        except NoScriptError:
-            await self.load(client, call.script)
-            return await client.evalsha(*args)
+            args = self.args(call)
+            try:
+                return await client.evalsha(*args)
+            except NoScriptError:
+                await self.load(client, call.script)
+                return await client.evalsha(*args)
+        except Exception as err:  # a NOSCRIPT was retried above: what comes out here failed
+            if metrics is not None:
+                metrics.error(call.script, err)
+            raise
+        finally:
+            if metrics is not None:
+                metrics.observe(call.script, time.perf_counter() - start)
 
     async def call_many(self, client: Any, calls: list[Call]) -> list[Any]:
         """Run independent script calls pipelined in one round trip; results (or exceptions) in order.
 
         Calls that hit NOSCRIPT are retried after loading; a call that failed with NOSCRIPT did not run.
+        Metrics on: the batch is timed as one round trip of its script (a batch is of one script:
+        claims, completions, ...), and every failed call counted.
         """
         if not calls:
             return []
-        if self.metrics is None:
-            return await self._call_many(client, calls)
-        op = calls[0].script  # a batch is of one script (claims, completions, ...)
-        results = await self._timed(op, self._call_many(client, calls))
-        for r in results:
-            if isinstance(r, Exception):
-                self.metrics.error(op, r)
-        return results
-
-    async def _timed(self, op: str, work: Awaitable[T]) -> T:
         metrics = self.metrics
-        assert metrics is not None
-        start = time.perf_counter()
+        if metrics is None:
+            return await self._call_many(client, calls)
+        op, start = calls[0].script, time.perf_counter()
         try:
-            return await work
-        except Exception as err:  # a NOSCRIPT was retried inside: what comes out here failed
+            results = await self._call_many(client, calls)
+        except Exception as err:
             metrics.error(op, err)
             raise
         finally:
             metrics.observe(op, time.perf_counter() - start)
+        for r in results:
+            if isinstance(r, Exception):
+                metrics.error(op, r)
+        return results
 
     async def _call_many(self, client: Any, calls: list[Call]) -> list[Any]:
         results = await self._pipeline(client, calls)

@@ -174,7 +174,8 @@ async def _none() -> None:
 class PoolGauges(Collector):
     """The cluster-wide gauges on /metrics, from the cached snapshot (App.http.before_scrape refreshes it):
     lingua_queue_depth{pool}, lingua_jobs_in_state{pool,state}, lingua_nodes{pool},
-    lingua_pool_capacity{pool}, lingua_pool_in_flight{pool}."""
+    lingua_pool_capacity{pool}, lingua_pool_in_flight{pool}, lingua_pool_paused{pool},
+    lingua_queue_oldest_age_seconds{pool}."""
 
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
@@ -194,6 +195,10 @@ class PoolGauges(Collector):
                                      labels=["pool"])
         in_flight = GaugeMetricFamily("lingua_pool_in_flight", "Jobs the pool's live nodes hold now",
                                       labels=["pool"])
+        paused = GaugeMetricFamily("lingua_pool_paused", "1 while the pool is paused (PausePool): nothing is "
+                                   "dispatched", labels=["pool"])
+        oldest = GaugeMetricFamily("lingua_queue_oldest_age_seconds", "How long the pool's oldest queued job has "
+                                   "waited (0 when none is queued)", labels=["pool"])
         for pool, f in sorted((self.latest.pools if self.latest else {}).items()):
             if not f.active:
                 continue  # (a pool seen once, long gone: no series)
@@ -203,4 +208,6 @@ class PoolGauges(Collector):
             nodes.add_metric([pool], f.nodes)
             capacity.add_metric([pool], f.capacity)
             in_flight.add_metric([pool], f.in_flight)
-        yield from (depth, in_state, nodes, capacity, in_flight)
+            paused.add_metric([pool], 1 if f.paused else 0)
+            oldest.add_metric([pool], f.oldest_queued_age_ms / 1000)
+        yield from (depth, in_state, nodes, capacity, in_flight, paused, oldest)

@@ -339,6 +339,9 @@ async def test_get_stats_and_the_pool_gauges(make_app: AppFactory) -> None:
             assert gauge("lingua_nodes", pool="zh:en") == 1
             assert gauge("lingua_pool_capacity", pool="zh:en") == 4
             assert gauge("lingua_pool_in_flight", pool="zh:en") == 0
+            assert gauge("lingua_pool_paused", pool="zh:en") == 1 and gauge("lingua_pool_paused", pool="en:de") == 0
+            assert gauge("lingua_queue_oldest_age_seconds", pool="zh:en") > 0  # its one queued job waits
+            assert gauge("lingua_queue_oldest_age_seconds", pool="en:de") == 0
             await stub.ResumePool(pb.ResumePoolRequest(pool="zh:en"))
             await watch_until(stub, queued, pb.JOB_STATE_SUCCEEDED)
         finally:

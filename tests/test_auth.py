@@ -107,7 +107,10 @@ async def stream_code(call: Any) -> grpc.StatusCode:
 async def register(stub: pb_grpc.SchedulerStub, node_id: str) -> Any:
     tok = getattr(stub, "token", None)
     call = stub.NodeSession(metadata=(("authorization", f"Bearer {tok}"),) if tok else None)
-    await call.write(pb.NodeMessage(register=pb.Register(node_id=node_id, pairs=[pair()], max_concurrency=1)))
+    try:
+        await call.write(pb.NodeMessage(register=pb.Register(node_id=node_id, pairs=[pair()], max_concurrency=1)))
+    except grpc.aio.AioRpcError:
+        pass  # the server refused the stream before the write: stream_code(call) reads why
     return call
 
 

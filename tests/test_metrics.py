@@ -18,6 +18,8 @@ import grpc
 import pytest
 import yaml
 from conftest import AppFactory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import spec, until
 from lingua_scheduler.fsm import MACHINE, Event
 from lingua_scheduler.server.app import App
@@ -169,8 +171,9 @@ async def test_counters_and_histograms_say_what_happened(make_app: AppFactory) -
     assert total(m, "grpc_server_handled_total", **session) == 1  # the stream ended, with whatever code
 
 
-async def scrape_has(app: App, name: str, want: float, *, at_least: bool = False) -> bool:
-    got = value(await scrape(app), name)
+async def scrape_has(app: App, name: str, want: float, *, at_least: bool = False,
+                     labels: dict[str, str] | None = None) -> bool:
+    got = value(await scrape(app), name, **(labels or {}))
     return got >= want if at_least else got == want
 
 
@@ -194,6 +197,37 @@ async def test_refused_calls_are_counted_with_their_code_when_auth_is_on(make_ap
     assert value(m, "grpc_server_handled_total", **labels, grpc_code="PERMISSION_DENIED") == 1
     assert value(m, "grpc_server_started_total", **labels) == 2
     assert value(m, "lingua_jobs_submitted_total", pool="zh:en") == 0
+
+
+async def test_streams_not_counted_by_their_handler_are_counted_message_by_message(make_app: AppFactory) -> None:
+    """NodeSession counts its own messages (above); the other streams go through the interceptor's
+    layers: reflection's request stream (an async generator over it) and health's Watch, answered
+    with context.write() (a wrapper of the context)."""
+    app = await make_app(http_listen=HTTP)
+    labels = {"grpc_service": "grpc.reflection.v1alpha.ServerReflection", "grpc_type": "bidi_stream",
+              "grpc_method": "ServerReflectionInfo"}
+    watch = {"grpc_service": "grpc.health.v1.Health", "grpc_type": "server_stream", "grpc_method": "Watch"}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        for _ in range(3):
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            assert (await call.read()).HasField("list_services_response")
+        watching = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watching.read()).status == health_pb2.HealthCheckResponse.SERVING
+        m = await scrape(app)
+        assert value(m, "grpc_server_msg_received_total", **labels) == 3
+        assert value(m, "grpc_server_msg_sent_total", **labels) == 3
+        assert total(m, "grpc_server_handled_total", **labels) == 0  # still open
+        assert value(m, "grpc_server_msg_received_total", **watch) == 1
+        assert value(m, "grpc_server_msg_sent_total", **watch) == 1
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        watching.cancel()
+    await until(lambda: scrape_has(app, "grpc_server_handled_total", 1, labels={**labels, "grpc_code": "OK"}),
+                20, "the reflection stream counted as handled")
+    m = await scrape(app)
+    assert value(m, "grpc_server_started_total", **labels) == 1
+    assert value(m, "grpc_server_msg_received_total", **labels) == 3
 
 
 async def set_maxmemory(redis: Any, value: str) -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from conftest import AppFactory
 from google.protobuf.duration_pb2 import Duration
-from helpers import pair, spec, watch_until
+from helpers import pair, spec, until, watch_until
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import App
 from lingua_sdk import pb, pb_grpc
@@ -327,8 +327,12 @@ async def test_a_node_that_reconnects_with_its_jobs_resumes_them(
         await asyncio.wait_for(lease_shrinks(), 5)
         held = first.received[0].lease
         again = await SimNode(chb, "phoenix", [("zh", "en")]).start(holding=[held])
-        t, lease = await redis.time(), int(await redis.hget(fsm, "lease"))
-        assert lease - (t[0] * 1000 + t[1] // 1000) > a.settings.stream_grace_ms  # extended by the resume
+
+        async def extended() -> bool:  # by the resume (the register's answer may come before it)
+            t, lease = await redis.time(), int(await redis.hget(fsm, "lease"))
+            return lease - (t[0] * 1000 + t[1] // 1000) > a.settings.stream_grace_ms
+
+        await until(extended, timeout=5, what="the resumed lease extended past the stream grace")
         again.send(pb.NodeMessage(completions=[pb.Completion(lease=held,
                                                              result=pb.JobResult(text_asr="resumed"))]))
         events = await watch_until(sb, job_id, pb.JOB_STATE_SUCCEEDED)
