@@ -396,20 +396,29 @@ class Dashboard:
         await response.write(b"retry: 2000\n\n")
         left = auth.expires_in()  # the caller's token's
         deadline = asyncio.get_running_loop().time() + left if math.isfinite(left) else None
-        async with self.feed.subscribe() as inbox:
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        snapshot = await inbox.get()
-                except TimeoutError:
-                    await response.write(b"event: expired\ndata: {}\n\n")
-                    break
-                if snapshot is None:
-                    break
-                try:
-                    await response.write(b"event: snapshot\ndata: " + snapshot + b"\n\n")
-                except ConnectionError:
-                    break  # the browser went away
+        # Known to the verifier as an open stream: a SIGHUP that removes its token's key revokes it
+        # (it ends at the next snapshot, within about a second).
+        opened = self.verifier.opened(self._caller(request)) if self.verifier is not None else None
+        try:
+            async with self.feed.subscribe() as inbox:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            snapshot = await inbox.get()
+                    except TimeoutError:
+                        snapshot = b""
+                    if snapshot is None:
+                        break
+                    if not snapshot or (opened is not None and opened.revoked):
+                        await response.write(b"event: expired\ndata: {}\n\n")
+                        break
+                    try:
+                        await response.write(b"event: snapshot\ndata: " + snapshot + b"\n\n")
+                    except ConnectionError:
+                        break  # the browser went away
+        finally:
+            if opened is not None and self.verifier is not None:
+                self.verifier.closed(opened)
         return response
 
 

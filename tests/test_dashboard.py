@@ -341,3 +341,26 @@ async def test_the_failed_list_shows_the_latest_to_fail_first(make_app: AppFacto
     await store.fail(old, "n1", "t-old", pb.JobError(code="E", message="last to fail"))
     snapshot = json.loads(await app.dashboard.snapshot())
     assert [job["job_id"] for job in snapshot["failed"]["jobs"]] == [old, new]
+
+
+@pytest.mark.single_redis
+async def test_an_event_stream_ends_when_its_tokens_key_is_removed(make_app: AppFactory, tmp_path: Path) -> None:
+    """A SIGHUP that removes the key of the token that opened an event stream ends the stream (as it
+    ends gRPC streams), at the next snapshot, not at the token's expiry."""
+    secrets = {}
+    for name in ("k1", "k2"):
+        secrets[name] = os.urandom(32).hex()
+        (tmp_path / f"{name}.secret").write_text(secrets[name])
+    app = await make_app(http_listen="127.0.0.1:0", auth_jwt_key=tuple(str(tmp_path / f"{n}.secret") for n in secrets))
+    assert app.auth is not None
+    admin = jwt.encode({"role": "admin", "exp": int(time.time() + 600)}, secrets["k1"], algorithm="HS256",
+                       headers={"kid": "k1"})
+    async with aiohttp.ClientSession() as http, \
+            http.get(url(app, "/api/events"), headers={"Authorization": f"Bearer {admin}"}) as r:
+        assert r.status == 200
+        first = await asyncio.wait_for(r.content.readuntil(b"event: snapshot"), 10)
+        assert first.endswith(b"event: snapshot")
+        (tmp_path / "k1.secret").unlink()  # the operator revokes k1, then SIGHUP
+        assert app.auth.reload()
+        rest = await asyncio.wait_for(r.content.read(), 10)
+        assert rest.endswith(b"event: expired\ndata: {}\n\n")
