@@ -22,12 +22,10 @@ import binascii
 import heapq
 from dataclasses import dataclass
 
-from lingua_sdk import pb
-
 from ..fsm import JobState
 from . import buckets, keys
 from .errors import InvalidArgument
-from .store import JobRecord, JobView, Store, _s
+from .store import JobRecord, JobView, Store, _s, parse_views, read_views
 
 SCAN_BUDGET = 2_000  # index entries one call may examine
 TOP = "(}"  # below the sentinel '}' and the '~' expiry markers (the Lua prelude's index_add): members only
@@ -165,17 +163,8 @@ class Listing:
             await pipe.execute()
 
     async def _views(self, job_ids: list[str]) -> list[JobView]:
+        """The jobs' views, one round trip; those whose record expired between the two reads left out."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                jk = keys.JobKeys.of(job_id)
-                pipe.hgetall(jk.fsm)
-                pipe.get(jk.meta)
-                pipe.get(jk.result)
+            read_views(pipe, job_ids)
             replies = await pipe.execute()
-        views = []
-        for i, job_id in enumerate(job_ids):
-            h, meta, result = replies[3 * i: 3 * i + 3]
-            if h:  # (it may have expired between the two reads)
-                views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(meta or b""),
-                                     pb.JobResult.FromString(result) if result is not None else None, None))
-        return views
+        return [view for view in parse_views(job_ids, replies) if view is not None]

@@ -59,6 +59,25 @@ def _s(value: bytes | None) -> str:
     return value.decode() if value else ""
 
 
+def read_views(pipe: Any, job_ids: list[str]) -> None:
+    """Queue on `pipe` the reads of the jobs' views (record, spec, result; no payload): parse_views."""
+    for job_id in job_ids:
+        jk = keys.JobKeys.of(job_id)
+        pipe.hgetall(jk.fsm)
+        pipe.get(jk.meta)
+        pipe.get(jk.result)
+
+
+def parse_views(job_ids: list[str], replies: list[Any]) -> list[JobView | None]:
+    """The views read_views' replies give, None for a job whose record is gone."""
+    views: list[JobView | None] = []
+    for i, job_id in enumerate(job_ids):
+        h, meta, result = replies[3 * i: 3 * i + 3]
+        views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(meta or b""),
+                             pb.JobResult.FromString(result) if result is not None else None, None) if h else None)
+    return views
+
+
 def _i(value: bytes | None) -> int:
     return int(value) if value else 0
 
@@ -323,22 +342,11 @@ class Store:
             if span is not None:
                 low, high = span
                 pipe.zrangebyscore(index, low, "+inf" if high is None else high, withscores=True)
-            for job_id in job_ids:
-                jk = keys.JobKeys.of(job_id)
-                pipe.hgetall(jk.fsm)
-                pipe.get(jk.meta)
-                pipe.get(jk.result)
+            read_views(pipe, job_ids)
             replies = await pipe.execute()
         read = 0 if span is None else 1
         members = [(_s(j), int(score)) for found in replies[:read] for j, score in found]
-        views: list[JobView | None] = []
-        rest = replies[read:]
-        for i, job_id in enumerate(job_ids):
-            h, meta, result = rest[3 * i: 3 * i + 3]
-            views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(meta or b""),
-                                 pb.JobResult.FromString(result) if result is not None else None, None)
-                         if h else None)
-        return members, views
+        return members, parse_views(job_ids, replies[read:])
 
     async def record(self, job_id: str) -> JobRecord:
         h = await self.redis.hgetall(keys.JobKeys.of(job_id).fsm)
