@@ -256,9 +256,10 @@ class RegisterNode:
 @dataclass(frozen=True, slots=True)
 class DrainNode:
     node_id: str
+    hold_ms: int  # how long the request drains the node's new streams (the node TTL)
 
     def call(self) -> Call:
-        return Call("drain_node", [keys.node(self.node_id)], [])
+        return Call("drain_node", [keys.node(self.node_id)], [self.hold_ms])
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,7 +164,8 @@ class Operations:
     async def drain(self, node_id: str) -> bool:
         """Record the drain in the node's registry entry (its registrations and renewals honour it), then
         tell the instance holding its stream; False when no such node is registered."""
-        if not int((await self.store.scripts.call(self.redis, DrainNode(node_id).call()))[0]):
+        request = DrainNode(node_id, self.store.settings.node_ttl_ms)
+        if not int((await self.store.scripts.call(self.redis, request.call()))[0]):
             return False
         await self.redis.publish(keys.node_channel(node_id), wire.DRAIN)
         return True

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import spec
+from helpers import spec, until
 from lingua_scheduler.fsm import Event, JobState, dests_of, fixed_dest, is_repeat, sources_of
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.calls import (
@@ -229,14 +229,28 @@ async def test_registry_codes(store: Store, redis: Any) -> None:
     assert list(await call(redis, register("t2", renew=True))) == [1, b"", 0]
     assert await redis.hget(key, "session") == b"t2"
     assert documented_codes("register_node") == {1, -5} and documented_codes("release_node") == {1, -5}
-    # A drain request (DrainNode) stays with the entry: renewals and registrations are told, and the
-    # entry outlives its stream (held by none) so that the node, back within its TTL, drains again.
-    assert list(await call(redis, DrainNode("n1").call())) == [1]
+    # A drain request (DrainNode) stays with the entry until its deadline: renewals and registrations are
+    # told, and the entry outlives its stream (held by none, until the deadline) so that the node, back
+    # before then, drains again. After the deadline the node serves again: a supervisor restarting a
+    # drained node is not drained for ever.
+    assert list(await call(redis, DrainNode("n1", 1_000).call())) == [1]
     assert list(await call(redis, register("t2", renew=True))) == [1, b"t2", 1]
     assert (await call(redis, ReleaseNode("n1", "t2").call()))[0] == 1
     assert await redis.hmget(key, ["session", "draining"]) == [b"", b"1"]
+    assert 0 < await redis.pttl(key) <= 1_000  # kept until the request's deadline, not a TTL more
+    assert list(await call(redis, DrainNode("n1", 1_000).call())) == [0]  # held by no stream: not registered
     assert list(await call(redis, register("t3"))) == [1, b"", 1]
-    assert list(await call(redis, DrainNode("ghost").call())) == [0]
+    deadline = int(await redis.hget(key, "drainreq"))
+
+    async def past_deadline() -> bool:
+        seconds, micros = await redis.time()
+        return seconds * 1000 + micros // 1000 >= deadline
+
+    await until(past_deadline, timeout=5, what="the drain request's deadline")
+    assert list(await call(redis, register("t4"))) == [1, b"t3", 0]  # the request is over
+    assert await redis.hget(key, "drainreq") is None
+    assert (await call(redis, ReleaseNode("n1", "t4").call()))[0] == 1 and await redis.exists(key) == 0
+    assert list(await call(redis, DrainNode("ghost", 1_000).call())) == [0]
     assert documented_codes("drain_node") == {1, 0}
 
 

@@ -2,8 +2,9 @@
   Registers (or renews) a node in the registry. The newest stream of a node id wins: registering
   with a new session token replaces the old one; renewing with a replaced token fails. Renewing a
   node whose entry is gone (it expired, e.g. during a Redis outage longer than the TTL) takes it
-  back: nobody replaced the stream. A drain request (lua/drain_node-1.lua) stays with the entry: the
-  stream registering or renewing it is told to drain.
+  back: nobody replaced the stream. A drain request (lua/drain_node-1.lua) stays with the entry until
+  its deadline: a stream registering or renewing it before then is told to drain; after it, the
+  request is dropped and the node serves again.
 
   Input:
     KEYS[1] node hash
@@ -23,8 +24,12 @@ if ARGV[2] == "renew" and current ~= ARGV[1] and current ~= "" then
 end
 rcall("HSET", nodeKey, "session", ARGV[1], "seen", now_ms(), unpack(ARGV, 4))
 rcall("PEXPIRE", nodeKey, ARGV[3])
-if rcall("HGET", nodeKey, "drainreq") then
-  rcall("HSET", nodeKey, "draining", 1)
-  return {1, current, 1}
+local drainUntil = tonumber(rcall("HGET", nodeKey, "drainreq") or "")
+if drainUntil then
+  if now_ms() < drainUntil then
+    rcall("HSET", nodeKey, "draining", 1)
+    return {1, current, 1}
+  end
+  rcall("HDEL", nodeKey, "drainreq")
 end
 return {1, current, 0}
