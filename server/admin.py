@@ -16,7 +16,7 @@ from google.protobuf import text_format
 from lingua_sdk import pb
 
 from . import auth, validate
-from .errors import InvalidArgument, NodeNotFound
+from .errors import FieldError, InvalidArgument, InvalidTransition, JobNotFound, NodeNotFound
 from .listing import Filter, Listing, decode_cursor, encode_cursor
 from .operations import Operations, Pause
 from .settings import Settings
@@ -29,14 +29,21 @@ REASON_MAX = 1024
 # One INFO line per change an operator made (gRPC or dashboard): what, with which arguments, by whom.
 audit = logging.getLogger("lingua_scheduler.audit")
 R = TypeVar("R")
+UNCHANGED = (FieldError, JobNotFound, NodeNotFound, InvalidTransition)  # refusals that change nothing
 
 
 def audited(method: Callable[[Any, Any], Awaitable[R]]) -> Callable[[Any, Any], Awaitable[R]]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any) -> R:
-        reply = await method(self, request)
-        audit.info("admin %s(%s) by %s", type(request).__name__.removesuffix("Request"),
-                   text_format.MessageToString(request, as_one_line=True), auth.who())
+        what = f"{type(request).__name__.removesuffix('Request')}({text_format.MessageToString(request, as_one_line=True)})"
+        try:
+            reply = await method(self, request)
+        except UNCHANGED:
+            raise  # refused before any change: nothing to audit
+        except Exception as err:  # e.g. Redis lost midway through a CancelSession's cancels
+            audit.warning("admin %s by %s failed, maybe part way: %s", what, auth.who(), err)
+            raise
+        audit.info("admin %s by %s", what, auth.who())
         return reply
 
     return wrapper
