@@ -397,6 +397,7 @@ class NodeSessions:
         finally:
             session.finished.set()
             self._open.discard(session)
+            self._drain_asked.discard(session.token)  # a registration that never got as far as using it
 
     async def _serve(self, session: Session, first: pb.NodeMessage, it: Any,
                      context: grpc.aio.ServicerContext, tasks: list[asyncio.Task[Any]]) -> None:  # type: ignore[type-arg]
@@ -420,10 +421,11 @@ class NodeSessions:
         log.info("node %s registered: pools %s, concurrency %d%s", session.node_id, ",".join(session.pools),
                  session.reg.max_concurrency, ", draining" if first.drain else "",
                  extra=logs.fields(node_id=session.node_id))
+        asked = session.token in self._drain_asked
+        self._drain_asked.discard(session.token)
         if first.drain:  # a draining node that reconnects: no new work, from the first message on
             session.draining = True
-        elif session.token in self._drain_asked:  # DrainNode asked for it before it reconnected
-            self._drain_asked.discard(session.token)
+        elif asked:  # DrainNode asked for it before it reconnected
             session.draining = True
             session.send(pb.SchedulerMessage(drain=True))
         if first.register.holding:
