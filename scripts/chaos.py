@@ -313,6 +313,7 @@ class Chaos:
             self.cluster = LocalCluster(self.workdir / "cluster", masters=3, persistent=True).start()
         else:
             self.redis = EmbeddedRedis(self.workdir / "redis", persistent=True).start()
+        tasks: list[asyncio.Task[None]] = []
         try:
             self.ports = free_ports(3)
             self.instances = [await self.start_instance(port) for port in self.ports]
@@ -320,6 +321,7 @@ class Chaos:
                        for n in range(self.node_count)]
             stop_chaos = asyncio.Event()
             chaos = asyncio.create_task(self.chaos_loop(stop_chaos))
+            tasks = [*runners, chaos]
             await self.submit_all()
             self.log(f"all {self.jobs} submitted")
             await self.wait_terminal(stop_chaos, timeout=120 + self.jobs / 50)
@@ -329,6 +331,11 @@ class Chaos:
             await asyncio.gather(*runners, return_exceptions=True)
             await self.verify()
         finally:
+            # A run cut short (an exception) stops its chaos first: a Redis restart it made after the
+            # Redis below was stopped would outlive the run.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for instance in self.instances:
                 if instance.proc.returncode is None:
                     instance.proc.terminate()
