@@ -167,6 +167,11 @@ def open_context() -> contextvars.Context:
     return context
 
 
+def current() -> Caller | None:
+    """The caller of the RPC (or dashboard request) being served; None for no one."""
+    return _CALLER.get()
+
+
 @contextlib.contextmanager
 def acting_as(caller: Caller) -> Iterator[None]:
     """Run a block as `caller`: what the dashboard's HTTP API does for the admin it verified (its

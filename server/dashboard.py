@@ -398,7 +398,8 @@ class Dashboard:
         deadline = asyncio.get_running_loop().time() + left if math.isfinite(left) else None
         # Known to the verifier as an open stream: a SIGHUP that removes its token's key revokes it
         # (it ends at the next snapshot, within about a second).
-        opened = self.verifier.opened(self._caller(request)) if self.verifier is not None else None
+        caller = auth.current()  # verified by the middleware (acting_as)
+        opened = self.verifier.opened(caller) if self.verifier is not None and caller is not None else None
         try:
             async with self.feed.subscribe() as inbox:
                 while True:
