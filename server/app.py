@@ -233,7 +233,10 @@ async def check_partitions(client: Any, partitions: int) -> None:
     wanted = str(partitions).encode()
     layout = await client.get(keys.LAYOUT)
     if layout is None and await client.get(keys.PARTITIONS) is not None:
-        layout = b"pools"  # the earlier layout: timers per pool partition, no layout key
+        # This version sets the layout before the count: an instance starting beside this one may have
+        # set both between the two reads (they are on different slots of a cluster): read it again.
+        # Still none: the earlier layout (timers per pool partition, no layout key).
+        layout = await client.get(keys.LAYOUT) or b"pools"
     if layout is not None and layout.decode(errors="replace") != keys.LAYOUT_VERSION:
         raise PartitionsMismatch(
             f"this Redis holds jobs in the key layout {layout.decode(errors='replace')!r}, not "

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import AppFactory
 from lingua_scheduler.server import keys
-from lingua_scheduler.server.app import PartitionsMismatch, close_redis, create_server
+from lingua_scheduler.server.app import PartitionsMismatch, check_partitions, close_redis, create_server
 from lingua_scheduler.server.settings import Settings
 
 
@@ -93,3 +93,13 @@ async def test_an_http_port_taken_stops_the_start_with_a_message(settings: Setti
     assert proc.returncode == 1 and b"listening on" not in out
     assert f"--http-listen 127.0.0.1:{taken}".encode() in err and b"--http-listen ''" in err, err
     assert b"Traceback" not in err, err
+
+
+async def test_instances_starting_together_on_an_empty_redis_agree(settings: Settings, redis: Any) -> None:
+    """The layout is set before the partition count, on different slots of a cluster: an instance that
+    reads no layout, then the count another instance set meanwhile, reads the layout again rather than
+    taking the Redis for one of the earlier layout (workers of --workers N start together)."""
+    for _ in range(5):
+        await redis.delete(keys.LAYOUT, keys.PARTITIONS)
+        await asyncio.gather(*(check_partitions(redis, settings.partitions) for _ in range(8)))
+        assert await redis.get(keys.LAYOUT) == keys.LAYOUT_VERSION.encode()
