@@ -71,6 +71,12 @@ WORKERS: list[str] = []
 OWN_CONNECTION: list[tuple[str, Any]] = []
 
 
+def commands_line(run: Run) -> str:
+    """Redis commands per lifecycle, most frequent first (--commands)."""
+    top = sorted(run.by_command.items(), key=lambda kv: -kv[1])
+    return "  commands per lifecycle: " + ", ".join(f"{k} {v:.2f}" for k, v in top)
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else float("nan")
@@ -105,6 +111,7 @@ class Run:
     dispatch_ms: list[float] = field(default_factory=list)
     e2e_ms: list[float] = field(default_factory=list)
     commands: float = 0.0
+    by_command: dict[str, float] = field(default_factory=dict)  # Redis command -> calls per lifecycle
     lua: float = 0.0
     redis_cpu_us: float = 0.0
     sched_cpu_per_1000: float = 0.0
@@ -226,7 +233,9 @@ class Lifecycle:
         after, cpu1 = await redis_counters(redis), cpu_seconds(self.pid)
         run.jobs = len(run.e2e_ms)
         run.lua = (after.get("evalsha", 0) - before.get("evalsha", 0)) / run.jobs
-        run.commands = sum(after[k] - before.get(k, 0) for k in after if not k.startswith("_") and k != "info") / run.jobs
+        run.by_command = {k: (after[k] - before.get(k, 0)) / run.jobs for k in after
+                          if not k.startswith("_") and k != "info" and after[k] > before.get(k, 0)}
+        run.commands = sum(run.by_command.values())
         run.redis_cpu_us = (after["_cpu"] - before["_cpu"]) / run.jobs * 1e6
         run.sched_cpu_per_1000 = (cpu1 - cpu0) / run.jobs * 1000
         run.bench_cpu_per_1000 = (own1 - own0) / run.jobs * 1000
@@ -654,6 +663,8 @@ async def main_async(args: argparse.Namespace) -> int:
                           f"{run.sched_cpu_per_1000:.2f} sched CPU s/1000, {run.bench_cpu_per_1000:.2f} "
                           "clients+nodes CPU s/1000", flush=True)
                     done[(kind, mode)].append(run)
+                    if args.commands:
+                        print(commands_line(run), flush=True)
             runs.append(max(done[("sdk", "none")], key=lambda r: r.rate))
             all_sdk[runs[-1].label] = done[("sdk", "none")]
             if args.baseline:
@@ -671,7 +682,10 @@ async def main_async(args: argparse.Namespace) -> int:
                 srun = Run(f"{label}, WatchSession", int(c), int(n), int(b), reader="session")
                 await lifecycle(redis.url, srun, args.jobs)
                 print(f"{srun.label}: {srun.rate:.0f}/s, e2e p50 {pct(srun.e2e_ms, 50):.2f} ms, "
-                      f"{srun.lua:.2f} Lua/job, {srun.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+                      f"{srun.lua:.2f} Lua/job, {srun.commands:.1f} commands/job, {srun.redis_cpu_us:.0f} us Redis "
+                      f"CPU/job, {srun.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+                if args.commands:
+                    print(commands_line(srun), flush=True)
                 session_runs.append(srun)
         if args.lifecycle_only:
             if secured:
@@ -728,6 +742,8 @@ def main() -> int:
     p.add_argument("--metrics", action="store_true",
                    help="also run each row with the operations HTTP port off (--http-listen '': no metrics) "
                         "beside the usual rows (metrics on)")
+    p.add_argument("--commands", action="store_true",
+                   help="print each row's Redis commands per lifecycle, by command (INFO commandstats)")
     p.add_argument("--lifecycle-only", action="store_true",
                    help="only the lifecycle rows: print them, skip half rate, memory, the others and the report")
     p.add_argument("--workers", type=int, default=0,
