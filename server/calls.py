@@ -41,6 +41,7 @@ class SubmitJob:
     utterance_index: int
     tenant_id: str
     fair_step: int  # wire.fair_step of the tenant's weight
+    keyed: bool  # the identity is the spec's idempotency key (else its utterance and pair: no key of its own)
 
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
@@ -52,8 +53,13 @@ class SubmitJob:
             self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
             self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
             self.affinity_ttl_ms, wake, self.digest, self.utterance_index, self.tenant_id, self.fair_step,
-            rate_expiry,
+            rate_expiry, "1" if self.keyed else "",
         ])
+
+    def find(self) -> Call:
+        """The read-only lookup of the job this submit's identity has already (find_identity)."""
+        return Call("find_identity", [self.identity, self.session_jobs],
+                    [self.job_id, self.utterance_index, "1" if self.keyed else ""])
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,12 +116,12 @@ class Quotas:
         return refused
 
     async def _existing(self, jobs: list[SubmitJob]) -> set[str]:
-        """The identities (idempotency keys) among `jobs` that a job holds already: one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.exists(job.identity)
-            found = await pipe.execute()
-        return {job.identity for job, n in zip(jobs, found, strict=True) if n}
+        """The identities (idempotency keys' names) among `jobs` that a job holds already: one round trip."""
+        found = await self.scripts.call_many(self.redis, [job.find() for job in jobs])
+        for reply in found:
+            if isinstance(reply, Exception):
+                raise reply
+        return {job.identity for job, job_id in zip(jobs, found, strict=True) if job_id}
 
     async def settle(self, admitted: dict[str, list[SubmitJob]], created: set[str]) -> None:
         """After submit: give back what the admitted jobs that were not created (repeats) took."""

@@ -150,7 +150,9 @@ class JobRecord:
 
 
 def idempotency_key(tag: str, spec: pb.JobSpec) -> str:
-    """The key naming a submit's identity: its idempotency_key, else its utterance and target language."""
+    """The key naming a submit's identity: its idempotency_key, else its utterance and target language.
+    Only an explicit idempotency_key's key is written: the default identity is found in the session's
+    index (lua/submit_job-15.lua), and its key is only read for records written before that."""
     identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else f"u:{spec.utterance_index}:{spec.tgt_lang}"
     return keys.idempotency(tag, spec.tenant_id, spec.session_id, identity)
 
@@ -271,6 +273,7 @@ class Store:
             utterance_index=spec.utterance_index,
             tenant_id=spec.tenant_id,
             fair_step=self.tenants.of(spec.tenant_id).step,
+            keyed=bool(spec.idempotency_key),
         )
 
     async def submit(self, specs: list[pb.JobSpec]) -> list[Submitted]:

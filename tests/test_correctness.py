@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from typing import Any
 
 import grpc
 import pytest
 from conftest import AppFactory
-from helpers import pair, spec
+from helpers import all_keys, pair, spec
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
 from lingua_scheduler.server.dispatch import MAX_AVOIDED, Consumer, Dispatcher
-from lingua_scheduler.server.errors import ScriptCode
+from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.node import Session
+from lingua_scheduler.server.operations import Operations
 from lingua_scheduler.server.settings import Settings
-from lingua_scheduler.server.store import Lease, Store
+from lingua_scheduler.server.store import Lease, Store, idempotency_key
 from lingua_sdk import pb, pb_grpc
 from simnode import SimNode
 
@@ -193,6 +195,99 @@ async def test_a_repeat_submit_with_other_content_is_already_exists(stub: pb_grp
             await submit(stub, **{"idempotency_key": "req-1", "priority": 1, **change})
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, change
         assert job_id in (err.value.details() or "") and "jobs[0]" in (err.value.details() or "")
+
+
+async def expire_record(redis: Any, job_id: str) -> None:
+    """The job's record expires (as retention ends it), and with it an identity key naming it."""
+    jk = keys.JobKeys.of(job_id)
+    for key in (jk.fsm, jk.meta, jk.payload, jk.result, jk.events):
+        await redis.pexpireat(key, 1)  # a time past: expired now
+    for key in await all_keys(redis, keys.PREFIX + "idem:*"):
+        if (await redis.get(key) or b"").startswith(job_id.encode() + b" "):
+            await redis.pexpireat(key, 1)
+
+
+# Issue 13: the default identity (utterance and pair) is the session's index plus the digest in the
+# record, not a key per job; same answers as with the key.
+async def test_a_default_identity_has_no_key_and_answers_as_before(store: Store, redis: Any) -> None:
+    first = spec(session_id="call:7", utterance_index=3)  # session ids may hold ':'
+    (job,) = await store.submit([first])
+    assert job.created and await all_keys(redis, keys.PREFIX + "idem:*") == []
+    assert not await redis.exists(idempotency_key(keys.tag_of(job.job_id), first))
+    (c,) = await store.claim("n1", [(job.job_id, "tok1")])
+    assert c.code == ScriptCode.APPLIED
+    (again,) = await store.submit([spec(session_id="call:7", utterance_index=3, trace_id="retry-2")])
+    assert (again.job_id, again.created, again.state) == (job.job_id, False, "assigned")  # its state, as today
+    for change in (dict(payload=b"other"), dict(priority=5), dict(max_attempts=7)):
+        with pytest.raises(AlreadyExists, match=re.escape(job.job_id)):
+            await store.submit([spec(session_id="call:7", utterance_index=3, **change)])
+    # Per pool: another target or source language is another job; each repeat finds its own.
+    others = [spec(session_id="call:7", utterance_index=3, tgt_lang="de"),
+              spec(session_id="call:7", utterance_index=3, src_lang="ja")]
+    made = await store.submit(others)
+    assert all(m.created for m in made) and len({job.job_id, *(m.job_id for m in made)}) == 3
+    assert [r.job_id for r in await store.submit(others)] == [m.job_id for m in made]
+    # Another session (a prefix of this one's id), another utterance: other identities.
+    assert (await store.submit([spec(session_id="call", utterance_index=3)]))[0].created
+    assert (await store.submit([spec(session_id="call:7", utterance_index=4)]))[0].created
+    assert await all_keys(redis, keys.PREFIX + "idem:*") == []
+
+
+async def test_a_default_identity_ends_with_its_record(store: Store, redis: Any) -> None:
+    (first,) = await store.submit([spec(utterance_index=9)])
+    await expire_record(redis, first.job_id)  # retention over: its id stays in the session's index
+    (second,) = await store.submit([spec(utterance_index=9, payload=b"other")])
+    assert second.created and second.job_id != first.job_id
+    (again,) = await store.submit([spec(utterance_index=9, payload=b"other")])
+    assert (again.job_id, again.created, again.state) == (second.job_id, False, "queued")
+
+
+async def test_explicit_keys_and_default_identities_stay_apart(store: Store, redis: Any) -> None:
+    (keyed,) = await store.submit([spec(utterance_index=5, idempotency_key="req-5")])
+    assert len(await all_keys(redis, keys.PREFIX + "idem:*")) == 1  # an explicit key keeps its key
+    (default,) = await store.submit([spec(utterance_index=5)])
+    assert default.created and default.job_id != keyed.job_id  # the keyed job is not the utterance's identity
+    assert (await store.submit([spec(utterance_index=5)]))[0].job_id == default.job_id
+    assert (await store.submit([spec(utterance_index=5, idempotency_key="req-5")]))[0].job_id == keyed.job_id
+    with pytest.raises(AlreadyExists, match=re.escape(keyed.job_id)):
+        await store.submit([spec(utterance_index=5, idempotency_key="req-5", payload=b"other")])
+
+
+async def test_a_retried_job_keeps_its_identity(store: Store, redis: Any) -> None:
+    retention = store.settings.retention_ms
+    specs = [spec(utterance_index=11), spec(utterance_index=12, idempotency_key="req-12")]
+    jobs = await store.submit(specs)
+    for job in jobs:
+        (c,) = await store.claim("n1", [(job.job_id, "tok-" + job.job_id)])
+        await store.fail(job.job_id, "n1", c.token, pb.JobError(code="E", message="fatal"))
+        assert await redis.pttl(keys.JobKeys.of(job.job_id).fsm) > 0  # ended: its record expires
+        far = int(time.time() * 1000) + 3_600_000
+        await Operations(store).retry(job.job_id, deadline_ms=far, max_attempts=0, reason="again")
+        assert await redis.pttl(keys.JobKeys.of(job.job_id).fsm) == -1  # and the default identity with it
+    # The explicit key lives until the new deadline + retention, as the record will at least.
+    ttl = await redis.pttl(idempotency_key(keys.tag_of(jobs[1].job_id), specs[1]))
+    assert 3_600_000 + retention - 60_000 < ttl <= 3_600_000 + retention
+    again = await store.submit(specs)
+    assert [(a.job_id, a.created, a.state) for a in again] == [(j.job_id, False, "queued") for j in jobs]
+
+
+async def test_a_default_identity_from_before_dg_is_still_found(store: Store, redis: Any) -> None:
+    """Records written before the digest moved into them had a key for their default identity too."""
+    old = spec(utterance_index=20)
+    # Keyed jobs of the same utterances: records without `dg` too, but no default identity's key.
+    (first,) = await store.submit([spec(utterance_index=20, idempotency_key="req-20")])
+    (job,) = await store.submit([old])
+    (other,) = await store.submit([spec(utterance_index=21, idempotency_key="req-21")])
+    for made in (first, job, other):
+        await redis.hdel(keys.JobKeys.of(made.job_id).fsm, "dg")
+    key = idempotency_key(keys.tag_of(job.job_id), old)
+    await redis.set(key, f"{job.job_id} {store._submit_job(old).digest}")
+    assert (await store.submit([old]))[0].job_id == job.job_id
+    with pytest.raises(AlreadyExists, match=re.escape(job.job_id)):
+        await store.submit([spec(utterance_index=20, payload=b"other")])
+    # An earlier keyed job has no default identity's key naming it: not the utterance's job.
+    (fresh,) = await store.submit([spec(utterance_index=21)])
+    assert fresh.created and fresh.job_id != other.job_id
 
 
 # 8. A registry entry that expired during an outage is taken back, not treated as a replacement.

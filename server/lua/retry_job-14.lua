@@ -16,7 +16,9 @@
     KEYS[7] partition waiting zset
     KEYS[8] the shard's index of jobs ended in the job's current state (lua/finish_job-13.lua)
     KEYS[9] done bucket hash of the job's finish (the record's `done`; "<pool>|<state>" counted down)
-    KEYS[10] idempotency key of the job (lives as long as the job record again)
+    KEYS[10] idempotency key of the job (lives as long as the job record again). A job of the default
+             identity has none (its identity is its record's `dg`, persisted with the record below): the
+             name its identity had before `dg`, extended if a job from then still has it
     KEYS[11] session jobs zset (WatchSession's index; lives as long as its longest-lived job)
     KEYS[12] partition jobs index (ListJobs by pool; the job's entry expires with it again)
     KEYS[13] tenant jobs index of this shard (ListJobs by tenant; likewise)

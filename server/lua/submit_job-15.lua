@@ -1,9 +1,12 @@
 --[[
   Creates a job in the state submit leads to, or returns the job an earlier submit with the same
-  identity made, provided it asked for the same work (same spec digest).
+  identity made, provided it asked for the same work (same spec digest). An explicit idempotency key
+  is a key of its own; the default identity (utterance and pair) is the session's index plus the digest
+  in the job's record (`dg`): the prelude's identity_job finds either.
 
   Input:
-    KEYS[1] idempotency key (identity -> "<job id> <spec digest>")
+    KEYS[1] idempotency key (identity -> "<job id> <spec digest>"), written for an explicit key only
+            (ARGV[18]); for the default identity its name from before `dg`, read for such records only
     KEYS[2] job fsm hash
     KEYS[3] job meta (serialized JobSpec without payload)
     KEYS[4] job payload
@@ -36,6 +39,7 @@
     ARGV[15] tenant id
     ARGV[16] fair step: how far apart the tenant's jobs go in a band (FAIR_STEP / its weight, >= 1)
     ARGV[17] when the rate bucket expires, ms
+    ARGV[18] "1" when the identity is the spec's idempotency key, "" for the default identity
 
   Output:
     {1, job id, state}  created
@@ -46,11 +50,10 @@ local idemKey, fsmKey, metaKey, payloadKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local eventsKey, queueKey, timersKey, affinityKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local sessionKey, fairKey = KEYS[9], KEYS[10]
 local waitingKey, jobsKey, tenantJobsKey, poolsKey, rateKey = KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
-local jobId, digest, utterance = ARGV[1], ARGV[13], ARGV[14]
+local jobId, digest, utterance, keyed = ARGV[1], ARGV[13], ARGV[14], ARGV[18] == "1"
 
-local existing = rcall("GET", idemKey)
-if existing then
-  local id, stored = string.match(existing, "^(%S+) ?(%S*)$")
+local id, stored = identity_job(idemKey, sessionKey, jobId, utterance, keyed)
+if id then
   if stored ~= "" and stored ~= digest then
     return {-11, id}
   end
@@ -99,13 +102,17 @@ end
 local state = FIXED[E.submit]
 rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxatt", ARGV[5], "node", "",
   "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
-  "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance)
+  "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance,
+  "dg", keyed and "" or digest)  -- what a repeat of the default identity must match (prelude: identity_job)
 rcall("SET", metaKey, ARGV[2])
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
 end
--- The identity outlives no job record: records of finished jobs expire at max(finish, deadline) + retention.
-rcall("SET", idemKey, jobId .. " " .. digest, "PXAT", deadline + retention)
+-- An explicit identity outlives no job record: records of finished jobs expire at max(finish, deadline) +
+-- retention. The default identity lives in the record (`dg`): exactly as long.
+if keyed then
+  rcall("SET", idemKey, jobId .. " " .. digest, "PXAT", deadline + retention)
+end
 rcall("ZADD", queueKey, queueScore, jobId)
 -- The session's index lives as long as its longest-lived job record (deadline + retention).
 rcall("ZADD", sessionKey, utterance, jobId)
