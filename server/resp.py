@@ -20,8 +20,9 @@ import math
 from typing import Any
 
 import hiredis
-from redis.asyncio.client import EMPTY_RESPONSE, NEVER_DECODE, Pipeline, Redis
+from redis.asyncio.client import Pipeline, Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -58,8 +59,9 @@ async def send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     packed = b"".join(hiredis.pack_command(command) for command in commands)
     conn = await pool.get_connection()
     try:
-        return await conn.retry.call_with_retry(lambda: _exchange(conn, packed, len(commands)),
-                                                lambda _err: conn.disconnect())
+        replies: list[Any] = await conn.retry.call_with_retry(lambda: _exchange(conn, packed, len(commands)),
+                                                              lambda _err: conn.disconnect())
+        return replies
     finally:
         await asyncio.shield(pool.release(conn))  # as redis-py: a cancel must not cut the pool's bookkeeping
 
