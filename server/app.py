@@ -28,6 +28,7 @@ from .grpc_metrics import GrpcMetrics
 from .http import HttpServer
 from .metrics import InstanceCollector, Metrics, instance_figures
 from .node import NodeSessions
+from .resp import BatchRedis
 from .service import SchedulerService, add_to_server
 from .settings import Settings, is_local
 from .stats import PoolGauges
@@ -176,6 +177,7 @@ def connect_redis(settings: Settings) -> Any:
                             sentinel_kwargs={"ssl": True, **tls} if tls else None)
         return sentinel.master_for(settings.redis_sentinel_master, decode_responses=False,
                                    connection_pool_class=_BlockingSentinelPool, max_connections=bound, timeout=wait,
+                                   redis_class=BatchRedis,
                                    **({"ssl": True, **tls} if tls else {}), **_redis_auth(settings))
     url = settings.redis_url
     if tls and url.startswith("redis://"):
@@ -186,7 +188,7 @@ def connect_redis(settings: Settings) -> Any:
         url, decode_responses=False, max_connections=bound, timeout=wait,
         health_check_interval=30, **tls, **_redis_auth(settings),
     )
-    return aioredis.Redis.from_pool(pool)
+    return BatchRedis.from_pool(pool)
 
 
 async def close_redis(client: Any) -> None:

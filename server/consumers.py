@@ -8,7 +8,7 @@ import asyncio
 import heapq
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from . import keys
 from .store import Claim
@@ -77,13 +77,20 @@ class Consumer:
         self.hints.append(job_id)
 
 
-def in_turn(partitions: Iterable[list[tuple[str, float]]]) -> list[tuple[str, float]]:
-    """(job id, queue score) lists, each one partition's in its queue order, merged: highest priority
-    band first, then the partitions in turn. A score's pass is its partition's own virtual time
+def in_turn(partitions: Iterable[Iterable[tuple[str, float]]]) -> Iterator[tuple[str, float]]:
+    """(job id, queue score) sequences, each one partition's in its queue order, merged (lazily): highest
+    priority band first, then the partitions in turn. A score's pass is its partition's own virtual time
     (server/wire.py), so passes of two partitions are never compared."""
-    ranked = heapq.merge(*([(queue_band(score), rank, job_id, score) for rank, (job_id, score) in enumerate(found)]
+    ranked = heapq.merge(*(((queue_band(score), rank, job_id, score) for rank, (job_id, score) in enumerate(found))
                            for found in partitions))
-    return [(job_id, score) for _band, _rank, job_id, score in ranked]
+    return ((job_id, score) for _band, _rank, job_id, score in ranked)
+
+
+def _drain(heap: list[tuple[float, str]]) -> Iterator[tuple[str, float]]:
+    """A heap of (score, job id) popped in order (score, then job id) as (job id, score)."""
+    while heap:
+        score, job_id = heapq.heappop(heap)
+        yield job_id, score
 
 
 class LocalPool:
@@ -99,8 +106,8 @@ class LocalPool:
         self.by_node: dict[str, Consumer] = {}  # node id -> its consumer here (a session's preferred node)
         self.count = 0  # local consumers of the pool
         # Queued jobs heard of, oldest heard first: job id -> (its session's node, "" for any; its queue
-        # score, None while unknown). Paired in queue order (in_order()), not as heard.
-        self.hints: dict[str, tuple[str, float | None]] = {}
+        # score, None while unknown; its partition tag). Paired in queue order (in_order()), not as heard.
+        self.hints: dict[str, tuple[str, float | None, str]] = {}
         self.held: dict[str, float] = {}  # job id -> until (ms): held back for its session's node (code -9)
         self.unknown = True  # the queue may hold jobs missing from `hints`: peek it
         self.marks = 0  # times `unknown` was set: a peek sent before the latest one cannot clear it
@@ -125,24 +132,29 @@ class LocalPool:
         if known is None and len(self.hints) >= MAX_HINTS:
             self.hints.clear()
             self.mark_unknown()
-        if known is not None:
-            preferred, score = preferred or known[0], known[1] if score is None else score
-        self.hints[job_id] = (preferred, score)
+        if known is None:
+            self.hints[job_id] = (preferred, score, keys.tag_of(job_id))
+        else:
+            self.hints[job_id] = (preferred or known[0], known[1] if score is None else score, known[2])
 
-    def in_order(self) -> list[tuple[str, str]]:
+    def in_order(self) -> Iterator[tuple[str, str]]:
         """The jobs heard of as (job id, preferred node), in the queue's order as far as known: highest
         priority first, then the partitions in turn, each in its own (fair share) order, since a
         queue score is a partition's own virtual time (server/wire.py). So a tenant's backlog heard
-        first does not go before another tenant's next job. Jobs of unknown score go last, as heard."""
-        by_tag: dict[str, list[tuple[str, float]]] = {}
-        unknown: list[str] = []
-        for job_id, (_, score) in self.hints.items():
+        first does not go before another tenant's next job. Jobs of unknown score go last, as heard.
+        Lazy: a pass that pairs a few jobs of a long queue heard of costs a heapify, not a sort."""
+        by_tag: dict[str, list[tuple[float, str]]] = {}
+        unknown: list[tuple[str, str]] = []
+        for job_id, (preferred, score, tag) in self.hints.items():
             if score is None:
-                unknown.append(job_id)
+                unknown.append((job_id, preferred))
             else:
-                by_tag.setdefault(keys.tag_of(job_id), []).append((job_id, score))
-        known = in_turn(sorted(found, key=lambda pair: (pair[1], pair[0])) for found in by_tag.values())
-        return [(job_id, self.hints[job_id][0]) for job_id in [j for j, _ in known] + unknown]
+                by_tag.setdefault(tag, []).append((score, job_id))
+        for heap in by_tag.values():
+            heapq.heapify(heap)
+        for job_id, _score in in_turn(_drain(heap) for heap in by_tag.values()):
+            yield job_id, self.hints[job_id][0]  # (the caller pairs without awaiting: hints stay as they are)
+        yield from unknown
 
     def wanted(self, free: Callable[[Consumer], int]) -> bool:
         """Whether a consumer here wants work (those at the front that want none leave the turn)."""

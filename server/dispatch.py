@@ -297,7 +297,7 @@ class Dispatcher:
         order. A pass is a partition's own virtual time, so passes of two partitions are not compared."""
         tags = {pool: self.store.tags_of_pool(pool) for pool in pools}
         peeked = await self.store.peek([t for ts in tags.values() for t in ts], count)
-        return {pool: (in_turn(peeked[t] for t in ts), all(len(peeked[t]) < count for t in ts))
+        return {pool: (list(in_turn(peeked[t] for t in ts)), all(len(peeked[t]) < count for t in ts))
                 for pool, ts in tags.items()}
 
     async def _send(self, items: list[Item], now_ms: float) -> list[Claim | Exception]:

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoScriptError
 
 from ..fsm import MACHINE, Event, JobState, dests_of, fixed_dest, sources_of
-from . import keys, wire
+from . import keys, resp, wire
 
 if TYPE_CHECKING:
     from .metrics import RedisMetrics
 
+resp.use_hiredis()  # every client of a process that runs scripts packs its commands in C (server/resp.py)
 
 
 def _lua_table(items: dict[str, str]) -> str:

@@ -1,0 +1,125 @@
+"""How commands reach Redis: packed by hiredis (C), and plain pipelines sent without redis-py's per-command costs.
+
+redis-py's synchronous client packs with hiredis when it is installed (HiredisRespSerializer); its
+asyncio client always packs in Python, one encode and two joins per argument: ~17 us for a submit's
+34-argument EVALSHA on the dev machine, against ~2.5 us with hiredis.pack_command, and every job
+sends three such calls. Same bytes, same rules (a first argument "CONFIG GET" is split, a bool or
+None is a DataError), for every connection class (plain, TLS, Unix socket, Sentinel, cluster).
+
+A scheduler talking to one Redis (or Sentinel's master) pipelines through BatchRedis: a plain batch
+(WatchSession's reads, a pass's claims, ...) is one buffer, one write and one timeout over its replies,
+where redis-py's Pipeline arms a timer per reply and starts a task to give back the connection. A
+cluster keeps redis-py's ClusterPipeline (it routes each command to its node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from typing import Any
+
+import hiredis
+from redis.asyncio.client import Pipeline, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.client import EMPTY_RESPONSE, NEVER_DECODE
+from redis.exceptions import DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+PYTHON_PACK = AbstractConnection.pack_command  # redis-py's own, kept for comparison (tests/test_resp.py)
+
+
+def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
+    if isinstance(args[0], str):
+        args = tuple(args[0].encode().split()) + args[1:]
+    elif b" " in args[0]:
+        args = tuple(args[0].split()) + args[1:]
+    try:
+        return [hiredis.pack_command(args)]
+    except TypeError:  # a bytearray or memoryview (packed as bytes, as redis-py does), or a bool or None
+        args = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
+    try:
+        return [hiredis.pack_command(args)]
+    except TypeError as err:
+        raise DataError(f"{err} (command {args[0]!r})") from None
+
+
+def use_hiredis() -> None:
+    """Pack every redis.asyncio command with hiredis (idempotent; the process's clients, all modes)."""
+    AbstractConnection.pack_command = pack_command  # type: ignore[method-assign]
+
+
+async def send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Commands pipelined on one connection of `pool`: their raw replies (no response callbacks), a
+    command's error in its place. What redis-py's Pipeline.execute() does for a batch, without its
+    per-command costs (a timer per reply, a task to release the connection, its bookkeeping): one
+    buffer packed by hiredis, one write, one timeout (the socket timeout) over all the replies.
+    Retried as redis-py retries a pipeline (its Retry, on a connection or timeout error, on the
+    connection made again)."""
+    packed = b"".join(hiredis.pack_command(command) for command in commands)
+    conn = await pool.get_connection()
+    try:
+        replies: list[Any] = await conn.retry.call_with_retry(lambda: _exchange(conn, packed, len(commands)),
+                                                              lambda _err: conn.disconnect())
+        return replies
+    finally:
+        await asyncio.shield(pool.release(conn))  # as redis-py: a cancel must not cut the pool's bookkeeping
+
+
+async def _exchange(conn: Any, packed: bytes, count: int) -> list[Any]:
+    await conn.send_packed_command(packed)
+    replies: list[Any] = []
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            for _ in range(count):
+                try:
+                    replies.append(await conn.read_response(timeout=math.inf))  # inf: the batch's timeout covers it
+                except ResponseError as err:
+                    replies.append(err)
+    except TimeoutError:
+        await conn.disconnect(nowait=True)  # replies may still come: the connection is out of step
+        raise RedisTimeoutError("Timeout reading from Redis") from None
+    except BaseException:
+        await conn.disconnect(nowait=True)  # (cancelled halfway: the same)
+        raise
+    return replies
+
+
+class BatchPipeline(Pipeline):
+    """redis-py's Pipeline whose plain batches (no transaction, WATCH or Script) go by send_batch(), each
+    reply then through the client's response callback as Pipeline.execute() does."""
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        if self.is_transaction or self.explicit_transaction or self.watching or self.scripts:
+            return await super().execute(raise_on_error)
+        stack, self.command_stack = self.command_stack, []
+        if not stack:
+            return []
+        replies = await send_batch(self.connection_pool, [args for args, _ in stack])
+        out = []
+        for (args, options), reply in zip(stack, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                out.append(options.get(EMPTY_RESPONSE, reply))
+                continue
+            callback = self.response_callbacks.get(args[0])
+            if callback is not None:
+                reply = callback(reply, **{k: v for k, v in options.items() if k not in _NOT_FOR_CALLBACKS})
+                if inspect.isawaitable(reply):
+                    reply = await reply
+            out.append(reply)
+        if raise_on_error:
+            self.raise_first_error(stack, out)
+        return out
+
+
+_NOT_FOR_CALLBACKS = (EMPTY_RESPONSE, NEVER_DECODE, "keys")  # options Redis.parse_response takes out first
+
+
+class BatchRedis(Redis):
+    """A redis.asyncio.Redis whose non-transactional pipelines are BatchPipelines (the scheduler's
+    batches of script calls and reads: one a few times per job)."""
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)
+        return BatchPipeline(self.connection_pool, self.response_callbacks, False, None)

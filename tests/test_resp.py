@@ -1,0 +1,105 @@
+"""server/resp.py: commands packed by hiredis are byte for byte what redis.asyncio's Python packer sends,
+and they round-trip through a real Redis (one and a cluster); BatchRedis's plain pipelines answer as
+redis-py's do, and one cut halfway leaves no reply behind for the next caller."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from lingua_scheduler.server import resp
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection, Connection
+from redis.exceptions import DataError, ResponseError
+
+PYTHON_PACK = resp.PYTHON_PACK
+
+
+ARGS: list[tuple[Any, ...]] = [
+    ("EVALSHA", "a" * 40, 2, "k1", b"k2\x00\r\n", 0, -7, 2**70, 1.5, 1e20, "é ü", b"", ""),
+    ("CONFIG GET", "maxmemory-policy"),  # a command name of two words is split
+    (b"SET", b"key", bytearray(b"ba"), memoryview(b"mv")),
+    ("SET", "k", "x" * 100_000),  # past redis-py's buffer cutoff: it sends chunks, hiredis one buffer
+]
+
+
+@pytest.mark.parametrize("args", ARGS)
+def test_same_bytes_as_redis_py(args: tuple[Any, ...]) -> None:
+    conn = Connection()
+    python = b"".join(bytes(chunk) for chunk in PYTHON_PACK(conn, *args))
+    assert resp.pack_command(conn, *args) == [python]
+
+
+@pytest.mark.parametrize("bad", [True, None, object()])
+def test_refuses_what_redis_py_refuses(bad: Any) -> None:
+    with pytest.raises(DataError):
+        resp.pack_command(Connection(), "SET", "k", bad)
+
+
+async def test_round_trip(redis: Any) -> None:
+    assert AbstractConnection.pack_command is resp.pack_command  # the scheduler's clients use it
+    value = b"\x00\r\n\xff" + "é".encode()
+    await redis.set("resp:{t}:a", value)
+    assert await redis.get("resp:{t}:a") == value
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set("resp:{t}:b", 12)
+        pipe.incrbyfloat("resp:{t}:b", 0.5)
+        pipe.get("resp:{t}:a")
+        assert await pipe.execute() == [True, 12.5, value]
+
+
+@pytest.mark.single_redis
+async def test_batch_pipeline_replies_as_redis_py(redis: Any) -> None:
+    """The scheduler's client (BatchRedis) gives a plain pipeline's replies as redis-py's Pipeline does:
+    response callbacks applied, a failed command's error in its place or raised, annotated."""
+    assert isinstance(redis, resp.BatchRedis)
+    plain = Redis(connection_pool=redis.connection_pool)  # redis-py's own Pipeline, on the same server
+
+    async def both(build: Any, raise_on_error: bool = False) -> list[Any]:
+        got = []
+        for client in (redis, plain):
+            await redis.delete("b:h", "b:z")
+            async with client.pipeline(transaction=False) as pipe:
+                build(pipe)
+                got.append(await pipe.execute(raise_on_error=raise_on_error))
+        return got
+
+    def queue(pipe: Any) -> None:
+        pipe.hset("b:h", mapping={"a": "1", "b": b"\x00"})
+        pipe.hgetall("b:h")
+        pipe.zadd("b:z", {"x": 1.5, "y": 2})
+        pipe.zrangebyscore("b:z", 0, "+inf", withscores=True)
+        pipe.get("b:none")
+        pipe.incr("b:h")  # WRONGTYPE: an error in its place
+        pipe.exists("b:h")
+
+    ours, theirs = await both(queue)
+    assert isinstance(ours.pop(), int) and isinstance(theirs.pop(), int)
+    assert isinstance(ours[5], ResponseError) and str(ours[5]) == str(theirs[5])
+    assert ours[:5] == theirs[:5] == [2, {b"a": b"1", b"b": b"\x00"}, 2, [(b"x", 1.5), (b"y", 2.0)], None]
+    await redis.set("b:s", "x")
+    with pytest.raises(ResponseError, match=r"Command # 1 .*not an integer"):
+        await both(lambda pipe: pipe.incr("b:s").get("b:none"), raise_on_error=True)
+    async with redis.pipeline(transaction=False) as pipe:
+        assert await pipe.execute() == []
+
+
+@pytest.mark.single_redis
+async def test_batch_cut_halfway_leaves_no_reply_behind(redis: Any) -> None:
+    """A batch cancelled while its replies are on their way closes its connection: the next command
+    on the pool gets its own reply, not the cut batch's."""
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):  # cut while the BLPOP's reply is awaited (it comes in a second)
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.set("b:k", "first")
+                pipe.blpop(["b:empty"], timeout=1)
+                await pipe.execute()
+    assert await redis.get("b:k") == b"first"  # the batch was sent
+    for _ in range(20):  # every pooled connection answers its own command
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set("b:k", "again")
+            pipe.get("b:k")
+            assert await pipe.execute() == [True, b"again"]
+    await redis.rpush("b:empty", "late")  # would answer the cut BLPOP if it were still waiting
+    assert await redis.lrange("b:empty", 0, -1) == [b"late"]  # the cut BLPOP took nothing: its connection closed
