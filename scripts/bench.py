@@ -77,6 +77,53 @@ def commands_line(run: Run) -> str:
     return "  commands per lifecycle: " + ", ".join(f"{k} {v:.2f}" for k, v in top)
 
 
+def scrape_dispatch(http: str) -> dict[float, float]:
+    """lingua_dispatch_latency_seconds_bucket of the scheduler at `http`, summed over pools: le -> count."""
+    if not http:
+        return {}
+    import urllib.request
+    out: dict[float, float] = {}
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("lingua_dispatch_latency_seconds_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                bound = float("inf") if le == "+Inf" else float(le)
+                out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def histogram_pct(buckets: dict[float, float], p: float) -> float:
+    """The p-th percentile (ms) of a cumulative histogram, linear within a bucket (as Prometheus'
+    histogram_quantile does)."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0
+    if not total:
+        return float("nan")
+    rank, low, below = total * p / 100, 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if bound == float("inf"):
+                return low * 1000
+            return (low + (bound - low) * (rank - below) / max(buckets[bound] - below, 1e-9)) * 1000
+        low, below = bound, buckets[bound]
+    return low * 1000
+
+
+def within(buckets: dict[float, float], bound: float) -> float:
+    """Share of a cumulative histogram's observations at most `bound` (a bucket bound, s)."""
+    total = buckets.get(float("inf"), 0.0)
+    return buckets.get(bound, 0.0) / total if total else float("nan")
+
+
+def server_dispatch(run: Run) -> str:
+    """The scheduler's own dispatch latency over a row (its histogram), in words."""
+    h = run.server_dispatch
+    if not h:
+        return "the scheduler's histogram: not read (operations port off)"
+    return (f"the scheduler's histogram (Submit's commit -> claim, Redis clock): p50 {histogram_pct(h, 50):.2f} "
+            f"p99 {histogram_pct(h, 99):.2f} ms, {within(h, 0.005):.1%} within 5 ms")
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else float("nan")
@@ -116,6 +163,9 @@ class Run:
     redis_cpu_us: float = 0.0
     sched_cpu_per_1000: float = 0.0
     bench_cpu_per_1000: float = 0.0  # this process: the clients and nodes (their side of TLS, say)
+    # The scheduler's own lingua_dispatch_latency_seconds over the row (Submit's commit -> the claim, by
+    # Redis' clock): bucket bound (s) -> count, cumulative. The load generator's delays are not in it.
+    server_dispatch: dict[float, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -125,8 +175,10 @@ class Run:
 class Lifecycle:
     """Clients and simulated nodes against one scheduler process."""
 
-    def __init__(self, address: str, pid: int, redis_url: str, token: str | None = None, tls: TLS | None = None) -> None:
+    def __init__(self, address: str, pid: int, redis_url: str, token: str | None = None, tls: TLS | None = None,
+                 http: str = "") -> None:
         self.address, self.pid, self.redis_url, self.token, self.tls = address, pid, redis_url, token, tls
+        self.http = http
         self.sent: dict[tuple[str, int], float] = {}
         self.seq = 0
 
@@ -209,6 +261,7 @@ class Lifecycle:
         nodes = [await self.start_node(run, i) for i in range(run.nodes)]
         stubs = [AsyncClient(self.address, token=self.token, tls=self.tls or False, options=OWN_CONNECTION)
                  for _ in range(run.clients)]
+        hist0 = scrape_dispatch(self.http)
         before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
         own0 = time.process_time()
         if rate:  # open loop: a new lifecycle every 1/rate s
@@ -231,6 +284,7 @@ class Lifecycle:
         run.seconds = time.perf_counter() - t0
         own1 = time.process_time()
         after, cpu1 = await redis_counters(redis), cpu_seconds(self.pid)
+        run.server_dispatch = {le: n - hist0.get(le, 0.0) for le, n in scrape_dispatch(self.http).items()}
         run.jobs = len(run.e2e_ms)
         run.lua = (after.get("evalsha", 0) - before.get("evalsha", 0)) / run.jobs
         run.by_command = {k: (after[k] - before.get(k, 0)) / run.jobs for k in after
@@ -249,7 +303,8 @@ class Lifecycle:
         return run
 
 
-def start_scheduler(redis_url: str, profile: Path | None, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_scheduler(redis_url: str, profile: Path | None, *flags: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The scheduler's process, its gRPC address and its operations HTTP address ("" when off)."""
     prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
     proc = subprocess.Popen([*prefix, "-m", "lingua_scheduler.server",
             "--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
@@ -259,7 +314,13 @@ def start_scheduler(redis_url: str, profile: Path | None, *flags: str) -> tuple[
     line = proc.stdout.readline().decode()
     if "listening on" not in line:
         raise RuntimeError(f"scheduler did not start: {line!r}")
-    return proc, line.rsplit(" ", 1)[-1].strip()
+    http = ""
+    if "--http-listen" not in flags and not WORKERS:  # the port is on: its line follows
+        http_line = proc.stdout.readline().decode()
+        if "http on" not in http_line:
+            raise RuntimeError(f"scheduler did not print its http port: {http_line!r}")
+        http = http_line.rsplit(" ", 1)[-1].strip()
+    return proc, line.rsplit(" ", 1)[-1].strip(), http
 
 
 def stop_scheduler(proc: subprocess.Popen[bytes]) -> None:
@@ -299,9 +360,9 @@ async def lifecycle(redis_url: str, run: Run, jobs: int, rate: float = 0.0, prof
     client = aioredis.from_url(redis_url)
     await client.flushall()  # the bench's own Redis
     await client.aclose()
-    proc, address = start_scheduler(redis_url, profile, *security.flags)
+    proc, address, http = start_scheduler(redis_url, profile, *security.flags)
     try:
-        return await Lifecycle(address, proc.pid, redis_url, security.token, security.tls).run(run, jobs, rate)
+        return await Lifecycle(address, proc.pid, redis_url, security.token, security.tls, http).run(run, jobs, rate)
     finally:
         stop_scheduler(proc)
 
@@ -587,6 +648,8 @@ node (the SDK's Node, zero processing time) receives it over NodeSession and ack
 message, the client learns the result over WatchJob (rows marked WatchSession: over one WatchSession
 stream per session, {SESSIONS_PER_CLIENT} live sessions per client, each batch spread over them).
 {args.jobs} jobs per row (the best of the rounds); the half-load row submits open-loop at half the best rate.
+At half rate, {server_dispatch(half)}: the dispatch column above also holds the load generator's own
+delays (the Submit call, its event loop shared by every client and node on the same 2 cores).
 Latencies in ms (p50 / p99 [/ max]); "cmds" counts every Redis command including those run inside Lua.
 
 | clients x nodes, batch | lifecycles/s | Submit | dispatch (submit -> node) | end to end | cmds/job | Lua calls/job \
@@ -697,7 +760,7 @@ async def main_async(args: argparse.Namespace) -> int:
         half = Run(f"{best.clients} x {best.nodes}, batch {best.batch}, at half rate", best.clients, best.nodes, best.batch)
         await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
         print(f"half rate ({best.rate / 2:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
-              f"p99 {pct(half.dispatch_ms, 99):.2f} ms", flush=True)
+              f"p99 {pct(half.dispatch_ms, 99):.2f} ms; {server_dispatch(half)}", flush=True)
         mem = await memory(redis.url, args.memory_jobs)
         print(f"memory: {mem}", flush=True)
         profile = "(run with --profile for a cProfile of the hot paths)"
