@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-15.lua). Band 0 is
+# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-13.lua). Band 0 is
 # priority 9; within a band a tenant's jobs are FAIR_STEP / weight apart in passes, and a tenant that
 # joins starts at the band's virtual clock, so tenants take turns. Scores stay exact integers in a
 # double (< 10 * 2^49 < 2^53); a band's clock restarts from 0 when it passed FAIR_RESET and the band is empty.
@@ -27,6 +27,12 @@ def fair_step(weight: float) -> int:
     """How far apart a tenant of this weight puts its jobs in a band (passes; at least 1)."""
     return max(1, round(FAIR_STEP / weight))
 
+
+# A job's spec in its record (the prelude's spec_pieces): fields spec1, spec2, ... of at most SPEC_PIECE
+# bytes, so the record stays a listpack (a hash value over hash-max-listpack-value, 64 by default, turns the
+# whole hash into a hashtable, several times its memory). Scripts read the first SPEC_READ pieces in the
+# HMGET of the record, the rest (a spec over 256 bytes) piece by piece.
+SPEC_PIECE, SPEC_READ = 64, 4
 
 # A held job's score in its partition's held zset (keys.PartitionKeys.held): ZCOUNT by score counts each state.
 HELD_ASSIGNED, HELD_RUNNING = 0, 1
