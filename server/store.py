@@ -111,13 +111,15 @@ def history(h: dict[bytes, bytes], after: int = 0) -> list[dict[str, Any]]:
         out.append({"s": _SUBMITTED, "v": 1, "a": 0, "n": "", "e": str(Event.SUBMIT), "t": created})
     for v in range(max(after + 1, 2), version + 1):
         raw = h.get(b"h%d" % v)
-        if raw is None:
-            continue  # (none is missing: every change but the submit stores its entry)
-        s, e, a, n, t, *error = json.loads(raw)
-        entry = {"s": s, "v": v, "a": a, "n": n, "e": e, "t": created + t}
-        if error:
-            entry["ec"], entry["em"], entry["er"] = error
-        out.append(entry)
+        if raw is not None:
+            s, e, a, n, t, *error = json.loads(raw)
+            entry = {"s": s, "v": v, "a": a, "n": n, "e": e, "t": created + t}
+            if error:
+                entry["ec"], entry["em"], entry["er"] = error
+            out.append(entry)
+        elif v == version:  # a record an earlier version wrote (its events list is not read): its current state
+            out.append({"s": _s(h.get(b"state")), "v": v, "a": _i(h.get(b"att")), "n": _s(h.get(b"node")),
+                        "e": _s(h.get(b"ev")), "t": _i(h.get(b"updated"))})
     return out
 
 

@@ -113,3 +113,19 @@ async def test_a_watch_started_mid_life_sees_what_a_watch_from_the_start_saw(stu
     assert late_events == early_events
     replay = [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id))]  # all from the record
     assert replay == early_events
+
+
+async def test_a_finished_job_an_earlier_version_wrote_is_watched_to_its_end(
+        stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """Its record has no state changes (they were in an events list, not read): WatchJob shows its submit
+    and its current state, and ends, rather than waiting for changes that will never come."""
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+    a = await assign(stub)
+    await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=a.attempt, node_id="n1", lease_token=a.lease_token,
+                                           result=pb.JobResult(text_asr="x")))
+    await redis.hdel(keys.JobKeys.of(job_id).fsm, "h2", "h3")
+    job = await stub.GetJob(pb.GetJobRequest(job_id=job_id))
+    events = [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id))]
+    assert [(e.version, e.event, e.state) for e in events] == [(1, "submit", pb.JOB_STATE_QUEUED),
+                                                               (3, "complete", pb.JOB_STATE_SUCCEEDED)]
+    assert events[1].at == job.updated_at and events[1].node_id == "n1" and events[1].attempt == 1
