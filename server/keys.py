@@ -66,7 +66,7 @@ JOB_RECORD, JOB_CHANNEL = "fsm", "events"
 class JobKeys:
     """The keys of one job (all in its partition's slot), and its channel."""
 
-    fsm: str  # HASH: the FSM record, the spec (`spec1`, `spec2`, ...) and the state changes (`h2`, `h3`, ...)
+    fsm: str  # HASH: the FSM record, the spec (`spec`) and the state changes (`h2`, `h3`, ...; long values in pieces)
     payload: str
     result: str
     channel: str  # pub/sub channel of the job's state changes while someone watches it (WatchJob): not a key

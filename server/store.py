@@ -83,18 +83,9 @@ def parse_views(job_ids: list[str], replies: list[Any]) -> list[JobView | None]:
     views: list[JobView | None] = []
     for i, job_id in enumerate(job_ids):
         h, result = replies[2 * i: 2 * i + 2]
-        views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(spec_bytes(h)),
+        views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(wire.joined(h, b"spec") or b""),
                              pb.JobResult.FromString(result) if result is not None else None, None) if h else None)
     return views
-
-
-def spec_bytes(h: dict[bytes, bytes]) -> bytes:
-    """The serialized spec (without payload) of a record read whole: its pieces spec1, spec2, ... (server/wire.py)."""
-    pieces, i = [], 1
-    while (piece := h.get(b"spec%d" % i)) is not None:
-        pieces.append(piece)
-        i += 1
-    return b"".join(pieces)
 
 
 _SUBMITTED = str(fixed_dest(Event.SUBMIT))
@@ -103,14 +94,15 @@ _SUBMITTED = str(fixed_dest(Event.SUBMIT))
 def history(h: dict[bytes, bytes], after: int = 0) -> list[dict[str, Any]]:
     """The state changes of a record read whole, oldest first, from version `after` + 1 on: what the
     scripts published as they happened ({s, v, a, n, e, t}, and ec, em, er with an error). The submit
-    (version 1) is not stored: it is the record's creation. Version v (2 and on) is field `h<v>`, holding
-    [s, e, a, n, t - created] or [s, e, a, n, t - created, ec, em, er] (the Lua prelude's record_event)."""
+    (version 1) is not stored: it is the record's creation. Version v (2 and on) is field `h<v>` (in pieces
+    when long), holding [s, e, a, n, t - created] or [s, e, a, n, t - created, ec, em, er] (JSON; the Lua
+    prelude's record_event)."""
     created, version = _i(h.get(b"created")), _i(h.get(b"ver"))
     out: list[dict[str, Any]] = []
     if after < 1 <= version:
         out.append({"s": _SUBMITTED, "v": 1, "a": 0, "n": "", "e": str(Event.SUBMIT), "t": created})
     for v in range(max(after + 1, 2), version + 1):
-        raw = h.get(b"h%d" % v)
+        raw = wire.joined(h, b"h%d" % v)
         if raw is not None:
             s, e, a, n, t, *error = json.loads(raw)
             entry = {"s": s, "v": v, "a": a, "n": n, "e": e, "t": created + t}
@@ -373,7 +365,7 @@ class Store:
         if not visible(record.tenant):
             raise JobNotFound(f"job {job_id} not found")
         payload = await self.redis.get(jk.payload) if include_payload else None
-        return JobView(record, pb.JobSpec.FromString(spec_bytes(h)),
+        return JobView(record, pb.JobSpec.FromString(wire.joined(h, b"spec") or b""),
                        pb.JobResult.FromString(result) if result is not None else None, payload)
 
     async def session_read(self, tenant_id: str, session_id: str, span: tuple[int, int | None] | None,

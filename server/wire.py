@@ -28,11 +28,25 @@ def fair_step(weight: float) -> int:
     return max(1, round(FAIR_STEP / weight))
 
 
-# A job's spec in its record (the prelude's spec_pieces): fields spec1, spec2, ... of at most SPEC_PIECE
-# bytes, so the record stays a listpack (a hash value over hash-max-listpack-value, 64 by default, turns the
-# whole hash into a hashtable, several times its memory). Scripts read the first SPEC_READ pieces in the
-# HMGET of the record, the rest (a spec over 256 bytes) piece by piece.
-SPEC_PIECE, SPEC_READ = 64, 4
+# A record keeps a value longer than PIECE bytes (its spec, usually; a state change with a long error) in
+# pieces, fields <name>, <name>+2, ... (the Lua prelude's pieces()): one hash value over Redis's
+# hash-max-listpack-value (64 by default) turns the whole hash from a listpack into a hashtable, several
+# times its memory. Scripts read the spec's first SPEC_READ pieces in the HMGET of the record, the rest
+# (a spec over 256 bytes) piece by piece.
+PIECE, SPEC_READ = 64, 4
+
+
+def joined(h: dict[bytes, bytes], name: bytes) -> bytes | None:
+    """A value of a record read whole (HGETALL), from its pieces; None when it has none."""
+    first = h.get(name)
+    if first is None:
+        return None
+    out, i = [first], 2
+    while (piece := h.get(b"%s+%d" % (name, i))) is not None:
+        out.append(piece)
+        i += 1
+    return b"".join(out)
+
 
 # A held job's score in its partition's held zset (keys.PartitionKeys.held): ZCOUNT by score counts each state.
 HELD_ASSIGNED, HELD_RUNNING = 0, 1

@@ -39,7 +39,7 @@ async def test_a_queued_job_is_its_record_and_payload_and_a_long_spec_keeps_it_c
                 trace_context={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "tracestate": "v=" + "t" * 200})
     job_id = (await stub.Submit(pb.SubmitRequest(jobs=[long]))).results[0].job_id
     fsm = keys.JobKeys.of(job_id).fsm
-    assert len(long.SerializeToString()) > 4 * 64 and await redis.hexists(fsm, "spec6")
+    assert len(long.SerializeToString()) > 4 * 64 and await redis.hexists(fsm, "spec+6")
     assert await redis.object("encoding", fsm) in (b"listpack", b"ziplist")  # ziplist: Redis 6.2
     assert (await stub.GetJob(pb.GetJobRequest(job_id=job_id))).spec == long
     for _ in range(3):
@@ -60,6 +60,15 @@ async def test_a_finished_job_is_its_record_and_result_both_expiring(
     jk = keys.JobKeys.of(job_id)
     fsm_ttl, result_ttl = await redis.pttl(jk.fsm), await redis.pttl(jk.result)
     assert result_ttl > app.settings.retention_ms - 5_000 and abs(fsm_ttl - result_ttl) < 1_000  # one expiry
+    assert await redis.object("encoding", jk.fsm) in (b"listpack", b"ziplist")
+    # A cancel's state change (its error with it) is longer than a hash value may be in a listpack: stored
+    # in pieces, so the record stays one, and read back whole.
+    cancelled = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0].job_id
+    await stub.CancelJob(pb.CancelJobRequest(job_id=cancelled))
+    fsm = keys.JobKeys.of(cancelled).fsm
+    assert await redis.hexists(fsm, "h2+2") and await redis.object("encoding", fsm) in (b"listpack", b"ziplist")
+    (_, last) = [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=cancelled))]
+    assert last.error == pb.JobError(code="LINGUA_CANCELLED", message="cancelled by client") and last.version == 2
 
 
 async def test_an_unwatched_job_publishes_nothing(app: App, stub: pb_grpc.SchedulerStub) -> None:

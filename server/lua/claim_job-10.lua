@@ -107,10 +107,10 @@ if clock and score > clock then
     rcall("ZADD", fairKey, to, clockMember)
   end
 end
-local eventField, eventValue = record_event(fsmKey, f[13], f[11], {s = dest, v = version, a = attempt, n = nodeId,
-  e = E.assign, t = now})
+local change = record_event(fsmKey, f[13], f[11], {s = dest, v = version, a = attempt, n = nodeId, e = E.assign,
+  t = now})
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
-  "tok", token, "lease", lease, "started", 0, "updated", now, "asg", now, eventField, eventValue)
+  "tok", token, "lease", lease, "started", 0, "updated", now, "asg", now, unpack(change))
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
 rcall("ZADD", affinityAtKey, now, f[7])

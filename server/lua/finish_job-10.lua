@@ -86,11 +86,11 @@ if (guard == "lease" and (lease == 0 or lease > now)) or (guard == "deadline" an
 end
 
 local version = tonumber(f[2]) + 1
-local eventField, eventValue = record_event(fsmKey, f[12], f[13], {s = dest, v = version, a = tonumber(f[3]),
+local change = record_event(fsmKey, f[12], f[13], {s = dest, v = version, a = tonumber(f[3]),
   n = f[4], e = event, t = now, ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
 -- `done`: the done bucket that counts the job (RetryJob counts it out of that one).
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now, "done", doneKey,
-  eventField, eventValue)
+  unpack(change))
 if ARGV[9] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[9], "emsg", ARGV[10], "eretry", ARGV[11])
 end

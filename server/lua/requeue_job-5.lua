@@ -74,10 +74,10 @@ local avoid = f[7]
 if ARGV[11] == "1" and not string.find(avoid, "," .. f[4] .. ",", 1, true) then
   avoid = avoid .. f[4] .. ","
 end
-local eventField, eventValue = record_event(fsmKey, f[10], f[11], {s = dest, v = version, a = attempt, n = f[4],
+local change = record_event(fsmKey, f[10], f[11], {s = dest, v = version, a = attempt, n = f[4],
   e = event, t = now, ec = ARGV[8], em = ARGV[9], er = ARGV[10]})
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "att", attempt, "lease", 0,
-  "updated", now, "avoid", avoid, eventField, eventValue)
+  "updated", now, "avoid", avoid, unpack(change))
 if ARGV[8] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[8], "emsg", ARGV[9], "eretry", ARGV[10])
 end

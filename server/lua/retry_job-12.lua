@@ -64,11 +64,11 @@ end
 local dest = FIXED[E.retry]
 local version = tonumber(f[2]) + 1
 -- The reason rides as the event's error (code LINGUA_RETRIED), as a cancel's does; last_error stays.
-local eventField, eventValue = record_event(fsmKey, f[9], f[4], {s = dest, v = version, a = 0, n = "", e = E.retry,
+local change = record_event(fsmKey, f[9], f[4], {s = dest, v = version, a = 0, n = "", e = E.retry,
   t = now, ec = "LINGUA_RETRIED", em = ARGV[6], er = "0"})
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.retry, "att", 0, "maxatt", maxAttempts, "tok", "",
   "lease", 0, "dl", deadline, "ttl", ttl, "started", 0, "updated", now, "avoid", ",", "pref", "",
-  eventField, eventValue)
+  unpack(change))
 rcall("PERSIST", fsmKey)
 rcall("PERSIST", payloadKey)
 local retention = tonumber(ARGV[7])

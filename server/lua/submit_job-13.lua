@@ -4,7 +4,7 @@
 
   Input:
     KEYS[1] idempotency key (identity -> "<job id> <spec digest>")
-    KEYS[2] job fsm hash (the record; the spec in pieces, spec1, spec2, ...; no state change stored yet:
+    KEYS[2] job fsm hash (the record, with the spec: `spec` and its pieces; no state change stored yet:
             the submit is derived from the record)
     KEYS[3] job payload
     KEYS[4] partition queue zset
@@ -98,7 +98,7 @@ end
 local state = FIXED[E.submit]
 rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxatt", ARGV[5], "node", "",
   "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
-  "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance, unpack(spec_pieces(ARGV[2])))
+  "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance, unpack(pieces({}, "spec", ARGV[2])))
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
 end

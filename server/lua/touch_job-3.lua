@@ -53,10 +53,9 @@ elseif acking then
   state = FIXED[E.start]
   version = version + 1
   started = now
-  local eventField, eventValue = record_event(fsmKey, f[9], f[10], {s = state, v = version, a = tonumber(f[3]),
-    n = nodeId, e = E.start, t = now})
-  rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now,
-    eventField, eventValue)
+  local change = record_event(fsmKey, f[9], f[10], {s = state, v = version, a = tonumber(f[3]), n = nodeId,
+    e = E.start, t = now})
+  rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now, unpack(change))
   rcall("ZADD", heldKey, HELD_SCORE[state], jobId)
 end
 local xto = tonumber(f[7])
