@@ -138,3 +138,15 @@ async def test_a_finished_job_an_earlier_version_wrote_is_watched_to_its_end(
     assert [(e.version, e.event, e.state) for e in events] == [(1, "submit", pb.JOB_STATE_QUEUED),
                                                                (3, "complete", pb.JOB_STATE_SUCCEEDED)]
     assert events[1].at == job.updated_at and events[1].node_id == "n1" and events[1].attempt == 1
+
+
+async def test_watching_marks_only_a_job_that_may_still_change(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    queued, done = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(utterance_index=0), spec(utterance_index=1)]))).results]
+    await stub.CancelJob(pb.CancelJobRequest(job_id=done))
+    assert [e.state async for e in stub.WatchJob(pb.WatchJobRequest(job_id=done))][-1] == pb.JOB_STATE_CANCELLED
+    watch = stub.WatchJob(pb.WatchJobRequest(job_id=queued))
+    await watch.read()
+    assert await redis.hget(keys.JobKeys.of(queued).fsm, "w") == b"1"
+    assert await redis.hget(keys.JobKeys.of(done).fsm, "w") is None  # read only: nothing will change
+    watch.cancel()
