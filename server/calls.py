@@ -186,7 +186,7 @@ class RetryJob:
 
 @dataclass(frozen=True, slots=True)
 class WatchJob:
-    """WatchJob's first read: the job's record (with its state changes), marking it watched."""
+    """Marks the job watched (WatchJob, before it reads the record in the same round trip)."""
 
     job_id: str
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lingua_sdk import pb
+from redis.exceptions import NoScriptError
 from ulid import ULID
 
 from ..fsm import (
@@ -394,10 +395,20 @@ class Store:
         """WatchJob's first read, one round trip: marks the job watched (its later state changes are
         published on its channel: subscribe first), and returns every state change so far and its tenant.
         JobNotFound when its record is gone."""
-        reply = await self.scripts.call(self.redis, WatchJob(job_id).call())
-        if not reply:
+        call = WatchJob(job_id).call()
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVALSHA", *self.scripts.args(call))  # marked first, then read
+                pipe.hgetall(keys.JobKeys.of(job_id).fsm)
+                marked, h = await pipe.execute(raise_on_error=False)
+            if not isinstance(marked, NoScriptError):
+                break
+            await self.scripts.load(self.redis, call.script)  # (Redis restarted: its script cache is empty)
+        for reply in (marked, h):
+            if isinstance(reply, Exception):
+                raise reply
+        if not h:
             raise JobNotFound(f"job {job_id} not found")
-        h = dict(zip(reply[::2], reply[1::2], strict=True))
         return history(h), JobRecord.parse(job_id, h).tenant
 
     async def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:

@@ -1,26 +1,26 @@
 --[[
-  WatchJob's first read: marks the job watched (`w`: from now on the scripts publish its state changes on
-  its channel) and returns its record, spec and state changes, in one step, so that every change is either
-  in what this returns or published after it (the caller subscribed to the channel before). A job in a
-  state no event leaves (succeeded, cancelled) is not marked: nothing will change.
+  Marks a job watched (`w`: from now on the scripts publish its state changes on its channel), unless it
+  is in a state no event leaves (succeeded, cancelled: nothing will change, and reading writes nothing).
+  WatchJob subscribes to the channel first, then sends this and an HGETALL of the record in one pipeline,
+  in that order: every change is in what the HGETALL reads or published after this ran (a change in
+  between is both: the watcher skips the versions it has sent). Returning the record from here would
+  cost its conversion to Lua and back (about twice the Redis CPU of the read).
 
   Input:
     KEYS[1] job fsm hash
 
   Output:
-    the record as HGETALL gives it (field, value, ...) before `w` was set; {} when the job is not found
+    1   marked
+    0   not: no such job, or a state no event leaves
 ]]
 local fsmKey = KEYS[1]
-local record = rcall("HGETALL", fsmKey)
-for i = 1, #record, 2 do
-  if record[i] == "state" then
-    for event in pairs(SOURCES) do
-      if allowed(event, record[i + 1]) then
-        rcall("HSET", fsmKey, "w", 1)
-        break
-      end
+local state = rcall("HGET", fsmKey, "state")
+if state then
+  for event in pairs(SOURCES) do
+    if allowed(event, state) then
+      rcall("HSET", fsmKey, "w", 1)
+      return 1
     end
-    break
   end
 end
-return record
+return 0
