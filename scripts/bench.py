@@ -723,8 +723,8 @@ async def main_async(args: argparse.Namespace) -> int:
                                           security=modes[mode])
                     print(f"{run.label} [{kind}]: {run.rate:.0f}/s, dispatch p50 {pct(run.dispatch_ms, 50):.2f} ms, "
                           f"e2e p50 {pct(run.e2e_ms, 50):.2f} ms, {run.lua:.2f} Lua/job, {run.commands:.1f} commands/job, "
-                          f"{run.sched_cpu_per_1000:.2f} sched CPU s/1000, {run.bench_cpu_per_1000:.2f} "
-                          "clients+nodes CPU s/1000", flush=True)
+                          f"{run.redis_cpu_us:.0f} us Redis CPU/job, {run.sched_cpu_per_1000:.2f} sched CPU s/1000, "
+                          f"{run.bench_cpu_per_1000:.2f} clients+nodes CPU s/1000", flush=True)
                     done[(kind, mode)].append(run)
                     if args.commands:
                         print(commands_line(run), flush=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import signal
@@ -45,6 +44,7 @@ from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import connect_redis
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
+from lingua_scheduler.server.store import history
 from lingua_sdk import Assignment, AsyncClient, LinguaError, PermissionDenied, Unauthenticated, pb, pb_grpc
 from lingua_sdk.node import Handler, Outcome
 from redis_cluster import LocalCluster, free_ports
@@ -403,7 +403,7 @@ class Chaos:
                     rep.missing += 1
                     continue
                 state = h[b"state"]
-                events = [json.loads(e) for e in await client.lrange(jk.events, 0, -1)]
+                events = history(h)
                 if state not in TERMINAL:
                     rep.not_terminal += 1
                     continue

@@ -47,7 +47,7 @@ class SubmitJob:
         jk, pk, wake = _job(self.job_id)
         shard, sk = _shard(self.job_id)
         rate_key, rate_expiry = buckets.rate(shard, buckets.now_ms())
-        return Call("submit_job", [self.identity, jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers,
+        return Call("submit_job", [self.identity, jk.fsm, jk.payload, pk.queue, pk.timers,
                                    pk.affinity, self.session_jobs, pk.fair, pk.waiting, pk.jobs,
                                    keys.tenant_jobs(shard, self.tenant_id), sk.pools, rate_key], [
             self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
@@ -75,8 +75,8 @@ class ClaimJob:
 
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
-        return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.meta, jk.payload,
-                                  jk.events, pk.fair, pk.waiting, pk.held, pk.paused], [
+        return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.payload,
+                                  pk.fair, pk.waiting, pk.held, pk.paused], [
             self.job_id, self.node_id, self.token, self.ack_timeout_ms, self.affinity_wait_ms, self.hint_count,
             self.avoid_ms, self.affinity_ttl_ms,
         ])
@@ -92,7 +92,7 @@ class TouchJob:
 
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
-        return Call("touch_job", [jk.fsm, jk.events, pk.timers, pk.held],
+        return Call("touch_job", [jk.fsm, pk.timers, pk.held],
                     [self.job_id, self.node_id, self.token, self.lease_ms, self.mode])
 
 
@@ -132,7 +132,7 @@ class FinishJob:
         now = buckets.now_ms()
         rate_key, rate_expiry = buckets.rate(shard, now)
         done_key, done_expiry = buckets.done(shard, now, self.retention_ms)
-        return Call("finish_job", [jk.fsm, jk.meta, jk.payload, jk.result, jk.events, pk.queue, pk.timers,
+        return Call("finish_job", [jk.fsm, jk.payload, jk.result, pk.queue, pk.timers,
                                    pk.waiting, pk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest)], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
@@ -155,7 +155,7 @@ class RequeueJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         o, f = self.outcome, self.fence
-        return Call("requeue_job", [jk.fsm, jk.events, pk.queue, pk.timers, pk.waiting, pk.held], [
+        return Call("requeue_job", [jk.fsm, pk.queue, pk.timers, pk.waiting, pk.held], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             self.backoff_ms, o.error_code, o.error_message, int(o.error_retryable), int(self.avoid), self.guard,
             wake, int(self.give_back_attempt),
@@ -182,12 +182,22 @@ class RetryJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         shard, sk = _shard(self.job_id)
-        return Call("retry_job", [jk.fsm, jk.meta, jk.payload, jk.events, pk.queue, pk.timers, pk.waiting,
+        return Call("retry_job", [jk.fsm, jk.payload, pk.queue, pk.timers, pk.waiting,
                                   keys.ended_jobs(shard, self.state), self.done_bucket, self.identity,
                                   self.session_jobs, pk.jobs, keys.tenant_jobs(shard, self.tenant_id), sk.pools], [
             self.job_id, self.version, self.deadline_ms, self.max_job_ttl_ms, self.max_attempts, self.reason,
             self.retention_ms, wake,
         ])
+
+
+@dataclass(frozen=True, slots=True)
+class WatchJob:
+    """Marks the job watched (WatchJob, before it reads the record in the same round trip)."""
+
+    job_id: str
+
+    def call(self) -> Call:
+        return Call("watch_job", [keys.JobKeys.of(self.job_id).fsm], [])
 
 
 @dataclass(frozen=True, slots=True)

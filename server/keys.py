@@ -57,20 +57,24 @@ def shard_of_tag(tag: str) -> str:
     return tag[tag.index(":{") + 1:]
 
 
+# The name ends of a job's record key and of its WatchJob channel (the Lua prelude derives the channel
+# from the record's key: a channel is not a key, so a script may name it).
+JOB_RECORD, JOB_CHANNEL = "fsm", "events"
+
+
 @dataclass(frozen=True, slots=True)
 class JobKeys:
-    """The keys of one job (all in its partition's slot)."""
+    """The keys of one job (all in its partition's slot), and its channel."""
 
-    fsm: str
-    meta: str
+    fsm: str  # HASH: the FSM record, the spec (`spec`) and the state changes (`h2`, `h3`, ...; long values in pieces)
     payload: str
     result: str
-    events: str  # LIST of JSON state changes; also the pub/sub channel WatchJob listens on
+    channel: str  # pub/sub channel of the job's state changes while someone watches it (WatchJob): not a key
 
     @classmethod
     def of(cls, job_id: str) -> JobKeys:
         base = f"{PREFIX}job:{job_id}:"
-        return cls(base + "fsm", base + "meta", base + "payload", base + "result", base + "events")
+        return cls(base + JOB_RECORD, base + "payload", base + "result", base + JOB_CHANNEL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,7 @@ class PartitionKeys:
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
     affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
     fair: str  # ZSET fair share of the queue: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" -> the
-    #            tenant's last pass in the band (queue score units; lua/submit_job-15.lua)
+    #            tenant's last pass in the band (queue score units; lua/submit_job-13.lua)
     waiting: str  # ZSET job id -> when it entered QUEUED (ms): every queued job of the partition, in backoff
     #               too (its ZCARD is the pool's queued count; its lowest score the oldest queued job's age)
     jobs: str  # ZSET of index members (the Lua prelude's index_add: each expires with its job): the

@@ -1,10 +1,10 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-12.lua` takes 12. Every script is
+A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10. Every script is
 assembled at load time as PRELUDE + the file: the prelude holds what all scripts share (the clock,
-the events-list entry, timer member names) and the machine's rules, generated from fsm/ (which
-states each event fires from, where it leads, what counts as a repeat), so no script retypes a state
-or event name. Still one EVALSHA per call. A NOSCRIPT reply (the Redis script cache is empty after a
+the history entry, long values in pieces, timer member names) and the machine's rules, generated from
+fsm/ (which states each event fires from, where it leads, what counts as a repeat), so no script
+retypes a state or event name. Still one EVALSHA per call. A NOSCRIPT reply (the Redis script cache is empty after a
 restart or failover) loads the script again and retries.
 
 With metrics on (server/metrics.py), every call or pipelined batch is timed here, the one place the
@@ -99,11 +99,54 @@ def prelude() -> str:
         "local function session_done_message(jobId, utterance, state)",
         f'  return jobId .. "{wire.SESSION_SEP}" .. utterance .. "{wire.SESSION_SEP}" .. state',
         "end",
-        "-- Appends one state change to the job's events list and publishes it on the list's name.",
-        "local function record_event(eventsKey, entry)",
-        "  local encoded = cjson.encode(entry)",
-        '  rcall("RPUSH", eventsKey, encoded)',
-        '  rcall("PUBLISH", eventsKey, encoded)',
+        "-- A hash value longer than PIECE bytes turns the whole hash from a listpack into a hashtable (Redis's",
+        "-- hash-max-listpack-value, 64 by default), several times its memory: a record keeps a long value in",
+        "-- pieces, fields <name>, <name>+2, <name>+3, ... (server/wire.py). pieces() appends the HSET arguments.",
+        f"local PIECE, SPEC_READ = {wire.PIECE}, {wire.SPEC_READ}",
+        "local function pieces(out, name, value)",
+        "  out[#out + 1], out[#out + 2] = name, string.sub(value, 1, PIECE)",
+        "  for i = 2, math.ceil(#value / PIECE) do",
+        '    out[#out + 1], out[#out + 2] = name .. "+" .. i, string.sub(value, (i - 1) * PIECE + 1, i * PIECE)',
+        "  end",
+        "  return out",
+        "end",
+        "-- A state change (entry: s v a n e t, and ec em er when it carries an error): returns the HSET arguments",
+        "-- of its record field (`h<version>`: [s, e, a, n, t - created (, ec, em, er)], server/store.py's history)",
+        "-- for the caller's own HSET, and publishes the entry on the job's channel only while someone watches",
+        "-- the job (`w`, set by watch_job). The submit (version 1) is never stored: it is the record's creation.",
+        "local function record_event(fsmKey, watched, created, entry)",
+        "  if watched then",
+        f'    rcall("PUBLISH", string.sub(fsmKey, 1, -{len(keys.JOB_RECORD) + 1}) .. "{keys.JOB_CHANNEL}", cjson.encode(entry))',
+        "  end",
+        "  local item = {entry.s, entry.e, entry.a, entry.n, entry.t - tonumber(created)}",
+        '  if entry.ec and entry.ec ~= "" then',
+        "    item[6], item[7], item[8] = entry.ec, entry.em, entry.er",
+        "  end",
+        '  return pieces({}, "h" .. entry.v, cjson.encode(item))',
+        "end",
+        "-- The spec (a serialized JobSpec) is the record's `spec` (in pieces). SPEC_FIELDS: what a script's HMGET",
+        "-- asks for, its first SPEC_READ pieces; spec_of() joins them from the HMGET replies f[at ..] and reads",
+        "-- a longer spec's further pieces (rare).",
+        'local SPEC_FIELDS = {"spec"}',
+        "for i = 2, SPEC_READ do",
+        '  SPEC_FIELDS[i] = "spec+" .. i',
+        "end",
+        "local function spec_of(fsmKey, f, at)",
+        "  local out = {}",
+        "  for i = 1, SPEC_READ do",
+        "    if not f[at + i - 1] then",
+        "      return table.concat(out)",
+        "    end",
+        "    out[i] = f[at + i - 1]",
+        "  end",
+        "  local i = SPEC_READ + 1",
+        "  while true do",
+        '    local piece = rcall("HGET", fsmKey, "spec+" .. i)',
+        "    if not piece then",
+        "      return table.concat(out)",
+        "    end",
+        "    out[i], i = piece, i + 1",
+        "  end",
         "end",
         "-- Index members (ListJobs): '<ULID> <partition tag>', so an index of many pools sorts newest first by",
         "-- lex (ZREVRANGEBYLEX); index_time(ms) is the first ULID of that millisecond (a trim bound).",

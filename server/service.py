@@ -215,17 +215,19 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
         try:
             validate.job_id(request.job_id, self.settings)
-            # The events list is the truth. Its pub/sub channel carries each new entry: delivered as is
-            # when it is the next version, else (a gap, a lost message, the backstop) the list is re-read.
-            async with self.dispatcher.watching(keys.JobKeys.of(request.job_id).events) as inbox:
-                entries, tenant = await self.store.events_and_tenant(request.job_id)
-                if not entries or not auth.tenant_visible(tenant):  # every job has its submit event
+            # The record's history is the truth. Subscribed first, then the job is marked watched (from then
+            # on every change is published on its channel) as its history is read, in one step: no change is
+            # missed. A published change is delivered as is when it is the next version, else (a gap, a lost
+            # message, the backstop) the history is read again.
+            async with self.dispatcher.watching(keys.JobKeys.of(request.job_id).channel) as inbox:
+                entries, tenant = await self.store.watch(request.job_id)
+                if not auth.tenant_visible(tenant):
                     raise JobNotFound(f"job {request.job_id} not found")
                 version = 0
                 while True:
                     for i, e in enumerate(entries):
                         if int(e["v"]) <= version:
-                            continue  # already sent (read from the list and heard on the channel)
+                            continue  # already sent (read from the record and heard on the channel)
                         version = int(e["v"])
                         yield watch_event_pb(request.job_id, e)
                         if e["s"] in TERMINAL and i == len(entries) - 1:
@@ -234,9 +236,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                         async with asyncio.timeout(5.0):
                             e = json.loads(await inbox.get())
                     except TimeoutError:
-                        entries = await self.store.events(request.job_id, version)
-                        if not entries:
-                            await self.store.record(request.job_id)  # still there? (records expire)
+                        entries = await self.store.events(request.job_id, version)  # (JobNotFound once it expired)
                         continue
                     entries = [e] if int(e["v"]) <= version + 1 else await self.store.events(request.job_id, version)
         except Exception as err:

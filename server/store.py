@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lingua_sdk import pb
+from redis.exceptions import NoScriptError
 from ulid import ULID
 
 from ..fsm import (
@@ -31,7 +32,18 @@ from ..fsm import (
     unacknowledged,
 )
 from . import keys, wire
-from .calls import ClaimJob, Fence, FinishJob, Outcome, PromoteJob, RequeueJob, ShareSweep, SubmitJob, TouchJob
+from .calls import (
+    ClaimJob,
+    Fence,
+    FinishJob,
+    Outcome,
+    PromoteJob,
+    RequeueJob,
+    ShareSweep,
+    SubmitJob,
+    TouchJob,
+    WatchJob,
+)
 from .errors import (
     AlreadyExists,
     ConcurrentModification,
@@ -60,11 +72,10 @@ def _s(value: bytes | None) -> str:
 
 
 def read_views(pipe: Any, job_ids: list[str]) -> None:
-    """Queue on `pipe` the reads of the jobs' views (record, spec, result; no payload): parse_views."""
+    """Queue on `pipe` the reads of the jobs' views (record with spec, result; no payload): parse_views."""
     for job_id in job_ids:
         jk = keys.JobKeys.of(job_id)
         pipe.hgetall(jk.fsm)
-        pipe.get(jk.meta)
         pipe.get(jk.result)
 
 
@@ -72,10 +83,37 @@ def parse_views(job_ids: list[str], replies: list[Any]) -> list[JobView | None]:
     """The views read_views' replies give, None for a job whose record is gone."""
     views: list[JobView | None] = []
     for i, job_id in enumerate(job_ids):
-        h, meta, result = replies[3 * i: 3 * i + 3]
-        views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(meta or b""),
+        h, result = replies[2 * i: 2 * i + 2]
+        views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(wire.joined(h, b"spec") or b""),
                              pb.JobResult.FromString(result) if result is not None else None, None) if h else None)
     return views
+
+
+_SUBMITTED = str(fixed_dest(Event.SUBMIT))
+
+
+def history(h: dict[bytes, bytes], after: int = 0) -> list[dict[str, Any]]:
+    """The state changes of a record read whole, oldest first, from version `after` + 1 on: what the
+    scripts published as they happened ({s, v, a, n, e, t}, and ec, em, er with an error). The submit
+    (version 1) is not stored: it is the record's creation. Version v (2 and on) is field `h<v>` (in pieces
+    when long), holding [s, e, a, n, t - created] or [s, e, a, n, t - created, ec, em, er] (JSON; the Lua
+    prelude's record_event)."""
+    created, version = _i(h.get(b"created")), _i(h.get(b"ver"))
+    out: list[dict[str, Any]] = []
+    if after < 1 <= version:
+        out.append({"s": _SUBMITTED, "v": 1, "a": 0, "n": "", "e": str(Event.SUBMIT), "t": created})
+    for v in range(max(after + 1, 2), version + 1):
+        raw = wire.joined(h, b"h%d" % v)
+        if raw is not None:
+            s, e, a, n, t, *error = json.loads(raw)
+            entry = {"s": s, "v": v, "a": a, "n": n, "e": e, "t": created + t}
+            if error:
+                entry["ec"], entry["em"], entry["er"] = error
+            out.append(entry)
+        elif v == version:  # a record an earlier version wrote (its events list is not read): its current state
+            out.append({"s": _s(h.get(b"state")), "v": v, "a": _i(h.get(b"att")), "n": _s(h.get(b"node")),
+                        "e": _s(h.get(b"ev")), "t": _i(h.get(b"updated"))})
+    return out
 
 
 def _i(value: bytes | None) -> int:
@@ -323,16 +361,15 @@ class Store:
         jk = keys.JobKeys.of(job_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(jk.fsm)
-            pipe.get(jk.meta)
             pipe.get(jk.result)
-            h, meta, result = await pipe.execute()
+            h, result = await pipe.execute()
         if not h:
             raise JobNotFound(f"job {job_id} not found")
         record = JobRecord.parse(job_id, h)
         if not visible(record.tenant):
             raise JobNotFound(f"job {job_id} not found")
         payload = await self.redis.get(jk.payload) if include_payload else None
-        return JobView(record, pb.JobSpec.FromString(meta or b""),
+        return JobView(record, pb.JobSpec.FromString(wire.joined(h, b"spec") or b""),
                        pb.JobResult.FromString(result) if result is not None else None, payload)
 
     async def session_read(self, tenant_id: str, session_id: str, span: tuple[int, int | None] | None,
@@ -357,19 +394,32 @@ class Store:
             raise JobNotFound(f"job {job_id} not found")
         return JobRecord.parse(job_id, h)
 
-    async def events_and_tenant(self, job_id: str) -> tuple[list[dict[str, Any]], str]:
-        """WatchJob's first read, one round trip: every state change of the job, and its tenant
-        ("" when its record is gone)."""
-        jk = keys.JobKeys.of(job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lrange(jk.events, 0, -1)
-            pipe.hget(jk.fsm, "sess")
-            entries, sess = await pipe.execute()
-        return [json.loads(e) for e in entries], _s(sess).partition("\x00")[0]
+    async def watch(self, job_id: str) -> tuple[list[dict[str, Any]], str]:
+        """WatchJob's first read, one round trip: marks the job watched (its later state changes are
+        published on its channel: subscribe first), and returns every state change so far and its tenant.
+        JobNotFound when its record is gone."""
+        call = WatchJob(job_id).call()
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVALSHA", *self.scripts.args(call))  # marked first, then read
+                pipe.hgetall(keys.JobKeys.of(job_id).fsm)
+                marked, h = await pipe.execute(raise_on_error=False)
+            if not isinstance(marked, NoScriptError):
+                break
+            await self.scripts.load(self.redis, call.script)  # (Redis restarted: its script cache is empty)
+        for reply in (marked, h):
+            if isinstance(reply, Exception):
+                raise reply
+        if not h:
+            raise JobNotFound(f"job {job_id} not found")
+        return history(h), JobRecord.parse(job_id, h).tenant
 
-    async def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
-        """The job's state changes from index `start` on, oldest first."""
-        return [json.loads(e) for e in await self.redis.lrange(keys.JobKeys.of(job_id).events, start, -1)]
+    async def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        """The job's state changes after version `after`, oldest first; JobNotFound when its record is gone."""
+        h = await self.redis.hgetall(keys.JobKeys.of(job_id).fsm)
+        if not h:
+            raise JobNotFound(f"job {job_id} not found")
+        return history(h, after)
 
     async def timelines(self, job_ids: list[str]) -> list[list[dict[str, Any]]]:
         """Every state change of each job, oldest first, in one pipelined round trip (the dashboard)."""
@@ -377,9 +427,9 @@ class Store:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.lrange(keys.JobKeys.of(job_id).events, 0, -1)
+                pipe.hgetall(keys.JobKeys.of(job_id).fsm)
             found = await pipe.execute()
-        return [[json.loads(e) for e in entries] for entries in found]
+        return [history(h) for h in found]
 
     # -- claims (queued -> assigned) ------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-15.lua). Band 0 is
+# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-13.lua). Band 0 is
 # priority 9; within a band a tenant's jobs are FAIR_STEP / weight apart in passes, and a tenant that
 # joins starts at the band's virtual clock, so tenants take turns. Scores stay exact integers in a
 # double (< 10 * 2^49 < 2^53); a band's clock restarts from 0 when it passed FAIR_RESET and the band is empty.
@@ -26,6 +26,26 @@ def queue_band(score: float) -> int:
 def fair_step(weight: float) -> int:
     """How far apart a tenant of this weight puts its jobs in a band (passes; at least 1)."""
     return max(1, round(FAIR_STEP / weight))
+
+
+# A record keeps a value longer than PIECE bytes (its spec, usually; a state change with a long error) in
+# pieces, fields <name>, <name>+2, ... (the Lua prelude's pieces()): one hash value over Redis's
+# hash-max-listpack-value (64 by default) turns the whole hash from a listpack into a hashtable, several
+# times its memory. Scripts read the spec's first SPEC_READ pieces in the HMGET of the record, the rest
+# (a spec over 256 bytes) piece by piece.
+PIECE, SPEC_READ = 64, 4
+
+
+def joined(h: dict[bytes, bytes], name: bytes) -> bytes | None:
+    """A value of a record read whole (HGETALL), from its pieces; None when it has none."""
+    first = h.get(name)
+    if first is None:
+        return None
+    out, i = [first], 2
+    while (piece := h.get(b"%s+%d" % (name, i))) is not None:
+        out.append(piece)
+        i += 1
+    return b"".join(out)
 
 
 # A held job's score in its partition's held zset (keys.PartitionKeys.held): ZCOUNT by score counts each state.

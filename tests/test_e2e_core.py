@@ -68,7 +68,7 @@ async def test_payload_dropped_at_terminal_and_result_kept_for_retention(
                                            result=pb.JobResult(text_asr="x")))
     assert await redis.exists(jk.payload) == 0
     retention_s = app.settings.retention_ms / 1000
-    for key in (jk.fsm, jk.meta, jk.result, jk.events):
+    for key in (jk.fsm, jk.result):
         ttl = await redis.ttl(key)
         assert retention_s - 5 < ttl <= app.settings.default_job_ttl_ms / 1000 + retention_s, key
 

@@ -255,7 +255,7 @@ async def test_registry_codes(store: Store, redis: Any) -> None:
 
 
 async def test_key_count_is_checked_and_noscript_is_retried(store: Store, redis: Any) -> None:
-    with pytest.raises(ValueError, match="takes 4 keys"):
+    with pytest.raises(ValueError, match="takes 3 keys"):
         store.scripts.args(Call("touch_job", ["a"], []))
     job_id = await queued(store)
     await redis.script_flush()  # as after a Redis restart

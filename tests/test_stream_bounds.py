@@ -85,7 +85,7 @@ async def test_a_watch_job_client_that_does_not_read_is_ended_with_resource_exha
         app: App, ch: grpc.aio.Channel, redis: Any) -> None:
     stub = pb_grpc.SchedulerStub(ch)
     job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
-    events = keys.JobKeys.of(job_id).events
+    events = keys.JobKeys.of(job_id).channel
     watch = stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
     first = await watch.read()
     assert first.version == 1

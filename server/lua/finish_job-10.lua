@@ -6,18 +6,16 @@
   max(now, deadline) + retention, and announces the job on its session's channel (WatchSession).
 
   Input:
-    KEYS[1] job fsm hash
-    KEYS[2] job meta
-    KEYS[3] job payload
-    KEYS[4] job result
-    KEYS[5] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
-    KEYS[6] partition queue zset
-    KEYS[7] partition timers zset
-    KEYS[8] partition waiting zset (a queued job leaves it)
-    KEYS[9] partition held zset (a held job leaves it)
-    KEYS[10] rate bucket hash of now ("<pool>|finished" counted)
-    KEYS[11] done bucket hash of now ("<pool>|<destination>" counted)
-    KEYS[12] the shard's index of jobs ended in the destination state (ListJobs; used for failed,
+    KEYS[1] job fsm hash (the record, its spec and its state changes)
+    KEYS[2] job payload
+    KEYS[3] job result
+    KEYS[4] partition queue zset
+    KEYS[5] partition timers zset
+    KEYS[6] partition waiting zset (a queued job leaves it)
+    KEYS[7] partition held zset (a held job leaves it)
+    KEYS[8] rate bucket hash of now ("<pool>|finished" counted)
+    KEYS[9] done bucket hash of now ("<pool>|<destination>" counted)
+    KEYS[10] the shard's index of jobs ended in the destination state (ListJobs; used for failed,
              expired and cancelled only; the entry expires with the job's keys)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
@@ -51,12 +49,12 @@
     {-6, state}           already succeeded with a different result
     {-10}                 guard: the lease or deadline has not run out
 ]]
-local fsmKey, metaKey, payloadKey, resultKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local eventsKey, queueKey, timersKey = KEYS[5], KEYS[6], KEYS[7]
-local waitingKey, heldKey, rateKey, doneKey, endedKey = KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local fsmKey, payloadKey, resultKey, queueKey, timersKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local waitingKey, heldKey, rateKey, doneKey, endedKey = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg",
+  "w", "created")
 local state = f[1]
 if not state then
   return {-1}
@@ -88,29 +86,28 @@ if (guard == "lease" and (lease == 0 or lease > now)) or (guard == "deadline" an
 end
 
 local version = tonumber(f[2]) + 1
+local change = record_event(fsmKey, f[12], f[13], {s = dest, v = version, a = tonumber(f[3]),
+  n = f[4], e = event, t = now, ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
 -- `done`: the done bucket that counts the job (RetryJob counts it out of that one).
-rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now, "done", doneKey)
+rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now, "done", doneKey,
+  unpack(change))
 if ARGV[9] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[9], "emsg", ARGV[10], "eretry", ARGV[11])
 end
-local keep = {fsmKey, metaKey, resultKey, eventsKey}
+local retention = tonumber(ARGV[12])
+local expireAt = math.max(now, deadline) + retention
+rcall("PEXPIREAT", fsmKey, expireAt)
 if dest == S.failed or dest == S.expired then
-  keep[5] = payloadKey  -- RetryJob needs the input
+  rcall("PEXPIREAT", payloadKey, expireAt)  -- RetryJob needs the input
 else
   rcall("DEL", payloadKey)
 end
+-- Only a job that succeeds has a result (no transition leaves that state), so nothing else expires it.
 if ARGV[7] == "1" then
-  rcall("SET", resultKey, ARGV[8])
+  rcall("SET", resultKey, ARGV[8], "PXAT", expireAt)
 end
 rcall("ZREM", queueKey, jobId)
 rcall("ZREM", timersKey, lease_member(jobId, tok), deadline_member(jobId), retry_member(jobId))
-record_event(eventsKey, {s = dest, v = version, a = tonumber(f[3]), n = f[4], e = event, t = now,
-  ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
-local retention = tonumber(ARGV[12])
-local expireAt = math.max(now, deadline) + retention
-for _, key in ipairs(keep) do
-  rcall("PEXPIREAT", key, expireAt)
-end
 local pool = pool_of(jobId)
 if state == S.queued then
   rcall("ZREM", waitingKey, jobId)

@@ -8,14 +8,12 @@
     KEYS[2] partition timers zset
     KEYS[3] partition affinity hash (session field -> "<node id>|<ms>")
     KEYS[4] partition affinity times zset (session field -> ms of its binding), to forget old bindings
-    KEYS[5] job fsm hash
-    KEYS[6] job meta
-    KEYS[7] job payload
-    KEYS[8] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
-    KEYS[9] partition fair-share zset (lua/submit_job-16.lua): the claim moves its band's virtual clock
-    KEYS[10] partition waiting zset (the job leaves it)
-    KEYS[11] partition held zset (job id -> 0 while assigned, 1 while running: the job enters it)
-    KEYS[12] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)
+    KEYS[5] job fsm hash (the record, its spec and its state changes)
+    KEYS[6] job payload
+    KEYS[7] partition fair-share zset (lua/submit_job-13.lua): the claim moves its band's virtual clock
+    KEYS[8] partition waiting zset (the job leaves it)
+    KEYS[9] partition held zset (job id -> 0 while assigned, 1 while running: the job enters it)
+    KEYS[10] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)
     ARGV[1] job id (a candidate read from the queue earlier)
     ARGV[2] node id
     ARGV[3] lease token of this claim (unique per claim)
@@ -27,10 +25,10 @@
 
   Output: {code, next candidates, ...}; the candidates are the queue's heads with their scores,
   {id, score, id, score, ...} (the dispatcher pairs jobs in queue order)
-    {1, candidates, attempt, lease deadline ms, meta, payload, queued ms, dispatch ms}  claimed now:
+    {1, candidates, attempt, lease deadline ms, spec, payload, queued ms, dispatch ms}  claimed now:
                              queued ms is how long the job was queued (since it entered queued);
                              dispatch ms the time since submit for the job's first claim, -1 after
-    {1, candidates, attempt, lease deadline ms, meta, payload}  claimed by this token before (a repeat)
+    {1, candidates, attempt, lease deadline ms, spec, payload}  claimed by this token before (a repeat)
     {-1, candidates}         job not found (its queue entry is dropped)
     {-2, candidates, state}  job not in a claimable state (its queue entry is dropped)
     {-7, candidates}         job no longer in the queue (someone else claimed it), or this token's
@@ -40,8 +38,8 @@
     {-14, {}}                the pool is paused (no candidates: the dispatcher waits for ResumePool)
 ]]
 local queueKey, timersKey, affinityKey, affinityAtKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local fsmKey, metaKey, payloadKey, eventsKey, fairKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local waitingKey, heldKey, pausedKey = KEYS[10], KEYS[11], KEYS[12]
+local fsmKey, payloadKey, fairKey = KEYS[5], KEYS[6], KEYS[7]
+local waitingKey, heldKey, pausedKey = KEYS[8], KEYS[9], KEYS[10]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
 local function heads()  -- the next candidates with their queue scores: {id, score, id, score, ...}
@@ -49,11 +47,11 @@ local function heads()  -- the next candidates with their queue scores: {id, sco
 end
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease",
-  "created", "asg")
+  "created", "asg", "w", unpack(SPEC_FIELDS))
 local state = f[1]
 if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
   if state == FIXED[E.assign] and f[8] == nodeId then
-    return {1, heads(), tonumber(f[3]), tonumber(f[10]), rcall("GET", metaKey), rcall("GET", payloadKey) or ""}
+    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 14), rcall("GET", payloadKey) or ""}
   end
   return {-7, heads()}
 end
@@ -109,8 +107,10 @@ if clock and score > clock then
     rcall("ZADD", fairKey, to, clockMember)
   end
 end
+local change = record_event(fsmKey, f[13], f[11], {s = dest, v = version, a = attempt, n = nodeId, e = E.assign,
+  t = now})
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
-  "tok", token, "lease", lease, "started", 0, "updated", now, "asg", now)
+  "tok", token, "lease", lease, "started", 0, "updated", now, "asg", now, unpack(change))
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
 rcall("ZADD", affinityAtKey, now, f[7])
@@ -119,10 +119,9 @@ if #stale > 0 then
   rcall("HDEL", affinityKey, unpack(stale))
   rcall("ZREM", affinityAtKey, unpack(stale))
 end
-record_event(eventsKey, {s = dest, v = version, a = attempt, n = nodeId, e = E.assign, t = now})
 local dispatched = -1  -- "asg" is the time of the job's latest claim: none before, this is its first
 if not f[12] and f[11] then
   dispatched = now - tonumber(f[11])
 end
-return {1, heads(), attempt, lease, rcall("GET", metaKey), rcall("GET", payloadKey) or "", now - tonumber(f[6]),
+return {1, heads(), attempt, lease, spec_of(fsmKey, f, 14), rcall("GET", payloadKey) or "", now - tonumber(f[6]),
   dispatched}

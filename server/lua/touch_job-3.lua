@@ -5,10 +5,9 @@
   timeout.
 
   Input:
-    KEYS[1] job fsm hash
-    KEYS[2] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
-    KEYS[3] partition timers zset
-    KEYS[4] partition held zset (job id -> 0 while assigned, 1 while running: rescored on an ack)
+    KEYS[1] job fsm hash (the record and its state changes)
+    KEYS[2] partition timers zset
+    KEYS[3] partition held zset (job id -> 0 while assigned, 1 while running: rescored on an ack)
     ARGV[1] job id
     ARGV[2] node id (fence)
     ARGV[3] lease token (fence)
@@ -23,10 +22,10 @@
     {-4, attempt}              stale lease (another claim's token)
     {-5, node}                 held by another node
 ]]
-local fsmKey, eventsKey, timersKey, heldKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local fsmKey, timersKey, heldKey = KEYS[1], KEYS[2], KEYS[3]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "started", "xto", "tok")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "started", "xto", "tok", "w", "created")
 local state = f[1]
 if not state then
   return {-1}
@@ -54,9 +53,10 @@ elseif acking then
   state = FIXED[E.start]
   version = version + 1
   started = now
-  rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now)
+  local change = record_event(fsmKey, f[9], f[10], {s = state, v = version, a = tonumber(f[3]), n = nodeId,
+    e = E.start, t = now})
+  rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now, unpack(change))
   rcall("ZADD", heldKey, HELD_SCORE[state], jobId)
-  record_event(eventsKey, {s = state, v = version, a = tonumber(f[3]), n = nodeId, e = E.start, t = now})
 end
 local xto = tonumber(f[7])
 if started > 0 and xto > 0 then

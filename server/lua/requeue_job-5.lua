@@ -5,12 +5,11 @@
   is queued at once, ahead of younger jobs of its priority. A released claim gives its attempt back.
 
   Input:
-    KEYS[1] job fsm hash
-    KEYS[2] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
-    KEYS[3] partition queue zset
-    KEYS[4] partition timers zset
-    KEYS[5] partition waiting zset (the job enters it, in backoff too)
-    KEYS[6] partition held zset (the job leaves it)
+    KEYS[1] job fsm hash (the record and its state changes)
+    KEYS[2] partition queue zset
+    KEYS[3] partition timers zset
+    KEYS[4] partition waiting zset (the job enters it, in backoff too)
+    KEYS[5] partition held zset (the job leaves it)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
     ARGV[3] destination state (decided by the FSM)
@@ -36,11 +35,10 @@
     {-5, node}            held by another node
     {-10}                 guard: the lease has not run out
 ]]
-local fsmKey, eventsKey, queueKey, timersKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local waitingKey, heldKey = KEYS[5], KEYS[6]
+local fsmKey, queueKey, timersKey, waitingKey, heldKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "qs", "avoid", "ev", "tok")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "qs", "avoid", "ev", "tok", "w", "created")
 local state = f[1]
 if not state then
   return {-1}
@@ -76,8 +74,10 @@ local avoid = f[7]
 if ARGV[11] == "1" and not string.find(avoid, "," .. f[4] .. ",", 1, true) then
   avoid = avoid .. f[4] .. ","
 end
+local change = record_event(fsmKey, f[10], f[11], {s = dest, v = version, a = attempt, n = f[4],
+  e = event, t = now, ec = ARGV[8], em = ARGV[9], er = ARGV[10]})
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "att", attempt, "lease", 0,
-  "updated", now, "avoid", avoid)
+  "updated", now, "avoid", avoid, unpack(change))
 if ARGV[8] ~= "" then
   rcall("HSET", fsmKey, "ecode", ARGV[8], "emsg", ARGV[9], "eretry", ARGV[10])
 end
@@ -91,6 +91,4 @@ else
   rcall("ZADD", queueKey, f[6], jobId)
   rcall("PUBLISH", ARGV[13], wake_message(jobId, "", f[6]))
 end
-record_event(eventsKey, {s = dest, v = version, a = attempt, n = f[4], e = event, t = now,
-  ec = ARGV[8], em = ARGV[9], er = ARGV[10]})
 return {1, dest, version, state}

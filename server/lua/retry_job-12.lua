@@ -7,22 +7,20 @@
   the reason (WatchJob shows it) and announced to the dispatchers.
 
   Input:
-    KEYS[1] job fsm hash
-    KEYS[2] job meta
-    KEYS[3] job payload
-    KEYS[4] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
-    KEYS[5] partition queue zset
-    KEYS[6] partition timers zset
-    KEYS[7] partition waiting zset
-    KEYS[8] the shard's index of jobs ended in the job's current state (lua/finish_job-13.lua)
-    KEYS[9] done bucket hash of the job's finish (the record's `done`; "<pool>|<state>" counted down)
-    KEYS[10] idempotency key of the job (lives as long as the job record again). A job of the default
-             identity has none (its identity is its record's `dg`, persisted with the record below): the
-             name its identity had before `dg`, extended if a job from then still has it
-    KEYS[11] session jobs zset (WatchSession's index; lives as long as its longest-lived job)
-    KEYS[12] partition jobs index (ListJobs by pool; the job's entry expires with it again)
-    KEYS[13] tenant jobs index of this shard (ListJobs by tenant; likewise)
-    KEYS[14] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-15.lua)
+    KEYS[1] job fsm hash (the record, its spec and its state changes)
+    KEYS[2] job payload
+    KEYS[3] partition queue zset
+    KEYS[4] partition timers zset
+    KEYS[5] partition waiting zset
+    KEYS[6] the shard's index of jobs ended in the job's current state (lua/finish_job-10.lua)
+    KEYS[7] done bucket hash of the job's finish (the record's `done`; "<pool>|<state>" counted down)
+    KEYS[8] idempotency key of the job (lives as long as the job record again). A job of the default
+            identity has none (its identity is its record's `dg`, persisted with the record below): the
+            name its identity had before `dg`, extended if a job from then still has it
+    KEYS[9] session jobs zset (WatchSession's index; lives as long as its longest-lived job)
+    KEYS[10] partition jobs index (ListJobs by pool; the job's entry expires with it again)
+    KEYS[11] tenant jobs index of this shard (ListJobs by tenant; likewise)
+    KEYS[12] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-13.lua)
     ARGV[1] job id
     ARGV[2] expected version
     ARGV[3] new deadline, ms since epoch; 0 for now + the job's own time to live (its first deadline -
@@ -39,12 +37,12 @@
     {-2, state}           not failed or expired
     {-3, version}         version mismatch
 ]]
-local fsmKey, metaKey, payloadKey, eventsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local queueKey, timersKey, waitingKey, endedKey, doneKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local idemKey, sessionKey, jobsKey, tenantJobsKey, poolsKey = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local fsmKey, payloadKey, queueKey, timersKey, waitingKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local endedKey, doneKey, idemKey, sessionKey = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local jobsKey, tenantJobsKey, poolsKey = KEYS[10], KEYS[11], KEYS[12]
 local jobId = ARGV[1]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs", "updated")
+local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs", "updated", "w")
 local state = f[1]
 if not state then
   return {-1}
@@ -67,18 +65,21 @@ if maxAttempts == 0 then
 end
 local dest = FIXED[E.retry]
 local version = tonumber(f[2]) + 1
+-- The reason rides as the event's error (code LINGUA_RETRIED), as a cancel's does; last_error stays.
+local change = record_event(fsmKey, f[9], f[4], {s = dest, v = version, a = 0, n = "", e = E.retry,
+  t = now, ec = "LINGUA_RETRIED", em = ARGV[6], er = "0"})
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.retry, "att", 0, "maxatt", maxAttempts, "tok", "",
-  "lease", 0, "dl", deadline, "ttl", ttl, "started", 0, "updated", now, "avoid", ",", "pref", "")
-for _, key in ipairs({fsmKey, metaKey, payloadKey, eventsKey}) do
-  rcall("PERSIST", key)
-end
+  "lease", 0, "dl", deadline, "ttl", ttl, "started", 0, "updated", now, "avoid", ",", "pref", "",
+  unpack(change))
+rcall("PERSIST", fsmKey)
+rcall("PERSIST", payloadKey)
 local retention = tonumber(ARGV[7])
 rcall("PEXPIREAT", idemKey, deadline + retention)
 local ttlLeft = rcall("PTTL", sessionKey)
 if ttlLeft >= 0 and now + ttlLeft < deadline + retention then
   rcall("PEXPIREAT", sessionKey, deadline + retention)
 end
--- Index entries expire with the job: at its deadline + retention (lua/submit_job-15.lua), now the new one's.
+-- Index entries expire with the job: at its deadline + retention (lua/submit_job-13.lua), now the new one's.
 local oldDeadline = tonumber(f[3])
 for _, key in ipairs({jobsKey, tenantJobsKey}) do
   index_extend(key, jobId, oldDeadline + retention, deadline + retention, now)
@@ -93,8 +94,5 @@ end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 rcall("ZADD", waitingKey, now, jobId)
 rcall("ZADD", queueKey, f[7], jobId)
--- The reason rides as the event's error (code LINGUA_RETRIED), as a cancel's does; last_error stays.
-record_event(eventsKey, {s = dest, v = version, a = 0, n = "", e = E.retry, t = now, ec = "LINGUA_RETRIED",
-  em = ARGV[6], er = "0"})
 rcall("PUBLISH", ARGV[8], wake_message(jobId, "", f[7]))
 return {1, dest, version, deadline}

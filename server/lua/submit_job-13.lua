@@ -7,23 +7,22 @@
   Input:
     KEYS[1] idempotency key (identity -> "<job id> <spec digest>"), written for an explicit key only
             (ARGV[18]); for the default identity its name from before `dg`, read for such records only
-    KEYS[2] job fsm hash
-    KEYS[3] job meta (serialized JobSpec without payload)
-    KEYS[4] job payload
-    KEYS[5] job events list (JSON entries; each is also PUBLISHed on a channel of the same name)
-    KEYS[6] partition queue zset
-    KEYS[7] partition timers zset
-    KEYS[8] partition affinity hash
-    KEYS[9] session jobs zset of this partition (job id -> utterance index; WatchSession reads it)
-    KEYS[10] partition fair-share zset: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" ->
-             the tenant's last pass in the band (both in queue score units)
-    KEYS[11] partition waiting zset (job id -> when it entered QUEUED, ms)
-    KEYS[12] partition jobs index (ListJobs by pool; lex members, see index_add)
-    KEYS[13] tenant jobs index of this shard (ListJobs by tenant)
-    KEYS[14] shard pools zset (pool -> until when a job of it may live: GetStats' and ListJobs' list)
-    KEYS[15] rate bucket hash of now ("<pool>|submitted" counted)
+    KEYS[2] job fsm hash (the record, with the spec: `spec` and its pieces; no state change stored yet:
+            the submit is derived from the record)
+    KEYS[3] job payload
+    KEYS[4] partition queue zset
+    KEYS[5] partition timers zset
+    KEYS[6] partition affinity hash
+    KEYS[7] session jobs zset of this partition (job id -> utterance index; WatchSession reads it)
+    KEYS[8] partition fair-share zset: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" ->
+            the tenant's last pass in the band (both in queue score units)
+    KEYS[9] partition waiting zset (job id -> when it entered QUEUED, ms)
+    KEYS[10] partition jobs index (ListJobs by pool; lex members, see index_add)
+    KEYS[11] tenant jobs index of this shard (ListJobs by tenant)
+    KEYS[12] shard pools zset (pool -> until when a job of it may live: GetStats' and ListJobs' list)
+    KEYS[13] rate bucket hash of now ("<pool>|submitted" counted)
     ARGV[1] job id
-    ARGV[2] meta bytes
+    ARGV[2] spec bytes (serialized JobSpec without payload)
     ARGV[3] payload bytes ("" for none)
     ARGV[4] priority 0..9
     ARGV[5] max attempts
@@ -46,10 +45,10 @@
     {0, job id}         the identity already had this job, with the same digest; nothing changed
     {-11, job id}       the identity already had this job, with another digest; nothing changed
 ]]
-local idemKey, fsmKey, metaKey, payloadKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local eventsKey, queueKey, timersKey, affinityKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local sessionKey, fairKey = KEYS[9], KEYS[10]
-local waitingKey, jobsKey, tenantJobsKey, poolsKey, rateKey = KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
+local idemKey, fsmKey, payloadKey = KEYS[1], KEYS[2], KEYS[3]
+local queueKey, timersKey, affinityKey = KEYS[4], KEYS[5], KEYS[6]
+local sessionKey, fairKey = KEYS[7], KEYS[8]
+local waitingKey, jobsKey, tenantJobsKey, poolsKey, rateKey = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 local jobId, digest, utterance, keyed = ARGV[1], ARGV[13], ARGV[14], ARGV[18] == "1"
 
 local id, stored = identity_job(idemKey, sessionKey, jobId, utterance, keyed)
@@ -69,7 +68,7 @@ local retention = tonumber(ARGV[9])
 
 -- Fair share (stride scheduling): within a priority band, each of a tenant's jobs goes one step (FAIR_STEP
 -- / weight) after the tenant's previous one, and never before the band's virtual clock (where dispatch
--- is: lua/claim_job-12.lua moves it), so a tenant that joins is served next and busy tenants take turns.
+-- is: lua/claim_job-10.lua moves it), so a tenant that joins is served next and busy tenants take turns.
 -- Entries at or below the clock say nothing more than "starts at the clock": they are deleted here.
 local band = 9 - tonumber(ARGV[4])
 local low = band * BAND
@@ -103,8 +102,8 @@ local state = FIXED[E.submit]
 rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxatt", ARGV[5], "node", "",
   "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
   "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance,
-  "dg", keyed and "" or digest)  -- what a repeat of the default identity must match (prelude: identity_job)
-rcall("SET", metaKey, ARGV[2])
+  "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_job)
+  unpack(pieces({}, "spec", ARGV[2])))
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
 end
@@ -137,6 +136,5 @@ index_add(tenantJobsKey, jobId, keepUntil, now)
 if string.byte(jobId, -1) % 8 == 0 then  -- (as index_add trims) pools whose jobs are all gone leave
   rcall("ZREMRANGEBYSCORE", poolsKey, "-inf", "(" .. now)
 end
-record_event(eventsKey, {s = state, v = 1, a = 0, n = "", e = E.submit, t = now})
 rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred, queueScore))
 return {1, jobId, state}

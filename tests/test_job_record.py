@@ -1,0 +1,153 @@
+"""A job is its record (the FSM hash, holding its spec and its state changes), its payload and its result;
+its state changes are published only while someone watches it (WatchJob)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from helpers import all_keys, pair, spec
+from lingua_scheduler.server import keys
+from lingua_scheduler.server.app import App
+from lingua_sdk import pb, pb_grpc
+
+
+async def job_keys(redis: Any, job_id: str) -> set[str]:
+    base = f"{keys.PREFIX}job:{job_id}:"
+    return {k.decode().removeprefix(base) for k in await all_keys(redis, base + "*")}
+
+
+async def assign(stub: pb_grpc.SchedulerStub, node: str = "n1") -> pb.Assignment:
+    reply = await stub.Assign(pb.AssignRequest(node_id=node, pairs=[pair()], max_jobs=1, wait=Duration(seconds=2)))
+    assert len(reply.assignments) == 1
+    return reply.assignments[0]
+
+
+async def test_a_queued_job_is_its_record_and_payload_and_a_long_spec_keeps_it_compact(
+        stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    plain, with_payload = (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(payload=b"", payload_ref="session://s1/0"), spec(utterance_index=1, payload=b"pcm")]))).results
+    assert await job_keys(redis, plain.job_id) == {"fsm"}  # no meta, no events list
+    assert await job_keys(redis, with_payload.job_id) == {"fsm", "payload"}
+    record = await redis.hgetall(keys.JobKeys.of(plain.job_id).fsm)
+    assert not [f for f in record if f.startswith(b"h")]  # no state change stored: the submit is the record
+    # A spec of several pieces (trace context: more than the 4 pieces a claim reads with the record) comes
+    # back whole, and the record stays a listpack (no hash value over 64 bytes).
+    long = spec(utterance_index=2, payload=b"", payload_ref="session://s1/2/" + "p" * 200,
+                trace_context={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "tracestate": "v=" + "t" * 200})
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[long]))).results[0].job_id
+    fsm = keys.JobKeys.of(job_id).fsm
+    assert len(long.SerializeToString()) > 4 * 64 and await redis.hexists(fsm, "spec+6")
+    assert await redis.object("encoding", fsm) in (b"listpack", b"ziplist")  # ziplist: Redis 6.2
+    assert (await stub.GetJob(pb.GetJobRequest(job_id=job_id))).spec == long
+    for _ in range(3):
+        a = await assign(stub)
+        if a.job_id == job_id:
+            break
+    assert a.spec == long
+    assert await redis.object("encoding", fsm) in (b"listpack", b"ziplist")
+
+
+async def test_a_finished_job_is_its_record_and_result_both_expiring(
+        app: App, stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(payload=b"pcm")]))).results[0].job_id
+    a = await assign(stub)
+    await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=a.attempt, node_id="n1", lease_token=a.lease_token,
+                                           result=pb.JobResult(text_asr="x")))
+    assert await job_keys(redis, job_id) == {"fsm", "result"}
+    jk = keys.JobKeys.of(job_id)
+    fsm_ttl, result_ttl = await redis.pttl(jk.fsm), await redis.pttl(jk.result)
+    assert result_ttl > app.settings.retention_ms - 5_000 and abs(fsm_ttl - result_ttl) < 1_000  # one expiry
+    assert await redis.object("encoding", jk.fsm) in (b"listpack", b"ziplist")
+    # A cancel's state change (its error with it) is longer than a hash value may be in a listpack: stored
+    # in pieces, so the record stays one, and read back whole.
+    cancelled = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0].job_id
+    await stub.CancelJob(pb.CancelJobRequest(job_id=cancelled))
+    fsm = keys.JobKeys.of(cancelled).fsm
+    assert await redis.hexists(fsm, "h2+2") and await redis.object("encoding", fsm) in (b"listpack", b"ziplist")
+    (_, last) = [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=cancelled))]
+    assert last.error == pb.JobError(code="LINGUA_CANCELLED", message="cancelled by client") and last.version == 2
+
+
+async def test_an_unwatched_job_publishes_nothing(app: App, stub: pb_grpc.SchedulerStub) -> None:
+    # Two jobs of one session: one slot, so what Redis publishes for them reaches a subscriber in order.
+    unwatched, watched = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(utterance_index=0), spec(utterance_index=1)]))).results]
+    async with app.dispatcher.watching(keys.JobKeys.of(unwatched).channel) as quiet, \
+            app.dispatcher.watching(keys.JobKeys.of(watched).channel) as heard:
+        watch = stub.WatchJob(pb.WatchJobRequest(job_id=watched))
+        assert (await watch.read()).version == 1  # it is watched from here on
+        a = await assign(stub)
+        assert a.job_id == unwatched
+        await stub.Complete(pb.CompleteRequest(job_id=unwatched, attempt=a.attempt, node_id="n1",
+                                               lease_token=a.lease_token, result=pb.JobResult(text_asr="x")))
+        await stub.CancelJob(pb.CancelJobRequest(job_id=watched, reason="enough"))
+        assert b'"cancelled"' in await asyncio.wait_for(heard.get(), 10)  # published after the other's changes
+        assert quiet.qsize() == 0
+        assert (await watch.read()).state == pb.JOB_STATE_CANCELLED
+    done = await stub.GetJob(pb.GetJobRequest(job_id=unwatched))
+    assert done.state == pb.JOB_STATE_SUCCEEDED and done.version == 3  # (its changes happened)
+
+
+async def test_a_watch_started_mid_life_sees_what_a_watch_from_the_start_saw(stub: pb_grpc.SchedulerStub) -> None:
+    """Read from the record (the submit derived from it, the others stored compactly) or heard as they
+    happened: the same events, once each, in order, errors and times included."""
+    submitted = (await stub.Submit(pb.SubmitRequest(jobs=[spec(max_attempts=3)]))).results[0]
+    job_id = submitted.job_id
+    early = stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+    first = await early.read()
+    created = (await stub.GetJob(pb.GetJobRequest(job_id=job_id))).created_at
+    expected = pb.JobEvent(job_id=job_id, state=pb.JOB_STATE_QUEUED, version=1, attempt=0, node_id="",
+                           event="submit", at=created)
+    assert first == expected
+    a = await assign(stub)
+    await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", leases=[
+        pb.JobLease(job_id=job_id, attempt=a.attempt, lease_token=a.lease_token)]))
+    await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=a.attempt, node_id="n1", lease_token=a.lease_token,
+                                           error=pb.JobError(code="OOM", message="gpu \"7\"\n", retryable=True)))
+    late = stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+    late_events = [await late.read() for _ in range(4)]  # submit, assign, start, fail: read from the record
+    await stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason="stop"))
+    early_events = [first]
+    while (event := await early.read()) is not grpc.aio.EOF:
+        early_events.append(event)
+    while (event := await late.read()) is not grpc.aio.EOF:
+        late_events.append(event)
+    assert [e.version for e in early_events] == [1, 2, 3, 4, 5]
+    assert [e.event for e in early_events] == ["submit", "assign", "start", "fail", "cancel"]
+    assert early_events[3].error == pb.JobError(code="OOM", message="gpu \"7\"\n", retryable=True)
+    assert early_events[4].error.code == "LINGUA_CANCELLED" and early_events[4].error.message == "stop"
+    assert late_events == early_events
+    replay = [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id))]  # all from the record
+    assert replay == early_events
+
+
+async def test_a_finished_job_an_earlier_version_wrote_is_watched_to_its_end(
+        stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """Its record has no state changes (they were in an events list, not read): WatchJob shows its submit
+    and its current state, and ends, rather than waiting for changes that will never come."""
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec()]))).results[0].job_id
+    a = await assign(stub)
+    await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=a.attempt, node_id="n1", lease_token=a.lease_token,
+                                           result=pb.JobResult(text_asr="x")))
+    await redis.hdel(keys.JobKeys.of(job_id).fsm, "h2", "h3")
+    job = await stub.GetJob(pb.GetJobRequest(job_id=job_id))
+    events = [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id))]
+    assert [(e.version, e.event, e.state) for e in events] == [(1, "submit", pb.JOB_STATE_QUEUED),
+                                                               (3, "complete", pb.JOB_STATE_SUCCEEDED)]
+    assert events[1].at == job.updated_at and events[1].node_id == "n1" and events[1].attempt == 1
+
+
+async def test_watching_marks_only_a_job_that_may_still_change(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    queued, done = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(utterance_index=0), spec(utterance_index=1)]))).results]
+    await stub.CancelJob(pb.CancelJobRequest(job_id=done))
+    assert [e.state async for e in stub.WatchJob(pb.WatchJobRequest(job_id=done))][-1] == pb.JOB_STATE_CANCELLED
+    await redis.script_flush()  # as after a Redis restart: the mark is loaded again and retried
+    watch = stub.WatchJob(pb.WatchJobRequest(job_id=queued))
+    await watch.read()
+    assert await redis.hget(keys.JobKeys.of(queued).fsm, "w") == b"1"
+    assert await redis.hget(keys.JobKeys.of(done).fsm, "w") is None  # read only: nothing will change
+    watch.cancel()
