@@ -200,7 +200,7 @@ async def test_a_repeat_submit_with_other_content_is_already_exists(stub: pb_grp
 async def expire_record(redis: Any, job_id: str) -> None:
     """The job's record expires (as retention ends it), and with it an identity key naming it."""
     jk = keys.JobKeys.of(job_id)
-    for key in (jk.fsm, jk.meta, jk.payload, jk.result, jk.events):
+    for key in (jk.fsm, jk.payload, jk.result):
         await redis.pexpireat(key, 1)  # a time past: expired now
     for key in await all_keys(redis, keys.PREFIX + "idem:*"):
         if (await redis.get(key) or b"").startswith(job_id.encode() + b" "):
