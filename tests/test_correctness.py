@@ -473,3 +473,30 @@ async def test_two_instances_firing_one_forget_act_once(store: Store, redis: Any
     assert sum(1 for f in fired if f) == 1
     for key in (*index_keys(job.job_id), keys.ended_jobs(keys.shard_of_tag(keys.tag_of(job.job_id)), "cancelled")):
         assert await redis.exists(key) == 0, key
+
+
+async def test_a_backlog_of_forgets_is_swept_at_once(redis: Any, settings: Settings) -> None:
+    """More forget timers due in a shard than one read brings: the sweep reads again at once, so they do
+    not hold back the timers due after them (the lease that ran out here)."""
+    from lingua_scheduler.server.dispatch import SWEEP_READ
+
+    store = Store(redis, dataclasses.replace(settings, retention_ms=1))
+    seconds, micros = await redis.time()
+    deadline = Timestamp()
+    deadline.FromMilliseconds(seconds * 1000 + micros // 1000 + 500)
+    made = [j.job_id for j in await store.submit(
+        [spec(utterance_index=i, deadline=deadline) for i in range(SWEEP_READ + 50)])]  # one session: one shard
+    await asyncio.gather(*(store.cancel(j, "") for j in made))
+    (held,) = await store.submit([spec(utterance_index=SWEEP_READ + 50)])
+    await store.claim("n1", [(held.job_id, "t1")])
+
+    async def records_gone() -> bool:
+        return await redis.exists(*(keys.JobKeys.of(j).fsm for j in made)) == 0
+
+    await until(records_gone, timeout=20, what="the records expire")
+    # Its lease is over now: its timer is due after every forget, beyond the first read of the shard.
+    await store.touch("n1", [Lease(held.job_id, "t1")], mode="shorten", lease_ms=0)
+    shard = int(keys.shard_of_tag(keys.tag_of(held.job_id)).strip("{}"))
+    assert await Dispatcher(store, store.settings).sweep_once([shard]) == len(made) + 1
+    assert (await store.record(held.job_id)).state == "queued"  # its lease timer fired in the same sweep
+    assert await redis.zrange(index_keys(held.job_id)[0], 0, -1) == [member(held.job_id)]
