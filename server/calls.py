@@ -223,6 +223,22 @@ class PromoteJob:
 
 
 @dataclass(frozen=True, slots=True)
+class ForgetJob:
+    """A finished job's forget timer fired: its entries leave ListJobs' indexes (once, whoever fires it)."""
+
+    member: str  # the timer member (wire.forget_timer)
+    job_id: str
+    tenant_id: str
+    ended: str  # the state whose ended index holds the job, or wire.NOT_ENDED_INDEXED
+
+    def call(self) -> Call:
+        _, pk, _ = _job(self.job_id)
+        shard, _ = _shard(self.job_id)
+        return Call("forget_job", [pk.timers, pk.jobs, keys.tenant_jobs(shard, self.tenant_id),
+                                   keys.ended_jobs(shard, self.ended)], [self.member, self.job_id, self.ended])
+
+
+@dataclass(frozen=True, slots=True)
 class AdmitJobs:
     """One tenant's new jobs of a Submit batch, against its limits (0: none)."""
 

@@ -66,6 +66,7 @@ PEEK_COUNT = 64  # queue heads read per partition when a pool is peeked
 HINT_COUNT = 8  # queue heads each claim reply carries: the next candidates
 MAX_BATCH = 512  # claims per pass (one pipelined round trip); the rest wait for the next pass
 MAX_GATHER_TURNS = 8  # event-loop turns a pass waits while wake-ups keep coming in (see _gather_wake_ups)
+SWEEP_READ = 200  # due timers read per shard at a time
 
 # One claim of a pass: (consumer, job id, lease token, pool it was paired in; "" for one sent again).
 Item = tuple[Consumer, str, str, str]
@@ -678,13 +679,27 @@ class Dispatcher:
 
     async def sweep_once(self, shards: list[int] | None = None) -> int:
         """Fire every due timer of this instance's shards (or of `shards`); returns how many were acted on."""
-        due = await self.store.due_timers(await self.my_shards() if shards is None else shards,
-                                          int(time.time() * 1000) + 1)
-        fired = 0
-        for member in due:
-            try:
-                if await self.store.fire_timer(member) is not None:
-                    fired += 1
-            except ResponseError as err:  # one bad record must not stop the timers behind it
-                self._timer_errors("timer %s failed: %r", member, err)
-        return fired
+        shards = await self.my_shards() if shards is None else shards
+        forget, fired = wire.FORGET + ":", 0
+        while True:
+            due = await self.store.due_timers(shards, int(time.time() * 1000) + 1, SWEEP_READ)
+            # Forget timers (one per finished job, due as its record expires) go in one pipelined round trip.
+            forgets, others = [m for m in due if m.startswith(forget)], [m for m in due if not m.startswith(forget)]
+            forgot = 0
+            if forgets:
+                try:
+                    forgot = len(await self.store.forget(forgets))
+                except ResponseError as err:  # must not stop the other timers
+                    self._timer_errors("forget timers failed: %r", err)
+            for member in others:
+                try:
+                    if await self.store.fire_timer(member) is not None:
+                        fired += 1
+                except ResponseError as err:  # one bad record must not stop the timers behind it
+                    self._timer_errors("timer %s failed: %r", member, err)
+            fired += forgot
+            # Every finished job has a forget timer: at a high finish rate more may be due than one read per
+            # shard brings. Read again at once while a read brought a shard's worth and its forgets were all
+            # acted on (so each read removes some), so they never hold back the timers due after them.
+            if len(due) < SWEEP_READ or not forgets or forgot < len(forgets):
+                return fired

@@ -82,16 +82,16 @@ class PartitionKeys:
     """The keys of one partition of a pool."""
 
     queue: str  # ZSET job id -> priority band + pass (tenants in turn within a priority: server/wire.py)
-    timers: str  # ZSET lease, deadline and retry-ready members (server/wire.py) -> due time (ms): the
-    #              shard's, shared by all its pools (shard_timers)
+    timers: str  # ZSET lease, deadline, retry-ready and forget members (server/wire.py) -> due time (ms):
+    #              the shard's, shared by all its pools (shard_timers)
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
     affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
     fair: str  # ZSET fair share of the queue: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" -> the
     #            tenant's last pass in the band (queue score units; lua/submit_job-13.lua)
     waiting: str  # ZSET job id -> when it entered QUEUED (ms): every queued job of the partition, in backoff
     #               too (its ZCARD is the pool's queued count; its lowest score the oldest queued job's age)
-    jobs: str  # ZSET of index members (the Lua prelude's index_add: each expires with its job): the
-    #            partition's jobs, ListJobs' index of a pool
+    jobs: str  # ZSET of index members (the Lua prelude's index_member; each leaves when its job's forget timer
+    #            fires, lua/forget_job-4.lua): the partition's jobs, ListJobs' index of a pool
     paused: str  # HASH reason, at: present while the pool is paused (PausePool); the claim script honours it
     held: str  # ZSET job id -> wire.HELD_ASSIGNED or HELD_RUNNING: the partition's jobs in those states
     #            (entered on a claim, rescored on an ack, left on a requeue or finish: idempotent counts)
@@ -139,12 +139,12 @@ class ShardKeys:
 
 
 def tenant_jobs(shard: str, tenant_id: str) -> str:
-    """ZSET of index members (index_add): a tenant's jobs in the shard (ListJobs by tenant)."""
+    """ZSET of index members (index_member): a tenant's jobs in the shard (ListJobs by tenant)."""
     return f"{PREFIX}jobs:{shard}:t:{len(tenant_id)}:{tenant_id}"
 
 
 def ended_jobs(shard: str, state: str) -> str:
-    """ZSET of index members (index_add): the shard's jobs that ended FAILED, EXPIRED or CANCELLED (rare
+    """ZSET of index members (index_member): the shard's jobs that ended FAILED, EXPIRED or CANCELLED (rare
     states), within retention: ListJobs by one of those states reads this, not every job."""
     return f"{PREFIX}jobs:{shard}:s:{state}"
 

@@ -1,8 +1,8 @@
 """ListJobs' reads: jobs newest first from the indexes the scripts keep with the jobs, never a scan.
 
 Indexes (one slot each, per shard; members '<ULID> <partition tag>', all at score 0, so ZREVRANGEBYLEX
-walks them newest first and the member itself is the cursor; the expiry markers and the sentinel the
-scripts keep beside them sort after every member, above TOP):
+walks them newest first and the member itself is the cursor; nothing else, no time to live: a job's
+entries leave when its forget timer fires, as its record expires, lua/forget_job-4.lua):
 - keys.PartitionKeys.jobs: a pool's jobs in one shard (a pool filter; every pool's, merged, for none);
 - keys.tenant_jobs: a tenant's jobs in one shard;
 - keys.ended_jobs: the jobs that ended FAILED, EXPIRED or CANCELLED (rare states: a filter on one of
@@ -11,8 +11,8 @@ scripts keep beside them sort after every member, above TOP):
 The most selective index of the filters is walked, the shards' indexes merged newest first; the other
 filters are checked on each job's record. A page may come back short of page_size when many entries
 in a row do not match (each call examines at most SCAN_BUDGET entries); next_page_token then goes on
-from there, and is empty only at the end. Entries expire with their jobs (the scripts trim them); one
-whose job is gone all the same (written before entries expired, say) is skipped and removed.
+from there, and is empty only at the end. An entry whose job is gone all the same (its forget timer
+fired late, or an earlier version wrote it) is skipped and removed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from .errors import InvalidArgument
 from .store import JobRecord, JobView, Store, _s, parse_views, read_views
 
 SCAN_BUDGET = 2_000  # index entries one call may examine
-TOP = "(}"  # below the sentinel '}' and the '~' expiry markers (the Lua prelude's index_add): members only
+# Members only: below the sentinel '}' and the '~<expiry> <member>' markers that versions before forget
+# timers kept in the same keys (members start with a ULID: digits and capitals).
+TOP = "(}"
 ENDED_INDEXED = frozenset({JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED})
 
 

@@ -36,6 +36,7 @@ from .calls import (
     ClaimJob,
     Fence,
     FinishJob,
+    ForgetJob,
     Outcome,
     PromoteJob,
     RequeueJob,
@@ -625,15 +626,32 @@ class Store:
         reply = await self.scripts.call(self.redis, ShareSweep(instance_id, live_ms, alive).call())
         return [_s(i) for i in reply]
 
+    async def forget(self, members: list[str]) -> list[str]:
+        """Fire due forget timers (wire.forget_timer), pipelined in one round trip: each finished job
+        leaves ListJobs' indexes as its record expires. The jobs this call took out (a timer another
+        instance or a RetryJob removed first is left alone)."""
+        timers = []
+        for member in members:
+            try:
+                timers.append((member, wire.parse_timer(member)))
+            except ValueError:
+                _junk_timers("dropping a timer member no scheduler wrote: %r", member)
+        calls = [ForgetJob(m, t.job_id, t.tenant, t.ended).call() for m, t in timers]
+        replies = self._raise_errors(await self.scripts.call_many(self.redis, calls)) if calls else []
+        return [t.job_id for (_, t), r in zip(timers, replies, strict=True) if r == 1]
+
     async def fire_timer(self, member: str) -> Changed | None:
         """Act on one due timer: promote a retry, take back an expired lease (an assignment never
-        acknowledged: ack_timeout, attempt given back), expire a job."""
+        acknowledged: ack_timeout, attempt given back), expire a job, forget a finished one (its
+        Changed has state "": the job is gone)."""
         try:
             timer = wire.parse_timer(member)
         except ValueError:
             _junk_timers("dropping a timer member no scheduler wrote: %r", member)
             return None
         job_id = timer.job_id
+        if timer.kind == wire.FORGET:
+            return Changed(job_id, ScriptCode.APPLIED, "", 0) if await self.forget([member]) else None
         try:
             if timer.kind == wire.RETRY:
                 r = await self.scripts.call(self.redis, PromoteJob(job_id).call())

@@ -51,8 +51,10 @@ def joined(h: dict[bytes, bytes], name: bytes) -> bytes | None:
 # A held job's score in its partition's held zset (keys.PartitionKeys.held): ZCOUNT by score counts each state.
 HELD_ASSIGNED, HELD_RUNNING = 0, 1
 
-LEASE, DEADLINE, RETRY = "l", "d", "r"  # timer kinds
+LEASE, DEADLINE, RETRY, FORGET = "l", "d", "r", "x"  # timer kinds
 TOKEN_SEP = "#"  # never in a job id (a partition tag and a ULID) nor in a lease token (hex)
+FORGET_SEP = " "  # never in a job id nor a tenant id ([A-Za-z0-9._-]) nor a state
+NOT_ENDED_INDEXED = "-"  # a forget timer's state of a job in no ended index (it succeeded)
 
 
 def lease_timer(job_id: str, token: str) -> str:
@@ -69,21 +71,35 @@ def retry_timer(job_id: str) -> str:
     return f"{RETRY}:{job_id}"
 
 
+def forget_timer(job_id: str, tenant_id: str, ended: str = NOT_ENDED_INDEXED) -> str:
+    """The timer that takes a finished job out of ListJobs' indexes when its record expires (set by
+    finish_job): it names what the forget needs, the record being gone by then. `ended`: the state
+    whose ended index holds the job, NOT_ENDED_INDEXED for none; `tenant_id` "" for a record without one."""
+    return f"{FORGET}:{job_id}{FORGET_SEP}{tenant_id}{FORGET_SEP}{ended}"
+
+
 @dataclass(frozen=True, slots=True)
 class Timer:
     kind: str
     job_id: str
     token: str = ""  # lease timers only
+    tenant: str = ""  # forget timers only (as ended)
+    ended: str = ""
 
 
 def parse_timer(member: str) -> Timer:
     """ValueError for a member no version of the scheduler wrote."""
     kind, sep, rest = member.partition(":")
-    if not sep or kind not in (LEASE, DEADLINE, RETRY) or not rest:
+    if not sep or kind not in (LEASE, DEADLINE, RETRY, FORGET) or not rest:
         raise ValueError(f"not a timer member: {member!r}")
     if kind == LEASE:
         job_id, _, token = rest.partition(TOKEN_SEP)
         return Timer(kind, job_id, token)
+    if kind == FORGET:
+        parts = rest.split(FORGET_SEP)
+        if len(parts) != 3 or not parts[0] or not parts[2]:
+            raise ValueError(f"not a timer member: {member!r}")
+        return Timer(kind, parts[0], tenant=parts[1], ended=parts[2])
     return Timer(kind, rest)
 
 

@@ -291,6 +291,24 @@ async def test_list_jobs_pages_newest_first_and_filters(stub: pb_grpc.SchedulerS
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details, bad
 
 
+async def test_list_jobs_reads_indexes_an_earlier_version_wrote(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """Before forget timers, each entry had an expiry marker '~<time> <member>' beside it and each key a
+    sentinel '}' (both sort after every member): ListJobs still lists the members only, and drops the
+    entry of a job that is gone."""
+    made = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(utterance_index=i) for i in range(2)]))).results]
+    tag = keys.tag_of(made[0])
+    gone = tag + "01JDZ000000000000000000000"  # an old job whose record expired
+    for key in (keys.PartitionKeys.of(tag).jobs, keys.tenant_jobs(keys.shard_of_tag(tag), "acme")):
+        old = [f"{j[-26:]} {j[:-26]}" for j in [*made, gone]]
+        await redis.zadd(key, {m: 0 for m in [*old, *(f"~01JDZ00000 {m}" for m in old), "}"]})
+        await redis.pexpire(key, 3_600_000)
+    for filters in ({}, {"tenant_id": "acme"}, {"pool": "zh:en"}):
+        listed = await stub.ListJobs(pb.ListJobsRequest(**filters))
+        assert [j.job_id for j in listed.jobs] == sorted(made, reverse=True) and not listed.next_page_token, filters
+    assert await redis.zscore(keys.PartitionKeys.of(tag).jobs, f"{gone[-26:]} {tag}") is None
+
+
 async def test_get_stats_and_the_pool_gauges(make_app: AppFactory) -> None:
     app: App = await make_app(http_listen="127.0.0.1:0")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import time
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import grpc
 import pytest
 from conftest import AppFactory
-from helpers import all_keys, pair, spec
+from google.protobuf.timestamp_pb2 import Timestamp
+from helpers import all_keys, pair, spec, until
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
 from lingua_scheduler.server.dispatch import MAX_AVOIDED, Consumer, Dispatcher
@@ -374,3 +376,127 @@ async def test_assignments_never_written_to_a_stream_are_released(app: App, stor
     await app.nodes._closed(session)
     rec = await store.record(job.job_id)
     assert (rec.state, rec.attempt, rec.event) == ("queued", 0, "release") and not session.in_flight
+
+
+# Issue 13, part 5: ListJobs' indexes hold members only; each finished job has one forget timer in its
+# shard's timers, due when its record expires, which takes its entries out of every index.
+def index_keys(job_id: str, tenant: str = "acme") -> tuple[str, str]:
+    """The job's pool index and its tenant's index."""
+    tag = keys.tag_of(job_id)
+    return keys.PartitionKeys.of(tag).jobs, keys.tenant_jobs(keys.shard_of_tag(tag), tenant)
+
+
+def member(job_id: str) -> bytes:
+    return f"{job_id[-26:]} {job_id[:-26]}".encode()
+
+
+async def redis_ms(redis: Any) -> int:
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros // 1000
+
+
+async def test_an_index_holds_its_jobs_members_only_without_a_time_to_live(store: Store, redis: Any) -> None:
+    made = [j.job_id for j in await store.submit([spec(utterance_index=i) for i in range(3)])]
+    await store.cancel(made[1], "not needed")
+    shard = keys.shard_of_tag(keys.tag_of(made[0]))  # one session: one shard
+    pool_index, tenant_index = index_keys(made[0])
+    ended = keys.ended_jobs(shard, "cancelled")
+    for key, jobs in ((pool_index, made), (tenant_index, made), (ended, [made[1]])):
+        assert sorted(await redis.zrange(key, 0, -1)) == sorted(member(j) for j in jobs), key
+        assert await redis.pttl(key) == -1, key  # its entries leave when their jobs do, not with the key
+    # The cancelled job's forget timer is due when its record expires, and names what the forget needs.
+    timers = keys.PartitionKeys.of(keys.tag_of(made[1])).timers
+    due = await redis.zscore(timers, wire.forget_timer(made[1], "acme", "cancelled"))
+    record_expiry = await redis_ms(redis) + await redis.pttl(keys.JobKeys.of(made[1]).fsm)
+    assert due is not None and abs(due - record_expiry) < 1_000
+    assert wire.parse_timer(wire.forget_timer(made[1], "acme", "cancelled")) == wire.Timer(
+        wire.FORGET, made[1], tenant="acme", ended="cancelled")
+
+
+async def test_a_finished_job_leaves_every_index_when_its_forget_timer_fires(redis: Any, settings: Settings) -> None:
+    store = Store(redis, dataclasses.replace(settings, retention_ms=100))
+    dispatcher = Dispatcher(store, store.settings)
+    soon = (await redis_ms(redis)) + 300  # deadline: max(finish, deadline) + retention is when a record expires
+    deadline = Timestamp()
+    deadline.FromMilliseconds(soon)
+    done, failed, cancelled, alive = [j.job_id for j in await store.submit(
+        [spec(utterance_index=i, deadline=deadline) for i in range(3)] + [spec(utterance_index=3)])]
+    await store.claim("n1", [(done, "t1"), (failed, "t2")])
+    await store.complete(done, "n1", "t1", pb.JobResult(text_asr="ok"))
+    await store.fail(failed, "n1", "t2", pb.JobError(code="BAD", retryable=False))
+    await store.cancel(cancelled, "")
+    shard = keys.shard_of_tag(keys.tag_of(done))
+    pool_index, tenant_index = index_keys(done)
+    for_ended = {"failed": failed, "cancelled": cancelled}
+    for state, job_id in for_ended.items():
+        assert await redis.zrange(keys.ended_jobs(shard, state), 0, -1) == [member(job_id)]
+
+    async def records_gone() -> bool:  # then their forget timers are due (by Redis's clock, and this machine's)
+        return await redis.exists(*(keys.JobKeys.of(j).fsm for j in (done, failed, cancelled))) == 0
+
+    await until(records_gone, timeout=10, what="the finished jobs' records expire")
+    assert await dispatcher.sweep_once([int(shard.strip("{}"))]) == 3  # the sweep fires what is due
+    for key in (pool_index, tenant_index):
+        assert await redis.zrange(key, 0, -1) == [member(alive)], key
+    for state in for_ended:
+        assert await redis.exists(keys.ended_jobs(shard, state)) == 0
+    timers = keys.PartitionKeys.of(keys.tag_of(done)).timers
+    assert [m for m in await redis.zrange(timers, 0, -1) if m.startswith(b"x:")] == []
+
+
+async def test_a_retry_between_finish_and_forget_keeps_the_entries(store: Store, redis: Any) -> None:
+    (job,) = await store.submit([spec()])
+    job_id = job.job_id
+    await store.claim("n1", [(job_id, "t1")])
+    await store.fail(job_id, "n1", "t1", pb.JobError(code="BAD", retryable=False))
+    forget = wire.forget_timer(job_id, "acme", "failed")
+    timers = keys.PartitionKeys.of(keys.tag_of(job_id)).timers
+    assert await redis.zscore(timers, forget) is not None  # a sweeper reads it now, and stalls
+    await Operations(store).retry(job_id, deadline_ms=0, max_attempts=0, reason="again")
+    assert await redis.zscore(timers, forget) is None
+    assert await store.fire_timer(forget) is None  # the stalled sweeper resumes: nothing to act on
+    shard = keys.shard_of_tag(keys.tag_of(job_id))
+    for key in index_keys(job_id):
+        assert await redis.zrange(key, 0, -1) == [member(job_id)], key
+    assert await redis.exists(keys.ended_jobs(shard, "failed")) == 0
+    assert await redis.zscore(timers, wire.deadline_timer(job_id)) is not None
+    await store.cancel(job_id, "")  # it ends again: another forget timer, for its new state
+    assert await redis.zscore(timers, wire.forget_timer(job_id, "acme", "cancelled")) is not None
+
+
+async def test_two_instances_firing_one_forget_act_once(store: Store, redis: Any, settings: Settings) -> None:
+    (job,) = await store.submit([spec()])
+    await store.cancel(job.job_id, "")
+    forget = wire.forget_timer(job.job_id, "acme", "cancelled")
+    other = Store(redis, settings)  # another instance
+    fired = await asyncio.gather(store.fire_timer(forget), other.fire_timer(forget), store.forget([forget]))
+    assert sum(1 for f in fired if f) == 1
+    for key in (*index_keys(job.job_id), keys.ended_jobs(keys.shard_of_tag(keys.tag_of(job.job_id)), "cancelled")):
+        assert await redis.exists(key) == 0, key
+
+
+async def test_a_backlog_of_forgets_is_swept_at_once(redis: Any, settings: Settings) -> None:
+    """More forget timers due in a shard than one read brings: the sweep reads again at once, so they do
+    not hold back the timers due after them (the lease that ran out here)."""
+    from lingua_scheduler.server.dispatch import SWEEP_READ
+
+    store = Store(redis, dataclasses.replace(settings, retention_ms=1))
+    seconds, micros = await redis.time()
+    deadline = Timestamp()
+    deadline.FromMilliseconds(seconds * 1000 + micros // 1000 + 500)
+    made = [j.job_id for j in await store.submit(
+        [spec(utterance_index=i, deadline=deadline) for i in range(SWEEP_READ + 50)])]  # one session: one shard
+    await asyncio.gather(*(store.cancel(j, "") for j in made))
+    (held,) = await store.submit([spec(utterance_index=SWEEP_READ + 50)])
+    await store.claim("n1", [(held.job_id, "t1")])
+
+    async def records_gone() -> bool:
+        return await redis.exists(*(keys.JobKeys.of(j).fsm for j in made)) == 0
+
+    await until(records_gone, timeout=20, what="the records expire")
+    # Its lease is over now: its timer is due after every forget, beyond the first read of the shard.
+    await store.touch("n1", [Lease(held.job_id, "t1")], mode="shorten", lease_ms=0)
+    shard = int(keys.shard_of_tag(keys.tag_of(held.job_id)).strip("{}"))
+    assert await Dispatcher(store, store.settings).sweep_once([shard]) == len(made) + 1
+    assert (await store.record(held.job_id)).state == "queued"  # its lease timer fired in the same sweep
+    assert await redis.zrange(index_keys(held.job_id)[0], 0, -1) == [member(held.job_id)]

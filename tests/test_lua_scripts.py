@@ -14,6 +14,7 @@ from lingua_scheduler.server.calls import (
     DrainNode,
     Fence,
     FinishJob,
+    ForgetJob,
     Outcome,
     PausePool,
     PromoteJob,
@@ -302,9 +303,11 @@ for _, event in ipairs(ARGV) do
 end
 table.insert(out, lease_member("zh:en:{0}J", "tok") .. "|" .. deadline_member("J") .. "|" .. retry_member("J")
   .. "|" .. wake_message("J", "n1", 4503599627370495))
+table.insert(out, forget_member("J", "acme\0s:1", S.failed) .. "|" .. forget_member("J", nil, NOT_ENDED_INDEXED))
 return out
 """
     rows = [r.decode() for r in await redis.eval(probe, 0, *[str(e) for e in Event])]
+    assert rows.pop().split("|") == [wire.forget_timer("J", "acme", "failed"), wire.forget_timer("J", "")]
     members = rows.pop()
     assert members.split("|") == [wire.lease_timer("zh:en:{0}J", "tok"), wire.deadline_timer("J"),
                                   wire.retry_timer("J"), wire.wake("J", "n1", 2.0 ** 52 - 1)]
@@ -369,6 +372,25 @@ async def test_retry_codes(store: Store, redis: Any) -> None:
     assert r[0] == ScriptCode.INVALID_TRANSITION and r[1] == b"queued"
     seen.add((await call(redis, retry(1, keys.tag_of(job_id) + "01GHOST")))[0])
     assert seen == documented_codes("retry_job") == {1, -1, -2, -3}
+
+
+async def test_forget_codes(store: Store, redis: Any) -> None:
+    """forget_job acts only when it removes the timer itself (1), else changes nothing (0)."""
+    (job,) = await store.submit([spec()])
+    job_id = job.job_id
+    tag = keys.tag_of(job_id)
+    pk, shard = keys.PartitionKeys.of(tag), keys.shard_of_tag(tag)
+    member = wire.forget_timer(job_id, "acme")
+    forget = ForgetJob(member, job_id, "acme", wire.NOT_ENDED_INDEXED).call()
+    assert await store.scripts.call(redis, forget) == 0  # no such timer: the entries stay
+    assert await redis.zcard(pk.jobs) == 1 and await redis.zcard(keys.tenant_jobs(shard, "acme")) == 1
+    await store.cancel(job_id, "")
+    member = wire.forget_timer(job_id, "acme", "cancelled")
+    assert await redis.zscore(pk.timers, member) is not None
+    forget = ForgetJob(member, job_id, "acme", "cancelled").call()
+    assert [await store.scripts.call(redis, forget) for _ in range(2)] == [1, 0]
+    for key in (pk.jobs, keys.tenant_jobs(shard, "acme"), keys.ended_jobs(shard, "cancelled")):
+        assert await redis.exists(key) == 0, key
 
 
 async def test_pause_codes(store: Store, redis: Any) -> None:

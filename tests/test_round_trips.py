@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +13,12 @@ import grpc
 import pytest
 from conftest import AppFactory
 from google.protobuf.duration_pb2 import Duration
-from helpers import pair, spec
+from google.protobuf.timestamp_pb2 import Timestamp
+from helpers import pair, spec, until
+from lingua_scheduler.server import keys
+from lingua_scheduler.server.dispatch import Dispatcher
+from lingua_scheduler.server.settings import Settings
+from lingua_scheduler.server.store import Store
 from lingua_sdk import pb, pb_grpc
 
 SETUP = {"HELLO", "CLIENT", "SELECT", "ECHO", "PING"}  # connection setup and health checks
@@ -120,3 +126,26 @@ async def test_admin_calls_round_trips(make_app: AppFactory, redis: Any) -> None
         assert list(listed.jobs) == []
         # One (empty) failed-jobs index per shard, nothing else: the 20 cancelled jobs are not read.
         assert mon.client == Counter(ZREVRANGEBYLEX=app.settings.partitions), mon.client
+
+
+@pytest.mark.single_redis
+async def test_a_sweep_forgets_the_due_jobs_in_one_pipeline(redis: Any, settings: Settings) -> None:
+    """Forget timers (a finished job's, due as its record expires) cost the sweep one pipelined round
+    trip for them all: a script call each, which removes the timer and the job's index entries only."""
+    store = Store(redis, dataclasses.replace(settings, retention_ms=1))
+    seconds, micros = await redis.time()
+    deadline = Timestamp()
+    deadline.FromMilliseconds(seconds * 1000 + micros // 1000 + 200)
+    made = [j.job_id for j in await store.submit([spec(utterance_index=i, deadline=deadline) for i in range(5)])]
+    for job_id in made:
+        await store.cancel(job_id, "")  # each in the cancelled jobs' index too
+
+    async def records_gone() -> bool:
+        return await redis.exists(*(keys.JobKeys.of(j).fsm for j in made)) == 0
+
+    await until(records_gone, timeout=10, what="the records expire")
+    mon = Monitor(redis)
+    async with mon.watch():
+        assert await Dispatcher(store, store.settings).sweep_once(list(range(settings.partitions))) == 5
+    assert mon.client == Counter(ZRANGEBYSCORE=settings.partitions, EVALSHA=5), mon.client
+    assert mon.lua == Counter(ZREM=4 * 5), mon.lua  # the timer, the pool's, the tenant's and the ended index

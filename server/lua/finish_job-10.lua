@@ -10,13 +10,14 @@
     KEYS[2] job payload
     KEYS[3] job result
     KEYS[4] partition queue zset
-    KEYS[5] partition timers zset
+    KEYS[5] partition timers zset (the job's timers leave it; its forget timer, due when its keys expire,
+            enters it: lua/forget_job-4.lua takes the job out of ListJobs' indexes then)
     KEYS[6] partition waiting zset (a queued job leaves it)
     KEYS[7] partition held zset (a held job leaves it)
     KEYS[8] rate bucket hash of now ("<pool>|finished" counted)
     KEYS[9] done bucket hash of now ("<pool>|<destination>" counted)
     KEYS[10] the shard's index of jobs ended in the destination state (ListJobs; used for failed,
-             expired and cancelled only; the entry expires with the job's keys)
+             expired and cancelled only; the job's forget timer takes the entry out)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
     ARGV[3] destination state (decided by the FSM)
@@ -116,9 +117,12 @@ else
 end
 count_in(rateKey, pool .. "|finished", tonumber(ARGV[15]))
 count_in(doneKey, pool .. "|" .. dest, tonumber(ARGV[16]))
+local ended = NOT_ENDED_INDEXED
 if dest ~= S.succeeded then
-  index_add(endedKey, jobId, expireAt, now)
+  rcall("ZADD", endedKey, 0, index_member(jobId))
+  ended = dest
 end
+rcall("ZADD", timersKey, expireAt, forget_member(jobId, f[9], ended))
 if f[9] then  -- a record written before sessions were indexed has no `sess`
   rcall("PUBLISH", ARGV[14] .. f[9], session_done_message(jobId, f[10] or "", dest))
 end

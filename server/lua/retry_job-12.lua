@@ -10,7 +10,7 @@
     KEYS[1] job fsm hash (the record, its spec and its state changes)
     KEYS[2] job payload
     KEYS[3] partition queue zset
-    KEYS[4] partition timers zset
+    KEYS[4] partition timers zset (the job's forget timer leaves it, a deadline timer enters it)
     KEYS[5] partition waiting zset
     KEYS[6] the shard's index of jobs ended in the job's current state (lua/finish_job-10.lua)
     KEYS[7] done bucket hash of the job's finish (the record's `done`; "<pool>|<state>" counted down)
@@ -18,7 +18,8 @@
             identity has none (its identity is its record's `dg`, persisted with the record below): the
             name its identity had before `dg`, extended if a job from then still has it
     KEYS[9] session jobs zset (WatchSession's index; lives as long as its longest-lived job)
-    KEYS[10] partition jobs index (ListJobs by pool; the job's entry expires with it again)
+    KEYS[10] partition jobs index (ListJobs by pool; the entry is added again, in case a sweeper whose
+             clock runs ahead fired the forget timer before the record expired)
     KEYS[11] tenant jobs index of this shard (ListJobs by tenant; likewise)
     KEYS[12] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-13.lua)
     ARGV[1] job id
@@ -42,7 +43,7 @@ local endedKey, doneKey, idemKey, sessionKey = KEYS[6], KEYS[7], KEYS[8], KEYS[9
 local jobsKey, tenantJobsKey, poolsKey = KEYS[10], KEYS[11], KEYS[12]
 local jobId = ARGV[1]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs", "updated", "w")
+local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs", "updated", "w", "sess")
 local state = f[1]
 if not state then
   return {-1}
@@ -79,13 +80,14 @@ local ttlLeft = rcall("PTTL", sessionKey)
 if ttlLeft >= 0 and now + ttlLeft < deadline + retention then
   rcall("PEXPIREAT", sessionKey, deadline + retention)
 end
--- Index entries expire with the job: at its deadline + retention (lua/submit_job-13.lua), now the new one's.
-local oldDeadline = tonumber(f[3])
-for _, key in ipairs({jobsKey, tenantJobsKey}) do
-  index_extend(key, jobId, oldDeadline + retention, deadline + retention, now)
-end
+-- The job's index entries stay: it is no longer forgotten when its record would have expired (its forget
+-- timer, lua/finish_job-10.lua, goes; the job gets another when it ends again). An entry the forget
+-- took already (a sweeper's clock ahead of Redis's) comes back: ZADD of a member present changes nothing.
 local member = index_member(jobId)
-rcall("ZREM", endedKey, member, index_marker(math.max(tonumber(f[8]), oldDeadline) + retention, member))
+rcall("ZREM", timersKey, forget_member(jobId, f[10], state))
+rcall("ZADD", jobsKey, 0, member)
+rcall("ZADD", tenantJobsKey, 0, member)
+rcall("ZREM", endedKey, member)
 local pool = pool_of(jobId)
 rcall("ZADD", poolsKey, "GT", deadline + retention, pool)
 if tonumber(rcall("HINCRBY", doneKey, pool .. "|" .. state, -1)) < 0 then

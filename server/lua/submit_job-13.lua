@@ -17,7 +17,8 @@
     KEYS[8] partition fair-share zset: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" ->
             the tenant's last pass in the band (both in queue score units)
     KEYS[9] partition waiting zset (job id -> when it entered QUEUED, ms)
-    KEYS[10] partition jobs index (ListJobs by pool; lex members, see index_add)
+    KEYS[10] partition jobs index (ListJobs by pool; lex members, see index_member; no time to live:
+             the job's forget timer takes its entries out, lua/forget_job-4.lua)
     KEYS[11] tenant jobs index of this shard (ListJobs by tenant)
     KEYS[12] shard pools zset (pool -> until when a job of it may live: GetStats' and ListJobs' list)
     KEYS[13] rate bucket hash of now ("<pool>|submitted" counted)
@@ -126,14 +127,16 @@ if ttl < 0 or now + ttl < deadline then
   rcall("PEXPIREAT", fairKey, deadline)
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
--- What ListJobs and GetStats read: an index entry lives as long as the job's record (deadline + retention).
+-- What ListJobs and GetStats read: an index entry lives as long as the job's record (its forget timer,
+-- set when it ends, takes it out: lua/finish_job-10.lua).
 rcall("ZADD", waitingKey, now, jobId)
 local pool = pool_of(jobId)
 rcall("ZADD", poolsKey, "GT", keepUntil, pool)
 count_in(rateKey, pool .. "|submitted", tonumber(ARGV[17]))
-index_add(jobsKey, jobId, keepUntil, now)
-index_add(tenantJobsKey, jobId, keepUntil, now)
-if string.byte(jobId, -1) % 8 == 0 then  -- (as index_add trims) pools whose jobs are all gone leave
+local member = index_member(jobId)
+rcall("ZADD", jobsKey, 0, member)
+rcall("ZADD", tenantJobsKey, 0, member)
+if string.byte(jobId, -1) % 8 == 0 then  -- one submit in 8 (ULIDs are random): pools whose jobs are all gone leave
   rcall("ZREMRANGEBYSCORE", poolsKey, "-inf", "(" .. now)
 end
 rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred, queueScore))
