@@ -47,44 +47,49 @@ local function heads()  -- the next candidates with their queue scores: {id, sco
 end
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease",
-  "created", "asg", "w", unpack(SPEC_FIELDS))
+  "created", "asg", "w", "qs", unpack(SPEC_FIELDS))
 local state = f[1]
 if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
   if state == FIXED[E.assign] and f[8] == nodeId then
-    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 14), rcall("GET", payloadKey) or ""}
+    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 15), rcall("GET", payloadKey) or ""}
   end
   return {-7, heads()}
 end
 if rcall("EXISTS", pausedKey) == 1 then
   return {-14, {}}
 end
-local score = tonumber(rcall("ZSCORE", queueKey, jobId))
-if not score then
-  return {-7, heads()}
-end
-if not state then
-  rcall("ZREM", queueKey, jobId)
-  return {-1, heads()}
-end
-if not allowed(E.assign, state) then
-  rcall("ZREM", queueKey, jobId)
+-- Whether the job is still queued: ZREM's reply where the job leaves the queue anyway, a ZSCORE where it
+-- stays (its queue score is the record's `qs`: every ZADD to a queue writes that).
+if not state or not allowed(E.assign, state) then
+  if rcall("ZREM", queueKey, jobId) == 0 then
+    return {-7, heads()}
+  end
+  if not state then
+    return {-1, heads()}
+  end
   return {-2, heads(), state}
 end
 local now = now_ms()
 local avoidUntil = tonumber(f[6]) + tonumber(ARGV[7])
-if now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true) then
-  return {-8, heads(), avoidUntil}
-end
 local heldUntil = tonumber(f[6]) + tonumber(ARGV[5])
-if f[5] ~= "" and f[5] ~= nodeId and now < heldUntil then
+local avoided = now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
+local held = f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
+if (avoided or held) and not rcall("ZSCORE", queueKey, jobId) then
+  return {-7, heads()}
+elseif avoided then
+  return {-8, heads(), avoidUntil}
+elseif held then
   return {-9, heads(), heldUntil}
 end
+if rcall("ZREM", queueKey, jobId) == 0 then
+  return {-7, heads()}
+end
 
+local score = tonumber(f[14])
 local dest = FIXED[E.assign]
 local version = tonumber(f[2]) + 1
 local attempt = tonumber(f[3]) + 1
 local lease = now + tonumber(ARGV[4])
-rcall("ZREM", queueKey, jobId)
 rcall("ZREM", waitingKey, jobId)
 rcall("ZADD", heldKey, HELD_SCORE[dest], jobId)
 -- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
@@ -114,14 +119,18 @@ rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", atte
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
 rcall("ZADD", affinityAtKey, now, f[7])
-local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - tonumber(ARGV[8]), "LIMIT", 0, 16)
-if #stale > 0 then
-  rcall("HDEL", affinityKey, unpack(stale))
-  rcall("ZREM", affinityAtKey, unpack(stale))
+-- Bindings past their time to live are ignored (lua/submit_job-13.lua); one claim in 8 (tokens are random
+-- hex) deletes up to 128 of them.
+if string.byte(token, -1) % 8 == 0 then
+  local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - tonumber(ARGV[8]), "LIMIT", 0, 128)
+  if #stale > 0 then
+    rcall("HDEL", affinityKey, unpack(stale))
+    rcall("ZREM", affinityAtKey, unpack(stale))
+  end
 end
 local dispatched = -1  -- "asg" is the time of the job's latest claim: none before, this is its first
 if not f[12] and f[11] then
   dispatched = now - tonumber(f[11])
 end
-return {1, heads(), attempt, lease, spec_of(fsmKey, f, 14), rcall("GET", payloadKey) or "", now - tonumber(f[6]),
+return {1, heads(), attempt, lease, spec_of(fsmKey, f, 15), rcall("GET", payloadKey) or "", now - tonumber(f[6]),
   dispatched}

@@ -106,10 +106,10 @@ end
 if ARGV[7] == "1" then
   rcall("SET", resultKey, ARGV[8], "PXAT", expireAt)
 end
-rcall("ZREM", queueKey, jobId)
 rcall("ZREM", timersKey, lease_member(jobId, tok), deadline_member(jobId), retry_member(jobId))
 local pool = pool_of(jobId)
-if state == S.queued then
+if state == S.queued then  -- only a queued job is in its queue (or in backoff, in the timers)
+  rcall("ZREM", queueKey, jobId)
   rcall("ZREM", waitingKey, jobId)
 else
   rcall("ZREM", heldKey, jobId)
