@@ -21,7 +21,7 @@
     ARGV[5] affinity wait, ms: how long a job is held back for its session's preferred node
     ARGV[6] how many queue heads to return as the next candidates
     ARGV[7] avoid window, ms: how long a requeued job keeps away from the nodes it avoids
-    ARGV[8] affinity time to live, ms: bindings older than this are deleted (a few per call)
+    ARGV[8] affinity time to live, ms: bindings older than this are deleted (by one call in 8)
 
   Output: {code, next candidates, ...}; the candidates are the queue's heads with their scores,
   {id, score, id, score, ...} (the dispatcher pairs jobs in queue order)
@@ -42,16 +42,19 @@ local fsmKey, payloadKey, fairKey = KEYS[5], KEYS[6], KEYS[7]
 local waitingKey, heldKey, pausedKey = KEYS[8], KEYS[9], KEYS[10]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
+local function payload(f)  -- "" for a job submitted without one (`np`: no key to read)
+  return not f[15] and rcall("GET", payloadKey) or ""
+end
 local function heads()  -- the next candidates with their queue scores: {id, score, id, score, ...}
   return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[6]) - 1, "WITHSCORES")
 end
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease",
-  "created", "asg", "w", "qs", unpack(SPEC_FIELDS))
+  "created", "asg", "w", "qs", "np", unpack(SPEC_FIELDS))
 local state = f[1]
 if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
   if state == FIXED[E.assign] and f[8] == nodeId then
-    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 15), rcall("GET", payloadKey) or ""}
+    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 16), payload(f)}
   end
   return {-7, heads()}
 end
@@ -132,5 +135,5 @@ local dispatched = -1  -- "asg" is the time of the job's latest claim: none befo
 if not f[12] and f[11] then
   dispatched = now - tonumber(f[11])
 end
-return {1, heads(), attempt, lease, spec_of(fsmKey, f, 15), rcall("GET", payloadKey) or "", now - tonumber(f[6]),
+return {1, heads(), attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - tonumber(f[6]),
   dispatched}

@@ -54,7 +54,7 @@ local waitingKey, heldKey, rateKey, doneKey, endedKey = KEYS[6], KEYS[7], KEYS[8
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg",
-  "w", "created")
+  "w", "created", "np")
 local state = f[1]
 if not state then
   return {-1}
@@ -97,7 +97,8 @@ end
 local retention = tonumber(ARGV[12])
 local expireAt = math.max(now, deadline) + retention
 rcall("PEXPIREAT", fsmKey, expireAt)
-if dest == S.failed or dest == S.expired then
+if f[14] then  -- submitted without a payload: no key
+elseif dest == S.failed or dest == S.expired then
   rcall("PEXPIREAT", payloadKey, expireAt)  -- RetryJob needs the input
 else
   rcall("DEL", payloadKey)

@@ -106,7 +106,7 @@ rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxat
   "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
   "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance,
   "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_job)
-  unpack(pieces({}, "spec", ARGV[2])))
+  unpack(pieces(ARGV[3] == "" and {"np", 1} or {}, "spec", ARGV[2])))  -- np: no payload key to read or drop
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
 end
