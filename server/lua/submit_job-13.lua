@@ -15,7 +15,7 @@
     KEYS[6] partition affinity hash
     KEYS[7] session jobs zset of this partition (job id -> utterance index; WatchSession reads it)
     KEYS[8] partition fair-share zset: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" ->
-            the tenant's last pass in the band (both in queue score units)
+            the tenant's last pass in the band (both in queue score units), "e" -> minus when the key expires
     KEYS[9] partition waiting zset (job id -> when it entered QUEUED, ms)
     KEYS[10] partition jobs index (ListJobs by pool; lex members, see index_add)
     KEYS[11] tenant jobs index of this shard (ListJobs by tenant)
