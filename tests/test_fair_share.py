@@ -14,6 +14,7 @@ import pytest
 from helpers import spec
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.dispatch import Consumer, Dispatcher
+from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Claim, Lease, Store
 from lingua_scheduler.server.tenants import TenantConfig, TenantLimits, Tenants
@@ -239,3 +240,25 @@ async def test_scores_stay_in_their_band(make_store: Any, redis: Any) -> None:
     assert await redis.zscore(pk.queue, last) == low + wire.QUEUE_BAND - 1
     (high,) = await submit(store, "B", 1, sessions=1, start=2, priority=1)
     assert await redis.zscore(pk.queue, high) < await redis.zscore(pk.queue, last)  # the next band's jobs first
+
+
+async def test_a_claim_out_of_turn_moves_the_clock_to_its_bands_head(make_store: Any, redis: Any) -> None:
+    """The claim reads its band's head from the queue heads it returns when they start in the band, and
+    looks the band up only when a band of higher priority comes first."""
+    store = make_store()
+    pk = keys.PartitionKeys.of(keys.partition_tag(POOL, 0))
+    a = await submit(store, "A", 4, sessions=1)  # priority 0: band 9
+    (b,) = await submit(store, "B", 1, sessions=1, start=10, priority=5)  # band 4: first in the queue
+    scores = [await redis.zscore(pk.queue, job_id) for job_id in a]
+    assert await redis.zscore(pk.fair, "c9") < scores[0] < scores[1] < scores[2] < scores[3]
+
+    async def claim(job_id: str) -> float:
+        (c,) = await store.claim("n1", [(job_id, "tok-" + job_id[-4:])])
+        assert c.code == ScriptCode.APPLIED
+        return await redis.zscore(pk.fair, "c9")
+
+    assert await claim(a[3]) == scores[0]  # out of turn, behind a band of higher priority: the band's head
+    await claim(b)
+    assert await claim(a[0]) == scores[0]  # in turn: at the clock, which stays
+    assert await claim(a[2]) == scores[1]  # out of turn, the band first in the queue: its head
+    assert await claim(a[1]) == scores[1]

@@ -102,8 +102,16 @@ rcall("ZADD", heldKey, HELD_SCORE[dest], jobId)
 local band = math.floor(score / BAND)
 local low, clockMember = band * BAND, "c" .. band
 local clock = tonumber(rcall("ZSCORE", fairKey, clockMember))
+local after = heads()  -- the queue's heads now: returned, and the band's head when the queue's first is in the band
 if clock and score > clock then
-  local head = rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "WITHSCORES", "LIMIT", 0, 1)
+  local first, head = tonumber(after[2]), nil
+  if not first or first >= low + BAND then
+    head = {}  -- the queue's lowest score is past the band: the band is empty
+  elseif first >= low then
+    head = after
+  else  -- a band of higher priority comes first
+    head = rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "WITHSCORES", "LIMIT", 0, 1)
+  end
   local to = score
   if head[1] then
     to = math.min(score, tonumber(head[2]))
@@ -135,5 +143,5 @@ local dispatched = -1  -- "asg" is the time of the job's latest claim: none befo
 if not f[12] and f[11] then
   dispatched = now - tonumber(f[11])
 end
-return {1, heads(), attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - tonumber(f[6]),
+return {1, after, attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - tonumber(f[6]),
   dispatched}
