@@ -87,7 +87,8 @@ class PartitionKeys:
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
     affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
     fair: str  # ZSET fair share of the queue: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" -> the
-    #            tenant's last pass in the band (queue score units; lua/submit_job-13.lua)
+    #            tenant's last pass in the band (queue score units; lua/submit_job-13.lua), "e" -> minus
+    #            when the key expires
     waiting: str  # ZSET job id -> when it entered QUEUED (ms): every queued job of the partition, in backoff
     #               too (its ZCARD is the pool's queued count; its lowest score the oldest queued job's age)
     jobs: str  # ZSET of index members (the Lua prelude's index_member; each leaves when its job's forget timer

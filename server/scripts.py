@@ -1,10 +1,13 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
 A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10. Every script is
-assembled at load time as PRELUDE + the file: the prelude holds what all scripts share (the clock,
-the history entry, long values in pieces, timer member names) and the machine's rules, generated from
-fsm/ (which states each event fires from, where it leads, what counts as a repeat), so no script
-retypes a state or event name. Still one EVALSHA per call. A NOSCRIPT reply (the Redis script cache is empty after a
+assembled at load time as the prelude's parts it uses + the file: the prelude holds what the scripts share
+(the clock, the history entry, long values in pieces, timer member names) and the machine's rules,
+generated from fsm/ (which states each event fires from, where it leads, what counts as a repeat), so no
+script retypes a state or event name. Redis runs a script's whole text at every EVALSHA, tables and
+closures included (the whole prelude cost ~3 us of Redis CPU per call), so a script gets only the parts
+it names (parts(): each top-level `local` of the prelude with the comment above it), and the parts
+those name. Still one EVALSHA per call, its SHA fixed by the source. A NOSCRIPT reply (the Redis script cache is empty after a
 restart or failover) loads the script again and retries.
 
 With metrics on (server/metrics.py), every call or pipelined batch is timed here, the one place the
@@ -15,6 +18,7 @@ op being the script's name.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -35,9 +39,9 @@ def _lua_table(items: dict[str, str]) -> str:
     return "{" + ", ".join(f'["{k}"] = "{v}"' for k, v in items.items()) + "}"
 
 
-def _lua_sets(items: dict[str, list[JobState]]) -> str:
-    """event -> ",a,b," (strings, not nested tables: cheaper to build at every call)."""
-    return _lua_table({k: "," + ",".join(v) + "," for k, v in items.items()})
+def _lua_pairs(items: dict[str, list[JobState]]) -> str:
+    """event -> states as one Lua string, ' <event>:<state> ' each: a constant, where a table is built at every call."""
+    return '" ' + " ".join(f"{k}:{v}" for k, vs in items.items() for v in vs) + ' "'
 
 
 def _fixed() -> dict[str, str]:
@@ -61,17 +65,17 @@ def prelude() -> str:
         "local rcall = redis.call",
         "local S = " + _lua_table({s.name.lower(): str(s) for s in JobState}),
         "local E = " + _lua_table({e.name.lower(): str(e) for e in Event}),
-        "-- SOURCES[event]: the states it may fire from; DESTS[event]: the states it may lead to.",
-        "local SOURCES = " + _lua_sets({e: sources_of(e) for e in events}),
-        "local DESTS = " + _lua_sets({e: dests_of(e) for e in events}),
+        "-- SOURCES: ' <event>:<state> ' for each state an event may fire from; DESTS: for each it may lead to.",
+        "local SOURCES = " + _lua_pairs({e: sources_of(e) for e in events}),
+        "local DESTS = " + _lua_pairs({e: dests_of(e) for e in events}),
         "-- FIXED[event]: the one destination of an event without conditions.",
         "local FIXED = " + _lua_table(_fixed()),
         "local function allowed(event, state)",
-        '  return string.find(SOURCES[event], "," .. state .. ",", 1, true) ~= nil',
+        '  return string.find(SOURCES, " " .. event .. ":" .. state .. " ", 1, true) ~= nil',
         "end",
         "-- A repeat of an event already applied: answered with the current state, not an error.",
         "local function is_repeat(state, lastEvent, event)",
-        '  return lastEvent == event and string.find(DESTS[event], "," .. state .. ",", 1, true) ~= nil',
+        '  return lastEvent == event and string.find(DESTS, " " .. event .. ":" .. state .. " ", 1, true) ~= nil',
         "end",
         "-- A held job's score in its partition's held zset (ZCOUNT by score counts each state).",
         f"local HELD_SCORE = {{[S.assigned] = {wire.HELD_ASSIGNED}, [S.running] = {wire.HELD_RUNNING}}}",
@@ -127,10 +131,7 @@ def prelude() -> str:
         "-- The spec (a serialized JobSpec) is the record's `spec` (in pieces). SPEC_FIELDS: what a script's HMGET",
         "-- asks for, its first SPEC_READ pieces; spec_of() joins them from the HMGET replies f[at ..] and reads",
         "-- a longer spec's further pieces (rare).",
-        'local SPEC_FIELDS = {"spec"}',
-        "for i = 2, SPEC_READ do",
-        '  SPEC_FIELDS[i] = "spec+" .. i',
-        "end",
+        'local SPEC_FIELDS = {"spec", ' + ", ".join(f'"spec+{i}"' for i in range(2, wire.SPEC_READ + 1)) + "}",
         "local function spec_of(fsmKey, f, at)",
         "  local out = {}",
         "  for i = 1, SPEC_READ do",
@@ -213,6 +214,72 @@ def prelude() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Part:
+    """One top-level definition of the prelude: the names it defines and its text (comments above it included)."""
+
+    names: frozenset[str]
+    text: str
+
+
+_DEFINES = re.compile(r"local (?:function (\w+)|([\w, ]+?) =)")
+
+
+def parts(shared: str) -> list[Part]:
+    """The prelude cut at its top-level `local`s; a part's leading comment lines go with it."""
+    out: list[Part] = []
+    names: set[str] = set()
+    lines: list[str] = []
+    for line in shared.splitlines(keepends=True):
+        found = _DEFINES.match(line)
+        if (found or line.startswith("--")) and names:  # a new part starts (its comments, then its local)
+            out.append(Part(frozenset(names), "".join(lines)))
+            names, lines = set(), []
+        if found:
+            names.update(n.strip() for n in (found[1] or found[2]).split(","))
+        lines.append(line)
+    out.append(Part(frozenset(names), "".join(lines)))  # the end: names none when it is a comment only
+    return out
+
+
+def lua_code(lua: str) -> str:
+    """Lua without its comments (a comment naming a part does not need it)."""
+    return re.sub(r"--[^\n]*", "", re.sub(r"--\[\[.*?\]\]", "", lua, flags=re.S))
+
+
+def _names() -> dict[str, str]:
+    """What S.<state>, E.<event> and FIXED[E.<event>] stand for, as Lua string literals."""
+    out = {f"S.{s.name.lower()}": f'"{s}"' for s in JobState} | {f"E.{e.name.lower()}": f'"{e}"' for e in Event}
+    return out | {f"FIXED[E.{Event(e).name.lower()}]": f'"{d}"' for e, d in _fixed().items()}
+
+
+_NAMED = re.compile(r"(?<![\w.])(?:FIXED\[E\.\w+\]|[SE]\.\w+)")
+
+
+def constants(lua: str) -> str:
+    """`lua` with its states, events and fixed destinations written out: the tables S, E and FIXED cost
+    ~0.2 us each to build at every call; a string constant costs nothing. An unknown name fails here."""
+    names = _names()
+    return _NAMED.sub(lambda m: names[m[0]], lua)
+
+
+def assemble(shared: str, body: str) -> str:
+    """The parts of the prelude `body` names, directly or through other parts, in prelude order, + body,
+    their states and events written out (constants()).
+
+    Parts that define nothing (the prelude's first and last comment) always go in."""
+    body = constants(body)
+    pieces = [Part(p.names, constants(p.text)) for p in parts(shared)]
+    used, todo = [not p.names for p in pieces], [lua_code(body)]
+    while todo:
+        code = todo.pop()
+        for i, part in enumerate(pieces):
+            if not used[i] and any(re.search(rf"(?<![\w.]){n}\b", code) for n in part.names):
+                used[i] = True
+                todo.append(lua_code(part.text))
+    return "".join(p.text for p, u in zip(pieces, used, strict=True) if u) + body
+
+
+@dataclass(frozen=True, slots=True)
 class Script:
     name: str
     numkeys: int
@@ -228,7 +295,7 @@ def _load_all() -> dict[str, Script]:
             continue
         stem = entry.name.removesuffix(".lua")
         name, _, numkeys = stem.rpartition("-")
-        source = shared + entry.read_text()
+        source = assemble(shared, entry.read_text())
         scripts[name] = Script(name, int(numkeys), source, hashlib.sha1(source.encode()).hexdigest())
     return scripts
 

@@ -14,6 +14,7 @@ import pytest
 from helpers import spec
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.dispatch import Consumer, Dispatcher
+from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Claim, Lease, Store
 from lingua_scheduler.server.tenants import TenantConfig, TenantLimits, Tenants
@@ -132,10 +133,12 @@ async def test_an_emptied_queue_evens_tenants_out(make_store: Any, redis: Any) -
     assert order[:10].count("A") == 5, order
     # What is left of the fair-share key: the band's clock and the two tenants' passes, and it expires.
     fair = keys.PartitionKeys.of(keys.partition_tag(POOL, 0)).fair
-    await submit(store, "C", 1, sessions=1)  # a submit prunes the passes the clock went by
-    members = {m.decode() for m in await redis.zrange(fair, 0, -1)}
-    assert members <= {"c9", "t9:A", "t9:B", "t9:C"} and "c9" in members, members
-    assert await redis.pttl(fair) > 0
+    await submit(store, "C", 1, sessions=1)  # one submit in 8 prunes the passes the clock went by
+    members = {m.decode(): score for m, score in await redis.zrange(fair, 0, -1, withscores=True)}
+    assert set(members) <= {"c9", "t9:A", "t9:B", "t9:C", "e"} and "c9" in members, members
+    # "e" holds minus when the key expires: what a submit reads instead of the key's PTTL.
+    ttl, now_ms = await redis.pttl(fair), (await redis.time())[0] * 1000
+    assert ttl > 0 and abs(-members["e"] - (now_ms + ttl)) < 2_000, (members["e"], ttl)
 
 
 async def test_a_requeued_job_keeps_its_place(make_store: Any) -> None:
@@ -230,9 +233,32 @@ async def test_scores_stay_in_their_band(make_store: Any, redis: Any) -> None:
     await take_heads(store, 2)  # the band is empty now
     await submit(store, "B", 1, sessions=1)
     assert await redis.zscore(pk.fair, f"c{band}") == low  # started again from the band's bottom
-    assert await redis.zrange(pk.fair, 0, -1) == [f"c{band}".encode(), f"t{band}:B".encode()]
+    band_members = await redis.zrangebyscore(pk.fair, low, low + wire.QUEUE_BAND - 1)  # not "e" (negative)
+    assert band_members == [f"c{band}".encode(), f"t{band}:B".encode()]
     await redis.zadd(pk.fair, {f"t{band}:B": low + wire.QUEUE_BAND - 10})
     (last,) = await submit(store, "B", 1, sessions=1, start=1)
     assert await redis.zscore(pk.queue, last) == low + wire.QUEUE_BAND - 1
     (high,) = await submit(store, "B", 1, sessions=1, start=2, priority=1)
     assert await redis.zscore(pk.queue, high) < await redis.zscore(pk.queue, last)  # the next band's jobs first
+
+
+async def test_a_claim_out_of_turn_moves_the_clock_to_its_bands_head(make_store: Any, redis: Any) -> None:
+    """The claim reads its band's head from the queue heads it returns when they start in the band, and
+    looks the band up only when a band of higher priority comes first."""
+    store = make_store()
+    pk = keys.PartitionKeys.of(keys.partition_tag(POOL, 0))
+    a = await submit(store, "A", 4, sessions=1)  # priority 0: band 9
+    (b,) = await submit(store, "B", 1, sessions=1, start=10, priority=5)  # band 4: first in the queue
+    scores = [await redis.zscore(pk.queue, job_id) for job_id in a]
+    assert await redis.zscore(pk.fair, "c9") < scores[0] < scores[1] < scores[2] < scores[3]
+
+    async def claim(job_id: str) -> float:
+        (c,) = await store.claim("n1", [(job_id, "tok-" + job_id[-4:])])
+        assert c.code == ScriptCode.APPLIED
+        return await redis.zscore(pk.fair, "c9")
+
+    assert await claim(a[3]) == scores[0]  # out of turn, behind a band of higher priority: the band's head
+    await claim(b)
+    assert await claim(a[0]) == scores[0]  # in turn: at the clock, which stays
+    assert await claim(a[2]) == scores[1]  # out of turn, the band first in the queue: its head
+    assert await claim(a[1]) == scores[1]

@@ -50,6 +50,21 @@ async def test_a_queued_job_is_its_record_and_payload_and_a_long_spec_keeps_it_c
     assert await redis.object("encoding", fsm) in (b"listpack", b"ziplist")
 
 
+async def test_a_job_without_a_payload_says_so_in_its_record(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """`np`: claim and finish skip the payload key of a job that has none (no GET, no DEL)."""
+    plain, with_payload = (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(payload=b"", payload_ref="session://s1/0"), spec(utterance_index=1, payload=b"pcm")]))).results
+    assert await redis.hget(keys.JobKeys.of(plain.job_id).fsm, "np") == b"1"
+    assert not await redis.hexists(keys.JobKeys.of(with_payload.job_id).fsm, "np")
+    assigned = {a.job_id: a for a in [await assign(stub) for _ in range(2)]}
+    assert assigned[plain.job_id].spec.payload == b"" and assigned[plain.job_id].spec.payload_ref == "session://s1/0"
+    assert assigned[with_payload.job_id].spec.payload == b"pcm"  # no `np` (as in records written before it): read
+    for a in assigned.values():
+        await stub.Complete(pb.CompleteRequest(job_id=a.job_id, attempt=a.attempt, node_id="n1",
+                                               lease_token=a.lease_token, result=pb.JobResult(text_asr="x")))
+        assert await job_keys(redis, a.job_id) == {"fsm", "result"}  # the payload dropped where there was one
+
+
 async def test_a_finished_job_is_its_record_and_result_both_expiring(
         app: App, stub: pb_grpc.SchedulerStub, redis: Any) -> None:
     job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(payload=b"pcm")]))).results[0].job_id

@@ -26,7 +26,7 @@ from lingua_scheduler.server.calls import (
 )
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.operations import Operations
-from lingua_scheduler.server.scripts import Call, Scripts, prelude
+from lingua_scheduler.server.scripts import Call, Scripts, constants, lua_code, parts, prelude
 from lingua_scheduler.server.store import Lease, Store
 from lingua_sdk import pb
 from redis.exceptions import NoScriptError
@@ -278,8 +278,27 @@ def test_every_script_has_a_header_and_declares_its_keys() -> None:
             assert f"KEYS[{n}]" in header, (path.name, n)
         assert f"KEYS[{numkeys + 1}]" not in source, path.name
         assert "Output:" in header, path.name
+
+
+def test_each_script_gets_the_prelude_parts_it_uses() -> None:
+    """A script is whole prelude parts in prelude order + its file; a part left out is one it never names."""
+    every = [constants(p.text) for p in parts(prelude())]
+    names = [p.names for p in parts(prelude())]
+    sizes = set()
     for script in Scripts():
-        assert script.source.startswith(prelude()), script.name  # assembled at load time
+        body = constants((LUA / f"{script.name}-{script.numkeys}.lua").read_text())
+        assert script.source.endswith(body), script.name
+        head, code = script.source[: -len(body)], lua_code(script.source)
+        used = [text for text in every if text in head]
+        assert head == "".join(used), script.name
+        for text, defined in zip(every, names, strict=True):
+            if text not in used:
+                assert not any(re.search(rf"(?<![\w.]){n}\b", code) for n in defined), (script.name, defined)
+        assert re.search(r"(?<![\w.])(S|E|FIXED)[.[]", code) is None, script.name  # written out as strings
+        sizes.add(len(used))
+    assert 2 < max(sizes) < len(every)  # the parts differ by script, none takes them all
+    with pytest.raises(KeyError):
+        constants("S.unknown")
 
 
 def test_no_script_retypes_a_state_or_event_name() -> None:

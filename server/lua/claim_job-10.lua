@@ -21,7 +21,7 @@
     ARGV[5] affinity wait, ms: how long a job is held back for its session's preferred node
     ARGV[6] how many queue heads to return as the next candidates
     ARGV[7] avoid window, ms: how long a requeued job keeps away from the nodes it avoids
-    ARGV[8] affinity time to live, ms: bindings older than this are deleted (a few per call)
+    ARGV[8] affinity time to live, ms: bindings older than this are deleted (by one call in 8)
 
   Output: {code, next candidates, ...}; the candidates are the queue's heads with their scores,
   {id, score, id, score, ...} (the dispatcher pairs jobs in queue order)
@@ -42,49 +42,57 @@ local fsmKey, payloadKey, fairKey = KEYS[5], KEYS[6], KEYS[7]
 local waitingKey, heldKey, pausedKey = KEYS[8], KEYS[9], KEYS[10]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
+local function payload(f)  -- "" for a job submitted without one (`np`: no key to read)
+  return not f[15] and rcall("GET", payloadKey) or ""
+end
 local function heads()  -- the next candidates with their queue scores: {id, score, id, score, ...}
   return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[6]) - 1, "WITHSCORES")
 end
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease",
-  "created", "asg", "w", unpack(SPEC_FIELDS))
+  "created", "asg", "w", "qs", "np", unpack(SPEC_FIELDS))
 local state = f[1]
 if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
   if state == FIXED[E.assign] and f[8] == nodeId then
-    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 14), rcall("GET", payloadKey) or ""}
+    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 16), payload(f)}
   end
   return {-7, heads()}
 end
 if rcall("EXISTS", pausedKey) == 1 then
   return {-14, {}}
 end
-local score = tonumber(rcall("ZSCORE", queueKey, jobId))
-if not score then
-  return {-7, heads()}
-end
-if not state then
-  rcall("ZREM", queueKey, jobId)
-  return {-1, heads()}
-end
-if not allowed(E.assign, state) then
-  rcall("ZREM", queueKey, jobId)
+-- Whether the job is still queued: ZREM's reply where the job leaves the queue anyway, a ZSCORE where it
+-- stays (its queue score is the record's `qs`: every ZADD to a queue writes that).
+if not state or not allowed(E.assign, state) then
+  if rcall("ZREM", queueKey, jobId) == 0 then
+    return {-7, heads()}
+  end
+  if not state then
+    return {-1, heads()}
+  end
   return {-2, heads(), state}
 end
 local now = now_ms()
 local avoidUntil = tonumber(f[6]) + tonumber(ARGV[7])
-if now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true) then
-  return {-8, heads(), avoidUntil}
-end
 local heldUntil = tonumber(f[6]) + tonumber(ARGV[5])
-if f[5] ~= "" and f[5] ~= nodeId and now < heldUntil then
+local avoided = now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
+local held = f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
+if (avoided or held) and not rcall("ZSCORE", queueKey, jobId) then
+  return {-7, heads()}
+elseif avoided then
+  return {-8, heads(), avoidUntil}
+elseif held then
   return {-9, heads(), heldUntil}
 end
+if rcall("ZREM", queueKey, jobId) == 0 then
+  return {-7, heads()}
+end
 
+local score = tonumber(f[14])
 local dest = FIXED[E.assign]
 local version = tonumber(f[2]) + 1
 local attempt = tonumber(f[3]) + 1
 local lease = now + tonumber(ARGV[4])
-rcall("ZREM", queueKey, jobId)
 rcall("ZREM", waitingKey, jobId)
 rcall("ZADD", heldKey, HELD_SCORE[dest], jobId)
 -- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
@@ -94,8 +102,16 @@ rcall("ZADD", heldKey, HELD_SCORE[dest], jobId)
 local band = math.floor(score / BAND)
 local low, clockMember = band * BAND, "c" .. band
 local clock = tonumber(rcall("ZSCORE", fairKey, clockMember))
+local after = heads()  -- the queue's heads now: returned, and the band's head when the queue's first is in the band
 if clock and score > clock then
-  local head = rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "WITHSCORES", "LIMIT", 0, 1)
+  local first, head = tonumber(after[2]), nil
+  if not first or first >= low + BAND then
+    head = {}  -- the queue's lowest score is past the band: the band is empty
+  elseif first >= low then
+    head = after
+  else  -- a band of higher priority comes first
+    head = rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "WITHSCORES", "LIMIT", 0, 1)
+  end
   local to = score
   if head[1] then
     to = math.min(score, tonumber(head[2]))
@@ -114,14 +130,18 @@ rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", atte
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
 rcall("ZADD", affinityAtKey, now, f[7])
-local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - tonumber(ARGV[8]), "LIMIT", 0, 16)
-if #stale > 0 then
-  rcall("HDEL", affinityKey, unpack(stale))
-  rcall("ZREM", affinityAtKey, unpack(stale))
+-- Bindings past their time to live are ignored (lua/submit_job-13.lua); one claim in 8 (tokens are random
+-- hex) deletes up to 128 of them.
+if string.byte(token, -1) % 8 == 0 then
+  local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - tonumber(ARGV[8]), "LIMIT", 0, 128)
+  if #stale > 0 then
+    rcall("HDEL", affinityKey, unpack(stale))
+    rcall("ZREM", affinityAtKey, unpack(stale))
+  end
 end
 local dispatched = -1  -- "asg" is the time of the job's latest claim: none before, this is its first
 if not f[12] and f[11] then
   dispatched = now - tonumber(f[11])
 end
-return {1, heads(), attempt, lease, spec_of(fsmKey, f, 14), rcall("GET", payloadKey) or "", now - tonumber(f[6]),
+return {1, after, attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - tonumber(f[6]),
   dispatched}

@@ -55,7 +55,7 @@ local waitingKey, heldKey, rateKey, doneKey, endedKey = KEYS[6], KEYS[7], KEYS[8
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg",
-  "w", "created")
+  "w", "created", "np")
 local state = f[1]
 if not state then
   return {-1}
@@ -98,7 +98,8 @@ end
 local retention = tonumber(ARGV[12])
 local expireAt = math.max(now, deadline) + retention
 rcall("PEXPIREAT", fsmKey, expireAt)
-if dest == S.failed or dest == S.expired then
+if f[14] then  -- submitted without a payload: no key
+elseif dest == S.failed or dest == S.expired then
   rcall("PEXPIREAT", payloadKey, expireAt)  -- RetryJob needs the input
 else
   rcall("DEL", payloadKey)
@@ -107,10 +108,10 @@ end
 if ARGV[7] == "1" then
   rcall("SET", resultKey, ARGV[8], "PXAT", expireAt)
 end
-rcall("ZREM", queueKey, jobId)
 rcall("ZREM", timersKey, lease_member(jobId, tok), deadline_member(jobId), retry_member(jobId))
 local pool = pool_of(jobId)
-if state == S.queued then
+if state == S.queued then  -- only a queued job is in its queue (or in backoff, in the timers)
+  rcall("ZREM", queueKey, jobId)
   rcall("ZREM", waitingKey, jobId)
 else
   rcall("ZREM", heldKey, jobId)

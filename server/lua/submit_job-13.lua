@@ -15,7 +15,7 @@
     KEYS[6] partition affinity hash
     KEYS[7] session jobs zset of this partition (job id -> utterance index; WatchSession reads it)
     KEYS[8] partition fair-share zset: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" ->
-            the tenant's last pass in the band (both in queue score units)
+            the tenant's last pass in the band (both in queue score units), "e" -> minus when the key expires
     KEYS[9] partition waiting zset (job id -> when it entered QUEUED, ms)
     KEYS[10] partition jobs index (ListJobs by pool; lex members, see index_member; no time to live:
              the job's forget timer takes its entries out, lua/forget_job-4.lua)
@@ -70,23 +70,26 @@ local retention = tonumber(ARGV[9])
 -- Fair share (stride scheduling): within a priority band, each of a tenant's jobs goes one step (FAIR_STEP
 -- / weight) after the tenant's previous one, and never before the band's virtual clock (where dispatch
 -- is: lua/claim_job-10.lua moves it), so a tenant that joins is served next and busy tenants take turns.
--- Entries at or below the clock say nothing more than "starts at the clock": they are deleted here.
+-- Entries below the clock say nothing more than "starts at the clock": one submit in 8 (ids are random)
+-- deletes them. The key's member "e" holds minus when the key expires (a negative score, below every band),
+-- read in the same ZMSCORE as the clock and the tenant's pass: no PTTL per submit.
 local band = 9 - tonumber(ARGV[4])
 local low = band * BAND
 local clockMember, tenantMember = "c" .. band, "t" .. band .. ":" .. ARGV[15]
-local clock = tonumber(rcall("ZSCORE", fairKey, clockMember))
+local fair = rcall("ZMSCORE", fairKey, clockMember, tenantMember, "e")
+local clock, last = tonumber(fair[1]), tonumber(fair[2])
 if clock and clock - low >= FAIR_RESET
     and not rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "LIMIT", 0, 1)[1] then
   rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(low + BAND))  -- far on and empty: start the band again
-  clock = nil
+  clock, last = nil, nil
 end
-if clock then
-  rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(clock))
-else
+if not clock then
   clock = low
   rcall("ZADD", fairKey, clock, clockMember)
+elseif string.byte(jobId, -1) % 8 == 0 then
+  rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(clock))
 end
-local last = tonumber(rcall("ZSCORE", fairKey, tenantMember)) or clock
+last = last or clock
 local queueScore = math.min(math.max(last, clock) + tonumber(ARGV[16]), low + BAND - 1)
 rcall("ZADD", fairKey, queueScore, tenantMember)
 
@@ -104,7 +107,7 @@ rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxat
   "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
   "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance,
   "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_job)
-  unpack(pieces({}, "spec", ARGV[2])))
+  unpack(pieces(ARGV[3] == "" and {"np", 1} or {}, "spec", ARGV[2])))  -- np: no payload key to read or drop
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
 end
@@ -114,17 +117,21 @@ if keyed then
   rcall("SET", idemKey, jobId .. " " .. digest, "PXAT", deadline + retention)
 end
 rcall("ZADD", queueKey, queueScore, jobId)
--- The session's index lives as long as its longest-lived job record (deadline + retention).
+-- The session's index lives as long as its longest-lived job record (deadline + retention), and up to an
+-- eighth longer: a key extended at each submit would cost a PEXPIREAT each, one extended by an eighth more
+-- than it needs costs one per eighth of that time.
 rcall("ZADD", sessionKey, utterance, jobId)
 local keepUntil = deadline + retention
 local ttl = rcall("PTTL", sessionKey)
 if ttl < 0 or now + ttl < keepUntil then
-  rcall("PEXPIREAT", sessionKey, keepUntil)
+  rcall("PEXPIREAT", sessionKey, keepUntil + math.floor((keepUntil - now) / 8))
 end
--- The fair share matters while a job of the partition may still be queued: until the last deadline.
-ttl = rcall("PTTL", fairKey)
-if ttl < 0 or now + ttl < deadline then
-  rcall("PEXPIREAT", fairKey, deadline)
+-- The fair share matters while a job of the partition may still be queued: until the last deadline (an
+-- eighth later, as above; "e" says until when).
+if not fair[3] or -tonumber(fair[3]) < deadline then
+  local fairUntil = deadline + math.floor((deadline - now) / 8)
+  rcall("PEXPIREAT", fairKey, fairUntil)
+  rcall("ZADD", fairKey, -fairUntil, "e")
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 -- What ListJobs and GetStats read: an index entry lives as long as the job's record (its forget timer,

@@ -46,6 +46,7 @@ local version = tonumber(f[2])
 local started = tonumber(f[6])
 local code = 0
 local lease = now + tonumber(ARGV[4])
+local xto = tonumber(f[7])
 if ARGV[5] == "shorten" then
   lease = math.min(lease, tonumber(f[5]))
 elseif acking then
@@ -53,15 +54,18 @@ elseif acking then
   state = FIXED[E.start]
   version = version + 1
   started = now
-  local change = record_event(fsmKey, f[9], f[10], {s = state, v = version, a = tonumber(f[3]), n = nodeId,
-    e = E.start, t = now})
-  rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now, unpack(change))
-  rcall("ZADD", heldKey, HELD_SCORE[state], jobId)
 end
-local xto = tonumber(f[7])
 if started > 0 and xto > 0 then
   lease = math.min(lease, started + xto)
 end
-rcall("HSET", fsmKey, "lease", lease)
+if code == 1 then  -- the state change and the lease in one HSET
+  local change = record_event(fsmKey, f[9], f[10], {s = state, v = version, a = tonumber(f[3]), n = nodeId,
+    e = E.start, t = now})
+  rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now,
+    "lease", lease, unpack(change))
+  rcall("ZADD", heldKey, HELD_SCORE[state], jobId)
+else
+  rcall("HSET", fsmKey, "lease", lease)
+end
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 return {code, lease, state, version}

@@ -15,12 +15,8 @@
 ]]
 local fsmKey = KEYS[1]
 local state = rcall("HGET", fsmKey, "state")
-if state then
-  for event in pairs(SOURCES) do
-    if allowed(event, state) then
-      rcall("HSET", fsmKey, "w", 1)
-      return 1
-    end
-  end
+if state and string.find(SOURCES, ":" .. state .. " ", 1, true) then  -- some event fires from it
+  rcall("HSET", fsmKey, "w", 1)
+  return 1
 end
 return 0
