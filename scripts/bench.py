@@ -429,18 +429,26 @@ def spread(values: list[float], fmt: str) -> str:
     return mid if len(values) < 2 else f"{mid} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
-def peers_table(ours: list[Run], comp: dict[str, list[dict[str, Any]]]) -> str:
-    """Us (every round of our best combination) beside each peer: jobs/s, per job Redis CPU, the
-    system's own CPU and Redis commands, medians (ranges over the rounds), and the ratios us / peer of
-    the medians."""
-    us = {"jobs_per_s": [r.rate for r in ours], "redis_cpu_us": [r.redis_cpu_us for r in ours],
-          "system_cpu_us": [(r.sched_cpu_per_1000 + r.bench_cpu_per_1000) * 1000 for r in ours],
-          "own_cpu_us": [r.sched_cpu_per_1000 * 1000 for r in ours], "commands": [r.commands for r in ours]}
+def _ours(runs: list[Run]) -> dict[str, list[float]]:
+    return {"jobs_per_s": [r.rate for r in runs], "redis_cpu_us": [r.redis_cpu_us for r in runs],
+            "system_cpu_us": [(r.sched_cpu_per_1000 + r.bench_cpu_per_1000) * 1000 for r in runs],
+            "own_cpu_us": [r.sched_cpu_per_1000 * 1000 for r in runs], "commands": [r.commands for r in runs]}
+
+
+def peers_table(ours: list[Run], comp: dict[str, list[dict[str, Any]]], session: list[Run] | None = None) -> str:
+    """Us (every round of our best combination, results over WatchJob; and over WatchSession when run)
+    beside each peer: jobs/s, per job Redis CPU, the system's own CPU and Redis commands, medians (ranges
+    over the rounds), and the ratios us / peer of the medians (of the WatchSession row when there is one:
+    a peer's client reads one result per job, as a session reader does)."""
     head = ("| system | jobs/s | Redis CPU us/job | system CPU us/job (of which server / workers) | Redis cmds/job "
             "| us / peer: jobs/s | Redis CPU | system CPU |\n|---|---|---|---|---|---|---|---|")
-    rows = [f"| **Lingua Scheduler** ({ours[0].label}) | {spread(us['jobs_per_s'], '.0f')} | "
-            f"{spread(us['redis_cpu_us'], '.0f')} | {spread(us['system_cpu_us'], '.0f')} "
-            f"({median(us['own_cpu_us']):.0f} scheduler) | {spread(us['commands'], '.1f')} | 1 | 1 | 1 |"]
+    rows = []
+    for runs in [ours] + ([session] if session else []):
+        u = _ours(runs)
+        rows.append(f"| **Lingua Scheduler** ({runs[0].label}) | {spread(u['jobs_per_s'], '.0f')} | "
+                    f"{spread(u['redis_cpu_us'], '.0f')} | {spread(u['system_cpu_us'], '.0f')} "
+                    f"({median(u['own_cpu_us']):.0f} scheduler) | {spread(u['commands'], '.1f')} | 1 | 1 | 1 |")
+    us = _ours(session or ours)
     for label, results in comp.items():
         good = [r for r in results if "jobs_per_s" in r]
         if not good:
@@ -456,7 +464,8 @@ def peers_table(ours: list[Run], comp: dict[str, list[dict[str, Any]]]) -> str:
     return head + "\n" + "\n".join(rows)
 
 
-def peers_section(args: argparse.Namespace, ours: list[Run], comp: dict[str, list[dict[str, Any]]]) -> str:
+def peers_section(args: argparse.Namespace, ours: list[Run], comp: dict[str, list[dict[str, Any]]],
+                  session: list[Run] | None = None) -> str:
     return f"""## Beside BullMQ, Celery, arq and RQ (same Redis, same run)
 
 The same trivial job (return its argument) through each peer on the bench's private Redis (flushed
@@ -474,10 +483,12 @@ system's own CPU (Lingua: the scheduler process, and the bench process where the
 nodes run; peers: their worker processes, with RQ's forked work horses, and the enqueueing and
 result-reading client process), Redis commands (INFO commandstats, the bench's INFO calls left out,
 commands inside Lua counted). Lingua Scheduler's row is every round of its best combination above (a
-full lifecycle: Submit, dispatch over NodeSession, ack + result, WatchJob). The ratios are us / peer
-of the medians: jobs/s above 1 and CPU below 1 favour us.
+full lifecycle: Submit, dispatch over NodeSession, ack + result, WatchJob; with --session-reader also
+the same combination with results read over WatchSession, the stream a real-time client uses). The
+ratios are us / peer of the medians (of the WatchSession row when there is one: a peer's client reads
+one result per job, as a session reader does): jobs/s above 1 and CPU below 1 favour us.
 
-{peers_table(ours, comp)}
+{peers_table(ours, comp, session)}
 """
 
 
@@ -609,7 +620,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], half: Run, mem: dict
                  comp: dict[str, list[dict[str, Any]]], ours: list[Run], profile: str,
                  pairs: list[tuple[str, list[Run], list[Run]]],
                  secured: list[tuple[str, dict[str, list[Run]]]], metered: list[tuple[str, list[Run], list[Run]]],
-                 out: Path) -> None:
+                 out: Path, session: list[Run] | None = None) -> None:
     import importlib.metadata as md
 
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("grpcio", "protobuf", "redis", "hiredis", "transitions"))
@@ -663,7 +674,7 @@ job**, **{mem['per_finished']:.0f} bytes per retained finished job** (with a sho
 {node_section}
 {security_section(args, secured) if secured else ""}
 {metrics_section(args, metered) if metered else ""}
-{peers_section(args, ours, comp) if comp else ""}
+{peers_section(args, ours, comp, session) if comp else ""}
 ## Where the time goes
 
 {profile}
@@ -700,6 +711,7 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         runs = []
         session_runs: list[Run] = []
+        all_session: dict[str, list[Run]] = {}  # combo label -> its WatchSession rows of every round
         auth_runs: list[Run] = []
         modes = security_modes(tmp)
         pairs: list[tuple[str, list[Run], list[Run]]] = []  # combo label, SDK Node runs, simnode runs
@@ -741,7 +753,7 @@ async def main_async(args: argparse.Namespace) -> int:
             if args.metrics:
                 metered.append((label, done[("sdk", "none")], done[("sdk", METRICS_OFF)]))
                 print(metrics_row(*metered[-1]), flush=True)
-            if args.session_reader:
+            for _ in range(args.rounds if args.session_reader else 0):
                 srun = Run(f"{label}, WatchSession", int(c), int(n), int(b), reader="session")
                 await lifecycle(redis.url, srun, args.jobs)
                 print(f"{srun.label}: {srun.rate:.0f}/s, e2e p50 {pct(srun.e2e_ms, 50):.2f} ms, "
@@ -749,7 +761,9 @@ async def main_async(args: argparse.Namespace) -> int:
                       f"CPU/job, {srun.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
                 if args.commands:
                     print(commands_line(srun), flush=True)
-                session_runs.append(srun)
+                all_session.setdefault(label, []).append(srun)
+            if label in all_session:
+                session_runs.append(max(all_session[label], key=lambda r: r.rate))
         if args.lifecycle_only:
             if secured:
                 print(security_section(args, secured))
@@ -772,10 +786,11 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.compare_jobs:
             comp = others(redis.url, args.compare_jobs, args.arq_python or ensure_arq(), args.compare_rounds)
         ours = all_sdk[best.label]
+        session = all_session.get(best.label)
         if comp:
-            print(peers_table(ours, comp), flush=True)
+            print(peers_table(ours, comp, session), flush=True)
         write_report(args, runs + auth_runs + session_runs, half, mem, comp, ours, profile, pairs, secured, metered,
-                     docs / "benchmarks.md")
+                     docs / "benchmarks.md", session)
         plot(runs, comp, docs / "benchmarks.png")
         print("wrote docs/benchmarks.md and docs/benchmarks.png")
         return 0
