@@ -39,10 +39,12 @@ const cpu = process.cpuUsage(cpu0);
 const version = createRequire(import.meta.url)('bullmq/package.json').version;
 const results = [...want].map(([id, value]) => [...arrived.get(id), value]);
 const endList = results.map(([at]) => at);
-console.log(JSON.stringify({
+// Written whole before exiting: process.exit() does not wait for a pipe to take a line over 64 KiB.
+const line = JSON.stringify({
   started, ends: endList, lat_ms: endList.map((t) => (t - started) * 1000),
   wrong: results.filter(([, got, value]) => Number(got) !== value).length,
   cpu_s: (cpu.user + cpu.system) / 1e6, version,
-}));
+});
+await new Promise((resolve) => process.stdout.write(line + '\n', resolve));
 await Promise.all([events.close(), queue.close()]);
 process.exit(0);
