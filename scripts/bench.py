@@ -452,7 +452,8 @@ def peers_table(ours: list[Run], comp: dict[str, list[dict[str, Any]]], session:
     for label, results in comp.items():
         good = [r for r in results if "jobs_per_s" in r]
         if not good:
-            rows.append(f"| {label} | failed: {results[-1].get('error', '') if results else ''} | | | | | | |")
+            error = str(results[-1].get("error", "")).strip().splitlines()[-1:] if results else []
+            rows.append(f"| {label} | failed: {' '.join(error).replace('|', '/')} | | | | | | |")  # one line: a cell
             continue
         col = {k: [r[k] for r in good] for k in ("jobs_per_s", "redis_cpu_us", "system_cpu_us", "worker_cpu_us", "commands")}
         ratio = [median(us[k]) / median(col[k]) for k in ("jobs_per_s", "redis_cpu_us", "system_cpu_us")]

@@ -44,7 +44,7 @@ from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import connect_redis
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
-from lingua_scheduler.server.store import history
+from lingua_scheduler.server.store import history, last_error
 from lingua_sdk import Assignment, AsyncClient, LinguaError, PermissionDenied, Unauthenticated, pb, pb_grpc
 from lingua_sdk.node import Handler, Outcome
 from redis_cluster import LocalCluster, free_ports
@@ -421,7 +421,7 @@ class Chaos:
                             or result.extra.get("node") != completes[0]["n"]):
                         rep.bad_completions += 1
                 elif state == b"failed":
-                    code = h.get(b"ecode", b"?").decode()
+                    code = last_error(h)[0] or "?"
                     rep.failed_by_reason[code] = rep.failed_by_reason.get(code, 0) + 1
                 else:
                     rep.other_terminal[state.decode()] = rep.other_terminal.get(state.decode(), 0) + 1

@@ -3,8 +3,12 @@
 redis-py's synchronous client packs with hiredis when it is installed (HiredisRespSerializer); its
 asyncio client always packs in Python, one encode and two joins per argument: ~17 us for a submit's
 34-argument EVALSHA on the dev machine, against ~2.5 us with hiredis.pack_command, and every job
-sends three such calls. Same bytes, same rules (a first argument "CONFIG GET" is split, a bool or
-None is a DataError), for every connection class (plain, TLS, Unix socket, Sentinel, cluster).
+sends three such calls. use_hiredis() makes it so for every redis.asyncio connection of the process
+(plain, TLS, Unix socket, Sentinel, cluster): the same bytes as redis-py's packing for a utf-8 (strict)
+encoder, whose rules it keeps (a first argument "CONFIG GET" is split); any other encoder, or an
+argument hiredis does not pack (a bytearray or memoryview, an IntEnum, a bool or None: redis-py's
+DataError), is packed by redis-py itself. It replaces a redis-py method: pyproject.toml pins redis-py
+below its next major version, and tests/test_resp.py compares both packers.
 
 A scheduler talking to one Redis (or Sentinel's master) pipelines through BatchRedis: a plain batch
 (WatchSession's reads, a pass's claims, ...) is one buffer, one write and one timeout over its replies,
@@ -23,25 +27,34 @@ import hiredis
 from redis.asyncio.client import Pipeline, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
-from redis.exceptions import DataError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 PYTHON_PACK = AbstractConnection.pack_command  # redis-py's own, kept for comparison (tests/test_resp.py)
 
 
+def _hiredis_packed(args: tuple[Any, ...]) -> bytes | None:
+    """A command packed by hiredis exactly as redis-py packs it with a utf-8 (strict) encoder (a first
+    argument such as "CONFIG GET" is two); None for what hiredis does not pack alike (a bytearray or
+    memoryview, an int subclass such as an IntEnum, a bool or None): redis-py's own packing takes those."""
+    first = args[0]
+    if isinstance(first, str):
+        args = (*first.encode().split(), *args[1:])
+    elif isinstance(first, bytes) and b" " in first:
+        args = (*first.split(), *args[1:])
+    try:
+        return hiredis.pack_command(args)
+    except TypeError:
+        return None
+
+
 def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
-    if isinstance(args[0], str):
-        args = tuple(args[0].encode().split()) + args[1:]
-    elif b" " in args[0]:
-        args = tuple(args[0].split()) + args[1:]
-    try:
-        return [hiredis.pack_command(args)]
-    except TypeError:  # a bytearray or memoryview (packed as bytes, as redis-py does), or a bool or None
-        args = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
-    try:
-        return [hiredis.pack_command(args)]
-    except TypeError as err:
-        raise DataError(f"{err} (command {args[0]!r})") from None
+    encoder = self.encoder
+    if encoder.encoding == "utf-8" and encoder.encoding_errors == "strict":
+        packed = _hiredis_packed(args)
+        if packed is not None:
+            return [packed]
+    return PYTHON_PACK(self, *args)  # another encoding, or arguments hiredis would pack otherwise
 
 
 def use_hiredis() -> None:
@@ -53,12 +66,13 @@ async def send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Commands pipelined on one connection of `pool`: their raw replies (no response callbacks), a
     command's error in its place. What redis-py's Pipeline.execute() does for a batch, without its
     per-command costs (a timer per reply, a task to release the connection, its bookkeeping): one
-    buffer packed by hiredis, one write, one timeout (the socket timeout) over all the replies.
+    buffer packed by hiredis, one write, one timeout (the socket timeout) over all the replies (redis-py
+    applies it to each reply). redis-py's own per-operation metrics do not see these batches.
     Retried as redis-py retries a pipeline (its Retry, on a connection or timeout error, on the
     connection made again)."""
-    packed = b"".join(hiredis.pack_command(command) for command in commands)
     conn = await pool.get_connection()
     try:
+        packed = b"".join(chunk for command in commands for chunk in conn.pack_command(*command))
         replies: list[Any] = await conn.retry.call_with_retry(lambda: _exchange(conn, packed, len(commands)),
                                                               lambda _err: conn.disconnect())
         return replies

@@ -117,6 +117,18 @@ def history(h: dict[bytes, bytes], after: int = 0) -> list[dict[str, Any]]:
     return out
 
 
+def last_error(h: dict[bytes, bytes]) -> tuple[str, str, bool]:
+    """The record's last error (code, message, retryable): that of the change whose version `err` names
+    (its `h<v>`, in pieces when long: a message of any length keeps the record a listpack). A record an
+    earlier version wrote holds it in `ecode`, `emsg`, `eretry`."""
+    version = h.get(b"err")
+    raw = wire.joined(h, b"h" + version) if version else None
+    if raw is not None:
+        code, message, retryable = json.loads(raw)[5:8]
+        return str(code), str(message), str(retryable) == "1"
+    return _s(h.get(b"ecode")), _s(h.get(b"emsg")), h.get(b"eretry") == b"1"
+
+
 def _i(value: bytes | None) -> int:
     return int(value) if value else 0
 
@@ -167,6 +179,7 @@ class JobRecord:
 
     @classmethod
     def parse(cls, job_id: str, h: dict[bytes, bytes]) -> JobRecord:
+        code, message, retryable = last_error(h)
         return cls(
             job_id=job_id,
             state=_s(h.get(b"state")),
@@ -180,9 +193,9 @@ class JobRecord:
             created=_i(h.get(b"created")),
             updated=_i(h.get(b"updated")),
             event=_s(h.get(b"ev")),
-            error_code=_s(h.get(b"ecode")),
-            error_message=_s(h.get(b"emsg")),
-            error_retryable=h.get(b"eretry") == b"1",
+            error_code=code,
+            error_message=message,
+            error_retryable=retryable,
             tenant=_s(h.get(b"sess")).partition("\x00")[0],
             done_bucket=_s(h.get(b"done")),
         )
@@ -191,7 +204,7 @@ class JobRecord:
 def idempotency_key(tag: str, spec: pb.JobSpec) -> str:
     """The key naming a submit's identity: its idempotency_key, else its utterance and target language.
     Only an explicit idempotency_key's key is written: the default identity is found in the session's
-    index (lua/submit_job-15.lua), and its key is only read for records written before that."""
+    index (lua/submit_job-13.lua), and its key is only read for records written before that."""
     identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else f"u:{spec.utterance_index}:{spec.tgt_lang}"
     return keys.idempotency(tag, spec.tenant_id, spec.session_id, identity)
 

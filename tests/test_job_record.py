@@ -86,6 +86,24 @@ async def test_a_finished_job_is_its_record_and_result_both_expiring(
     assert last.error == pb.JobError(code="LINGUA_CANCELLED", message="cancelled by client") and last.version == 2
 
 
+async def test_a_long_error_message_keeps_the_record_a_listpack(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """A node's error message is any length: the record keeps it in its change's pieces (and names that
+    change in `err`), never as one long value that would turn the hash into a hashtable for good."""
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(max_attempts=2)]))).results[0].job_id
+    fsm = keys.JobKeys.of(job_id).fsm
+    for attempt, retryable in ((1, True), (2, False)):  # a requeue (attempt left), then the job's end
+        a = await assign(stub)
+        assert a.attempt == attempt
+        error = pb.JobError(code=f"MODEL_OOM_{attempt}", message=f"attempt {attempt}: " + "out of memory " * 20,
+                            retryable=retryable)
+        await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=a.attempt, node_id="n1",
+                                               lease_token=a.lease_token, error=error))
+        assert await redis.object("encoding", fsm) in (b"listpack", b"ziplist")
+        job = await stub.GetJob(pb.GetJobRequest(job_id=job_id))
+        assert job.last_error == error  # whole, the latest one
+    assert job.state == pb.JOB_STATE_FAILED
+
+
 async def test_an_unwatched_job_publishes_nothing(app: App, stub: pb_grpc.SchedulerStub) -> None:
     # Two jobs of one session: one slot, so what Redis publishes for them reaches a subscriber in order.
     unwatched, watched = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(jobs=[

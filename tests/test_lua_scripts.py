@@ -394,7 +394,8 @@ async def test_retry_codes(store: Store, redis: Any) -> None:
 
 
 async def test_forget_codes(store: Store, redis: Any) -> None:
-    """forget_job acts only when it removes the timer itself (1), else changes nothing (0)."""
+    """forget_job acts only when it removes the timer itself (1), else changes nothing: no timer (0), or
+    one not due by Redis' clock (-10: a sweeper whose own clock runs ahead)."""
     (job,) = await store.submit([spec()])
     job_id = job.job_id
     tag = keys.tag_of(job_id)
@@ -407,6 +408,9 @@ async def test_forget_codes(store: Store, redis: Any) -> None:
     member = wire.forget_timer(job_id, "acme", "cancelled")
     assert await redis.zscore(pk.timers, member) is not None
     forget = ForgetJob(member, job_id, "acme", "cancelled").call()
+    assert await store.scripts.call(redis, forget) == -10  # due when the record expires, a retention away
+    assert await redis.zcard(pk.jobs) == 1 and await redis.zscore(pk.timers, member) is not None
+    await redis.zadd(pk.timers, {member: 1})  # due now
     assert [await store.scripts.call(redis, forget) for _ in range(2)] == [1, 0]
     for key in (pk.jobs, keys.tenant_jobs(shard, "acme"), keys.ended_jobs(shard, "cancelled")):
         assert await redis.exists(key) == 0, key

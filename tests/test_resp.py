@@ -5,6 +5,7 @@ redis-py's do, and one cut halfway leaves no reply behind for the next caller.""
 from __future__ import annotations
 
 import asyncio
+import enum
 from typing import Any
 
 import pytest
@@ -28,7 +29,21 @@ ARGS: list[tuple[Any, ...]] = [
 def test_same_bytes_as_redis_py(args: tuple[Any, ...]) -> None:
     conn = Connection()
     python = b"".join(bytes(chunk) for chunk in PYTHON_PACK(conn, *args))
-    assert resp.pack_command(conn, *args) == [python]
+    assert b"".join(bytes(chunk) for chunk in resp.pack_command(conn, *args)) == python
+
+
+class Pair(enum.IntEnum):
+    ZH_EN = 1
+
+
+@pytest.mark.parametrize(("encoding", "args"), [
+    ("latin-1", ("SET", "k", "é")),  # another encoder: its bytes, not utf-8's
+    ("utf-8", ("SET", "k", Pair.ZH_EN)),  # an int subclass: redis-py's own rendering
+])
+def test_what_hiredis_would_pack_otherwise_is_packed_by_redis_py(encoding: str, args: tuple[Any, ...]) -> None:
+    conn = Connection(encoding=encoding)
+    python = b"".join(bytes(chunk) for chunk in PYTHON_PACK(conn, *args))
+    assert b"".join(bytes(chunk) for chunk in resp.pack_command(conn, *args)) == python
 
 
 @pytest.mark.parametrize("bad", [True, None, object()])
@@ -72,11 +87,13 @@ async def test_batch_pipeline_replies_as_redis_py(redis: Any) -> None:
         pipe.zrangebyscore("b:z", 0, "+inf", withscores=True)
         pipe.get("b:none")
         pipe.incr("b:h")  # WRONGTYPE: an error in its place
+        pipe.memory_usage("b:z")  # a command of two words ("MEMORY USAGE"), packed as redis-py packs it
         pipe.exists("b:h")
 
     ours, theirs = await both(queue)
     assert isinstance(ours.pop(), int) and isinstance(theirs.pop(), int)
     assert isinstance(ours[5], ResponseError) and str(ours[5]) == str(theirs[5])
+    assert isinstance(ours[6], int) and isinstance(theirs[6], int)  # MEMORY USAGE answered, not refused
     assert ours[:5] == theirs[:5] == [2, {b"a": b"1", b"b": b"\x00"}, 2, [(b"x", 1.5), (b"y", 2.0)], None]
     await redis.set("b:s", "x")
     with pytest.raises(ResponseError, match=r"Command # 1 .*not an integer"):

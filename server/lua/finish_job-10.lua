@@ -90,11 +90,11 @@ local version = tonumber(f[2]) + 1
 local change = record_event(fsmKey, f[12], f[13], {s = dest, v = version, a = tonumber(f[3]),
   n = f[4], e = event, t = now, ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
 -- `done`: the done bucket that counts the job (RetryJob counts it out of that one).
+if ARGV[9] ~= "" then  -- the last error is that of this change (its `h<version>`): GetJob's last_error
+  change[#change + 1], change[#change + 2] = "err", version
+end
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now, "done", doneKey,
   unpack(change))
-if ARGV[9] ~= "" then
-  rcall("HSET", fsmKey, "ecode", ARGV[9], "emsg", ARGV[10], "eretry", ARGV[11])
-end
 local retention = tonumber(ARGV[12])
 local expireAt = math.max(now, deadline) + retention
 rcall("PEXPIREAT", fsmKey, expireAt)

@@ -18,10 +18,16 @@
   Output:
     1  the job left the indexes
     0  the timer was gone already (another sweeper, or a RetryJob); nothing changed
+    -10  not due by Redis' clock (a sweeper whose own clock runs ahead); nothing changed
 ]]
-if rcall("ZREM", KEYS[1], ARGV[1]) == 0 then
+local due = tonumber(rcall("ZSCORE", KEYS[1], ARGV[1]))
+if not due then
   return 0
 end
+if due > now_ms() then  -- TIME is the only clock: the record has not expired yet
+  return -10
+end
+rcall("ZREM", KEYS[1], ARGV[1])
 local member = index_member(ARGV[2])
 rcall("ZREM", KEYS[2], member)
 rcall("ZREM", KEYS[3], member)

@@ -76,11 +76,11 @@ if ARGV[11] == "1" and not string.find(avoid, "," .. f[4] .. ",", 1, true) then
 end
 local change = record_event(fsmKey, f[10], f[11], {s = dest, v = version, a = attempt, n = f[4],
   e = event, t = now, ec = ARGV[8], em = ARGV[9], er = ARGV[10]})
+if ARGV[8] ~= "" then  -- the last error is that of this change (its `h<version>`): GetJob's last_error
+  change[#change + 1], change[#change + 2] = "err", version
+end
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "att", attempt, "lease", 0,
   "updated", now, "avoid", avoid, unpack(change))
-if ARGV[8] ~= "" then
-  rcall("HSET", fsmKey, "ecode", ARGV[8], "emsg", ARGV[9], "eretry", ARGV[10])
-end
 rcall("ZREM", timersKey, lease_member(jobId, tok))
 rcall("ZREM", heldKey, jobId)
 rcall("ZADD", waitingKey, now, jobId)
