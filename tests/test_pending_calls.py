@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from conftest import AppFactory
 from helpers import spec
+from lingua_scheduler.server.settings import Settings
 from lingua_sdk import AsyncClient, pb, pb_grpc
 from lingua_sdk.errors import Cancelled
 
@@ -55,3 +57,10 @@ async def test_calls_over_the_bound_are_refused_and_the_sdk_names_the_bound(make
     assert all(err.code == grpc.StatusCode.CANCELLED and "--grpc-max-pending-calls" in str(err) for err in refused)
     started = [o for o in outcomes if not isinstance(o, Cancelled)]
     assert started and {s.name for s in started} == {"QUEUED"}  # the rest were served as usual
+
+
+def test_the_bound_is_read_from_its_flag_and_must_be_positive() -> None:
+    assert Settings.load(["--grpc-max-pending-calls", "50000"], env={}).grpc_max_pending_calls == 50_000
+    assert Settings.load([], env={"LINGUA_GRPC_MAX_PENDING_CALLS": "20"}).grpc_max_pending_calls == 20
+    with pytest.raises(ValueError, match="grpc_max_pending_calls must be at least 1"):
+        Settings.load(["--grpc-max-pending-calls", "0"], env={})
