@@ -379,6 +379,9 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
+        # One bound, no random early drop between gRPC's soft and hard limits: see Settings.
+        ("grpc.server.max_pending_requests", settings.grpc_max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", settings.grpc_max_pending_calls),
     ])
     service = SchedulerService(store, dispatcher, settings, nodes)
     service.tracing = tracing

@@ -42,11 +42,13 @@ HANDLING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 def status_of(context: Any, err: BaseException | None) -> grpc.StatusCode:
     """The status a call ended with: what the handler set or aborted with; CANCELLED when the call was
-    cancelled; UNKNOWN for an exception that set none (grpc answers it so)."""
+    cancelled (GeneratorExit too: grpc.aio leaves a response generator unfinished when the client goes
+    away while a response is being written, and it is closed later, with context.cancelled() still
+    False); UNKNOWN for an exception that set none (grpc answers it so)."""
     code = context.code()
     if code is not None and code != grpc.StatusCode.OK:
         return code if isinstance(code, grpc.StatusCode) else _by_value(code)
-    if isinstance(err, asyncio.CancelledError) or context.cancelled():
+    if isinstance(err, asyncio.CancelledError | GeneratorExit) or context.cancelled():
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN if err is not None else grpc.StatusCode.OK
 

@@ -133,6 +133,12 @@ class Settings:
     # inbox (WatchJob, WatchSession). A stream over it is ended with RESOURCE_EXHAUSTED, so one client
     # that stops reading cannot grow the server's memory; a watcher resumes, a node reconnects.
     stream_outbox_max: int = 1024
+    # Calls gRPC has taken off the wire that this instance has not yet started (grpc.aio starts them
+    # one at a time on its loop, so a burst of streams opened at once queues here). Over it, gRPC
+    # refuses new calls with a bare CANCELLED before any handler, log line or metric sees them. gRPC's
+    # own default (refusing some from 1000, all from 3000) cut ~1,500 WatchJobs opened at once; the
+    # bound still keeps a flood of calls from holding memory without end (docs/operations.md).
+    grpc_max_pending_calls: int = 10_000
     # The pools (directed pairs "src:tgt", comma-separated: "zh:en,en:zh") this deployment serves;
     # empty: any pair. Submit, Assign and Register of another pair are refused with INVALID_ARGUMENT,
     # so made-up pairs create no pool to sweep.
@@ -215,6 +221,8 @@ class Settings:
             self._check_workers()
         if self.stream_outbox_max < 1:
             raise ValueError("stream_outbox_max must be at least 1")
+        if self.grpc_max_pending_calls < 1:
+            raise ValueError("grpc_max_pending_calls must be at least 1")
         if self.ack_window < 1:
             raise ValueError("ack_window must be at least 1")
         if self.instance_heartbeat_ms < 1 or self.redis_pool_timeout_ms < 1:

@@ -397,3 +397,30 @@ async def test_ack_timeout_and_lease_expiry_are_attempt_outcomes(make_app: AppFa
     assert value(m, "lingua_queue_wait_seconds_count", **pool) == 3
     assert value(m, "lingua_run_seconds_count", **pool) == 1
     assert value(m, "lingua_jobs_finished_total", **pool, state="succeeded") == 1
+
+
+
+async def test_a_stream_its_client_closes_while_a_response_is_being_written_is_counted_cancelled(
+        make_app: AppFactory) -> None:
+    """grpc.aio leaves the response generator where it yielded when the client goes away during the
+    write, and closes it later (GeneratorExit) with context.cancelled() still False: CANCELLED, not
+    UNKNOWN (WatchJobs closed by their clients right after the terminal event were counted UNKNOWN)."""
+    app = await make_app(http_listen=HTTP)
+    labels = {"grpc_service": "grpc.reflection.v1alpha.ServerReflection", "grpc_type": "bidi_stream",
+              "grpc_method": "ServerReflectionInfo"}
+    # A small window and no BDP probing: a ~60 KB response the client does not read cannot be written.
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="lingua.scheduler.v1.Scheduler")
+        await call.write(request)
+        assert (await call.read()).ByteSize() > 10 * 1024
+        await call.write(request)  # its answer is handed to grpc (counted sent), and stays in the write
+        await until(lambda: scrape_has(app, "grpc_server_msg_sent_total", 2, labels=labels), 20, "the second answer")
+        call.cancel()
+
+    async def ended() -> bool:
+        return total(await scrape(app), "grpc_server_handled_total", **labels) == 1
+
+    await until(ended, 20, "the stream counted as handled")
+    assert value(await scrape(app), "grpc_server_handled_total", **labels, grpc_code="CANCELLED") == 1

@@ -139,10 +139,19 @@ TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grp
                        grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 
+# A cancel this client asked for is not an error here (asyncio.CancelledError, or the sync stubs' "Locally
+# cancelled"), and the scheduler's handlers never end a call CANCELLED: a bare CANCELLED comes from the
+# server's gRPC, which refuses calls so when too many wait to be started (server/settings.py).
+_UNEXPLAINED_CANCEL = ("cancelled by the server's gRPC, with no reason given: it refuses calls so when more than "
+                       "--grpc-max-pending-calls wait to be started (streams opened in a burst); docs/operations.md")
+
+
 def from_rpc_error(err: grpc.RpcError) -> LinguaError:
     """The typed error of a failed call (sync or grpc.aio), with its google.rpc details unpacked."""
     code: grpc.StatusCode = err.code()
     message: str = err.details() or ""
+    if code == grpc.StatusCode.CANCELLED and message in ("", "CANCELLED"):
+        message = _UNEXPLAINED_CANCEL  # gRPC's bare wording: say where such a cancel comes from
     status: status_pb2.Status | None = None
     try:
         status = rpc_status.from_call(err)  # type: ignore[arg-type]
