@@ -681,10 +681,13 @@ class Dispatcher:
         """Fire every due timer of this instance's shards (or of `shards`); returns how many were acted on."""
         shards = await self.my_shards() if shards is None else shards
         forget, fired = wire.FORGET + ":", 0
+        tried: set[str] = set()  # timers fired in this sweep (one left due is not fired again on a re-read)
         while True:
             due = await self.store.due_timers(shards, int(time.time() * 1000) + 1, SWEEP_READ)
             # Forget timers (one per finished job, due as its record expires) go in one pipelined round trip.
-            forgets, others = [m for m in due if m.startswith(forget)], [m for m in due if not m.startswith(forget)]
+            forgets = [m for m in due if m.startswith(forget)]
+            others = [m for m in due if not m.startswith(forget) and m not in tried]
+            tried.update(others)
             forgot = 0
             if forgets:
                 try:
