@@ -43,9 +43,10 @@ def _hiredis_packed(args: tuple[Any, ...]) -> bytes | None:
     elif isinstance(first, bytes) and b" " in first:
         args = (*first.split(), *args[1:])
     try:
-        return hiredis.pack_command(args)
+        packed: bytes = hiredis.pack_command(args)
     except TypeError:
         return None
+    return packed
 
 
 def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
