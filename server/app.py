@@ -36,6 +36,7 @@ from .store import Store
 from .tenants import Tenants
 from .tls import ServerCertificates
 from .tracing import Tracing
+from .workers import slot as worker_slot
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -222,6 +223,10 @@ async def check_redis(client: Any) -> list[str]:
     return warnings
 
 
+class ListenError(RuntimeError):
+    """The --listen address cannot be bound (taken, or not an address of this host)."""
+
+
 class PartitionsMismatch(RuntimeError):
     """This instance's --partitions differs from the count stored in Redis by the first instance."""
 
@@ -379,6 +384,10 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", settings.max_payload_bytes * 4 + 1_048_576),
+        # SO_REUSEPORT only for the workers of one supervisor (server/workers.py), which share the port on
+        # purpose: a lone scheduler must not silently share a port another one holds (the kernel would
+        # split the clients between them).
+        ("grpc.so_reuseport", 1 if worker_slot() else 0),
         # One bound, no random early drop between gRPC's soft and hard limits: see Settings.
         ("grpc.server.max_pending_requests", settings.grpc_max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", settings.grpc_max_pending_calls),
@@ -392,10 +401,16 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
     reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                       [health_pb2.DESCRIPTOR])
     # Health and reflection share the port, so with TLS they are reached over TLS too.
-    port = server.add_secure_port(settings.listen, certificates.credentials()) if certificates is not None \
-        else server.add_insecure_port(settings.listen)
+    try:
+        port = server.add_secure_port(settings.listen, certificates.credentials()) if certificates is not None \
+            else server.add_insecure_port(settings.listen)
+    except RuntimeError as err:  # grpc: "Failed to bind to address ..."
+        port, reason = 0, err
+    else:
+        reason = None
     if port == 0:
-        raise RuntimeError(f"could not listen on {settings.listen}")
+        raise ListenError(f"--listen {settings.listen}: cannot listen there (another process holds the port? "
+                          f"give another one, e.g. --listen 127.0.0.1:0 for any free port){f': {reason}' if reason else ''}")
     http = HttpServer(settings.http_listen, registry) if registry is not None else None
     if http is not None:  # the cluster-wide gauges, from GetStats' cached snapshot
         gauges = PoolGauges(service.admin.stats)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import logs, tracing, workers
-from .app import PartitionsMismatch, check_redis, close_redis, create_server
+from .app import ListenError, PartitionsMismatch, check_redis, close_redis, create_server
 from .auth import AuthKeyError
 from .embedded import DataDirInUse, EmbeddedRedis
 from .http import HttpListenError
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvloop.run(serve(settings, provider))
         else:
             asyncio.run(serve(settings, provider))
-    except (PartitionsMismatch, CertificateError, HttpListenError) as err:
+    except (PartitionsMismatch, CertificateError, HttpListenError, ListenError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 1
     except (AuthKeyError, TenantConfigError) as err:

@@ -103,3 +103,24 @@ async def test_instances_starting_together_on_an_empty_redis_agree(settings: Set
         await redis.delete(keys.LAYOUT, keys.PARTITIONS)
         await asyncio.gather(*(check_partitions(redis, settings.partitions) for _ in range(8)))
         assert await redis.get(keys.LAYOUT) == keys.LAYOUT_VERSION.encode()
+
+
+async def test_a_grpc_port_another_scheduler_holds_stops_the_start_with_a_message(
+        make_app: AppFactory, settings: Settings) -> None:
+    """A lone scheduler does not share its port (SO_REUSEPORT is for the workers of one supervisor only):
+    a second one asked for it says so and exits 1, where it once listened too and the kernel split the
+    clients between the two."""
+    held = await make_app()
+    where = ["--redis-cluster", settings.redis_cluster] if settings.redis_cluster else ["--redis-url", settings.redis_url]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lingua_scheduler.server", "--listen", f"127.0.0.1:{held.port}", *where,
+        "--http-listen", "", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1 and b"listening on" not in out, (out, err)
+    assert f"--listen 127.0.0.1:{held.port}".encode() in err and b"another process holds the port" in err, err
+    assert b"Traceback" not in err, err
