@@ -401,13 +401,12 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
     reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                       [health_pb2.DESCRIPTOR])
     # Health and reflection share the port, so with TLS they are reached over TLS too.
+    reason: RuntimeError | None = None
     try:
         port = server.add_secure_port(settings.listen, certificates.credentials()) if certificates is not None \
             else server.add_insecure_port(settings.listen)
     except RuntimeError as err:  # grpc: "Failed to bind to address ..."
         port, reason = 0, err
-    else:
-        reason = None
     if port == 0:
         raise ListenError(f"--listen {settings.listen}: cannot listen there (another process holds the port? "
                           f"give another one, e.g. --listen 127.0.0.1:0 for any free port){f': {reason}' if reason else ''}")
