@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -352,6 +353,32 @@ class Scripts:
         finally:
             if metrics is not None:
                 metrics.observe(call.script, time.perf_counter() - start)
+
+    async def call_then_read(self, client: Any, call: Call, read: Callable[[Any], None]) -> list[Any]:
+        """One script call and, after it in the same pipelined round trip, the reads `read` queues on the
+        pipeline (so they see what the call did): its reply, then theirs (exceptions in place). A NOSCRIPT
+        loads the script and runs both again. Metrics on: timed as one round trip of the script."""
+        metrics, start = self.metrics, time.perf_counter()
+        try:
+            for loaded in (False, True):
+                async with client.pipeline(transaction=False) as pipe:
+                    # execute_command, not evalsha(): redis-py blocks the named method on cluster pipelines.
+                    pipe.execute_command("EVALSHA", *self.args(call))
+                    read(pipe)
+                    replies = list(await pipe.execute(raise_on_error=False))
+                if loaded or not isinstance(replies[0], NoScriptError):
+                    break
+                await self.load(client, call.script)
+        except Exception as err:
+            if metrics is not None:
+                metrics.error(call.script, err)
+            raise
+        finally:
+            if metrics is not None:
+                metrics.observe(call.script, time.perf_counter() - start)
+        if metrics is not None and isinstance(replies[0], Exception):
+            metrics.error(call.script, replies[0])
+        return replies
 
     async def call_many(self, client: Any, calls: list[Call]) -> list[Any]:
         """Run independent script calls pipelined in one round trip; results (or exceptions) in order.

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from lingua_sdk import pb
-from redis.exceptions import NoScriptError
 from ulid import ULID
 
 from ..fsm import (
@@ -412,15 +411,9 @@ class Store:
         """WatchJob's first read, one round trip: marks the job watched (its later state changes are
         published on its channel: subscribe first), and returns every state change so far and its tenant.
         JobNotFound when its record is gone."""
-        call = WatchJob(job_id).call()
-        for _ in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.execute_command("EVALSHA", *self.scripts.args(call))  # marked first, then read
-                pipe.hgetall(keys.JobKeys.of(job_id).fsm)
-                marked, h = await pipe.execute(raise_on_error=False)
-            if not isinstance(marked, NoScriptError):
-                break
-            await self.scripts.load(self.redis, call.script)  # (Redis restarted: its script cache is empty)
+        fsm = keys.JobKeys.of(job_id).fsm
+        marked, h = await self.scripts.call_then_read(self.redis, WatchJob(job_id).call(),
+                                                      lambda pipe: pipe.hgetall(fsm))  # marked first, then read
         for reply in (marked, h):
             if isinstance(reply, Exception):
                 raise reply

@@ -70,6 +70,22 @@ async def test_the_server_process_prints_the_mismatch_and_exits(make_app: AppFac
     assert b"Traceback" not in err, err
 
 
+async def run_server(settings: Settings, *flags: str) -> tuple[int | None, bytes, bytes]:
+    """The scheduler process on the test's Redis with `flags`, run until it exits (30 s at most): its exit
+    status, stdout and stderr."""
+    where = ["--redis-cluster", settings.redis_cluster] if settings.redis_cluster else ["--redis-url", settings.redis_url]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lingua_scheduler.server", *where, *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, out, err
+
+
 async def test_an_http_port_taken_stops_the_start_with_a_message(settings: Settings, redis: Any) -> None:
     """Nothing runs yet when the operations port cannot be bound: the process says why and exits 1
     (it once hung for ever with the dispatcher's tasks started)."""
@@ -77,20 +93,11 @@ async def test_an_http_port_taken_stops_the_start_with_a_message(settings: Setti
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     taken = holder.getsockname()[1]
-    where = ["--redis-cluster", settings.redis_cluster] if settings.redis_cluster else ["--redis-url", settings.redis_url]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", *where,
-            "--http-listen", f"127.0.0.1:{taken}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 30)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        code, out, err = await run_server(settings, "--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{taken}")
     finally:
         holder.close()
-    assert proc.returncode == 1 and b"listening on" not in out
+    assert code == 1 and b"listening on" not in out
     assert f"--http-listen 127.0.0.1:{taken}".encode() in err and b"--http-listen ''" in err, err
     assert b"Traceback" not in err, err
 
@@ -111,16 +118,7 @@ async def test_a_grpc_port_another_scheduler_holds_stops_the_start_with_a_messag
     a second one asked for it says so and exits 1, where it once listened too and the kernel split the
     clients between the two."""
     held = await make_app()
-    where = ["--redis-cluster", settings.redis_cluster] if settings.redis_cluster else ["--redis-url", settings.redis_url]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lingua_scheduler.server", "--listen", f"127.0.0.1:{held.port}", *where,
-        "--http-listen", "", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 1 and b"listening on" not in out, (out, err)
+    code, out, err = await run_server(settings, "--listen", f"127.0.0.1:{held.port}", "--http-listen", "")
+    assert code == 1 and b"listening on" not in out, (out, err)
     assert f"--listen 127.0.0.1:{held.port}".encode() in err and b"another process holds the port" in err, err
     assert b"Traceback" not in err, err

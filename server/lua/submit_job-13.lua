@@ -70,9 +70,12 @@ local retention = tonumber(ARGV[9])
 -- Fair share (stride scheduling): within a priority band, each of a tenant's jobs goes one step (FAIR_STEP
 -- / weight) after the tenant's previous one, and never before the band's virtual clock (where dispatch
 -- is: lua/claim_job-10.lua moves it), so a tenant that joins is served next and busy tenants take turns.
--- Entries below the clock say nothing more than "starts at the clock": about one submit in 6 (ids are random; 5 of the 32 characters a ULID ends with pass the test)
--- deletes them. The key's member "e" holds minus when the key expires (a negative score, below every band),
+-- Entries below the clock say nothing more than "starts at the clock": a sampled submit deletes them.
+-- The key's member "e" holds minus when the key expires (a negative score, below every band),
 -- read in the same ZMSCORE as the clock and the tenant's pass: no PTTL per submit.
+-- `sampled`: the cleanups that need not run at every submit run at about one in 6 (ids are random, and 5
+-- of the 32 characters a ULID ends with pass this test).
+local sampled = string.byte(jobId, -1) % 8 == 0
 local band = 9 - tonumber(ARGV[4])
 local low = band * BAND
 local clockMember, tenantMember = "c" .. band, "t" .. band .. ":" .. ARGV[15]
@@ -86,7 +89,7 @@ end
 if not clock then
   clock = low
   rcall("ZADD", fairKey, clock, clockMember)
-elseif string.byte(jobId, -1) % 8 == 0 then
+elseif sampled then
   rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(clock))
 end
 last = last or clock
@@ -143,7 +146,7 @@ count_in(rateKey, pool .. "|submitted", tonumber(ARGV[17]))
 local member = index_member(jobId)
 rcall("ZADD", jobsKey, 0, member)
 rcall("ZADD", tenantJobsKey, 0, member)
-if string.byte(jobId, -1) % 8 == 0 then  -- about one submit in 6 (5 of 32 ULID endings): pools whose jobs are all gone leave
+if sampled then  -- pools whose jobs are all gone leave
   rcall("ZREMRANGEBYSCORE", poolsKey, "-inf", "(" .. now)
 end
 rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred, queueScore))
