@@ -248,13 +248,17 @@ class Chaos:
 
     async def chaos_loop(self, stop: asyncio.Event) -> None:
         restarted_redis = self.mode == "cluster"
+        # Each kind of chaos once first (0.1: an instance killed, 0.5: a node crashed, 0.9: a stream cut),
+        # so a short run sees every kind however fast its jobs finish; then at random.
+        first = [0.1, 0.5, 0.9]
         while not stop.is_set():
             await asyncio.sleep(self.rng.uniform(0.3, 0.9))
-            roll = self.rng.random()
             if not restarted_redis and self.report.submitted > self.jobs // 2:
                 restarted_redis = True
                 await self.restart_redis()
-            elif roll < 0.35:
+                continue
+            roll = first.pop(0) if first else self.rng.random()
+            if roll < 0.35:
                 victim = self.rng.choice(self.instances)
                 if victim.proc.returncode is None:
                     victim.proc.kill()
