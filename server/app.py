@@ -308,10 +308,12 @@ class App:
     async def start(self) -> None:
         await self.redis.ping()  # fail fast on a wrong address; on a cluster, learns the slot map
         await check_partitions(self.redis, self.settings.partitions)
+        await self.store.rates.fold_waiting(self.settings.partitions)  # before any job leaves QUEUED here
         if self.http is not None:  # first: a port that cannot be bound stops the start before any task runs
             await self.http.start()
         await self.dispatcher.start()
         self.store.quotas.start()
+        self.store.rates.start()
         await self.nodes.start()
         if self.store.metrics is not None:
             self.store.metrics.start()
@@ -334,6 +336,7 @@ class App:
             ("node sessions", self.nodes.stop(), 5),
             ("dispatcher", self.dispatcher.stop(), 5),
             ("quotas", self.store.quotas.stop(), 5),
+            ("rates", self.store.rates.stop(), 5),
             ("redis", close_redis(self.redis), 5),
         ):
             try:

@@ -42,18 +42,18 @@ class SubmitJob:
     tenant_id: str
     fair_step: int  # wire.fair_step of the tenant's weight
     keyed: bool  # the identity is the spec's idempotency key (else its utterance and pair: no key of its own)
+    pools_known: int | None = None  # the pool's score in its shard's pools zset, as written lately (rates.Pools)
 
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         shard, sk = _shard(self.job_id)
-        rate_key, rate_expiry = buckets.rate(shard, buckets.now_ms())
         return Call("submit_job", [self.identity, jk.fsm, jk.payload, pk.queue, pk.timers,
-                                   pk.affinity, self.session_jobs, pk.fair, pk.waiting, pk.jobs,
-                                   keys.tenant_jobs(shard, self.tenant_id), sk.pools, rate_key], [
+                                   pk.affinity, self.session_jobs, pk.fair, pk.queued, pk.jobs,
+                                   keys.tenant_jobs(shard, self.tenant_id), sk.pools], [
             self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
             self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
             self.affinity_ttl_ms, wake, self.digest, self.utterance_index, self.tenant_id, self.fair_step,
-            rate_expiry, "1" if self.keyed else "",
+            "" if self.pools_known is None else self.pools_known, "1" if self.keyed else "",
         ])
 
     def find(self) -> Call:
@@ -76,7 +76,7 @@ class ClaimJob:
     def call(self) -> Call:
         jk, pk, _ = _job(self.job_id)
         return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.payload,
-                                  pk.fair, pk.waiting, pk.held, pk.paused], [
+                                  pk.fair, pk.queued, pk.held, pk.paused], [
             self.job_id, self.node_id, self.token, self.ack_timeout_ms, self.affinity_wait_ms, self.hint_count,
             self.avoid_ms, self.affinity_ttl_ms,
         ])
@@ -129,14 +129,12 @@ class FinishJob:
         jk, pk, _ = _job(self.job_id)
         o, f = self.outcome, self.fence
         shard, _ = _shard(self.job_id)
-        now = buckets.now_ms()
-        rate_key, rate_expiry = buckets.rate(shard, now)
-        done_key, done_expiry = buckets.done(shard, now, self.retention_ms)
+        done_key, done_expiry = buckets.done(shard, buckets.now_ms(), self.retention_ms)
         return Call("finish_job", [jk.fsm, jk.payload, jk.result, pk.queue, pk.timers,
-                                   pk.waiting, pk.held, rate_key, done_key, keys.ended_jobs(shard, self.dest)], [
+                                   pk.queued, pk.held, done_key, keys.ended_jobs(shard, self.dest)], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
-            self.retention_ms, self.guard, keys.SESSION_CHANNEL, rate_expiry, done_expiry,
+            self.retention_ms, self.guard, keys.SESSION_CHANNEL, done_expiry,
         ])
 
 
@@ -155,7 +153,7 @@ class RequeueJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         o, f = self.outcome, self.fence
-        return Call("requeue_job", [jk.fsm, pk.queue, pk.timers, pk.waiting, pk.held], [
+        return Call("requeue_job", [jk.fsm, pk.queue, pk.timers, pk.queued, pk.held], [
             self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
             self.backoff_ms, o.error_code, o.error_message, int(o.error_retryable), int(self.avoid), self.guard,
             wake, int(self.give_back_attempt),
@@ -182,7 +180,7 @@ class RetryJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         shard, sk = _shard(self.job_id)
-        return Call("retry_job", [jk.fsm, jk.payload, pk.queue, pk.timers, pk.waiting,
+        return Call("retry_job", [jk.fsm, jk.payload, pk.queue, pk.timers, pk.queued,
                                   keys.ended_jobs(shard, self.state), self.done_bucket, self.identity,
                                   self.session_jobs, pk.jobs, keys.tenant_jobs(shard, self.tenant_id), sk.pools], [
             self.job_id, self.version, self.deadline_ms, self.max_job_ttl_ms, self.max_attempts, self.reason,
@@ -220,6 +218,18 @@ class PromoteJob:
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
         return Call("promote_job", [jk.fsm, pk.queue, pk.timers], [self.job_id, wake])
+
+
+@dataclass(frozen=True, slots=True)
+class FoldWaiting:
+    """Up to `count` entries of an earlier version's waiting zset into the partition's queued counts."""
+
+    tag: str  # the partition (keys.partition_tag)
+    count: int
+
+    def call(self) -> Call:
+        return Call("fold_waiting", [keys.waiting_before(self.tag), keys.PartitionKeys.of(self.tag).queued],
+                    [self.count])
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,10 +87,14 @@ class PartitionKeys:
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
     affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
     fair: str  # ZSET fair share of the queue: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" -> the
-    #            tenant's last pass in the band (queue score units; lua/submit_job-13.lua), "e" -> minus
+    #            tenant's last pass in the band (queue score units; lua/submit_job-12.lua), "e" -> minus
     #            when the key expires
-    waiting: str  # ZSET job id -> when it entered QUEUED (ms): every queued job of the partition, in backoff
-    #               too (its ZCARD is the pool's queued count; its lowest score the oldest queued job's age)
+    queued: str  # HASH second -> how many of the partition's queued jobs (in backoff too) entered QUEUED in
+    #              that second (Redis time, ms // 1000; the job's record tells it: `updated`, written when it
+    #              enters QUEUED and not again until it leaves). Kept by the scripts that move a job into or out
+    #              of QUEUED (the prelude's count_queued; a field that reaches 0 is deleted), so the pool's
+    #              queued count is the sum and the oldest queued job entered in the lowest field's second:
+    #              nothing per job (earlier versions kept a `waiting` zset of job ids: waiting_before)
     jobs: str  # ZSET of index members (the Lua prelude's index_member; each leaves when its job's forget timer
     #            fires, lua/forget_job-4.lua): the partition's jobs, ListJobs' index of a pool
     paused: str  # HASH reason, at: present while the pool is paused (PausePool); the claim script honours it
@@ -100,8 +104,14 @@ class PartitionKeys:
     @classmethod
     def of(cls, tag: str) -> PartitionKeys:
         return cls(f"{PREFIX}queue:{tag}", shard_timers(shard_of_tag(tag)), f"{PREFIX}affinity:{tag}",
-                   f"{PREFIX}affinity-at:{tag}", f"{PREFIX}fair:{tag}", f"{PREFIX}waiting:{tag}",
+                   f"{PREFIX}affinity-at:{tag}", f"{PREFIX}fair:{tag}", f"{PREFIX}queued:{tag}",
                    f"{PREFIX}jobs:{tag}", f"{PREFIX}paused:{tag}", f"{PREFIX}held:{tag}")
+
+
+def waiting_before(tag: str) -> str:
+    """ZSET job id -> when it entered QUEUED (ms): what versions before the queued counts kept per partition.
+    Each instance folds it into PartitionKeys.queued at start (lua/fold_waiting-2.lua), then it is gone."""
+    return f"{PREFIX}waiting:{tag}"
 
 
 def shard_timers(shard: str) -> str:

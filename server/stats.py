@@ -1,17 +1,21 @@
 """GetStats' figures and the cluster-wide gauges, read from Redis (never one process's counts), cached.
 
 The scripts keep the counts as they change state, so a read costs a few small reads per shard, not a
-count of keys: QUEUED is the ZCARD of each partition's waiting zset (its lowest score: when the oldest
-queued job entered the queue), ASSIGNED and RUNNING are ZCOUNTs of each partition's held zset (a job
-enters it on a claim, is rescored on its ack, leaves on a requeue or finish: idempotent, so no count
-drifts), jobs that ended (by state) and submits/finishes per second come from time buckets
-(server/buckets.py). Nodes, capacity and in-flight come from the node registry as ListNodes shows it.
+count of keys: QUEUED is the sum of each partition's queued counts (a hash: the second a job entered
+QUEUED -> how many such jobs are queued; its lowest field: when the oldest queued job entered, so the
+oldest age is from that second's start, at most 1 s more than the job's own wait), ASSIGNED and
+RUNNING are ZCOUNTs of each partition's held zset (a job enters it on a claim, is rescored on its ack,
+leaves on a requeue or finish: idempotent, so no count drifts), jobs that ended (by state) and
+submits/finishes per second come from time buckets (server/buckets.py; submits and finishes are
+counted by each instance and flushed each second, server/rates.py: this instance's own are flushed
+before a read). Nodes, capacity and in-flight come from the node registry as ListNodes shows it.
 A snapshot is reused for SNAPSHOT_TTL_S, so scrapes and dashboards do not hammer Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,6 +90,8 @@ class Stats:
         shards = [keys.shard_tag(i) for i in range(s.partitions)]
         now = buckets.now_ms()
         rate_keys = {shard: buckets.rate_keys(shard, now) for shard in shards}
+        with contextlib.suppress(Exception):  # (Redis down: the read below says so)
+            await self.store.rates.flush()
         done_keys = {shard: buckets.done_keys(shard, now, s.retention_ms) for shard in shards}
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in shards:
@@ -140,8 +146,7 @@ class Stats:
             for pool in names:
                 for tag in self.store.tags_of_pool(pool):
                     pk = keys.PartitionKeys.of(tag)
-                    pipe.zcard(pk.waiting)
-                    pipe.zrange(pk.waiting, 0, 0, withscores=True)
+                    pipe.hgetall(pk.queued)
                     pipe.hmget(pk.paused, "reason", "at")
                     pipe.zcount(pk.held, wire.HELD_ASSIGNED, wire.HELD_ASSIGNED)
                     pipe.zcount(pk.held, wire.HELD_RUNNING, wire.HELD_RUNNING)
@@ -151,19 +156,19 @@ class Stats:
             f = pools[pool]
             for state in (JobState.QUEUED, *HELD_STATES):
                 f.jobs[state] = 0
-            oldest: float | None = None
+            oldest: int | None = None  # the second the oldest queued job entered QUEUED
             paused = []
             for _ in range(s.partitions):
-                f.jobs[JobState.QUEUED] += int(found[i])
-                for _job, score in found[i + 1]:
-                    oldest = score if oldest is None else min(oldest, score)
-                paused.append(found[i + 2])
-                f.jobs[JobState.ASSIGNED] += int(found[i + 3])
-                f.jobs[JobState.RUNNING] += int(found[i + 4])
-                i += 5
+                for second, count in found[i].items():
+                    f.jobs[JobState.QUEUED] += int(count)
+                    oldest = int(second) if oldest is None else min(oldest, int(second))
+                paused.append(found[i + 1])
+                f.jobs[JobState.ASSIGNED] += int(found[i + 2])
+                f.jobs[JobState.RUNNING] += int(found[i + 3])
+                i += 4
             p = pause_of(pool, paused)
             f.paused, f.paused_reason, f.paused_at_ms = p.paused, p.reason, p.at_ms
-            f.oldest_queued_age_ms = max(0, redis_now - int(oldest)) if oldest is not None else 0
+            f.oldest_queued_age_ms = max(0, redis_now - oldest * 1000) if oldest is not None else 0
         return Snapshot(redis_now, pools)
 
 

@@ -57,6 +57,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .quotas import Quotas
+from .rates import Rates
 from .scripts import Scripts
 from .settings import Settings
 from .tenants import Tenants
@@ -203,7 +204,7 @@ class JobRecord:
 def idempotency_key(tag: str, spec: pb.JobSpec) -> str:
     """The key naming a submit's identity: its idempotency_key, else its utterance and target language.
     Only an explicit idempotency_key's key is written: the default identity is found in the session's
-    index (lua/submit_job-13.lua), and its key is only read for records written before that."""
+    index (lua/submit_job-12.lua), and its key is only read for records written before that."""
     identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else f"u:{spec.utterance_index}:{spec.tgt_lang}"
     return keys.idempotency(tag, spec.tenant_id, spec.session_id, identity)
 
@@ -274,6 +275,7 @@ class Store:
         self.scripts = scripts or Scripts()
         self.tenants = tenants if tenants is not None else Tenants(settings.tenants)
         self.quotas = Quotas(redis, self.scripts, self.tenants, settings)
+        self.rates = Rates(redis, self.scripts)  # submits and finishes per second, the pools zset (server/rates.py)
         # Completions and releases commit without reading the record first (one round trip), so
         # the machine must give these events one destination (fixed_dest raises otherwise).
         self._release_dest = fixed_dest(Event.RELEASE)
@@ -325,6 +327,7 @@ class Store:
             tenant_id=spec.tenant_id,
             fair_step=self.tenants.of(spec.tenant_id).step,
             keyed=bool(spec.idempotency_key),
+            pools_known=self.rates.pools_known(tag),
         )
 
     async def submit(self, specs: list[pb.JobSpec]) -> list[Submitted]:
@@ -342,9 +345,11 @@ class Store:
         if admitted:
             await self.quotas.settle(admitted, {job.job_id for job, r in zip(jobs, replies, strict=True)
                                                 if r[0] == ScriptCode.APPLIED})
-        if self.metrics is not None:
-            for job, r in zip(jobs, replies, strict=True):
-                if r[0] == ScriptCode.APPLIED:
+        for job, r in zip(jobs, replies, strict=True):
+            if r[0] == ScriptCode.APPLIED:
+                self.rates.submitted(job.job_id)
+                self.rates.pooled(keys.tag_of(job.job_id), int(r[3]))
+                if self.metrics is not None:
                     self.metrics.of_job(job.job_id).submitted.inc()
         for i, r in enumerate(replies):
             if r[0] == ScriptCode.IDENTITY_CONFLICT:
@@ -720,6 +725,7 @@ class Store:
         if code == ScriptCode.APPLIED:
             if dest in TERMINAL:  # finish_job: {1, state, version, session, from, run ms}
                 tenant = _s(reply[3]).partition("\x00")[0]
+                self.rates.finished(job_id)
                 if self.metrics is not None:
                     self.metrics.changed(job_id, event, _s(reply[4]), dest, int(reply[5]))
             elif self.metrics is not None:  # requeue_job: {1, state, version, from}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-13.lua). Band 0 is
+# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-12.lua). Band 0 is
 # priority 9; within a band a tenant's jobs are FAIR_STEP / weight apart in passes, and a tenant that
 # joins starts at the band's virtual clock, so tenants take turns. Scores stay exact integers in a
 # double (< 10 * 2^49 < 2^53); a band's clock restarts from 0 when it passed FAIR_RESET and the band is empty.

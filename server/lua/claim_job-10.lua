@@ -10,8 +10,8 @@
     KEYS[4] partition affinity times zset (session field -> ms of its binding), to forget old bindings
     KEYS[5] job fsm hash (the record, its spec and its state changes)
     KEYS[6] job payload
-    KEYS[7] partition fair-share zset (lua/submit_job-13.lua): the claim moves its band's virtual clock
-    KEYS[8] partition waiting zset (the job leaves it)
+    KEYS[7] partition fair-share zset (lua/submit_job-12.lua): the claim moves its band's virtual clock
+    KEYS[8] partition queued counts hash (the job is counted out of its second: keys.PartitionKeys.queued)
     KEYS[9] partition held zset (job id -> 0 while assigned, 1 while running: the job enters it)
     KEYS[10] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)
     ARGV[1] job id (a candidate read from the queue earlier)
@@ -39,7 +39,7 @@
 ]]
 local queueKey, timersKey, affinityKey, affinityAtKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local fsmKey, payloadKey, fairKey = KEYS[5], KEYS[6], KEYS[7]
-local waitingKey, heldKey, pausedKey = KEYS[8], KEYS[9], KEYS[10]
+local queuedKey, heldKey, pausedKey = KEYS[8], KEYS[9], KEYS[10]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
 local function payload(f)  -- "" for a job submitted without one (`np`: no key to read)
@@ -93,7 +93,7 @@ local dest = FIXED[E.assign]
 local version = tonumber(f[2]) + 1
 local attempt = tonumber(f[3]) + 1
 local lease = now + tonumber(ARGV[4])
-rcall("ZREM", waitingKey, jobId)
+count_queued(queuedKey, f[6], -1)  -- `updated`: when it entered QUEUED
 rcall("ZADD", heldKey, HELD_SCORE[dest], jobId)
 -- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
 -- only to the band's head when the job was taken out of turn (a wake-up names the newest job), so such a
@@ -130,7 +130,7 @@ rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", atte
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
 rcall("ZADD", affinityAtKey, now, f[7])
--- Bindings past their time to live are ignored (lua/submit_job-13.lua); one claim in 8 (tokens are random
+-- Bindings past their time to live are ignored (lua/submit_job-12.lua); one claim in 8 (tokens are random
 -- hex) deletes up to 128 of them.
 if string.byte(token, -1) % 8 == 0 then
   local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - tonumber(ARGV[8]), "LIMIT", 0, 128)

@@ -8,7 +8,8 @@
     KEYS[1] job fsm hash (the record and its state changes)
     KEYS[2] partition queue zset
     KEYS[3] partition timers zset
-    KEYS[4] partition waiting zset (the job enters it, in backoff too)
+    KEYS[4] partition queued counts hash (the job is counted in now's second, in backoff too:
+            keys.PartitionKeys.queued; the record's `updated` tells which)
     KEYS[5] partition held zset (the job leaves it)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
@@ -35,7 +36,7 @@
     {-5, node}            held by another node
     {-10}                 guard: the lease has not run out
 ]]
-local fsmKey, queueKey, timersKey, waitingKey, heldKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local fsmKey, queueKey, timersKey, queuedKey, heldKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "qs", "avoid", "ev", "tok", "w", "created")
@@ -83,7 +84,7 @@ rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "att", attempt
   "updated", now, "avoid", avoid, unpack(change))
 rcall("ZREM", timersKey, lease_member(jobId, tok))
 rcall("ZREM", heldKey, jobId)
-rcall("ZADD", waitingKey, now, jobId)
+count_queued(queuedKey, now, 1)
 local backoff = tonumber(ARGV[7])
 if backoff > 0 then
   rcall("ZADD", timersKey, now + backoff, retry_member(jobId))

@@ -11,8 +11,8 @@
     KEYS[2] job payload
     KEYS[3] partition queue zset
     KEYS[4] partition timers zset (the job's forget timer leaves it, a deadline timer enters it)
-    KEYS[5] partition waiting zset
-    KEYS[6] the shard's index of jobs ended in the job's current state (lua/finish_job-10.lua)
+    KEYS[5] partition queued counts hash (the job is counted in now's second: keys.PartitionKeys.queued)
+    KEYS[6] the shard's index of jobs ended in the job's current state (lua/finish_job-9.lua)
     KEYS[7] done bucket hash of the job's finish (the record's `done`; "<pool>|<state>" counted down)
     KEYS[8] idempotency key of the job (lives as long as the job record again). A job of the default
             identity has none (its identity is its record's `dg`, persisted with the record below): the
@@ -21,7 +21,7 @@
     KEYS[10] partition jobs index (ListJobs by pool; the entry is added again, in case a sweeper whose
              clock runs ahead fired the forget timer before the record expired)
     KEYS[11] tenant jobs index of this shard (ListJobs by tenant; likewise)
-    KEYS[12] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-13.lua)
+    KEYS[12] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-12.lua)
     ARGV[1] job id
     ARGV[2] expected version
     ARGV[3] new deadline, ms since epoch; 0 for now + the job's own time to live (its first deadline -
@@ -38,7 +38,7 @@
     {-2, state}           not failed or expired
     {-3, version}         version mismatch
 ]]
-local fsmKey, payloadKey, queueKey, timersKey, waitingKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local fsmKey, payloadKey, queueKey, timersKey, queuedKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local endedKey, doneKey, idemKey, sessionKey = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local jobsKey, tenantJobsKey, poolsKey = KEYS[10], KEYS[11], KEYS[12]
 local jobId = ARGV[1]
@@ -81,7 +81,7 @@ if ttlLeft >= 0 and now + ttlLeft < deadline + retention then
   rcall("PEXPIREAT", sessionKey, deadline + retention)
 end
 -- The job's index entries stay: it is no longer forgotten when its record would have expired (its forget
--- timer, lua/finish_job-10.lua, goes; the job gets another when it ends again). An entry the forget
+-- timer, lua/finish_job-9.lua, goes; the job gets another when it ends again). An entry the forget
 -- took already (a sweeper's clock ahead of Redis's) comes back: ZADD of a member present changes nothing.
 local member = index_member(jobId)
 rcall("ZREM", timersKey, forget_member(jobId, f[10], state))
@@ -94,7 +94,7 @@ if tonumber(rcall("HINCRBY", doneKey, pool .. "|" .. state, -1)) < 0 then
   rcall("HDEL", doneKey, pool .. "|" .. state)  -- the bucket expired meanwhile: nothing to count out
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
-rcall("ZADD", waitingKey, now, jobId)
+count_queued(queuedKey, now, 1)
 rcall("ZADD", queueKey, f[7], jobId)
 rcall("PUBLISH", ARGV[8], wake_message(jobId, "", f[7]))
 return {1, dest, version, deadline}

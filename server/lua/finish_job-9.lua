@@ -12,11 +12,11 @@
     KEYS[4] partition queue zset
     KEYS[5] partition timers zset (the job's timers leave it; its forget timer, due when its keys expire,
             enters it: lua/forget_job-4.lua takes the job out of ListJobs' indexes then)
-    KEYS[6] partition waiting zset (a queued job leaves it)
+    KEYS[6] partition queued counts hash (a queued job is counted out of its second: keys.PartitionKeys.queued)
     KEYS[7] partition held zset (a held job leaves it)
-    KEYS[8] rate bucket hash of now ("<pool>|finished" counted)
-    KEYS[9] done bucket hash of now ("<pool>|<destination>" counted)
-    KEYS[10] the shard's index of jobs ended in the destination state (ListJobs; used for failed,
+    KEYS[8] done bucket hash of now ("<pool>|<destination>" counted here, not by the caller as finishes
+            per second are, server/rates.py: RetryJob counts the job out of it, exactly)
+    KEYS[9] the shard's index of jobs ended in the destination state (ListJobs; used for failed,
              expired and cancelled only; the job's forget timer takes the entry out)
     ARGV[1] job id
     ARGV[2] event (FSM trigger)
@@ -33,8 +33,7 @@
     ARGV[13] guard: "" none; "lease": only if the lease ran out; "deadline": only if the deadline passed
     ARGV[14] session channel prefix: the announcement goes to this prefix .. the record's `sess`
              (a channel, not a key: no slot; the caller need not know the session)
-    ARGV[15] when the rate bucket expires, ms
-    ARGV[16] when the done bucket expires, ms
+    ARGV[15] when the done bucket expires, ms
 
   Output:
     {1, state, version, session, from, run ms}  applied; session is the record's `sess`
@@ -51,11 +50,11 @@
     {-10}                 guard: the lease or deadline has not run out
 ]]
 local fsmKey, payloadKey, resultKey, queueKey, timersKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local waitingKey, heldKey, rateKey, doneKey, endedKey = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local queuedKey, heldKey, doneKey, endedKey = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg",
-  "w", "created", "np")
+  "w", "created", "np", "updated")
 local state = f[1]
 if not state then
   return {-1}
@@ -112,12 +111,11 @@ rcall("ZREM", timersKey, lease_member(jobId, tok), deadline_member(jobId), retry
 local pool = pool_of(jobId)
 if state == S.queued then  -- only a queued job is in its queue (or in backoff, in the timers)
   rcall("ZREM", queueKey, jobId)
-  rcall("ZREM", waitingKey, jobId)
+  count_queued(queuedKey, f[15], -1)  -- `updated`: when it entered QUEUED
 else
   rcall("ZREM", heldKey, jobId)
 end
-count_in(rateKey, pool .. "|finished", tonumber(ARGV[15]))
-count_in(doneKey, pool .. "|" .. dest, tonumber(ARGV[16]))
+count_in(doneKey, pool .. "|" .. dest, tonumber(ARGV[15]))
 local ended = NOT_ENDED_INDEXED
 if dest ~= S.succeeded then
   rcall("ZADD", endedKey, 0, index_member(jobId))

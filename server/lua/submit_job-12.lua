@@ -16,12 +16,11 @@
     KEYS[7] session jobs zset of this partition (job id -> utterance index; WatchSession reads it)
     KEYS[8] partition fair-share zset: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" ->
             the tenant's last pass in the band (both in queue score units), "e" -> minus when the key expires
-    KEYS[9] partition waiting zset (job id -> when it entered QUEUED, ms)
+    KEYS[9] partition queued counts hash (the job is counted in now's second: keys.PartitionKeys.queued)
     KEYS[10] partition jobs index (ListJobs by pool; lex members, see index_member; no time to live:
              the job's forget timer takes its entries out, lua/forget_job-4.lua)
     KEYS[11] tenant jobs index of this shard (ListJobs by tenant)
     KEYS[12] shard pools zset (pool -> until when a job of it may live: GetStats' and ListJobs' list)
-    KEYS[13] rate bucket hash of now ("<pool>|submitted" counted)
     ARGV[1] job id
     ARGV[2] spec bytes (serialized JobSpec without payload)
     ARGV[3] payload bytes ("" for none)
@@ -38,18 +37,20 @@
     ARGV[14] utterance index
     ARGV[15] tenant id
     ARGV[16] fair step: how far apart the tenant's jobs go in a band (FAIR_STEP / its weight, >= 1)
-    ARGV[17] when the rate bucket expires, ms
+    ARGV[17] what the caller knows of the pool's score in KEYS[12] (ms; it saw this script write it
+             lately): the entry is written only when this job may live longer; "" writes it
     ARGV[18] "1" when the identity is the spec's idempotency key, "" for the default identity
 
   Output:
-    {1, job id, state}  created
+    {1, job id, state, pools}  created; pools is the score written to KEYS[12] (a lower bound of the
+                        pool's score from now on: the caller's next ARGV[17]), 0 when not written
     {0, job id}         the identity already had this job, with the same digest; nothing changed
     {-11, job id}       the identity already had this job, with another digest; nothing changed
 ]]
 local idemKey, fsmKey, payloadKey = KEYS[1], KEYS[2], KEYS[3]
 local queueKey, timersKey, affinityKey = KEYS[4], KEYS[5], KEYS[6]
 local sessionKey, fairKey = KEYS[7], KEYS[8]
-local waitingKey, jobsKey, tenantJobsKey, poolsKey, rateKey = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local queuedKey, jobsKey, tenantJobsKey, poolsKey = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local jobId, digest, utterance, keyed = ARGV[1], ARGV[13], ARGV[14], ARGV[18] == "1"
 
 local id, stored = identity_job(idemKey, sessionKey, jobId, utterance, keyed)
@@ -138,11 +139,17 @@ if not fair[3] or -tonumber(fair[3]) < deadline then
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 -- What ListJobs and GetStats read: an index entry lives as long as the job's record (its forget timer,
--- set when it ends, takes it out: lua/finish_job-10.lua).
-rcall("ZADD", waitingKey, now, jobId)
-local pool = pool_of(jobId)
-rcall("ZADD", poolsKey, "GT", keepUntil, pool)
-count_in(rateKey, pool .. "|submitted", tonumber(ARGV[17]))
+-- set when it ends, takes it out: lua/finish_job-9.lua).
+count_queued(queuedKey, now, 1)  -- `updated` is now: claim and finish count it out of this second
+-- The pool stays listed while a job of it may live: written when this job may outlive what the caller
+-- knows of the entry (it saw it lately, so no failover can have lost it long since), an eighth further
+-- than needed (as above), so a busy pool's submits write it about once per second per instance and shard.
+-- (Submits per pool and second are counted by the caller: server/rates.py.)
+local pooled = 0
+if ARGV[17] == "" or keepUntil > tonumber(ARGV[17]) then
+  pooled = keepUntil + math.floor((keepUntil - now) / 8)
+  rcall("ZADD", poolsKey, "GT", pooled, pool_of(jobId))
+end
 local member = index_member(jobId)
 rcall("ZADD", jobsKey, 0, member)
 rcall("ZADD", tenantJobsKey, 0, member)
@@ -150,4 +157,4 @@ if sampled then  -- pools whose jobs are all gone leave
   rcall("ZREMRANGEBYSCORE", poolsKey, "-inf", "(" .. now)
 end
 rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred, queueScore))
-return {1, jobId, state}
+return {1, jobId, state, pooled}
