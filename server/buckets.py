@@ -1,8 +1,9 @@
 """Time buckets of the figures GetStats reads (server/stats.py): submits and finishes per RATE_BUCKET_MS
 (rates over the last minute) and ended jobs per done_bucket_ms(retention) (jobs by terminal state within
 the retention). Each bucket is one hash per shard that expires once it no longer counts, so reading
-the figures costs a few dozen small reads per shard, whatever the traffic. The scripts count into the
-bucket of the instance's clock (the key is named before the call): skew shifts a count by a bucket."""
+the figures costs a few dozen small reads per shard, whatever the traffic. Ended jobs are counted by
+finish_job into the bucket of the instance's clock (the key is named before the call), submits and
+finishes by the instance itself (server/rates.py, flushed each second): skew shifts a count by a bucket."""
 
 from __future__ import annotations
 

@@ -141,8 +141,10 @@ class ShardKeys:
     """The keys of one shard that are not per pool (`shard` is its hash tag, `{3}`): what ListJobs and
     GetStats read, kept by the scripts with the jobs (server/stats.py)."""
 
-    pools: str  # ZSET pool -> until when a job of it in the shard may live (its furthest deadline + retention):
-    #             GetStats' and ListJobs' list of pools, those scored from now on (submits trim the others)
+    pools: str  # ZSET pool -> until when a job of it in the shard may live (its furthest deadline + retention, up
+    #             to an eighth later): GetStats' and ListJobs' list of pools, those scored from now on (submits
+    #             trim the others). Submit writes it only for a job that outlives the score its instance saw
+    #             written within the last second (server/rates.py): about once per second per instance
 
     @classmethod
     def of(cls, shard: str) -> ShardKeys:
@@ -161,7 +163,8 @@ def ended_jobs(shard: str, state: str) -> str:
 
 
 def rate_bucket(shard: str, bucket: int) -> str:
-    """HASH "<pool>|submitted", "<pool>|finished" -> jobs in one RATE_BUCKET_MS window (GetStats' rates)."""
+    """HASH "<pool>|submitted", "<pool>|finished" -> jobs in one RATE_BUCKET_MS window (GetStats' rates), added
+    by each instance about once a second (server/rates.py), not by the scripts."""
     return f"{PREFIX}rate:{shard}:{bucket}"
 
 
