@@ -203,7 +203,8 @@ class PoolGauges(Collector):
         paused = GaugeMetricFamily("lingua_pool_paused", "1 while the pool is paused (PausePool): nothing is "
                                    "dispatched", labels=["pool"])
         oldest = GaugeMetricFamily("lingua_queue_oldest_age_seconds", "How long the pool's oldest queued job has "
-                                   "waited (0 when none is queued)", labels=["pool"])
+                                   "waited, from the start of the second it entered QUEUED (0 when none is queued)",
+                                   labels=["pool"])
         for pool, f in sorted((self.latest.pools if self.latest else {}).items()):
             if not f.active:
                 continue  # (a pool seen once, long gone: no series)
