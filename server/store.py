@@ -8,6 +8,7 @@ machine decide, and commit with the version they read, re-reading when they lose
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -72,24 +73,46 @@ def _s(value: bytes | None) -> str:
 
 
 def read_views(pipe: Any, job_ids: list[str]) -> None:
-    """Queue on `pipe` the reads of the jobs' views (record with spec, result; no payload): parse_views."""
+    """Queue on `pipe` the reads of the jobs' views (the record, with its spec and a short result; no
+    payload): parse_views, then with_results."""
     for job_id in job_ids:
-        jk = keys.JobKeys.of(job_id)
-        pipe.hgetall(jk.fsm)
-        pipe.get(jk.result)
+        pipe.hgetall(keys.JobKeys.of(job_id).fsm)
 
 
 def parse_views(job_ids: list[str], replies: list[Any]) -> list[JobView | None]:
-    """The views read_views' replies give, None for a job whose record is gone."""
+    """The views read_views' replies give, None for a job whose record is gone. A succeeded job's result
+    that is not in its record (result_elsewhere) is None here: with_results reads it."""
     views: list[JobView | None] = []
-    for i, job_id in enumerate(job_ids):
-        h, result = replies[2 * i: 2 * i + 2]
+    for job_id, h in zip(job_ids, replies, strict=True):
+        result = wire.joined(h, b"r") if h else None
         views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(wire.joined(h, b"spec") or b""),
                              pb.JobResult.FromString(result) if result is not None else None, None) if h else None)
     return views
 
 
-_SUBMITTED = str(fixed_dest(Event.SUBMIT))
+def result_elsewhere(view: JobView) -> bool:
+    """Whether the view's result is in the job's result key: a succeeded job's whose record has none (a result
+    longer than the record keeps, wire.RESULT_PIECES, or a record an earlier version wrote)."""
+    return view.result is None and view.record.state == _SUCCEEDED
+
+
+async def with_results(redis: Any, views: list[JobView | None]) -> list[JobView | None]:
+    """`views` with the results kept in result keys read (one round trip, only when some are)."""
+    away = [(i, v) for i, v in enumerate(views) if v is not None and result_elsewhere(v)]
+    if not away:
+        return views
+    async with redis.pipeline(transaction=False) as pipe:
+        for _, view in away:
+            pipe.get(keys.JobKeys.of(view.record.job_id).result)
+        found = await pipe.execute()
+    out = list(views)
+    for (i, view), raw in zip(away, found, strict=True):
+        if raw is not None:
+            out[i] = dataclasses.replace(view, result=pb.JobResult.FromString(raw))
+    return out
+
+
+_SUBMITTED, _SUBMIT, _SUCCEEDED = str(fixed_dest(Event.SUBMIT)), str(Event.SUBMIT), str(JobState.SUCCEEDED)
 
 
 def history(h: dict[bytes, bytes], after: int = 0) -> list[dict[str, Any]]:
@@ -178,7 +201,11 @@ class JobRecord:
 
     @classmethod
     def parse(cls, job_id: str, h: dict[bytes, bytes]) -> JobRecord:
+        """A record read whole. Fields a record holds only once they say something are read as what their
+        absence means: no `ev` (never changed) the submit, no `updated` its creation, no `node`, `tok`,
+        `lease` (never claimed) empty and 0."""
         code, message, retryable = last_error(h)
+        created = _i(h.get(b"created"))
         return cls(
             job_id=job_id,
             state=_s(h.get(b"state")),
@@ -189,9 +216,9 @@ class JobRecord:
             token=_s(h.get(b"tok")),
             lease=_i(h.get(b"lease")),
             deadline=_i(h.get(b"dl")),
-            created=_i(h.get(b"created")),
-            updated=_i(h.get(b"updated")),
-            event=_s(h.get(b"ev")),
+            created=created,
+            updated=_i(h.get(b"updated")) or created,
+            event=_s(h.get(b"ev")) or _SUBMIT,
             error_code=code,
             error_message=message,
             error_retryable=retryable,
@@ -372,18 +399,21 @@ class Store:
         `visible` (the caller's tenant check) is JobNotFound. The payload, when asked for, is read only
         after that check (a second round trip), so no other tenant's payload is ever fetched for a caller."""
         jk = keys.JobKeys.of(job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(jk.fsm)
-            pipe.get(jk.result)
-            h, result = await pipe.execute()
-        if not h:
+        h = await self.redis.hgetall(jk.fsm)
+        (view,) = parse_views([job_id], [h])
+        if view is None or not visible(view.record.tenant):
             raise JobNotFound(f"job {job_id} not found")
-        record = JobRecord.parse(job_id, h)
-        if not visible(record.tenant):
-            raise JobNotFound(f"job {job_id} not found")
-        payload = await self.redis.get(jk.payload) if include_payload else None
-        return JobView(record, pb.JobSpec.FromString(wire.joined(h, b"spec") or b""),
-                       pb.JobResult.FromString(result) if result is not None else None, payload)
+        if not (include_payload or result_elsewhere(view)):
+            return view
+        async with self.redis.pipeline(transaction=False) as pipe:  # after the tenant check, in one round trip
+            if include_payload:
+                pipe.get(jk.payload)
+            if result_elsewhere(view):
+                pipe.get(jk.result)
+            found = await pipe.execute()
+        payload = found.pop(0) if include_payload else None
+        result = pb.JobResult.FromString(found[0]) if found and found[0] is not None else None
+        return dataclasses.replace(view, payload=payload, result=result if result is not None else view.result)
 
     async def session_read(self, tenant_id: str, session_id: str, span: tuple[int, int | None] | None,
                            job_ids: list[str]) -> tuple[list[tuple[str, int]], list[JobView | None]]:
@@ -399,7 +429,7 @@ class Store:
             replies = await pipe.execute()
         read = 0 if span is None else 1
         members = [(_s(j), int(score)) for found in replies[:read] for j, score in found]
-        return members, parse_views(job_ids, replies[read:])
+        return members, await with_results(self.redis, parse_views(job_ids, replies[read:]))
 
     async def record(self, job_id: str) -> JobRecord:
         h = await self.redis.hgetall(keys.JobKeys.of(job_id).fsm)

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from helpers import all_keys, pair, spec
-from lingua_scheduler.server import keys
+from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App
 from lingua_sdk import pb, pb_grpc
 
@@ -62,20 +62,23 @@ async def test_a_job_without_a_payload_says_so_in_its_record(stub: pb_grpc.Sched
     for a in assigned.values():
         await stub.Complete(pb.CompleteRequest(job_id=a.job_id, attempt=a.attempt, node_id="n1",
                                                lease_token=a.lease_token, result=pb.JobResult(text_asr="x")))
-        assert await job_keys(redis, a.job_id) == {"fsm", "result"}  # the payload dropped where there was one
+        assert await job_keys(redis, a.job_id) == {"fsm"}  # the payload dropped where there was one; the result inline
 
 
-async def test_a_finished_job_is_its_record_and_result_both_expiring(
+async def test_a_finished_job_is_its_record_and_a_long_result_both_expiring(
         app: App, stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    long = pb.JobResult(text_asr="x", text_translated="y" * (wire.PIECE * wire.RESULT_PIECES))
     job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(payload=b"pcm")]))).results[0].job_id
     a = await assign(stub)
     await stub.Complete(pb.CompleteRequest(job_id=job_id, attempt=a.attempt, node_id="n1", lease_token=a.lease_token,
-                                           result=pb.JobResult(text_asr="x")))
-    assert await job_keys(redis, job_id) == {"fsm", "result"}
+                                           result=long))
+    assert await job_keys(redis, job_id) == {"fsm", "result"}  # too long for the record: a key of its own
     jk = keys.JobKeys.of(job_id)
+    assert not await redis.hexists(jk.fsm, "r")
     fsm_ttl, result_ttl = await redis.pttl(jk.fsm), await redis.pttl(jk.result)
     assert result_ttl > app.settings.retention_ms - 5_000 and abs(fsm_ttl - result_ttl) < 1_000  # one expiry
     assert await redis.object("encoding", jk.fsm) in (b"listpack", b"ziplist")
+    assert (await stub.GetJob(pb.GetJobRequest(job_id=job_id))).result == long
     # A cancel's state change (its error with it) is longer than a hash value may be in a listpack: stored
     # in pieces, so the record stays one, and read back whole.
     cancelled = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0].job_id

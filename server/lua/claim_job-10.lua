@@ -73,10 +73,11 @@ if not state or not allowed(E.assign, state) then
   return {-2, heads(), state}
 end
 local now = now_ms()
-local avoidUntil = tonumber(f[6]) + tonumber(ARGV[7])
-local heldUntil = tonumber(f[6]) + tonumber(ARGV[5])
-local avoided = now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
-local held = f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
+local updated = tonumber(f[6] or f[11])  -- a record not changed since its submit has no `updated`
+local avoidUntil = updated + tonumber(ARGV[7])
+local heldUntil = updated + tonumber(ARGV[5])
+local avoided = f[4] and now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
+local held = f[5] and f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
 if (avoided or held) and not rcall("ZSCORE", queueKey, jobId) then
   return {-7, heads()}
 elseif avoided then
@@ -126,7 +127,7 @@ end
 local change = record_event(fsmKey, f[13], f[11], {s = dest, v = version, a = attempt, n = nodeId, e = E.assign,
   t = now})
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
-  "tok", token, "lease", lease, "started", 0, "updated", now, "asg", now, unpack(change))
+  "tok", token, "lease", lease, "updated", now, "asg", now, unpack(change))  -- `started`: see lua/touch_job-3.lua
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
 rcall("ZADD", affinityAtKey, now, f[7])
@@ -143,5 +144,4 @@ local dispatched = -1  -- "asg" is the time of the job's latest claim: none befo
 if not f[12] and f[11] then
   dispatched = now - tonumber(f[11])
 end
-return {1, after, attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - tonumber(f[6]),
-  dispatched}
+return {1, after, attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - updated, dispatched}

@@ -8,7 +8,7 @@
     KEYS[1] idempotency key (identity -> "<job id> <spec digest>"), written for an explicit key only
             (ARGV[18]); for the default identity its name from before `dg`, read for such records only
     KEYS[2] job fsm hash (the record, with the spec: `spec` and its pieces; no state change stored yet:
-            the submit is derived from the record)
+            the submit is derived from the record; no field that would be empty or zero while queued)
     KEYS[3] job payload
     KEYS[4] partition queue zset
     KEYS[5] partition timers zset
@@ -106,11 +106,17 @@ if binding then
 end
 
 local state = FIXED[E.submit]
-rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxatt", ARGV[5], "node", "",
-  "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
-  "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance,
+-- Only what says something: while queued a record has no `ev` (the submit), `updated` (= created), `node`,
+-- `tok`, `lease`, `started`, `avoid`, nor `pref` without a preferred node; readers take absent as those
+-- values (docs/design.md, "Keys"). Each field costs bytes in every queued job's listpack.
+local extra = ARGV[3] == "" and {"np", 1} or {}  -- np: no payload key to read or drop
+if preferred ~= "" then
+  extra[#extra + 1], extra[#extra + 2] = "pref", preferred
+end
+rcall("HSET", fsmKey, "state", state, "ver", 1, "att", 0, "maxatt", ARGV[5], "dl", deadline, "xto", ARGV[8],
+  "created", now, "qs", queueScore, "sess", ARGV[10], "utt", utterance,
   "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_job)
-  unpack(pieces(ARGV[3] == "" and {"np", 1} or {}, "spec", ARGV[2])))  -- np: no payload key to read or drop
+  unpack(pieces(extra, "spec", ARGV[2])))
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
 end

@@ -43,7 +43,9 @@ end
 
 local now = now_ms()
 local version = tonumber(f[2])
-local started = tonumber(f[6])
+-- `started` is the running attempt's (its ack's time): an older attempt's, left in the record, says nothing
+-- while the job is assigned (a claim does not clear it), and a record never acked has none.
+local started = state == FIXED[E.start] and tonumber(f[6]) or 0
 local code = 0
 local lease = now + tonumber(ARGV[4])
 local xto = tonumber(f[7])
