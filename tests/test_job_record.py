@@ -7,10 +7,12 @@ import asyncio
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 from helpers import all_keys, pair, spec
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App
+from lingua_scheduler.server.store import Lease
 from lingua_sdk import pb, pb_grpc
 
 
@@ -187,3 +189,109 @@ async def test_watching_marks_only_a_job_that_may_still_change(stub: pb_grpc.Sch
     assert await redis.hget(keys.JobKeys.of(queued).fsm, "w") == b"1"
     assert await redis.hget(keys.JobKeys.of(done).fsm, "w") is None  # read only: nothing will change
     watch.cancel()
+
+
+async def test_a_queued_record_holds_only_what_says_something(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """No field that is empty or zero while queued (each costs bytes in every queued job's listpack): no
+    `ev`, `updated`, `node`, `tok`, `lease`, `started`, `avoid`, no `pref` without a preferred node; GetJob
+    reads their absence as the submit, the creation time, no node and no lease."""
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(payload=b"", payload_ref="session://s1/0")]))).results[0].job_id
+    record = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
+    assert set(record) == {b"state", b"ver", b"att", b"maxatt", b"dl", b"xto", b"created", b"qs", b"sess", b"utt",
+                           b"dg", b"np", b"spec"}
+    job = await stub.GetJob(pb.GetJobRequest(job_id=job_id))
+    assert (job.state, job.version, job.attempt, job.node_id) == (pb.JOB_STATE_QUEUED, 1, 0, "")
+    assert job.updated_at == job.created_at and not job.HasField("lease_deadline")
+
+
+async def finished_jobs(stub: pb_grpc.SchedulerStub, results: list[pb.JobResult]) -> list[str]:
+    """Jobs of session s1 (utterances 0, 1, ...), each completed with its result; their ids."""
+    ids = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(utterance_index=i) for i in range(len(results))]))).results]
+    for _ in results:
+        a = await assign(stub)
+        await stub.Complete(pb.CompleteRequest(job_id=a.job_id, attempt=a.attempt, node_id="n1",
+                                               lease_token=a.lease_token, result=results[ids.index(a.job_id)]))
+    return ids
+
+
+async def read_everywhere(stub: pb_grpc.SchedulerStub, ids: list[str]) -> list[list[pb.JobResult]]:
+    """Each job's result as GetJob, ListJobs and WatchSession give it."""
+    got = [(await stub.GetJob(pb.GetJobRequest(job_id=i))).result for i in ids]
+    listed = {j.job_id: j.result for j in (await stub.ListJobs(pb.ListJobsRequest(tenant_id="acme"))).jobs}
+    seen: dict[str, pb.JobResult] = {}
+    watch = stub.WatchSession(pb.WatchSessionRequest(tenant_id="acme", session_id="s1"))
+    while len(seen) < len(ids):
+        seen.update((j.job_id, j.result) for j in (await asyncio.wait_for(watch.read(), 10)).jobs)
+    watch.cancel()
+    return [got, [listed[i] for i in ids], [seen[i] for i in ids]]
+
+
+async def test_a_short_result_is_kept_in_the_record(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """A result of up to RESULT_PIECES pieces is the record's `r` (in pieces: the record stays a listpack),
+    expiring with it: no result key. GetJob, ListJobs and WatchSession read it there, a longer one in its key."""
+    short = pb.JobResult(text_asr="ni hao", text_translated="hello", tts_audio_ref="s3://tts/x.opus")
+    pieced = pb.JobResult(text_translated="z" * (wire.PIECE * (wire.RESULT_PIECES - 1)))  # several pieces
+    long = pb.JobResult(text_translated="y" * (wire.PIECE * wire.RESULT_PIECES))
+    empty = pb.JobResult()
+    ids = await finished_jobs(stub, [short, pieced, long, empty])
+    for job_id in ids[:2] + ids[3:]:
+        assert await job_keys(redis, job_id) == {"fsm"} and await redis.hexists(keys.JobKeys.of(job_id).fsm, "r")
+    assert await redis.hexists(keys.JobKeys.of(ids[1]).fsm, f"r+{wire.RESULT_PIECES - 1}")
+    assert await job_keys(redis, ids[2]) == {"fsm", "result"}
+    for job_id in ids:
+        assert await redis.object("encoding", keys.JobKeys.of(job_id).fsm) in (b"listpack", b"ziplist")
+    for results in await read_everywhere(stub, ids):
+        assert results == [short, pieced, long, empty]
+
+
+async def test_a_repeated_completion_compares_the_result_stored_in_either_place(
+        stub: pb_grpc.SchedulerStub) -> None:
+    for result in (pb.JobResult(text_asr="x"), pb.JobResult(text_asr="x" * 300)):
+        job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=len(result.text_asr))]))).results[0].job_id
+        a = await assign(stub)
+        request = pb.CompleteRequest(job_id=job_id, attempt=a.attempt, node_id="n1", lease_token=a.lease_token,
+                                     result=result)
+        await stub.Complete(request)
+        assert (await stub.Complete(request)).state == pb.JOB_STATE_SUCCEEDED  # the same result: a repeat
+        request.result.text_translated = "other"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Complete(request)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_records_an_earlier_version_wrote_are_read(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """An upgrade meets records of the earlier layout: every field written while queued (empty ones
+    included), and a result in the result key. They are claimed, completed and read as before."""
+    old_result = pb.JobResult(text_asr="from before")
+    done = (await finished_jobs(stub, [old_result]))[0]
+    jk = keys.JobKeys.of(done)
+    r = await redis.hget(jk.fsm, "r")
+    await redis.hdel(jk.fsm, "r")  # as the earlier version kept it: in the result key
+    await redis.set(jk.result, r, px=await redis.pttl(jk.fsm))
+    queued = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0].job_id
+    fsm = keys.JobKeys.of(queued).fsm
+    created = await redis.hget(fsm, "created")
+    await redis.hset(fsm, mapping={"ev": "submit", "updated": created, "node": "", "tok": "", "lease": 0,
+                                   "started": 0, "pref": "", "avoid": ","})
+    a = await assign(stub)
+    assert a.job_id == queued and a.attempt == 1
+    new_result = pb.JobResult(text_asr="from now")
+    await stub.Complete(pb.CompleteRequest(job_id=queued, attempt=1, node_id="n1", lease_token=a.lease_token,
+                                           result=new_result))
+    for results in await read_everywhere(stub, [done, queued]):
+        assert results == [old_result, new_result]
+    request = pb.CompleteRequest(job_id=done, attempt=1, node_id="n1", lease_token=(await redis.hget(jk.fsm, "tok")).decode(),
+                                 result=old_result)
+    assert (await stub.Complete(request)).state == pb.JOB_STATE_SUCCEEDED  # a repeat: the key's result matched
+
+
+async def test_an_earlier_attempts_start_does_not_bound_a_new_claims_lease(app: App, redis: Any) -> None:
+    """`started` is written by the ack only (a claim leaves it): while the job is assigned again, the
+    previous attempt's start says nothing, so shortening the new claim's lease ignores it."""
+    store = app.store
+    (job,) = await store.submit([spec(execution_timeout=Duration(seconds=30))])
+    (claim,) = await store.claim("n1", [(job.job_id, "t1")])
+    await redis.hset(keys.JobKeys.of(job.job_id).fsm, "started", 1_000)  # an attempt acked long ago
+    (touched,) = await store.touch("n1", [Lease(job.job_id, "t1")], mode="shorten", lease_ms=5_000)
+    assert touched.lease > 1_000 + 30_000 and touched.lease <= claim.lease
