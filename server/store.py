@@ -121,7 +121,7 @@ def history(h: dict[bytes, bytes], after: int = 0) -> list[dict[str, Any]]:
     (version 1) is not stored: it is the record's creation. Version v (2 and on) is field `h<v>` (in pieces
     when long), holding [s, e, a, n, t - created] or [s, e, a, n, t - created, ec, em, er] (JSON; the Lua
     prelude's record_event)."""
-    created, version = _i(h.get(b"created")), _i(h.get(b"ver"))
+    created, version = created_of(h), _i(h.get(b"ver"))
     out: list[dict[str, Any]] = []
     if after < 1 <= version:
         out.append({"s": _SUBMITTED, "v": 1, "a": 0, "n": "", "e": str(Event.SUBMIT), "t": created})
@@ -155,6 +155,11 @@ def _i(value: bytes | None) -> int:
     return int(value) if value else 0
 
 
+def created_of(h: dict[bytes, bytes]) -> int:
+    """When the record's job was created: `c` (`created` in a record an earlier version wrote)."""
+    return _i(h.get(b"c") or h.get(b"created"))
+
+
 def spec_digest(meta: pb.JobSpec, payload: bytes) -> str:
     """What a repeat submit must match: the spec without payload (`meta`) and the payload, less the
     fields a client's retry may change (trace_id, trace_context, deadline)."""
@@ -165,7 +170,7 @@ def spec_digest(meta: pb.JobSpec, payload: bytes) -> str:
     core.ClearField("deadline")
     h = hashlib.blake2b(core.SerializeToString(deterministic=True), digest_size=16)
     h.update(payload)
-    return h.hexdigest()
+    return h.hexdigest()[:16]  # 64 bits tell a repeat from other work; an earlier version stored all 32 digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,19 +207,20 @@ class JobRecord:
     @classmethod
     def parse(cls, job_id: str, h: dict[bytes, bytes]) -> JobRecord:
         """A record read whole. Fields a record holds only once they say something are read as what their
-        absence means: no `ev` (never changed) the submit, no `updated` its creation, no `node`, `tok`,
-        `lease` (never claimed) empty and 0."""
+        absence means: no `ev` (never changed) the submit, no `updated` its creation, no `att`, `node`, `tok`,
+        `lease` (never claimed) 0 and empty; a lease only while the job is held (the record keeps its last
+        one after). `c` and `m` are `created` and `maxatt` in a record an earlier version wrote."""
         code, message, retryable = last_error(h)
-        created = _i(h.get(b"created"))
+        created, state = created_of(h), _s(h.get(b"state"))
         return cls(
             job_id=job_id,
-            state=_s(h.get(b"state")),
+            state=state,
             version=_i(h.get(b"ver")),
             attempt=_i(h.get(b"att")),
-            max_attempts=_i(h.get(b"maxatt")),
+            max_attempts=_i(h.get(b"m") or h.get(b"maxatt")),
             node=_s(h.get(b"node")),
             token=_s(h.get(b"tok")),
-            lease=_i(h.get(b"lease")),
+            lease=_i(h.get(b"lease")) if state in HELD else 0,
             deadline=_i(h.get(b"dl")),
             created=created,
             updated=_i(h.get(b"updated")) or created,

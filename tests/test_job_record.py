@@ -193,12 +193,13 @@ async def test_watching_marks_only_a_job_that_may_still_change(stub: pb_grpc.Sch
 
 async def test_a_queued_record_holds_only_what_says_something(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
     """No field that is empty or zero while queued (each costs bytes in every queued job's listpack): no
-    `ev`, `updated`, `node`, `tok`, `lease`, `started`, `avoid`, no `pref` without a preferred node; GetJob
-    reads their absence as the submit, the creation time, no node and no lease."""
+    `att`, `ev`, `updated`, `node`, `tok`, `lease`, `started`, `avoid`, no `pref` without a preferred node;
+    GetJob reads their absence as attempt 0, the submit, the creation time, no node and no lease. Long
+    names are short (`c` created, `m` max attempts), the digest 16 hex digits."""
     job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(payload=b"", payload_ref="session://s1/0")]))).results[0].job_id
     record = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
-    assert set(record) == {b"state", b"ver", b"att", b"maxatt", b"dl", b"xto", b"created", b"qs", b"sess", b"utt",
-                           b"dg", b"np", b"spec"}
+    assert set(record) == {b"state", b"ver", b"m", b"dl", b"xto", b"c", b"qs", b"sess", b"utt", b"dg", b"np", b"spec"}
+    assert len(record[b"dg"]) == 16
     job = await stub.GetJob(pb.GetJobRequest(job_id=job_id))
     assert (job.state, job.version, job.attempt, job.node_id) == (pb.JOB_STATE_QUEUED, 1, 0, "")
     assert job.updated_at == job.created_at and not job.HasField("lease_deadline")
@@ -262,27 +263,41 @@ async def test_a_repeated_completion_compares_the_result_stored_in_either_place(
 
 async def test_records_an_earlier_version_wrote_are_read(stub: pb_grpc.SchedulerStub, redis: Any) -> None:
     """An upgrade meets records of the earlier layout: every field written while queued (empty ones
-    included), and a result in the result key. They are claimed, completed and read as before."""
+    included) under its long name, a 32-digit digest, and a result in the result key. A repeat submit finds
+    them; they are claimed, completed, failed, retried and read as before."""
     old_result = pb.JobResult(text_asr="from before")
     done = (await finished_jobs(stub, [old_result]))[0]
     jk = keys.JobKeys.of(done)
     r = await redis.hget(jk.fsm, "r")
     await redis.hdel(jk.fsm, "r")  # as the earlier version kept it: in the result key
     await redis.set(jk.result, r, px=await redis.pttl(jk.fsm))
-    queued = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0].job_id
-    fsm = keys.JobKeys.of(queued).fsm
-    created = await redis.hget(fsm, "created")
-    await redis.hset(fsm, mapping={"ev": "submit", "updated": created, "node": "", "tok": "", "lease": 0,
-                                   "started": 0, "pref": "", "avoid": ","})
+    queued, failing = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(utterance_index=1), spec(utterance_index=2)]))).results]
+    for job_id in (queued, failing):
+        fsm = keys.JobKeys.of(job_id).fsm
+        h = await redis.hgetall(fsm)
+        await redis.hdel(fsm, "c", "m")
+        await redis.hset(fsm, mapping={"created": h[b"c"], "maxatt": h[b"m"], "att": 0, "ev": "submit",
+                                       "updated": h[b"c"], "node": "", "tok": "", "lease": 0, "started": 0,
+                                       "pref": "", "avoid": ",", "dg": h[b"dg"] + b"0123456789abcdef"})
+    again = (await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=1)]))).results[0]
+    assert (again.job_id, again.created) == (queued, False)  # the 32-digit digest matched
     a = await assign(stub)
     assert a.job_id == queued and a.attempt == 1
+    b = await assign(stub)
+    await stub.Complete(pb.CompleteRequest(job_id=failing, attempt=1, node_id="n1", lease_token=b.lease_token,
+                                           error=pb.JobError(code="BAD", retryable=False)))
+    retried = await stub.RetryJob(pb.RetryJobRequest(job_id=failing))
+    job = await stub.GetJob(pb.GetJobRequest(job_id=failing))
+    assert (retried.state, job.attempt, job.max_attempts) == (pb.JOB_STATE_QUEUED, 0, 3)
+    assert job.created_at.ToMilliseconds() == int(await redis.hget(keys.JobKeys.of(failing).fsm, "created"))
     new_result = pb.JobResult(text_asr="from now")
     await stub.Complete(pb.CompleteRequest(job_id=queued, attempt=1, node_id="n1", lease_token=a.lease_token,
                                            result=new_result))
     for results in await read_everywhere(stub, [done, queued]):
         assert results == [old_result, new_result]
-    request = pb.CompleteRequest(job_id=done, attempt=1, node_id="n1", lease_token=(await redis.hget(jk.fsm, "tok")).decode(),
-                                 result=old_result)
+    token = (await redis.hget(jk.fsm, "tok")).decode()
+    request = pb.CompleteRequest(job_id=done, attempt=1, node_id="n1", lease_token=token, result=old_result)
     assert (await stub.Complete(request)).state == pb.JOB_STATE_SUCCEEDED  # a repeat: the key's result matched
 
 

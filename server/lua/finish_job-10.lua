@@ -55,14 +55,14 @@ local waitingKey, heldKey, rateKey, doneKey, endedKey = KEYS[6], KEYS[7], KEYS[8
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg",
-  "w", "created", "np")
+  "w", "c", "np")
 local state = f[1]
 if not state then
   return {-1}
 end
 local tok = f[8] or ""  -- a record written before lease tokens has none
 if ARGV[6] ~= "" and tok ~= ARGV[6] then
-  return {-4, tonumber(f[3])}
+  return {-4, tonumber(f[3]) or 0}
 end
 local node = f[4] or ""  -- a queued job that never had a node has no `node`
 if ARGV[5] ~= "" and node ~= ARGV[5] then
@@ -103,7 +103,8 @@ if (guard == "lease" and (lease == 0 or lease > now)) or (guard == "deadline" an
 end
 
 local version = tonumber(f[2]) + 1
-local change = record_event(fsmKey, f[12], f[13], {s = dest, v = version, a = tonumber(f[3]),
+local created = f[13] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
+local change = record_event(fsmKey, f[12], created, {s = dest, v = version, a = tonumber(f[3]) or 0,
   n = node, e = event, t = now, ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
 -- `done`: the done bucket that counts the job (RetryJob counts it out of that one).
 if ARGV[9] ~= "" then  -- the last error is that of this change (its `h<version>`): GetJob's last_error
@@ -116,7 +117,8 @@ if result and #result <= RESULT_INLINE then
   pieces(change, "r", result)
   result = nil
 end
-rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now, "done", doneKey,
+-- `lease` stays as it was: it says nothing once the job has left its node (readers ignore it then).
+rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "updated", now, "done", doneKey,
   unpack(change))
 local retention = tonumber(ARGV[12])
 local expireAt = math.max(now, deadline) + retention

@@ -38,7 +38,7 @@
 local fsmKey, queueKey, timersKey, waitingKey, heldKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "qs", "avoid", "ev", "tok", "w", "created")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "qs", "avoid", "ev", "tok", "w", "c")
 local state = f[1]
 if not state then
   return {-1}
@@ -75,7 +75,8 @@ local avoid = f[7] or ","  -- none until a requeue writes it
 if ARGV[11] == "1" and not string.find(avoid, "," .. node .. ",", 1, true) then
   avoid = avoid .. node .. ","
 end
-local change = record_event(fsmKey, f[10], f[11], {s = dest, v = version, a = attempt, n = node,
+local created = f[11] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
+local change = record_event(fsmKey, f[10], created, {s = dest, v = version, a = attempt, n = node,
   e = event, t = now, ec = ARGV[8], em = ARGV[9], er = ARGV[10]})
 if ARGV[8] ~= "" then  -- the last error is that of this change (its `h<version>`): GetJob's last_error
   change[#change + 1], change[#change + 2] = "err", version

@@ -54,7 +54,8 @@ local jobId, digest, utterance, keyed = ARGV[1], ARGV[13], ARGV[14], ARGV[18] ==
 
 local id, stored = identity_job(idemKey, sessionKey, jobId, utterance, keyed)
 if id then
-  if stored ~= "" and stored ~= digest then
+  -- An earlier version stored 32 hex digits: the digest is their first 16 (server/store.py's spec_digest).
+  if stored ~= "" and string.sub(stored, 1, #digest) ~= digest then
     return {-11, id}
   end
   return {0, id}
@@ -106,15 +107,15 @@ if binding then
 end
 
 local state = FIXED[E.submit]
--- Only what says something: while queued a record has no `ev` (the submit), `updated` (= created), `node`,
--- `tok`, `lease`, `started`, `avoid`, nor `pref` without a preferred node; readers take absent as those
--- values (docs/design.md, "Keys"). Each field costs bytes in every queued job's listpack.
+-- Only what says something: until claimed a record has no `att` (0), `ev` (the submit), `updated` (= its
+-- creation, `c`), `node`, `tok`, `lease`, `started`, `avoid`, nor `pref` without a preferred node; readers take
+-- absent as those values (docs/design.md, "Keys"). Each byte is in every queued job's listpack.
 local extra = ARGV[3] == "" and {"np", 1} or {}  -- np: no payload key to read or drop
 if preferred ~= "" then
   extra[#extra + 1], extra[#extra + 2] = "pref", preferred
 end
-rcall("HSET", fsmKey, "state", state, "ver", 1, "att", 0, "maxatt", ARGV[5], "dl", deadline, "xto", ARGV[8],
-  "created", now, "qs", queueScore, "sess", ARGV[10], "utt", utterance,
+rcall("HSET", fsmKey, "state", state, "ver", 1, "m", ARGV[5], "dl", deadline, "xto", ARGV[8],
+  "c", now, "qs", queueScore, "sess", ARGV[10], "utt", utterance,
   "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_job)
   unpack(pieces(extra, "spec", ARGV[2])))
 if ARGV[3] ~= "" then
