@@ -66,9 +66,10 @@ JOB_RECORD, JOB_CHANNEL = "fsm", "events"
 class JobKeys:
     """The keys of one job (all in its partition's slot), and its channel."""
 
-    fsm: str  # HASH: the FSM record, the spec (`spec`) and the state changes (`h2`, `h3`, ...; long values in pieces)
+    fsm: str  # HASH: the FSM record, the spec (`spec`), the state changes (`h2`, `h3`, ...) and a short result (`r`);
+    # long values in pieces
     payload: str
-    result: str
+    result: str  # STRING: a result too long for the record (over wire.RESULT_PIECES pieces), or one an earlier version wrote
     channel: str  # pub/sub channel of the job's state changes while someone watches it (WatchJob): not a key
 
     @classmethod
