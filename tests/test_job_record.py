@@ -196,13 +196,21 @@ async def test_a_queued_record_holds_only_what_says_something(stub: pb_grpc.Sche
     `att`, `ev`, `updated`, `node`, `tok`, `lease`, `started`, `avoid`, no `pref` without a preferred node;
     GetJob reads their absence as attempt 0, the submit, the creation time, no node and no lease. Long
     names are short (`c` created, `m` max attempts), the digest 16 hex digits."""
-    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(payload=b"", payload_ref="session://s1/0")]))).results[0].job_id
+    job_id = (await stub.Submit(pb.SubmitRequest(jobs=[
+        spec(utterance_index=100, payload=b"", payload_ref="session://s1/100")]))).results[0].job_id
     record = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
     assert set(record) == {b"state", b"ver", b"m", b"dl", b"xto", b"c", b"qs", b"sess", b"utt", b"dg", b"np", b"spec"}
     assert len(record[b"dg"]) == 16
     job = await stub.GetJob(pb.GetJobRequest(job_id=job_id))
     assert (job.state, job.version, job.attempt, job.node_id) == (pb.JOB_STATE_QUEUED, 1, 0, "")
     assert job.updated_at == job.created_at and not job.HasField("lease_deadline")
+    await stub.CancelJob(pb.CancelJobRequest(job_id=job_id))  # a job never claimed ends without them too
+    record = await redis.hgetall(keys.JobKeys.of(job_id).fsm)
+    assert not {b"att", b"node", b"tok", b"lease", b"started"} & set(record) and record[b"state"] == b"cancelled"
+    # A claimed job's lease says nothing once it finished: 0, not a time (2 bytes instead of 10).
+    (done,) = await finished_jobs(stub, [pb.JobResult()])
+    assert await redis.hget(keys.JobKeys.of(done).fsm, "lease") == b"0"
+    assert not (await stub.GetJob(pb.GetJobRequest(job_id=done))).HasField("lease_deadline")
 
 
 async def finished_jobs(stub: pb_grpc.SchedulerStub, results: list[pb.JobResult]) -> list[str]:

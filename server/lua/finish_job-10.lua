@@ -117,7 +117,10 @@ if result and #result <= RESULT_INLINE then
   pieces(change, "r", result)
   result = nil
 end
--- `lease` stays as it was: it says nothing once the job has left its node (readers ignore it then).
+-- A lease says nothing once the job has left its node: 0 (2 bytes, not a time's 10) where the record has one.
+if f[5] then
+  change[#change + 1], change[#change + 2] = "lease", 0
+end
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "updated", now, "done", doneKey,
   unpack(change))
 local retention = tonumber(ARGV[12])
