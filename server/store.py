@@ -208,7 +208,8 @@ class JobRecord:
     def parse(cls, job_id: str, h: dict[bytes, bytes]) -> JobRecord:
         """A record read whole. Fields a record holds only once they say something are read as what their
         absence means: no `ev` (never changed) the submit, no `updated` its creation, no `att`, `node`, `tok`,
-        `lease` (never claimed) 0 and empty; a lease only while the job is held. `c` and `m` are `created` and `maxatt` in a record an earlier version wrote."""
+        `lease` (never claimed) 0 and empty; a lease only while the job is held. `c` and `m` are `created` and
+        `maxatt` in a record an earlier version wrote."""
         code, message, retryable = last_error(h)
         created, state = created_of(h), _s(h.get(b"state"))
         return cls(
