@@ -2,8 +2,9 @@
   Moves a job to a terminal state (succeeded, failed, cancelled, expired): compare-and-set on the
   state (and version, when given), fenced by node + lease token when given. Drops the payload of a
   job that succeeded or was cancelled (a failed or expired one keeps it for RetryJob, as long as its
-  other keys), stores the result (in the record when short, `r`), clears the job's queue and timer entries, lets the job's keys expire at
-  max(now, deadline) + retention, and announces the job on its session's channel (WatchSession).
+  other keys), stores the result (in the record when short: `r`), clears the job's queue and timer
+  entries, lets the job's keys expire at max(now, deadline) + retention, and announces the job on its
+  session's channel (WatchSession).
 
   Input:
     KEYS[1] job fsm hash (the record, its spec and its state changes)
