@@ -292,6 +292,7 @@ async def test_records_an_earlier_version_wrote_are_read(stub: pb_grpc.Scheduler
     assert (again.job_id, again.created) == (queued, False)  # the 32-digit digest matched
     a = await assign(stub)
     assert a.job_id == queued and a.attempt == 1
+    assert (await stub.GetJob(pb.GetJobRequest(job_id=queued))).lease_deadline == a.lease_deadline  # held: shown
     b = await assign(stub)
     await stub.Complete(pb.CompleteRequest(job_id=failing, attempt=1, node_id="n1", lease_token=b.lease_token,
                                            error=pb.JobError(code="BAD", retryable=False)))
