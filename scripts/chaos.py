@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc
 import redis.asyncio as aioredis
-from lingua_scheduler.server import keys
+from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import connect_redis
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
@@ -420,7 +420,8 @@ class Chaos:
                     r.succeeded += 1
                     completes = [e for e in events if e["e"] == "complete"]
                     assigns = [e for e in events if e["e"] == "assign"]
-                    result = pb.JobResult.FromString(await client.get(jk.result) or b"")
+                    stored = wire.joined(h, b"r")  # a short result is in the record, a long one in its key
+                    result = pb.JobResult.FromString(stored if stored is not None else await client.get(jk.result) or b"")
                     if (len(completes) != 1 or completes[0]["a"] != int(h[b"att"]) or assigns[-1]["n"] != completes[0]["n"]
                             or result.extra.get("node") != completes[0]["n"]):
                         rep.bad_completions += 1

@@ -66,9 +66,10 @@ JOB_RECORD, JOB_CHANNEL = "fsm", "events"
 class JobKeys:
     """The keys of one job (all in its partition's slot), and its channel."""
 
-    fsm: str  # HASH: the FSM record, the spec (`spec`) and the state changes (`h2`, `h3`, ...; long values in pieces)
+    fsm: str  # HASH: the FSM record, the spec (`spec`), the state changes (`h2`, `h3`, ...) and a short result (`r`);
+    # long values in pieces
     payload: str
-    result: str
+    result: str  # STRING: a result too long for the record (over wire.RESULT_PIECES pieces), or one an earlier version wrote
     channel: str  # pub/sub channel of the job's state changes while someone watches it (WatchJob): not a key
 
     @classmethod
@@ -91,7 +92,8 @@ class PartitionKeys:
     #            when the key expires
     queued: str  # HASH second -> how many of the partition's queued jobs (in backoff too) entered QUEUED in
     #              that second (Redis time, ms // 1000; the job's record tells it: `updated`, written when it
-    #              enters QUEUED and not again until it leaves). Kept by the scripts that move a job into or out
+    #              enters QUEUED again and not until it leaves; a job never changed since its submit has none:
+    #              its creation `c`). Kept by the scripts that move a job into or out
     #              of QUEUED (the prelude's count_queued; a field that reaches 0 is deleted), so the pool's
     #              queued count is the sum and the oldest queued job entered in the lowest field's second:
     #              nothing per job (earlier versions kept a `waiting` zset of job ids: waiting_before)

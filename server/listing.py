@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..fsm import JobState
 from . import buckets, keys
 from .errors import InvalidArgument
-from .store import JobRecord, JobView, Store, _s, parse_views, read_views
+from .store import JobRecord, JobView, Store, _s, parse_views, read_views, with_results
 
 SCAN_BUDGET = 2_000  # index entries one call may examine
 # Members only: below the sentinel '}' and the '~<expiry> <member>' markers that versions before forget
@@ -169,4 +169,4 @@ class Listing:
         async with self.redis.pipeline(transaction=False) as pipe:
             read_views(pipe, job_ids)
             replies = await pipe.execute()
-        return [view for view in parse_views(job_ids, replies) if view is not None]
+        return [view for view in await with_results(self.redis, parse_views(job_ids, replies)) if view is not None]

@@ -8,6 +8,7 @@ machine decide, and commit with the version they read, re-reading when they lose
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -73,24 +74,46 @@ def _s(value: bytes | None) -> str:
 
 
 def read_views(pipe: Any, job_ids: list[str]) -> None:
-    """Queue on `pipe` the reads of the jobs' views (record with spec, result; no payload): parse_views."""
+    """Queue on `pipe` the reads of the jobs' views (the record, with its spec and a short result; no
+    payload): parse_views, then with_results."""
     for job_id in job_ids:
-        jk = keys.JobKeys.of(job_id)
-        pipe.hgetall(jk.fsm)
-        pipe.get(jk.result)
+        pipe.hgetall(keys.JobKeys.of(job_id).fsm)
 
 
 def parse_views(job_ids: list[str], replies: list[Any]) -> list[JobView | None]:
-    """The views read_views' replies give, None for a job whose record is gone."""
+    """The views read_views' replies give, None for a job whose record is gone. A succeeded job's result
+    that is not in its record (result_elsewhere) is None here: with_results reads it."""
     views: list[JobView | None] = []
-    for i, job_id in enumerate(job_ids):
-        h, result = replies[2 * i: 2 * i + 2]
+    for job_id, h in zip(job_ids, replies, strict=True):
+        result = wire.joined(h, b"r") if h else None
         views.append(JobView(JobRecord.parse(job_id, h), pb.JobSpec.FromString(wire.joined(h, b"spec") or b""),
                              pb.JobResult.FromString(result) if result is not None else None, None) if h else None)
     return views
 
 
-_SUBMITTED = str(fixed_dest(Event.SUBMIT))
+def result_elsewhere(view: JobView) -> bool:
+    """Whether the view's result is in the job's result key: a succeeded job's whose record has none (a result
+    longer than the record keeps, wire.RESULT_PIECES, or a record an earlier version wrote)."""
+    return view.result is None and view.record.state == _SUCCEEDED
+
+
+async def with_results(redis: Any, views: list[JobView | None]) -> list[JobView | None]:
+    """`views` with the results kept in result keys read (one round trip, only when some are)."""
+    away = [(i, v) for i, v in enumerate(views) if v is not None and result_elsewhere(v)]
+    if not away:
+        return views
+    async with redis.pipeline(transaction=False) as pipe:
+        for _, view in away:
+            pipe.get(keys.JobKeys.of(view.record.job_id).result)
+        found = await pipe.execute()
+    out = list(views)
+    for (i, view), raw in zip(away, found, strict=True):
+        if raw is not None:
+            out[i] = dataclasses.replace(view, result=pb.JobResult.FromString(raw))
+    return out
+
+
+_SUBMITTED, _SUBMIT, _SUCCEEDED = str(fixed_dest(Event.SUBMIT)), str(Event.SUBMIT), str(JobState.SUCCEEDED)
 
 
 def history(h: dict[bytes, bytes], after: int = 0) -> list[dict[str, Any]]:
@@ -99,7 +122,7 @@ def history(h: dict[bytes, bytes], after: int = 0) -> list[dict[str, Any]]:
     (version 1) is not stored: it is the record's creation. Version v (2 and on) is field `h<v>` (in pieces
     when long), holding [s, e, a, n, t - created] or [s, e, a, n, t - created, ec, em, er] (JSON; the Lua
     prelude's record_event)."""
-    created, version = _i(h.get(b"created")), _i(h.get(b"ver"))
+    created, version = created_of(h), _i(h.get(b"ver"))
     out: list[dict[str, Any]] = []
     if after < 1 <= version:
         out.append({"s": _SUBMITTED, "v": 1, "a": 0, "n": "", "e": str(Event.SUBMIT), "t": created})
@@ -133,6 +156,11 @@ def _i(value: bytes | None) -> int:
     return int(value) if value else 0
 
 
+def created_of(h: dict[bytes, bytes]) -> int:
+    """When the record's job was created: `c` (`created` in a record an earlier version wrote)."""
+    return _i(h.get(b"c") or h.get(b"created"))
+
+
 def spec_digest(meta: pb.JobSpec, payload: bytes) -> str:
     """What a repeat submit must match: the spec without payload (`meta`) and the payload, less the
     fields a client's retry may change (trace_id, trace_context, deadline)."""
@@ -143,7 +171,7 @@ def spec_digest(meta: pb.JobSpec, payload: bytes) -> str:
     core.ClearField("deadline")
     h = hashlib.blake2b(core.SerializeToString(deterministic=True), digest_size=16)
     h.update(payload)
-    return h.hexdigest()
+    return h.hexdigest()[:16]  # 64 bits tell a repeat from other work; an earlier version stored all 32 digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,20 +207,25 @@ class JobRecord:
 
     @classmethod
     def parse(cls, job_id: str, h: dict[bytes, bytes]) -> JobRecord:
+        """A record read whole. Fields a record holds only once they say something are read as what their
+        absence means: no `ev` (never changed) the submit, no `updated` its creation, no `att`, `node`, `tok`,
+        `lease` (never claimed) 0 and empty; a lease only while the job is held. `c` and `m` are `created` and
+        `maxatt` in a record an earlier version wrote."""
         code, message, retryable = last_error(h)
+        created, state = created_of(h), _s(h.get(b"state"))
         return cls(
             job_id=job_id,
-            state=_s(h.get(b"state")),
+            state=state,
             version=_i(h.get(b"ver")),
             attempt=_i(h.get(b"att")),
-            max_attempts=_i(h.get(b"maxatt")),
+            max_attempts=_i(h.get(b"m") or h.get(b"maxatt")),
             node=_s(h.get(b"node")),
             token=_s(h.get(b"tok")),
-            lease=_i(h.get(b"lease")),
+            lease=_i(h.get(b"lease")) if state in HELD else 0,
             deadline=_i(h.get(b"dl")),
-            created=_i(h.get(b"created")),
-            updated=_i(h.get(b"updated")),
-            event=_s(h.get(b"ev")),
+            created=created,
+            updated=_i(h.get(b"updated")) or created,
+            event=_s(h.get(b"ev")) or _SUBMIT,
             error_code=code,
             error_message=message,
             error_retryable=retryable,
@@ -377,18 +410,21 @@ class Store:
         `visible` (the caller's tenant check) is JobNotFound. The payload, when asked for, is read only
         after that check (a second round trip), so no other tenant's payload is ever fetched for a caller."""
         jk = keys.JobKeys.of(job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(jk.fsm)
-            pipe.get(jk.result)
-            h, result = await pipe.execute()
-        if not h:
+        h = await self.redis.hgetall(jk.fsm)
+        (view,) = parse_views([job_id], [h])
+        if view is None or not visible(view.record.tenant):
             raise JobNotFound(f"job {job_id} not found")
-        record = JobRecord.parse(job_id, h)
-        if not visible(record.tenant):
-            raise JobNotFound(f"job {job_id} not found")
-        payload = await self.redis.get(jk.payload) if include_payload else None
-        return JobView(record, pb.JobSpec.FromString(wire.joined(h, b"spec") or b""),
-                       pb.JobResult.FromString(result) if result is not None else None, payload)
+        if not (include_payload or result_elsewhere(view)):
+            return view
+        async with self.redis.pipeline(transaction=False) as pipe:  # after the tenant check, in one round trip
+            if include_payload:
+                pipe.get(jk.payload)
+            if result_elsewhere(view):
+                pipe.get(jk.result)
+            found = await pipe.execute()
+        payload = found.pop(0) if include_payload else None
+        result = pb.JobResult.FromString(found[0]) if found and found[0] is not None else None
+        return dataclasses.replace(view, payload=payload, result=result if result is not None else view.result)
 
     async def session_read(self, tenant_id: str, session_id: str, span: tuple[int, int | None] | None,
                            job_ids: list[str]) -> tuple[list[tuple[str, int]], list[JobView | None]]:
@@ -404,7 +440,7 @@ class Store:
             replies = await pipe.execute()
         read = 0 if span is None else 1
         members = [(_s(j), int(score)) for found in replies[:read] for j, score in found]
-        return members, parse_views(job_ids, replies[read:])
+        return members, await with_results(self.redis, parse_views(job_ids, replies[read:]))
 
     async def record(self, job_id: str) -> JobRecord:
         h = await self.redis.hgetall(keys.JobKeys.of(job_id).fsm)

@@ -35,6 +35,11 @@ def fair_step(weight: float) -> int:
 # (a spec over 256 bytes) piece by piece.
 PIECE, SPEC_READ = 64, 4
 
+# A finished job's result of at most RESULT_PIECES pieces (PIECE * RESULT_PIECES bytes) is kept in its record,
+# field `r` (+ `r+2`, ...): it expires with the record, with no key and no expiry entry of its own. A longer
+# one is the job's result key (keys.JobKeys.result), which a record of an earlier version may also point to.
+RESULT_PIECES = 4
+
 
 def joined(h: dict[bytes, bytes], name: bytes) -> bytes | None:
     """A value of a record read whole (HGETALL), from its pieces; None when it has none."""

@@ -23,6 +23,12 @@ async def _queued(redis: Any, tag: str) -> dict[int, int]:
     return {int(k): int(v) for k, v in (await redis.hgetall(keys.PartitionKeys.of(tag).queued)).items()}
 
 
+async def _entered(redis: Any, job_id: str) -> bytes:
+    """When the job entered QUEUED as its record tells: `updated`, else (never changed since) its creation `c`."""
+    updated, created = await redis.hmget(keys.JobKeys.of(job_id).fsm, "updated", "c")
+    return updated or created
+
+
 async def test_queued_jobs_are_counted_per_second_not_per_job(store: Store, redis: Any) -> None:
     """Forty jobs submitted in one call take a field or two of the partition's count hash; each leaves
     it as it leaves QUEUED (claim, cancel, backoff and retry counted in again), and the key goes with the last."""
@@ -31,8 +37,8 @@ async def test_queued_jobs_are_counted_per_second_not_per_job(store: Store, redi
     counts = await _queued(redis, tag)
     assert sum(counts.values()) == 40 and len(counts) <= 2
     assert not await redis.exists(keys.waiting_before(tag))  # no entry per job anywhere
-    updated = {int(await redis.hget(keys.JobKeys.of(i).fsm, "updated")) // 1000 for i in ids}
-    assert set(counts) == updated  # the field is the second the record says it entered QUEUED
+    entered = {int(await _entered(redis, i)) // 1000 for i in ids}
+    assert set(counts) == entered  # the field is the second the record says it entered QUEUED
 
     await store.claim("n1", [(job_id, f"t{i}") for i, job_id in enumerate(ids[:30])])
     for i in range(30, 40):
@@ -51,7 +57,7 @@ async def test_queued_jobs_are_counted_per_second_not_per_job(store: Store, redi
 
 async def test_the_oldest_age_counts_from_the_second_the_job_entered(store: Store, redis: Any) -> None:
     (job,) = await store.submit([spec()])
-    entered = int(await redis.hget(keys.JobKeys.of(job.job_id).fsm, "updated"))
+    entered = int(await _entered(redis, job.job_id))
     snap = await Stats(store)._read()
     age = snap.pools["zh:en"].oldest_queued_age_ms
     waited = snap.as_of_ms - entered
@@ -85,7 +91,7 @@ async def test_the_earlier_waiting_zsets_are_folded_into_the_counts(store: Store
     before = {tag: await _queued(redis, tag) for tag in tags}
     for job_id in [*ids, other.job_id]:  # as the earlier version kept them
         tag = keys.tag_of(job_id)
-        entered = int(await redis.hget(keys.JobKeys.of(job_id).fsm, "updated"))
+        entered = int(await _entered(redis, job_id))
         await redis.zadd(keys.waiting_before(tag), {job_id: entered})
     for tag in tags:
         await redis.delete(keys.PartitionKeys.of(tag).queued)

@@ -50,7 +50,7 @@ local function heads()  -- the next candidates with their queue scores: {id, sco
 end
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease",
-  "created", "asg", "w", "qs", "np", unpack(SPEC_FIELDS))
+  "c", "asg", "w", "qs", "np", unpack(SPEC_FIELDS))
 local state = f[1]
 if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
   if state == FIXED[E.assign] and f[8] == nodeId then
@@ -73,10 +73,12 @@ if not state or not allowed(E.assign, state) then
   return {-2, heads(), state}
 end
 local now = now_ms()
-local avoidUntil = tonumber(f[6]) + tonumber(ARGV[7])
-local heldUntil = tonumber(f[6]) + tonumber(ARGV[5])
-local avoided = now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
-local held = f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
+local created = f[11] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
+local updated = tonumber(f[6] or created)  -- a record not changed since its submit has no `updated`
+local avoidUntil = updated + tonumber(ARGV[7])
+local heldUntil = updated + tonumber(ARGV[5])
+local avoided = f[4] and now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
+local held = f[5] and f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
 if (avoided or held) and not rcall("ZSCORE", queueKey, jobId) then
   return {-7, heads()}
 elseif avoided then
@@ -91,9 +93,9 @@ end
 local score = tonumber(f[14])
 local dest = FIXED[E.assign]
 local version = tonumber(f[2]) + 1
-local attempt = tonumber(f[3]) + 1
+local attempt = (tonumber(f[3]) or 0) + 1  -- no `att`: never claimed
 local lease = now + tonumber(ARGV[4])
-count_queued(queuedKey, f[6], -1)  -- `updated`: when it entered QUEUED
+count_queued(queuedKey, updated, -1)  -- when it entered QUEUED (`updated`, else its creation)
 rcall("ZADD", heldKey, HELD_SCORE[dest], jobId)
 -- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
 -- only to the band's head when the job was taken out of turn (a wake-up names the newest job), so such a
@@ -123,10 +125,10 @@ if clock and score > clock then
     rcall("ZADD", fairKey, to, clockMember)
   end
 end
-local change = record_event(fsmKey, f[13], f[11], {s = dest, v = version, a = attempt, n = nodeId, e = E.assign,
+local change = record_event(fsmKey, f[13], created, {s = dest, v = version, a = attempt, n = nodeId, e = E.assign,
   t = now})
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
-  "tok", token, "lease", lease, "started", 0, "updated", now, "asg", now, unpack(change))
+  "tok", token, "lease", lease, "updated", now, "asg", now, unpack(change))  -- `started`: see lua/touch_job-3.lua
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
 rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
 rcall("ZADD", affinityAtKey, now, f[7])
@@ -140,8 +142,7 @@ if string.byte(token, -1) % 8 == 0 then
   end
 end
 local dispatched = -1  -- "asg" is the time of the job's latest claim: none before, this is its first
-if not f[12] and f[11] then
-  dispatched = now - tonumber(f[11])
+if not f[12] and created then
+  dispatched = now - tonumber(created)
 end
-return {1, after, attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - tonumber(f[6]),
-  dispatched}
+return {1, after, attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - updated, dispatched}

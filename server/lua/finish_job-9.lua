@@ -2,13 +2,14 @@
   Moves a job to a terminal state (succeeded, failed, cancelled, expired): compare-and-set on the
   state (and version, when given), fenced by node + lease token when given. Drops the payload of a
   job that succeeded or was cancelled (a failed or expired one keeps it for RetryJob, as long as its
-  other keys), stores the result, clears the job's queue and timer entries, lets the job's keys expire at
-  max(now, deadline) + retention, and announces the job on its session's channel (WatchSession).
+  other keys), stores the result (in the record when short: `r`), clears the job's queue and timer
+  entries, lets the job's keys expire at max(now, deadline) + retention, and announces the job on its
+  session's channel (WatchSession).
 
   Input:
     KEYS[1] job fsm hash (the record, its spec and its state changes)
     KEYS[2] job payload
-    KEYS[3] job result
+    KEYS[3] job result (a result longer than RESULT_INLINE bytes only; a shorter one is the record's `r`)
     KEYS[4] partition queue zset
     KEYS[5] partition timers zset (the job's timers leave it; its forget timer, due when its keys expire,
             enters it: lua/forget_job-4.lua takes the job out of ListJobs' indexes then)
@@ -54,20 +55,36 @@ local queuedKey, heldKey, doneKey, endedKey = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "dl", "ev", "tok", "sess", "utt", "asg",
-  "w", "created", "np", "updated")
+  "w", "c", "np", "updated")
 local state = f[1]
 if not state then
   return {-1}
 end
 local tok = f[8] or ""  -- a record written before lease tokens has none
 if ARGV[6] ~= "" and tok ~= ARGV[6] then
-  return {-4, tonumber(f[3])}
+  return {-4, tonumber(f[3]) or 0}
 end
-if ARGV[5] ~= "" and f[4] ~= ARGV[5] then
-  return {-5, f[4]}
+local node = f[4] or ""  -- a queued job that never had a node has no `node`
+if ARGV[5] ~= "" and node ~= ARGV[5] then
+  return {-5, node}
+end
+-- The result stored: the record's `r` (in pieces), else the result key (a long one, or stored before `r`).
+local function stored_result()
+  local r = rcall("HMGET", fsmKey, unpack(RESULT_FIELDS))
+  if not r[1] then
+    return rcall("GET", resultKey)
+  end
+  local out = {}
+  for i = 1, #RESULT_FIELDS do
+    if not r[i] then
+      break
+    end
+    out[i] = r[i]
+  end
+  return table.concat(out)
 end
 if state == dest and is_repeat(state, f[7], event) then
-  if ARGV[7] == "1" and rcall("GET", resultKey) ~= ARGV[8] then
+  if ARGV[7] == "1" and stored_result() ~= ARGV[8] then
     return {-6, state}
   end
   return {0, state, tonumber(f[2])}
@@ -79,20 +96,32 @@ if ARGV[4] ~= "" and f[2] ~= ARGV[4] then
   return {-3, tonumber(f[2])}
 end
 local now = now_ms()
-local lease, deadline = tonumber(f[5]), tonumber(f[6])
+local lease, deadline = tonumber(f[5]) or 0, tonumber(f[6])  -- no `lease`: never claimed
 local guard = ARGV[13]
 if (guard == "lease" and (lease == 0 or lease > now)) or (guard == "deadline" and deadline > now) then
   return {-10}
 end
 
 local version = tonumber(f[2]) + 1
-local change = record_event(fsmKey, f[12], f[13], {s = dest, v = version, a = tonumber(f[3]),
-  n = f[4], e = event, t = now, ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
+local created = f[13] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
+local change = record_event(fsmKey, f[12], created, {s = dest, v = version, a = tonumber(f[3]) or 0,
+  n = node, e = event, t = now, ec = ARGV[9], em = ARGV[10], er = ARGV[11]})
 -- `done`: the done bucket that counts the job (RetryJob counts it out of that one).
 if ARGV[9] ~= "" then  -- the last error is that of this change (its `h<version>`): GetJob's last_error
   change[#change + 1], change[#change + 2] = "err", version
 end
-rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "lease", 0, "updated", now, "done", doneKey,
+-- A short result goes in the record (`r`, in pieces), so it expires with it: no key of its own, no expiry
+-- to set. Only a job that succeeds has a result (no transition leaves that state).
+local result = ARGV[7] == "1" and ARGV[8] or nil
+if result and #result <= RESULT_INLINE then
+  pieces(change, "r", result)
+  result = nil
+end
+-- A lease says nothing once the job has left its node: 0 (2 bytes, not a time's 10) where the record has one.
+if f[5] then
+  change[#change + 1], change[#change + 2] = "lease", 0
+end
+rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "updated", now, "done", doneKey,
   unpack(change))
 local retention = tonumber(ARGV[12])
 local expireAt = math.max(now, deadline) + retention
@@ -103,15 +132,14 @@ elseif dest == S.failed or dest == S.expired then
 else
   rcall("DEL", payloadKey)
 end
--- Only a job that succeeds has a result (no transition leaves that state), so nothing else expires it.
-if ARGV[7] == "1" then
-  rcall("SET", resultKey, ARGV[8], "PXAT", expireAt)
+if result then  -- too long for the record: a key of its own, expiring with the record
+  rcall("SET", resultKey, result, "PXAT", expireAt)
 end
 rcall("ZREM", timersKey, lease_member(jobId, tok), deadline_member(jobId), retry_member(jobId))
 local pool = pool_of(jobId)
 if state == S.queued then  -- only a queued job is in its queue (or in backoff, in the timers)
   rcall("ZREM", queueKey, jobId)
-  count_queued(queuedKey, f[15], -1)  -- `updated`: when it entered QUEUED
+  count_queued(queuedKey, f[15] or created, -1)  -- when it entered QUEUED: `updated`, else its creation
 else
   rcall("ZREM", heldKey, jobId)
 end

@@ -39,7 +39,7 @@
 local fsmKey, queueKey, timersKey, queuedKey, heldKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local jobId, event, dest = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "qs", "avoid", "ev", "tok", "w", "created")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "qs", "avoid", "ev", "tok", "w", "c")
 local state = f[1]
 if not state then
   return {-1}
@@ -48,8 +48,9 @@ local tok = f[9] or ""  -- a record written before lease tokens has none
 if ARGV[6] ~= "" and tok ~= ARGV[6] then
   return {-4, tonumber(f[3])}
 end
-if ARGV[5] ~= "" and f[4] ~= ARGV[5] then
-  return {-5, f[4]}
+local node = f[4] or ""  -- a queued job that never had a node has no `node`
+if ARGV[5] ~= "" and node ~= ARGV[5] then
+  return {-5, node}
 end
 if state == dest and is_repeat(state, f[8], event) then
   return {0, state, tonumber(f[2])}
@@ -61,7 +62,7 @@ if ARGV[4] ~= "" and f[2] ~= ARGV[4] then
   return {-3, tonumber(f[2])}
 end
 local now = now_ms()
-local lease = tonumber(f[5])
+local lease = tonumber(f[5]) or 0  -- no `lease`: never claimed
 if ARGV[12] == "lease" and (lease == 0 or lease > now) then
   return {-10}
 end
@@ -71,11 +72,12 @@ local attempt = tonumber(f[3])
 if ARGV[14] == "1" then
   attempt = attempt - 1
 end
-local avoid = f[7]
-if ARGV[11] == "1" and not string.find(avoid, "," .. f[4] .. ",", 1, true) then
-  avoid = avoid .. f[4] .. ","
+local avoid = f[7] or ","  -- none until a requeue writes it
+if ARGV[11] == "1" and not string.find(avoid, "," .. node .. ",", 1, true) then
+  avoid = avoid .. node .. ","
 end
-local change = record_event(fsmKey, f[10], f[11], {s = dest, v = version, a = attempt, n = f[4],
+local created = f[11] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
+local change = record_event(fsmKey, f[10], created, {s = dest, v = version, a = attempt, n = node,
   e = event, t = now, ec = ARGV[8], em = ARGV[9], er = ARGV[10]})
 if ARGV[8] ~= "" then  -- the last error is that of this change (its `h<version>`): GetJob's last_error
   change[#change + 1], change[#change + 2] = "err", version

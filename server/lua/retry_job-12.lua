@@ -43,7 +43,7 @@ local endedKey, doneKey, idemKey, sessionKey = KEYS[6], KEYS[7], KEYS[8], KEYS[9
 local jobsKey, tenantJobsKey, poolsKey = KEYS[10], KEYS[11], KEYS[12]
 local jobId = ARGV[1]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "created", "ttl", "maxatt", "qs", "updated", "w", "sess")
+local f = rcall("HMGET", fsmKey, "state", "ver", "dl", "c", "ttl", "m", "qs", "w", "sess")
 local state = f[1]
 if not state then
   return {-1}
@@ -55,6 +55,10 @@ if f[2] ~= ARGV[2] then
   return {-3, tonumber(f[2])}
 end
 local now = now_ms()
+if not f[4] then  -- a record an earlier version wrote: `created`, `maxatt`
+  local old = rcall("HMGET", fsmKey, "created", "maxatt")
+  f[4], f[6] = old[1], old[2]
+end
 local ttl = tonumber(f[5]) or (tonumber(f[3]) - tonumber(f[4]))
 local deadline = tonumber(ARGV[3])
 if deadline == 0 then
@@ -67,9 +71,9 @@ end
 local dest = FIXED[E.retry]
 local version = tonumber(f[2]) + 1
 -- The reason rides as the event's error (code LINGUA_RETRIED), as a cancel's does; last_error stays.
-local change = record_event(fsmKey, f[9], f[4], {s = dest, v = version, a = 0, n = "", e = E.retry,
+local change = record_event(fsmKey, f[8], f[4], {s = dest, v = version, a = 0, n = "", e = E.retry,
   t = now, ec = "LINGUA_RETRIED", em = ARGV[6], er = "0"})
-rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.retry, "att", 0, "maxatt", maxAttempts, "tok", "",
+rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.retry, "att", 0, "m", maxAttempts, "tok", "",
   "lease", 0, "dl", deadline, "ttl", ttl, "started", 0, "updated", now, "avoid", ",", "pref", "",
   unpack(change))
 rcall("PERSIST", fsmKey)
@@ -84,7 +88,7 @@ end
 -- timer, lua/finish_job-9.lua, goes; the job gets another when it ends again). An entry the forget
 -- took already (a sweeper's clock ahead of Redis's) comes back: ZADD of a member present changes nothing.
 local member = index_member(jobId)
-rcall("ZREM", timersKey, forget_member(jobId, f[10], state))
+rcall("ZREM", timersKey, forget_member(jobId, f[9], state))
 rcall("ZADD", jobsKey, 0, member)
 rcall("ZADD", tenantJobsKey, 0, member)
 rcall("ZREM", endedKey, member)

@@ -8,7 +8,7 @@
     KEYS[1] idempotency key (identity -> "<job id> <spec digest>"), written for an explicit key only
             (ARGV[18]); for the default identity its name from before `dg`, read for such records only
     KEYS[2] job fsm hash (the record, with the spec: `spec` and its pieces; no state change stored yet:
-            the submit is derived from the record)
+            the submit is derived from the record; no field that would be empty or zero while queued)
     KEYS[3] job payload
     KEYS[4] partition queue zset
     KEYS[5] partition timers zset
@@ -55,7 +55,8 @@ local jobId, digest, utterance, keyed = ARGV[1], ARGV[13], ARGV[14], ARGV[18] ==
 
 local id, stored = identity_job(idemKey, sessionKey, jobId, utterance, keyed)
 if id then
-  if stored ~= "" and stored ~= digest then
+  -- An earlier version stored 32 hex digits: the digest is their first 16 (server/store.py's spec_digest).
+  if stored ~= "" and string.sub(stored, 1, #digest) ~= digest then
     return {-11, id}
   end
   return {0, id}
@@ -107,11 +108,17 @@ if binding then
 end
 
 local state = FIXED[E.submit]
-rcall("HSET", fsmKey, "state", state, "ver", 1, "ev", E.submit, "att", 0, "maxatt", ARGV[5], "node", "",
-  "tok", "", "lease", 0, "dl", deadline, "xto", ARGV[8], "started", 0, "created", now, "updated", now,
-  "qs", queueScore, "pref", preferred, "avoid", ",", "sess", ARGV[10], "utt", utterance,
+-- Only what says something: until claimed a record has no `att` (0), `ev` (the submit), `updated` (= its
+-- creation, `c`), `node`, `tok`, `lease`, `started`, `avoid`, nor `pref` without a preferred node; readers take
+-- absent as those values (docs/design.md, "Keys"). Each byte is in every queued job's listpack.
+local extra = ARGV[3] == "" and {"np", 1} or {}  -- np: no payload key to read or drop
+if preferred ~= "" then
+  extra[#extra + 1], extra[#extra + 2] = "pref", preferred
+end
+rcall("HSET", fsmKey, "state", state, "ver", 1, "m", ARGV[5], "dl", deadline, "xto", ARGV[8],
+  "c", now, "qs", queueScore, "sess", ARGV[10], "utt", utterance,
   "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_job)
-  unpack(pieces(ARGV[3] == "" and {"np", 1} or {}, "spec", ARGV[2])))  -- np: no payload key to read or drop
+  unpack(pieces(extra, "spec", ARGV[2])))
 if ARGV[3] ~= "" then
   rcall("SET", payloadKey, ARGV[3])
 end
@@ -140,7 +147,7 @@ end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 -- What ListJobs and GetStats read: an index entry lives as long as the job's record (its forget timer,
 -- set when it ends, takes it out: lua/finish_job-9.lua).
-count_queued(queuedKey, now, 1)  -- `updated` is now: claim and finish count it out of this second
+count_queued(queuedKey, now, 1)  -- its creation (`c`) is now: claim and finish count it out of this second
 -- The pool stays listed while a job of it may live: written when this job may outlive what the caller
 -- knows of the entry (it saw it lately, so no failover can have lost it long since), an eighth further
 -- than needed (as above), so a busy pool's submits write it about once per second per instance and shard.

@@ -25,7 +25,7 @@
 local fsmKey, timersKey, heldKey = KEYS[1], KEYS[2], KEYS[3]
 local jobId, nodeId, token = ARGV[1], ARGV[2], ARGV[3]
 
-local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "started", "xto", "tok", "w", "created")
+local f = rcall("HMGET", fsmKey, "state", "ver", "att", "node", "lease", "started", "xto", "tok", "w", "c")
 local state = f[1]
 if not state then
   return {-1}
@@ -43,7 +43,9 @@ end
 
 local now = now_ms()
 local version = tonumber(f[2])
-local started = tonumber(f[6])
+-- `started` is the running attempt's (its ack's time): an older attempt's, left in the record, says nothing
+-- while the job is assigned (a claim does not clear it), and a record never acked has none.
+local started = state == FIXED[E.start] and tonumber(f[6]) or 0
 local code = 0
 local lease = now + tonumber(ARGV[4])
 local xto = tonumber(f[7])
@@ -59,7 +61,8 @@ if started > 0 and xto > 0 then
   lease = math.min(lease, started + xto)
 end
 if code == 1 then  -- the state change and the lease in one HSET
-  local change = record_event(fsmKey, f[9], f[10], {s = state, v = version, a = tonumber(f[3]), n = nodeId,
+  local created = f[10] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
+  local change = record_event(fsmKey, f[9], created, {s = state, v = version, a = tonumber(f[3]), n = nodeId,
     e = E.start, t = now})
   rcall("HSET", fsmKey, "state", state, "ver", version, "ev", E.start, "started", now, "updated", now,
     "lease", lease, unpack(change))
