@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import os
 import signal
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from lingua_scheduler.server import resp
 from lingua_scheduler.server.embedded import EmbeddedRedis
+from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import DataError, ResponseError
@@ -196,3 +198,27 @@ async def test_a_write_redis_does_not_take_times_out(tmp_path: Path) -> None:
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_pubsub_messages_logged_only_at_debug(redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Each pub/sub message read goes through resp.pubsub_pushed: redis-py's DEBUG line about it, built
+    only when DEBUG is on (redis-py built it for every message)."""
+    assert _AsyncHiredisParser.handle_pubsub_push_response is resp.pubsub_pushed
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("resp:{t}:ch")
+    try:
+        async def heard() -> Any:
+            while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)) is None:
+                pass
+            return message
+
+        caplog.set_level(logging.INFO, logger="push_response")
+        await redis.publish("resp:{t}:ch", "quiet")
+        assert (await heard())["data"] == b"quiet"
+        assert not [r for r in caplog.records if r.name == "push_response"]
+        caplog.set_level(logging.DEBUG, logger="push_response")
+        await redis.publish("resp:{t}:ch", "told")
+        assert (await heard())["data"] == b"told"
+        assert any("told" in r.getMessage() for r in caplog.records if r.name == "push_response")
+    finally:
+        await pubsub.aclose()
