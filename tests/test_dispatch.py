@@ -19,7 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from helpers import pair, spec, until
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
-from lingua_scheduler.server.dispatch import Consumer, new_lease_token
+from lingua_scheduler.server.dispatch import Consumer, heard, new_lease_token
 from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Claim, Store
@@ -301,3 +301,33 @@ async def test_a_watch_begun_as_another_ends_on_its_channel_hears_it(app: App, r
     async with app.dispatcher.watching(channel) as inbox:
         await redis.publish(channel, "again")
         assert await inbox.get() == b"again"
+
+
+@pytest.mark.single_redis
+async def test_heard_gives_what_listen_gives(redis: Any) -> None:
+    """dispatch.heard() reads a subscription as redis-py's PubSub.listen() does (kind, channel, data),
+    confirmations included, for channels and patterns alike."""
+    got: dict[str, list[tuple[str, Any, Any]]] = {}
+    for name in ("listen", "heard"):
+        pubsub = redis.pubsub()
+        await pubsub.subscribe("lingua:test:heard")
+        await pubsub.psubscribe("lingua:test:heard:*")
+        await redis.publish("lingua:test:heard", "a")
+        await redis.publish("lingua:test:heard:x", b"\x00b")
+        await pubsub.unsubscribe("lingua:test:heard")
+        stream = (((m["type"], m["channel"], m["data"]) async for m in pubsub.listen()) if name == "listen"
+                  else heard(pubsub))
+        got[name] = [item async for item in _first(stream, 5)]
+        await pubsub.aclose()
+    assert got["heard"] == got["listen"] == [
+        ("subscribe", b"lingua:test:heard", 1), ("psubscribe", b"lingua:test:heard:*", 2),
+        ("message", b"lingua:test:heard", b"a"), ("pmessage", b"lingua:test:heard:x", b"\x00b"),
+        ("unsubscribe", b"lingua:test:heard", 1)]
+
+
+async def _first(items: AsyncIterator[Any], count: int) -> AsyncIterator[Any]:
+    async for item in items:
+        yield item
+        count -= 1
+        if count == 0:
+            return
