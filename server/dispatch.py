@@ -648,8 +648,10 @@ class Dispatcher:
             self._subscriber = asyncio.create_task(self._send_subscriptions(), name="dispatch-subscribe")
 
     async def _send_subscriptions(self) -> None:
-        """Send what _subscribe() asked for (it runs after the turn that asked), in the order asked:
-        what is asked meanwhile goes in the next round."""
+        """Send what _subscribe() asked for (it runs after the turn that asked), the last word for each
+        channel, in rounds: a round that subscribed waits for Redis to confirm it (as its watchers do)
+        before the next one goes, so what is asked meanwhile (the next WatchJobs of a burst, arriving
+        over several turns) shares the next round; with nothing in flight, a round goes at once."""
         try:
             while self._subscribing and (pubsub := self._pubsub) is not None:
                 asked, self._subscribing = self._subscribing, {}
@@ -658,6 +660,10 @@ class Dispatcher:
                         await pubsub.unsubscribe(*off)
                     if on := [channel for channel, on in asked.items() if on]:
                         await pubsub.subscribe(*on)
+                        confirmed = self._confirmed.get(on[-1])  # Redis confirms in order: the last one last
+                        if confirmed is not None:
+                            async with asyncio.timeout(1.0):
+                                await confirmed.wait()
         finally:
             self._subscriber = None
 
