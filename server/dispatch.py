@@ -638,9 +638,10 @@ class Dispatcher:
 
     def _subscribe(self, channel: str, subscribed: bool) -> None:
         """Have `channel` subscribed (or unsubscribed) on the shared subscription. The channels asked for
-        in one turn of the event loop (a client's batch of WatchJobs starting, or their jobs ending) go
-        in one SUBSCRIBE and one UNSUBSCRIBE: a command each cost ~3x a channel's share of one. While
-        the subscription is down nothing is sent: the listener subscribes every watched channel."""
+        together (a client's batch of WatchJobs starting, or their jobs ending) share one SUBSCRIBE and
+        one UNSUBSCRIBE (_send_subscriptions): a command per channel cost ~2.5x a channel's share of a
+        shared one. While the subscription is down nothing is sent: the listener subscribes every
+        watched channel when it is back."""
         if self._pubsub is None:
             return
         self._subscribing[channel] = subscribed  # the last word counts (a watch ended, another began)
