@@ -98,6 +98,24 @@ class Inbox(asyncio.Queue[bytes]):
         return super().get_nowait()
 
 
+async def heard(pubsub: Any) -> AsyncIterator[tuple[str, Any, Any]]:
+    """What pubsub.listen() gives, as (kind, channel, data), without building its dict or passing a
+    published message through redis-py's handling (which only wraps it: no handlers are registered
+    here): ~5 us of every wake-up and announcement heard. Confirmations (subscribe, unsubscribe) go
+    through it, which keeps its record of what is subscribed."""
+    while pubsub.subscribed:
+        response = await pubsub.parse_response(block=True)
+        if response is None:
+            continue  # a health check's answer
+        kind = response[0].decode() if isinstance(response[0], bytes) else response[0]
+        if kind == "pmessage":
+            yield kind, response[2], response[3]
+        elif kind == "message":
+            yield kind, response[1], response[2]
+        elif (message := await pubsub.handle_message(response)) is not None:
+            yield message["type"], message["channel"], message["data"]
+
+
 class Dispatcher:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -116,6 +134,9 @@ class Dispatcher:
         self._pubsub: Any = None
         self._watches: dict[str, set[Inbox]] = {}  # channel -> watchers' inboxes (WatchJob, WatchSession)
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> set once subscribed
+        # channel -> subscribed (True) or not, for the next SUBSCRIBE / UNSUBSCRIBE (_subscribe)
+        self._subscribing: dict[str, bool] = {}
+        self._subscriber: asyncio.Task[None] | None = None  # sending them
         self._shards: list[int] = list(range(settings.partitions))  # what this instance sweeps
         self._shared_at = -float("inf")
         self._timer_errors = ThrottledWarning(log)
@@ -143,6 +164,8 @@ class Dispatcher:
         if not self._tasks:
             return  # never started, or stopped already
         self._tasks[0].cancel()  # the subscription only waits for messages: cancelling it is safe
+        if self._subscriber is not None:
+            self._subscriber.cancel()
         await finish(self._tasks)
         self._tasks = []
 
@@ -550,6 +573,7 @@ class Dispatcher:
             pubsub = self.store.redis.pubsub()
             try:
                 await pubsub.psubscribe(keys.wake_channel("*"), keys.node_channel("*"), keys.pool_channel("*"))
+                self._subscribing.clear()  # what is watched now is subscribed here
                 if self._watches:
                     await pubsub.subscribe(*self._watches)
                 self._pubsub = pubsub
@@ -561,16 +585,15 @@ class Dispatcher:
                 wake_prefix = len(keys.wake_channel(""))
                 node_prefix = len(keys.node_channel(""))
                 pool_prefix = len(keys.pool_channel(""))
-                async for message in pubsub.listen():
-                    kind = message["type"]
-                    channel = message["channel"].decode()
+                async for kind, raw_channel, raw_data in heard(pubsub):
+                    channel = raw_channel.decode()
                     if kind == "message":
                         for inbox in self._watches.get(channel, ()):
-                            inbox.offer(message["data"])
+                            inbox.offer(raw_data)
                     elif kind == "subscribe" and channel in self._confirmed:
                         self._confirmed[channel].set()
                     elif kind == "pmessage":
-                        data = message["data"].decode()
+                        data = raw_data.decode()
                         if channel.startswith(keys.wake_channel("")):
                             self._on_wake(channel[wake_prefix:], data)
                         elif channel.startswith(keys.pool_channel("")):
@@ -601,9 +624,7 @@ class Dispatcher:
         try:
             if first:
                 self._confirmed[channel] = asyncio.Event()
-                if self._pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await self._pubsub.subscribe(channel)
+                self._subscribe(channel, True)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._confirmed[channel].wait()
@@ -613,9 +634,39 @@ class Dispatcher:
             if not group:
                 del self._watches[channel]
                 self._confirmed.pop(channel, None)
-                if self._pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await self._pubsub.unsubscribe(channel)
+                self._subscribe(channel, False)
+
+    def _subscribe(self, channel: str, subscribed: bool) -> None:
+        """Have `channel` subscribed (or unsubscribed) on the shared subscription. The channels asked for
+        together (a client's batch of WatchJobs starting, or their jobs ending) share one SUBSCRIBE and
+        one UNSUBSCRIBE (_send_subscriptions): a command per channel cost ~2.5x a channel's share of a
+        shared one. While the subscription is down nothing is sent: the listener subscribes every
+        watched channel when it is back."""
+        if self._pubsub is None:
+            return
+        self._subscribing[channel] = subscribed  # the last word counts (a watch ended, another began)
+        if self._subscriber is None:
+            self._subscriber = asyncio.create_task(self._send_subscriptions(), name="dispatch-subscribe")
+
+    async def _send_subscriptions(self) -> None:
+        """Send what _subscribe() asked for (it runs after the turn that asked), the last word for each
+        channel, in rounds: a round that subscribed waits for Redis to confirm it (as its watchers do)
+        before the next one goes, so what is asked meanwhile (the next WatchJobs of a burst, arriving
+        over several turns) shares the next round; with nothing in flight, a round goes at once."""
+        try:
+            while self._subscribing and (pubsub := self._pubsub) is not None:
+                asked, self._subscribing = self._subscribing, {}
+                with contextlib.suppress(Exception):  # (the subscription lost: the listener subscribes again)
+                    if off := [channel for channel, on in asked.items() if not on]:
+                        await pubsub.unsubscribe(*off)
+                    if on := [channel for channel, on in asked.items() if on]:
+                        await pubsub.subscribe(*on)
+                        confirmed = self._confirmed.get(on[-1])  # Redis confirms in order: the last one last
+                        if confirmed is not None:
+                            async with asyncio.timeout(1.0):
+                                await confirmed.wait()
+        finally:
+            self._subscriber = None
 
     def _on_wake(self, pool: str, data: str) -> None:
         local = self.local.get(pool)

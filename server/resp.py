@@ -10,6 +10,12 @@ argument hiredis does not pack (a bytearray or memoryview, an IntEnum, a bool or
 DataError), is packed by redis-py itself. It replaces a redis-py method: pyproject.toml pins redis-py
 below its next major version, and tests/test_resp.py compares both packers.
 
+Every write of a command (redis-py's send_packed_command) hands the bytes to the socket at once and
+waits under the socket timeout only when the kernel did not take them all: redis-py runs each write
+under asyncio.wait_for, which on Python 3.11 starts a Task per write (~6 us, and a turn of the event
+loop) to time out a write that almost never waits (send_packed_command below). And each pub/sub
+message read no longer builds redis-py's DEBUG line about it unless DEBUG is on (pubsub_pushed).
+
 A scheduler talking to one Redis (or Sentinel's master) pipelines through BatchRedis: a plain batch
 (WatchSession's reads, a pass's claims, ...) is one buffer, one write and one timeout over its replies,
 where redis-py's Pipeline arms a timer per reply and starts a task to give back the connection. A
@@ -20,17 +26,21 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 from typing import Any
 
 import hiredis
+from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio.client import Pipeline, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 PYTHON_PACK = AbstractConnection.pack_command  # redis-py's own, kept for comparison (tests/test_resp.py)
+PYTHON_SEND = AbstractConnection.send_packed_command  # redis-py's own (a connection without a socket timeout)
 
 
 def _hiredis_packed(args: tuple[Any, ...]) -> bytes | None:
@@ -58,9 +68,57 @@ def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
     return PYTHON_PACK(self, *args)  # another encoding, or arguments hiredis would pack otherwise
 
 
+async def send_packed_command(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+    """redis-py's send_packed_command without its Task per write: the bytes go to the transport at
+    once, and the drain runs under the socket timeout only when the transport kept some of them (the
+    kernel's buffer full: a Redis that does not read). Errors as redis-py's: a timeout or an OSError
+    closes the connection and raises redis' TimeoutError or ConnectionError; any other interruption
+    (a cancel) closes it too."""
+    if not self.socket_timeout or not self.is_connected:
+        return await PYTHON_SEND(self, command, check_health)
+    if check_health:
+        await self.check_health()  # type: ignore[no-untyped-call]
+    try:
+        if isinstance(command, str):
+            command = command.encode()
+        writer = self._writer
+        assert writer is not None
+        writer.writelines([command] if isinstance(command, bytes) else command)
+        if writer.transport.get_write_buffer_size():
+            async with asyncio.timeout(self.socket_timeout):
+                await writer.drain()
+        else:
+            await writer.drain()  # returns at once (raises if the connection was lost)
+    except TimeoutError:
+        await self.disconnect(nowait=True)
+        raise RedisTimeoutError("Timeout writing to socket") from None
+    except OSError as err:
+        await self.disconnect(nowait=True)
+        number, text = ("UNKNOWN", err.args[0]) if len(err.args) == 1 else err.args[:2]
+        raise RedisConnectionError(f"Error {number} while writing to socket. {text}.") from err
+    except BaseException:
+        await self.disconnect(nowait=True)  # a write cut halfway: the connection is out of step
+        raise
+
+
+_push_log = logging.getLogger("push_response")  # redis-py's logger of pub/sub messages
+
+
+async def pubsub_pushed(self: _AsyncHiredisParser, response: Any) -> Any:
+    """redis-py's handler of each pub/sub message read, which builds its DEBUG line (a getLogger and the
+    message's str()) even when DEBUG is off: ~3 us for every wake-up and announcement heard. The same
+    line, built only when it is logged."""
+    if _push_log.isEnabledFor(logging.DEBUG):
+        _push_log.debug("Push response: " + str(response))
+    return response
+
+
 def use_hiredis() -> None:
-    """Pack every redis.asyncio command with hiredis (idempotent; the process's clients, all modes)."""
+    """Pack every redis.asyncio command with hiredis, send it without a Task per write, and read pub/sub
+    messages without formatting a line that is not logged (idempotent; the process's clients, all modes)."""
     AbstractConnection.pack_command = pack_command  # type: ignore[method-assign]
+    AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
+    _AsyncHiredisParser.handle_pubsub_push_response = pubsub_pushed  # type: ignore[method-assign]
 
 
 async def send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -78,7 +136,12 @@ async def send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
                                                               lambda _err: conn.disconnect())
         return replies
     finally:
-        await asyncio.shield(pool.release(conn))  # as redis-py: a cancel must not cut the pool's bookkeeping
+        if not getattr(pool, "release_at_once", _not_at_once)(conn):  # (GatedConnectionPool: server/app.py)
+            await asyncio.shield(pool.release(conn))  # as redis-py: a cancel must not cut the pool's bookkeeping
+
+
+def _not_at_once(_conn: Any) -> bool:
+    return False
 
 
 async def _exchange(conn: Any, packed: bytes, count: int) -> list[Any]:

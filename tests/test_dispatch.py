@@ -19,7 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from helpers import pair, spec, until
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
-from lingua_scheduler.server.dispatch import Consumer, new_lease_token
+from lingua_scheduler.server.dispatch import Consumer, heard, new_lease_token
 from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Claim, Store
@@ -261,3 +261,73 @@ async def test_a_paused_reply_to_a_claim_sent_before_a_resume_does_not_pause_aga
     local.claim_paused(local.resumes)  # a claim sent after the resume that finds it paused: paused again
     assert local.paused
     app.dispatcher.remove(consumer)
+
+
+@pytest.mark.single_redis
+async def test_watches_started_together_share_one_subscribe(app: App, redis: Any) -> None:
+    """Watchers that start in one turn of the event loop (a client's batch of WatchJobs) are subscribed
+    with one SUBSCRIBE, and those that end together with one UNSUBSCRIBE; each hears its own channel."""
+
+    async def calls() -> Counter[str]:
+        stats = await redis.info("commandstats")
+        return Counter({name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+                        for name in ("subscribe", "unsubscribe")})
+
+    async def subscribers() -> list[int]:
+        return [n for _, n in await redis.pubsub_numsub(*channels)]
+
+    async def unsubscribed() -> bool:
+        return not any(await subscribers())
+
+    channels = [f"lingua:test:together:{i}" for i in range(10)]
+    before = await calls()
+    async with contextlib.AsyncExitStack() as stack:
+        inboxes = await asyncio.gather(*[stack.enter_async_context(app.dispatcher.watching(c)) for c in channels])
+        assert await subscribers() == [1] * len(channels)  # each confirmed when its watch began
+        for c in channels:
+            await redis.publish(c, c)
+        for c, inbox in zip(channels, inboxes, strict=True):
+            assert await inbox.get() == c.encode()
+    await until(unsubscribed, what="channels unsubscribed")
+    assert await calls() - before == Counter(subscribe=1, unsubscribe=1)
+
+
+async def test_a_watch_begun_as_another_ends_on_its_channel_hears_it(app: App, redis: Any) -> None:
+    """The end of one watch and the start of the next on the same channel, asked in one turn: the last
+    word counts, the channel stays subscribed and the new watch hears it."""
+    channel = "lingua:test:again"
+    async with app.dispatcher.watching(channel):
+        pass
+    async with app.dispatcher.watching(channel) as inbox:
+        await redis.publish(channel, "again")
+        assert await inbox.get() == b"again"
+
+
+@pytest.mark.single_redis
+async def test_heard_gives_what_listen_gives(redis: Any) -> None:
+    """dispatch.heard() reads a subscription as redis-py's PubSub.listen() does (kind, channel, data),
+    confirmations included, for channels and patterns alike."""
+    got: dict[str, list[tuple[str, Any, Any]]] = {}
+    for name in ("listen", "heard"):
+        pubsub = redis.pubsub()
+        await pubsub.subscribe("lingua:test:heard")
+        await pubsub.psubscribe("lingua:test:heard:*")
+        await redis.publish("lingua:test:heard", "a")
+        await redis.publish("lingua:test:heard:x", b"\x00b")
+        await pubsub.unsubscribe("lingua:test:heard")
+        stream = (((m["type"], m["channel"], m["data"]) async for m in pubsub.listen()) if name == "listen"
+                  else heard(pubsub))
+        got[name] = [item async for item in _first(stream, 5)]
+        await pubsub.aclose()
+    assert got["heard"] == got["listen"] == [
+        ("subscribe", b"lingua:test:heard", 1), ("psubscribe", b"lingua:test:heard:*", 2),
+        ("message", b"lingua:test:heard", b"a"), ("pmessage", b"lingua:test:heard:x", b"\x00b"),
+        ("unsubscribe", b"lingua:test:heard", 1)]
+
+
+async def _first(items: AsyncIterator[Any], count: int) -> AsyncIterator[Any]:
+    async for item in items:
+        yield item
+        count -= 1
+        if count == 0:
+            return

@@ -1,18 +1,26 @@
 """server/resp.py: commands packed by hiredis are byte for byte what redis.asyncio's Python packer sends,
-and they round-trip through a real Redis (one and a cluster); BatchRedis's plain pipelines answer as
-redis-py's do, and one cut halfway leaves no reply behind for the next caller."""
+and they round-trip through a real Redis (one and a cluster); a write or a batch starts no task, and a
+write that Redis does not take still times out; BatchRedis's plain pipelines answer as redis-py's do,
+and one cut halfway leaves no reply behind for the next caller."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from lingua_scheduler.server import resp
+from lingua_scheduler.server.embedded import EmbeddedRedis
+from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 PYTHON_PACK = resp.PYTHON_PACK
 
@@ -120,3 +128,97 @@ async def test_batch_cut_halfway_leaves_no_reply_behind(redis: Any) -> None:
             assert await pipe.execute() == [True, b"again"]
     await redis.rpush("b:empty", "late")  # would answer the cut BLPOP if it were still waiting
     assert await redis.lrange("b:empty", 0, -1) == [b"late"]  # the cut BLPOP took nothing: its connection closed
+
+
+async def tasks_started(work: Any) -> list[str]:
+    """The coroutines of the tasks started while `work()` runs."""
+    loop = asyncio.get_running_loop()
+    started: list[str] = []
+    factory = loop.get_task_factory()
+
+    def counted(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        started.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(counted)
+    try:
+        await work()
+    finally:
+        loop.set_task_factory(factory)
+    return started
+
+
+async def test_a_write_starts_no_task(redis: Any) -> None:
+    """Commands are written in their caller's task: redis-py's write under asyncio.wait_for started a
+    Task for each (Python 3.11)."""
+    assert AbstractConnection.send_packed_command is resp.send_packed_command
+    await redis.set("resp:{t}:w", "0")  # connected
+
+    async def commands() -> None:
+        for i in range(20):
+            await redis.set("resp:{t}:w", i)
+            assert await redis.get("resp:{t}:w") == str(i).encode()
+
+    assert await tasks_started(commands) == []
+
+
+@pytest.mark.single_redis
+async def test_a_batch_starts_no_task(redis: Any) -> None:
+    """A batch's connection goes back to the scheduler's pool at once (GatedConnectionPool), not in a
+    shielded task as redis-py's release needs; and its write starts none either."""
+    await redis.set("resp:{t}:w", "0")  # connected
+
+    async def batches() -> None:
+        for i in range(20):
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.set("resp:{t}:w", i)
+                pipe.get("resp:{t}:w")
+                assert await pipe.execute() == [True, str(i).encode()]
+
+    assert await tasks_started(batches) == []
+    assert len(redis.connection_pool._in_use_connections) == 0  # every one given back
+
+
+async def test_a_write_redis_does_not_take_times_out(tmp_path: Path) -> None:
+    """A Redis that stops reading (its process stopped) leaves a big write in the transport: the write
+    fails after the socket timeout, as redis-py's does, and the next command gets a new connection."""
+    server = EmbeddedRedis(tmp_path / "stopped", persistent=False).start()
+    client = Redis.from_url(server.url, socket_timeout=0.3)
+    try:
+        await client.set("k", "before")
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisTimeoutError, match="Timeout writing to socket"):
+                await client.set("k", b"x" * (32 << 20))  # far more than the socket's buffers take
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        await client.set("k", "after")
+        assert await client.get("k") == b"after"
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_pubsub_messages_logged_only_at_debug(redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Each pub/sub message read goes through resp.pubsub_pushed: redis-py's DEBUG line about it, built
+    only when DEBUG is on (redis-py built it for every message)."""
+    assert _AsyncHiredisParser.handle_pubsub_push_response is resp.pubsub_pushed
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("resp:{t}:ch")
+    try:
+        async def heard() -> Any:
+            while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)) is None:
+                pass
+            return message
+
+        caplog.set_level(logging.INFO, logger="push_response")
+        await redis.publish("resp:{t}:ch", "quiet")
+        assert (await heard())["data"] == b"quiet"
+        assert not [r for r in caplog.records if r.name == "push_response"]
+        caplog.set_level(logging.DEBUG, logger="push_response")
+        await redis.publish("resp:{t}:ch", "told")
+        assert (await heard())["data"] == b"told"
+        assert any("told" in r.getMessage() for r in caplog.records if r.name == "push_response")
+    finally:
+        await pubsub.aclose()
