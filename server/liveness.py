@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -40,8 +41,12 @@ _unanswered = ThrottledWarning(log, interval_s=10)
 _renewals = ThrottledWarning(log, interval_s=10)
 
 
-CHECK_TICK_S = 0.1  # how often the pings due are sent (at most; shorter with short ping settings)
-RENEW_CHUNK = 100  # renewals per round trip: each holds the event loop ~5 ms at ~50 us a renewal
+# How often the pings due are sent (at most; shorter with short ping settings). A ping and its pong
+# cost the event loop ~0.2 ms: 5,000 silent streams pinged every 5 s take ~100 pings a 100 ms tick,
+# a ~20 ms burst of writes and pongs that every dispatch behind it waited for (dispatch p99); ~10 a
+# 10 ms tick is a ~2 ms burst (docs/benchmarks.md, "Per-stream memory and p99").
+CHECK_TICK_S = 0.01
+RENEW_CHUNK = 20  # renewals per round trip: each holds the event loop ~1 ms at ~50 us a renewal
 
 
 @dataclass(slots=True)
@@ -86,13 +91,13 @@ class Liveness:
 
     async def check_forever(self, stopping: asyncio.Event) -> None:
         # Each stream is checked once a liveness tick, as before, but the streams are taken a slice
-        # every CHECK_TICK_S: the loop is held ~1 ms at a time with 5,000 streams, not ~10 ms, and the
+        # every CHECK_TICK_S: the loop is held well under 1 ms at a time with 5,000 streams, and the
         # pings due go out a few at a time, not thousands at once.
         tick = min(CHECK_TICK_S, self.settings.liveness_tick_ms() / 1000)
         slices = max(1, round(self.settings.liveness_tick_ms() / 1000 / tick))
         turn = 0
         while not await sleep_unless(stopping, tick):
-            self.check(time.monotonic(), list(self.streams())[turn % slices::slices])
+            self.check(time.monotonic(), list(itertools.islice(self.streams(), turn % slices, None, slices)))
             turn += 1
 
     def check(self, now: float, streams: list[Stream] | None = None) -> None:

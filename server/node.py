@@ -532,6 +532,8 @@ class NodeSessions:
             del message  # not held while waiting for the next one (thousands of idle streams)
 
     async def _handle(self, session: Session, m: pb.NodeMessage) -> None:
+        if not (m.acks or m.heartbeats or m.completions or m.unavailable or m.drain or m.HasField("register")):
+            return  # a pong alone (every silent stream's, every ping interval): its arrival was the answer
         if m.HasField("register"):
             raise InvalidArgument("register", "only the first message may register")
         refused: list[pb.LeaseStatus] = []
