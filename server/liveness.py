@@ -6,9 +6,9 @@ that then stays silent for --ping-timeout-ms is ended UNAVAILABLE (NODE_UNRESPON
 those of any lost stream. Any message from the node counts as an answer.
 
 The registry entries of the instance's streams are renewed together, pipelined (one round trip per
-tick, per 100 entries due), and only those of nodes that proved alive since their last renewal: the
-scheduler no longer vouches for a node it has not heard from, so ListNodes (which shows only entries
-renewed lately) drops a silent node even before its stream is ended.
+tick, per RENEW_CHUNK entries due), and only those of nodes that proved alive since their last
+renewal: the scheduler no longer vouches for a node it has not heard from, so ListNodes (which shows
+only entries renewed lately) drops a silent node even before its stream is ended.
 
 Two tasks per instance, whatever the number of streams: one checks every stream each tick (no
 Redis), one renews (Redis); a slow Redis never delays a ping or a timeout.
@@ -42,9 +42,9 @@ _renewals = ThrottledWarning(log, interval_s=10)
 
 
 # How often the pings due are sent (at most; shorter with short ping settings). A ping and its pong
-# cost the event loop ~0.2 ms: 5,000 silent streams pinged every 5 s take ~100 pings a 100 ms tick,
-# a ~20 ms burst of writes and pongs that every dispatch behind it waited for (dispatch p99); ~10 a
-# 10 ms tick is a ~2 ms burst (docs/benchmarks.md, "Per-stream memory and p99").
+# cost the event loop ~0.2 ms: 5,000 silent streams pinged every 5 s took ~100 pings a 100 ms tick,
+# and the loop was busy over 8 ms at a stretch ~6 times a second, every dispatch behind waiting (its
+# p99); ~10 pings a 10 ms tick: none over 8 ms (docs/benchmarks.md, "Per-stream memory and p99").
 CHECK_TICK_S = 0.01
 RENEW_CHUNK = 20  # renewals per round trip: each holds the event loop ~1 ms at ~50 us a renewal
 
