@@ -6,9 +6,9 @@ that then stays silent for --ping-timeout-ms is ended UNAVAILABLE (NODE_UNRESPON
 those of any lost stream. Any message from the node counts as an answer.
 
 The registry entries of the instance's streams are renewed together, pipelined (one round trip per
-tick, per 100 entries due), and only those of nodes that proved alive since their last renewal: the
-scheduler no longer vouches for a node it has not heard from, so ListNodes (which shows only entries
-renewed lately) drops a silent node even before its stream is ended.
+tick, per RENEW_CHUNK entries due), and only those of nodes that proved alive since their last
+renewal: the scheduler no longer vouches for a node it has not heard from, so ListNodes (which shows
+only entries renewed lately) drops a silent node even before its stream is ended.
 
 Two tasks per instance, whatever the number of streams: one checks every stream each tick (no
 Redis), one renews (Redis); a slow Redis never delays a ping or a timeout.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -40,8 +41,12 @@ _unanswered = ThrottledWarning(log, interval_s=10)
 _renewals = ThrottledWarning(log, interval_s=10)
 
 
-CHECK_TICK_S = 0.1  # how often the pings due are sent (at most; shorter with short ping settings)
-RENEW_CHUNK = 100  # renewals per round trip: each holds the event loop ~5 ms at ~50 us a renewal
+# How often the pings due are sent (at most; shorter with short ping settings). A ping and its pong
+# cost the event loop ~0.2 ms: 5,000 silent streams pinged every 5 s took ~100 pings a 100 ms tick,
+# and the loop was busy over 8 ms at a stretch ~6 times a second, every dispatch behind waiting (its
+# p99); ~10 pings a 10 ms tick: none over 8 ms (docs/benchmarks.md, "Per-stream memory and p99").
+CHECK_TICK_S = 0.01
+RENEW_CHUNK = 20  # renewals per round trip: each holds the event loop ~1 ms at ~50 us a renewal
 
 
 @dataclass(slots=True)
@@ -86,13 +91,13 @@ class Liveness:
 
     async def check_forever(self, stopping: asyncio.Event) -> None:
         # Each stream is checked once a liveness tick, as before, but the streams are taken a slice
-        # every CHECK_TICK_S: the loop is held ~1 ms at a time with 5,000 streams, not ~10 ms, and the
+        # every CHECK_TICK_S: the loop is held well under 1 ms at a time with 5,000 streams, and the
         # pings due go out a few at a time, not thousands at once.
         tick = min(CHECK_TICK_S, self.settings.liveness_tick_ms() / 1000)
         slices = max(1, round(self.settings.liveness_tick_ms() / 1000 / tick))
         turn = 0
         while not await sleep_unless(stopping, tick):
-            self.check(time.monotonic(), list(self.streams())[turn % slices::slices])
+            self.check(time.monotonic(), list(itertools.islice(self.streams(), turn % slices, None, slices)))
             turn += 1
 
     def check(self, now: float, streams: list[Stream] | None = None) -> None:

@@ -103,12 +103,23 @@ def node_info_pb(e: NodeEntry) -> pb.NodeInfo:
 
 
 class Session:
-    """One open NodeSession stream."""
+    """One open NodeSession stream.
+
+    Slots, and nothing made that an idle stream does not need (the registration message is not kept,
+    the `finished` event is made only when someone waits on it): an instance holds thousands of these
+    (docs/benchmarks.md, "Per-stream memory and p99")."""
+
+    __slots__ = ("_finished", "_more", "connected_ms", "consumer", "counts", "done", "draining", "in_flight",
+                 "labels", "max_concurrency", "node_id", "outbox", "overflowed", "owner", "pools", "pulse",
+                 "quarantined", "replaced", "timed_out", "token", "unacked", "unsent", "version", "writer")
 
     def __init__(self, owner: NodeSessions, reg: pb.Register, pools: list[str]) -> None:
         self.owner = owner
-        self.node_id = reg.node_id
-        self.reg = reg
+        # What the registration said, copied out: the message (and its parse arena) is let go.
+        self.node_id: str = reg.node_id
+        self.max_concurrency: int = reg.max_concurrency
+        self.labels = dict(reg.labels)
+        self.version: str = reg.version
         self.pools = pools
         self.token = uuid.uuid4().hex
         self.connected_ms = int(time.time() * 1000)
@@ -132,9 +143,24 @@ class Session:
         self.overflowed = False
         self.writer: asyncio.Task[Any] | None = None  # the task writing the outbox: cancelled on overflow
         self.consumer = Consumer(self.node_id, pools, self.free_slots, self.assigned)
-        self.finished = asyncio.Event()  # the stream's handler is done, leases released
+        self.done = False  # the stream's handler is done, leases released
+        self._finished: asyncio.Event | None = None  # made by the first `finished` asked
         self.pulse = Pulse()  # the node's last message, pings, registry renewals (server/liveness.py)
         self.counts = grpc_metrics.stream()  # the stream's messages read and written (metrics on)
+
+    @property
+    def finished(self) -> asyncio.Event:
+        """Set once the stream's handler is done and its leases released."""
+        if self._finished is None:
+            self._finished = asyncio.Event()
+            if self.done:
+                self._finished.set()
+        return self._finished
+
+    def _set_finished(self) -> None:
+        self.done = True
+        if self._finished is not None:
+            self._finished.set()
 
     def free_slots(self) -> int:
         """How many more assignments the node may be sent now (the one capacity the dispatcher asks):
@@ -143,8 +169,8 @@ class Session:
         acknowledges what it was sent."""
         if self.draining or self.is_quarantined():
             return 0
-        window = min(self.owner.settings.ack_window, self.reg.max_concurrency)
-        return max(0, min(self.reg.max_concurrency - len(self.in_flight), window - len(self.unacked)))
+        window = min(self.owner.settings.ack_window, self.max_concurrency)
+        return max(0, min(self.max_concurrency - len(self.in_flight), window - len(self.unacked)))
 
     def is_quarantined(self) -> bool:
         """A stream that let an assignment pass its ack timeout unacknowledged gets no new work until it
@@ -199,8 +225,8 @@ class Session:
             self.owner.dispatcher.ready(self.consumer)
 
     def entry(self) -> NodeEntry:
-        return NodeEntry(self.node_id, self.pools, self.reg.max_concurrency, len(self.in_flight),
-                         self.owner.settings.instance_id, dict(self.reg.labels), self.reg.version,
+        return NodeEntry(self.node_id, self.pools, self.max_concurrency, len(self.in_flight),
+                         self.owner.settings.instance_id, dict(self.labels), self.version,
                          self.connected_ms, self.draining, self.is_quarantined())
 
     def holds(self, job_id: str, token: str) -> bool:
@@ -378,7 +404,13 @@ class NodeSessions:
         self._open.add(session)
         tasks: list[asyncio.Task[Any]] = []
         try:
-            await self._serve(session, first, it, context, tasks)
+            await self._register(session, first, context)
+            del first  # not kept for the stream's life (nor its parse arena): Session copied what it needs
+            self.dispatcher.add(session.consumer)
+            reader = asyncio.create_task(self._read(session, it))
+            reader.add_done_callback(lambda _t: session.close())
+            tasks.append(reader)
+            await self._write(session, context)  # in this task: one task per stream besides gRPC's own
         finally:
             # The cleanup runs as its own task: a client that drops the stream cancels this handler,
             # and a cleanup cut halfway would leave the leases long (and a Redis connection open).
@@ -395,12 +427,14 @@ class NodeSessions:
                 del self.sessions[session.node_id]
             await self._closed(session)
         finally:
-            session.finished.set()
+            session._set_finished()
             self._open.discard(session)
             self._drain_asked.discard(session.token)  # a registration that never got as far as using it
 
-    async def _serve(self, session: Session, first: pb.NodeMessage, it: Any,
-                     context: grpc.aio.ServicerContext, tasks: list[asyncio.Task[Any]]) -> None:  # type: ignore[type-arg]
+    async def _register(self, session: Session, first: pb.NodeMessage,
+                        context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        """Register the stream's node (the newest stream of a node id wins), answer RegisterAck, and
+        take back the leases it says it holds."""
         try:
             previous = await self.registry.register(session.entry(), session.token)
         except Exception as err:
@@ -419,7 +453,7 @@ class NodeSessions:
             ping_interval=_duration(s.ping_interval_ms), ping_timeout=_duration(s.ping_timeout_ms),
         )))
         log.info("node %s registered: pools %s, concurrency %d%s", session.node_id, ",".join(session.pools),
-                 session.reg.max_concurrency, ", draining" if first.drain else "",
+                 session.max_concurrency, ", draining" if first.drain else "",
                  extra=logs.fields(node_id=session.node_id))
         asked = session.token in self._drain_asked
         self._drain_asked.discard(session.token)
@@ -431,11 +465,6 @@ class NodeSessions:
         if first.register.holding:
             await self._resume(session, first.register.holding)
         session._maybe_done()  # a draining node that came back holding nothing (left) is done at once
-        self.dispatcher.add(session.consumer)
-        reader = asyncio.create_task(self._read(session, it))
-        reader.add_done_callback(lambda _t: session.close())
-        tasks.append(reader)
-        await self._write(session, context)  # in this task: one task per stream besides gRPC's own
 
     async def _write(self, session: Session, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         """Write the outbox until its closing marker. A node that does not read leaves this task stuck
@@ -451,6 +480,7 @@ class NodeSessions:
                     session.unsent.discard(a.job_id)
                 sent.inc()
                 await context.write(message)
+                del message  # not held while the outbox is empty (thousands of idle streams)
         except asyncio.CancelledError:
             if not (session.overflowed or session.pulse.dead) or task is None:
                 raise
@@ -499,8 +529,11 @@ class NodeSessions:
                 if code == grpc.StatusCode.INTERNAL:
                     _failures("node %s: message failed", session.node_id, exc_info=True)
                 session.send(pb.SchedulerMessage(error=f"{code.name}: {text}"))
+            del message  # not held while waiting for the next one (thousands of idle streams)
 
     async def _handle(self, session: Session, m: pb.NodeMessage) -> None:
+        if not (m.acks or m.heartbeats or m.completions or m.unavailable or m.drain or m.HasField("register")):
+            return  # a pong alone (every silent stream's, every ping interval): its arrival was the answer
         if m.HasField("register"):
             raise InvalidArgument("register", "only the first message may register")
         refused: list[pb.LeaseStatus] = []

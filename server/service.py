@@ -437,6 +437,7 @@ def _guarded(handler: Any, method: str, message: str, warn: ThrottledWarning) ->
                 warn("%s from %s: a message that is not a valid %s", method, context.peer(), request.message)
             first = False
             yield request
+            del request  # not held while the stream waits for its next message (idle node streams)
 
     async def accept(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
         if handler.request_streaming:
