@@ -91,15 +91,26 @@ if clock and clock - low >= FAIR_RESET
   rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(low + BAND))  -- far on and empty: start the band again
   clock, last = nil, nil
 end
+local written = {}  -- what goes in the one ZADD below besides the tenant's pass
 if not clock then
   clock = low
-  rcall("ZADD", fairKey, clock, clockMember)
+  written = {clock, clockMember}
 elseif sampled then
   rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(clock))
 end
 last = last or clock
 local queueScore = math.min(math.max(last, clock) + tonumber(ARGV[16]), low + BAND - 1)
-rcall("ZADD", fairKey, queueScore, tenantMember)
+-- The fair share matters while a job of the partition may still be queued: until the last deadline, an
+-- eighth later (as the session's index below; "e" says until when).
+local fairUntil = nil
+if not fair[3] or -tonumber(fair[3]) < deadline then
+  fairUntil = deadline + math.floor((deadline - now) / 8)
+  written[#written + 1], written[#written + 2] = -fairUntil, "e"
+end
+rcall("ZADD", fairKey, queueScore, tenantMember, unpack(written))
+if fairUntil then
+  rcall("PEXPIREAT", fairKey, fairUntil)
+end
 
 local preferred, bound = "", {}
 local binding = rcall("HGET", affinityKey, ARGV[10])
@@ -141,13 +152,6 @@ if (ARGV[19] or "") == "" or keepUntil > tonumber(ARGV[19]) then
     sessionUntil = keepUntil + math.floor((keepUntil - now) / 8)
     rcall("PEXPIREAT", sessionKey, sessionUntil)
   end
-end
--- The fair share matters while a job of the partition may still be queued: until the last deadline (an
--- eighth later, as above; "e" says until when).
-if not fair[3] or -tonumber(fair[3]) < deadline then
-  local fairUntil = deadline + math.floor((deadline - now) / 8)
-  rcall("PEXPIREAT", fairKey, fairUntil)
-  rcall("ZADD", fairKey, -fairUntil, "e")
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 -- What ListJobs and GetStats read: an index entry lives as long as the job's record (its forget timer,
