@@ -43,6 +43,7 @@ class SubmitJob:
     fair_step: int  # wire.fair_step of the tenant's weight
     keyed: bool  # the identity is the spec's idempotency key (else its utterance and pair: no key of its own)
     pools_known: int | None = None  # the pool's score in its shard's pools zset, as written lately (rates.Pools)
+    session_known: int | None = None  # when the session's index expires, as written or read lately (rates.py)
 
     def call(self) -> Call:
         jk, pk, wake = _job(self.job_id)
@@ -54,6 +55,7 @@ class SubmitJob:
             self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
             self.affinity_ttl_ms, wake, self.digest, self.utterance_index, self.tenant_id, self.fair_step,
             "" if self.pools_known is None else self.pools_known, "1" if self.keyed else "",
+            "" if self.session_known is None else self.session_known,
         ])
 
     def find(self) -> Call:

@@ -12,6 +12,18 @@ Each shard's pools zset (keys.ShardKeys.pools: until when a job of a pool may li
 submit_job only when the job may outlive what this instance saw it write within POOLS_KNOWN_S
 (submit_job's ARGV[17]); a busy pool's entry is written about once per second per instance and shard.
 
+Each session's index (keys.session_jobs: its jobs by utterance) lives as long as its longest-lived job
+record and up to an eighth longer; submit_job reads its PTTL only when the job may outlive what this
+instance saw the key's expiry to be within SESSIONS_KNOWN_S (submit_job's ARGV[19]), for the last
+SESSIONS_KEPT sessions it submitted to. A session submitting several times per second costs a PTTL about
+once per second per instance. A failover that loses the key's expiry (or the key: the next ZADD makes one
+without expiry) goes unseen by the submits trusting the instance's figure, at most SESSIONS_KNOWN_S after
+the instance saw it; an unplanned failover takes longer than that to promote a replica (Sentinel's
+down-after-milliseconds, a cluster's node-timeout), and a planned one loses no writes, so in practice no
+submit trusts a figure from before one. Should one (a failover faster than a second), the session's next
+submit after that second gives the key its expiry again; a session that never submits again keeps a key
+without expiry (its members: a few dozen bytes per job).
+
 Queued counts of the versions before (a `waiting` zset per partition) are folded into the partitions'
 count hashes at start: fold_waiting.
 """
@@ -33,6 +45,8 @@ log = logging.getLogger(__name__)
 
 FLUSH_S = 1.0  # how late a count may reach Redis (on a live instance)
 POOLS_KNOWN_S = 1.0  # how long a pools zset score this instance saw written is trusted (a failover may lose it)
+SESSIONS_KNOWN_S = 1.0  # how long a session index's expiry this instance saw is trusted (the same reason)
+SESSIONS_KEPT = 10_000  # the sessions whose index expiry is remembered (the latest submitted to)
 FOLD_CHUNK = 1_000  # waiting zset entries folded per script call at start
 
 
@@ -45,6 +59,7 @@ class Rates:
         self._counts: dict[str, dict[str, int]] = {}  # rate bucket key -> "<pool>|<figure>" -> count
         self._expiry: dict[str, int] = {}  # rate bucket key -> when it expires (ms)
         self._pools: dict[str, tuple[int, float]] = {}  # partition tag -> (pools zset score, monotonic seen)
+        self._sessions: dict[str, tuple[int, float]] = {}  # session index key -> (expiry ms, monotonic seen)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._errors = ThrottledWarning(log, interval_s=10)
@@ -102,6 +117,25 @@ class Rates:
         """submit_job wrote `score` for the partition's pool (0: it did not write)."""
         if score:  # (ZADD GT: the score is at least this from now on, unless a failover loses the entry)
             self._pools[tag] = (score, time.monotonic())
+
+    # -- the session indexes' expiry ------------------------------------------------------------
+
+    def session_known(self, key: str) -> int | None:
+        """When the session index `key` expires as submit_job wrote or read it within SESSIONS_KNOWN_S, None
+        when not seen that lately."""
+        seen = self._sessions.get(key)
+        if seen is None or time.monotonic() - seen[1] > SESSIONS_KNOWN_S:
+            return None
+        return seen[0]
+
+    def session_kept(self, key: str, until: int) -> None:
+        """submit_job wrote or read `until` as the session index's expiry (0: it did neither). The latest
+        SESSIONS_KEPT sessions are remembered (insertion order: the oldest seen goes first)."""
+        if until:
+            self._sessions.pop(key, None)
+            self._sessions[key] = (until, time.monotonic())
+            if len(self._sessions) > SESSIONS_KEPT:
+                del self._sessions[next(iter(self._sessions))]
 
     # -- the earlier versions' waiting zsets ----------------------------------------------------
 

@@ -340,6 +340,7 @@ class Store:
         meta = pb.JobSpec()
         meta.CopyFrom(spec)
         meta.ClearField("payload")
+        session_jobs = keys.session_jobs(keys.shard_of_tag(tag), spec.tenant_id, spec.session_id)
         return SubmitJob(
             job_id=job_id,
             identity=idempotency_key(tag, spec),
@@ -355,12 +356,13 @@ class Store:
             session=keys.session_field(spec.tenant_id, spec.session_id),
             affinity_ttl_ms=s.affinity_ttl_ms,
             digest=spec_digest(meta, spec.payload),
-            session_jobs=keys.session_jobs(keys.shard_of_tag(tag), spec.tenant_id, spec.session_id),
+            session_jobs=session_jobs,
             utterance_index=spec.utterance_index,
             tenant_id=spec.tenant_id,
             fair_step=self.tenants.of(spec.tenant_id).step,
             keyed=bool(spec.idempotency_key),
             pools_known=self.rates.pools_known(tag),
+            session_known=self.rates.session_known(session_jobs),
         )
 
     async def submit(self, specs: list[pb.JobSpec]) -> list[Submitted]:
@@ -382,6 +384,7 @@ class Store:
             if r[0] == ScriptCode.APPLIED:
                 self.rates.submitted(job.job_id)
                 self.rates.pooled(keys.tag_of(job.job_id), int(r[3]))
+                self.rates.session_kept(job.session_jobs, int(r[4]))
                 if self.metrics is not None:
                     self.metrics.of_job(job.job_id).submitted.inc()
         for i, r in enumerate(replies):

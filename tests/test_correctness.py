@@ -330,6 +330,42 @@ async def test_affinity_bindings_older_than_their_ttl_are_deleted(store: Store, 
     assert await redis.hexists(pk.affinity, keys.session_field("acme", "new-call"))
 
 
+async def test_a_claim_by_the_bound_node_rewrites_the_binding_only_once_it_is_an_eighth_old(
+        store: Store, redis: Any) -> None:
+    """The session's binding is rewritten by a claim unless the job prefers the claiming node and the
+    binding submit read (`pat`) is younger than an eighth of --affinity-ttl-ms; the pruning still sees it."""
+    ttl = store.settings.affinity_ttl_ms
+    (first,) = await store.submit([spec(session_id="bound")])
+    await store.claim("n1", [(first.job_id, "tok-1")])
+    pk = keys.PartitionKeys.of(keys.tag_of(first.job_id))
+    field = keys.session_field("acme", "bound")
+    created = int(await redis.hget(keys.JobKeys.of(first.job_id).fsm, "c"))
+
+    async def bind(at: int) -> None:
+        await redis.hset(pk.affinity, field, f"n1|{at}")
+        await redis.zadd(pk.affinity_at, {field: at})
+
+    async def claim_next(utterance: int, node: str = "n1") -> str:
+        (job,) = await store.submit([spec(session_id="bound", utterance_index=utterance)])
+        await store.claim(node, [(job.job_id, f"tok-{utterance}1")])
+        return job.job_id
+
+    young = created - ttl // 16  # bound a sixteenth of the time to live ago: left as it is
+    await bind(young)
+    job_id = await claim_next(1)
+    assert await redis.hget(keys.JobKeys.of(job_id).fsm, "pref") == b"n1"
+    assert await redis.hget(pk.affinity, field) == f"n1|{young}".encode()
+    assert await redis.zscore(pk.affinity_at, field) == young
+    old = created - ttl // 4  # a quarter old (still in force): rewritten by its own node's claim
+    await bind(old)
+    await claim_next(2)
+    node, at = (await redis.hget(pk.affinity, field)).decode().split("|")
+    assert node == "n1" and int(at) >= created and await redis.zscore(pk.affinity_at, field) == int(at)
+    await redis.hdel(pk.affinity, field)  # no binding (a job without `pref`): its claim binds
+    await claim_next(3, node="n2")
+    assert (await redis.hget(pk.affinity, field)).startswith(b"n2|")
+
+
 def test_a_consumers_avoid_list_is_bounded() -> None:
     consumer = Consumer("n1", ["zh:en"], capacity=lambda: 1)
     now = time.time() * 1000

@@ -157,6 +157,49 @@ async def test_the_pools_entry_is_written_once_per_second_unless_a_job_outlives_
     assert await redis.zscore(pools, "zh:en") is not None
 
 
+async def test_the_session_index_expiry_is_read_once_per_second_and_a_lost_one_comes_back(
+        redis: Any, settings: Settings) -> None:
+    """submit_job reads the session index's PTTL only when the instance has not seen its expiry within
+    SESSIONS_KNOWN_S; a key that lost its expiry (a failover) gets one from the session's next submit after."""
+    store = Store(redis, settings)
+    (first,) = await store.submit([spec(utterance_index=0)])
+    index = keys.session_jobs(keys.shard_of_tag(keys.tag_of(first.job_id)), "acme", "s1")
+    deadline = int(await redis.hget(keys.JobKeys.of(first.job_id).fsm, "dl"))
+    assert await redis.pexpiretime(index) >= deadline + settings.retention_ms  # (an eighth further)
+    known, _ = store.rates._sessions[index]
+    assert known == await redis.pexpiretime(index)
+
+    await redis.persist(index)  # a failover lost the expiry: a submit trusting what it saw lately leaves it
+    await store.submit([spec(utterance_index=1)])  # (its job expires before what the instance saw)
+    assert await redis.pttl(index) == -1
+    far = Timestamp(seconds=known // 1000 - settings.retention_ms // 1000 + 3600)
+    await store.submit([spec(utterance_index=2, deadline=far)])  # a job that outlives it: read, extended
+    assert await redis.pexpiretime(index) >= far.seconds * 1000 + settings.retention_ms
+
+    await redis.persist(index)
+    await store.submit([spec(utterance_index=3)])
+    assert await redis.pttl(index) == -1
+    until, _ = store.rates._sessions[index]
+    store.rates._sessions[index] = (until, time.monotonic() - rates.SESSIONS_KNOWN_S - 1)  # seen over a second ago
+    (back,) = await store.submit([spec(utterance_index=4)])  # the session's next submit after the second
+    deadline = int(await redis.hget(keys.JobKeys.of(back.job_id).fsm, "dl"))
+    assert await redis.pexpiretime(index) >= deadline + settings.retention_ms
+    fresh = Store(redis, dataclasses.replace(settings))  # another instance knows nothing: it reads
+    await redis.persist(index)
+    await fresh.submit([spec(utterance_index=5)])
+    assert await redis.pttl(index) > 0
+
+
+def test_the_sessions_remembered_are_bounded(redis: Any, settings: Settings) -> None:
+    seen = rates.Rates(redis, Store(redis, settings).scripts)
+    for i in range(rates.SESSIONS_KEPT + 5):
+        seen.session_kept(f"s{i}", 1_000 + i)
+    assert len(seen._sessions) == rates.SESSIONS_KEPT
+    assert seen.session_known("s4") is None and seen.session_known(f"s{rates.SESSIONS_KEPT + 4}") is not None
+    seen.session_kept("s10", 0)  # nothing written or read: nothing learned
+    assert seen.session_known("s10") == 1_010
+
+
 async def test_a_completed_job_is_counted_out_once_and_finished_once(store: Store, redis: Any) -> None:
     """A claimed job acked and completed: counted out of QUEUED once, finished once (rates)."""
     (job,) = await store.submit([spec()])

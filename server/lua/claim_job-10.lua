@@ -21,7 +21,8 @@
     ARGV[5] affinity wait, ms: how long a job is held back for its session's preferred node
     ARGV[6] how many queue heads to return as the next candidates
     ARGV[7] avoid window, ms: how long a requeued job keeps away from the nodes it avoids
-    ARGV[8] affinity time to live, ms: bindings older than this are deleted (by one call in 8)
+    ARGV[8] affinity time to live, ms: bindings older than this are deleted (by one call in 8); a claim by
+            the node the job prefers leaves a binding younger than an eighth of it as it is (`pat`)
 
   Output: {code, next candidates, ...}; the candidates are the queue's heads with their scores,
   {id, score, id, score, ...} (the dispatcher pairs jobs in queue order)
@@ -50,11 +51,11 @@ local function heads()  -- the next candidates with their queue scores: {id, sco
 end
 
 local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease",
-  "c", "asg", "w", "qs", "np", unpack(SPEC_FIELDS))
+  "c", "asg", "w", "qs", "np", "pat", unpack(SPEC_FIELDS))
 local state = f[1]
 if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
   if state == FIXED[E.assign] and f[8] == nodeId then
-    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 16), payload(f)}
+    return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 17), payload(f)}
   end
   return {-7, heads()}
 end
@@ -130,12 +131,19 @@ local change = record_event(fsmKey, f[13], created, {s = dest, v = version, a = 
 rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
   "tok", token, "lease", lease, "updated", now, "asg", now, unpack(change))  -- `started`: see lua/touch_job-3.lua
 rcall("ZADD", timersKey, lease, lease_member(jobId, token))
-rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
-rcall("ZADD", affinityAtKey, now, f[7])
+-- The session's binding: rewritten unless the job prefers this node and the binding submit read (`pat`:
+-- how old it was then, set only with `pref`) is younger than an eighth of the time to live, so a session
+-- served by its node rewrites it about once per eighth and it never expires while served. (Should another
+-- node have taken the session since the submit, the binding stays with that node: a hint either way.)
+local ttl = tonumber(ARGV[8])
+if f[5] ~= nodeId or not f[16] or now - (tonumber(created) - tonumber(f[16])) >= ttl / 8 then
+  rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
+  rcall("ZADD", affinityAtKey, now, f[7])
+end
 -- Bindings past their time to live are ignored (lua/submit_job-12.lua); one claim in 8 (tokens are random
 -- hex) deletes up to 128 of them.
 if string.byte(token, -1) % 8 == 0 then
-  local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - tonumber(ARGV[8]), "LIMIT", 0, 128)
+  local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - ttl, "LIMIT", 0, 128)
   if #stale > 0 then
     rcall("HDEL", affinityKey, unpack(stale))
     rcall("ZREM", affinityAtKey, unpack(stale))
@@ -145,4 +153,4 @@ local dispatched = -1  -- "asg" is the time of the job's latest claim: none befo
 if not f[12] and created then
   dispatched = now - tonumber(created)
 end
-return {1, after, attempt, lease, spec_of(fsmKey, f, 16), payload(f), now - updated, dispatched}
+return {1, after, attempt, lease, spec_of(fsmKey, f, 17), payload(f), now - updated, dispatched}

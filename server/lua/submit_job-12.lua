@@ -40,10 +40,14 @@
     ARGV[17] what the caller knows of the pool's score in KEYS[12] (ms; it saw this script write it
              lately): the entry is written only when this job may live longer; "" writes it
     ARGV[18] "1" when the identity is the spec's idempotency key, "" for the default identity
+    ARGV[19] what the caller knows of when KEYS[7] expires (ms; it saw this script write or read it lately):
+             no PTTL when this job's keys expire before that; "" (or absent) reads it
 
   Output:
-    {1, job id, state, pools}  created; pools is the score written to KEYS[12] (a lower bound of the
-                        pool's score from now on: the caller's next ARGV[17]), 0 when not written
+    {1, job id, state, pools, session}  created; pools is the score written to KEYS[12] (a lower bound of
+                        the pool's score from now on: the caller's next ARGV[17]), 0 when not written;
+                        session when KEYS[7] expires as written or read now (the caller's next ARGV[19]),
+                        0 when neither (ARGV[19] said enough)
     {0, job id}         the identity already had this job, with the same digest; nothing changed
     {-11, job id}       the identity already had this job, with another digest; nothing changed
 ]]
@@ -88,22 +92,34 @@ if clock and clock - low >= FAIR_RESET
   rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(low + BAND))  -- far on and empty: start the band again
   clock, last = nil, nil
 end
+local written = {}  -- what goes in the one ZADD below besides the tenant's pass
 if not clock then
   clock = low
-  rcall("ZADD", fairKey, clock, clockMember)
+  written = {clock, clockMember}
 elseif sampled then
   rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(clock))
 end
 last = last or clock
 local queueScore = math.min(math.max(last, clock) + tonumber(ARGV[16]), low + BAND - 1)
-rcall("ZADD", fairKey, queueScore, tenantMember)
+-- The fair share matters while a job of the partition may still be queued: until the last deadline, an
+-- eighth later (as the session's index below; "e" says until when).
+local fairUntil = nil
+if not fair[3] or -tonumber(fair[3]) < deadline then
+  fairUntil = deadline + math.floor((deadline - now) / 8)
+  written[#written + 1], written[#written + 2] = -fairUntil, "e"
+end
+rcall("ZADD", fairKey, queueScore, tenantMember, unpack(written))
+if fairUntil then
+  rcall("PEXPIREAT", fairKey, fairUntil)
+end
 
-local preferred = ""
+local preferred, bound = "", 0
 local binding = rcall("HGET", affinityKey, ARGV[10])
 if binding then
   local node, at = string.match(binding, "^(.*)|(%d+)$")
   if node and tonumber(at) + tonumber(ARGV[11]) > now then
     preferred = node
+    bound = now - tonumber(at)
   end
 end
 
@@ -112,8 +128,8 @@ local state = FIXED[E.submit]
 -- creation, `c`), `node`, `tok`, `lease`, `started`, `avoid`, nor `pref` without a preferred node; readers take
 -- absent as those values (docs/design.md, "Keys"). Each byte is in every queued job's listpack.
 local extra = ARGV[3] == "" and {"np", 1} or {}  -- np: no payload key to read or drop
-if preferred ~= "" then
-  extra[#extra + 1], extra[#extra + 2] = "pref", preferred
+if preferred ~= "" then  -- and `pat`: how old the binding was, so its node's claim need not rewrite a young one
+  extra[#extra + 1], extra[#extra + 2], extra[#extra + 3], extra[#extra + 4] = "pref", preferred, "pat", bound
 end
 rcall("HSET", fsmKey, "state", state, "ver", 1, "m", ARGV[5], "dl", deadline, "xto", ARGV[8],
   "c", now, "qs", queueScore, "sess", ARGV[10], "utt", utterance,
@@ -130,19 +146,19 @@ end
 rcall("ZADD", queueKey, queueScore, jobId)
 -- The session's index lives as long as its longest-lived job record (deadline + retention), and up to an
 -- eighth longer: a key extended at each submit would cost a PEXPIREAT each, one extended by an eighth more
--- than it needs costs one per eighth of that time.
+-- than it needs costs one per eighth of that time. No PTTL when the caller saw the key's expiry lately
+-- and it is far enough (ARGV[19]; a failover that lost it is repaired by the session's next submit after
+-- server/rates.py's SESSIONS_KNOWN_S).
 rcall("ZADD", sessionKey, utterance, jobId)
 local keepUntil = deadline + retention
-local ttl = rcall("PTTL", sessionKey)
-if ttl < 0 or now + ttl < keepUntil then
-  rcall("PEXPIREAT", sessionKey, keepUntil + math.floor((keepUntil - now) / 8))
-end
--- The fair share matters while a job of the partition may still be queued: until the last deadline (an
--- eighth later, as above; "e" says until when).
-if not fair[3] or -tonumber(fair[3]) < deadline then
-  local fairUntil = deadline + math.floor((deadline - now) / 8)
-  rcall("PEXPIREAT", fairKey, fairUntil)
-  rcall("ZADD", fairKey, -fairUntil, "e")
+local sessionUntil = 0
+if (ARGV[19] or "") == "" or keepUntil > tonumber(ARGV[19]) then
+  local ttl = rcall("PTTL", sessionKey)
+  sessionUntil = now + ttl
+  if ttl < 0 or sessionUntil < keepUntil then
+    sessionUntil = keepUntil + math.floor((keepUntil - now) / 8)
+    rcall("PEXPIREAT", sessionKey, sessionUntil)
+  end
 end
 rcall("ZADD", timersKey, deadline, deadline_member(jobId))
 -- What ListJobs and GetStats read: an index entry lives as long as the job's record (its forget timer,
@@ -164,4 +180,4 @@ if sampled then  -- pools whose jobs are all gone leave
   rcall("ZREMRANGEBYSCORE", poolsKey, "-inf", "(" .. now)
 end
 rcall("PUBLISH", ARGV[12], wake_message(jobId, preferred, queueScore))
-return {1, jobId, state, pooled}
+return {1, jobId, state, pooled, sessionUntil}
