@@ -141,15 +141,26 @@ class Rates:
 
     async def fold_waiting(self, partitions: int) -> int:
         """Fold every partition's waiting zset (versions before the queued counts) into its counts, before
-        this instance serves; the entries folded. A pool with a queued job is in its shard's pools zset."""
+        this instance serves; the entries folded. A pool with a queued job is in its shard's pools zset; two
+        round trips find the partitions that still have such a zset (none, once the upgrade is done)."""
+        shards = [keys.shard_tag(p) for p in range(partitions)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.zrange(keys.ShardKeys.of(shard).pools, 0, -1)
+            pools = await pipe.execute()
+        tags = [f"{pool.decode()}:{shard}" for shard, names in zip(shards, pools, strict=True) for pool in names]
+        if not tags:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tag in tags:
+                pipe.exists(keys.waiting_before(tag))
+            found = await pipe.execute()
         folded = 0
-        for shard in (keys.shard_tag(p) for p in range(partitions)):
-            for pool in await self.redis.zrange(keys.ShardKeys.of(shard).pools, 0, -1):
-                tag = f"{pool.decode()}:{shard}"
-                left = 1
-                while left:
-                    done, left = await self.scripts.call(self.redis, FoldWaiting(tag, FOLD_CHUNK).call())
-                    folded += int(done)
+        for tag in (tag for tag, n in zip(tags, found, strict=True) if n):
+            left = 1
+            while left:
+                done, left = await self.scripts.call(self.redis, FoldWaiting(tag, FOLD_CHUNK).call())
+                folded += int(done)
         if folded:
             log.info("folded %d queued jobs of the earlier version's waiting zsets into the queued counts", folded)
         return folded
@@ -176,3 +187,11 @@ class Rates:
                     await self._stopping.wait()
             with contextlib.suppress(Exception):  # logged (throttled) by flush; kept for the next one
                 await self.flush()
+            self.forget_stale()
+
+    def forget_stale(self) -> None:
+        """Drop the pools zset scores no longer trusted (older than POOLS_KNOWN_S): a partition submitted to
+        once (an invented pair) costs nothing here after a second."""
+        now = time.monotonic()
+        for tag in [tag for tag, (_, seen) in self._pools.items() if now - seen > POOLS_KNOWN_S]:
+            del self._pools[tag]

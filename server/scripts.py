@@ -151,7 +151,7 @@ def prelude() -> str:
         "  end",
         "end",
         "-- A finished job's result of at most RESULT_INLINE bytes is the record's `r`, in pieces (RESULT_FIELDS: all",
-        "-- of them); a longer one has a key of its own (lua/finish_job-10.lua, server/wire.py).",
+        "-- of them); a longer one has a key of its own (lua/finish_job-9.lua, server/wire.py).",
         f"local RESULT_INLINE = {wire.PIECE * wire.RESULT_PIECES}",
         'local RESULT_FIELDS = {"r", ' + ", ".join(f'"r+{i}"' for i in range(2, wire.RESULT_PIECES + 1)) + "}",
         "-- Index members (ListJobs): '<ULID> <partition tag>', so an index of many pools sorts newest first by",

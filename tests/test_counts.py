@@ -55,6 +55,26 @@ async def test_queued_jobs_are_counted_per_second_not_per_job(store: Store, redi
     assert snap.pools["zh:en"].jobs["queued"] == 2
 
 
+async def test_a_job_is_counted_out_of_the_second_it_entered_queued_not_its_creation(store: Store,
+                                                                                     redis: Any) -> None:
+    """A job queued again (requeue, backoff, RetryJob) entered QUEUED after its creation: its record's
+    `updated` says when, and claim and finish count it out of that second, not of its creation's. (The
+    seconds are moved by hand, as a requeue seconds later leaves them: no waiting for the clock.)"""
+    claimed, cancelled, fresh = [s.job_id for s in await store.submit([spec(utterance_index=i) for i in range(3)])]
+    tag = keys.tag_of(claimed)
+    pk = keys.PartitionKeys.of(tag)
+    created = int(await _entered(redis, claimed))
+    for job_id, back_s in ((claimed, 5), (cancelled, 7)):  # as if queued again 5 and 7 s after their creation
+        entered = created + back_s * 1000
+        await redis.hincrby(pk.queued, str(int(await _entered(redis, job_id)) // 1000), -1)
+        await redis.hset(keys.JobKeys.of(job_id).fsm, "updated", entered)
+        await redis.hincrby(pk.queued, str(entered // 1000), 1)
+    assert sorted((await _queued(redis, tag)).values()) == [1, 1, 1]
+    await store.claim("n1", [(claimed, "t0")])
+    await store.cancel(cancelled, "not needed")
+    assert await _queued(redis, tag) == {int(await _entered(redis, fresh)) // 1000: 1}  # only the fresh job's
+
+
 async def test_the_oldest_age_counts_from_the_second_the_job_entered(store: Store, redis: Any) -> None:
     (job,) = await store.submit([spec()])
     entered = int(await _entered(redis, job.job_id))
@@ -198,6 +218,21 @@ def test_the_sessions_remembered_are_bounded(redis: Any, settings: Settings) -> 
     assert seen.session_known("s4") is None and seen.session_known(f"s{rates.SESSIONS_KEPT + 4}") is not None
     seen.session_kept("s10", 0)  # nothing written or read: nothing learned
     assert seen.session_known("s10") == 1_010
+
+
+def test_the_pools_scores_seen_are_forgotten_once_no_longer_trusted(redis: Any, settings: Settings) -> None:
+    """Each partition submitted to leaves a score here; one over POOLS_KNOWN_S old says nothing and goes
+    at the next flush round, so invented pairs cost an instance nothing after a second."""
+    seen = rates.Rates(redis, Store(redis, settings).scripts)
+    for i in range(50):
+        seen.pooled(f"x{i}:y:{{0}}", 1_000 + i)
+    seen._pools["zh:en:{0}"] = (5, time.monotonic() - rates.POOLS_KNOWN_S - 1)
+    seen.forget_stale()
+    assert len(seen._pools) == 50 and seen.pools_known("x3:y:{0}") == 1_003
+    for tag, (score, _) in list(seen._pools.items()):
+        seen._pools[tag] = (score, time.monotonic() - rates.POOLS_KNOWN_S - 1)
+    seen.forget_stale()
+    assert seen._pools == {}
 
 
 async def test_a_completed_job_is_counted_out_once_and_finished_once(store: Store, redis: Any) -> None:

@@ -296,10 +296,15 @@ async def test_records_an_earlier_version_wrote_are_read(stub: pb_grpc.Scheduler
     b = await assign(stub)
     await stub.Complete(pb.CompleteRequest(job_id=failing, attempt=1, node_id="n1", lease_token=b.lease_token,
                                            error=pb.JobError(code="BAD", retryable=False)))
-    retried = await stub.RetryJob(pb.RetryJobRequest(job_id=failing))
+    retried = await stub.RetryJob(pb.RetryJobRequest(job_id=failing, max_attempts=5))
     job = await stub.GetJob(pb.GetJobRequest(job_id=failing))
-    assert (retried.state, job.attempt, job.max_attempts) == (pb.JOB_STATE_QUEUED, 0, 3)
+    assert (retried.state, job.attempt, job.max_attempts) == (pb.JOB_STATE_QUEUED, 0, 5)
     assert job.created_at.ToMilliseconds() == int(await redis.hget(keys.JobKeys.of(failing).fsm, "created"))
+    c = await assign(stub)  # failed again; a retry keeping the limit keeps the one the last retry set
+    await stub.Complete(pb.CompleteRequest(job_id=failing, attempt=1, node_id="n1", lease_token=c.lease_token,
+                                           error=pb.JobError(code="BAD", retryable=False)))
+    await stub.RetryJob(pb.RetryJobRequest(job_id=failing))
+    assert (await stub.GetJob(pb.GetJobRequest(job_id=failing))).max_attempts == 5
     new_result = pb.JobResult(text_asr="from now")
     await stub.Complete(pb.CompleteRequest(job_id=queued, attempt=1, node_id="n1", lease_token=a.lease_token,
                                            result=new_result))

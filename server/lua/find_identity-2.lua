@@ -4,7 +4,7 @@
 
   Input:
     KEYS[1] idempotency key (as submit_job's KEYS[1])
-    KEYS[2] session jobs zset (as submit_job's KEYS[9])
+    KEYS[2] session jobs zset (as submit_job's KEYS[7])
     ARGV[1] the job id the submit would create (its partition tag: the identity's pool)
     ARGV[2] utterance index
     ARGV[3] "1" when the identity is the spec's idempotency key, "" for the default identity

@@ -55,9 +55,9 @@ if f[2] ~= ARGV[2] then
   return {-3, tonumber(f[2])}
 end
 local now = now_ms()
-if not f[4] then  -- a record an earlier version wrote: `created`, `maxatt`
+if not f[4] or not f[6] then  -- a record an earlier version wrote: `created`, `maxatt` (a retry since wrote `m`)
   local old = rcall("HMGET", fsmKey, "created", "maxatt")
-  f[4], f[6] = old[1], old[2]
+  f[4], f[6] = f[4] or old[1], f[6] or old[2]
 end
 local ttl = tonumber(f[5]) or (tonumber(f[3]) - tonumber(f[4]))
 local deadline = tonumber(ARGV[3])
