@@ -147,6 +147,7 @@ async def test_retry_a_failed_job_runs_again_and_succeeds(stub: pb_grpc.Schedule
     retried = await stub.RetryJob(pb.RetryJobRequest(job_id=job_id, reason="model fixed", max_attempts=5))
     assert (retried.state, retried.attempt, retried.max_attempts) == (pb.JOB_STATE_QUEUED, 0, 5)
     assert retried.last_error.code == "SIM_FATAL"  # the last error of any attempt stays
+    assert retried.node_id == "" and not retried.HasField("lease_deadline")  # nothing of an attempt that is over
     code, details = await code_of(stub.RetryJob(pb.RetryJobRequest(job_id=job_id)))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "queued" in details
     assert (await stub.ListJobs(pb.ListJobsRequest(state=pb.JOB_STATE_FAILED))).jobs == []

@@ -73,9 +73,11 @@ local version = tonumber(f[2]) + 1
 -- The reason rides as the event's error (code LINGUA_RETRIED), as a cancel's does; last_error stays.
 local change = record_event(fsmKey, f[8], f[4], {s = dest, v = version, a = 0, n = "", e = E.retry,
   t = now, ec = "LINGUA_RETRIED", em = ARGV[6], er = "0"})
-rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.retry, "att", 0, "m", maxAttempts, "tok", "",
-  "lease", 0, "dl", deadline, "ttl", ttl, "started", 0, "updated", now, "avoid", ",", "pref", "",
-  unpack(change))
+rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.retry, "m", maxAttempts, "dl", deadline, "ttl", ttl,
+  "updated", now, unpack(change))
+-- Queued afresh: the fields of the attempts before go, as a record never claimed has none (absent is 0,
+-- "" or no node: docs/design.md, "Keys"), so GetJob shows no node or lease of an attempt that is over.
+rcall("HDEL", fsmKey, "att", "node", "tok", "lease", "started", "avoid", "pref", "pat")
 rcall("PERSIST", fsmKey)
 rcall("PERSIST", payloadKey)
 local retention = tonumber(ARGV[7])
