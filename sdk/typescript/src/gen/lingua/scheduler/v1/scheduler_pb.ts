@@ -1797,7 +1797,9 @@ export type PoolStats = Message<"lingua.scheduler.v1.PoolStats"> & {
   paused: boolean;
 
   /**
-   * How long the oldest queued job has waited; zero when none is queued.
+   * How long the oldest queued job has waited since it last entered QUEUED (a retried or requeued job
+   * starts again), to the second: counted from the start of the second it entered, so up to 1 s more
+   * than its own wait; zero when none is queued.
    *
    * @generated from field: google.protobuf.Duration oldest_queued_age = 9;
    */
