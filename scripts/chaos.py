@@ -18,7 +18,8 @@ through the SDK's generated stub (lingua_sdk.pb_grpc): accepted while the lease 
 
 At the end it checks, from Redis: every job is terminal; none is missing (each idempotency key has
 exactly one job, and every id a client was given exists); every succeeded job has exactly one accepted
-completion, from its last attempt and the node that held it; and it prints the table.
+completion, from its last attempt and the node that held it; no queued count or held entry is left
+(GetStats' figures: each job counted out exactly once); and it prints the table.
 tests/test_chaos.py runs a shorter version on both Redis modes.
 """
 
@@ -94,6 +95,7 @@ class Report:
     late_accepted: int = 0
     auth_refused: int = 0  # out-of-band calls refused UNAUTHENTICATED / PERMISSION_DENIED: a bad --token
     bad_completions: int = 0
+    counts_left: int = 0  # queued counts and held entries left once every job ended (GetStats' figures)
     longest_to_terminal_s: float = 0.0
     instance_kills: int = 0
     node_crashes: int = 0
@@ -105,7 +107,8 @@ class Report:
     @property
     def ok(self) -> bool:
         return (self.not_terminal == 0 and self.missing == 0 and self.duplicates == 0 and self.bad_completions == 0
-                and self.auth_refused == 0 and self.given_ids == self.submitted)
+                and self.auth_refused == 0 and self.given_ids == self.submitted
+                and (self.counts_left == 0 or self.not_terminal > 0))
 
     def table(self, mode: str) -> str:
         failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failed_by_reason.items())) or "0"
@@ -125,6 +128,7 @@ class Report:
             ("late or duplicate completions refused", self.refused_completions),
             ("late completions refused by auth (must be 0)", self.auth_refused),
             ("succeeded jobs without exactly one accepted completion from the last attempt", self.bad_completions),
+            ("queued counts and held entries left, every job ended (must be 0)", self.counts_left),
             ("longest submit -> terminal", f"{self.longest_to_terminal_s:.2f} s"),
             ("scheduler SIGKILLs / node crashes / streams cut / Redis restarts",
              f"{self.instance_kills} / {self.node_crashes} / {self.stream_closes} / {self.redis_restarts}"),
@@ -430,6 +434,12 @@ class Chaos:
                     rep.failed_by_reason[code] = rep.failed_by_reason.get(code, 0) + 1
                 else:
                     rep.other_terminal[state.decode()] = rep.other_terminal.get(state.decode(), 0) + 1
+            # Every job ended: GetStats' queued counts (keys.PartitionKeys.queued) and held zsets must be empty
+            # (each job counted out of QUEUED, and out of ASSIGNED/RUNNING, exactly once, whatever was killed).
+            for key in await self.scan("lingua:v1:queued:*"):
+                rep.counts_left += sum(int(v) for v in await client.hvals(key))
+            for key in await self.scan("lingua:v1:held:*"):
+                rep.counts_left += await client.zcard(key)
             rep.refused_completions += self.refused_completions
             rep.auth_refused = self.auth_refused
         finally:
