@@ -7,6 +7,7 @@ one place. Keys come from server/keys.py, timer members from the Lua prelude (se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from . import buckets, keys
 from .scripts import Call
@@ -128,16 +129,32 @@ class FinishJob:
     guard: str = ""  # "lease" or "deadline": only once that ran out
 
     def call(self) -> Call:
-        jk, pk, _ = _job(self.job_id)
-        o, f = self.outcome, self.fence
-        shard, _ = _shard(self.job_id)
-        done_key, done_expiry = buckets.done(shard, buckets.now_ms(), self.retention_ms)
-        return Call("finish_job", [jk.fsm, jk.payload, jk.result, pk.queue, pk.timers,
-                                   pk.queued, pk.held, done_key, keys.ended_jobs(shard, self.dest)], [
-            self.job_id, self.event, self.dest, "" if f.version is None else f.version, f.node_id, f.token,
-            int(o.result is not None), o.result or b"", o.error_code, o.error_message, int(o.error_retryable),
-            self.retention_ms, self.guard, keys.SESSION_CHANNEL, done_expiry,
-        ])
+        """This job alone: its reply is a list of one job's reply."""
+        return FinishJobs((self,)).call()
+
+
+@dataclass(frozen=True, slots=True)
+class FinishJobs:
+    """Jobs of one shard finished in one call (finish_job takes a batch), each on its own: one reply per job."""
+
+    jobs: tuple[FinishJob, ...]
+
+    def call(self) -> Call:
+        first = self.jobs[0]
+        shard, _ = _shard(first.job_id)
+        if any(_shard(job.job_id)[0] != shard or job.retention_ms != first.retention_ms for job in self.jobs):
+            raise ValueError("finish_job: jobs of one shard and one retention per call")
+        done_key, done_expiry = buckets.done(shard, buckets.now_ms(), first.retention_ms)
+        names = [keys.shard_timers(shard), done_key]
+        argv: list[Any] = [first.retention_ms, done_expiry, keys.SESSION_CHANNEL]
+        for job in self.jobs:
+            jk, pk, _ = _job(job.job_id)
+            o, f = job.outcome, job.fence
+            names += [jk.fsm, jk.payload, jk.result, pk.queue, pk.queued, pk.held, keys.ended_jobs(shard, job.dest)]
+            argv += [job.job_id, job.event, job.dest, "" if f.version is None else f.version, f.node_id, f.token,
+                     int(o.result is not None), o.result or b"", o.error_code, o.error_message,
+                     int(o.error_retryable), job.guard]
+        return Call("finish_job", names, argv)
 
 
 @dataclass(frozen=True, slots=True)

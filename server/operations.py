@@ -109,9 +109,8 @@ class Operations:
                 continue
             records.append(rec)
         dest = fixed_dest(Event.CANCEL)
-        calls = [FinishJob(rec.job_id, Event.CANCEL, dest, Fence(version=rec.version), outcome,
-                           self.settings.retention_ms).call() for rec in records]
-        replies = await self.store.scripts.call_many(self.redis, calls)
+        replies = await self.store.finish_many([FinishJob(rec.job_id, Event.CANCEL, dest, Fence(version=rec.version),
+                                                          outcome, self.settings.retention_ms) for rec in records])
         cancelled: list[str] = []
         tell: list[JobRecord] = []
         for rec, reply in zip(records, replies, strict=True):

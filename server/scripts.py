@@ -1,6 +1,7 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10. Every script is
+A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10; `finish_job-2+7n.lua` takes
+2 and 7 for each of its items (a batch of jobs: 9, 16, 23, ...). Every script is
 assembled at load time as the prelude's parts it uses + the file: the prelude holds what the scripts share
 (the clock, the history entry, long values in pieces, timer member names) and the machine's rules,
 generated from fsm/ (which states each event fires from, where it leads, what counts as a repeat), so no
@@ -18,6 +19,7 @@ op being the script's name.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable
@@ -104,6 +106,8 @@ def prelude() -> str:
         "local function session_done_message(jobId, utterance, state)",
         f'  return jobId .. "{wire.SESSION_SEP}" .. utterance .. "{wire.SESSION_SEP}" .. state',
         "end",
+        "-- Between the announcements of one PUBLISH (a session's jobs that one finish_job call ended).",
+        f"local SESSION_LINES = {json.dumps(wire.SESSION_LINES)}",
         "-- A hash value longer than PIECE bytes turns the whole hash from a listpack into a hashtable (Redis's",
         "-- hash-max-listpack-value, 64 by default), several times its memory: a record keeps a long value in",
         "-- pieces, fields <name>, <name>+2, <name>+3, ... (server/wire.py). pieces() appends the HSET arguments.",
@@ -151,7 +155,7 @@ def prelude() -> str:
         "  end",
         "end",
         "-- A finished job's result of at most RESULT_INLINE bytes is the record's `r`, in pieces (RESULT_FIELDS: all",
-        "-- of them); a longer one has a key of its own (lua/finish_job-9.lua, server/wire.py).",
+        "-- of them); a longer one has a key of its own (lua/finish_job-2+7n.lua, server/wire.py).",
         f"local RESULT_INLINE = {wire.PIECE * wire.RESULT_PIECES}",
         'local RESULT_FIELDS = {"r", ' + ", ".join(f'"r+{i}"' for i in range(2, wire.RESULT_PIECES + 1)) + "}",
         "-- Index members (ListJobs): '<ULID> <partition tag>', so an index of many pools sorts newest first by",
@@ -207,9 +211,10 @@ def prelude() -> str:
         "    end",
         "  end",
         "end",
-        "-- Counts one event in a stats bucket hash (lingua:v1:rate:* / done:*), which expires at `expireAt`.",
-        "local function count_in(key, field, expireAt)",
-        '  if rcall("HINCRBY", key, field, 1) == 1 then',
+        "-- Counts `by` events in a stats bucket hash (lingua:v1:done:*), which expires at `expireAt` (set with the",
+        "-- field: a later field of the same key names the same time).",
+        "local function count_in(key, field, by, expireAt)",
+        '  if rcall("HINCRBY", key, field, by) == by then',
         '    rcall("PEXPIREAT", key, expireAt)',
         "  end",
         "end",
@@ -296,9 +301,23 @@ def assemble(shared: str, body: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Script:
     name: str
-    numkeys: int
+    numkeys: int  # the keys of every call; with per_item, those before the items'
     source: str
     sha: str
+    per_item: int = 0  # the keys of each item of a batch script (`-2+7n`: 7), 0 for a script of fixed keys
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}-{self.numkeys}{f'+{self.per_item}n' if self.per_item else ''}.lua"
+
+    def takes(self, numkeys: int) -> bool:
+        if not self.per_item:
+            return numkeys == self.numkeys
+        items, rest = divmod(numkeys - self.numkeys, self.per_item)
+        return items >= 1 and rest == 0
+
+
+_KEY_COUNT = re.compile(r"(\d+)(?:\+(\d+)n)?")
 
 
 def _load_all() -> dict[str, Script]:
@@ -308,9 +327,13 @@ def _load_all() -> dict[str, Script]:
         if not entry.name.endswith(".lua"):
             continue
         stem = entry.name.removesuffix(".lua")
-        name, _, numkeys = stem.rpartition("-")
+        name, _, count = stem.rpartition("-")
+        found = _KEY_COUNT.fullmatch(count)
+        if found is None:
+            raise ValueError(f"{entry.name}: the name must end in its key count (-3, -2+7n)")
         source = assemble(shared, entry.read_text())
-        scripts[name] = Script(name, int(numkeys), source, hashlib.sha1(source.encode()).hexdigest())
+        scripts[name] = Script(name, int(found[1]), source, hashlib.sha1(source.encode()).hexdigest(),
+                               int(found[2] or 0))
     return scripts
 
 
@@ -339,9 +362,10 @@ class Scripts:
     def args(self, call: Call) -> list[Any]:
         """EVALSHA arguments for one call, after checking the declared key count."""
         script = self._by_name[call.script]
-        if len(call.keys) != script.numkeys:
-            raise ValueError(f"{call.script} takes {script.numkeys} keys, got {len(call.keys)}")
-        return [script.sha, script.numkeys, *call.keys, *call.argv]
+        if not script.takes(len(call.keys)):
+            items = f" + {script.per_item} per item" if script.per_item else ""
+            raise ValueError(f"{call.script} takes {script.numkeys}{items} keys, got {len(call.keys)}")
+        return [script.sha, len(call.keys), *call.keys, *call.argv]
 
     async def load(self, client: Any, name: str | None = None) -> None:
         """SCRIPT LOAD one script (or all) on `client` (on a cluster: on every primary)."""

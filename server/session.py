@@ -141,15 +141,16 @@ class SessionWatch:
         high: int | None = -1
         for raw in messages:
             try:
-                msg = wire.parse_session_done(raw.decode())
-                if not self._wanted(msg.job_id):
-                    continue
+                jobs = wire.parse_session_done(raw.decode())
             except ValueError:
                 continue
-            if msg.utterance_index is not None and msg.utterance_index < self.order.cursor:
-                continue  # passed
-            finished.append(msg.job_id)
-            if high is not None:
-                high = None if msg.utterance_index is None else max(high, msg.utterance_index)
+            for msg in jobs:
+                if not self._wanted(msg.job_id):
+                    continue
+                if msg.utterance_index is not None and msg.utterance_index < self.order.cursor:
+                    continue  # passed
+                finished.append(msg.job_id)
+                if high is not None:
+                    high = None if msg.utterance_index is None else max(high, msg.utterance_index)
         if finished:
             await self._read(high, finished)

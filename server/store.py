@@ -36,6 +36,7 @@ from .calls import (
     ClaimJob,
     Fence,
     FinishJob,
+    FinishJobs,
     ForgetJob,
     Outcome,
     PromoteJob,
@@ -66,6 +67,8 @@ from .throttle import ThrottledWarning
 from .tracing import Tracing
 
 log = logging.getLogger(__name__)
+# Most jobs of one finish_job call: bounds the time one call holds Redis, and its argument lists.
+FINISH_BATCH = 100
 _junk_timers = ThrottledWarning(log, interval_s=10)  # a bad writer's members would come every sweep
 
 
@@ -572,13 +575,13 @@ class Store:
 
     async def complete_many(self, node_id: str, items: list[tuple[Lease, pb.JobResult]]) -> list[Changed | Exception]:
         """complete() for several jobs in one round trip; per-job errors are returned, not raised."""
-        calls = [
+        finishes = [
             FinishJob(lease.job_id, Event.COMPLETE, self._complete_dest, Fence(node_id, lease.token),
-                      Outcome(result=result.SerializeToString()), self.settings.retention_ms).call()
+                      Outcome(result=result.SerializeToString()), self.settings.retention_ms)
             for lease, result in items
         ]
-        outcomes = self._outcomes([lease.job_id for lease, _ in items],
-                                  await self.scripts.call_many(self.redis, calls), Event.COMPLETE)
+        outcomes = self._outcomes([lease.job_id for lease, _ in items], await self.finish_many(finishes),
+                                  Event.COMPLETE)
         for outcome, (lease, _) in zip(outcomes, items, strict=True):
             if isinstance(outcome, Changed) and outcome.tenant:
                 self.quotas.finished(outcome.tenant, outcome.job_id)
@@ -586,6 +589,23 @@ class Store:
                 self.tracing.finished(outcome.job_id, Event.COMPLETE, outcome.state, node_id=node_id,
                                       tenant_id=outcome.tenant, attempt=lease.attempt, terminal=True)
         return outcomes
+
+    async def finish_many(self, finishes: list[FinishJob]) -> list[Any]:
+        """finish_job for each job, one call per shard (up to FINISH_BATCH jobs), all in one round trip: the
+        jobs' replies (or the exception of their call) in the order given. A job's commands that touch keys
+        of the shard every job of it touches (the timers, the done bucket, its session's channel...) are sent
+        once per call, not once per job (lua/finish_job-2+7n.lua)."""
+        batches: dict[str, list[int]] = {}
+        for i, finish in enumerate(finishes):
+            batches.setdefault(keys.shard_of_tag(keys.tag_of(finish.job_id)), []).append(i)
+        chunks = [at[start:start + FINISH_BATCH] for at in batches.values() for start in range(0, len(at), FINISH_BATCH)]
+        replies = await self.scripts.call_many(
+            self.redis, [FinishJobs(tuple(finishes[i] for i in chunk)).call() for chunk in chunks])
+        out: list[Any] = [None] * len(finishes)
+        for chunk, reply in zip(chunks, replies, strict=True):
+            for n, i in enumerate(chunk):
+                out[i] = reply if isinstance(reply, Exception) else reply[n]
+        return out
 
     async def fail(self, job_id: str, node_id: str, token: str, error: pb.JobError) -> Changed:
         """A failed attempt, fenced: requeued with backoff while retryable with attempts left, else failed."""
@@ -641,11 +661,14 @@ class Store:
                 given_back = event in GIVES_BACK_ATTEMPT  # no execution started: no backoff either
                 backoff = 0 if given_back else min(self.settings.backoff_max_ms,
                                                    self.settings.backoff_base_ms * 2 ** max(rec.attempt - 1, 0))
-                call = RequeueJob(job_id, event, dest, fence, outcome, backoff_ms=backoff, avoid=avoid,
-                                  guard=guard, give_back_attempt=given_back).call()
-            else:
-                call = FinishJob(job_id, event, dest, fence, outcome, self.settings.retention_ms, guard=guard).call()
-            reply = await self.scripts.call(self.redis, call)
+                reply = await self.scripts.call(self.redis, RequeueJob(
+                    job_id, event, dest, fence, outcome, backoff_ms=backoff, avoid=avoid, guard=guard,
+                    give_back_attempt=given_back).call())
+            else:  # finish_job answers a list, one reply per job: this job's
+                (reply,) = await self.scripts.call(self.redis, FinishJob(
+                    job_id, event, dest, fence, outcome, self.settings.retention_ms, guard=guard).call())
+            if isinstance(reply, Exception):
+                raise reply
             if reply[0] == ScriptCode.VERSION_MISMATCH:
                 continue
             changed = self._changed(job_id, reply, event)

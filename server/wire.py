@@ -145,8 +145,10 @@ def parse_node_message(data: str) -> tuple[str, list[str]]:
     return verb, args
 
 
-# A job of a session reached a terminal state (on keys.session_channel; published by finish_job).
-SESSION_SEP = " "
+# A job of a session reached a terminal state (on keys.session_channel; published by finish_job): a line
+# "<job id> <utterance index> <state>" per job, the session's jobs that one finish_job call ended in one
+# message (an earlier version's reader hears the first line's job only: docs/operations.md, "Upgrading").
+SESSION_SEP, SESSION_LINES = " ", "\n"
 
 
 def session_done(job_id: str, utterance_index: int, state: str) -> str:
@@ -160,10 +162,13 @@ class SessionDone:
     state: str
 
 
-def parse_session_done(data: str) -> SessionDone:
-    """ValueError for a message no version of the scheduler wrote."""
-    job_id, _, rest = data.partition(SESSION_SEP)
-    utt, _, state = rest.partition(SESSION_SEP)
-    if not job_id or not state:
-        raise ValueError(f"not a session announcement: {data!r}")
-    return SessionDone(job_id, int(utt) if utt else None, state)
+def parse_session_done(data: str) -> list[SessionDone]:
+    """The jobs of one announcement; ValueError for a message no version of the scheduler wrote."""
+    out = []
+    for line in data.split(SESSION_LINES):
+        job_id, _, rest = line.partition(SESSION_SEP)
+        utt, _, state = rest.partition(SESSION_SEP)
+        if not job_id or not state:
+            raise ValueError(f"not a session announcement: {data!r}")
+        out.append(SessionDone(job_id, int(utt) if utt else None, state))
+    return out

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from helpers import spec, until
 from lingua_scheduler.fsm import Event, JobState, dests_of, fixed_dest, is_repeat, sources_of
-from lingua_scheduler.server import keys, wire
+from lingua_scheduler.server import buckets, keys, wire
 from lingua_scheduler.server.calls import (
     DrainNode,
     Fence,
@@ -27,7 +27,7 @@ from lingua_scheduler.server.calls import (
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.operations import Operations
 from lingua_scheduler.server.scripts import Call, Scripts, constants, lua_code, parts, prelude
-from lingua_scheduler.server.store import Lease, Store
+from lingua_scheduler.server.store import Changed, Lease, Store
 from lingua_sdk import pb
 from redis.exceptions import NoScriptError
 
@@ -164,13 +164,48 @@ async def test_finish_codes(store: Store) -> None:
         ({}, ScriptCode.ALREADY),
         (dict(result=b"other"), ScriptCode.RESULT_CONFLICT),
     ]:
-        r = await call(store.redis, finish_call(job_id, **kw))
+        (r,) = await call(store.redis, finish_call(job_id, **kw))  # one job's call: a list of one reply
         assert r[0] == expected, kw
         seen.add(r[0])
-    r = await call(store.redis, finish_call(keys.tag_of(job_id) + "01GHOST"))
+    (r,) = await call(store.redis, finish_call(keys.tag_of(job_id) + "01GHOST"))
     seen.add(r[0])
     assert r[0] == ScriptCode.JOB_NOT_FOUND
     assert seen == documented_codes("finish_job")
+
+
+async def test_a_batch_of_completions_answers_each_job_as_a_call_of_its_own(store: Store, redis: Any) -> None:
+    """complete_many: one finish_job call per shard, all in one round trip. Each job's outcome is the one a
+    call of its own gives, in the order given (a job twice: the second sees the first); a job whose
+    commands fail fails alone. The keys the jobs share are left as job by job calls leave them."""
+    one, other = "s1", next(f"s{i}" for i in range(2, 99) if store.shard_of("acme", f"s{i}") != store.shard_of("acme", "s1"))
+    ok, ok2, repeat, conflict, stale, broken = [await claimed(store, session_id=one, utterance_index=i) for i in range(6)]
+    elsewhere = await claimed(store, session_id=other)
+    r, r2 = pb.JobResult(text_translated="r"), pb.JobResult(text_translated="r2")
+    await store.complete(repeat, "n1", "tok1", r)
+    await store.complete(conflict, "n1", "tok1", r)
+    await redis.hdel(keys.JobKeys.of(broken).fsm, "dl")  # a record no version wrote: its finish fails midway
+    ghost = keys.tag_of(ok) + "01GHOST"
+    items = [(ok, "tok1", r), (stale, "tok0", r), (elsewhere, "tok1", r), (repeat, "tok1", r), (conflict, "tok1", r2),
+             (ghost, "tok1", r), (broken, "tok1", r), (ok2, "tok1", r2), (ok, "tok1", r)]
+    out = await store.complete_many("n1", [(Lease(j, t), res) for j, t, res in items])
+    assert [o.code if isinstance(o, Changed) else type(o).__name__ for o in out] == [
+        ScriptCode.APPLIED, "StaleLease", ScriptCode.APPLIED, ScriptCode.ALREADY, "ResultConflict", "JobNotFound",
+        "ResponseError", ScriptCode.APPLIED, ScriptCode.ALREADY]
+    assert [o.job_id for o in out if isinstance(o, Changed)] == [ok, elsewhere, repeat, ok2, ok]
+    for job_id, result in ((ok, r), (ok2, r2), (elsewhere, r)):
+        view = await store.get(job_id, lambda tenant: True)
+        assert (view.record.state, view.result) == ("succeeded", result)
+    shard = keys.shard_of_tag(keys.tag_of(ok))
+    timers = {m.decode() for m in await redis.zrange(keys.shard_timers(shard), 0, -1)}
+    for job_id in (ok, ok2):  # its lease and deadline timers gone, its forget timer there
+        assert [t for t in timers if job_id in t] == [wire.forget_timer(job_id, "acme")]
+    assert {wire.lease_timer(stale, "tok1"), wire.deadline_timer(stale)} <= timers
+    held = keys.PartitionKeys.of(keys.tag_of(ok)).held
+    assert {m.decode() for m in await redis.zrange(held, 0, -1)} == {stale, broken}
+    done = 0
+    for key in buckets.done_keys(shard, buckets.now_ms(), store.settings.retention_ms):
+        done += int(await redis.hget(key, "zh:en|succeeded") or 0)
+    assert done == 4  # repeat, conflict, then ok and ok2: counted once each
 
 
 async def test_requeue_codes(store: Store) -> None:
@@ -258,6 +293,8 @@ async def test_registry_codes(store: Store, redis: Any) -> None:
 async def test_key_count_is_checked_and_noscript_is_retried(store: Store, redis: Any) -> None:
     with pytest.raises(ValueError, match="takes 3 keys"):
         store.scripts.args(Call("touch_job", ["a"], []))
+    with pytest.raises(ValueError, match=re.escape("takes 2 + 7 per item keys, got 2")):  # a batch of no job
+        store.scripts.args(Call("finish_job", ["a", "b"], []))
     job_id = await queued(store)
     await redis.script_flush()  # as after a Redis restart
     (c,) = await store.claim("n1", [(job_id, "tok1")])
@@ -271,12 +308,17 @@ async def test_key_count_is_checked_and_noscript_is_retried(store: Store, redis:
 def test_every_script_has_a_header_and_declares_its_keys() -> None:
     for path in sorted(LUA.glob("*.lua")):
         source = path.read_text()
-        numkeys = int(path.stem.rpartition("-")[2])
+        fixed, _, per_item = path.stem.rpartition("-")[2].partition("+")  # `-9`, or `-2+7n`: 2, then 7 per item
+        numkeys = int(fixed)
         header = source.split("]]", 1)[0]
         assert header.startswith("--[["), path.name
         for n in range(1, numkeys + 1):
             assert f"KEYS[{n}]" in header, (path.name, n)
-        assert f"KEYS[{numkeys + 1}]" not in source, path.name
+        if per_item:  # the items' keys: KEYS[3 + 7(i-1)] ..., each item's keys +0 to +6
+            assert f"KEYS[{numkeys + 1} + {per_item[:-1]}(i-1)]" in header, path.name
+            assert all(f"+{n} " in header for n in range(int(per_item[:-1]))), path.name
+        else:
+            assert f"KEYS[{numkeys + 1}]" not in source, path.name
         assert "Output:" in header, path.name
 
 
@@ -286,7 +328,7 @@ def test_each_script_gets_the_prelude_parts_it_uses() -> None:
     names = [p.names for p in parts(prelude())]
     sizes = set()
     for script in Scripts():
-        body = constants((LUA / f"{script.name}-{script.numkeys}.lua").read_text())
+        body = constants((LUA / script.file).read_text())
         assert script.source.endswith(body), script.name
         head, code = script.source[: -len(body)], lua_code(script.source)
         used = [text for text in every if text in head]
@@ -354,10 +396,10 @@ async def test_scripts_accept_exactly_what_the_machine_allows(store: Store, redi
                 continue  # covered by the claim, touch and submit tests (they fire from one state)
             await redis.hset(jk.fsm, mapping={"state": str(state), "ev": "", "ver": 5, "lease": 1, "dl": 1})
             if JobState.QUEUED in dests:
-                call = RequeueJob(job_id, event, "queued", Fence(), Outcome()).call()
+                r = await store.scripts.call(redis, RequeueJob(job_id, event, "queued", Fence(), Outcome()).call())
             else:
-                call = FinishJob(job_id, event, str(dests[0]), Fence(), Outcome(), 60_000).call()
-            r = await store.scripts.call(redis, call)
+                (r,) = await store.scripts.call(redis, FinishJob(job_id, event, str(dests[0]), Fence(), Outcome(),
+                                                                 60_000).call())
             assert (r[0] == ScriptCode.APPLIED) == (state in sources_of(event)), (event, state, r)
             if r[0] != ScriptCode.APPLIED:
                 assert r[0] == ScriptCode.INVALID_TRANSITION and r[1] == str(state).encode()

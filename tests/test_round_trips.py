@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import pair, spec, until
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.dispatch import Dispatcher
+from lingua_scheduler.server.session import BACKSTOP_S
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
 from lingua_sdk import pb, pb_grpc
@@ -31,6 +32,7 @@ class Monitor:
         self.redis = redis
         self.client: Counter[str] = Counter()
         self.lua: Counter[str] = Counter()
+        self.shas: Counter[str] = Counter()  # clients' EVALSHAs by script SHA
         self.changed = asyncio.Event()
 
     async def seen(self, name: str, count: int) -> None:
@@ -43,6 +45,7 @@ class Monitor:
     async def watch(self) -> AsyncIterator[Monitor]:
         self.client.clear()
         self.lua.clear()
+        self.shas.clear()
         marker = "lingua-monitor-end"
         async with self.redis.monitor() as m:
             async def consume() -> None:
@@ -53,6 +56,8 @@ class Monitor:
                     if name in SETUP:
                         continue
                     (self.lua if cmd.get("client_type") == "lua" else self.client)[name] += 1
+                    if name == "EVALSHA" and cmd.get("client_type") != "lua":
+                        self.shas[cmd["command"].split(" ", 2)[1]] += 1
                     self.changed.set()
             task = asyncio.create_task(consume())
             await asyncio.sleep(0)
@@ -109,7 +114,7 @@ async def test_commands_per_rpc(make_app: AppFactory, redis: Any) -> None:
 @pytest.mark.single_redis
 async def test_admin_calls_round_trips(make_app: AppFactory, redis: Any) -> None:
     """CancelSession reads the session's index, then its jobs' records (one pipeline), then cancels them
-    all (one pipeline); GetStats within a second of the last read costs Redis nothing (cached snapshot);
+    all (one finish_job call: a session's jobs share a shard); GetStats within a second of the last read costs Redis nothing (cached snapshot);
     a ListJobs filter on FAILED reads only the failed jobs' index."""
     app = await make_app(sweep_interval_ms=600_000, poll_interval_ms=600_000)
     mon = Monitor(redis)
@@ -119,7 +124,8 @@ async def test_admin_calls_round_trips(make_app: AppFactory, redis: Any) -> None
         async with mon.watch():
             done = await stub.CancelSession(pb.CancelSessionRequest(tenant_id="acme", session_id="s1"))
         assert len(done.cancelled_job_ids) == 20
-        assert mon.client == Counter(ZRANGE=1, HGETALL=20, EVALSHA=20), mon.client
+        assert mon.client == Counter(ZRANGE=1, HGETALL=20, EVALSHA=1), mon.client
+        assert mon.lua["PUBLISH"] == 1 and mon.lua["TIME"] == 1, mon.lua  # one announcement of the 20
         await stub.GetStats(pb.GetStatsRequest())
         async with mon.watch():
             await stub.GetStats(pb.GetStatsRequest())
@@ -155,3 +161,70 @@ async def test_a_sweep_forgets_the_due_jobs_in_one_pipeline(redis: Any, settings
     # Each: the timer's due time checked by Redis' clock (ZSCORE, TIME), then ZREM of the timer, the
     # pool's, the tenant's and the ended index's entries.
     assert mon.lua == Counter(ZSCORE=5, TIME=5, ZREM=4 * 5), mon.lua
+
+
+def _lease(a: pb.Assignment) -> pb.JobLease:
+    return pb.JobLease(job_id=a.job_id, attempt=a.attempt, lease_token=a.lease_token)
+
+
+async def _next(call: Any, want: str) -> pb.SchedulerMessage:
+    """The node stream's next scheduler message that carries `want` (a repeated field with entries); pings
+    on the way are answered."""
+    while True:
+        m = await asyncio.wait_for(call.read(), 10)
+        assert m is not grpc.aio.EOF, "the stream closed"
+        if m.HasField("ping"):
+            await call.write(pb.NodeMessage(pong=pb.Pong(id=m.ping.id)))
+        if len(getattr(m, want)):
+            return m
+
+
+@pytest.mark.single_redis
+async def test_a_nodes_completions_of_one_shard_are_one_finish_call(make_app: AppFactory, redis: Any) -> None:
+    """One node message with four completions of one session (one shard): a stale token, a repeat, two
+    successes. One finish_job call answers each on its own, and the session's two finished jobs are one
+    announcement that a WatchSession reader hears whole (sooner than its backstop re-read)."""
+    app = await make_app(ack_timeout_ms=60_000)  # the node never acks: complete is allowed from assigned
+    mon = Monitor(redis)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+        call = stub.NodeSession()
+        await call.write(pb.NodeMessage(register=pb.Register(node_id="batch", max_concurrency=4, pairs=[pair()])))
+        # The stale one is the session's last utterance: an unfinished job holds later ones back in WatchSession.
+        ids = [r.job_id for r in (await stub.Submit(pb.SubmitRequest(
+            jobs=[spec(utterance_index=i) for i in range(4)]))).results]
+        assert len({keys.shard_of_tag(keys.tag_of(j)) for j in ids}) == 1
+        held: dict[str, pb.Assignment] = {}
+        while len(held) < 4:
+            held.update((a.job_id, a) for a in (await _next(call, "assignments")).assignments)
+        b, c, d, a = (held[j] for j in ids)
+        await call.write(pb.NodeMessage(unavailable=[_lease(a)]))  # requeued, and back with another token
+        await _next(call, "confirmed")
+        again = (await _next(call, "assignments")).assignments[0]
+        assert again.job_id == a.job_id and again.lease_token != a.lease_token
+        watch = stub.WatchSession(pb.WatchSessionRequest(tenant_id="acme", session_id="s1"))
+        results = {j: pb.JobResult(text_translated=f"r{i}") for i, j in enumerate(ids)}
+        await call.write(pb.NodeMessage(completions=[pb.Completion(lease=_lease(b), result=results[b.job_id])]))
+        await _next(call, "confirmed")
+        assert [j.job_id for j in (await asyncio.wait_for(watch.read(), 10)).jobs] == [b.job_id]
+
+        async with mon.watch():
+            await call.write(pb.NodeMessage(completions=[
+                pb.Completion(lease=_lease(x), result=results[x.job_id]) for x in (a, b, c, d)]))
+            m = await _next(call, "confirmed")
+            seen: list[str] = []
+            async with asyncio.timeout(BACKSTOP_S / 2):  # not the backstop: the announcement named both
+                while len(seen) < 2:
+                    seen += [j.job_id for j in (await watch.read()).jobs]
+        assert seen == [c.job_id, d.job_id]
+        assert [(r.job_id, r.reason, r.lease_token) for r in m.refused] == [(a.job_id, "STALE_LEASE", a.lease_token)]
+        assert [(x.job_id, x.ok, x.state) for x in m.confirmed] == [
+            (j.job_id, True, pb.JOB_STATE_SUCCEEDED) for j in (b, c, d)]  # b: a repeat, confirmed again
+        assert mon.shas[app.store.scripts["finish_job"].sha] == 1, mon.shas
+        assert mon.lua["PUBLISH"] == 1, mon.lua  # c and d in one announcement
+        for x in (b, c, d):
+            assert (await stub.GetJob(pb.GetJobRequest(job_id=x.job_id))).result == results[x.job_id]
+        rec = await app.store.record(a.job_id)
+        assert (rec.state, rec.token, rec.attempt) == ("assigned", again.lease_token, 2)
+        watch.cancel()
+        call.cancel()
