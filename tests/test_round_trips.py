@@ -114,8 +114,8 @@ async def test_commands_per_rpc(make_app: AppFactory, redis: Any) -> None:
 @pytest.mark.single_redis
 async def test_admin_calls_round_trips(make_app: AppFactory, redis: Any) -> None:
     """CancelSession reads the session's index, then its jobs' records (one pipeline), then cancels them
-    all (one finish_job call: a session's jobs share a shard); GetStats within a second of the last read costs Redis nothing (cached snapshot);
-    a ListJobs filter on FAILED reads only the failed jobs' index."""
+    all (one finish_job call: a session's jobs share a shard); GetStats within a second of the last read
+    costs Redis nothing (cached snapshot); a ListJobs filter on FAILED reads only the failed jobs' index."""
     app = await make_app(sweep_interval_ms=600_000, poll_interval_ms=600_000)
     mon = Monitor(redis)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
