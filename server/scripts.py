@@ -1,6 +1,7 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10. Every script is
+A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10; `-n`, a number its header
+gives (a call for several jobs: `submit_job-n.lua`). Every script is
 assembled at load time as the prelude's parts it uses + the file: the prelude holds what the scripts share
 (the clock, the history entry, long values in pieces, timer member names) and the machine's rules,
 generated from fsm/ (which states each event fires from, where it leads, what counts as a repeat), so no
@@ -101,6 +102,7 @@ def prelude() -> str:
         "local function wake_message(jobId, preferred, score)",
         f'  return jobId .. "{wire.WAKE_SEP}" .. preferred .. "{wire.WAKE_SEP}" .. string.format("%.0f", tonumber(score))',
         "end",
+        f'local WAKES_SEP = "{wire.WAKES_SEP_LUA}"  -- between the wake-ups of one message (a batch of submits)',
         "local function session_done_message(jobId, utterance, state)",
         f'  return jobId .. "{wire.SESSION_SEP}" .. utterance .. "{wire.SESSION_SEP}" .. state',
         "end",
@@ -188,12 +190,10 @@ def prelude() -> str:
         '    return string.match(v, "^(%S+) ?(%S*)$")',
         "  end",
         "end",
-        "local function identity_job(idemKey, sessionKey, jobId, utterance, keyed)",
-        "  if keyed then",
-        "    return keyed_job(idemKey)",
-        "  end",
+        "-- identity_in: the same for the default identity, given the session's job ids at the utterance.",
+        "local function identity_in(idemKey, ids, jobId)",
         "  local tag = string.sub(jobId, 1, -27)  -- ids are the partition tag + a ULID (26 characters)",
-        '  for _, id in ipairs(rcall("ZRANGEBYSCORE", sessionKey, utterance, utterance)) do',
+        "  for _, id in ipairs(ids) do",
         "    if string.sub(id, 1, -27) == tag then",
         '      local digest = rcall("HGET", fsm_key(id), "dg")',
         '      if digest and digest ~= "" then',
@@ -206,6 +206,12 @@ def prelude() -> str:
         "      end",
         "    end",
         "  end",
+        "end",
+        "local function identity_job(idemKey, sessionKey, jobId, utterance, keyed)",
+        "  if keyed then",
+        "    return keyed_job(idemKey)",
+        "  end",
+        '  return identity_in(idemKey, rcall("ZRANGEBYSCORE", sessionKey, utterance, utterance), jobId)',
         "end",
         "-- Counts one event in a stats bucket hash (lingua:v1:rate:* / done:*), which expires at `expireAt`.",
         "local function count_in(key, field, expireAt)",
@@ -296,7 +302,7 @@ def assemble(shared: str, body: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Script:
     name: str
-    numkeys: int
+    numkeys: int | None  # None: as many as the call gives (`-n`)
     source: str
     sha: str
 
@@ -310,7 +316,8 @@ def _load_all() -> dict[str, Script]:
         stem = entry.name.removesuffix(".lua")
         name, _, numkeys = stem.rpartition("-")
         source = assemble(shared, entry.read_text())
-        scripts[name] = Script(name, int(numkeys), source, hashlib.sha1(source.encode()).hexdigest())
+        scripts[name] = Script(name, None if numkeys == "n" else int(numkeys), source,
+                               hashlib.sha1(source.encode()).hexdigest())
     return scripts
 
 
@@ -339,9 +346,9 @@ class Scripts:
     def args(self, call: Call) -> list[Any]:
         """EVALSHA arguments for one call, after checking the declared key count."""
         script = self._by_name[call.script]
-        if len(call.keys) != script.numkeys:
+        if script.numkeys is not None and len(call.keys) != script.numkeys:
             raise ValueError(f"{call.script} takes {script.numkeys} keys, got {len(call.keys)}")
-        return [script.sha, script.numkeys, *call.keys, *call.argv]
+        return [script.sha, len(call.keys), *call.keys, *call.argv]
 
     async def load(self, client: Any, name: str | None = None) -> None:
         """SCRIPT LOAD one script (or all) on `client` (on a cluster: on every primary)."""

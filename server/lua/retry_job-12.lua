@@ -21,7 +21,7 @@
     KEYS[10] partition jobs index (ListJobs by pool; the entry is added again, in case a sweeper whose
              clock runs ahead fired the forget timer before the record expired)
     KEYS[11] tenant jobs index of this shard (ListJobs by tenant; likewise)
-    KEYS[12] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-12.lua)
+    KEYS[12] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-n.lua)
     ARGV[1] job id
     ARGV[2] expected version
     ARGV[3] new deadline, ms since epoch; 0 for now + the job's own time to live (its first deadline -
