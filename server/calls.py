@@ -46,23 +46,28 @@ class SubmitJob:
     pools_known: int | None = None  # the pool's score in its shard's pools zset, as written lately (rates.Pools)
     session_known: int | None = None  # when the session's index expires, as written or read lately (rates.py)
 
-    def call(self) -> Call:
-        jk, pk, wake = _job(self.job_id)
-        shard, sk = _shard(self.job_id)
-        return Call("submit_job", [self.identity, jk.fsm, jk.payload, pk.queue, pk.timers,
-                                   pk.affinity, self.session_jobs, pk.fair, pk.queued, pk.jobs,
-                                   keys.tenant_jobs(shard, self.tenant_id), sk.pools], [
-            self.job_id, self.meta, self.payload, self.priority, self.max_attempts, self.deadline_ms,
-            self.default_ttl_ms, self.execution_timeout_ms, self.retention_ms, self.session,
-            self.affinity_ttl_ms, wake, self.digest, self.utterance_index, self.tenant_id, self.fair_step,
-            "" if self.pools_known is None else self.pools_known, "1" if self.keyed else "",
-            "" if self.session_known is None else self.session_known,
-        ])
-
     def find(self) -> Call:
         """The read-only lookup of the job this submit's identity has already (find_identity)."""
         return Call("find_identity", [self.identity, self.session_jobs],
                     [self.job_id, self.utterance_index, "1" if self.keyed else ""])
+
+
+def submit_call(jobs: list[SubmitJob]) -> Call:
+    """One submit_job call for `jobs` of one partition (same tag; the settings-wide fields of the first
+    stand for all): its reply is one reply per job, in order."""
+    first = jobs[0]
+    _, pk, wake = _job(first.job_id)
+    shard, sk = _shard(first.job_id)
+    names = [pk.queue, pk.timers, pk.affinity, pk.fair, pk.queued, pk.jobs, sk.pools]
+    argv: list[Any] = [first.default_ttl_ms, first.retention_ms, first.affinity_ttl_ms, wake,
+                       "" if first.pools_known is None else first.pools_known]
+    for job in jobs:
+        jk = keys.JobKeys.of(job.job_id)
+        names += [job.identity, jk.fsm, jk.payload, job.session_jobs, keys.tenant_jobs(shard, job.tenant_id)]
+        argv += [job.job_id, job.meta, job.payload, job.priority, job.max_attempts, job.deadline_ms,
+                 job.execution_timeout_ms, job.session, job.digest, job.utterance_index, job.tenant_id,
+                 job.fair_step, "1" if job.keyed else "", "" if job.session_known is None else job.session_known]
+    return Call("submit_job", names, argv)
 
 
 @dataclass(frozen=True, slots=True)

@@ -673,14 +673,16 @@ class Dispatcher:
         if local is None:
             return  # no consumer of this pool here
         try:
-            job_id, preferred, score = wire.parse_wake(data)
-            keys.tag_of(job_id)
+            wakes = wire.parse_wakes(data)  # one per job of a submit call
+            for job_id, _, _ in wakes:
+                keys.tag_of(job_id)
         except ValueError:
             self._listen_errors("ignoring a wake-up no scheduler sent: %r", data)
             return
-        local.hear(job_id, preferred, score)
+        for job_id, preferred, score in wakes:
+            local.hear(job_id, preferred, score)
         self._due.add(pool)
-        self._heard += 1
+        self._heard += len(wakes)
         self._kick.set()
 
     def _on_pool_message(self, pool: str, data: str) -> None:

@@ -88,7 +88,7 @@ class PartitionKeys:
     affinity: str  # HASH "<tenant>\0<session>" -> "<node_id>|<ms>": the node that served it last
     affinity_at: str  # ZSET "<tenant>\0<session>" -> ms of the binding: old ones are deleted
     fair: str  # ZSET fair share of the queue: "c<band>" -> the band's virtual clock, "t<band>:<tenant>" -> the
-    #            tenant's last pass in the band (queue score units; lua/submit_job-12.lua), "e" -> minus
+    #            tenant's last pass in the band (queue score units; lua/submit_job-n.lua), "e" -> minus
     #            when the key expires
     queued: str  # HASH second -> how many of the partition's queued jobs (in backoff too) entered QUEUED in
     #              that second (Redis time, ms // 1000; the job's record tells it: `updated`, written when it

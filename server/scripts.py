@@ -1,7 +1,7 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10; `finish_job-2+7n.lua` takes
-2 and 7 for each of its items (a batch of jobs: 9, 16, 23, ...). Every script is
+A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10; `-n`, a number its header
+gives (a call for several jobs: `submit_job-n.lua`). Every script is
 assembled at load time as the prelude's parts it uses + the file: the prelude holds what the scripts share
 (the clock, the history entry, long values in pieces, timer member names) and the machine's rules,
 generated from fsm/ (which states each event fires from, where it leads, what counts as a repeat), so no
@@ -103,6 +103,7 @@ def prelude() -> str:
         "local function wake_message(jobId, preferred, score)",
         f'  return jobId .. "{wire.WAKE_SEP}" .. preferred .. "{wire.WAKE_SEP}" .. string.format("%.0f", tonumber(score))',
         "end",
+        f'local WAKES_SEP = "{wire.WAKES_SEP_LUA}"  -- between the wake-ups of one message (a batch of submits)',
         "local function session_done_message(jobId, utterance, state)",
         f'  return jobId .. "{wire.SESSION_SEP}" .. utterance .. "{wire.SESSION_SEP}" .. state',
         "end",
@@ -155,7 +156,7 @@ def prelude() -> str:
         "  end",
         "end",
         "-- A finished job's result of at most RESULT_INLINE bytes is the record's `r`, in pieces (RESULT_FIELDS: all",
-        "-- of them); a longer one has a key of its own (lua/finish_job-2+7n.lua, server/wire.py).",
+        "-- of them); a longer one has a key of its own (lua/finish_job-n.lua, server/wire.py).",
         f"local RESULT_INLINE = {wire.PIECE * wire.RESULT_PIECES}",
         'local RESULT_FIELDS = {"r", ' + ", ".join(f'"r+{i}"' for i in range(2, wire.RESULT_PIECES + 1)) + "}",
         "-- Index members (ListJobs): '<ULID> <partition tag>', so an index of many pools sorts newest first by",
@@ -192,12 +193,10 @@ def prelude() -> str:
         '    return string.match(v, "^(%S+) ?(%S*)$")',
         "  end",
         "end",
-        "local function identity_job(idemKey, sessionKey, jobId, utterance, keyed)",
-        "  if keyed then",
-        "    return keyed_job(idemKey)",
-        "  end",
+        "-- identity_in: the same for the default identity, given the session's job ids at the utterance.",
+        "local function identity_in(idemKey, ids, jobId)",
         "  local tag = string.sub(jobId, 1, -27)  -- ids are the partition tag + a ULID (26 characters)",
-        '  for _, id in ipairs(rcall("ZRANGEBYSCORE", sessionKey, utterance, utterance)) do',
+        "  for _, id in ipairs(ids) do",
         "    if string.sub(id, 1, -27) == tag then",
         '      local digest = rcall("HGET", fsm_key(id), "dg")',
         '      if digest and digest ~= "" then',
@@ -210,6 +209,12 @@ def prelude() -> str:
         "      end",
         "    end",
         "  end",
+        "end",
+        "local function identity_job(idemKey, sessionKey, jobId, utterance, keyed)",
+        "  if keyed then",
+        "    return keyed_job(idemKey)",
+        "  end",
+        '  return identity_in(idemKey, rcall("ZRANGEBYSCORE", sessionKey, utterance, utterance), jobId)',
         "end",
         "-- Counts `by` events in a stats bucket hash (lingua:v1:done:*), which expires at `expireAt` (set with the",
         "-- field: a later field of the same key names the same time).",
@@ -301,23 +306,9 @@ def assemble(shared: str, body: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Script:
     name: str
-    numkeys: int  # the keys of every call; with per_item, those before the items'
+    numkeys: int | None  # None: as many as the call gives (`-n`)
     source: str
     sha: str
-    per_item: int = 0  # the keys of each item of a batch script (`-2+7n`: 7), 0 for a script of fixed keys
-
-    @property
-    def file(self) -> str:
-        return f"{self.name}-{self.numkeys}{f'+{self.per_item}n' if self.per_item else ''}.lua"
-
-    def takes(self, numkeys: int) -> bool:
-        if not self.per_item:
-            return numkeys == self.numkeys
-        items, rest = divmod(numkeys - self.numkeys, self.per_item)
-        return items >= 1 and rest == 0
-
-
-_KEY_COUNT = re.compile(r"(\d+)(?:\+(\d+)n)?")
 
 
 def _load_all() -> dict[str, Script]:
@@ -327,13 +318,10 @@ def _load_all() -> dict[str, Script]:
         if not entry.name.endswith(".lua"):
             continue
         stem = entry.name.removesuffix(".lua")
-        name, _, count = stem.rpartition("-")
-        found = _KEY_COUNT.fullmatch(count)
-        if found is None:
-            raise ValueError(f"{entry.name}: the name must end in its key count (-3, -2+7n)")
+        name, _, numkeys = stem.rpartition("-")
         source = assemble(shared, entry.read_text())
-        scripts[name] = Script(name, int(found[1]), source, hashlib.sha1(source.encode()).hexdigest(),
-                               int(found[2] or 0))
+        scripts[name] = Script(name, None if numkeys == "n" else int(numkeys), source,
+                               hashlib.sha1(source.encode()).hexdigest())
     return scripts
 
 
@@ -362,9 +350,8 @@ class Scripts:
     def args(self, call: Call) -> list[Any]:
         """EVALSHA arguments for one call, after checking the declared key count."""
         script = self._by_name[call.script]
-        if not script.takes(len(call.keys)):
-            items = f" + {script.per_item} per item" if script.per_item else ""
-            raise ValueError(f"{call.script} takes {script.numkeys}{items} keys, got {len(call.keys)}")
+        if script.numkeys is not None and len(call.keys) != script.numkeys:
+            raise ValueError(f"{call.script} takes {script.numkeys} keys, got {len(call.keys)}")
         return [script.sha, len(call.keys), *call.keys, *call.argv]
 
     async def load(self, client: Any, name: str | None = None) -> None:

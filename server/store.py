@@ -45,6 +45,7 @@ from .calls import (
     SubmitJob,
     TouchJob,
     WatchJob,
+    submit_call,
 )
 from .errors import (
     AlreadyExists,
@@ -70,6 +71,9 @@ log = logging.getLogger(__name__)
 # Most jobs of one finish_job call: bounds the time one call holds Redis, and its argument lists.
 FINISH_BATCH = 100
 _junk_timers = ThrottledWarning(log, interval_s=10)  # a bad writer's members would come every sweep
+# The most jobs one submit_job call takes: a Submit's jobs of a partition go in calls of this many, so
+# no call holds Redis for long (a batch may be --max-batch, 500 by default).
+SUBMIT_CALL_JOBS = 100
 
 
 def _s(value: bytes | None) -> str:
@@ -240,7 +244,7 @@ class JobRecord:
 def idempotency_key(tag: str, spec: pb.JobSpec) -> str:
     """The key naming a submit's identity: its idempotency_key, else its utterance and target language.
     Only an explicit idempotency_key's key is written: the default identity is found in the session's
-    index (lua/submit_job-12.lua), and its key is only read for records written before that."""
+    index (lua/submit_job-n.lua), and its key is only read for records written before that."""
     identity = f"k:{spec.idempotency_key}" if spec.idempotency_key else f"u:{spec.utterance_index}:{spec.tgt_lang}"
     return keys.idempotency(tag, spec.tenant_id, spec.session_id, identity)
 
@@ -379,7 +383,7 @@ class Store:
         for them only); a refusal raises TenantLimit (or TooLarge) and stores nothing."""
         jobs = [self._submit_job(spec) for spec in specs]
         admitted = await self.quotas.admit(jobs)
-        replies = self._raise_errors(await self.scripts.call_many(self.redis, [job.call() for job in jobs]))
+        replies = await self._submit_calls(jobs)
         if admitted:
             await self.quotas.settle(admitted, {job.job_id for job, r in zip(jobs, replies, strict=True)
                                                 if r[0] == ScriptCode.APPLIED})
@@ -408,6 +412,20 @@ class Store:
             for i, state in zip(repeats, states, strict=True):
                 out[i] = Submitted(out[i].job_id, False, _s(state))
         return out
+
+    async def _submit_calls(self, jobs: list[SubmitJob]) -> list[Any]:
+        """The replies of submit_job for `jobs`, in order: one call per partition (and per SUBMIT_CALL_JOBS
+        of it), all pipelined in one round trip."""
+        groups: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(keys.tag_of(job.job_id), []).append(i)
+        chunks = [at[c:c + SUBMIT_CALL_JOBS] for at in groups.values() for c in range(0, len(at), SUBMIT_CALL_JOBS)]
+        found = await self.scripts.call_many(self.redis, [submit_call([jobs[i] for i in at]) for at in chunks])
+        replies: list[Any] = [None] * len(jobs)
+        for at, reply in zip(chunks, self._raise_errors(found), strict=True):
+            for i, r in zip(at, reply, strict=True):
+                replies[i] = r
+        return replies
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -594,7 +612,7 @@ class Store:
         """finish_job for each job, one call per shard (up to FINISH_BATCH jobs), all in one round trip: the
         jobs' replies (or the exception of their call) in the order given. A job's commands that touch keys
         of the shard every job of it touches (the timers, the done bucket, its session's channel...) are sent
-        once per call, not once per job (lua/finish_job-2+7n.lua)."""
+        once per call, not once per job (lua/finish_job-n.lua)."""
         batches: dict[str, list[int]] = {}
         for i, finish in enumerate(finishes):
             batches.setdefault(keys.shard_of_tag(keys.tag_of(finish.job_id)), []).append(i)

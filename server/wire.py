@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-12.lua). Band 0 is
+# Queue scores: priority band * QUEUE_BAND + the job's pass (fair share: lua/submit_job-n.lua). Band 0 is
 # priority 9; within a band a tenant's jobs are FAIR_STEP / weight apart in passes, and a tenant that
 # joins starts at the band's virtual clock, so tenants take turns. Scores stay exact integers in a
 # double (< 10 * 2^49 < 2^53); a band's clock restarts from 0 when it passed FAIR_RESET and the band is empty.
@@ -117,11 +117,19 @@ def wake(job_id: str, preferred_node: str = "", score: float | None = None) -> s
     return f"{job_id}{WAKE_SEP}{preferred_node}" + ("" if score is None else f"{WAKE_SEP}{score:.0f}")
 
 
-def parse_wake(data: str) -> tuple[str, str, float | None]:
-    """(job id, preferred node, queue score or None); ValueError for a score that is not a number."""
-    job_id, _, rest = data.partition(WAKE_SEP)
-    preferred, _, score = rest.partition(WAKE_SEP)
-    return job_id, preferred, float(score) if score else None
+# One message carries the wake-ups of one submit call (a Submit's jobs of a partition: lua/submit_job-n.lua),
+# one per line. Node ids hold no space or newline (server/validate.py), job ids neither.
+WAKES_SEP, WAKES_SEP_LUA = "\n", "\\n"
+
+
+def parse_wakes(data: str) -> list[tuple[str, str, float | None]]:
+    """[(job id, preferred node, queue score or None)] of a message; ValueError for a score that is not a number."""
+    out = []
+    for line in data.split(WAKES_SEP):
+        job_id, _, rest = line.partition(WAKE_SEP)
+        preferred, _, score = rest.partition(WAKE_SEP)
+        out.append((job_id, preferred, float(score) if score else None))
+    return out
 
 
 # Messages to the instance holding a node's stream (on keys.node_channel(node_id)); DRAIN: DrainNode.

@@ -19,6 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from helpers import pair, spec, until
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
+from lingua_scheduler.server.calls import submit_call
 from lingua_scheduler.server.dispatch import Consumer, heard, new_lease_token
 from lingua_scheduler.server.errors import ScriptCode
 from lingua_scheduler.server.settings import Settings
@@ -123,7 +124,7 @@ async def submit_at_once(app: App, redis: Any, specs: list[pb.JobSpec]) -> None:
     await app.store.scripts.load(redis, "submit_job")
     async with redis.pipeline(transaction=True) as pipe:
         for job in specs:
-            pipe.execute_command("EVALSHA", *app.store.scripts.args(app.store._submit_job(job).call()))
+            pipe.execute_command("EVALSHA", *app.store.scripts.args(submit_call([app.store._submit_job(job)])))
         await pipe.execute()
 
 

@@ -293,8 +293,6 @@ async def test_registry_codes(store: Store, redis: Any) -> None:
 async def test_key_count_is_checked_and_noscript_is_retried(store: Store, redis: Any) -> None:
     with pytest.raises(ValueError, match="takes 3 keys"):
         store.scripts.args(Call("touch_job", ["a"], []))
-    with pytest.raises(ValueError, match=re.escape("takes 2 + 7 per item keys, got 2")):  # a batch of no job
-        store.scripts.args(Call("finish_job", ["a", "b"], []))
     job_id = await queued(store)
     await redis.script_flush()  # as after a Redis restart
     (c,) = await store.claim("n1", [(job_id, "tok1")])
@@ -308,18 +306,17 @@ async def test_key_count_is_checked_and_noscript_is_retried(store: Store, redis:
 def test_every_script_has_a_header_and_declares_its_keys() -> None:
     for path in sorted(LUA.glob("*.lua")):
         source = path.read_text()
-        fixed, _, per_item = path.stem.rpartition("-")[2].partition("+")  # `-9`, or `-2+7n`: 2, then 7 per item
-        numkeys = int(fixed)
+        count = path.stem.rpartition("-")[2]
         header = source.split("]]", 1)[0]
         assert header.startswith("--[["), path.name
+        assert "Output:" in header, path.name
+        if count == "n":  # as many keys as the call gives: the header says how they are laid out
+            assert "file name `-n`" in header and "KEYS[1]" in header, path.name
+            continue
+        numkeys = int(count)
         for n in range(1, numkeys + 1):
             assert f"KEYS[{n}]" in header, (path.name, n)
-        if per_item:  # the items' keys: KEYS[3 + 7(i-1)] ..., each item's keys +0 to +6
-            assert f"KEYS[{numkeys + 1} + {per_item[:-1]}(i-1)]" in header, path.name
-            assert all(f"+{n} " in header for n in range(int(per_item[:-1]))), path.name
-        else:
-            assert f"KEYS[{numkeys + 1}]" not in source, path.name
-        assert "Output:" in header, path.name
+        assert f"KEYS[{numkeys + 1}]" not in source, path.name
 
 
 def test_each_script_gets_the_prelude_parts_it_uses() -> None:
@@ -328,7 +325,7 @@ def test_each_script_gets_the_prelude_parts_it_uses() -> None:
     names = [p.names for p in parts(prelude())]
     sizes = set()
     for script in Scripts():
-        body = constants((LUA / script.file).read_text())
+        body = constants((LUA / f"{script.name}-{script.numkeys or 'n'}.lua").read_text())
         assert script.source.endswith(body), script.name
         head, code = script.source[: -len(body)], lua_code(script.source)
         used = [text for text in every if text in head]
@@ -363,7 +360,7 @@ for _, event in ipairs(ARGV) do
   end
 end
 table.insert(out, lease_member("zh:en:{0}J", "tok") .. "|" .. deadline_member("J") .. "|" .. retry_member("J")
-  .. "|" .. wake_message("J", "n1", 4503599627370495))
+  .. "|" .. wake_message("J", "n1", 4503599627370495) .. WAKES_SEP .. wake_message("K", "", 7))
 table.insert(out, forget_member("J", "acme\0s:1", S.failed) .. "|" .. forget_member("J", nil, NOT_ENDED_INDEXED))
 return out
 """
@@ -371,8 +368,9 @@ return out
     assert rows.pop().split("|") == [wire.forget_timer("J", "acme", "failed"), wire.forget_timer("J", "")]
     members = rows.pop()
     assert members.split("|") == [wire.lease_timer("zh:en:{0}J", "tok"), wire.deadline_timer("J"),
-                                  wire.retry_timer("J"), wire.wake("J", "n1", 2.0 ** 52 - 1)]
-    assert wire.parse_wake(members.split("|")[-1]) == ("J", "n1", 2.0 ** 52 - 1)  # a queue score, exactly
+                                  wire.retry_timer("J"), wire.wake("J", "n1", 2.0 ** 52 - 1) + wire.WAKES_SEP
+                                  + wire.wake("K", "", 7)]
+    assert wire.parse_wakes(members.split("|")[-1]) == [("J", "n1", 2.0 ** 52 - 1), ("K", "", 7.0)]  # exact scores
     for row in rows:
         event, state, allowed, repeat, fixed = row.split("|")
         assert (allowed == "true") == (JobState(state) in sources_of(event)), row

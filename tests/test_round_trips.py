@@ -78,7 +78,10 @@ async def test_commands_per_rpc(make_app: AppFactory, redis: Any) -> None:
         assert mon.client == Counter(EVALSHA=1), mon.client
         async with mon.watch():
             await stub.Submit(pb.SubmitRequest(jobs=[spec(utterance_index=i) for i in range(1, 11)]))
-        assert mon.client == Counter(EVALSHA=10), mon.client  # one pipelined round trip
+        assert mon.client == Counter(EVALSHA=1), mon.client  # one call for the jobs of a partition
+        # Per job its record and payload; one command per key for the rest, one wake-up message for all.
+        assert mon.lua["HSET"] == 10 and mon.lua["SET"] == 10 and mon.lua["PUBLISH"] == 1, mon.lua
+        assert mon.lua["ZADD"] <= 7 and sum(mon.lua.values()) <= 20 + 14, mon.lua
 
         # A waiting Assign is woken by the submit's notification and claims the named job directly.
         async with mon.watch():

@@ -10,7 +10,7 @@
     KEYS[4] partition affinity times zset (session field -> ms of its binding), to forget old bindings
     KEYS[5] job fsm hash (the record, its spec and its state changes)
     KEYS[6] job payload
-    KEYS[7] partition fair-share zset (lua/submit_job-12.lua): the claim moves its band's virtual clock
+    KEYS[7] partition fair-share zset (lua/submit_job-n.lua): the claim moves its band's virtual clock
     KEYS[8] partition queued counts hash (the job is counted out of its second: keys.PartitionKeys.queued)
     KEYS[9] partition held zset (job id -> 0 while assigned, 1 while running: the job enters it)
     KEYS[10] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)
@@ -140,7 +140,7 @@ if f[5] ~= nodeId or not f[16] or now - (tonumber(created) - tonumber(f[16])) >=
   rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
   rcall("ZADD", affinityAtKey, now, f[7])
 end
--- Bindings past their time to live are ignored (lua/submit_job-12.lua); one claim in 8 (tokens are random
+-- Bindings past their time to live are ignored (lua/submit_job-n.lua); one claim in 8 (tokens are random
 -- hex) deletes up to 128 of them.
 if string.byte(token, -1) % 8 == 0 then
   local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - ttl, "LIMIT", 0, 128)

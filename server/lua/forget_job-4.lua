@@ -1,6 +1,6 @@
 --[[
   Takes a finished job out of ListJobs' indexes when its keys expire: run by the sweeper for the job's
-  forget timer (`x:<job id> <tenant> <ended state or ->`, set by lua/finish_job-2+7n.lua at max(finish,
+  forget timer (`x:<job id> <tenant> <ended state or ->`, set by lua/finish_job-n.lua at max(finish,
   deadline) + retention). The member carries what the forget needs: the record is gone by then. Acts
   only if it removes the timer itself, so two sweepers firing the same timer act once, and a RetryJob
   in between (which removes the timer, lua/retry_job-12.lua) keeps the entries.

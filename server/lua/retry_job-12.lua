@@ -12,7 +12,7 @@
     KEYS[3] partition queue zset
     KEYS[4] partition timers zset (the job's forget timer leaves it, a deadline timer enters it)
     KEYS[5] partition queued counts hash (the job is counted in now's second: keys.PartitionKeys.queued)
-    KEYS[6] the shard's index of jobs ended in the job's current state (lua/finish_job-2+7n.lua)
+    KEYS[6] the shard's index of jobs ended in the job's current state (lua/finish_job-n.lua)
     KEYS[7] done bucket hash of the job's finish (the record's `done`; "<pool>|<state>" counted down)
     KEYS[8] idempotency key of the job (lives as long as the job record again). A job of the default
             identity has none (its identity is its record's `dg`, persisted with the record below): the
@@ -21,7 +21,7 @@
     KEYS[10] partition jobs index (ListJobs by pool; the entry is added again, in case a sweeper whose
              clock runs ahead fired the forget timer before the record expired)
     KEYS[11] tenant jobs index of this shard (ListJobs by tenant; likewise)
-    KEYS[12] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-12.lua)
+    KEYS[12] shard pools zset (the pool lives on at least as long as the job: lua/submit_job-n.lua)
     ARGV[1] job id
     ARGV[2] expected version
     ARGV[3] new deadline, ms since epoch; 0 for now + the job's own time to live (its first deadline -
@@ -87,7 +87,7 @@ if ttlLeft >= 0 and now + ttlLeft < deadline + retention then
   rcall("PEXPIREAT", sessionKey, deadline + retention)
 end
 -- The job's index entries stay: it is no longer forgotten when its record would have expired (its forget
--- timer, lua/finish_job-2+7n.lua, goes; the job gets another when it ends again). An entry the forget
+-- timer, lua/finish_job-n.lua, goes; the job gets another when it ends again). An entry the forget
 -- took already (a sweeper's clock ahead of Redis's) comes back: ZADD of a member present changes nothing.
 local member = index_member(jobId)
 rcall("ZREM", timersKey, forget_member(jobId, f[9], state))

@@ -13,7 +13,7 @@
   and one ZADD of their forget timers, one ZREM per queue or held zset, one HINCRBY per done bucket field,
   one ZADD per ended index, one PUBLISH per session (its jobs' announcements, a line each).
 
-  Input (N jobs: 2 + 7N keys, 3 + 12N arguments):
+  Input (the key count varies: 2 + 7 per job, file name `-n`; 3 + 12 arguments per job):
     KEYS[1] shard timers zset (the jobs' timers leave it; their forget timers, due when their keys expire,
             enter it: lua/forget_job-4.lua takes a job out of ListJobs' indexes then)
     KEYS[2] done bucket hash of now ("<pool>|<destination>" counted here, not by the caller as finishes

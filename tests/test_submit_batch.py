@@ -1,0 +1,90 @@
+"""A Submit's jobs of a partition go to Redis in one submit_job call (lua/submit_job-n.lua): what each job
+gets is what it would get alone, repeats inside the batch included, on real Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from helpers import spec
+from lingua_scheduler.server import keys
+from lingua_scheduler.server import store as store_module
+from lingua_scheduler.server.errors import AlreadyExists
+from lingua_scheduler.server.settings import Settings
+from lingua_scheduler.server.store import Store
+
+
+@pytest.fixture
+def store(redis: Any, settings: Settings) -> Store:
+    return Store(redis, dataclasses.replace(settings, partitions=2))
+
+
+def tags(store: Store, specs: list[Any]) -> list[str]:
+    return [store.partition_tag(s) for s in specs]
+
+
+async def test_a_batch_over_partitions_with_repeats_answers_each_job_in_place(store: Store, redis: Any) -> None:
+    specs = [spec(session_id=f"s{i % 4}", utterance_index=i, payload=b"") for i in range(8)]
+    specs[0].payload_ref = "s3://a/0"
+    for s in specs[1:]:
+        s.payload_ref = "s3://a/x"
+    keyed = spec(session_id="k", idempotency_key="key-1", payload=b"audio")
+    batch = [*specs, specs[3], keyed, keyed, specs[0]]  # repeats of the batch's own jobs, default and keyed
+    assert len(set(tags(store, batch))) == 2  # both partitions
+    out = await store.submit(batch)
+    assert [o.created for o in out] == [True] * 8 + [False, True, False, False]
+    assert out[8].job_id == out[3].job_id and out[10].job_id == out[9].job_id and out[11].job_id == out[0].job_id
+    assert [o.state for o in out] == ["queued"] * len(batch)
+    ids = {o.job_id for o in out}
+    assert len(ids) == 9
+    for job_id in ids:  # each job once in its queue, with its record and the spec it was given
+        assert await redis.zscore(keys.PartitionKeys.of(keys.tag_of(job_id)).queue, job_id) is not None
+        assert (await redis.hget(keys.JobKeys.of(job_id).fsm, "state")) == b"queued"
+    assert await redis.get(keys.JobKeys.of(out[9].job_id).payload) == b"audio"
+    queued = 0
+    for tag in set(tags(store, batch)):
+        queued += sum(int(v) for v in (await redis.hgetall(keys.PartitionKeys.of(tag).queued)).values())
+    assert queued == 9  # counted once each
+    again = await store.submit(batch)  # a retry of the whole batch finds every job
+    assert [o.job_id for o in again] == [o.job_id for o in out] and not any(o.created for o in again)
+
+
+async def test_a_repeat_with_other_content_in_the_same_batch_is_refused_and_the_first_stays(store: Store,
+                                                                                          redis: Any) -> None:
+    first, changed = spec(utterance_index=1, payload=b"one"), spec(utterance_index=1, payload=b"two")
+    with pytest.raises(AlreadyExists, match=r"jobs\[1\]: job .* already exists"):
+        await store.submit([first, changed])
+    (again,) = await store.submit([first])
+    assert not again.created and await redis.get(keys.JobKeys.of(again.job_id).payload) == b"one"
+
+
+async def test_tenants_take_turns_inside_one_call_as_across_calls(store: Store, redis: Any, settings: Settings) -> None:
+    """Four jobs of tenant a then one of b in one call: b's job goes second in the queue (its pass is the
+    band's clock + a step, as a's first), exactly as the same jobs submitted one call each."""
+    def batch(session: str) -> list[Any]:
+        return [spec(tenant_id=t, session_id=session, utterance_index=i) for i, t in enumerate("aaaab")]
+
+    one = await store.submit(batch("one"))
+    other = Store(redis, dataclasses.replace(settings, partitions=2))
+    specs = batch("two")
+    assert store.partition_tag(specs[0]) != store.partition_tag(batch("one")[0])  # a fresh fair share
+    alone = [(await other.submit([s]))[0] for s in specs]
+
+    async def order(results: list[Any]) -> list[str]:
+        queue = keys.PartitionKeys.of(keys.tag_of(results[0].job_id)).queue
+        by_id = {r.job_id: "ab"[i == 4] + str(i) for i, r in enumerate(results)}
+        return [by_id[j.decode()] for j in await redis.zrange(queue, 0, -1)]
+
+    assert await order(one) == await order(alone)
+    assert (await order(one))[:2] in (["a0", "b4"], ["b4", "a0"])
+
+
+async def test_a_batch_larger_than_one_call_is_split(store: Store, redis: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(store_module, "SUBMIT_CALL_JOBS", 7)
+    specs = [spec(session_id="big", utterance_index=i) for i in range(30)]
+    out = await store.submit(specs + specs[:3])
+    assert [o.created for o in out] == [True] * 30 + [False] * 3
+    assert [o.job_id for o in out[30:]] == [o.job_id for o in out[:3]]
+    queue = keys.PartitionKeys.of(keys.tag_of(out[0].job_id)).queue
+    assert await redis.zcard(queue) == 30
