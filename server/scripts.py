@@ -1,6 +1,6 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10; `-n`, a number its header
+A script's file name says how many KEYS it takes: `touch_job-3.lua` takes 3; `-n`, a number its header
 gives (a call for several jobs: `submit_job-n.lua`). Every script is
 assembled at load time as the prelude's parts it uses + the file: the prelude holds what the scripts share
 (the clock, the history entry, long values in pieces, timer member names) and the machine's rules,
