@@ -81,13 +81,20 @@ class ClaimJob:
     avoid_ms: int
     affinity_ttl_ms: int
 
-    def call(self) -> Call:
-        jk, pk, _ = _job(self.job_id)
-        return Call("claim_job", [pk.queue, pk.timers, pk.affinity, pk.affinity_at, jk.fsm, jk.payload,
-                                  pk.fair, pk.queued, pk.held, pk.paused], [
-            self.job_id, self.node_id, self.token, self.ack_timeout_ms, self.affinity_wait_ms, self.hint_count,
-            self.avoid_ms, self.affinity_ttl_ms,
-        ])
+
+def claim_call(claims: list[ClaimJob]) -> Call:
+    """One claim_job call for `claims` of one partition (same tag; the settings-wide fields of the first
+    stand for all): its reply is one reply per claim, in order (an error reply in place of a claim that failed)."""
+    first = claims[0]
+    _, pk, _ = _job(first.job_id)
+    names = [pk.queue, pk.timers, pk.affinity, pk.affinity_at, pk.fair, pk.queued, pk.held, pk.paused]
+    argv: list[Any] = [first.ack_timeout_ms, first.affinity_wait_ms, first.hint_count, first.avoid_ms,
+                       first.affinity_ttl_ms]
+    for claim in claims:
+        jk = keys.JobKeys.of(claim.job_id)
+        names += [jk.fsm, jk.payload]
+        argv += [claim.job_id, claim.node_id, claim.token]
+    return Call("claim_job", names, argv)
 
 
 @dataclass(frozen=True, slots=True)

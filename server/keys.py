@@ -181,9 +181,8 @@ def pool_channel(pool: str) -> str:
 
 
 # finish_job PUBLISHes "<job id> <utterance index> <state>" on SESSION_CHANNEL + the record's `sess`
-# (session_field), a line per job of the session that the call ended (wire.parse_session_done): a channel,
-# not a key, so the script may name it (no slot: the one-slot rule is about keys), and finish_job's callers
-# need not know the session.
+# (session_field): a channel, not a key, so the script may name it (no slot: the one-slot rule is about
+# keys), and finish_job's callers need not know the session.
 SESSION_CHANNEL = PREFIX + "session-done:"
 
 

@@ -1,6 +1,6 @@
 """Loads server/lua/*.lua once per process and runs them by SHA (EVALSHA), checking key counts.
 
-A script's file name says how many KEYS it takes: `claim_job-10.lua` takes 10; `-n`, a number its header
+A script's file name says how many KEYS it takes: `touch_job-3.lua` takes 3; `-n`, a number its header
 gives (a call for several jobs: `submit_job-n.lua`). Every script is
 assembled at load time as the prelude's parts it uses + the file: the prelude holds what the scripts share
 (the clock, the history entry, long values in pieces, timer member names) and the machine's rules,
@@ -19,7 +19,6 @@ op being the script's name.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections.abc import Callable
@@ -107,8 +106,6 @@ def prelude() -> str:
         "local function session_done_message(jobId, utterance, state)",
         f'  return jobId .. "{wire.SESSION_SEP}" .. utterance .. "{wire.SESSION_SEP}" .. state',
         "end",
-        "-- Between the announcements of one PUBLISH (a session's jobs that one finish_job call ended).",
-        f"local SESSION_LINES = {json.dumps(wire.SESSION_LINES)}",
         "-- A hash value longer than PIECE bytes turns the whole hash from a listpack into a hashtable (Redis's",
         "-- hash-max-listpack-value, 64 by default), several times its memory: a record keeps a long value in",
         "-- pieces, fields <name>, <name>+2, <name>+3, ... (server/wire.py). pieces() appends the HSET arguments.",

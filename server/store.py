@@ -45,6 +45,7 @@ from .calls import (
     SubmitJob,
     TouchJob,
     WatchJob,
+    claim_call,
     submit_call,
 )
 from .errors import (
@@ -61,7 +62,7 @@ from .errors import (
 from .metrics import Metrics
 from .quotas import Quotas
 from .rates import Rates
-from .scripts import Scripts
+from .scripts import Call, Scripts
 from .settings import Settings
 from .tenants import Tenants
 from .throttle import ThrottledWarning
@@ -71,9 +72,9 @@ log = logging.getLogger(__name__)
 # Most jobs of one finish_job call: bounds the time one call holds Redis, and its argument lists.
 FINISH_BATCH = 100
 _junk_timers = ThrottledWarning(log, interval_s=10)  # a bad writer's members would come every sweep
-# The most jobs one submit_job call takes: a Submit's jobs of a partition go in calls of this many, so
-# no call holds Redis for long (a batch may be --max-batch, 500 by default).
-SUBMIT_CALL_JOBS = 100
+# The most jobs one call of a script for several jobs takes (submit_job, claim_job): a Submit's jobs of a
+# partition go in calls of this many, so no call holds Redis for long (a batch may be --max-batch, 500).
+CALL_JOBS = 100
 
 
 def _s(value: bytes | None) -> str:
@@ -414,17 +415,23 @@ class Store:
         return out
 
     async def _submit_calls(self, jobs: list[SubmitJob]) -> list[Any]:
-        """The replies of submit_job for `jobs`, in order: one call per partition (and per SUBMIT_CALL_JOBS
-        of it), all pipelined in one round trip."""
+        """The replies of submit_job for `jobs`, in order (the first error raised)."""
+        return self._raise_errors(await self._per_partition([job.job_id for job in jobs],
+                                                            lambda at: submit_call([jobs[i] for i in at])))
+
+    async def _per_partition(self, job_ids: list[str], build: Callable[[list[int]], Call]) -> list[Any]:
+        """Replies of a script that takes several jobs of one partition per call (`build`: the call for the
+        items at those positions): one call per partition and CALL_JOBS of its items, all pipelined in one
+        round trip; each item's reply in its place (a failed call's error in place of each of its items)."""
         groups: dict[str, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(keys.tag_of(job.job_id), []).append(i)
-        chunks = [at[c:c + SUBMIT_CALL_JOBS] for at in groups.values() for c in range(0, len(at), SUBMIT_CALL_JOBS)]
-        found = await self.scripts.call_many(self.redis, [submit_call([jobs[i] for i in at]) for at in chunks])
-        replies: list[Any] = [None] * len(jobs)
-        for at, reply in zip(chunks, self._raise_errors(found), strict=True):
-            for i, r in zip(at, reply, strict=True):
-                replies[i] = r
+        for i, job_id in enumerate(job_ids):
+            groups.setdefault(keys.tag_of(job_id), []).append(i)
+        chunks = [at[c:c + CALL_JOBS] for at in groups.values() for c in range(0, len(at), CALL_JOBS)]
+        replies: list[Any] = [None] * len(job_ids)
+        for at, reply in zip(chunks, await self.scripts.call_many(self.redis, [build(at) for at in chunks]),
+                             strict=True):
+            for n, i in enumerate(at):
+                replies[i] = reply if isinstance(reply, Exception) else reply[n]
         return replies
 
     # -- reads ----------------------------------------------------------------------------------
@@ -531,14 +538,12 @@ class Store:
         Idempotent per token: claiming again with the same token answers the same assignment, which
         is how a caller whose reply was lost learns what it holds."""
         s = self.settings
-        calls = [
-            ClaimJob(job_id, node_id, token, s.ack_timeout_ms, s.affinity_wait_ms, hint_count, s.avoid_ms,
-                     s.affinity_ttl_ms).call()
-            for job_id, node_id, token in items
-        ]
+        claims = [ClaimJob(job_id, node_id, token, s.ack_timeout_ms, s.affinity_wait_ms, hint_count, s.avoid_ms,
+                           s.affinity_ttl_ms) for job_id, node_id, token in items]
+        replies = await self._per_partition([c.job_id for c in claims], lambda at: claim_call([claims[i] for i in at]))
         out: list[Claim | Exception] = []
         metrics = self.metrics
-        for (job_id, _node_id, token), r in zip(items, await self.scripts.call_many(self.redis, calls), strict=True):
+        for (job_id, _node_id, token), r in zip(items, replies, strict=True):
             if isinstance(r, Exception):
                 out.append(r)
                 continue

@@ -154,8 +154,9 @@ def parse_node_message(data: str) -> tuple[str, list[str]]:
 
 
 # A job of a session reached a terminal state (on keys.session_channel; published by finish_job): a line
-# "<job id> <utterance index> <state>" per job, the session's jobs that one finish_job call ended in one
-# message (an earlier version's reader hears the first line's job only: docs/operations.md, "Upgrading").
+# "<job id> <utterance index> <state>". finish_job sends one message per job; a reader takes several lines
+# too, so that a later release may announce a call's jobs of a session in one message (a reader before this
+# one hears the first line's job only: not while it may run beside the sender).
 SESSION_SEP, SESSION_LINES = " ", "\n"
 
 

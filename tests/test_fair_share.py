@@ -1,4 +1,4 @@
-"""Fair share between tenants inside a pool (lua/submit_job-n.lua, lua/claim_job-10.lua): tenants take
+"""Fair share between tenants inside a pool (lua/submit_job-n.lua, lua/claim_job-n.lua): tenants take
 turns within a priority, weighted; priority still comes first. Claims go through the real claim path
 (Dispatcher.claim_for: hints from claim replies, else a peek of the partitions), on real Redis."""
 

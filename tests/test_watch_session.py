@@ -15,7 +15,7 @@ from conftest import AppFactory
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import pair, spec
-from lingua_scheduler.server import keys
+from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.session import SessionOrder
 from lingua_scheduler.server.store import JobRecord, JobView
 from lingua_sdk import pb, pb_grpc
@@ -276,3 +276,13 @@ def test_order_is_per_utterance_across_languages_and_skips_passed_indices() -> N
     assert order.cursor == 4
     learn(order, view(3, "succeeded", "de"))  # passed while nobody knew of it
     assert order.take() == []
+
+
+def test_an_announcement_of_several_lines_names_each_job() -> None:
+    """finish_job sends a line per message; a reader takes several, so a later release may send them at once."""
+    one = wire.session_done("zh:en:{0}A", 3, "succeeded")
+    assert wire.parse_session_done(one) == [wire.SessionDone("zh:en:{0}A", 3, "succeeded")]
+    two = wire.SESSION_LINES.join([one, wire.session_done("zh:en:{0}B", 4, "failed")])
+    assert [(d.job_id, d.utterance_index) for d in wire.parse_session_done(two)] == [("zh:en:{0}A", 3), ("zh:en:{0}B", 4)]
+    with pytest.raises(ValueError):
+        wire.parse_session_done(one + wire.SESSION_LINES + "junk")

@@ -11,7 +11,9 @@
   order, so a later job of the call sees what an earlier one changed; what the jobs' changes share a key
   for is sent once per key after the last job: one ZREM of the timers (every applied job's timer members)
   and one ZADD of their forget timers, one ZREM per queue or held zset, one HINCRBY per done bucket field,
-  one ZADD per ended index, one PUBLISH per session (its jobs' announcements, a line each).
+  one ZADD per ended index. The session announcement stays one PUBLISH per job: an earlier version's
+  WatchSession reads one job per message (server/wire.py's parse_session_done reads several lines, for a
+  later release to send them in one).
 
   Input (the key count varies: 2 + 7 per job, file name `-n`; 3 + 12 arguments per job):
     KEYS[1] shard timers zset (the jobs' timers leave it; their forget timers, due when their keys expire,
@@ -66,7 +68,7 @@ local now  -- Redis time, read once: by the first job that gets that far
 
 -- What the jobs change in keys they share, sent once per key after the last job. A group: key -> its
 -- values, and the keys in the order first used (the commands come out in the same order every run).
-local timersGone, forgets, leaving, ended, counted, said = {}, {}, {}, {}, {}, {}
+local timersGone, forgets, leaving, ended, counted = {}, {}, {}, {}, {}
 local function add(groups, key, value)
   local values = groups[key]
   if not values then
@@ -179,7 +181,7 @@ local function finish(k, a)
   add(forgets, timersKey, expireAt)
   add(forgets, timersKey, forget_member(jobId, f[9], endedIn))
   if f[9] then  -- a record written before sessions were indexed has no `sess`
-    add(said, channelPrefix .. f[9], session_done_message(jobId, f[10] or "", dest))
+    rcall("PUBLISH", channelPrefix .. f[9], session_done_message(jobId, f[10] or "", dest))
   end
   local ran = -1
   if (state == S.assigned or state == S.running) and f[11] then
@@ -216,8 +218,5 @@ for _, key in ipairs(ended) do
 end
 for _, field in ipairs(counted) do
   count_in(doneKey, field, #counted[field], doneExpiry)
-end
-for _, channel in ipairs(said) do
-  rcall("PUBLISH", channel, table.concat(said[channel], SESSION_LINES))
 end
 return replies

@@ -1,6 +1,6 @@
 --[[
   Pauses or resumes one partition of a pool (PausePool / ResumePool call it for every partition):
-  while the partition's paused hash exists, lua/claim_job-10.lua claims nothing from it. Idempotent:
+  while the partition's paused hash exists, lua/claim_job-n.lua claims nothing from it. Idempotent:
   pausing a paused partition keeps when it was paused (and its reason, unless a new one is given).
 
   Input:

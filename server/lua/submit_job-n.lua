@@ -143,7 +143,7 @@ for i = 1, n do
     end
     -- Fair share (stride scheduling): within a priority band, each of a tenant's jobs goes one step (FAIR_STEP
     -- / weight) after the tenant's previous one, and never before the band's virtual clock (where dispatch
-    -- is: lua/claim_job-10.lua moves it), so a tenant that joins is served next and busy tenants take turns.
+    -- is: lua/claim_job-n.lua moves it), so a tenant that joins is served next and busy tenants take turns.
     -- Entries below the clock say nothing more than "starts at the clock": a sampled submit deletes them.
     -- The key's member "e" holds minus when the key expires (a negative score, below every band),
     -- read in the same ZMSCORE as the clocks and the tenants' passes: no PTTL per submit.

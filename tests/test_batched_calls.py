@@ -1,5 +1,6 @@
-"""A Submit's jobs of a partition go to Redis in one submit_job call (lua/submit_job-n.lua): what each job
-gets is what it would get alone, repeats inside the batch included, on real Redis."""
+"""A Submit's jobs of a partition go to Redis in one submit_job call (lua/submit_job-n.lua), a dispatch
+pass's claims of a partition in one claim_job call (lua/claim_job-n.lua): what each job gets is what it
+would get alone, repeats inside the batch included, on real Redis."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from helpers import spec
 from lingua_scheduler.server import keys
 from lingua_scheduler.server import store as store_module
-from lingua_scheduler.server.errors import AlreadyExists
+from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
 
@@ -81,10 +82,27 @@ async def test_tenants_take_turns_inside_one_call_as_across_calls(store: Store, 
 
 
 async def test_a_batch_larger_than_one_call_is_split(store: Store, redis: Any, monkeypatch: Any) -> None:
-    monkeypatch.setattr(store_module, "SUBMIT_CALL_JOBS", 7)
+    monkeypatch.setattr(store_module, "CALL_JOBS", 7)
     specs = [spec(session_id="big", utterance_index=i) for i in range(30)]
     out = await store.submit(specs + specs[:3])
     assert [o.created for o in out] == [True] * 30 + [False] * 3
     assert [o.job_id for o in out[30:]] == [o.job_id for o in out[:3]]
     queue = keys.PartitionKeys.of(keys.tag_of(out[0].job_id)).queue
     assert await redis.zcard(queue) == 30
+
+
+async def test_claims_of_a_partition_go_in_one_call_and_a_damaged_record_fails_alone(store: Store, redis: Any) -> None:
+    out = await store.submit([spec(session_id="c", utterance_index=i) for i in range(4)])
+    ids = [o.job_id for o in out]
+    await redis.hset(keys.JobKeys.of(ids[1]).fsm, "ver", "damaged")
+    items = [(job_id, "n1", f"tok{i}") for i, job_id in enumerate(ids)]
+    claims = await store.claim_many(items)
+    assert isinstance(claims[1], Exception), claims[1]
+    assert [c.code for i, c in enumerate(claims) if i != 1] == [ScriptCode.APPLIED] * 3  # type: ignore[union-attr]
+    held = keys.PartitionKeys.of(keys.tag_of(ids[0])).held
+    assert sorted(j.decode() for j in await redis.zrange(held, 0, -1)) == sorted(ids[:1] + ids[2:])
+    queued = keys.PartitionKeys.of(keys.tag_of(ids[0])).queued
+    assert sum(int(v) for v in (await redis.hgetall(queued)).values()) == 1  # the three counted out in one HINCRBY
+    again = await store.claim_many([items[0], items[2]])  # repeats with the same tokens: the same assignments
+    assert [(c.code, c.attempt) for c in again] == [(ScriptCode.APPLIED, 1)] * 2  # type: ignore[union-attr]
+    assert await redis.zcard(held) == 3

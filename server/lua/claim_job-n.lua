@@ -1,0 +1,192 @@
+--[[
+  Claims queued jobs of one partition, each for a node under a lease token chosen by the caller: queued ->
+  assigned, attempt + 1, ack lease starts. Repeating a claim with the same token answers the same
+  assignment, so a caller that lost the reply claims again with the token to learn what it holds.
+
+  One call for the claims a dispatch pass pairs in a partition (server/store.py groups them): the clock,
+  the pause check and the fair clocks are read once, the held and timer entries and the queued counts
+  written once; each claim runs on its own (a claim that fails, on a damaged record, is an error reply in
+  its place and does not fail the others).
+
+  Input (the key count varies: 8 + 2 per claim, file name `-n`):
+    KEYS[1] partition queue zset
+    KEYS[2] partition timers zset
+    KEYS[3] partition affinity hash (session field -> "<node id>|<ms>")
+    KEYS[4] partition affinity times zset (session field -> ms of its binding), to forget old bindings
+    KEYS[5] partition fair-share zset (lua/submit_job-n.lua): a claim moves its band's virtual clock
+    KEYS[6] partition queued counts hash (a job is counted out of its second: keys.PartitionKeys.queued)
+    KEYS[7] partition held zset (job id -> 0 while assigned, 1 while running: the job enters it)
+    KEYS[8] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)
+    then per claim i (k = 8 + 2 * (i - 1)):
+    KEYS[k+1] job fsm hash (the record, its spec and its state changes)
+    KEYS[k+2] job payload
+    ARGV[1] ack timeout, ms
+    ARGV[2] affinity wait, ms: how long a job is held back for its session's preferred node
+    ARGV[3] how many queue heads to return as the next candidates
+    ARGV[4] avoid window, ms: how long a requeued job keeps away from the nodes it avoids
+    ARGV[5] affinity time to live, ms: bindings older than this are deleted (by one claim in 8); a claim by
+            the node the job prefers leaves a binding younger than an eighth of it as it is (`pat`)
+    then per claim i (a = 5 + 3 * (i - 1)):
+    ARGV[a+1] job id (a candidate read from the queue earlier)
+    ARGV[a+2] node id
+    ARGV[a+3] lease token of this claim (unique per claim)
+
+  Output: one reply per claim, in order, {code, next candidates, ...}; the candidates are the queue's heads
+  with their scores after that claim, {id, score, id, score, ...} (the dispatcher pairs jobs in queue order)
+    {1, candidates, attempt, lease deadline ms, spec, payload, queued ms, dispatch ms}  claimed now:
+                             queued ms is how long the job was queued (since it entered queued);
+                             dispatch ms the time since submit for the job's first claim, -1 after
+    {1, candidates, attempt, lease deadline ms, spec, payload}  claimed by this token before (a repeat)
+    {-1, candidates}         job not found (its queue entry is dropped)
+    {-2, candidates, state}  job not in a claimable state (its queue entry is dropped)
+    {-7, candidates}         job no longer in the queue (someone else claimed it), or this token's
+                             claim was released or expired already (a token is good for one claim)
+    {-8, candidates, until}  the job avoids this node until `until` (ms): the node lost it or lacked the model
+    {-9, candidates, until}  the job is held back for its session's node until `until` (ms)
+    {-14, {}}                the pool is paused (no candidates: the dispatcher waits for ResumePool)
+]]
+
+local queueKey, timersKey, affinityKey, affinityAtKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local fairKey, queuedKey, heldKey, pausedKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local n = (#KEYS - 8) / 2
+local out = {}
+if rcall("EXISTS", pausedKey) == 1 then
+  for i = 1, n do
+    out[i] = {-14, {}}
+  end
+  return out
+end
+local now = now_ms()
+local ttl = tonumber(ARGV[5])
+local clocks = {}  -- band -> its virtual clock (read once, false when the key has none), as moved by the claims
+local held, timers, counted = {}, {}, {}  -- written once after the claims: held and timer entries, queued counts
+
+local function heads()  -- the next candidates with their queue scores: {id, score, id, score, ...}
+  return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[3]) - 1, "WITHSCORES")
+end
+
+local function claim(fsmKey, payloadKey, jobId, nodeId, token)
+  local function payload(f)  -- "" for a job submitted without one (`np`: no key to read)
+    return not f[15] and rcall("GET", payloadKey) or ""
+  end
+  local f = rcall("HMGET", fsmKey, "state", "ver", "att", "avoid", "pref", "updated", "sess", "node", "tok", "lease",
+    "c", "asg", "w", "qs", "np", "pat", unpack(SPEC_FIELDS))
+  local state = f[1]
+  if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
+    if state == FIXED[E.assign] and f[8] == nodeId then
+      return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 17), payload(f)}
+    end
+    return {-7, heads()}
+  end
+  -- Whether the job is still queued: ZREM's reply where the job leaves the queue anyway, a ZSCORE where it
+  -- stays (its queue score is the record's `qs`: every ZADD to a queue writes that).
+  if not state or not allowed(E.assign, state) then
+    if rcall("ZREM", queueKey, jobId) == 0 then
+      return {-7, heads()}
+    end
+    if not state then
+      return {-1, heads()}
+    end
+    return {-2, heads(), state}
+  end
+  local created = f[11] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
+  local updated = tonumber(f[6] or created)  -- a record not changed since its submit has no `updated`
+  local avoidUntil = updated + tonumber(ARGV[4])
+  local heldUntil = updated + tonumber(ARGV[2])
+  local avoided = f[4] and now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
+  local preferred = f[5] and f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
+  if (avoided or preferred) and not rcall("ZSCORE", queueKey, jobId) then
+    return {-7, heads()}
+  elseif avoided then
+    return {-8, heads(), avoidUntil}
+  elseif preferred then
+    return {-9, heads(), heldUntil}
+  end
+  if rcall("ZREM", queueKey, jobId) == 0 then
+    return {-7, heads()}
+  end
+
+  local score = tonumber(f[14])
+  local dest = FIXED[E.assign]
+  local version = tonumber(f[2]) + 1
+  local attempt = (tonumber(f[3]) or 0) + 1  -- no `att`: never claimed
+  local lease = now + tonumber(ARGV[1])
+  -- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
+  -- only to the band's head when the job was taken out of turn (a wake-up names the newest job), so such a
+  -- claim never puts the tenants that join later behind the whole queue. A band left empty evens everyone
+  -- out: its clock moves to the highest pass handed out. No clock: the key expired, nothing to keep.
+  local band = math.floor(score / BAND)
+  local low, clockMember = band * BAND, "c" .. band
+  if clocks[band] == nil then
+    clocks[band] = tonumber(rcall("ZSCORE", fairKey, clockMember)) or false
+  end
+  local clock = clocks[band]
+  local after = heads()  -- the queue's heads now: returned, and the band's head when the queue's first is in the band
+  if clock and score > clock then
+    local first, head = tonumber(after[2]), nil
+    if not first or first >= low + BAND then
+      head = {}  -- the queue's lowest score is past the band: the band is empty
+    elseif first >= low then
+      head = after
+    else  -- a band of higher priority comes first
+      head = rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "WITHSCORES", "LIMIT", 0, 1)
+    end
+    local to = score
+    if head[1] then
+      to = math.min(score, tonumber(head[2]))
+    else
+      local top = rcall("ZREVRANGEBYSCORE", fairKey, "(" .. fmt(low + BAND), low, "WITHSCORES", "LIMIT", 0, 1)
+      to = math.max(score, tonumber(top[2]))
+    end
+    if to > clock then
+      rcall("ZADD", fairKey, to, clockMember)
+      clocks[band] = to
+    end
+  end
+  local change = record_event(fsmKey, f[13], created, {s = dest, v = version, a = attempt, n = nodeId, e = E.assign,
+    t = now})
+  rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
+    "tok", token, "lease", lease, "updated", now, "asg", now, unpack(change))  -- `started`: see lua/touch_job-3.lua
+  -- Counted out of the second it entered QUEUED (`updated`, else its creation); enters the held zset; its
+  -- lease timer: all written after the claims, one command each.
+  local second = fmt(math.floor(updated / 1000))
+  counted[second] = (counted[second] or 0) - 1
+  held[#held + 1], held[#held + 2] = HELD_SCORE[dest], jobId
+  timers[#timers + 1], timers[#timers + 2] = lease, lease_member(jobId, token)
+  -- The session's binding: rewritten unless the job prefers this node and the binding submit read (`pat`:
+  -- how old it was then, set only with `pref`) is younger than an eighth of the time to live, so a session
+  -- served by its node rewrites it about once per eighth and it never expires while served. (Should another
+  -- node have taken the session since the submit, the binding stays with that node: a hint either way.)
+  if f[5] ~= nodeId or not f[16] or now - (tonumber(created) - tonumber(f[16])) >= ttl / 8 then
+    rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
+    rcall("ZADD", affinityAtKey, now, f[7])
+  end
+  local dispatched = -1  -- "asg" is the time of the job's latest claim: none before, this is its first
+  if not f[12] and created then
+    dispatched = now - tonumber(created)
+  end
+  return {1, after, attempt, lease, spec_of(fsmKey, f, 17), payload(f), now - updated, dispatched}
+end
+
+for i = 1, n do
+  local k, a = 8 + 2 * (i - 1), 5 + 3 * (i - 1)
+  local ok, reply = pcall(claim, KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+  out[i] = ok and reply or {err = type(reply) == "table" and reply.err or tostring(reply)}
+end
+if #held > 0 then
+  rcall("ZADD", heldKey, unpack(held))
+  rcall("ZADD", timersKey, unpack(timers))
+  for second, by in pairs(counted) do
+    count_queued(queuedKey, tonumber(second) * 1000, by)
+  end
+end
+-- Bindings past their time to live are ignored (lua/submit_job-n.lua); one call in 8 (tokens are random
+-- hex: the first claim's) deletes up to 128 of them.
+if string.byte(ARGV[8], -1) % 8 == 0 then
+  local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - ttl, "LIMIT", 0, 128)
+  if #stale > 0 then
+    rcall("HDEL", affinityKey, unpack(stale))
+    rcall("ZREM", affinityAtKey, unpack(stale))
+  end
+end
+return out
