@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 from helpers import spec
-from lingua_scheduler.server import keys
+from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server import store as store_module
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
+from redis.exceptions import ResponseError
 
 
 @pytest.fixture
@@ -106,3 +107,48 @@ async def test_claims_of_a_partition_go_in_one_call_and_a_damaged_record_fails_a
     again = await store.claim_many([items[0], items[2]])  # repeats with the same tokens: the same assignments
     assert [(c.code, c.attempt) for c in again] == [(ScriptCode.APPLIED, 1)] * 2  # type: ignore[union-attr]
     assert await redis.zcard(held) == 3
+
+
+async def test_a_repeated_claim_is_answered_even_after_the_partition_was_paused(store: Store, redis: Any) -> None:
+    """A dispatcher whose claim reply was lost claims again with the same token: after a PausePool too, the
+    answer is the assignment it holds (its job is out of the queue already), not "paused"."""
+    (out,) = await store.submit([spec(session_id="p")])
+    (first,) = await store.claim_many([(out.job_id, "n1", "tok-1")])
+    assert first.code == ScriptCode.APPLIED  # type: ignore[union-attr]
+    await redis.hset(keys.PartitionKeys.of(keys.tag_of(out.job_id)).paused, mapping={"at": "1", "reason": "x"})
+    (other,) = await store.submit([spec(session_id="p", utterance_index=1)])
+    again, refused = await store.claim_many([(out.job_id, "n1", "tok-1"), (other.job_id, "n1", "tok-2")])
+    assert again.code == ScriptCode.APPLIED and again.attempt == 1  # type: ignore[union-attr]
+    assert refused.code == ScriptCode.POOL_PAUSED  # type: ignore[union-attr]
+
+
+async def test_a_job_that_fails_in_a_call_fails_alone(store: Store, redis: Any) -> None:
+    """A job whose writes Redis refuses (here its identity key is of another type) is an error in its place:
+    the call's other jobs are created and queued whole, and a retry finds them so."""
+    good = [spec(session_id="g", utterance_index=1), spec(session_id="g", utterance_index=2, idempotency_key="k-2")]
+    bad = spec(session_id="g", utterance_index=3, idempotency_key="k-bad")
+    assert store.partition_tag(bad) == store.partition_tag(good[0])  # one partition: one call
+    await redis.hset(store._submit_job(bad).identity, "x", "1")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await store.submit([good[0], bad, good[1]])
+    again = await store.submit(good)
+    assert not any(o.created for o in again)
+    for o in again:
+        pk = keys.PartitionKeys.of(keys.tag_of(o.job_id))
+        assert await redis.zscore(pk.queue, o.job_id) is not None
+        assert await redis.zscore(pk.timers, wire.deadline_timer(o.job_id)) is not None
+    assert sum(int(v) for v in (await redis.hgetall(pk.queued)).values()) == 2
+
+
+async def test_stale_bindings_are_deleted_at_the_per_claim_rate(store: Store, redis: Any) -> None:
+    """One claim in 8 (its token's last character) deletes up to 128 bindings past their time to live,
+    whether the claims come one per call or many."""
+    out = await store.submit([spec(session_id=f"s{i}") for i in range(20)])
+    pk = keys.PartitionKeys.of(keys.tag_of(out[0].job_id))
+    stale = {f"acme\x00old{i}": 1 for i in range(300)}  # bound at ms 1: long past the time to live
+    await redis.zadd(pk.affinity_at, stale)
+    await redis.hset(pk.affinity, mapping={k: "n0|1" for k in stale})
+    claims = await store.claim_many([(o.job_id, "n1", f"tok{i:02d}0") for i, o in enumerate(out)])  # all sampled
+    assert [c.code for c in claims] == [ScriptCode.APPLIED] * 20  # type: ignore[union-attr]
+    served = sum(keys.tag_of(o.job_id) == keys.tag_of(out[0].job_id) for o in out)  # this partition's sessions
+    assert await redis.zcard(pk.affinity_at) == served  # only the sessions just served are left

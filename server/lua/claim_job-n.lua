@@ -16,7 +16,8 @@
     KEYS[5] partition fair-share zset (lua/submit_job-n.lua): a claim moves its band's virtual clock
     KEYS[6] partition queued counts hash (a job is counted out of its second: keys.PartitionKeys.queued)
     KEYS[7] partition held zset (job id -> 0 while assigned, 1 while running: the job enters it)
-    KEYS[8] partition paused hash: while it exists, nothing is claimed from the partition (PausePool)
+    KEYS[8] partition paused hash: while it exists, nothing is claimed from the partition (PausePool; a
+            repeat of a claim is answered still)
     then per claim i (k = 8 + 2 * (i - 1)):
     KEYS[k+1] job fsm hash (the record, its spec and its state changes)
     KEYS[k+2] job payload
@@ -50,16 +51,12 @@ local queueKey, timersKey, affinityKey, affinityAtKey = KEYS[1], KEYS[2], KEYS[3
 local fairKey, queuedKey, heldKey, pausedKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local n = (#KEYS - 8) / 2
 local out = {}
-if rcall("EXISTS", pausedKey) == 1 then
-  for i = 1, n do
-    out[i] = {-14, {}}
-  end
-  return out
-end
+local paused = rcall("EXISTS", pausedKey) == 1  -- a repeat of a claim is still answered (its job is out already)
 local now = now_ms()
 local ttl = tonumber(ARGV[5])
 local clocks = {}  -- band -> its virtual clock (read once, false when the key has none), as moved by the claims
 local held, timers, counted = {}, {}, {}  -- written once after the claims: held and timer entries, queued counts
+local sampled = 0  -- claims whose token says "clean the stale bindings"
 
 local function heads()  -- the next candidates with their queue scores: {id, score, id, score, ...}
   return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[3]) - 1, "WITHSCORES")
@@ -77,6 +74,9 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
       return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 17), payload(f)}
     end
     return {-7, heads()}
+  end
+  if paused then
+    return {-14, {}}
   end
   -- Whether the job is still queued: ZREM's reply where the job leaves the queue anyway, a ZSCORE where it
   -- stays (its queue score is the record's `qs`: every ZADD to a queue writes that).
@@ -153,6 +153,9 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   counted[second] = (counted[second] or 0) - 1
   held[#held + 1], held[#held + 2] = HELD_SCORE[dest], jobId
   timers[#timers + 1], timers[#timers + 2] = lease, lease_member(jobId, token)
+  if string.byte(token, -1) % 8 == 0 then  -- tokens are random hex: one claim in 8 cleans bindings (below)
+    sampled = sampled + 1
+  end
   -- The session's binding: rewritten unless the job prefers this node and the binding submit read (`pat`:
   -- how old it was then, set only with `pref`) is younger than an eighth of the time to live, so a session
   -- served by its node rewrites it about once per eighth and it never expires while served. (Should another
@@ -180,10 +183,10 @@ if #held > 0 then
     count_queued(queuedKey, tonumber(second) * 1000, by)
   end
 end
--- Bindings past their time to live are ignored (lua/submit_job-n.lua); one call in 8 (tokens are random
--- hex: the first claim's) deletes up to 128 of them.
-if string.byte(ARGV[8], -1) % 8 == 0 then
-  local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - ttl, "LIMIT", 0, 128)
+-- Bindings past their time to live are ignored (lua/submit_job-n.lua); each claim in 8 deletes up to 128
+-- of them (in one command for the call).
+if sampled > 0 then
+  local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - ttl, "LIMIT", 0, 128 * sampled)
   if #stale > 0 then
     rcall("HDEL", affinityKey, unpack(stale))
     rcall("ZREM", affinityAtKey, unpack(stale))

@@ -66,7 +66,8 @@ local now = now_ms()
 local retention = tonumber(ARGV[2])
 
 -- First pass: what the whole call reads once. The default identities' session entries (one ZRANGEBYSCORE
--- per session, over the utterances of the call), the fair-share members (one ZMSCORE), the bindings (one HMGET).
+-- per session, over the utterances of the call, unless they are far apart), the fair-share members (one
+-- ZMSCORE), the bindings (one HMGET).
 local span, fairNames, sessions = {}, {"e"}, {}
 local function ask(list, seen, name)
   if not seen[name] then
@@ -82,17 +83,29 @@ for i = 1, n do
   ask(fairNames, seenFair, "t" .. band .. ":" .. ARGV[a + 11])
   ask(sessions, seenSession, ARGV[a + 8])
   if ARGV[a + 13] ~= "1" then
-    local u, s = tonumber(ARGV[a + 10]), span[KEYS[k + 4]]
-    span[KEYS[k + 4]] = s and {math.min(s[1], u), math.max(s[2], u)} or {u, u}
+    local s = span[KEYS[k + 4]] or {}
+    s[#s + 1] = tonumber(ARGV[a + 10])
+    span[KEYS[k + 4]] = s
   end
 end
 local atUtterance = {}  -- session key -> utterance -> the session's job ids at it
-for key, s in pairs(span) do
-  local found, by = rcall("ZRANGEBYSCORE", key, s[1], s[2], "WITHSCORES"), {}
-  for j = 1, #found, 2 do
-    local u = tonumber(found[j + 1])
-    by[u] = by[u] or {}
-    table.insert(by[u], found[j])
+for key, us in pairs(span) do
+  local low, high = math.min(unpack(us)), math.max(unpack(us))
+  local ranges = {{low, high}}
+  if high - low >= 4 * #us then  -- far apart (a resubmit of old utterances): each on its own, not all between
+    ranges = {}
+    for _, u in ipairs(us) do
+      ranges[#ranges + 1] = {u, u}
+    end
+  end
+  local by = {}
+  for _, r in ipairs(ranges) do
+    local found = rcall("ZRANGEBYSCORE", key, r[1], r[2], "WITHSCORES")
+    for j = 1, #found, 2 do
+      local u = tonumber(found[j + 1])
+      by[u] = by[u] or {}
+      table.insert(by[u], found[j])
+    end
   end
   atUtterance[key] = by
 end
@@ -105,9 +118,9 @@ for j, v in ipairs(rcall("HMGET", affinityKey, unpack(sessions))) do
   binding[sessions[j]] = v
 end
 
--- `sampled`: the cleanups that need not run at every call run at about one call in 6, once a band (ids are
--- random, and 5 of the 32 characters a ULID ends with pass this test).
-local sampled, cleaned = string.byte(ARGV[6], -1) % 8 == 0, {}
+-- `sampled`: the cleanups that need not run at every submit run when a job of the call is one in 6 (ids are
+-- random, and 5 of the 32 characters a ULID ends with pass this test), once per call (a band's, once per band).
+local sampled, cleaned = false, {}
 local made = {}  -- identity key -> {job id, digest} of a job this call created
 local out = {}
 local queued, timers, index, wakes = {}, {}, {}, {}
@@ -115,7 +128,9 @@ local sessionAdds, tenantAdds = {}, {}  -- key -> {score, member, ...}
 local sessionKeep, sessionKnown = {}, {}  -- session key -> furthest keep, what the caller knows
 local fairWrites, fairUntil, reset = {}, nil, {}
 local keepMax = 0
-for i = 1, n do
+-- One job: its reply. Run under pcall: a job that fails (a value Redis refuses) is an error in its place, and
+-- only what it wrote itself is left (what it adds to the shared writes is added once its own writes are done).
+local function submit(i)
   local k, a = 7 + 5 * (i - 1), 5 + 14 * (i - 1)
   local idemKey, fsmKey, payloadKey, sessionKey, tenantJobsKey = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
     KEYS[k + 4], KEYS[k + 5]
@@ -131,106 +146,109 @@ for i = 1, n do
   if id then
     -- An earlier version stored 32 hex digits: the digest is their first 16 (server/store.py's spec_digest).
     if stored ~= "" and string.sub(stored, 1, #digest) ~= digest then
-      out[i] = {-11, id}
-    else
-      out[i] = {0, id}
+      return {-11, id}
     end
-  else
-    made[idemKey] = {jobId, digest}
-    local deadline = tonumber(ARGV[a + 6])
-    if deadline == 0 then
-      deadline = now + tonumber(ARGV[1])
-    end
-    -- Fair share (stride scheduling): within a priority band, each of a tenant's jobs goes one step (FAIR_STEP
-    -- / weight) after the tenant's previous one, and never before the band's virtual clock (where dispatch
-    -- is: lua/claim_job-n.lua moves it), so a tenant that joins is served next and busy tenants take turns.
-    -- Entries below the clock say nothing more than "starts at the clock": a sampled submit deletes them.
-    -- The key's member "e" holds minus when the key expires (a negative score, below every band),
-    -- read in the same ZMSCORE as the clocks and the tenants' passes: no PTTL per submit.
-    local band = 9 - tonumber(ARGV[a + 4])
-    local low = band * BAND
-    local clockMember, tenantMember = "c" .. band, "t" .. band .. ":" .. ARGV[a + 11]
-    local clock, last = fair[clockMember], fair[tenantMember]
-    if clock and clock - low >= FAIR_RESET and not reset[band]
-        and not rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "LIMIT", 0, 1)[1] then
-      rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(low + BAND))  -- far on and empty: start the band again
-      local passes = "t" .. band .. ":"
-      for name in pairs(fair) do  -- what was read of the band is gone (its first job in the call: none written)
-        if name == clockMember or string.sub(name, 1, #passes) == passes then
-          fair[name] = false
-        end
-      end
-      clock, last = false, false
-    end
-    reset[band] = true  -- only a band's first job in the call checks: the call's jobs enter the queue below
-    if not clock then
-      clock = low
-      fair[clockMember] = clock
-      fairWrites[clockMember] = clock
-    elseif sampled and not cleaned[band] then
-      cleaned[band] = true
-      rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(clock))
-    end
-    last = last or clock
-    local queueScore = math.min(math.max(last, clock) + tonumber(ARGV[a + 12]), low + BAND - 1)
-    fair[tenantMember] = queueScore
-    fairWrites[tenantMember] = queueScore
-    -- The fair share matters while a job of the partition may still be queued: until the last deadline, an
-    -- eighth later (as the session's index below; "e" says until when).
-    local e = fair.e
-    if not e or -e < deadline then
-      local untilMs = deadline + math.floor((deadline - now) / 8)
-      fair.e, fairUntil = -untilMs, untilMs
-      fairWrites.e = -untilMs
-    end
-
-    local preferred, bound = "", 0
-    local b = binding[ARGV[a + 8]]
-    if b then
-      local node, at = string.match(b, "^(.*)|(%d+)$")
-      if node and tonumber(at) + tonumber(ARGV[3]) > now then
-        preferred = node
-        bound = now - tonumber(at)
-      end
-    end
-
-    local state = FIXED[E.submit]
-    -- Only what says something: until claimed a record has no `att` (0), `ev` (the submit), `updated` (= its
-    -- creation, `c`), `node`, `tok`, `lease`, `started`, `avoid`, nor `pref` without a preferred node; readers
-    -- take absent as those values (docs/design.md, "Keys"). Each byte is in every queued job's listpack.
-    local extra = ARGV[a + 3] == "" and {"np", 1} or {}  -- np: no payload key to read or drop
-    if preferred ~= "" then  -- and `pat`: how old the binding was, so its node's claim need not rewrite a young one
-      extra[#extra + 1], extra[#extra + 2], extra[#extra + 3], extra[#extra + 4] = "pref", preferred, "pat", bound
-    end
-    rcall("HSET", fsmKey, "state", state, "ver", 1, "m", ARGV[a + 5], "dl", deadline, "xto", ARGV[a + 7],
-      "c", now, "qs", queueScore, "sess", ARGV[a + 8], "utt", utterance,
-      "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_in)
-      unpack(pieces(extra, "spec", ARGV[a + 2])))
-    if ARGV[a + 3] ~= "" then
-      rcall("SET", payloadKey, ARGV[a + 3])
-    end
-    local keepUntil = deadline + retention
-    -- An explicit identity outlives no job record: records of finished jobs expire at max(finish, deadline) +
-    -- retention. The default identity lives in the record (`dg`): exactly as long.
-    if keyed then
-      rcall("SET", idemKey, jobId .. " " .. digest, "PXAT", keepUntil)
-    end
-    queued[#queued + 1], queued[#queued + 2] = queueScore, jobId
-    timers[#timers + 1], timers[#timers + 2] = deadline, deadline_member(jobId)
-    local member = index_member(jobId)
-    index[#index + 1], index[#index + 2] = 0, member
-    local adds = sessionAdds[sessionKey] or {}
-    adds[#adds + 1], adds[#adds + 2] = utterance, jobId
-    sessionAdds[sessionKey] = adds
-    adds = tenantAdds[tenantJobsKey] or {}
-    adds[#adds + 1], adds[#adds + 2] = 0, member
-    tenantAdds[tenantJobsKey] = adds
-    sessionKeep[sessionKey] = math.max(sessionKeep[sessionKey] or 0, keepUntil)
-    sessionKnown[sessionKey] = ARGV[a + 14]
-    keepMax = math.max(keepMax, keepUntil)
-    wakes[#wakes + 1] = wake_message(jobId, preferred, queueScore)
-    out[i] = {1, jobId, state, 0, 0}  -- pools and session filled in below
+    return {0, id}
   end
+  local deadline = tonumber(ARGV[a + 6])
+  if deadline == 0 then
+    deadline = now + tonumber(ARGV[1])
+  end
+  -- Fair share (stride scheduling): within a priority band, each of a tenant's jobs goes one step (FAIR_STEP
+  -- / weight) after the tenant's previous one, and never before the band's virtual clock (where dispatch
+  -- is: lua/claim_job-n.lua moves it), so a tenant that joins is served next and busy tenants take turns.
+  -- Entries below the clock say nothing more than "starts at the clock": a sampled submit deletes them.
+  -- The key's member "e" holds minus when the key expires (a negative score, below every band),
+  -- read in the same ZMSCORE as the clocks and the tenants' passes: no PTTL per submit.
+  local band = 9 - tonumber(ARGV[a + 4])
+  local low = band * BAND
+  local clockMember, tenantMember = "c" .. band, "t" .. band .. ":" .. ARGV[a + 11]
+  local clock, last = fair[clockMember], fair[tenantMember]
+  if clock and clock - low >= FAIR_RESET and not reset[band]
+      and not rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "LIMIT", 0, 1)[1] then
+    rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(low + BAND))  -- far on and empty: start the band again
+    local passes = "t" .. band .. ":"
+    for name in pairs(fair) do  -- what was read of the band is gone (its first job in the call: none written)
+      if name == clockMember or string.sub(name, 1, #passes) == passes then
+        fair[name] = false
+      end
+    end
+    clock, last = false, false
+  end
+  reset[band] = true  -- only a band's first job in the call checks: the call's jobs enter the queue below
+  if not clock then
+    clock = low
+    fair[clockMember] = clock
+    fairWrites[clockMember] = clock
+  elseif not cleaned[band] and string.byte(jobId, -1) % 8 == 0 then
+    cleaned[band] = true
+    rcall("ZREMRANGEBYSCORE", fairKey, low, "(" .. fmt(clock))
+  end
+  last = last or clock
+  local queueScore = math.min(math.max(last, clock) + tonumber(ARGV[a + 12]), low + BAND - 1)
+  fair[tenantMember] = queueScore
+  fairWrites[tenantMember] = queueScore
+  -- The fair share matters while a job of the partition may still be queued: until the last deadline, an
+  -- eighth later (as the session's index below; "e" says until when).
+  local e = fair.e
+  if not e or -e < deadline then
+    local untilMs = deadline + math.floor((deadline - now) / 8)
+    fair.e, fairUntil = -untilMs, untilMs
+    fairWrites.e = -untilMs
+  end
+
+  local preferred, bound = "", 0
+  local b = binding[ARGV[a + 8]]
+  if b then
+    local node, at = string.match(b, "^(.*)|(%d+)$")
+    if node and tonumber(at) + tonumber(ARGV[3]) > now then
+      preferred = node
+      bound = now - tonumber(at)
+    end
+  end
+
+  local state = FIXED[E.submit]
+  -- Only what says something: until claimed a record has no `att` (0), `ev` (the submit), `updated` (= its
+  -- creation, `c`), `node`, `tok`, `lease`, `started`, `avoid`, nor `pref` without a preferred node; readers
+  -- take absent as those values (docs/design.md, "Keys"). Each byte is in every queued job's listpack.
+  local extra = ARGV[a + 3] == "" and {"np", 1} or {}  -- np: no payload key to read or drop
+  if preferred ~= "" then  -- and `pat`: how old the binding was, so its node's claim need not rewrite a young one
+    extra[#extra + 1], extra[#extra + 2], extra[#extra + 3], extra[#extra + 4] = "pref", preferred, "pat", bound
+  end
+  rcall("HSET", fsmKey, "state", state, "ver", 1, "m", ARGV[a + 5], "dl", deadline, "xto", ARGV[a + 7],
+    "c", now, "qs", queueScore, "sess", ARGV[a + 8], "utt", utterance,
+    "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_in)
+    unpack(pieces(extra, "spec", ARGV[a + 2])))
+  if ARGV[a + 3] ~= "" then
+    rcall("SET", payloadKey, ARGV[a + 3])
+  end
+  local keepUntil = deadline + retention
+  -- An explicit identity outlives no job record: records of finished jobs expire at max(finish, deadline) +
+  -- retention. The default identity lives in the record (`dg`): exactly as long.
+  if keyed then
+    rcall("SET", idemKey, jobId .. " " .. digest, "PXAT", keepUntil)
+  end
+  queued[#queued + 1], queued[#queued + 2] = queueScore, jobId
+  timers[#timers + 1], timers[#timers + 2] = deadline, deadline_member(jobId)
+  local member = index_member(jobId)
+  index[#index + 1], index[#index + 2] = 0, member
+  local adds = sessionAdds[sessionKey] or {}
+  adds[#adds + 1], adds[#adds + 2] = utterance, jobId
+  sessionAdds[sessionKey] = adds
+  adds = tenantAdds[tenantJobsKey] or {}
+  adds[#adds + 1], adds[#adds + 2] = 0, member
+  tenantAdds[tenantJobsKey] = adds
+  sessionKeep[sessionKey] = math.max(sessionKeep[sessionKey] or 0, keepUntil)
+  sessionKnown[sessionKey] = ARGV[a + 14]
+  keepMax = math.max(keepMax, keepUntil)
+  wakes[#wakes + 1] = wake_message(jobId, preferred, queueScore)
+  made[idemKey] = {jobId, digest}
+  sampled = sampled or string.byte(jobId, -1) % 8 == 0
+  return {1, jobId, state, 0, 0}  -- pools and session filled in below
+end
+for i = 1, n do
+  local ok, reply = pcall(submit, i)
+  out[i] = ok and reply or {err = type(reply) == "table" and reply.err or tostring(reply)}
 end
 if #queued == 0 then
   return out
@@ -247,7 +265,8 @@ end
 rcall("ZADD", queueKey, unpack(queued))
 -- The session's index lives as long as its longest-lived job record (deadline + retention), and up to an
 -- eighth longer: a key extended at each submit would cost a PEXPIREAT each, one extended by an eighth more
--- than it needs costs one per eighth of that time. No PTTL when the caller saw the key's expiry lately
+-- than it needs costs one per eighth of that time (a call writes its furthest job's: maybe later than one call
+-- per job would, never earlier). No PTTL when the caller saw the key's expiry lately
 -- and it is far enough (a failover that lost it is repaired by the session's next submit after
 -- server/rates.py's SESSIONS_KNOWN_S).
 local sessionUntil = {}
@@ -286,7 +305,7 @@ if sampled then  -- pools whose jobs are all gone leave
 end
 rcall("PUBLISH", ARGV[4], table.concat(wakes, WAKES_SEP))
 for i = 1, n do
-  if out[i][1] == 1 then
+  if out[i][1] == 1 then  -- (an error reply has no [1])
     out[i][4] = pooled
     out[i][5] = sessionUntil[KEYS[7 + 5 * (i - 1) + 4]]
   end
