@@ -406,7 +406,8 @@ class Scripts:
 
         Calls that hit NOSCRIPT are retried after loading; a call that failed with NOSCRIPT did not run.
         Metrics on: the batch is timed as one round trip of its script (a batch is of one script:
-        claims, completions, ...), and every failed call counted.
+        claims, completions, ...), and every failed call counted, and every job that failed inside a call
+        for several jobs (its error reply in place of its reply).
         """
         if not calls:
             return []
@@ -421,9 +422,10 @@ class Scripts:
             raise
         finally:
             metrics.observe(op, time.perf_counter() - start)
-        for r in results:
-            if isinstance(r, Exception):
-                metrics.error(op, r)
+        for r in results:  # a failed call, or a job that failed in a call for several (an error in its place)
+            for e in r if isinstance(r, list) else (r,):
+                if isinstance(e, Exception):
+                    metrics.error(op, e)
         return results
 
     async def _call_many(self, client: Any, calls: list[Call]) -> list[Any]:

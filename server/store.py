@@ -69,11 +69,9 @@ from .throttle import ThrottledWarning
 from .tracing import Tracing
 
 log = logging.getLogger(__name__)
-# Most jobs of one finish_job call: bounds the time one call holds Redis, and its argument lists.
-FINISH_BATCH = 100
 _junk_timers = ThrottledWarning(log, interval_s=10)  # a bad writer's members would come every sweep
-# The most jobs one call of a script for several jobs takes (submit_job, claim_job): a Submit's jobs of a
-# partition go in calls of this many, so no call holds Redis for long (a batch may be --max-batch, 500).
+# The most jobs one call of a script for several jobs takes (submit_job, claim_job, finish_job): a Submit's
+# jobs of a partition go in calls of this many, so no call holds Redis for long (a batch may be --max-batch, 500).
 CALL_JOBS = 100
 
 
@@ -416,16 +414,18 @@ class Store:
 
     async def _submit_calls(self, jobs: list[SubmitJob]) -> list[Any]:
         """The replies of submit_job for `jobs`, in order (the first error raised)."""
-        return self._raise_errors(await self._per_partition([job.job_id for job in jobs],
+        return self._raise_errors(await self._batched([job.job_id for job in jobs],
                                                             lambda at: submit_call([jobs[i] for i in at])))
 
-    async def _per_partition(self, job_ids: list[str], build: Callable[[list[int]], Call]) -> list[Any]:
-        """Replies of a script that takes several jobs of one partition per call (`build`: the call for the
-        items at those positions): one call per partition and CALL_JOBS of its items, all pipelined in one
-        round trip; each item's reply in its place (a failed call's error in place of each of its items)."""
+    async def _batched(self, job_ids: list[str], build: Callable[[list[int]], Call],
+                       group: Callable[[str], str] = keys.tag_of) -> list[Any]:
+        """Replies of a script that takes several jobs per call (`build`: the call for the items at those
+        positions), jobs of one `group` each (a partition, or a shard): one call per group and CALL_JOBS of
+        its items, all pipelined in one round trip; each item's reply in its place (a failed call's error in
+        place of each of its items)."""
         groups: dict[str, list[int]] = {}
         for i, job_id in enumerate(job_ids):
-            groups.setdefault(keys.tag_of(job_id), []).append(i)
+            groups.setdefault(group(job_id), []).append(i)
         chunks = [at[c:c + CALL_JOBS] for at in groups.values() for c in range(0, len(at), CALL_JOBS)]
         replies: list[Any] = [None] * len(job_ids)
         for at, reply in zip(chunks, await self.scripts.call_many(self.redis, [build(at) for at in chunks]),
@@ -540,7 +540,7 @@ class Store:
         s = self.settings
         claims = [ClaimJob(job_id, node_id, token, s.ack_timeout_ms, s.affinity_wait_ms, hint_count, s.avoid_ms,
                            s.affinity_ttl_ms) for job_id, node_id, token in items]
-        replies = await self._per_partition([c.job_id for c in claims], lambda at: claim_call([claims[i] for i in at]))
+        replies = await self._batched([c.job_id for c in claims], lambda at: claim_call([claims[i] for i in at]))
         out: list[Claim | Exception] = []
         metrics = self.metrics
         for (job_id, _node_id, token), r in zip(items, replies, strict=True):
@@ -614,21 +614,13 @@ class Store:
         return outcomes
 
     async def finish_many(self, finishes: list[FinishJob]) -> list[Any]:
-        """finish_job for each job, one call per shard (up to FINISH_BATCH jobs), all in one round trip: the
+        """finish_job for each job, one call per shard (up to CALL_JOBS jobs), all in one round trip: the
         jobs' replies (or the exception of their call) in the order given. A job's commands that touch keys
         of the shard every job of it touches (the timers, the done bucket, its session's channel...) are sent
         once per call, not once per job (lua/finish_job-n.lua)."""
-        batches: dict[str, list[int]] = {}
-        for i, finish in enumerate(finishes):
-            batches.setdefault(keys.shard_of_tag(keys.tag_of(finish.job_id)), []).append(i)
-        chunks = [at[start:start + FINISH_BATCH] for at in batches.values() for start in range(0, len(at), FINISH_BATCH)]
-        replies = await self.scripts.call_many(
-            self.redis, [FinishJobs(tuple(finishes[i] for i in chunk)).call() for chunk in chunks])
-        out: list[Any] = [None] * len(finishes)
-        for chunk, reply in zip(chunks, replies, strict=True):
-            for n, i in enumerate(chunk):
-                out[i] = reply if isinstance(reply, Exception) else reply[n]
-        return out
+        return await self._batched([f.job_id for f in finishes],
+                                   lambda at: FinishJobs(tuple(finishes[i] for i in at)).call(),
+                                   group=lambda job_id: keys.shard_of_tag(keys.tag_of(job_id)))
 
     async def fail(self, job_id: str, node_id: str, token: str, error: pb.JobError) -> Changed:
         """A failed attempt, fenced: requeued with backoff while retryable with attempts left, else failed."""
