@@ -414,8 +414,8 @@ class Store:
 
     async def _submit_calls(self, jobs: list[SubmitJob]) -> list[Any]:
         """The replies of submit_job for `jobs`, in order (the first error raised)."""
-        return self._raise_errors(await self._batched([job.job_id for job in jobs],
-                                                            lambda at: submit_call([jobs[i] for i in at])))
+        replies = await self._batched([job.job_id for job in jobs], lambda at: submit_call([jobs[i] for i in at]))
+        return self._raise_errors(replies)
 
     async def _batched(self, job_ids: list[str], build: Callable[[list[int]], Call],
                        group: Callable[[str], str] = keys.tag_of) -> list[Any]:
