@@ -322,6 +322,15 @@ def _load_all() -> dict[str, Script]:
     return scripts
 
 
+def _count_failed_jobs(metrics: RedisMetrics, op: str, replies: list[Any]) -> None:
+    """Counts each failed call among `replies`, and each job that failed inside a call for several jobs
+    (its error reply in place of its reply: submit_job, claim_job, finish_job)."""
+    for r in replies:
+        for e in r if isinstance(r, list) else (r,):
+            if isinstance(e, Exception):
+                metrics.error(op, e)
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """One script call: built by the typed builders in server/calls.py, run by Scripts."""
@@ -363,10 +372,10 @@ class Scripts:
         try:
             args = self.args(call)
             try:
-                return await client.evalsha(*args)
+                reply = await client.evalsha(*args)
             except NoScriptError:
                 await self.load(client, call.script)
-                return await client.evalsha(*args)
+                reply = await client.evalsha(*args)
         except Exception as err:  # a NOSCRIPT was retried above: what comes out here failed
             if metrics is not None:
                 metrics.error(call.script, err)
@@ -374,6 +383,9 @@ class Scripts:
         finally:
             if metrics is not None:
                 metrics.observe(call.script, time.perf_counter() - start)
+        if metrics is not None:
+            _count_failed_jobs(metrics, call.script, [reply])
+        return reply
 
     async def call_then_read(self, client: Any, call: Call, read: Callable[[Any], None]) -> list[Any]:
         """One script call and, after it in the same pipelined round trip, the reads `read` queues on the
@@ -422,10 +434,7 @@ class Scripts:
             raise
         finally:
             metrics.observe(op, time.perf_counter() - start)
-        for r in results:  # a failed call, or a job that failed in a call for several (an error in its place)
-            for e in r if isinstance(r, list) else (r,):
-                if isinstance(e, Exception):
-                    metrics.error(op, e)
+        _count_failed_jobs(metrics, op, results)
         return results
 
     async def _call_many(self, client: Any, calls: list[Call]) -> list[Any]:

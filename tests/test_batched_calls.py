@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 from helpers import spec
+from lingua_scheduler.fsm import Event
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server import store as store_module
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.settings import Settings
-from lingua_scheduler.server.store import Store
+from lingua_scheduler.server.store import Lease, Store
+from lingua_sdk import pb
 from redis.exceptions import ResponseError
 
 
@@ -152,3 +154,31 @@ async def test_stale_bindings_are_deleted_at_the_per_claim_rate(store: Store, re
     assert [c.code for c in claims] == [ScriptCode.APPLIED] * 20  # type: ignore[union-attr]
     served = sum(keys.tag_of(o.job_id) == keys.tag_of(out[0].job_id) for o in out)  # this partition's sessions
     assert await redis.zcard(pk.affinity_at) == served  # only the sessions just served are left
+
+
+class _Errors:
+    """What the scripts count in the metrics (server/metrics.py's RedisMetrics interface)."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+
+    def error(self, op: str, err: BaseException) -> None:
+        self.errors.append((op, type(err).__name__))
+
+    def observe(self, op: str, seconds: float) -> None:
+        pass
+
+
+async def test_a_job_that_fails_inside_a_call_is_counted_as_a_failed_call(store: Store, redis: Any) -> None:
+    """The metrics count an error in place of a job's reply, on the pipelined and on the one-call path."""
+    one, other = await store.submit([spec(session_id="m"), spec(session_id="m", utterance_index=1)])
+    await store.claim("n1", [(one.job_id, "tok1"), (other.job_id, "tok2")])
+    for job in (one, other):
+        await redis.hdel(keys.JobKeys.of(job.job_id).fsm, "dl")  # a record no version wrote
+    errors = _Errors()
+    store.scripts.metrics = errors  # type: ignore[assignment]
+    with pytest.raises(ResponseError):
+        await store.transition(one.job_id, Event.FAIL, node="n1", token="tok1", error=pb.JobError(code="E"))
+    (failed,) = await store.complete_many("n1", [(Lease(other.job_id, "tok2"), pb.JobResult())])
+    assert isinstance(failed, ResponseError)
+    assert errors.errors == [("finish_job", "ResponseError")] * 2
