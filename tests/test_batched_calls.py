@@ -111,6 +111,26 @@ async def test_claims_of_a_partition_go_in_one_call_and_a_damaged_record_fails_a
     assert await redis.zcard(held) == 3
 
 
+
+async def test_a_claim_call_reads_the_queue_heads_and_moves_the_fair_clock_once(store: Store, redis: Any) -> None:
+    """The next candidates come once, in the call's last reply, as the queue is after every claim of the
+    call; the band's clock moves once, to the highest pass the call took while jobs of the band remain."""
+    out = await store.submit([spec(session_id="h", utterance_index=i) for i in range(6)])
+    ids = [o.job_id for o in out]
+    pk = keys.PartitionKeys.of(keys.tag_of(ids[0]))
+    scores = [await redis.zscore(pk.queue, j) for j in ids]
+    band = int(scores[0] // wire.QUEUE_BAND)
+    claims = await store.claim_many([(j, "n1", f"t{i}") for i, j in enumerate(ids[:3])])
+    assert [c.code for c in claims] == [ScriptCode.APPLIED] * 3  # type: ignore[union-attr]
+    assert [c.candidates for c in claims[:2]] == [[], []]  # type: ignore[union-attr]
+    assert claims[2].candidates == ids[3:]  # type: ignore[union-attr]
+    assert claims[2].scores == tuple(scores[3:])  # type: ignore[union-attr]
+    assert await redis.zscore(pk.fair, f"c{band}") == scores[2]
+    # Out of turn (the last job first): the clock goes no further than the band's head left behind.
+    (late,) = await store.claim_many([(ids[5], "n1", "t5")])
+    assert late.code == ScriptCode.APPLIED and late.candidates == ids[3:5]  # type: ignore[union-attr]
+    assert await redis.zscore(pk.fair, f"c{band}") == scores[3]
+
 async def test_a_repeated_claim_is_answered_even_after_the_partition_was_paused(store: Store, redis: Any) -> None:
     """A dispatcher whose claim reply was lost claims again with the same token: after a PausePool too, the
     answer is the assignment it holds (its job is out of the queue already), not "paused"."""

@@ -33,7 +33,8 @@
     ARGV[a+3] lease token of this claim (unique per claim)
 
   Output: one reply per claim, in order, {code, next candidates, ...}; the candidates are the queue's heads
-  with their scores after that claim, {id, score, id, score, ...} (the dispatcher pairs jobs in queue order)
+  with their scores after the call's claims, {id, score, id, score, ...} (the dispatcher pairs jobs in queue
+  order), in the call's last reply only (read once, after every claim: the others carry {})
     {1, candidates, attempt, lease deadline ms, spec, payload, queued ms, dispatch ms}  claimed now:
                              queued ms is how long the job was queued (since it entered queued);
                              dispatch ms the time since submit for the job's first claim, -1 after
@@ -54,13 +55,11 @@ local out = {}
 local paused = rcall("EXISTS", pausedKey) == 1  -- a repeat of a claim is still answered (its job is out already)
 local now = now_ms()
 local ttl = tonumber(ARGV[5])
-local clocks = {}  -- band -> its virtual clock (read once, false when the key has none), as moved by the claims
+local claimedTo = {}  -- band -> the highest queue score (pass) the call's claims took from it
 local held, timers, counted = {}, {}, {}  -- written once after the claims: held and timer entries, queued counts
 local sampled = 0  -- claims whose token says "clean the stale bindings"
 
-local function heads()  -- the next candidates with their queue scores: {id, score, id, score, ...}
-  return rcall("ZRANGE", queueKey, 0, tonumber(ARGV[3]) - 1, "WITHSCORES")
-end
+local NONE = {}  -- the candidates of every reply but the call's last (below)
 
 local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   local function payload(f)  -- "" for a job submitted without one (`np`: no key to read)
@@ -71,9 +70,9 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   local state = f[1]
   if f[9] == token then  -- a repeat of this claim: the same assignment while it holds, else nothing
     if state == FIXED[E.assign] and f[8] == nodeId then
-      return {1, heads(), tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 17), payload(f)}
+      return {1, NONE, tonumber(f[3]), tonumber(f[10]), spec_of(fsmKey, f, 17), payload(f)}
     end
-    return {-7, heads()}
+    return {-7, NONE}
   end
   if paused then
     return {-14, {}}
@@ -82,12 +81,12 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   -- stays (its queue score is the record's `qs`: every ZADD to a queue writes that).
   if not state or not allowed(E.assign, state) then
     if rcall("ZREM", queueKey, jobId) == 0 then
-      return {-7, heads()}
+      return {-7, NONE}
     end
     if not state then
-      return {-1, heads()}
+      return {-1, NONE}
     end
-    return {-2, heads(), state}
+    return {-2, NONE, state}
   end
   local created = f[11] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
   local updated = tonumber(f[6] or created)  -- a record not changed since its submit has no `updated`
@@ -96,14 +95,14 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   local avoided = f[4] and now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
   local preferred = f[5] and f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
   if (avoided or preferred) and not rcall("ZSCORE", queueKey, jobId) then
-    return {-7, heads()}
+    return {-7, NONE}
   elseif avoided then
-    return {-8, heads(), avoidUntil}
+    return {-8, NONE, avoidUntil}
   elseif preferred then
-    return {-9, heads(), heldUntil}
+    return {-9, NONE, heldUntil}
   end
   if rcall("ZREM", queueKey, jobId) == 0 then
-    return {-7, heads()}
+    return {-7, NONE}
   end
 
   local score = tonumber(f[14])
@@ -111,38 +110,8 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   local version = tonumber(f[2]) + 1
   local attempt = (tonumber(f[3]) or 0) + 1  -- no `att`: never claimed
   local lease = now + tonumber(ARGV[1])
-  -- Fair share: the band's virtual clock (where a tenant that joins starts) moves to the claimed job's pass;
-  -- only to the band's head when the job was taken out of turn (a wake-up names the newest job), so such a
-  -- claim never puts the tenants that join later behind the whole queue. A band left empty evens everyone
-  -- out: its clock moves to the highest pass handed out. No clock: the key expired, nothing to keep.
-  local band = math.floor(score / BAND)
-  local low, clockMember = band * BAND, "c" .. band
-  if clocks[band] == nil then
-    clocks[band] = tonumber(rcall("ZSCORE", fairKey, clockMember)) or false
-  end
-  local clock = clocks[band]
-  local after = heads()  -- the queue's heads now: returned, and the band's head when the queue's first is in the band
-  if clock and score > clock then
-    local first, head = tonumber(after[2]), nil
-    if not first or first >= low + BAND then
-      head = {}  -- the queue's lowest score is past the band: the band is empty
-    elseif first >= low then
-      head = after
-    else  -- a band of higher priority comes first
-      head = rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "WITHSCORES", "LIMIT", 0, 1)
-    end
-    local to = score
-    if head[1] then
-      to = math.min(score, tonumber(head[2]))
-    else
-      local top = rcall("ZREVRANGEBYSCORE", fairKey, "(" .. fmt(low + BAND), low, "WITHSCORES", "LIMIT", 0, 1)
-      to = math.max(score, tonumber(top[2]))
-    end
-    if to > clock then
-      rcall("ZADD", fairKey, to, clockMember)
-      clocks[band] = to
-    end
-  end
+  local band = math.floor(score / BAND)  -- the band's virtual clock moves once for the call's claims (below)
+  claimedTo[band] = math.max(claimedTo[band] or score, score)
   local change = record_event(fsmKey, f[13], created, {s = dest, v = version, a = attempt, n = nodeId, e = E.assign,
     t = now})
   rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
@@ -168,13 +137,55 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   if not f[12] and created then
     dispatched = now - tonumber(created)
   end
-  return {1, after, attempt, lease, spec_of(fsmKey, f, 17), payload(f), now - updated, dispatched}
+  return {1, NONE, attempt, lease, spec_of(fsmKey, f, 17), payload(f), now - updated, dispatched}
 end
 
 for i = 1, n do
   local k, a = 8 + 2 * (i - 1), 5 + 3 * (i - 1)
   local ok, reply = pcall(claim, KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
   out[i] = ok and reply or {err = type(reply) == "table" and reply.err or tostring(reply)}
+end
+-- Fair share: each band's virtual clock (where a tenant that joins starts) moves to the highest pass the
+-- call's claims took from it, but no further than the band's head after them (a claim out of turn, e.g. of
+-- the job a wake-up names, is not a reason to put the tenants that join later behind the queue). A band left
+-- empty evens everyone out: its clock moves to the highest pass handed out. No clock: the key expired (a
+-- submit starts it again), nothing to keep. Read and written once per band for the call, not per claim.
+local heads  -- the queue's heads after the claims (read at most once)
+local function queue_heads()
+  heads = heads or rcall("ZRANGE", queueKey, 0, tonumber(ARGV[3]) - 1, "WITHSCORES")
+  return heads
+end
+for band, score in pairs(claimedTo) do
+  local clockMember, low = "c" .. band, band * BAND
+  local clock = tonumber(rcall("ZSCORE", fairKey, clockMember))
+  if clock and score > clock then
+    local head = queue_heads()
+    local lowest = tonumber(head[2])
+    if not lowest or lowest >= low + BAND then
+      head = {}  -- the queue's lowest score is past the band: the band is empty
+    elseif lowest < low then  -- a band of higher priority comes first
+      head = rcall("ZRANGEBYSCORE", queueKey, low, "(" .. fmt(low + BAND), "WITHSCORES", "LIMIT", 0, 1)
+    end
+    local to = score
+    if head[1] then
+      to = math.min(score, tonumber(head[2]))
+    else
+      local top = rcall("ZREVRANGEBYSCORE", fairKey, "(" .. fmt(low + BAND), low, "WITHSCORES", "LIMIT", 0, 1)
+      to = math.max(score, tonumber(top[2]))
+    end
+    if to > clock then
+      rcall("ZADD", fairKey, to, clockMember)
+    end
+  end
+end
+-- The queue's heads after the claims, once, in the last reply that carries candidates (not on a paused pool).
+for i = n, 1, -1 do
+  if out[i][2] then
+    if out[i][1] ~= -14 then
+      out[i][2] = queue_heads()
+    end
+    break
+  end
 end
 if #held > 0 then
   rcall("ZADD", heldKey, unpack(held))
