@@ -54,7 +54,10 @@ local n = (#KEYS - 8) / 2
 local out = {}
 local paused = rcall("EXISTS", pausedKey) == 1  -- a repeat of a claim is still answered (its job is out already)
 local now = now_ms()
-local ttl = tonumber(ARGV[5])
+-- Numbers are given to Redis as integer strings, made once where they can be: Lua's own number to string
+-- conversion ("%.14g") costs several times more of Redis' CPU.
+local nowS = string.format("%d", now)
+local ackMs, holdMs, avoidMs, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local claimedTo = {}  -- band -> the highest queue score (pass) the call's claims took from it
 local held, timers, counted = {}, {}, {}  -- written once after the claims: held and timer entries, queued counts
 local sampled = 0  -- claims whose token says "clean the stale bindings"
@@ -90,8 +93,8 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   end
   local created = f[11] or rcall("HGET", fsmKey, "created")  -- `created`: a record an earlier version wrote
   local updated = tonumber(f[6] or created)  -- a record not changed since its submit has no `updated`
-  local avoidUntil = updated + tonumber(ARGV[4])
-  local heldUntil = updated + tonumber(ARGV[2])
+  local avoidUntil = updated + avoidMs
+  local heldUntil = updated + holdMs
   local avoided = f[4] and now < avoidUntil and string.find(f[4], "," .. nodeId .. ",", 1, true)
   local preferred = f[5] and f[5] ~= "" and f[5] ~= nodeId and now < heldUntil
   if (avoided or preferred) and not rcall("ZSCORE", queueKey, jobId) then
@@ -109,19 +112,21 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   local dest = FIXED[E.assign]
   local version = tonumber(f[2]) + 1
   local attempt = (tonumber(f[3]) or 0) + 1  -- no `att`: never claimed
-  local lease = now + tonumber(ARGV[1])
+  local lease = now + ackMs
+  local leaseS = string.format("%d", lease)
   local band = math.floor(score / BAND)  -- the band's virtual clock moves once for the call's claims (below)
   claimedTo[band] = math.max(claimedTo[band] or score, score)
   local change = record_event(fsmKey, f[13], created, {s = dest, v = version, a = attempt, n = nodeId, e = E.assign,
     t = now})
-  rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", E.assign, "att", attempt, "node", nodeId,
-    "tok", token, "lease", lease, "updated", now, "asg", now, unpack(change))  -- `started`: see lua/touch_job-3.lua
+  rcall("HSET", fsmKey, "state", dest, "ver", string.format("%d", version), "ev", E.assign, "att",
+    string.format("%d", attempt), "node", nodeId, "tok", token, "lease", leaseS, "updated", nowS, "asg", nowS,
+    unpack(change))  -- `started`: see lua/touch_job-3.lua
   -- Counted out of the second it entered QUEUED (`updated`, else its creation); enters the held zset; its
   -- lease timer: all written after the claims, one command each.
-  local second = fmt(math.floor(updated / 1000))
+  local second = string.format("%d", math.floor(updated / 1000))
   counted[second] = (counted[second] or 0) - 1
   held[#held + 1], held[#held + 2] = HELD_SCORE[dest], jobId
-  timers[#timers + 1], timers[#timers + 2] = lease, lease_member(jobId, token)
+  timers[#timers + 1], timers[#timers + 2] = leaseS, lease_member(jobId, token)
   if string.byte(token, -1) % 8 == 0 then  -- tokens are random hex: one claim in 8 cleans bindings (below)
     sampled = sampled + 1
   end
@@ -130,8 +135,8 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   -- served by its node rewrites it about once per eighth and it never expires while served. (Should another
   -- node have taken the session since the submit, the binding stays with that node: a hint either way.)
   if f[5] ~= nodeId or not f[16] or now - (tonumber(created) - tonumber(f[16])) >= ttl / 8 then
-    rcall("HSET", affinityKey, f[7], nodeId .. "|" .. now)
-    rcall("ZADD", affinityAtKey, now, f[7])
+    rcall("HSET", affinityKey, f[7], nodeId .. "|" .. nowS)
+    rcall("ZADD", affinityAtKey, nowS, f[7])
   end
   local dispatched = -1  -- "asg" is the time of the job's latest claim: none before, this is its first
   if not f[12] and created then

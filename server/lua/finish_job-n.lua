@@ -64,7 +64,7 @@
 ]]
 local timersKey, doneKey = KEYS[1], KEYS[2]
 local retention, doneExpiry, channelPrefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local now  -- Redis time, read once: by the first job that gets that far
+local now, nowS  -- Redis time, read once: by the first job that gets that far (and as a string)
 
 -- What the jobs change in keys they share, sent once per key after the last job. A group: key -> its
 -- values, and the keys in the order first used (the commands come out in the same order every run).
@@ -125,7 +125,10 @@ local function finish(k, a)
   if expected ~= "" and f[2] ~= expected then
     return {-3, tonumber(f[2])}
   end
-  now = now or now_ms()
+  if not now then
+    now = now_ms()
+    nowS = string.format("%d", now)  -- numbers go to Redis as integer strings (claim_job-n.lua says why)
+  end
   local lease, deadline = tonumber(f[5]) or 0, tonumber(f[6])  -- no `lease`: never claimed
   if (guard == "lease" and (lease == 0 or lease > now)) or (guard == "deadline" and deadline > now) then
     return {-10}
@@ -148,11 +151,11 @@ local function finish(k, a)
   end
   -- A lease says nothing once the job has left its node: 0 (2 bytes, not a time's 10) where the record has one.
   if f[5] then
-    change[#change + 1], change[#change + 2] = "lease", 0
+    change[#change + 1], change[#change + 2] = "lease", "0"
   end
-  rcall("HSET", fsmKey, "state", dest, "ver", version, "ev", event, "updated", now, "done", doneKey,
-    unpack(change))
-  local expireAt = math.max(now, deadline) + retention
+  rcall("HSET", fsmKey, "state", dest, "ver", string.format("%d", version), "ev", event, "updated", nowS,
+    "done", doneKey, unpack(change))
+  local expireAt = string.format("%d", math.max(now, deadline) + retention)
   rcall("PEXPIREAT", fsmKey, expireAt)
   if f[14] then  -- submitted without a payload: no key
   elseif dest == S.failed or dest == S.expired then

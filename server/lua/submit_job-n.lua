@@ -63,6 +63,7 @@ local queueKey, timersKey, affinityKey, fairKey = KEYS[1], KEYS[2], KEYS[3], KEY
 local queuedKey, jobsKey, poolsKey = KEYS[5], KEYS[6], KEYS[7]
 local n = (#KEYS - 7) / 5
 local now = now_ms()
+local nowS = string.format("%d", now)  -- numbers go to Redis as integer strings (claim_job-n.lua says why)
 local retention = tonumber(ARGV[2])
 
 -- First pass: what the whole call reads once. The default identities' session entries (one ZRANGEBYSCORE
@@ -215,8 +216,9 @@ local function submit(i)
   if preferred ~= "" then  -- and `pat`: how old the binding was, so its node's claim need not rewrite a young one
     extra[#extra + 1], extra[#extra + 2], extra[#extra + 3], extra[#extra + 4] = "pref", preferred, "pat", bound
   end
-  rcall("HSET", fsmKey, "state", state, "ver", 1, "m", ARGV[a + 5], "dl", deadline, "xto", ARGV[a + 7],
-    "c", now, "qs", queueScore, "sess", ARGV[a + 8], "utt", utterance,
+  local deadlineS = string.format("%d", deadline)
+  rcall("HSET", fsmKey, "state", state, "ver", "1", "m", ARGV[a + 5], "dl", deadlineS, "xto", ARGV[a + 7],
+    "c", nowS, "qs", queueScore, "sess", ARGV[a + 8], "utt", utterance,
     "dg", keyed and "" or digest,  -- what a repeat of the default identity must match (prelude: identity_in)
     unpack(pieces(extra, "spec", ARGV[a + 2])))
   if ARGV[a + 3] ~= "" then
@@ -229,14 +231,14 @@ local function submit(i)
     rcall("SET", idemKey, jobId .. " " .. digest, "PXAT", keepUntil)
   end
   queued[#queued + 1], queued[#queued + 2] = queueScore, jobId
-  timers[#timers + 1], timers[#timers + 2] = deadline, deadline_member(jobId)
+  timers[#timers + 1], timers[#timers + 2] = deadlineS, deadline_member(jobId)
   local member = index_member(jobId)
-  index[#index + 1], index[#index + 2] = 0, member
+  index[#index + 1], index[#index + 2] = "0", member
   local adds = sessionAdds[sessionKey] or {}
   adds[#adds + 1], adds[#adds + 2] = utterance, jobId
   sessionAdds[sessionKey] = adds
   adds = tenantAdds[tenantJobsKey] or {}
-  adds[#adds + 1], adds[#adds + 2] = 0, member
+  adds[#adds + 1], adds[#adds + 2] = "0", member
   tenantAdds[tenantJobsKey] = adds
   sessionKeep[sessionKey] = math.max(sessionKeep[sessionKey] or 0, keepUntil)
   sessionKnown[sessionKey] = ARGV[a + 14]
