@@ -18,7 +18,8 @@ message read no longer builds redis-py's DEBUG line about it unless DEBUG is on 
 
 A scheduler talking to one Redis (or Sentinel's master) pipelines through BatchRedis: a plain batch
 (WatchSession's reads, a pass's claims, ...) is one buffer, one write and one timeout over its replies,
-where redis-py's Pipeline arms a timer per reply and starts a task to give back the connection. A
+where redis-py's Pipeline arms a timer per reply and starts a task to give back the connection; and the
+batches asked for in one turn of the event loop share that write and its round trip (send_batch). A
 cluster keeps redis-py's ClusterPipeline (it routes each command to its node).
 """
 
@@ -128,7 +129,61 @@ async def send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     buffer packed by hiredis, one write, one timeout (the socket timeout) over all the replies (redis-py
     applies it to each reply). redis-py's own per-operation metrics do not see these batches.
     Retried as redis-py retries a pipeline (its Retry, on a connection or timeout error, on the
-    connection made again)."""
+    connection made again).
+
+    The batches asked for in one turn of the event loop go together: one write and one round trip for
+    all of them (_Turn), so the WatchSession streams, claims and completions that wake up together do
+    not each pay a round trip. A caller that gives up (cancelled) leaves the others' batch going."""
+    turn = getattr(pool, "_lingua_turn", None)
+    if turn is None:
+        turn = pool._lingua_turn = _Turn(pool)
+    return await turn.add(commands)
+
+
+class _Turn:
+    """The batches of one connection pool asked for in the current turn of the event loop: sent as one
+    at the end of it (call_soon), in a task of its own; each caller gets its own replies."""
+
+    __slots__ = ("pool", "waiting")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.waiting: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
+
+    def add(self, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        loop = asyncio.get_running_loop()
+        if not self.waiting:
+            loop.call_soon(self._flush)
+        done: asyncio.Future[list[Any]] = loop.create_future()
+        self.waiting.append((commands, done))
+        return done
+
+    def _flush(self) -> None:
+        batches, self.waiting = self.waiting, []
+        _sending.add(task := asyncio.ensure_future(self._send(batches)))
+        task.add_done_callback(_sending.discard)
+
+    async def _send(self, batches: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            replies = await _send_batch(self.pool, [c for commands, _ in batches for c in commands])
+        except BaseException as err:
+            for _, done in batches:
+                if not done.done():
+                    done.set_exception(err if isinstance(err, Exception) else RedisConnectionError("batch cancelled"))
+            if not isinstance(err, Exception):
+                raise
+            return
+        at = 0
+        for commands, done in batches:
+            if not done.done():  # (a caller that gave up)
+                done.set_result(replies[at:at + len(commands)])
+            at += len(commands)
+
+
+_sending: set[asyncio.Task[None]] = set()  # the batches in flight (a task must be referenced until done)
+
+
+async def _send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     conn = await pool.get_connection()
     try:
         packed = b"".join(chunk for command in commands for chunk in conn.pack_command(*command))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import until
 from lingua_scheduler.server import resp
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from redis._parsers.hiredis import _AsyncHiredisParser
@@ -111,23 +112,32 @@ async def test_batch_pipeline_replies_as_redis_py(redis: Any) -> None:
 
 
 @pytest.mark.single_redis
-async def test_batch_cut_halfway_leaves_no_reply_behind(redis: Any) -> None:
-    """A batch cancelled while its replies are on their way closes its connection: the next command
-    on the pool gets its own reply, not the cut batch's."""
+async def test_a_caller_that_gives_up_leaves_its_batch_going(redis: Any) -> None:
+    """A batch's caller cancelled while the replies are on their way: the batch goes on (the batches of
+    its turn get their replies), it reads its own replies, and the next commands on the pool get theirs."""
+    async def other() -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get("b:k")
+            return list(await pipe.execute())
+
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.3):  # cut while the BLPOP's reply is awaited (it comes in a second)
+        async with asyncio.timeout(0.3):  # cut while the BLPOP's reply is awaited
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.set("b:k", "first")
-                pipe.blpop(["b:empty"], timeout=1)
+                pipe.blpop(["b:empty"], timeout=5)
+                along = asyncio.ensure_future(other())  # asked for in the same turn: sent in the same batch
                 await pipe.execute()
-    assert await redis.get("b:k") == b"first"  # the batch was sent
+    await redis.rpush("b:empty", "late")  # answers the BLPOP, still waiting
+    assert await along == [b"first"]  # the batch's other caller got its reply
+    async def taken() -> bool:
+        return await redis.exists("b:empty") == 0
+
+    await until(taken, what="the cut batch's BLPOP to take the element")  # its connection read that reply
     for _ in range(20):  # every pooled connection answers its own command
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set("b:k", "again")
             pipe.get("b:k")
             assert await pipe.execute() == [True, b"again"]
-    await redis.rpush("b:empty", "late")  # would answer the cut BLPOP if it were still waiting
-    assert await redis.lrange("b:empty", 0, -1) == [b"late"]  # the cut BLPOP took nothing: its connection closed
 
 
 async def tasks_started(work: Any) -> list[str]:
@@ -163,19 +173,37 @@ async def test_a_write_starts_no_task(redis: Any) -> None:
 
 
 @pytest.mark.single_redis
-async def test_a_batch_starts_no_task(redis: Any) -> None:
-    """A batch's connection goes back to the scheduler's pool at once (GatedConnectionPool), not in a
-    shielded task as redis-py's release needs; and its write starts none either."""
+async def test_the_batches_of_one_turn_go_in_one_round_trip(redis: Any) -> None:
+    """The batches asked for in one turn of the event loop are sent together: one task and one write for
+    all of them, each caller with its own replies; the connection goes back to the scheduler's pool at
+    once (GatedConnectionPool), not in a shielded task as redis-py's release needs."""
     await redis.set("resp:{t}:w", "0")  # connected
+    writes = 0
+    send = AbstractConnection.send_packed_command
 
-    async def batches() -> None:
-        for i in range(20):
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.set("resp:{t}:w", i)
-                pipe.get("resp:{t}:w")
-                assert await pipe.execute() == [True, str(i).encode()]
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal writes
+        writes += 1
+        await send(self, *args, **kwargs)
 
-    assert await tasks_started(batches) == []
+    async def batch(i: int) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(f"resp:{{t}}:w{i}", i)
+            pipe.get(f"resp:{{t}}:w{i}")
+            assert await pipe.execute() == [True, str(i).encode()]
+
+    async def together() -> None:
+        await asyncio.gather(*[batch(i) for i in range(20)])
+
+    AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+    try:
+        started = await tasks_started(together)
+        assert [name.rsplit(".", 1)[-1] for name in started] == [*["batch"] * 20, "_send"]  # gather's 20, and one
+        assert writes == 1
+        assert await tasks_started(lambda: batch(0)) == ["_Turn._send"]
+    finally:
+        AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
+    assert writes == 2
     assert len(redis.connection_pool._in_use_connections) == 0  # every one given back
 
 
