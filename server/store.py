@@ -170,11 +170,13 @@ def created_of(h: dict[bytes, bytes]) -> int:
 def spec_digest(meta: pb.JobSpec, payload: bytes) -> str:
     """What a repeat submit must match: the spec without payload (`meta`) and the payload, less the
     fields a client's retry may change (trace_id, trace_context, deadline)."""
-    core = pb.JobSpec()
-    core.CopyFrom(meta)
-    core.ClearField("trace_id")
-    core.ClearField("trace_context")
-    core.ClearField("deadline")
+    core = meta
+    if meta.trace_id or meta.trace_context or meta.HasField("deadline"):  # (a copy only when one is set)
+        core = pb.JobSpec()
+        core.CopyFrom(meta)
+        core.ClearField("trace_id")
+        core.ClearField("trace_context")
+        core.ClearField("deadline")
     h = hashlib.blake2b(core.SerializeToString(deterministic=True), digest_size=16)
     h.update(payload)
     return h.hexdigest()[:16]  # 64 bits tell a repeat from other work; an earlier version stored all 32 digits
@@ -343,9 +345,11 @@ class Store:
         s = self.settings
         tag = self.partition_tag(spec)
         job_id = tag + str(ULID())
-        meta = pb.JobSpec()
-        meta.CopyFrom(spec)
-        meta.ClearField("payload")
+        meta = spec
+        if spec.payload:  # the spec stored is without it (a copy only then)
+            meta = pb.JobSpec()
+            meta.CopyFrom(spec)
+            meta.ClearField("payload")
         session_jobs = keys.session_jobs(keys.shard_of_tag(tag), spec.tenant_id, spec.session_id)
         return SubmitJob(
             job_id=job_id,
