@@ -1,5 +1,6 @@
 """scripts/fleet.py end to end: ~20 node streams and a few jobs against the scheduler it spawns; its
-report parses, every stream is registered and listed, and the jobs succeed."""
+report parses, every stream is registered and listed, and the jobs succeed. And scripts/grpc_floor.py's
+report parses."""
 
 from __future__ import annotations
 
@@ -36,3 +37,19 @@ def test_fleet_script_small_run() -> None:
     assert report["dispatch ms"].endswith("(n=12)")
     assert report["streams listed after jobs"] == "20" and report["streams open at end"] == "20"
     assert report["registry renewal failures"] == "0"
+
+
+GRPC_FLOOR = FLEET.parent / "grpc_floor.py"
+
+
+@pytest.mark.timeout(60)
+def test_grpc_floor_script_reports_each_gap() -> None:
+    """scripts/grpc_floor.py: a bare grpc.aio server's unary latency, one line per gap, numbers that parse."""
+    done = subprocess.run([sys.executable, str(GRPC_FLOOR), "--calls", "20", "--gaps", "0,0.005"],
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["gap 0 ms", "gap 5 ms"]
+    for line in lines:
+        p50, p90, p99 = (float(line.split(name + " ")[1].split()[0]) for name in ("p50", "p90", "p99"))
+        assert 0 < p50 <= p90 <= p99
