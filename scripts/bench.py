@@ -765,6 +765,16 @@ async def main_async(args: argparse.Namespace) -> int:
                 all_session.setdefault(label, []).append(srun)
             if label in all_session:
                 session_runs.append(max(all_session[label], key=lambda r: r.rate))
+        if args.half_rate_only:  # the half-rate row alone, `--rounds` times, at half the best rate above
+            best = max(runs, key=lambda r: r.rate)
+            for _ in range(args.rounds):
+                half = Run(f"{best.clients} x {best.nodes}, batch {best.batch}, at half rate", best.clients,
+                           best.nodes, best.batch)
+                await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
+                print(f"half rate ({best.rate / 2:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
+                      f"p99 {pct(half.dispatch_ms, 99):.2f} ms; {server_dispatch(half)}; "
+                      f"{half.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+            return 0
         if args.lifecycle_only:
             if secured:
                 print(security_section(args, secured))
@@ -825,6 +835,9 @@ def main() -> int:
                    help="print each row's Redis commands per lifecycle, by command (INFO commandstats)")
     p.add_argument("--lifecycle-only", action="store_true",
                    help="only the lifecycle rows: print them, skip half rate, memory, the others and the report")
+    p.add_argument("--half-rate-only", action="store_true",
+                   help="the lifecycle rows, then --rounds half-rate rows at half the best rate (dispatch latency, "
+                        "the scheduler's histogram); no memory, others or report")
     p.add_argument("--workers", type=int, default=0,
                    help="run the scheduler with --workers N, each client and node on its own connection "
                         "(scripts/bench_workers.py compares worker counts)")

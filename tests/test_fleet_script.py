@@ -1,6 +1,6 @@
 """scripts/fleet.py end to end: ~20 node streams and a few jobs against the scheduler it spawns; its
-report parses, every stream is registered and listed, and the jobs succeed. And scripts/grpc_floor.py's
-report parses."""
+report parses, every stream is registered and listed, and the jobs succeed. And the reports of
+scripts/grpc_floor.py and scripts/script_costs.py parse."""
 
 from __future__ import annotations
 
@@ -53,3 +53,21 @@ def test_grpc_floor_script_reports_each_gap() -> None:
     for line in lines:
         p50, p90, p99 = (float(line.split(name + " ")[1].split()[0]) for name in ("p50", "p90", "p99"))
         assert 0 < p50 <= p90 <= p99
+
+
+SCRIPT_COSTS = FLEET.parent / "script_costs.py"
+
+
+@pytest.mark.timeout(90)
+def test_script_costs_reports_each_batch_size() -> None:
+    """scripts/script_costs.py: Redis CPU per job of each batched script, one line per batch size."""
+    done = subprocess.run([sys.executable, str(SCRIPT_COSTS), "--batches", "1,10", "--jobs", "40"],
+                          capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(" jobs per call")[0].strip() for line in lines] == ["1", "10"]
+    for line in lines:
+        for part in line.split(": ", 1)[1].split(" | "):
+            total = float(part.split()[1])
+            commands = float(part.split("commands")[1].split(",")[0])
+            assert 0 < commands < total, line

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Redis CPU per job of the three batched scripts (submit_job-n, claim_job-n, finish_job-n), by jobs per
+call, without gRPC: Store.submit, claim and complete_many straight on a private redis-server, the jobs
+of one session (one partition), one call at a time. Per job: Redis CPU (INFO cpu) and, of it, the
+commands run inside the scripts (INFO commandstats) and the rest (Lua, the call itself, the socket).
+
+  .venv/bin/python scripts/script_costs.py --batches 1,5,25,100 --jobs 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lingua_scheduler.server.dispatch import new_lease_token
+from lingua_scheduler.server.settings import Settings
+from lingua_scheduler.server.store import Claim, Lease, Store
+from lingua_sdk import pb
+from redis_cluster import free_ports
+
+
+async def counters(r: Any) -> tuple[float, float]:
+    """Redis CPU seconds, and usec of every command but EVALSHA (the scripts' commands; INFO left out)."""
+    cpu, stats = await r.info("cpu"), await r.info("commandstats")
+    inner = sum(float(v["usec"]) for k, v in stats.items() if k not in ("cmdstat_evalsha", "cmdstat_info"))
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), inner
+
+
+async def phase(r: Any, jobs: int, work: Awaitable[None]) -> str:
+    c0, i0 = await counters(r)
+    await work
+    c1, i1 = await counters(r)
+    cpu, inner = (c1 - c0) / jobs * 1e6, (i1 - i0) / jobs
+    return f"{cpu:6.1f} us (commands {inner:5.1f}, the rest {cpu - inner:5.1f})"
+
+
+async def submit(store: Store, specs: list[pb.JobSpec], batch: int, ids: list[str]) -> None:
+    for i in range(0, len(specs), batch):
+        ids.extend(s.job_id for s in await store.submit(specs[i:i + batch]))
+
+
+async def claim(store: Store, ids: list[str], batch: int, claims: list[Claim]) -> None:
+    for i in range(0, len(ids), batch):
+        claims.extend(await store.claim("n1", [(j, new_lease_token()) for j in ids[i:i + batch]]))
+
+
+async def complete(store: Store, claims: list[Claim], batch: int) -> None:
+    result = pb.JobResult(text_asr="ni hao", text_translated="hello")
+    for i in range(0, len(claims), batch):
+        await store.complete_many("n1", [(Lease(c.job_id, c.token), result) for c in claims[i:i + batch]])
+
+
+async def run(url: str, batches: list[int], jobs: int) -> None:
+    r = aioredis.from_url(url)
+    store = Store(r, Settings(redis_url=url))
+    for n, batch in enumerate(batches):
+        specs = [pb.JobSpec(tenant_id="costs", session_id="s", utterance_index=n * jobs + i, src_lang="zh",
+                            tgt_lang="en", payload_ref=f"session://s/{n * jobs + i}") for i in range(jobs)]
+        ids: list[str] = []
+        claims: list[Claim] = []
+        figures = [await phase(r, jobs, submit(store, specs, batch, ids)),
+                   await phase(r, jobs, claim(store, ids, batch, claims)),
+                   await phase(r, jobs, complete(store, claims, batch))]
+        print(f"{batch:4} jobs per call: submit {figures[0]} | claim {figures[1]} | complete {figures[2]}", flush=True)
+    await r.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,5,25,100", help="jobs per call, comma-separated")
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per batch size")
+    args = parser.parse_args()
+    port = free_ports(1)[0]
+    with tempfile.TemporaryDirectory() as folder:
+        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            asyncio.run(wait_and_run(url, [int(b) for b in args.batches.split(",")], args.jobs))
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+async def wait_and_run(url: str, batches: list[int], jobs: int) -> None:
+    r = aioredis.from_url(url)
+    for _ in range(100):
+        try:
+            await r.ping()
+            break
+        except (ConnectionError, OSError, aioredis.ConnectionError):
+            await asyncio.sleep(0.05)
+    await r.aclose()
+    await run(url, batches, jobs)
+
+
+if __name__ == "__main__":
+    main()
