@@ -144,15 +144,19 @@ class _Turn:
     """The batches of one connection pool asked for in the current turn of the event loop: sent as one
     at the end of it (call_soon), in a task of its own; each caller gets its own replies."""
 
-    __slots__ = ("pool", "waiting")
+    __slots__ = ("loop", "pool", "waiting")
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop the waiting batches' flush is due on
         self.waiting: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
 
     def add(self, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
         loop = asyncio.get_running_loop()
+        if self.waiting and self.loop is not loop:  # left by a loop that stopped before its flush ran
+            self.waiting = []
         if not self.waiting:
+            self.loop = loop
             loop.call_soon(self._flush)
         done: asyncio.Future[list[Any]] = loop.create_future()
         self.waiting.append((commands, done))
