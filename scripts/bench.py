@@ -72,9 +72,11 @@ OWN_CONNECTION: list[tuple[str, Any]] = []
 
 
 def commands_line(run: Run) -> str:
-    """Redis commands per lifecycle, most frequent first (--commands)."""
+    """Redis commands per lifecycle, most frequent first, and the reads Redis made from its clients'
+    sockets (INFO stats total_reads_processed: about one per round trip of a client) (--commands)."""
     top = sorted(run.by_command.items(), key=lambda kv: -kv[1])
-    return "  commands per lifecycle: " + ", ".join(f"{k} {v:.2f}" for k, v in top)
+    return (f"  socket reads per lifecycle {run.redis_reads:.2f}; commands per lifecycle: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in top))
 
 
 def scrape_dispatch(http: str) -> dict[float, float]:
@@ -141,6 +143,7 @@ async def redis_counters(client: Any) -> dict[str, float]:
     cpu = await client.info("cpu")
     out = {k.removeprefix("cmdstat_"): float(v["calls"]) for k, v in stats.items()}
     out["_cpu"] = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    out["_reads"] = float((await client.info("stats"))["total_reads_processed"])
     return out
 
 
@@ -161,6 +164,7 @@ class Run:
     by_command: dict[str, float] = field(default_factory=dict)  # Redis command -> calls per lifecycle
     lua: float = 0.0
     redis_cpu_us: float = 0.0
+    redis_reads: float = 0.0  # reads Redis made from its clients' sockets, per lifecycle (--commands)
     sched_cpu_per_1000: float = 0.0
     bench_cpu_per_1000: float = 0.0  # this process: the clients and nodes (their side of TLS, say)
     # The scheduler's own lingua_dispatch_latency_seconds over the row (Submit's commit -> the claim, by
@@ -291,6 +295,7 @@ class Lifecycle:
                           if not k.startswith("_") and k != "info" and after[k] > before.get(k, 0)}
         run.commands = sum(run.by_command.values())
         run.redis_cpu_us = (after["_cpu"] - before["_cpu"]) / run.jobs * 1e6
+        run.redis_reads = (after["_reads"] - before["_reads"]) / run.jobs
         run.sched_cpu_per_1000 = (cpu1 - cpu0) / run.jobs * 1000
         run.bench_cpu_per_1000 = (own1 - own0) / run.jobs * 1000
         for node in nodes:

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Redis CPU per job of the three batched scripts (submit_job-n, claim_job-n, finish_job-n), by jobs per
 call, without gRPC: Store.submit, claim and complete_many straight on a private redis-server, the jobs
-of one session (one partition), one call at a time. Per job: Redis CPU (INFO cpu) and, of it, the
-commands run inside the scripts (INFO commandstats) and the rest (Lua, the call itself, the socket).
+of one session (one partition), one call at a time. Per job: Redis CPU (INFO cpu), and the time Redis
+spent in the commands run inside the scripts (INFO commandstats: elapsed time, so under load it can
+exceed the CPU) and the difference (Lua, the call itself, the socket). The first batch size also counts
+the scripts' loading.
 
   .venv/bin/python scripts/script_costs.py --batches 1,5,25,100 --jobs 2000
 """
@@ -40,7 +42,7 @@ async def phase(r: Any, jobs: int, work: Awaitable[None]) -> str:
     await work
     c1, i1 = await counters(r)
     cpu, inner = (c1 - c0) / jobs * 1e6, (i1 - i0) / jobs
-    return f"{cpu:6.1f} us (commands {inner:5.1f}, the rest {cpu - inner:5.1f})"
+    return f"{cpu:6.1f} us (time in commands {inner:5.1f}, the rest {cpu - inner:5.1f})"
 
 
 async def submit(store: Store, specs: list[pb.JobSpec], batch: int, ids: list[str]) -> None:

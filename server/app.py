@@ -88,6 +88,7 @@ class GatedConnectionPool(aioredis.ConnectionPool):
     def reset(self) -> None:  # forgets every connection (a fork): their permits with them
         super().reset()  # type: ignore[no-untyped-call]
         self._gate = asyncio.Semaphore(self.max_connections)
+        self.__dict__.pop("_lingua_turn", None)  # and the batches waiting for a turn (server/resp.py)
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self._gate.locked():

@@ -63,7 +63,7 @@ async def finish(tasks: list[asyncio.Task[Any]] | set[asyncio.Task[Any]], timeou
 
 
 PEEK_COUNT = 64  # queue heads read per partition when a pool is peeked
-HINT_COUNT = 8  # queue heads each claim reply carries: the next candidates
+HINT_COUNT = 8  # queue heads each claim call's reply carries (in its last claim's): the next candidates
 MAX_BATCH = 512  # claims per pass (one pipelined round trip); the rest wait for the next pass
 MAX_GATHER_TURNS = 8  # event-loop turns a pass waits while wake-ups keep coming in (see _gather_wake_ups)
 SWEEP_READ = 200  # due timers read per shard at a time

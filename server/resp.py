@@ -26,6 +26,7 @@ cluster keeps redis-py's ClusterPipeline (it routes each command to its node).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import math
@@ -133,23 +134,29 @@ async def send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
 
     The batches asked for in one turn of the event loop go together: one write and one round trip for
     all of them (_Turn), so the WatchSession streams, claims and completions that wake up together do
-    not each pay a round trip. A caller that gives up (cancelled) leaves the others' batch going."""
+    not each pay a round trip. Each batch is packed on its own (one that cannot be packed fails alone)
+    and answered as soon as its own replies are read; a caller that gives up (cancelled) leaves the
+    others' batches going. No blocking command (BLPOP...) may come this way: the batches after it in
+    its round trip would wait for it."""
     turn = getattr(pool, "_lingua_turn", None)
     if turn is None:
         turn = pool._lingua_turn = _Turn(pool)
     return await turn.add(commands)
 
 
+Batch = tuple[list[tuple[Any, ...]], "asyncio.Future[list[Any]]"]  # a caller's commands, and its replies to be
+
+
 class _Turn:
     """The batches of one connection pool asked for in the current turn of the event loop: sent as one
-    at the end of it (call_soon), in a task of its own; each caller gets its own replies."""
+    at the end of it (call_soon), in a task of its own (in a context of its own, not its first caller's)."""
 
     __slots__ = ("loop", "pool", "waiting")
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the waiting batches' flush is due on
-        self.waiting: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
+        self.waiting: list[Batch] = []
 
     def add(self, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
         loop = asyncio.get_running_loop()
@@ -157,69 +164,77 @@ class _Turn:
             self.waiting = []
         if not self.waiting:
             self.loop = loop
-            loop.call_soon(self._flush)
+            loop.call_soon(self._flush, context=contextvars.Context())
         done: asyncio.Future[list[Any]] = loop.create_future()
         self.waiting.append((commands, done))
         return done
 
     def _flush(self) -> None:
         batches, self.waiting = self.waiting, []
-        _sending.add(task := asyncio.ensure_future(self._send(batches)))
+        _sending.add(task := asyncio.ensure_future(_send_batches(self.pool, batches)))
         task.add_done_callback(_sending.discard)
-
-    async def _send(self, batches: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]]) -> None:
-        try:
-            replies = await _send_batch(self.pool, [c for commands, _ in batches for c in commands])
-        except BaseException as err:
-            for _, done in batches:
-                if not done.done():
-                    done.set_exception(err if isinstance(err, Exception) else RedisConnectionError("batch cancelled"))
-            if not isinstance(err, Exception):
-                raise
-            return
-        at = 0
-        for commands, done in batches:
-            if not done.done():  # (a caller that gave up)
-                done.set_result(replies[at:at + len(commands)])
-            at += len(commands)
 
 
 _sending: set[asyncio.Task[None]] = set()  # the batches in flight (a task must be referenced until done)
 
 
-async def _send_batch(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-    conn = await pool.get_connection()
+async def _send_batches(pool: Any, batches: list[Batch]) -> None:
+    """One round trip for `batches` on a connection of `pool` (a retry sends again those not answered).
+    What fails is each unanswered caller's error; only a cancel of this task is raised."""
+    todo: list[tuple[bytes, int, asyncio.Future[list[Any]]]] = []
+    answered = 0
+
+    async def exchange(conn: Any) -> None:
+        nonlocal answered
+        await conn.send_packed_command(b"".join(packed for packed, _, _ in todo[answered:]))
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                for _, count, done in todo[answered:]:
+                    replies: list[Any] = []
+                    for _ in range(count):
+                        try:
+                            replies.append(await conn.read_response(timeout=math.inf))  # the batch's timeout covers it
+                        except ResponseError as err:
+                            replies.append(err)
+                    answered += 1
+                    if not done.done():  # (a caller that gave up)
+                        done.set_result(replies)
+        except TimeoutError:
+            await conn.disconnect(nowait=True)  # replies may still come: the connection is out of step
+            raise RedisTimeoutError("Timeout reading from Redis") from None
+        except BaseException:
+            await conn.disconnect(nowait=True)  # (cancelled halfway: the same)
+            raise
+
+    conn = None
     try:
-        packed = b"".join(chunk for command in commands for chunk in conn.pack_command(*command))
-        replies: list[Any] = await conn.retry.call_with_retry(lambda: _exchange(conn, packed, len(commands)),
-                                                              lambda _err: conn.disconnect())
-        return replies
+        conn = await pool.get_connection()
+        for commands, done in batches:
+            if done.done():
+                continue  # its caller gave up before anything was sent
+            try:
+                todo.append((b"".join(chunk for c in commands for chunk in conn.pack_command(*c)), len(commands), done))
+            except Exception as err:  # (redis-py's DataError for a None, ...): this batch only
+                done.set_exception(err)
+        if todo:
+            await conn.retry.call_with_retry(lambda: exchange(conn), lambda _err: conn.disconnect())
+    except BaseException as err:
+        _fail(batches if conn is None else [(None, done) for _, _, done in todo[answered:]], err)
+        if not isinstance(err, Exception):
+            raise
     finally:
-        if not getattr(pool, "release_at_once", _not_at_once)(conn):  # (GatedConnectionPool: server/app.py)
+        if conn is not None and not getattr(pool, "release_at_once", _not_at_once)(conn):  # (GatedConnectionPool)
             await asyncio.shield(pool.release(conn))  # as redis-py: a cancel must not cut the pool's bookkeeping
+
+
+def _fail(batches: list[Any], err: BaseException) -> None:
+    for _, done in batches:
+        if not done.done():
+            done.set_exception(err if isinstance(err, Exception) else RedisConnectionError("batch cancelled"))
 
 
 def _not_at_once(_conn: Any) -> bool:
     return False
-
-
-async def _exchange(conn: Any, packed: bytes, count: int) -> list[Any]:
-    await conn.send_packed_command(packed)
-    replies: list[Any] = []
-    try:
-        async with asyncio.timeout(conn.socket_timeout):
-            for _ in range(count):
-                try:
-                    replies.append(await conn.read_response(timeout=math.inf))  # inf: the batch's timeout covers it
-                except ResponseError as err:
-                    replies.append(err)
-    except TimeoutError:
-        await conn.disconnect(nowait=True)  # replies may still come: the connection is out of step
-        raise RedisTimeoutError("Timeout reading from Redis") from None
-    except BaseException:
-        await conn.disconnect(nowait=True)  # (cancelled halfway: the same)
-        raise
-    return replies
 
 
 class BatchPipeline(Pipeline):

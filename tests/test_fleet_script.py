@@ -67,7 +67,7 @@ def test_script_costs_reports_each_batch_size() -> None:
     lines = done.stdout.strip().splitlines()
     assert [line.split(" jobs per call")[0].strip() for line in lines] == ["1", "10"]
     for line in lines:
-        for part in line.split(": ", 1)[1].split(" | "):
-            total = float(part.split()[1])
-            commands = float(part.split("commands")[1].split(",")[0])
-            assert 0 < commands < total, line
+        parts = line.split(": ", 1)[1].split(" | ")
+        assert [p.split()[0] for p in parts] == ["submit", "claim", "complete"]
+        for part in parts:
+            assert float(part.split()[1]) > 0 and float(part.split("time in commands")[1].split(",")[0]) > 0, line

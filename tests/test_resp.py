@@ -198,13 +198,51 @@ async def test_the_batches_of_one_turn_go_in_one_round_trip(redis: Any) -> None:
     AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
     try:
         started = await tasks_started(together)
-        assert [name.rsplit(".", 1)[-1] for name in started] == [*["batch"] * 20, "_send"]  # gather's 20, and one
+        assert [name.rsplit(".", 1)[-1] for name in started] == [*["batch"] * 20, "_send_batches"]  # gather's, one
         assert writes == 1
-        assert await tasks_started(lambda: batch(0)) == ["_Turn._send"]
+        assert await tasks_started(lambda: batch(0)) == ["_send_batches"]
     finally:
         AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
     assert writes == 2
     assert len(redis.connection_pool._in_use_connections) == 0  # every one given back
+
+
+@pytest.mark.single_redis
+async def test_a_batch_that_cannot_be_packed_fails_alone_in_its_turn(redis: Any) -> None:
+    """A command redis-py refuses to pack (a None) fails its own caller only: the other batches of the
+    turn are sent and answered."""
+    async def run(key: str, value: Any) -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, value)
+            pipe.get(key)
+            return list(await pipe.execute())
+
+    first, bad, last = await asyncio.gather(run("pack:a", "1"), run("pack:b", None), run("pack:c", "3"),
+                                            return_exceptions=True)
+    assert first == [True, b"1"] and last == [True, b"3"]
+    assert isinstance(bad, DataError)
+    assert await redis.exists("pack:b") == 0
+
+
+@pytest.mark.single_redis
+async def test_each_batch_of_a_turn_is_answered_once_its_own_replies_are_read(redis: Any) -> None:
+    """A batch before a slow one in the same round trip gets its replies without waiting for the slow
+    one's (here a BLPOP that Redis answers only when an element comes)."""
+    async def quick() -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set("early:k", "v")
+            return list(await pipe.execute())
+
+    async def slow() -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.blpop(["early:list"], timeout=10)
+            return list(await pipe.execute())
+
+    first, waiting = asyncio.ensure_future(quick()), asyncio.ensure_future(slow())  # one turn: one round trip
+    assert await first == [True]
+    assert not waiting.done()  # still blocked: the first was answered before it
+    await redis.rpush("early:list", "x")
+    assert await waiting == [(b"early:list", b"x")]
 
 
 async def test_a_write_redis_does_not_take_times_out(tmp_path: Path) -> None:

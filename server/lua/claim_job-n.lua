@@ -34,7 +34,8 @@
 
   Output: one reply per claim, in order, {code, next candidates, ...}; the candidates are the queue's heads
   with their scores after the call's claims, {id, score, id, score, ...} (the dispatcher pairs jobs in queue
-  order), in the call's last reply only (read once, after every claim: the others carry {})
+  order), once, in the last reply that is not an error (read after every claim; the others carry {}),
+  and in none when that reply is -14 (paused)
     {1, candidates, attempt, lease deadline ms, spec, payload, queued ms, dispatch ms}  claimed now:
                              queued ms is how long the job was queued (since it entered queued);
                              dispatch ms the time since submit for the job's first claim, -1 after
@@ -54,8 +55,9 @@ local n = (#KEYS - 8) / 2
 local out = {}
 local paused = rcall("EXISTS", pausedKey) == 1  -- a repeat of a claim is still answered (its job is out already)
 local now = now_ms()
--- Numbers are given to Redis as integer strings, made once where they can be: Lua's own number to string
--- conversion ("%.14g") costs several times more of Redis' CPU.
+-- Numbers are given to Redis as integer strings, made once where they can be: a Lua number given to
+-- redis.call is printed by Redis 7.0's Lua bridge with "%.17g" (glibc's multi-precision printf, and Lua's
+-- own `..` with "%.14g"), several times the CPU of "%d".
 local nowS = string.format("%d", now)
 local ackMs, holdMs, avoidMs, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local claimedTo = {}  -- band -> the highest queue score (pass) the call's claims took from it
