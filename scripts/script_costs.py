@@ -80,10 +80,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,5,25,100", help="jobs per call, comma-separated")
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per batch size")
+    parser.add_argument("--redis-server", default="redis-server",
+                        help="the redis-server to start (e.g. one built with symbols, for perf)")
     args = parser.parse_args()
     port = free_ports(1)[0]
     with tempfile.TemporaryDirectory() as folder:
-        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        server = subprocess.Popen([args.redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                    "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
         try:
             url = f"redis://127.0.0.1:{port}/0"
