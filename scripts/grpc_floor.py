@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--gaps", default="0,0.01", help="seconds between calls, comma-separated")
     args = parser.parse_args()
+    if args.calls < 1:
+        parser.error("--calls must be at least 1")
     ports: multiprocessing.Queue[int] = multiprocessing.Queue()
     server = multiprocessing.Process(target=serve, args=(ports,), daemon=True)
     server.start()

@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--redis-server", default="redis-server",
                         help="the redis-server to start (e.g. one built with symbols, for perf)")
     args = parser.parse_args()
+    if args.jobs < 1 or any(int(b) < 1 for b in args.batches.split(",")):
+        parser.error("--jobs and every --batches size must be at least 1")
     port = free_ports(1)[0]
     with tempfile.TemporaryDirectory() as folder:
         server = subprocess.Popen([args.redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",

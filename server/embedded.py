@@ -109,8 +109,11 @@ class EmbeddedRedis:
         self._folder_lock = _try_lock(self.data_dir / "redis.lock")
         if self._folder_lock is None:
             return self._adopt()
+        # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground process group) reaches the
+        # scheduler, which drains its streams with Redis still up, then stops this server (stop()).
         self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, pass_fds=(self._folder_lock,))
+                                        stdin=subprocess.DEVNULL, pass_fds=(self._folder_lock,),
+                                        start_new_session=True)
         assert self.process.stdout is not None
         ready = threading.Event()
         seen: list[bytes] = []

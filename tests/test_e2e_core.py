@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -348,6 +349,22 @@ async def test_server_process_killed_and_replaced_loses_nothing(settings: Settin
 
 
 @pytest.mark.single_redis
+async def test_ctrl_c_in_a_terminal_leaves_the_embedded_redis_up_until_the_server_has_drained(tmp_path: Any) -> None:
+    """A terminal's Ctrl-C is SIGINT to its whole foreground process group: the scheduler drains, and its
+    embedded redis-server (a session of its own) is not signalled by it, only stopped by the scheduler after."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)  # a terminal's group
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert b"listening on" in line, line
+    os.killpg(proc.pid, signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    log = (tmp_path / "redis.log").read_text()
+    assert "Received SIGINT" not in log, log[-2000:]
+    assert "Received SIGTERM" in log, log[-2000:]  # stopped by the scheduler, once it had drained
+
+
 async def test_embedded_redis_keeps_jobs_across_restarts_and_stops_with_the_server(tmp_path: Any) -> None:
     """No Redis URL: the server starts its own redis-server (AOF on) in --data-dir and stops it on exit."""
 
