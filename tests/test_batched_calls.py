@@ -131,6 +131,20 @@ async def test_a_claim_call_reads_the_queue_heads_and_moves_the_fair_clock_once(
     assert late.code == ScriptCode.APPLIED and late.candidates == ids[3:5]  # type: ignore[union-attr]
     assert await redis.zscore(pk.fair, f"c{band}") == scores[3]
 
+async def test_a_claim_call_out_of_turn_moves_the_clock_to_the_head_left_behind(store: Store, redis: Any) -> None:
+    """The clock moves once for the call: to the highest pass it took (the last job's, out of turn), held
+    back to the band's head after every claim of the call, which is past the first job it also took (one
+    claim at a time would leave it at that first job's pass)."""
+    out = await store.submit([spec(session_id="o", utterance_index=i) for i in range(4)])
+    ids = [o.job_id for o in out]
+    pk = keys.PartitionKeys.of(keys.tag_of(ids[0]))
+    scores = [await redis.zscore(pk.queue, j) for j in ids]
+    band = int(scores[0] // wire.QUEUE_BAND)
+    claims = await store.claim_many([(ids[3], "n1", "t3"), (ids[0], "n1", "t0")])
+    assert [c.code for c in claims] == [ScriptCode.APPLIED] * 2  # type: ignore[union-attr]
+    assert await redis.zscore(pk.fair, f"c{band}") == scores[1]
+
+
 async def test_a_repeated_claim_is_answered_even_after_the_partition_was_paused(store: Store, redis: Any) -> None:
     """A dispatcher whose claim reply was lost claims again with the same token: after a PausePool too, the
     answer is the assignment it holds (its job is out of the queue already), not "paused"."""
