@@ -52,6 +52,13 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
         log.info("authentication off (no --auth-jwt-key): every caller may call everything")
     for warning in await check_redis(app.redis):
         log.warning("%s", warning)
+    # Signals are handled before the port is announced: a SIGINT or SIGTERM that follows the "listening on"
+    # line at once (a terminal's Ctrl-C, an orchestrator's stop) drains like any other.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
     try:
         await app.start()
     except BaseException:
@@ -63,11 +70,6 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
     if app.http is not None:
         log.info("operations HTTP port: http://%s:%d/ (dashboard), /metrics (Prometheus)", app.http.host, app.http.port)
         print(f"lingua-scheduler http on {app.http.host}:{app.http.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, app.reload)
     if workers.slot():  # a worker: its stdin is a pipe from the supervisor, closed when the supervisor is gone
         loop.add_reader(sys.stdin.fileno(), _supervisor_gone, stop)
     await stop.wait()
