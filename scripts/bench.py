@@ -259,6 +259,56 @@ class Lifecycle:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
 
+    async def session_open_loop(self, stubs: list[AsyncClient], run: Run, jobs: int, rate: float, t0: float) -> None:
+        """Open loop over WatchSession: a batch every batch/rate s, the clients in turn, each batch spread
+        over its client's SESSIONS_PER_CLIENT sessions (one WatchSession stream each, open first)."""
+        submitted: dict[tuple[str, int], float] = {}
+        left = asyncio.Event()
+        expected = jobs // run.batch * run.batch
+
+        async def read(client: AsyncClient, session: str) -> None:
+            async for event in client.watch_session("bench", session):
+                at = time.perf_counter()
+                for job in event.jobs:
+                    sent = submitted.pop((job.spec.session_id, job.spec.utterance_index), None)
+                    if sent is not None:
+                        run.e2e_ms.append((at - sent) * 1000)
+                if len(run.e2e_ms) >= expected:
+                    left.set()
+
+        sessions = [[f"o{c}s{k}" for k in range(SESSIONS_PER_CLIENT)] for c in range(len(stubs))]
+        readers = [asyncio.create_task(read(stub, s)) for stub, names in zip(stubs, sessions, strict=True)
+                   for s in names]
+        utterance = [0] * len(stubs)
+
+        async def batch(c: int) -> None:
+            specs = []
+            for i in range(run.batch):
+                session = sessions[c][(utterance[c] + i) % SESSIONS_PER_CLIENT]
+                specs.append(pb.JobSpec(tenant_id="bench", session_id=session, utterance_index=utterance[c] + i,
+                                        src_lang="zh", tgt_lang="en", payload_ref=f"session://{session}/{i}"))
+            utterance[c] += run.batch
+            start = time.perf_counter()
+            for sp in specs:
+                self.sent[(sp.session_id, sp.utterance_index)] = start
+                submitted[(sp.session_id, sp.utterance_index)] = start
+            await stubs[c].submit_many(specs)
+            run.submit_ms.append((time.perf_counter() - start) * 1000)
+
+        try:
+            await asyncio.sleep(0.5)  # (the streams open; t0 moves past it)
+            t0 = time.perf_counter()
+            tasks = []
+            for i in range(jobs // run.batch):
+                await asyncio.sleep(max(0.0, t0 + i * run.batch / rate - time.perf_counter()))
+                tasks.append(asyncio.create_task(batch(i % len(stubs))))
+            await asyncio.gather(*tasks)
+            await asyncio.wait_for(left.wait(), 60)
+        finally:
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
     async def run(self, run: Run, jobs: int, rate: float = 0.0) -> Run:
         redis = aioredis.from_url(self.redis_url)
         self.raw_channels: list[grpc.aio.Channel] = []
@@ -268,7 +318,9 @@ class Lifecycle:
         hist0 = scrape_dispatch(self.http)
         before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
         own0 = time.process_time()
-        if rate:  # open loop: a new lifecycle every 1/rate s
+        if rate and run.reader == "session":  # open loop, results over WatchSession
+            await self.session_open_loop(stubs, run, jobs, rate, t0)
+        elif rate:  # open loop: a new lifecycle every 1/rate s
             tasks = []
             for i in range(jobs // run.batch):
                 await asyncio.sleep(max(0.0, t0 + i * run.batch / rate - time.perf_counter()))
@@ -771,14 +823,15 @@ async def main_async(args: argparse.Namespace) -> int:
             if label in all_session:
                 session_runs.append(max(all_session[label], key=lambda r: r.rate))
         if args.half_rate_only:  # the half-rate row alone, `--rounds` times, at half the best rate above
-            best = max(runs, key=lambda r: r.rate)
-            for _ in range(args.rounds):
-                half = Run(f"{best.clients} x {best.nodes}, batch {best.batch}, at half rate", best.clients,
-                           best.nodes, best.batch)
-                await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
-                print(f"half rate ({best.rate / 2:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
-                      f"p99 {pct(half.dispatch_ms, 99):.2f} ms; {server_dispatch(half)}; "
-                      f"{half.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+            rows = [(max(runs, key=lambda r: r.rate), "job")]  # (and with --session-reader, over WatchSession)
+            rows += [(max(all_session[label], key=lambda r: r.rate), "session") for label in all_session]
+            for best, reader in rows:
+                for _ in range(args.rounds):
+                    half = Run(f"{best.label}, at half rate", best.clients, best.nodes, best.batch, reader=reader)
+                    await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
+                    print(f"{half.label} ({best.rate / 2:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
+                          f"p99 {pct(half.dispatch_ms, 99):.2f} ms; {server_dispatch(half)}; "
+                          f"{half.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
             return 0
         if args.lifecycle_only:
             if secured:
@@ -842,7 +895,8 @@ def main() -> int:
                    help="only the lifecycle rows: print them, skip half rate, memory, the others and the report")
     p.add_argument("--half-rate-only", action="store_true",
                    help="the lifecycle rows, then --rounds half-rate rows at half the best rate (dispatch latency, "
-                        "the scheduler's histogram); no memory, others or report")
+                        "the scheduler's histogram; with --session-reader also over WatchSession at half the "
+                        "best WatchSession rate); no memory, others or report")
     p.add_argument("--workers", type=int, default=0,
                    help="run the scheduler with --workers N, each client and node on its own connection "
                         "(scripts/bench_workers.py compares worker counts)")
