@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,27 @@ async def redis_counters(client: Any) -> dict[str, float]:
     return out
 
 
+def session_specs(sessions: list[str], first: int, size: int) -> list[pb.JobSpec]:
+    """A batch of `size` utterances from `first` on, spread over `sessions` in turn."""
+    specs = []
+    for i in range(size):
+        session = sessions[(first + i) % len(sessions)]
+        specs.append(pb.JobSpec(tenant_id="bench", session_id=session, utterance_index=first + i, src_lang="zh",
+                                tgt_lang="en", payload_ref=f"session://{session}/{i}"))
+    return specs
+
+
+async def open_loop(batches: int, every_s: float, batch: Callable[[int], Awaitable[None]]) -> None:
+    """batch(0), batch(1), ... started every `every_s` seconds whatever the earlier ones' progress; returns
+    once all are done."""
+    t0 = time.perf_counter()
+    tasks = []
+    for i in range(batches):
+        await asyncio.sleep(max(0.0, t0 + i * every_s - time.perf_counter()))
+        tasks.append(asyncio.create_task(batch(i)))
+    await asyncio.gather(*tasks)
+
+
 @dataclass
 class Run:
     label: str
@@ -225,6 +247,13 @@ class Lifecycle:
 
         await asyncio.gather(*[watch(r.job_id) for r in results])
 
+    def submitted_at(self, specs: list[pb.JobSpec]) -> float:
+        """Now, noted as the submit time of each of `specs` (the dispatch column: on_receive)."""
+        now = time.perf_counter()
+        for sp in specs:
+            self.sent[(sp.session_id, sp.utterance_index)] = now
+        return now
+
     async def session_client(self, client: AsyncClient, run: Run, index: int, batches: int) -> None:
         """A client that keeps SESSIONS_PER_CLIENT sessions and one WatchSession stream each; each batch
         is spread over its sessions (utterances in order), and it waits for every result of the batch."""
@@ -241,15 +270,9 @@ class Lifecycle:
         utterance = 0
         try:
             for _ in range(batches):
-                specs = []
-                for i in range(run.batch):
-                    session = sessions[(utterance + i) % len(sessions)]
-                    specs.append(pb.JobSpec(tenant_id="bench", session_id=session, utterance_index=utterance + i,
-                                            src_lang="zh", tgt_lang="en", payload_ref=f"session://{session}/{i}"))
+                specs = session_specs(sessions, utterance, run.batch)
                 utterance += run.batch
-                t0 = time.perf_counter()
-                for sp in specs:
-                    self.sent[(sp.session_id, sp.utterance_index)] = t0
+                t0 = self.submitted_at(specs)
                 await client.submit_many(specs)
                 run.submit_ms.append((time.perf_counter() - t0) * 1000)
                 for _ in specs:
@@ -259,8 +282,8 @@ class Lifecycle:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
 
-    async def session_open_loop(self, stubs: list[AsyncClient], run: Run, jobs: int, rate: float, t0: float) -> None:
-        """Open loop over WatchSession: a batch every batch/rate s, the clients in turn, each batch spread
+    async def session_open_loop(self, stubs: list[AsyncClient], run: Run, jobs: int, rate: float) -> None:
+        """Open loop over WatchSession: the batches of open_loop(), the clients in turn, each batch spread
         over its client's SESSIONS_PER_CLIENT sessions (one WatchSession stream each, open first)."""
         submitted: dict[tuple[str, int], float] = {}
         left = asyncio.Event()
@@ -281,28 +304,18 @@ class Lifecycle:
                    for s in names]
         utterance = [0] * len(stubs)
 
-        async def batch(c: int) -> None:
-            specs = []
-            for i in range(run.batch):
-                session = sessions[c][(utterance[c] + i) % SESSIONS_PER_CLIENT]
-                specs.append(pb.JobSpec(tenant_id="bench", session_id=session, utterance_index=utterance[c] + i,
-                                        src_lang="zh", tgt_lang="en", payload_ref=f"session://{session}/{i}"))
+        async def batch(i: int) -> None:
+            c = i % len(stubs)
+            specs = session_specs(sessions[c], utterance[c], run.batch)
             utterance[c] += run.batch
-            start = time.perf_counter()
-            for sp in specs:
-                self.sent[(sp.session_id, sp.utterance_index)] = start
-                submitted[(sp.session_id, sp.utterance_index)] = start
+            start = self.submitted_at(specs)
+            submitted.update(((sp.session_id, sp.utterance_index), start) for sp in specs)
             await stubs[c].submit_many(specs)
             run.submit_ms.append((time.perf_counter() - start) * 1000)
 
         try:
-            await asyncio.sleep(0.5)  # (the streams open; t0 moves past it)
-            t0 = time.perf_counter()
-            tasks = []
-            for i in range(jobs // run.batch):
-                await asyncio.sleep(max(0.0, t0 + i * run.batch / rate - time.perf_counter()))
-                tasks.append(asyncio.create_task(batch(i % len(stubs))))
-            await asyncio.gather(*tasks)
+            await asyncio.sleep(0.5)  # the streams open (nothing announces it: a stream yields results only)
+            await open_loop(jobs // run.batch, run.batch / rate, batch)
             await asyncio.wait_for(left.wait(), 60)
         finally:
             for task in readers:
@@ -319,13 +332,10 @@ class Lifecycle:
         before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
         own0 = time.process_time()
         if rate and run.reader == "session":  # open loop, results over WatchSession
-            await self.session_open_loop(stubs, run, jobs, rate, t0)
+            await self.session_open_loop(stubs, run, jobs, rate)
         elif rate:  # open loop: a new lifecycle every 1/rate s
-            tasks = []
-            for i in range(jobs // run.batch):
-                await asyncio.sleep(max(0.0, t0 + i * run.batch / rate - time.perf_counter()))
-                tasks.append(asyncio.create_task(self.one_batch(stubs[i % len(stubs)], run, run.batch)))
-            await asyncio.gather(*tasks)
+            await open_loop(jobs // run.batch, run.batch / rate,
+                            lambda i: self.one_batch(stubs[i % len(stubs)], run, run.batch))
         elif run.reader == "session":  # closed loop, results over WatchSession
             per_client = jobs // run.clients // run.batch
             await asyncio.gather(*[self.session_client(s, run, i, per_client) for i, s in enumerate(stubs)])

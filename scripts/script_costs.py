@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable
@@ -24,6 +23,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lingua_scheduler.server.dispatch import new_lease_token
+from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Claim, Lease, Store
 from lingua_sdk import pb
@@ -80,33 +80,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,5,25,100", help="jobs per call, comma-separated")
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per batch size")
-    parser.add_argument("--redis-server", default="redis-server",
-                        help="the redis-server to start (e.g. one built with symbols, for perf)")
+    parser.add_argument("--redis-server", default="",
+                        help="the redis-server to start (default: as the scheduler's embedded one finds it; e.g. "
+                             "one built with symbols, for perf)")
     args = parser.parse_args()
     if args.jobs < 1 or any(int(b) < 1 for b in args.batches.split(",")):
         parser.error("--jobs and every --batches size must be at least 1")
-    port = free_ports(1)[0]
     with tempfile.TemporaryDirectory() as folder:
-        server = subprocess.Popen([args.redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
+        server = Server(args.redis_server, folder).start()
         try:
-            url = f"redis://127.0.0.1:{port}/0"
-            asyncio.run(wait_and_run(url, [int(b) for b in args.batches.split(",")], args.jobs))
+            asyncio.run(run(server.url, [int(b) for b in args.batches.split(",")], args.jobs))
         finally:
-            server.terminate()
-            server.wait(10)
+            server.stop()
 
 
-async def wait_and_run(url: str, batches: list[int], jobs: int) -> None:
-    r = aioredis.from_url(url)
-    for _ in range(100):
-        try:
-            await r.ping()
-            break
-        except (ConnectionError, OSError, aioredis.ConnectionError):
-            await asyncio.sleep(0.05)
-    await r.aclose()
-    await run(url, batches, jobs)
+class Server(EmbeddedRedis):
+    """The scheduler's embedded Redis (no persistence, a free port), from `binary` when given."""
+
+    def __init__(self, binary: str, folder: str) -> None:
+        super().__init__(folder, port=free_ports(1)[0], persistent=False)
+        self.binary = binary
+
+    def command(self) -> list[str]:
+        command = super().command()
+        return [self.binary or command[0], *command[1:]]
 
 
 if __name__ == "__main__":

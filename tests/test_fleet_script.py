@@ -39,32 +39,28 @@ def test_fleet_script_small_run() -> None:
     assert report["registry renewal failures"] == "0"
 
 
-GRPC_FLOOR = FLEET.parent / "grpc_floor.py"
+def report(script: str, *args: str, timeout: float) -> list[str]:
+    """The lines scripts/`script` prints with `args`, once it exited 0."""
+    done = subprocess.run([sys.executable, str(FLEET.parent / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    return done.stdout.strip().splitlines()
 
 
 @pytest.mark.timeout(60)
 def test_grpc_floor_script_reports_each_gap() -> None:
     """scripts/grpc_floor.py: a bare grpc.aio server's unary latency, one line per gap, numbers that parse."""
-    done = subprocess.run([sys.executable, str(GRPC_FLOOR), "--calls", "20", "--gaps", "0,0.005"],
-                          capture_output=True, text=True, timeout=50)
-    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
+    lines = report("grpc_floor.py", "--calls", "20", "--gaps", "0,0.005", timeout=50)
     assert [line.split(":")[0] for line in lines] == ["gap 0 ms", "gap 5 ms"]
     for line in lines:
         p50, p90, p99 = (float(line.split(name + " ")[1].split()[0]) for name in ("p50", "p90", "p99"))
         assert 0 < p50 <= p90 <= p99
 
 
-SCRIPT_COSTS = FLEET.parent / "script_costs.py"
-
-
 @pytest.mark.timeout(90)
 def test_script_costs_reports_each_batch_size() -> None:
     """scripts/script_costs.py: Redis CPU per job of each batched script, one line per batch size."""
-    done = subprocess.run([sys.executable, str(SCRIPT_COSTS), "--batches", "1,10", "--jobs", "40"],
-                          capture_output=True, text=True, timeout=80)
-    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
+    lines = report("script_costs.py", "--batches", "1,10", "--jobs", "40", timeout=80)
     assert [line.split(" jobs per call")[0].strip() for line in lines] == ["1", "10"]
     for line in lines:
         parts = line.split(": ", 1)[1].split(" | ")
