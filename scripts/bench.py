@@ -76,8 +76,8 @@ def commands_line(run: Run) -> str:
     """Redis commands per lifecycle, most frequent first, and the reads Redis made from its clients'
     sockets (INFO stats total_reads_processed: about one per round trip of a client) (--commands)."""
     top = sorted(run.by_command.items(), key=lambda kv: -kv[1])
-    return (f"  socket reads per lifecycle {run.redis_reads:.2f}; commands per lifecycle: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    return (f"  socket reads per lifecycle {run.redis_reads:.2f}; commands per lifecycle (and their time, us): "
+            + ", ".join(f"{k} {v:.2f} ({run.command_us.get(k, 0):.1f})" for k, v in top))
 
 
 def scrape_dispatch(http: str) -> dict[float, float]:
@@ -143,6 +143,7 @@ async def redis_counters(client: Any) -> dict[str, float]:
     stats = await client.info("commandstats")
     cpu = await client.info("cpu")
     out = {k.removeprefix("cmdstat_"): float(v["calls"]) for k, v in stats.items()}
+    out.update({"_us_" + k.removeprefix("cmdstat_"): float(v["usec"]) for k, v in stats.items()})
     out["_cpu"] = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
     out["_reads"] = float((await client.info("stats"))["total_reads_processed"])
     return out
@@ -184,6 +185,7 @@ class Run:
     e2e_ms: list[float] = field(default_factory=list)
     commands: float = 0.0
     by_command: dict[str, float] = field(default_factory=dict)  # Redis command -> calls per lifecycle
+    command_us: dict[str, float] = field(default_factory=dict)  # Redis command -> its time, us per lifecycle
     lua: float = 0.0
     redis_cpu_us: float = 0.0
     redis_reads: float = 0.0  # reads Redis made from its clients' sockets, per lifecycle (--commands)
@@ -356,6 +358,7 @@ class Lifecycle:
         run.by_command = {k: (after[k] - before.get(k, 0)) / run.jobs for k in after
                           if not k.startswith("_") and k != "info" and after[k] > before.get(k, 0)}
         run.commands = sum(run.by_command.values())
+        run.command_us = {k: (after["_us_" + k] - before.get("_us_" + k, 0)) / run.jobs for k in run.by_command}
         run.redis_cpu_us = (after["_cpu"] - before["_cpu"]) / run.jobs * 1e6
         run.redis_reads = (after["_reads"] - before["_reads"]) / run.jobs
         run.sched_cpu_per_1000 = (cpu1 - cpu0) / run.jobs * 1000
