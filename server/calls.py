@@ -6,6 +6,7 @@ one place. Keys come from server/keys.py, timer members from the Lua prelude (se
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,12 +15,23 @@ from .scripts import Call
 
 
 def _job(job_id: str) -> tuple[keys.JobKeys, keys.PartitionKeys, str]:
-    tag = keys.tag_of(job_id)
-    return keys.JobKeys.of(job_id), keys.PartitionKeys.of(tag), keys.wake_channel(keys.pool_of_tag(tag))
+    return keys.JobKeys.of(job_id), *_partition(keys.tag_of(job_id))
 
 
 def _shard(job_id: str) -> tuple[str, keys.ShardKeys]:
-    shard = keys.shard_of_tag(keys.tag_of(job_id))
+    return _shard_of(keys.tag_of(job_id))
+
+
+# A partition's (and a shard's) key names are the same for each of its jobs, and there are few of them
+# (pools x shards): made once, not for every job of every call (a finish call built 9 names per job).
+@functools.lru_cache(maxsize=4096)
+def _partition(tag: str) -> tuple[keys.PartitionKeys, str]:
+    return keys.PartitionKeys.of(tag), keys.wake_channel(keys.pool_of_tag(tag))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shard_of(tag: str) -> tuple[str, keys.ShardKeys]:
+    shard = keys.shard_of_tag(tag)
     return shard, keys.ShardKeys.of(shard)
 
 
@@ -154,15 +166,17 @@ class FinishJobs:
     def call(self) -> Call:
         first = self.jobs[0]
         shard, _ = _shard(first.job_id)
-        if any(_shard(job.job_id)[0] != shard or job.retention_ms != first.retention_ms for job in self.jobs):
-            raise ValueError("finish_job: jobs of one shard and one retention per call")
         done_key, done_expiry = buckets.done(shard, buckets.now_ms(), first.retention_ms)
         names = [keys.shard_timers(shard), done_key]
         argv: list[Any] = [first.retention_ms, done_expiry, keys.SESSION_CHANNEL]
+        ended: dict[str, str] = {}
         for job in self.jobs:
             jk, pk, _ = _job(job.job_id)
+            if _shard(job.job_id)[0] != shard or job.retention_ms != first.retention_ms:
+                raise ValueError("finish_job: jobs of one shard and one retention per call")
+            ended_key = ended.get(job.dest) or ended.setdefault(job.dest, keys.ended_jobs(shard, job.dest))
             o, f = job.outcome, job.fence
-            names += [jk.fsm, jk.payload, jk.result, pk.queue, pk.queued, pk.held, keys.ended_jobs(shard, job.dest)]
+            names += [jk.fsm, jk.payload, jk.result, pk.queue, pk.queued, pk.held, ended_key]
             argv += [job.job_id, job.event, job.dest, "" if f.version is None else f.version, f.node_id, f.token,
                      int(o.result is not None), o.result or b"", o.error_code, o.error_message,
                      int(o.error_retryable), job.guard]

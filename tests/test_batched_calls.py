@@ -12,6 +12,7 @@ from helpers import spec
 from lingua_scheduler.fsm import Event
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server import store as store_module
+from lingua_scheduler.server.calls import Fence, FinishJob, FinishJobs, Outcome
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Lease, Store
@@ -216,3 +217,17 @@ async def test_a_job_that_fails_inside_a_call_is_counted_as_a_failed_call(store:
     (failed,) = await store.complete_many("n1", [(Lease(other.job_id, "tok2"), pb.JobResult())])
     assert isinstance(failed, ResponseError)
     assert errors.errors == [("finish_job", "ResponseError")] * 2
+
+
+def test_a_finish_call_takes_jobs_of_one_shard_and_one_retention_only() -> None:
+    """FinishJobs.call names one shard's timers and done bucket: a job of another shard (or another retention)
+    in the same call is a programming error, refused before anything is sent."""
+    def job(shard: int, retention_ms: int = 60_000) -> FinishJob:
+        return FinishJob(f"{keys.partition_tag('zh:en', shard)}01JD000000000000000000000{shard}", "complete",
+                         "succeeded", Fence("n1", "t"), Outcome(result=b"ok"), retention_ms)
+
+    call = FinishJobs((job(1), job(1))).call()
+    assert call.keys[0] == keys.shard_timers(keys.shard_tag(1)) and len(call.keys) == 2 + 7 * 2
+    for other in (job(2), job(1, retention_ms=1)):
+        with pytest.raises(ValueError, match="one shard and one retention"):
+            FinishJobs((job(1), other)).call()
