@@ -256,7 +256,7 @@ class BatchPipeline(Pipeline):
             callback = self.response_callbacks.get(args[0])
             if callback is not None:
                 reply = callback(reply, **{k: v for k, v in options.items() if k not in _NOT_FOR_CALLBACKS})
-                if inspect.isawaitable(reply):
+                if type(reply) not in _PLAIN and inspect.isawaitable(reply):  # the ABC check costs ~1 us
                     reply = await reply
             out.append(reply)
         if raise_on_error:
@@ -265,6 +265,7 @@ class BatchPipeline(Pipeline):
 
 
 _NOT_FOR_CALLBACKS = (EMPTY_RESPONSE, NEVER_DECODE, "keys")  # options Redis.parse_response takes out first
+_PLAIN = frozenset((dict, list, tuple, bytes, str, int, float, bool, type(None)))  # what callbacks give: never awaitable
 
 
 class BatchRedis(Redis):
