@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Redis CPU per job of the three batched scripts (submit_job-n, claim_job-n, finish_job-n), by jobs per
-call, without gRPC: Store.submit, claim and complete_many straight on a private redis-server, the jobs
-of one session (one partition), one call at a time. Per job: Redis CPU (INFO cpu), and the time Redis
-spent in the commands run inside the scripts (INFO commandstats: elapsed time, so under load it can
-exceed the CPU) and the difference (Lua, the call itself, the socket). The first batch size also counts
-the scripts' loading.
+"""Redis CPU per job of the batched scripts (submit_job-n, claim_job-n, finish_job-n, forget_job-n), by jobs
+per call, without gRPC: Store.submit, claim, complete_many and forget straight on a private redis-server,
+the jobs of one session (one partition), one call at a time. The forget (a finished job leaving ListJobs'
+indexes as its record expires, a retention later) fires the jobs' forget timers, made due first. Per
+job: Redis CPU (INFO cpu), and the time Redis spent in the commands run inside the scripts (INFO
+commandstats: elapsed time, so under load it can exceed the CPU) and the difference (Lua, the call
+itself, the socket). The first batch size also counts the scripts' loading.
 
   .venv/bin/python scripts/script_costs.py --batches 1,5,25,100 --jobs 2000
 """
@@ -22,6 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.dispatch import new_lease_token
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
@@ -61,6 +63,21 @@ async def complete(store: Store, claims: list[Claim], batch: int) -> None:
         await store.complete_many("n1", [(Lease(c.job_id, c.token), result) for c in claims[i:i + batch]])
 
 
+async def forget(store: Store, members: list[str], batch: int) -> None:
+    for i in range(0, len(members), batch):
+        await store.forget(members[i:i + batch])
+
+
+async def due_forgets(r: Any, ids: list[str]) -> list[str]:
+    """The forget timers of `ids`, made due now (their score 0): what the sweeper would fire a retention later."""
+    timers = keys.PartitionKeys.of(keys.tag_of(ids[0])).timers
+    wanted = {f"{wire.FORGET}:{j}" for j in ids}
+    members = [m.decode() for m in await r.zrange(timers, 0, -1)]
+    members = [m for m in members if m.split(" ", 1)[0] in wanted]
+    await r.zadd(timers, {m: 0 for m in members}, xx=True)
+    return members
+
+
 async def run(url: str, batches: list[int], jobs: int) -> None:
     r = aioredis.from_url(url)
     store = Store(r, Settings(redis_url=url))
@@ -72,7 +89,11 @@ async def run(url: str, batches: list[int], jobs: int) -> None:
         figures = [await phase(r, jobs, submit(store, specs, batch, ids)),
                    await phase(r, jobs, claim(store, ids, batch, claims)),
                    await phase(r, jobs, complete(store, claims, batch))]
-        print(f"{batch:4} jobs per call: submit {figures[0]} | claim {figures[1]} | complete {figures[2]}", flush=True)
+        members = await due_forgets(r, ids)
+        assert len(members) == jobs, f"{len(members)} forget timers for {jobs} jobs"
+        figures.append(await phase(r, jobs, forget(store, members, batch)))
+        print(f"{batch:4} jobs per call: submit {figures[0]} | claim {figures[1]} | complete {figures[2]} | forget "
+              f"{figures[3]}", flush=True)
     await r.aclose()
 
 

@@ -286,11 +286,19 @@ class ForgetJob:
     tenant_id: str
     ended: str  # the state whose ended index holds the job, or wire.NOT_ENDED_INDEXED
 
-    def call(self) -> Call:
-        _, pk, _ = _job(self.job_id)
-        shard, _ = _shard(self.job_id)
-        return Call("forget_job", [pk.timers, pk.jobs, keys.tenant_jobs(shard, self.tenant_id),
-                                   keys.ended_jobs(shard, self.ended)], [self.member, self.job_id, self.ended])
+
+def forget_call(forgets: list[ForgetJob]) -> Call:
+    """One forget_job call for `forgets` of one shard: its reply is one reply per job, in order."""
+    shard, _ = _shard(forgets[0].job_id)
+    names = [keys.shard_timers(shard)]
+    argv: list[Any] = []
+    for forget in forgets:
+        _, pk, _ = _job(forget.job_id)
+        if _shard(forget.job_id)[0] != shard:
+            raise ValueError("forget_job: jobs of one shard per call")
+        names += [pk.jobs, keys.tenant_jobs(shard, forget.tenant_id), keys.ended_jobs(shard, forget.ended)]
+        argv += [forget.member, forget.job_id, forget.ended]
+    return Call("forget_job", names, argv)
 
 
 @dataclass(frozen=True, slots=True)

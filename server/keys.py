@@ -98,7 +98,7 @@ class PartitionKeys:
     #              queued count is the sum and the oldest queued job entered in the lowest field's second:
     #              nothing per job (earlier versions kept a `waiting` zset of job ids: waiting_before)
     jobs: str  # ZSET of index members (the Lua prelude's index_member; each leaves when its job's forget timer
-    #            fires, lua/forget_job-4.lua): the partition's jobs, ListJobs' index of a pool
+    #            fires, lua/forget_job-n.lua): the partition's jobs, ListJobs' index of a pool
     paused: str  # HASH reason, at: present while the pool is paused (PausePool); the claim script honours it
     held: str  # ZSET job id -> wire.HELD_ASSIGNED or HELD_RUNNING: the partition's jobs in those states
     #            (entered on a claim, rescored on an ack, left on a requeue or finish: idempotent counts)

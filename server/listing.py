@@ -2,7 +2,7 @@
 
 Indexes (one slot each, per shard; members '<ULID> <partition tag>', all at score 0, so ZREVRANGEBYLEX
 walks them newest first and the member itself is the cursor; nothing else, no time to live: a job's
-entries leave when its forget timer fires, as its record expires, lua/forget_job-4.lua):
+entries leave when its forget timer fires, as its record expires, lua/forget_job-n.lua):
 - keys.PartitionKeys.jobs: a pool's jobs in one shard (a pool filter; every pool's, merged, for none);
 - keys.tenant_jobs: a tenant's jobs in one shard;
 - keys.ended_jobs: the jobs that ended FAILED, EXPIRED or CANCELLED (rare states: a filter on one of

@@ -46,6 +46,7 @@ from .calls import (
     TouchJob,
     WatchJob,
     claim_call,
+    forget_call,
     submit_call,
 )
 from .errors import (
@@ -156,6 +157,11 @@ def last_error(h: dict[bytes, bytes]) -> tuple[str, str, bool]:
         code, message, retryable = json.loads(raw)[5:8]
         return str(code), str(message), str(retryable) == "1"
     return _s(h.get(b"ecode")), _s(h.get(b"emsg")), h.get(b"eretry") == b"1"
+
+
+def _shard_of_job(job_id: str) -> str:
+    """The group of a call for one shard's jobs (finish_job, forget_job): the shard's hash tag."""
+    return keys.shard_of_tag(keys.tag_of(job_id))
 
 
 def _i(value: bytes | None) -> int:
@@ -623,8 +629,7 @@ class Store:
         of the shard every job of it touches (the timers, the done bucket, its session's channel...) are sent
         once per call, not once per job (lua/finish_job-n.lua)."""
         return await self._batched([f.job_id for f in finishes],
-                                   lambda at: FinishJobs(tuple(finishes[i] for i in at)).call(),
-                                   group=lambda job_id: keys.shard_of_tag(keys.tag_of(job_id)))
+                                   lambda at: FinishJobs(tuple(finishes[i] for i in at)).call(), group=_shard_of_job)
 
     async def fail(self, job_id: str, node_id: str, token: str, error: pb.JobError) -> Changed:
         """A failed attempt, fenced: requeued with backoff while retryable with attempts left, else failed."""
@@ -719,18 +724,22 @@ class Store:
         return [_s(i) for i in reply]
 
     async def forget(self, members: list[str]) -> list[str]:
-        """Fire due forget timers (wire.forget_timer), pipelined in one round trip: each finished job
-        leaves ListJobs' indexes as its record expires. The jobs this call took out (a timer another
-        instance or a RetryJob removed first is left alone)."""
-        timers = []
+        """Fire due forget timers (wire.forget_timer): each finished job leaves ListJobs' indexes as its
+        record expires, one forget_job call per shard (up to CALL_JOBS timers), all in one round trip. The
+        jobs this call took out (a timer another instance or a RetryJob removed first is left alone)."""
+        forgets = []
         for member in members:
             try:
-                timers.append((member, wire.parse_timer(member)))
+                timer = wire.parse_timer(member)
             except ValueError:
                 _junk_timers("dropping a timer member no scheduler wrote: %r", member)
-        calls = [ForgetJob(m, t.job_id, t.tenant, t.ended).call() for m, t in timers]
-        replies = self._raise_errors(await self.scripts.call_many(self.redis, calls)) if calls else []
-        return [t.job_id for (_, t), r in zip(timers, replies, strict=True) if r == 1]
+                continue
+            forgets.append(ForgetJob(member, timer.job_id, timer.tenant, timer.ended))
+        if not forgets:
+            return []
+        replies = self._raise_errors(await self._batched(
+            [f.job_id for f in forgets], lambda at: forget_call([forgets[i] for i in at]), group=_shard_of_job))
+        return [f.job_id for f, r in zip(forgets, replies, strict=True) if r == 1]
 
     async def fire_timer(self, member: str) -> Changed | None:
         """Act on one due timer: promote a retry, take back an expired lease (an assignment never

@@ -64,6 +64,6 @@ def test_script_costs_reports_each_batch_size() -> None:
     assert [line.split(" jobs per call")[0].strip() for line in lines] == ["1", "10"]
     for line in lines:
         parts = line.split(": ", 1)[1].split(" | ")
-        assert [p.split()[0] for p in parts] == ["submit", "claim", "complete"]
+        assert [p.split()[0] for p in parts] == ["submit", "claim", "complete", "forget"]
         for part in parts:
             assert float(part.split()[1]) > 0 and float(part.split("time in commands")[1].split(",")[0]) > 0, line

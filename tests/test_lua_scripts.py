@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from lingua_scheduler.server.calls import (
     RequeueJob,
     RetryJob,
     TouchJob,
+    forget_call,
 )
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.operations import Operations
@@ -441,19 +443,71 @@ async def test_forget_codes(store: Store, redis: Any) -> None:
     tag = keys.tag_of(job_id)
     pk, shard = keys.PartitionKeys.of(tag), keys.shard_of_tag(tag)
     member = wire.forget_timer(job_id, "acme")
-    forget = ForgetJob(member, job_id, "acme", wire.NOT_ENDED_INDEXED).call()
-    assert await store.scripts.call(redis, forget) == 0  # no such timer: the entries stay
+    forget = forget_call([ForgetJob(member, job_id, "acme", wire.NOT_ENDED_INDEXED)])
+    assert await store.scripts.call(redis, forget) == [0]  # no such timer: the entries stay
     assert await redis.zcard(pk.jobs) == 1 and await redis.zcard(keys.tenant_jobs(shard, "acme")) == 1
     await store.cancel(job_id, "")
     member = wire.forget_timer(job_id, "acme", "cancelled")
     assert await redis.zscore(pk.timers, member) is not None
-    forget = ForgetJob(member, job_id, "acme", "cancelled").call()
-    assert await store.scripts.call(redis, forget) == -10  # due when the record expires, a retention away
+    forget = forget_call([ForgetJob(member, job_id, "acme", "cancelled")])
+    assert await store.scripts.call(redis, forget) == [-10]  # due when the record expires, a retention away
     assert await redis.zcard(pk.jobs) == 1 and await redis.zscore(pk.timers, member) is not None
     await redis.zadd(pk.timers, {member: 1})  # due now
-    assert [await store.scripts.call(redis, forget) for _ in range(2)] == [1, 0]
+    assert [await store.scripts.call(redis, forget) for _ in range(2)] == [[1], [0]]
     for key in (pk.jobs, keys.tenant_jobs(shard, "acme"), keys.ended_jobs(shard, "cancelled")):
         assert await redis.exists(key) == 0, key
+
+
+async def forgets_of_one_shard(store: Store, redis: Any) -> tuple[list[ForgetJob], list[str], str]:
+    """Four jobs of one shard and partition (two tenants), three cancelled; the forgets of a sweep that names
+    the first twice and the fourth's (never written) timer, with the first two timers due now and the
+    third not: (forgets, job ids, the partition tag)."""
+    beta = next(f"s{i}" for i in range(100) if store.shard_of("beta", f"s{i}") == store.shard_of("acme", "s"))
+    jobs = await store.submit([spec(tenant_id=t, session_id=sess, utterance_index=i)
+                               for i, (t, sess) in enumerate([("acme", "s"), ("acme", "s"), ("beta", beta), ("beta", beta)])])
+    ids = [j.job_id for j in jobs]
+    assert len({keys.tag_of(j) for j in ids}) == 1  # one pool, one shard: one partition
+    tag = keys.tag_of(ids[0])
+    for job_id in ids[:3]:
+        await store.cancel(job_id, "")
+    tenants = ["acme", "acme", "beta"]
+    members = [wire.forget_timer(j, t, "cancelled") for j, t in zip(ids, tenants, strict=False)]
+    await redis.zadd(keys.PartitionKeys.of(tag).timers, {members[0]: 1, members[1]: 1})  # due now
+    forgets = [ForgetJob(m, j, t, "cancelled") for m, j, t in zip(members, ids, tenants, strict=False)]
+    forgets += [forgets[0], ForgetJob(wire.forget_timer(ids[3], "beta"), ids[3], "beta", wire.NOT_ENDED_INDEXED)]
+    return forgets, ids, tag
+
+
+async def test_a_forget_call_answers_each_timer_in_its_place_and_acts_once(store: Store, redis: Any) -> None:
+    """One forget_job call for a sweep's timers of a shard: a timer named twice acts once, one not yet due
+    and one gone change nothing; the entries of the jobs that act leave every index, the others' stay."""
+    forgets, ids, tag = await forgets_of_one_shard(store, redis)
+    pk, shard = keys.PartitionKeys.of(tag), keys.shard_of_tag(tag)
+    assert await store.scripts.call(redis, forget_call(forgets)) == [1, 1, -10, 0, 0]
+    left = {m.decode().split(" ")[0] for m in await redis.zrange(pk.jobs, 0, -1)}
+    assert left == {j[-26:] for j in ids[2:]}  # the third (not due) and the fourth (running) stay
+    assert await redis.zcard(keys.ended_jobs(shard, "cancelled")) == 1
+    assert await redis.zcard(keys.tenant_jobs(shard, "acme")) == 0
+    assert await redis.zcard(keys.tenant_jobs(shard, "beta")) == 2
+    assert await redis.zscore(pk.timers, forgets[2].member) is not None
+    assert await redis.zscore(pk.timers, forgets[0].member) is None
+    assert await store.forget([forgets[0].member, forgets[1].member]) == []  # gone already: nothing again
+    await redis.zadd(pk.timers, {forgets[2].member: 1})
+    assert await store.forget([forgets[2].member]) == [ids[2]]  # through the store: the job ids that left
+
+
+@pytest.mark.single_redis
+async def test_a_forget_call_reads_the_timers_once_and_writes_each_key_once(store: Store, redis: Any) -> None:
+    forgets, _, _ = await forgets_of_one_shard(store, redis)
+
+    async def calls() -> Counter[str]:
+        stats = await redis.info("commandstats")
+        return Counter({c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("zmscore", "zrem", "time")})
+
+    before = await calls()
+    await store.scripts.call(redis, forget_call(forgets))
+    # One ZMSCORE and one TIME; one ZREM each for the timers, the pool's index, acme's index, the ended index.
+    assert await calls() - before == Counter(zmscore=1, time=1, zrem=4)
 
 
 async def test_pause_codes(store: Store, redis: Any) -> None:

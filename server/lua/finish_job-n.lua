@@ -17,7 +17,7 @@
 
   Input (the key count varies: 2 + 7 per job, file name `-n`; 3 + 12 arguments per job):
     KEYS[1] shard timers zset (the jobs' timers leave it; their forget timers, due when their keys expire,
-            enter it: lua/forget_job-4.lua takes a job out of ListJobs' indexes then)
+            enter it: lua/forget_job-n.lua takes a job out of ListJobs' indexes then)
     KEYS[2] done bucket hash of now ("<pool>|<destination>" counted here, not by the caller as finishes
             per second are, server/rates.py: RetryJob counts the job out of it, exactly)
     KEYS[3 + 7(i-1)] ... KEYS[9 + 7(i-1)], job i's:
@@ -66,17 +66,8 @@ local timersKey, doneKey = KEYS[1], KEYS[2]
 local retention, doneExpiry, channelPrefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local now, nowS  -- Redis time, read once: by the first job that gets that far (and as a string)
 
--- What the jobs change in keys they share, sent once per key after the last job. A group: key -> its
--- values, and the keys in the order first used (the commands come out in the same order every run).
+-- What the jobs change in keys they share, sent once per key after the last job (the prelude's add()).
 local timersGone, forgets, leaving, ended, counted = {}, {}, {}, {}, {}
-local function add(groups, key, value)
-  local values = groups[key]
-  if not values then
-    values = {}
-    groups[key], groups[#groups + 1] = values, key
-  end
-  values[#values + 1] = value
-end
 
 local function finish(k, a)
   local fsmKey, payloadKey, resultKey, queueKey = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]

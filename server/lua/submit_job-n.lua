@@ -18,7 +18,7 @@
             tenant's last pass in the band (both in queue score units), "e" -> minus when the key expires
     KEYS[5] partition queued counts hash (jobs are counted in now's second: keys.PartitionKeys.queued)
     KEYS[6] partition jobs index (ListJobs by pool; lex members, see index_member; no time to live:
-            the job's forget timer takes its entries out, lua/forget_job-4.lua)
+            the job's forget timer takes its entries out, lua/forget_job-n.lua)
     KEYS[7] shard pools zset (pool -> until when a job of it may live: GetStats' and ListJobs' list)
     then per job i (k = 7 + 5 * (i - 1)):
     KEYS[k+1] idempotency key (identity -> "<job id> <spec digest>"), written for an explicit key only;
