@@ -737,7 +737,7 @@ class Dispatcher:
         tried: set[str] = set()  # timers fired in this sweep (one left due is not fired again on a re-read)
         while True:
             due = await self.store.due_timers(shards, int(time.time() * 1000) + 1, SWEEP_READ)
-            # Forget timers (one per finished job, due as its record expires) go in one pipelined round trip.
+            # Forget timers (one per finished job, due as its record expires) go in one round trip, a call per shard.
             forgets = [m for m in due if m.startswith(forget)]
             others = [m for m in due if not m.startswith(forget) and m not in tried]
             tried.update(others)
