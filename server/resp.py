@@ -256,7 +256,7 @@ class BatchPipeline(Pipeline):
             callback = self.response_callbacks.get(args[0])
             if callback is not None:
                 reply = callback(reply, **{k: v for k, v in options.items() if k not in _NOT_FOR_CALLBACKS})
-                if type(reply) not in _PLAIN and inspect.isawaitable(reply):  # the ABC check costs ~1 us
+                if type(reply) not in _PLAIN and inspect.isawaitable(reply):  # the ABC check costs ~0.6 us
                     reply = await reply
             out.append(reply)
         if raise_on_error:

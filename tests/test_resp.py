@@ -111,6 +111,19 @@ async def test_batch_pipeline_replies_as_redis_py(redis: Any) -> None:
         assert await pipe.execute() == []
 
 
+@pytest.mark.single_redis  # BatchRedis serves one Redis (or Sentinel's master); a cluster keeps redis-py's pipeline
+async def test_a_response_callback_that_returns_an_awaitable_is_awaited(redis: Any) -> None:
+    """A plain reply skips the awaitable check (resp._PLAIN), a callback's coroutine is still awaited."""
+
+    async def later(reply: Any, **_: Any) -> str:
+        return f"awaited {reply!r}"
+
+    client = resp.BatchRedis(connection_pool=redis.connection_pool)
+    client.set_response_callback("ECHO", later)
+    async with client.pipeline(transaction=False) as pipe:
+        assert await pipe.echo("hi").exists("b:none").execute() == ["awaited b'hi'", 0]
+
+
 @pytest.mark.single_redis
 async def test_a_caller_that_gives_up_leaves_its_batch_going(redis: Any) -> None:
     """A batch's caller cancelled while the replies are on their way: the batch goes on (the batches of
