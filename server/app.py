@@ -286,8 +286,8 @@ async def check_partitions(client: Any, partitions: int) -> None:
             continue  # deleted between the two calls: try to set it again
         if stored != wanted:
             raise PartitionsMismatch(
-                f"--partitions is {partitions} but this Redis holds jobs laid out in {stored.decode(errors='replace')} "
-                f"partitions (key {keys.PARTITIONS}, set by the first instance): start every instance with "
+                f"--partitions is {partitions} but this Redis is laid out in {stored.decode(errors='replace')} "
+                f"partition(s) (key {keys.PARTITIONS}, set by the first instance): start every instance with "
                 f"--partitions {stored.decode(errors='replace')}, or change the count as docs/deployment.md "
                 "(\"Changing the partition count\") describes")
         return

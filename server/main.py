@@ -64,8 +64,9 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
     except BaseException:
         await close_redis(app.redis)
         raise
-    log.info("listening on %s, port %d (instance %s, redis %s): %s", settings.listen, app.port, settings.instance_id,
-             _redacted(settings.redis_cluster or settings.redis_sentinel or settings.redis_url), app.describe())
+    log.info("listening on %s, port %d (instance %s, redis %s, %d partition(s)): %s", settings.listen, app.port,
+             settings.instance_id, _redacted(settings.redis_cluster or settings.redis_sentinel or settings.redis_url),
+             settings.partitions, app.describe())
     print(f"lingua-scheduler listening on {settings.listen.rsplit(':', 1)[0]}:{app.port}", flush=True)
     if app.http is not None:
         log.info("operations HTTP port: http://%s:%d/ (dashboard), /metrics (Prometheus)", app.http.host, app.http.port)
@@ -77,6 +78,7 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
     await app.stop()
     if provider is not None:
         provider.shutdown()  # exports the spans still batched
+    log.info("stopped")
 
 
 def _supervisor_gone(stop: asyncio.Event) -> None:

@@ -351,15 +351,20 @@ async def test_server_process_killed_and_replaced_loses_nothing(settings: Settin
 @pytest.mark.single_redis
 async def test_ctrl_c_in_a_terminal_leaves_the_embedded_redis_up_until_the_server_has_drained(tmp_path: Any) -> None:
     """A terminal's Ctrl-C is SIGINT to its whole foreground process group: the scheduler drains, and its
-    embedded redis-server (a session of its own) is not signalled by it, only stopped by the scheduler after."""
+    embedded redis-server (a session of its own) is not signalled by it, only stopped by the scheduler after.
+    Its log names the partition count in use and ends with `stopped`."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)  # a terminal's group
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)  # a terminal's group
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
     assert b"listening on" in line, line
     os.killpg(proc.pid, signal.SIGINT)
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err[-2000:]
+    lines = err.decode().splitlines()
+    assert any("listening on" in x and "4 partition(s)" in x for x in lines), lines
+    assert lines[-1].endswith("lingua_scheduler: stopped"), lines[-3:]
     log = (tmp_path / "redis.log").read_text()
     assert "Received SIGINT" not in log, log[-2000:]
     assert "Received SIGTERM" in log, log[-2000:]  # stopped by the scheduler, once it had drained
