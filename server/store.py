@@ -71,7 +71,7 @@ from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 _junk_timers = ThrottledWarning(log, interval_s=10)  # a bad writer's members would come every sweep
-# The most jobs one call of a script for several jobs takes (submit_job, claim_job, finish_job): a Submit's
+# The most jobs one call of a script for several jobs takes (submit_job, claim_job, finish_job, forget_job): a Submit's
 # jobs of a partition go in calls of this many, so no call holds Redis for long (a batch may be --max-batch, 500).
 CALL_JOBS = 100
 
@@ -157,6 +157,18 @@ def last_error(h: dict[bytes, bytes]) -> tuple[str, str, bool]:
         code, message, retryable = json.loads(raw)[5:8]
         return str(code), str(message), str(retryable) == "1"
     return _s(h.get(b"ecode")), _s(h.get(b"emsg")), h.get(b"eretry") == b"1"
+
+
+def _timer(member: str) -> wire.Timer | None:
+    """A due timer's member read, or None (logged) for one no scheduler wrote: its kind or its job id (which
+    carries its partition's tag) is not one. Such a member is left where it is, never acted on."""
+    try:
+        timer = wire.parse_timer(member)
+        keys.tag_of(timer.job_id)
+    except ValueError:
+        _junk_timers("dropping a timer member no scheduler wrote: %r", member)
+        return None
+    return timer
 
 
 def _shard_of_job(job_id: str) -> str:
@@ -727,14 +739,8 @@ class Store:
         """Fire due forget timers (wire.forget_timer): each finished job leaves ListJobs' indexes as its
         record expires, one forget_job call per shard (up to CALL_JOBS timers), all in one round trip. The
         jobs this call took out (a timer another instance or a RetryJob removed first is left alone)."""
-        forgets = []
-        for member in members:
-            try:
-                timer = wire.parse_timer(member)
-            except ValueError:
-                _junk_timers("dropping a timer member no scheduler wrote: %r", member)
-                continue
-            forgets.append(ForgetJob(member, timer.job_id, timer.tenant, timer.ended))
+        forgets = [ForgetJob(member, t.job_id, t.tenant, t.ended) for member in members
+                   if (t := _timer(member)) is not None]
         if not forgets:
             return []
         replies = self._raise_errors(await self._batched(
@@ -745,10 +751,8 @@ class Store:
         """Act on one due timer: promote a retry, take back an expired lease (an assignment never
         acknowledged: ack_timeout, attempt given back), expire a job, forget a finished one (its
         Changed has state "": the job is gone)."""
-        try:
-            timer = wire.parse_timer(member)
-        except ValueError:
-            _junk_timers("dropping a timer member no scheduler wrote: %r", member)
+        timer = _timer(member)
+        if timer is None:
             return None
         job_id = timer.job_id
         if timer.kind == wire.FORGET:

@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import all_keys, pair, spec, until
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
+from lingua_scheduler.server.calls import ForgetJob, forget_call
 from lingua_scheduler.server.dispatch import MAX_AVOIDED, Consumer, Dispatcher
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.node import Session
@@ -24,6 +25,7 @@ from lingua_scheduler.server.operations import Operations
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Lease, Store, idempotency_key
 from lingua_sdk import pb, pb_grpc
+from redis.exceptions import ResponseError
 from simnode import SimNode
 
 
@@ -477,6 +479,50 @@ async def test_a_finished_job_leaves_every_index_when_its_forget_timer_fires(red
     for state in for_ended:
         assert await redis.exists(keys.ended_jobs(shard, state)) == 0
     timers = keys.PartitionKeys.of(keys.tag_of(done)).timers
+    assert [m for m in await redis.zrange(timers, 0, -1) if m.startswith(b"x:")] == []
+
+
+async def test_junk_timer_members_are_skipped_and_the_other_timers_still_fire(store: Store, redis: Any) -> None:
+    """Members no scheduler wrote in a shard's timers (a forget timer whose job id carries no partition, an
+    unknown kind) are left alone by the sweep: the due timers beside them still fire."""
+    (job,) = await store.submit([spec()])
+    job_id = job.job_id
+    timers = keys.PartitionKeys.of(keys.tag_of(job_id)).timers
+    await store.cancel(job_id, "")
+    forget = wire.forget_timer(job_id, "acme", "cancelled")
+    junk = ["x:foo acme -", "x:zh:en{0}01J acme -", "q:whatever"]
+    await redis.zadd(timers, {forget: 1, **{m: 1 for m in junk}})  # all due now
+    shard = int(keys.shard_of_tag(keys.tag_of(job_id)).strip("{}"))
+    assert await Dispatcher(store, store.settings).sweep_once([shard]) == 1
+    assert await redis.zscore(timers, forget) is None
+    assert sorted(m.decode() for m in await redis.zrange(timers, 0, -1) if not m.startswith(b"d:")) == sorted(junk)
+    assert await store.forget(junk) == [] and await store.fire_timer(junk[0]) is None
+
+
+async def test_an_index_key_of_another_type_fails_only_the_jobs_with_an_entry_there(store: Store, redis: Any) -> None:
+    """One forget_job call for three jobs of a shard whose tenants' indexes are one good, one a string (no
+    scheduler wrote it): the job indexed there gets an error in its place, the others leave every index."""
+    tenants = ["acme", "bad", "zed"]
+    sessions = [next(f"s{i}" for i in range(200) if store.shard_of(t, f"s{i}") == store.shard_of("acme", "s0"))
+                for t in tenants]
+    ids = [j.job_id for j in await store.submit([spec(tenant_id=t, session_id=sess, utterance_index=0)
+                                                 for t, sess in zip(tenants, sessions, strict=True)])]
+    shard = keys.shard_of_tag(keys.tag_of(ids[0]))
+    timers = keys.PartitionKeys.of(keys.tag_of(ids[0])).timers
+    for job_id in ids:
+        await store.cancel(job_id, "")
+    members = [wire.forget_timer(j, t, "cancelled") for j, t in zip(ids, tenants, strict=True)]
+    await redis.zadd(timers, {m: 1 for m in members})
+    await redis.delete(keys.tenant_jobs(shard, "bad"))
+    await redis.set(keys.tenant_jobs(shard, "bad"), "not an index")
+    replies = await store.scripts.call(redis, forget_call(
+        [ForgetJob(m, j, t, "cancelled") for m, j, t in zip(members, ids, tenants, strict=True)]))
+    assert replies[0] == 1 and replies[2] == 1
+    assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+    for tenant in ("acme", "zed"):
+        assert await redis.exists(keys.tenant_jobs(shard, tenant)) == 0, tenant
+    assert await redis.zcard(keys.PartitionKeys.of(keys.tag_of(ids[0])).jobs) == 0  # every job left the pool's
+    assert await redis.exists(keys.ended_jobs(shard, "cancelled")) == 0
     assert [m for m in await redis.zrange(timers, 0, -1) if m.startswith(b"x:")] == []
 
 

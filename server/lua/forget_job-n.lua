@@ -25,6 +25,8 @@
     0    the timer was gone already (another sweeper, a RetryJob, or the same timer earlier in this call);
          nothing changed
     -10  not due by Redis' clock (a sweeper whose own clock runs ahead); nothing changed
+    an error  an index of the job could not be written (a key of another type): its timer is gone, its
+         other indexes lost its entries; the other jobs go on
 ]]
 local timersKey = KEYS[1]
 local members = {}
@@ -33,7 +35,7 @@ for i = 1, #ARGV / 3 do
 end
 local dues = rcall("ZMSCORE", timersKey, unpack(members))
 local now  -- Redis time (TIME is the only clock), read once: for the first timer found
-local gone, taken, leaving, replies = {}, {}, {}, {}
+local gone, taken, leaving, owners, replies = {}, {}, {}, {}, {}  -- owners: key -> the jobs with an entry there
 for i, member in ipairs(members) do
   local due = tonumber(dues[i])
   if not due or taken[member] then
@@ -46,10 +48,9 @@ for i, member in ipairs(members) do
       taken[member] = true
       gone[#gone + 1] = member
       local k, entry = 2 + 3 * (i - 1), index_member(ARGV[3 * i - 1])
-      add(leaving, KEYS[k], entry)
-      add(leaving, KEYS[k + 1], entry)
-      if ARGV[3 * i] ~= NOT_ENDED_INDEXED then
-        add(leaving, KEYS[k + 2], entry)
+      for j = k, ARGV[3 * i] ~= NOT_ENDED_INDEXED and k + 2 or k + 1 do
+        add(leaving, KEYS[j], entry)
+        add(owners, KEYS[j], i)
       end
       replies[i] = 1
     end
@@ -57,8 +58,15 @@ for i, member in ipairs(members) do
 end
 if gone[1] then
   rcall("ZREM", timersKey, unpack(gone))
+  -- Each index on its own: one that fails (a key of another type: no scheduler wrote it) fails the jobs
+  -- with an entry there, each reply in its place, and the other indexes still lose their entries.
   for _, key in ipairs(leaving) do
-    rcall("ZREM", key, unpack(leaving[key]))
+    local done = redis.pcall("ZREM", key, unpack(leaving[key]))
+    if type(done) == "table" and done.err then
+      for _, i in ipairs(owners[key]) do
+        replies[i] = done
+      end
+    end
   end
 end
 return replies
