@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import pair, spec, until
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.dispatch import Dispatcher
+from lingua_scheduler.server.registry import NodeEntry, Registry
 from lingua_scheduler.server.session import BACKSTOP_S
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Store
@@ -231,3 +232,21 @@ async def test_a_nodes_completions_of_one_shard_are_one_finish_call(make_app: Ap
         assert (rec.state, rec.token, rec.attempt) == ("assigned", again.lease_token, 2)
         watch.cancel()
         call.cancel()
+
+
+@pytest.mark.single_redis
+async def test_a_registry_renewal_round_is_one_round_trip_of_four_commands_per_node(redis: Any,
+                                                                                     settings: Settings) -> None:
+    """An idle fleet's Redis cost is its renewals (every node, each --node-ttl-ms / 3): a round is one
+    pipelined round trip, one register_node call per node, which reads the entry once (HMGET), then TIME,
+    HSET and PEXPIRE."""
+    store = Store(redis, settings)
+    registry = Registry(redis, store.scripts, settings.node_ttl_ms)
+    entries = [(NodeEntry(f"n{i}", ["zh:en"], 4, 0, "inst", {}, "v1", 1, False), f"tok{i}") for i in range(5)]
+    for entry, token in entries:
+        await registry.register(entry, token)
+    mon = Monitor(redis)
+    async with mon.watch():
+        assert await registry.renew_many(entries) == [token for _, token in entries]
+    assert mon.client == Counter(EVALSHA=5), mon.client
+    assert mon.lua == Counter(HMGET=5, TIME=5, HSET=5, PEXPIRE=5), mon.lua
