@@ -331,7 +331,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=4, help="max_concurrency of each node")
     p.add_argument("--register-timeout", type=float, default=60.0, help="seconds all the streams may take to register")
     p.add_argument("--list-timeout", type=float, default=30.0, help="seconds to wait for ListNodes to show them all")
-    p.add_argument("--idle-window", type=float, default=5.0, help="seconds the idle Redis rate is measured over")
+    p.add_argument("--idle-window", type=float, default=10.0,
+                   help="seconds the idle Redis rate is measured over (default: a registry renewal period with the "
+                        "default --node-ttl-ms, so the figure averages a renewal of every node in)")
     p.add_argument("--jobs", type=int, default=0, help="jobs to submit while the fleet is connected")
     p.add_argument("--rate", type=float, default=20.0, help="submits per second (0: as fast as possible)")
     p.add_argument("--timeout", type=float, default=60.0,
