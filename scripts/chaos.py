@@ -175,14 +175,17 @@ class Chaos:
         return ["--redis-url", self.redis.url]
 
     async def start_instance(self, port: int) -> Instance:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lingua_scheduler.server",
-            "--http-listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{port}", *self.redis_flags(),
-            *FAST_FLAGS, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        log = self.workdir / f"instance-{port}.log"  # appended to by each start on this port
+        with log.open("ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lingua_scheduler.server",
+                "--http-listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{port}", *self.redis_flags(),
+                *FAST_FLAGS, stdout=asyncio.subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         if "listening on" not in line:
-            raise RuntimeError(f"scheduler did not start: {line!r}")
+            tail = log.read_text(errors="replace").splitlines()[-5:]
+            raise RuntimeError(f"scheduler did not start: {line!r}; its log ends: {tail}")
         return Instance(proc, line.rsplit(" ", 1)[-1].strip())
 
     def live(self) -> list[Instance]:

@@ -32,12 +32,24 @@ def _free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux: 32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_ports(count: int) -> list[int]:
-    """Ports p whose cluster bus port p + 10000 is free too (so p <= 55535)."""
+    """Ports p whose cluster bus port p + 10000 is free too, both below the kernel's ephemeral range where
+    it has room: a port free when checked is not then taken by some test's outgoing connection (under
+    pytest-xdist thousands of them open and close) before its server binds it."""
+    high = _ephemeral_low() - 10_000
+    low, high = (10_000, high) if high > 12_000 else (20_000, 45_000)
     rng = random.Random()
     ports: list[int] = []
     while len(ports) < count:
-        p = rng.randrange(20_000, 45_000)
+        p = rng.randrange(low, high)
         if p not in ports and _free(p) and _free(p + 10_000):
             ports.append(p)
     return ports
