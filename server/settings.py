@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import ipaddress
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -174,24 +176,49 @@ class Settings:
         return max(self.node_ttl_ms // 3, self.ping_interval_ms + self.ping_timeout_ms) + 3 * self.liveness_tick_ms()
 
     @classmethod
+    def help_texts(cls) -> dict[str, str]:
+        """Each field's --help text: the comment above it in this class, so the flags are documented where
+        the fields are. A comment above several fields is the first one's; the others point to it."""
+        texts: dict[str, str] = {}
+        block: list[str] = []
+        first = ""  # the first field under the current comment
+        for line in inspect.getsource(cls).splitlines():
+            if line.startswith("    # "):
+                if first:  # a comment after a field starts the next block
+                    block, first = [], ""
+                block.append(line[6:].strip())
+            elif found := re.match(r"    (\w+): ", line):
+                texts[found[1]] = f"see --{first.replace('_', '-')}" if first else " ".join(block)
+                first = first or found[1]
+        return texts
+
+    @classmethod
     def load(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
         """Settings from `argv` flags (--redis-url ...) over LINGUA_* variables over defaults."""
         env = dict(os.environ) if env is None else env
-        parser = argparse.ArgumentParser(prog="lingua-scheduler", description="Lingua Scheduler server")
+        parser = argparse.ArgumentParser(
+            prog="lingua-scheduler", description="Lingua Scheduler server. Each flag can also be given as the "
+            "environment variable LINGUA_<NAME> (--redis-url: LINGUA_REDIS_URL); a flag wins over the variable. "
+            "Durations are in milliseconds. Also: `lingua-scheduler token --help` mints tokens.")
+        texts, defaults = cls.help_texts(), cls()
         values: dict[str, object] = {}
         for f in fields(cls):
-            flag, kind = "--" + f.name.replace("_", "-"), type(getattr(cls(), f.name))
+            flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+            kind = type(default)
             raw = env.get("LINGUA_" + f.name.upper())
+            shown = "random" if f.name == "instance_id" else default if default not in ("", ()) else "none"
+            text = f"{texts.get(f.name, '')} (default: {shown})"
+            text = text.replace("%", "%%")  # argparse formats help with %
             if kind is bool:  # a switch: --insecure; LINGUA_INSECURE=1/true/yes
-                parser.add_argument(flag, action="store_true", default=None)
+                parser.add_argument(flag, action="store_true", default=None, help=text)
                 if raw is not None:
                     values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif kind is tuple:  # repeatable: --auth-jwt-key A --auth-jwt-key B; LINGUA_AUTH_JWT_KEY=A,B
-                parser.add_argument(flag, action="append", default=None)
+                parser.add_argument(flag, action="append", default=None, help=text)
                 if raw is not None:
                     values[f.name] = tuple(item for item in raw.split(",") if item)
             else:
-                parser.add_argument(flag, type=kind, default=None)
+                parser.add_argument(flag, type=kind, default=None, help=text)
                 if raw is not None:
                     values[f.name] = kind(raw)
         for name, value in vars(parser.parse_args(argv)).items():

@@ -122,3 +122,18 @@ async def test_a_grpc_port_another_scheduler_holds_stops_the_start_with_a_messag
     assert code == 1 and b"listening on" not in out, (out, err)
     assert f"--listen 127.0.0.1:{held.port}".encode() in err and b"another process holds the port" in err, err
     assert b"Traceback" not in err, err
+
+
+def test_help_documents_every_flag_from_its_settings_comment(capsys: pytest.CaptureFixture[str]) -> None:
+    """`lingua-scheduler --help` gives each flag the comment above its field in server/settings.py (the
+    later fields under one comment point to the first) and its default."""
+    texts = Settings.help_texts()
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert sorted(texts) == sorted(names) and all(texts.values()), [n for n in names if not texts.get(n)]
+    assert texts["tls_key"] == "see --tls-cert" and texts["tls_cert"].startswith("Server TLS")
+    with pytest.raises(SystemExit) as exit_:
+        Settings.load(["--help"], env={})
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--partitions PARTITIONS Shards" in out and "(default: 4)" in out, out[:500]
+    assert "LINGUA_REDIS_URL" in out and "--tls-key TLS_KEY see --tls-cert (default: none)" in out
