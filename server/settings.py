@@ -182,7 +182,11 @@ class Settings:
         texts: dict[str, str] = {}
         block: list[str] = []
         first = ""  # the first field under the current comment
-        for line in inspect.getsource(cls).splitlines():
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # no source shipped (a frozen build): flags without their texts
+            return {}
+        for line in source.splitlines():
             if line.startswith("    # "):
                 if first:  # a comment after a field starts the next block
                     block, first = [], ""
