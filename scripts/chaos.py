@@ -177,14 +177,23 @@ class Chaos:
     async def start_instance(self, port: int) -> Instance:
         log = self.workdir / f"instance-{port}.log"  # appended to by each start on this port
         with log.open("ab") as err:
+            offset = err.tell()  # this start's lines begin here
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "lingua_scheduler.server",
                 "--http-listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{port}", *self.redis_flags(),
                 *FAST_FLAGS, stdout=asyncio.subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        try:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        except TimeoutError:
+            line = "(nothing within 30 s)"
         if "listening on" not in line:
-            tail = log.read_text(errors="replace").splitlines()[-5:]
+            with contextlib.suppress(ProcessLookupError):  # it may have exited already
+                proc.kill()
+            await proc.wait()
+            with log.open("rb") as f:
+                f.seek(offset)
+                tail = f.read().decode(errors="replace").splitlines()[-5:]
             raise RuntimeError(f"scheduler did not start: {line!r}; its log ends: {tail}")
         return Instance(proc, line.rsplit(" ", 1)[-1].strip())
 
