@@ -11,7 +11,6 @@ import inspect
 import ipaddress
 import os
 import re
-import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -177,6 +176,7 @@ class Settings:
         return max(self.node_ttl_ms // 3, self.ping_interval_ms + self.ping_timeout_ms) + 3 * self.liveness_tick_ms()
 
     @classmethod
+    @functools.cache  # ~15 ms to read: once per process
     def help_texts(cls) -> dict[str, str]:
         """Each field's --help text: the comment above it in this class, so the flags are documented where
         the fields are. A comment above several fields is the first one's; the others point to it."""
@@ -205,8 +205,7 @@ class Settings:
             prog="lingua-scheduler", description="Lingua Scheduler server. Each flag can also be given as the "
             "environment variable LINGUA_<NAME> (--redis-url: LINGUA_REDIS_URL); a flag wins over the variable. "
             "Durations are in milliseconds (-s: seconds). Also: `lingua-scheduler token --help` mints tokens.")
-        asked = set(sys.argv[1:] if argv is None else argv) & {"-h", "--help"}
-        texts, defaults = cls.help_texts() if asked else {}, cls()  # the texts cost ~15 ms to read
+        texts, defaults = cls.help_texts(), cls()
         values: dict[str, object] = {}
         for f in fields(cls):
             flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
