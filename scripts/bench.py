@@ -441,7 +441,7 @@ async def memory(redis_url: str, count: int) -> dict[str, float]:
     """Redis bytes per queued job and per retained finished job (no payload: payload_ref)."""
     client = aioredis.from_url(redis_url)
     await client.flushall()
-    store = Store(client, Settings(redis_url=redis_url))
+    store = Store(client, Settings(redis_url=redis_url, partitions=1))  # what one Redis gets by default
     specs = [pb.JobSpec(tenant_id="bench", session_id=f"s{i % 500}", utterance_index=i, src_lang="zh", tgt_lang="en",
                         payload_ref=f"session://s{i % 500}/{i}") for i in range(count)]
     await store.submit(specs[:1])  # queue, timers and affinity keys exist before the baseline

@@ -41,7 +41,7 @@ async def one_round(redis_url: str, jobs: int, mode: str) -> tuple[float, float,
     if mode != "off":
         provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)) if mode == "10%" else None)
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    settings = Settings(listen="127.0.0.1:0", redis_url=redis_url, http_listen="", uvloop=0)
+    settings = Settings(listen="127.0.0.1:0", redis_url=redis_url, http_listen="", uvloop=0, partitions=1)
     app = create_server(settings, tracer_provider=provider)
     await app.redis.flushall()
     await app.start()

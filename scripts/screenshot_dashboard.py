@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lingua_scheduler.server.app import create_server
+from lingua_scheduler.server.app import create_server, resolve_partitions
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
 from lingua_sdk import Assignment, AsyncClient, FatalError, JobSpec, Node
@@ -26,7 +26,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 async def shoot(out: Path) -> None:
     redis = EmbeddedRedis(tempfile.mkdtemp(prefix="lingua-shot-"), persistent=False).start()
-    app = create_server(Settings(listen="127.0.0.1:0", redis_url=redis.url, http_listen="127.0.0.1:0"))
+    app = create_server(await resolve_partitions(Settings(listen="127.0.0.1:0", redis_url=redis.url,
+                                                           http_listen="127.0.0.1:0")))
     await app.start()
     target = f"127.0.0.1:{app.port}"
     hold = asyncio.Event()  # the last few jobs of each pool run until the picture is taken

@@ -80,7 +80,7 @@ async def due_forgets(r: Any, ids: list[str]) -> list[str]:
 
 async def run(url: str, batches: list[int], jobs: int) -> None:
     r = aioredis.from_url(url)
-    store = Store(r, Settings(redis_url=url))
+    store = Store(r, Settings(redis_url=url, partitions=4))  # 4, as in the figures of docs/performance.md
     for n, batch in enumerate(batches):
         specs = [pb.JobSpec(tenant_id="costs", session_id="s", utterance_index=n * jobs + i, src_lang="zh",
                             tgt_lang="en", payload_ref=f"session://s/{n * jobs + i}") for i in range(jobs)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -261,6 +262,34 @@ class PartitionsMismatch(RuntimeError):
     """This instance's --partitions differs from the count stored in Redis by the first instance."""
 
 
+AUTO_PARTITIONS = 1  # --partitions 0 (auto) on one Redis, standalone or Sentinel, that holds no count yet
+AUTO_CLUSTER_PARTITIONS = 4  # ... and on a Redis Cluster
+
+
+async def resolve_partitions(settings: Settings) -> Settings:
+    """Settings with --partitions 0 (auto, the default) replaced by a count: the one the first instance
+    stored in Redis, else 1 on one Redis (partitions only split its work among more Lua calls there) and
+    4 on a Redis Cluster (spread over its primaries). A count given is kept: check_partitions checks it.
+
+    One read through a client of its own (Store and the dispatcher are built with the count)."""
+    if settings.partitions:
+        return settings
+    client = connect_redis(settings)
+    try:
+        stored = await client.get(keys.PARTITIONS)
+    finally:
+        await close_redis(client)
+    if stored is None:
+        count = AUTO_CLUSTER_PARTITIONS if settings.redis_cluster else AUTO_PARTITIONS
+    elif stored.isdigit() and 1 <= int(stored) <= 1024:
+        count = int(stored)
+    else:
+        raise PartitionsMismatch(f"key {keys.PARTITIONS} holds {stored!r}, not a partition count (1 to 1024): "
+                                 "set it right or delete it, as docs/deployment.md (\"Changing the partition count\") "
+                                 "describes")
+    return dataclasses.replace(settings, partitions=count)
+
+
 async def check_partitions(client: Any, partitions: int) -> None:
     """Store the partition count at first start (SET NX); PartitionsMismatch when Redis holds another.
 
@@ -288,8 +317,8 @@ async def check_partitions(client: Any, partitions: int) -> None:
             raise PartitionsMismatch(
                 f"--partitions is {partitions} but this Redis is laid out in {stored.decode(errors='replace')} "
                 f"partition(s) (key {keys.PARTITIONS}, set by the first instance): start every instance with "
-                f"--partitions {stored.decode(errors='replace')}, or change the count as docs/deployment.md "
-                "(\"Changing the partition count\") describes")
+                f"--partitions {stored.decode(errors='replace')} (or without --partitions, which adopts it), or "
+                "change the count as docs/deployment.md (\"Changing the partition count\") describes")
         return
 
 

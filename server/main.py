@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import logs, tracing, workers
-from .app import ListenError, PartitionsMismatch, check_redis, close_redis, create_server
+from .app import ListenError, PartitionsMismatch, check_redis, close_redis, create_server, resolve_partitions
 from .auth import AuthKeyError
 from .embedded import DataDirInUse, EmbeddedRedis
 from .http import HttpListenError
@@ -42,6 +42,7 @@ GC_THRESHOLDS = (50_000, 50, 1_000)  # gen0 allocations, gen1 and gen2 collectio
 
 
 async def serve(settings: Settings, provider: TracerProvider | None = None) -> None:
+    settings = await resolve_partitions(settings)  # --partitions 0 (auto): what Redis holds, else the topology's
     app = create_server(settings, tracer_provider=provider)
     if provider is not None:
         log.info("tracing on: exporting spans to %s", ", ".join(tracing.exporters_wanted(os.environ)))

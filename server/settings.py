@@ -63,8 +63,10 @@ class Settings:
     # This instance's id, as shown in ListNodes and RegisterAck.
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     # Shards ("partitions") the jobs of every pool are spread over, by session. Every instance must use
-    # the same number (it decides job ids' hash tags); on a Redis Cluster, several per master.
-    partitions: int = 4
+    # the same number (it decides job ids' hash tags; the first instance stores it in Redis); on a Redis
+    # Cluster, several per master. 0 (auto): the count stored in Redis, else 1 on one Redis (standalone
+    # or Sentinel) and 4 on a Redis Cluster (docs/deployment.md, "How many partitions").
+    partitions: int = 0
     # How long a finished job's record and result stay readable.
     retention_ms: int = 3_600_000
     # Deadline of a job submitted without one, and the furthest deadline accepted.
@@ -234,8 +236,8 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.partitions < 1 or self.partitions > 1024:
-            raise ValueError("partitions must be 1 to 1024")
+        if self.partitions > 1024:
+            raise ValueError("partitions must be 1 to 1024, or 0 (auto)")
         if self.heartbeat_interval_ms * 2 > self.lease_ms:
             raise ValueError("lease_ms must be at least twice heartbeat_interval_ms")
         if self.stream_grace_ms < 2 * self.heartbeat_interval_ms:

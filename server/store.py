@@ -329,6 +329,8 @@ class Store:
 
     def __init__(self, redis: Any, settings: Settings, scripts: Scripts | None = None,
                  tenants: Tenants | None = None) -> None:
+        if not settings.partitions:
+            raise ValueError("settings.partitions is 0 (auto): resolve it first (server.app.resolve_partitions)")
         self.redis = redis
         self.settings = settings
         self.scripts = scripts or Scripts()

@@ -1,9 +1,11 @@
-"""App wiring: the partition count is stored in Redis at first start and every later instance must match it."""
+"""App wiring: the partition count is stored in Redis at first start and every later instance must match it
+(or, without a count of its own, adopts it)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import socket
 import sys
 from typing import Any
@@ -11,7 +13,13 @@ from typing import Any
 import pytest
 from conftest import AppFactory
 from lingua_scheduler.server import keys
-from lingua_scheduler.server.app import PartitionsMismatch, check_partitions, close_redis, create_server
+from lingua_scheduler.server.app import (
+    PartitionsMismatch,
+    check_partitions,
+    close_redis,
+    create_server,
+    resolve_partitions,
+)
 from lingua_scheduler.server.settings import Settings
 
 
@@ -68,6 +76,45 @@ async def test_the_server_process_prints_the_mismatch_and_exits(make_app: AppFac
     assert proc.returncode == 1
     assert f"--partitions {settings.partitions}".encode() in err and b"docs/deployment.md" in err, err
     assert b"Traceback" not in err, err
+
+
+async def test_without_a_count_an_instance_adopts_the_stored_one_else_its_topologys(
+        settings: Settings, redis: Any) -> None:
+    """--partitions 0 (auto, the default): the count Redis holds, else 1 on one Redis and 4 on a cluster."""
+    auto = dataclasses.replace(settings, partitions=0)
+    assert (await resolve_partitions(auto)).partitions == (4 if settings.redis_cluster else 1)  # an empty Redis
+    assert await redis.get(keys.PARTITIONS) is None, "resolving stores nothing: the start does (check_partitions)"
+    await redis.set(keys.PARTITIONS, b"3")
+    assert (await resolve_partitions(auto)).partitions == 3
+    assert (await resolve_partitions(dataclasses.replace(settings, partitions=5))).partitions == 5, \
+        "a count given is kept, for the start to check (and refuse)"
+    for junk in (b"three", b"0", b"2000"):
+        await redis.set(keys.PARTITIONS, junk)
+        with pytest.raises(PartitionsMismatch, match="not a partition count"):
+            await resolve_partitions(auto)
+    with pytest.raises(ValueError, match="auto"):
+        create_server(auto)  # Store and the dispatcher need the count: resolved first
+
+
+async def test_the_server_process_without_a_count_adopts_the_stored_one(
+        make_app: AppFactory, settings: Settings) -> None:
+    await make_app()  # stores settings.partitions (2), which neither auto default would pick
+    where = ["--redis-cluster", settings.redis_cluster] if settings.redis_cluster else ["--redis-url", settings.redis_url]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--http-listen", "", *where,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"listening on" in line, line
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert f"redis {where[1]}, {settings.partitions} partition(s))".encode() in err, err[-2000:]
 
 
 async def run_server(settings: Settings, *flags: str) -> tuple[int | None, bytes, bytes]:
@@ -135,5 +182,5 @@ def test_help_documents_every_flag_from_its_settings_comment(capsys: pytest.Capt
         Settings.load(["--help"], env={})
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "--partitions PARTITIONS Shards" in out and "(default: 4)" in out, out[:500]
+    assert "--partitions PARTITIONS Shards" in out and "(default: 0)" in out and "0 (auto)" in out, out[:500]
     assert "LINGUA_REDIS_URL" in out and "--tls-key TLS_KEY see --tls-cert (default: none)" in out

