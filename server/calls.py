@@ -13,6 +13,16 @@ from typing import Any
 from . import buckets, keys
 from .scripts import Call
 
+# The most jobs one call of a script for several jobs takes (submit_job, claim_job, finish_job, forget_job): a Submit's
+# jobs of a partition go in calls of this many, so no call holds Redis for long (a batch may be --max-batch, 500).
+CALL_JOBS = 100
+
+
+def _bounded(script: str, jobs: Any) -> None:
+    """The builders of calls for several jobs take 1 to CALL_JOBS of them (callers chunk)."""
+    if not 0 < len(jobs) <= CALL_JOBS:
+        raise ValueError(f"{script}: 1 to {CALL_JOBS} jobs per call, not {len(jobs)}")
+
 
 def _job(job_id: str) -> tuple[keys.JobKeys, keys.PartitionKeys, str]:
     return keys.JobKeys.of(job_id), *_partition(keys.tag_of(job_id))
@@ -67,6 +77,7 @@ class SubmitJob:
 def submit_call(jobs: list[SubmitJob]) -> Call:
     """One submit_job call for `jobs` of one partition (same tag; the settings-wide fields of the first
     stand for all): its reply is one reply per job, in order."""
+    _bounded("submit_job", jobs)
     first = jobs[0]
     _, pk, wake = _job(first.job_id)
     shard, sk = _shard(first.job_id)
@@ -97,6 +108,7 @@ class ClaimJob:
 def claim_call(claims: list[ClaimJob]) -> Call:
     """One claim_job call for `claims` of one partition (same tag; the settings-wide fields of the first
     stand for all): its reply is one reply per claim, in order (an error reply in place of a claim that failed)."""
+    _bounded("claim_job", claims)
     first = claims[0]
     _, pk, _ = _job(first.job_id)
     names = [pk.queue, pk.timers, pk.affinity, pk.affinity_at, pk.fair, pk.queued, pk.held, pk.paused]
@@ -164,6 +176,7 @@ class FinishJobs:
     jobs: tuple[FinishJob, ...]
 
     def call(self) -> Call:
+        _bounded("finish_job", self.jobs)
         first = self.jobs[0]
         shard, _ = _shard(first.job_id)
         done_key, done_expiry = buckets.done(shard, buckets.now_ms(), first.retention_ms)
@@ -289,6 +302,7 @@ class ForgetJob:
 
 def forget_call(forgets: list[ForgetJob]) -> Call:
     """One forget_job call for `forgets` of one shard: its reply is one reply per job, in order."""
+    _bounded("forget_job", forgets)
     shard, _ = _shard(forgets[0].job_id)
     names = [keys.shard_timers(shard)]
     argv: list[Any] = []

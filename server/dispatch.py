@@ -164,8 +164,9 @@ class Dispatcher:
         if not self._tasks:
             return  # never started, or stopped already
         self._tasks[0].cancel()  # the subscription only waits for messages: cancelling it is safe
-        if self._subscriber is not None:
+        if self._subscriber is not None:  # a round of SUBSCRIBEs: cancelled and awaited with the others
             self._subscriber.cancel()
+            self._tasks.append(self._subscriber)
         await finish(self._tasks)
         self._tasks = []
 

@@ -33,6 +33,7 @@ from ..fsm import (
 )
 from . import keys, wire
 from .calls import (
+    CALL_JOBS,
     ClaimJob,
     Fence,
     FinishJob,
@@ -71,9 +72,6 @@ from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 _junk_timers = ThrottledWarning(log, interval_s=10)  # a bad writer's members would come every sweep
-# The most jobs one call of a script for several jobs takes (submit_job, claim_job, finish_job, forget_job): a Submit's
-# jobs of a partition go in calls of this many, so no call holds Redis for long (a batch may be --max-batch, 500).
-CALL_JOBS = 100
 
 
 def _s(value: bytes | None) -> str:

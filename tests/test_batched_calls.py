@@ -12,7 +12,7 @@ from helpers import spec
 from lingua_scheduler.fsm import Event
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server import store as store_module
-from lingua_scheduler.server.calls import Fence, FinishJob, FinishJobs, Outcome
+from lingua_scheduler.server.calls import CALL_JOBS, Fence, FinishJob, FinishJobs, Outcome
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.settings import Settings
 from lingua_scheduler.server.store import Lease, Store
@@ -231,3 +231,7 @@ def test_a_finish_call_takes_jobs_of_one_shard_and_one_retention_only() -> None:
     for other in (job(2), job(1, retention_ms=1)):
         with pytest.raises(ValueError, match="one shard and one retention"):
             FinishJobs((job(1), other)).call()
+    assert len(FinishJobs(tuple(job(1) for _ in range(CALL_JOBS))).call().keys) == 2 + 7 * CALL_JOBS
+    for count in (0, CALL_JOBS + 1):  # callers chunk: a call holds Redis for at most CALL_JOBS jobs
+        with pytest.raises(ValueError, match=f"1 to {CALL_JOBS} jobs per call, not {count}"):
+            FinishJobs(tuple(job(1) for _ in range(count))).call()
