@@ -263,30 +263,28 @@ class PartitionsMismatch(RuntimeError):
 
 
 AUTO_PARTITIONS = 1  # --partitions 0 (auto) on one Redis, standalone or Sentinel, that holds no count yet
-AUTO_CLUSTER_PARTITIONS = 4  # ... and on a Redis Cluster
+AUTO_PER_PRIMARY = 4  # ... and on a Redis Cluster, per primary (docs/deployment.md, "How many partitions")
 
 
 async def resolve_partitions(settings: Settings) -> Settings:
-    """Settings with --partitions 0 (auto, the default) replaced by a count: the one the first instance
-    stored in Redis, else 1 on one Redis (partitions only split its work among more Lua calls there) and
-    4 on a Redis Cluster (spread over its primaries). A count given is kept: check_partitions checks it.
+    """Settings with --partitions 0 (auto, the default) replaced by a count: the one stored in Redis, else
+    this topology's, stored at once (SET NX, as check_partitions does) so that instances starting together
+    agree: 1 on one Redis (partitions only split its work among more Lua calls there), 4 per primary on a
+    Redis Cluster. A count given is kept: check_partitions checks it at the start.
 
-    One read through a client of its own (Store and the dispatcher are built with the count)."""
+    Through a client of its own: Store and the dispatcher are built with the count."""
     if settings.partitions:
         return settings
     client = connect_redis(settings)
     try:
-        stored = await client.get(keys.PARTITIONS)
+        if settings.redis_cluster:
+            await client.initialize()
+            wanted = min(1024, AUTO_PER_PRIMARY * max(1, len(client.get_primaries())))
+        else:
+            wanted = AUTO_PARTITIONS
+        count = await store_partitions(client, wanted)
     finally:
         await close_redis(client)
-    if stored is None:
-        count = AUTO_CLUSTER_PARTITIONS if settings.redis_cluster else AUTO_PARTITIONS
-    elif stored.isdigit() and 1 <= int(stored) <= 1024:
-        count = int(stored)
-    else:
-        raise PartitionsMismatch(f"key {keys.PARTITIONS} holds {stored!r}, not a partition count (1 to 1024): "
-                                 "set it right or delete it, as docs/deployment.md (\"Changing the partition count\") "
-                                 "describes")
     return dataclasses.replace(settings, partitions=count)
 
 
@@ -294,9 +292,20 @@ async def check_partitions(client: Any, partitions: int) -> None:
     """Store the partition count at first start (SET NX); PartitionsMismatch when Redis holds another.
 
     Job ids carry their partition, so instances that disagree split one idempotency key over two
-    partitions and never sweep each other's partitions. The key layout is stored with it: a Redis
-    holding jobs of the earlier layout (per-pool timers, `{src:tgt:p}` ids) is refused too."""
-    wanted = str(partitions).encode()
+    partitions and never sweep each other's partitions."""
+    stored = await store_partitions(client, partitions)
+    if stored != partitions:
+        raise PartitionsMismatch(
+            f"--partitions is {partitions} but this Redis is laid out in {stored} partition(s) (key "
+            f"{keys.PARTITIONS}, set by the first instance): start every instance with --partitions {stored} (or "
+            "without --partitions, which adopts it), or change the count as docs/deployment.md (\"Changing the "
+            "partition count\") describes")
+
+
+async def store_partitions(client: Any, wanted: int) -> int:
+    """The partition count stored in Redis, after storing `wanted` where none is (SET NX). The key layout
+    is checked and stored first: a Redis holding jobs of the earlier layout (per-pool timers,
+    `{src:tgt:p}` ids) is refused (PartitionsMismatch), as is a stored count that is not one."""
     layout = await client.get(keys.LAYOUT)
     if layout is None and await client.get(keys.PARTITIONS) is not None:
         # This version sets the layout before the count: an instance starting beside this one may have
@@ -309,17 +318,16 @@ async def check_partitions(client: Any, partitions: int) -> None:
             f"{keys.LAYOUT_VERSION!r}: let those jobs finish with the version that wrote them, then start this "
             "version on an empty Redis (or another key prefix); see docs/deployment.md")
     await client.set(keys.LAYOUT, keys.LAYOUT_VERSION, nx=True)
-    while not await client.set(keys.PARTITIONS, wanted, nx=True):
+    while not await client.set(keys.PARTITIONS, str(wanted), nx=True):
         stored = await client.get(keys.PARTITIONS)
         if stored is None:
             continue  # deleted between the two calls: try to set it again
-        if stored != wanted:
+        if not (stored.isdigit() and stored == str(int(stored)).encode() and 1 <= int(stored) <= 1024):
             raise PartitionsMismatch(
-                f"--partitions is {partitions} but this Redis is laid out in {stored.decode(errors='replace')} "
-                f"partition(s) (key {keys.PARTITIONS}, set by the first instance): start every instance with "
-                f"--partitions {stored.decode(errors='replace')} (or without --partitions, which adopts it), or "
-                "change the count as docs/deployment.md (\"Changing the partition count\") describes")
-        return
+                f"key {keys.PARTITIONS} holds {stored!r}, not a partition count (1 to 1024): set it right, as "
+                "docs/deployment.md (\"Changing the partition count\") describes")
+        return int(stored)
+    return wanted
 
 
 @dataclass

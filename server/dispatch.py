@@ -722,9 +722,11 @@ class Dispatcher:
 
     async def my_shards(self) -> list[int]:
         """The shards this instance sweeps: those whose number modulo the live instance count is its
-        rank among them (refreshed every --instance-heartbeat-ms; all of them when Redis cannot say)."""
+        rank among them (refreshed every --instance-heartbeat-ms, with the stored partition count:
+        Store.keep_partitions; all of them when Redis cannot say)."""
         if time.monotonic() - self._shared_at >= self.settings.instance_heartbeat_ms / 1000:
             live = await self.store.share_sweep(self.settings.instance_id, self._live_ms())
+            await self.store.keep_partitions()
             me = self.settings.instance_id
             rank, count = (live.index(me), len(live)) if me in live else (0, 1)
             self._shards = [s for s in range(self.settings.partitions) if s % count == rank]

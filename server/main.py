@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisClusterException, RedisError
+
 from . import logs, tracing, workers
 from .app import ListenError, PartitionsMismatch, check_redis, close_redis, create_server, resolve_partitions
 from .auth import AuthKeyError
@@ -148,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AuthKeyError, TenantConfigError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 2
+    except (RedisError, RedisClusterException) as err:  # unreachable, refused credentials, no master...
+        where = _redacted(settings.redis_cluster or settings.redis_sentinel or settings.redis_url)
+        print(f"lingua-scheduler: cannot use Redis at {where}: {type(err).__name__}: {err} (--redis-url, --redis-cluster or "
+              "--redis-sentinel; credentials: docs/deployment.md)", file=sys.stderr)
+        return 1
     finally:
         if embedded is not None:
             embedded.stop()

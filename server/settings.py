@@ -65,7 +65,7 @@ class Settings:
     # Shards ("partitions") the jobs of every pool are spread over, by session. Every instance must use
     # the same number (it decides job ids' hash tags; the first instance stores it in Redis); on a Redis
     # Cluster, several per master. 0 (auto): the count stored in Redis, else 1 on one Redis (standalone
-    # or Sentinel) and 4 on a Redis Cluster (docs/deployment.md, "How many partitions").
+    # or Sentinel) and 4 per primary on a Redis Cluster (docs/deployment.md, "How many partitions").
     partitions: int = 0
     # How long a finished job's record and result stay readable.
     retention_ms: int = 3_600_000

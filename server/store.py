@@ -730,6 +730,14 @@ class Store:
             replies = await pipe.execute()
         return [_s(m) for members in replies for m in members]
 
+    async def keep_partitions(self) -> None:
+        """Store the key layout and this instance's partition count again where Redis lost them (a restart
+        without persistence, a flush) while instances ran, so that an instance starting then adopts this
+        count (server/app.py resolve_partitions) instead of picking its own. Never overwrites (SET NX);
+        the layout first, as at the start."""
+        await self.redis.set(keys.LAYOUT, keys.LAYOUT_VERSION, nx=True)
+        await self.redis.set(keys.PARTITIONS, str(self.settings.partitions), nx=True)
+
     async def share_sweep(self, instance_id: str, live_ms: int, *, alive: bool = True) -> list[str]:
         """Record this instance's sign of life (or its leaving); the live instances, sorted."""
         reply = await self.scripts.call(self.redis, ShareSweep(instance_id, live_ms, alive).call())

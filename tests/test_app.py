@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import AppFactory
+from helpers import until
 from lingua_scheduler.server import keys
 from lingua_scheduler.server.app import (
     PartitionsMismatch,
@@ -80,20 +81,64 @@ async def test_the_server_process_prints_the_mismatch_and_exits(make_app: AppFac
 
 async def test_without_a_count_an_instance_adopts_the_stored_one_else_its_topologys(
         settings: Settings, redis: Any) -> None:
-    """--partitions 0 (auto, the default): the count Redis holds, else 1 on one Redis and 4 on a cluster."""
+    """--partitions 0 (auto, the default): the count Redis holds, else 1 on one Redis and 4 per primary on a
+    cluster, stored at once (instances starting together agree)."""
     auto = dataclasses.replace(settings, partitions=0)
-    assert (await resolve_partitions(auto)).partitions == (4 if settings.redis_cluster else 1)  # an empty Redis
-    assert await redis.get(keys.PARTITIONS) is None, "resolving stores nothing: the start does (check_partitions)"
+    picked = 4 * 3 if settings.redis_cluster else 1  # the test cluster has 3 primaries
+    assert (await resolve_partitions(auto)).partitions == picked  # an empty Redis
+    assert await redis.get(keys.PARTITIONS) == str(picked).encode() and await redis.get(keys.LAYOUT)
     await redis.set(keys.PARTITIONS, b"3")
     assert (await resolve_partitions(auto)).partitions == 3
     assert (await resolve_partitions(dataclasses.replace(settings, partitions=5))).partitions == 5, \
         "a count given is kept, for the start to check (and refuse)"
-    for junk in (b"three", b"0", b"2000"):
+    for junk in (b"three", b"0", b"2000", b"04", b"4 "):
         await redis.set(keys.PARTITIONS, junk)
         with pytest.raises(PartitionsMismatch, match="not a partition count"):
             await resolve_partitions(auto)
+        with pytest.raises(PartitionsMismatch, match="not a partition count"):
+            await check_partitions(redis, 4)
     with pytest.raises(ValueError, match="auto"):
         create_server(auto)  # Store and the dispatcher need the count: resolved first
+
+
+async def test_an_instance_without_a_count_never_loses_a_race_to_one_with_a_count(
+        settings: Settings, redis: Any) -> None:
+    """Started together on an empty Redis, one given --partitions 4 and one auto: whichever stores first,
+    the auto one adopts what is stored (the one given 4 is refused only when 1 was stored first)."""
+    auto = dataclasses.replace(settings, partitions=0)
+    for _ in range(10):
+        await redis.delete(keys.LAYOUT, keys.PARTITIONS)
+        given, resolved = await asyncio.gather(check_partitions(redis, 4), resolve_partitions(auto),
+                                               return_exceptions=True)
+        assert isinstance(resolved, Settings), resolved
+        stored = int(await redis.get(keys.PARTITIONS))
+        assert resolved.partitions == stored
+        assert given is None if stored == 4 else isinstance(given, PartitionsMismatch), (stored, given)
+
+
+async def test_running_instances_store_their_count_again_when_redis_lost_it(
+        make_app: AppFactory, settings: Settings, redis: Any) -> None:
+    """A Redis restarted without its data while instances run: they store the layout and their count
+    again (every --instance-heartbeat-ms), so an instance started then adopts theirs, not its own pick."""
+    await make_app(instance_heartbeat_ms=50)
+    await redis.delete(keys.LAYOUT, keys.PARTITIONS)
+    await until(lambda: redis.exists(keys.PARTITIONS), what="the count stored again")
+    assert await redis.get(keys.LAYOUT) == keys.LAYOUT_VERSION.encode()
+    assert (await resolve_partitions(dataclasses.replace(settings, partitions=0))).partitions == settings.partitions
+
+
+async def test_the_server_process_says_when_redis_cannot_be_reached() -> None:
+    """Unreachable at the start (auto reads the count before anything else): a line naming the address, exit 1."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{unused.getsockname()[1]}/0"  # bound, never listening: refused
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lingua_scheduler.server", "--listen", "127.0.0.1:0", "--redis-url", url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1 and b"listening on" not in out, (out, err)
+    assert f"cannot use Redis at {url}: ConnectionError".encode() in err, err
+    assert b"Traceback" not in err, err
 
 
 async def test_the_server_process_without_a_count_adopts_the_stored_one(
