@@ -282,9 +282,11 @@ async def resolve_partitions(settings: Settings) -> Settings:
             wanted = min(1024, AUTO_PER_PRIMARY * max(1, len(client.get_primaries())))
         else:
             wanted = AUTO_PARTITIONS
-        count = await store_partitions(client, wanted)
+        count, new = await store_partitions(client, wanted)
     finally:
         await close_redis(client)
+    log.info("--partitions auto: %d, %s", count, "this topology's count for a new deployment, now stored in Redis"
+             if new else "the count stored in Redis by the first instance")
     return dataclasses.replace(settings, partitions=count)
 
 
@@ -293,17 +295,18 @@ async def check_partitions(client: Any, partitions: int) -> None:
 
     Job ids carry their partition, so instances that disagree split one idempotency key over two
     partitions and never sweep each other's partitions."""
-    stored = await store_partitions(client, partitions)
+    stored, _ = await store_partitions(client, partitions)
     if stored != partitions:
         raise PartitionsMismatch(
-            f"--partitions is {partitions} but this Redis is laid out in {stored} partition(s) (key "
+            f"--partitions (LINGUA_PARTITIONS) is {partitions} but this Redis is laid out in {stored} partition(s) (key "
             f"{keys.PARTITIONS}, set by the first instance): start every instance with --partitions {stored} (or "
             "without --partitions, which adopts it), or change the count as docs/deployment.md (\"Changing the "
             "partition count\") describes")
 
 
-async def store_partitions(client: Any, wanted: int) -> int:
-    """The partition count stored in Redis, after storing `wanted` where none is (SET NX). The key layout
+async def store_partitions(client: Any, wanted: int) -> tuple[int, bool]:
+    """The partition count stored in Redis, after storing `wanted` where none is (SET NX), and whether this
+    call stored it. The key layout
     is checked and stored first: a Redis holding jobs of the earlier layout (per-pool timers,
     `{src:tgt:p}` ids) is refused (PartitionsMismatch), as is a stored count that is not one."""
     layout = await client.get(keys.LAYOUT)
@@ -326,8 +329,8 @@ async def store_partitions(client: Any, wanted: int) -> int:
             raise PartitionsMismatch(
                 f"key {keys.PARTITIONS} holds {stored!r}, not a partition count (1 to 1024): set it right, as "
                 "docs/deployment.md (\"Changing the partition count\") describes")
-        return int(stored)
-    return wanted
+        return int(stored), False
+    return wanted, True
 
 
 @dataclass

@@ -364,6 +364,7 @@ async def test_ctrl_c_in_a_terminal_leaves_the_embedded_redis_up_until_the_serve
     assert proc.returncode == 0, err[-2000:]
     lines = err.decode().splitlines()
     assert any("listening on" in x and "1 partition(s)" in x for x in lines), lines
+    assert any("--partitions auto: 1, this topology's count for a new deployment" in x for x in lines), lines
     assert lines[-1].endswith("lingua_scheduler: stopped"), lines[-3:]
     log = (tmp_path / "redis.log").read_text()
     assert "Received SIGINT" not in log, log[-2000:]
