@@ -306,9 +306,8 @@ async def check_partitions(client: Any, partitions: int) -> None:
 
 async def store_partitions(client: Any, wanted: int) -> tuple[int, bool]:
     """The partition count stored in Redis, after storing `wanted` where none is (SET NX), and whether this
-    call stored it. The key layout
-    is checked and stored first: a Redis holding jobs of the earlier layout (per-pool timers,
-    `{src:tgt:p}` ids) is refused (PartitionsMismatch), as is a stored count that is not one."""
+    call stored it. The key layout is checked and stored first: a Redis holding jobs of the earlier layout
+    (per-pool timers, `{src:tgt:p}` ids) is refused (PartitionsMismatch), as is a stored count that is not one."""
     layout = await client.get(keys.LAYOUT)
     if layout is None and await client.get(keys.PARTITIONS) is not None:
         # This version sets the layout before the count: an instance starting beside this one may have

@@ -17,7 +17,7 @@ import redis
 from certs import CA
 from conftest import FAST
 from helpers import pair, spec, watch_until
-from lingua_scheduler.server.app import check_redis, connect_redis, create_server
+from lingua_scheduler.server.app import check_redis, connect_redis, create_server, resolve_partitions
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.settings import Settings
 from lingua_sdk import pb, pb_grpc
@@ -76,7 +76,8 @@ async def lifecycle(settings: Settings) -> None:
 
 
 async def _lifecycle(settings: Settings) -> None:
-    app = create_server(settings)
+    # The partition count by auto, so that its read and store go through the same user and transport.
+    app = create_server(await resolve_partitions(dataclasses.replace(settings, partitions=0)))
     assert await check_redis(app.redis) is not None
     await app.start()
     try:

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from conftest import FAST
 from helpers import pair, spec
-from lingua_scheduler.server.app import create_server
+from lingua_scheduler.server.app import create_server, resolve_partitions
 from lingua_scheduler.server.embedded import EmbeddedRedis, redis_server_binary
 from lingua_scheduler.server.settings import Settings
 from lingua_sdk import pb, pb_grpc
@@ -45,8 +45,10 @@ def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 async def test_scheduler_through_sentinel(sentinel: str) -> None:
-    app = create_server(Settings(listen="127.0.0.1:0", redis_sentinel=sentinel, redis_sentinel_master="lingua",
-                                 **FAST))  # type: ignore[arg-type]
+    settings = Settings(listen="127.0.0.1:0", redis_sentinel=sentinel, redis_sentinel_master="lingua",
+                        **{**FAST, "partitions": 0})  # type: ignore[arg-type]
+    app = create_server(await resolve_partitions(settings))  # auto through Sentinel: one Redis, 1 partition
+    assert app.settings.partitions == 1
     await app.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
