@@ -318,7 +318,8 @@ async def store_partitions(client: Any, wanted: int) -> tuple[int, bool]:
         raise PartitionsMismatch(
             f"this Redis holds jobs in the key layout {layout.decode(errors='replace')!r}, not "
             f"{keys.LAYOUT_VERSION!r}: let those jobs finish with the version that wrote them, then start this "
-            "version on an empty Redis (or another key prefix); see docs/deployment.md")
+            "version on an empty Redis (or another key prefix); see docs/deployment.md. (A Redis that never ran "
+            f"an earlier release but lost only this key: SET {keys.LAYOUT} {keys.LAYOUT_VERSION})")
     await client.set(keys.LAYOUT, keys.LAYOUT_VERSION, nx=True)
     while not await client.set(keys.PARTITIONS, str(wanted), nx=True):
         stored = await client.get(keys.PARTITIONS)

@@ -145,6 +145,7 @@ class Dispatcher:
         self._listen_errors = ThrottledWarning(log, interval_s=10)
         self._dispatch_errors = ThrottledWarning(log, interval_s=10)
         self._release_errors = ThrottledWarning(log, interval_s=10)
+        self._layout_errors = ThrottledWarning(log, interval_s=60, level=logging.ERROR)
         self.tracing: Tracing | None = None  # set by the app when tracing is on (server/tracing.py)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -725,8 +726,19 @@ class Dispatcher:
         rank among them (refreshed every --instance-heartbeat-ms, with the stored partition count:
         Store.keep_partitions; all of them when Redis cannot say)."""
         if time.monotonic() - self._shared_at >= self.settings.instance_heartbeat_ms / 1000:
+            try:  # first: Redis restarted empty gets the count back before this instance is listed live
+                other = await self.store.keep_partitions()
+            except Exception as err:  # (its key's node down: the sweep goes on; share_sweep tells)
+                other = None
+                self._sweep_errors("storing the partition count again failed: %r", err)
+            if other is not None:
+                self._layout_errors(
+                    "this instance runs with %d partition(s) but Redis now holds %s (key %s): an instance started "
+                    "while Redis had lost the count stored its own; instances that disagree split idempotency keys "
+                    "and refuse each other's job ids: restart the instances whose count differs (docs/deployment.md, "
+                    "\"Changing the partition count\")", self.settings.partitions, other.decode(errors="replace"),
+                    keys.PARTITIONS)
             live = await self.store.share_sweep(self.settings.instance_id, self._live_ms())
-            await self.store.keep_partitions()
             me = self.settings.instance_id
             rank, count = (live.index(me), len(live)) if me in live else (0, 1)
             self._shards = [s for s in range(self.settings.partitions) if s % count == rank]

@@ -13,13 +13,14 @@ With --workers N (N > 1) this process supervises N such processes on one port in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -43,8 +44,24 @@ log = logging.getLogger("lingua_scheduler")
 GC_THRESHOLDS = (50_000, 50, 1_000)  # gen0 allocations, gen1 and gen2 collection counts (gc.set_threshold)
 
 
+class RedisUnusable(RuntimeError):
+    """Redis cannot be used at the start: unreachable, credentials refused, no master, no cluster."""
+
+
+@contextlib.contextmanager
+def _redis_at_start(settings: Settings) -> Iterator[None]:
+    """Redis' errors while starting as one RedisUnusable naming the address (a line, not a traceback)."""
+    try:
+        yield
+    except (RedisError, RedisClusterException) as err:
+        where = _redacted(settings.redis_cluster or settings.redis_sentinel or settings.redis_url)
+        raise RedisUnusable(f"cannot use Redis at {where}: {type(err).__name__}: {err} (check its address and "
+                            "credentials: docs/deployment.md)") from err
+
+
 async def serve(settings: Settings, provider: TracerProvider | None = None) -> None:
-    settings = await resolve_partitions(settings)  # --partitions 0 (auto): what Redis holds, else the topology's
+    with _redis_at_start(settings):  # --partitions 0 (auto): what Redis holds, else the topology's
+        settings = await resolve_partitions(settings)
     app = create_server(settings, tracer_provider=provider)
     if provider is not None:
         log.info("tracing on: exporting spans to %s", ", ".join(tracing.exporters_wanted(os.environ)))
@@ -53,7 +70,13 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
                  ", ".join(f"{k.kid} ({k.algorithm})" for k in app.auth.keys))
     else:
         log.info("authentication off (no --auth-jwt-key): every caller may call everything")
-    for warning in await check_redis(app.redis):
+    try:
+        with _redis_at_start(settings):
+            warnings = await check_redis(app.redis)
+    except BaseException:
+        await close_redis(app.redis)
+        raise
+    for warning in warnings:
         log.warning("%s", warning)
     # Signals are handled before the port is announced: a SIGINT or SIGTERM that follows the "listening on"
     # line at once (a terminal's Ctrl-C, an orchestrator's stop) drains like any other.
@@ -63,7 +86,8 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
     try:
-        await app.start()
+        with _redis_at_start(settings):
+            await app.start()
     except BaseException:
         await close_redis(app.redis)
         raise
@@ -144,17 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvloop.run(serve(settings, provider))
         else:
             asyncio.run(serve(settings, provider))
-    except (PartitionsMismatch, CertificateError, HttpListenError, ListenError) as err:
+    except (PartitionsMismatch, CertificateError, HttpListenError, ListenError, RedisUnusable) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 1
     except (AuthKeyError, TenantConfigError) as err:
         print(f"lingua-scheduler: {err}", file=sys.stderr)
         return 2
-    except (RedisError, RedisClusterException) as err:  # unreachable, refused credentials, no master...
-        where = _redacted(settings.redis_cluster or settings.redis_sentinel or settings.redis_url)
-        print(f"lingua-scheduler: cannot use Redis at {where}: {type(err).__name__}: {err} (--redis-url, --redis-cluster or "
-              "--redis-sentinel; credentials: docs/deployment.md)", file=sys.stderr)
-        return 1
     finally:
         if embedded is not None:
             embedded.stop()

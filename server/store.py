@@ -730,13 +730,21 @@ class Store:
             replies = await pipe.execute()
         return [_s(m) for members in replies for m in members]
 
-    async def keep_partitions(self) -> None:
+    async def keep_partitions(self) -> bytes | None:
         """Store the key layout and this instance's partition count again where Redis lost them (a restart
         without persistence, a flush) while instances ran, so that an instance starting then adopts this
         count (server/app.py resolve_partitions) instead of picking its own. Never overwrites (SET NX);
-        the layout first, as at the start."""
-        await self.redis.set(keys.LAYOUT, keys.LAYOUT_VERSION, nx=True)
-        await self.redis.set(keys.PARTITIONS, str(self.settings.partitions), nx=True)
+        the layout first, as at the start. Two GETs when both are there. Returns the count Redis holds when
+        it is not this instance's (an instance started while Redis had lost it stored its own), else None."""
+        if await self.redis.get(keys.LAYOUT) is None:
+            await self.redis.set(keys.LAYOUT, keys.LAYOUT_VERSION, nx=True)
+        mine = str(self.settings.partitions).encode()
+        stored = await self.redis.get(keys.PARTITIONS)
+        if stored is None:
+            if await self.redis.set(keys.PARTITIONS, mine, nx=True):
+                return None
+            stored = await self.redis.get(keys.PARTITIONS)
+        return None if stored in (mine, None) else stored
 
     async def share_sweep(self, instance_id: str, live_ms: int, *, alive: bool = True) -> list[str]:
         """Record this instance's sign of life (or its leaving); the live instances, sorted."""

@@ -127,6 +127,17 @@ async def test_running_instances_store_their_count_again_when_redis_lost_it(
     assert (await resolve_partitions(dataclasses.replace(settings, partitions=0))).partitions == settings.partitions
 
 
+async def test_a_running_instance_says_when_redis_holds_another_count(
+        make_app: AppFactory, settings: Settings, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis lost the count and an instance started before the running ones stored theirs again: it stored
+    its own. The running ones cannot fix that (SET NX), but say so, as an error, at their next heartbeat."""
+    await make_app(instance_heartbeat_ms=50)
+    await redis.set(keys.PARTITIONS, b"3")  # what that instance stored
+    await until(lambda: any("Redis now holds 3" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records),
+                what="the error logged")
+    assert await redis.get(keys.PARTITIONS) == b"3", "never overwritten"
+
+
 async def test_the_server_process_says_when_redis_cannot_be_reached() -> None:
     """Unreachable at the start (auto reads the count before anything else): a line naming the address, exit 1."""
     with socket.socket() as unused:
