@@ -20,7 +20,7 @@ import pytest
 from conftest import AppFactory
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from helpers import all_keys, spec
+from helpers import all_keys, spec, until
 from lingua_scheduler.server import logs, tracing
 from lingua_scheduler.server.app import App, create_server
 from lingua_scheduler.server.settings import Settings
@@ -217,6 +217,8 @@ async def test_with_tracing_on_a_refusal_keeps_its_rich_status(traced_app: App, 
     violation = error_details_pb2.BadRequest()
     assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert status.details[1].Unpack(violation) and violation.field_violations[0].field == "jobs[0].trace_context"
+    # The server ends the call's span after the status went out: the client may hear it first.
+    await until(lambda: any(s.name.endswith("/Submit") for s in exporter.get_finished_spans()), what="the call's span")
     (rpc,) = [s for s in exporter.get_finished_spans() if s.name.endswith("/Submit")]
     assert not named(exporter, "lingua.submit")  # refused before anything was submitted
     # The call's span records the code (a caller's mistake is not a server error: its status stays unset).
