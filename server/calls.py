@@ -184,9 +184,10 @@ class FinishJobs:
         argv: list[Any] = [first.retention_ms, done_expiry, keys.SESSION_CHANNEL]
         ended: dict[str, str] = {}
         for job in self.jobs:
-            jk, pk, _ = _job(job.job_id)
-            if _shard(job.job_id)[0] != shard or job.retention_ms != first.retention_ms:
+            tag = keys.tag_of(job.job_id)
+            if _shard_of(tag)[0] != shard or job.retention_ms != first.retention_ms:
                 raise ValueError("finish_job: jobs of one shard and one retention per call")
+            jk, pk = keys.JobKeys.of(job.job_id), _partition(tag)[0]
             ended_key = ended.get(job.dest) or ended.setdefault(job.dest, keys.ended_jobs(shard, job.dest))
             o, f = job.outcome, job.fence
             names += [jk.fsm, jk.payload, jk.result, pk.queue, pk.queued, pk.held, ended_key]
@@ -307,9 +308,10 @@ def forget_call(forgets: list[ForgetJob]) -> Call:
     names = [keys.shard_timers(shard)]
     argv: list[Any] = []
     for forget in forgets:
-        _, pk, _ = _job(forget.job_id)
-        if _shard(forget.job_id)[0] != shard:
+        tag = keys.tag_of(forget.job_id)
+        if _shard_of(tag)[0] != shard:
             raise ValueError("forget_job: jobs of one shard per call")
+        pk = _partition(tag)[0]
         names += [pk.jobs, keys.tenant_jobs(shard, forget.tenant_id), keys.ended_jobs(shard, forget.ended)]
         argv += [forget.member, forget.job_id, forget.ended]
     return Call("forget_job", names, argv)

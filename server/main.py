@@ -70,14 +70,6 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
                  ", ".join(f"{k.kid} ({k.algorithm})" for k in app.auth.keys))
     else:
         log.info("authentication off (no --auth-jwt-key): every caller may call everything")
-    try:
-        with _redis_at_start(settings):
-            warnings = await check_redis(app.redis)
-    except BaseException:
-        await close_redis(app.redis)
-        raise
-    for warning in warnings:
-        log.warning("%s", warning)
     # Signals are handled before the port is announced: a SIGINT or SIGTERM that follows the "listening on"
     # line at once (a terminal's Ctrl-C, an orchestrator's stop) drains like any other.
     stop = asyncio.Event()
@@ -87,6 +79,8 @@ async def serve(settings: Settings, provider: TracerProvider | None = None) -> N
     loop.add_signal_handler(signal.SIGHUP, app.reload)
     try:
         with _redis_at_start(settings):
+            for warning in await check_redis(app.redis):
+                log.warning("%s", warning)
             await app.start()
     except BaseException:
         await close_redis(app.redis)
