@@ -17,6 +17,7 @@ from lingua_scheduler.server.app import create_server
 from lingua_scheduler.server.embedded import EmbeddedRedis
 from lingua_scheduler.server.errors import DOMAIN
 from lingua_scheduler.server.settings import Settings
+from lingua_scheduler.server.throttle import ThrottledWarning
 from lingua_sdk import (
     AlreadyExists,
     AsyncClient,
@@ -110,7 +111,11 @@ async def test_streams_carry_the_details(app: Any) -> None:
 
 
 async def test_store_down_is_unavailable_with_a_retry_delay(settings: Settings, tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from lingua_scheduler.server import service
+    # The warning is throttled per process: a store-down logged by an earlier test would hide this one's.
+    monkeypatch.setattr(service, "_store_down", ThrottledWarning(service.log))
     own = EmbeddedRedis(tmp_path, persistent=False).start()  # a Redis of this test alone, to stop
     app = create_server(dataclasses.replace(settings, redis_cluster="", redis_url=own.url, listen="127.0.0.1:0"))
     try:

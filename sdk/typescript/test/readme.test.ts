@@ -35,6 +35,7 @@ test("README TypeScript quick starts: a node serves, a client submits and waits,
   const client = found.get("client.ts");
   const node = found.get("node.ts");
   assert.ok(client && node, `README needs \`\`\`ts client.ts and \`\`\`ts node.ts blocks; found ${[...found.keys()]}`);
+  assert.ok(client.trimEnd().split("\n").length <= 5, "the client quick start is at most 5 lines");
   assert.ok(node.trimEnd().split("\n").length <= 15, "the node quick start is at most 15 lines");
   assert.ok(client.includes(README_TARGET) && node.includes(README_TARGET));
 
