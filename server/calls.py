@@ -64,7 +64,7 @@ class SubmitJob:
     utterance_index: int
     tenant_id: str
     fair_step: int  # wire.fair_step of the tenant's weight
-    keyed: bool  # the identity is the spec's idempotency key (else its utterance and pair: no key of its own)
+    keyed: bool  # the identity is the spec's idempotency key (else its utterance and target language: no key of its own)
     pools_known: int | None = None  # the pool's score in its shard's pools zset, as written lately (rates.Pools)
     session_known: int | None = None  # when the session's index expires, as written or read lately (rates.py)
 

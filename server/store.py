@@ -398,7 +398,7 @@ class Store:
 
         A repeat whose content differs from the job its identity has raises AlreadyExists naming it;
         the other jobs of the batch (before and after it) are stored (a retry of the batch finds them).
-        An identity is per pool: the same key with another pair is another job.
+        An identity is per target language: with another src_lang it is the other pair's job, a conflict.
 
         Tenants with limits (--tenants) are admitted first (server/quotas.py: one more round trip,
         for them only); a refusal raises TenantLimit (or TooLarge) and stores nothing."""
@@ -415,11 +415,15 @@ class Store:
                 self.rates.session_kept(job.session_jobs, int(r[4]))
                 if self.metrics is not None:
                     self.metrics.of_job(job.job_id).submitted.inc()
-        for i, r in enumerate(replies):
+        for i, (job, r) in enumerate(zip(jobs, replies, strict=True)):
             if r[0] == ScriptCode.IDENTITY_CONFLICT:
+                other = keys.pool_of_tag(keys.tag_of(_s(r[1])))
+                if other != keys.pool_of_tag(keys.tag_of(job.job_id)):
+                    raise AlreadyExists(f"jobs[{i}]: job {_s(r[1])} already exists for this identity in pair "
+                                        f"{other} (src_lang differs: an identity is per tgt_lang)")
                 raise AlreadyExists(
                     f"jobs[{i}]: job {_s(r[1])} already exists for this identity with different content "
-                    "(payload, payload_ref, priority, max_attempts or execution_timeout differ)")
+                    "(payload, payload_ref, priority, max_attempts, execution_timeout or utterance_index differ)")
         out = [
             Submitted(_s(r[1]), r[0] == ScriptCode.APPLIED, _s(r[2]) if r[0] == ScriptCode.APPLIED else "")
             for r in replies

@@ -194,11 +194,15 @@ async def test_idempotency_identities_do_not_collide(stub: pb_grpc.SchedulerStub
 async def test_a_repeat_submit_with_other_content_is_already_exists(stub: pb_grpc.SchedulerStub) -> None:
     job_id = await submit(stub, idempotency_key="req-1", priority=1)
     assert await submit(stub, idempotency_key="req-1", priority=1, trace_id="retry-2") == job_id
-    for change in (dict(payload=b"other"), dict(priority=5), dict(max_attempts=7)):
+    for change in (dict(payload=b"other"), dict(priority=5), dict(max_attempts=7), dict(src_lang="ja")):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await submit(stub, **{"idempotency_key": "req-1", "priority": 1, **change})
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, change
         assert job_id in (err.value.details() or "") and "jobs[0]" in (err.value.details() or "")
+    assert "in pair zh:en (src_lang differs" in (err.value.details() or "")
+    # A key is per target language: another one is another job, and its repeat finds it.
+    de = await submit(stub, idempotency_key="req-1", priority=1, tgt_lang="de")
+    assert de != job_id and await submit(stub, idempotency_key="req-1", priority=1, tgt_lang="de") == de
 
 
 async def expire_record(redis: Any, job_id: str) -> None:
@@ -211,7 +215,7 @@ async def expire_record(redis: Any, job_id: str) -> None:
             await redis.pexpireat(key, 1)
 
 
-# Issue 13: the default identity (utterance and pair) is the session's index plus the digest in the
+# Issue 13: the default identity (utterance and target language) is the session's index plus the digest in the
 # record, not a key per job; same answers as with the key.
 async def test_a_default_identity_has_no_key_and_answers_as_before(store: Store, redis: Any) -> None:
     first = spec(session_id="call:7", utterance_index=3)  # session ids may hold ':'
@@ -225,15 +229,19 @@ async def test_a_default_identity_has_no_key_and_answers_as_before(store: Store,
     for change in (dict(payload=b"other"), dict(priority=5), dict(max_attempts=7)):
         with pytest.raises(AlreadyExists, match=re.escape(job.job_id)):
             await store.submit([spec(session_id="call:7", utterance_index=3, **change)])
-    # Per pool: another target or source language is another job; each repeat finds its own.
-    others = [spec(session_id="call:7", utterance_index=3, tgt_lang="de"),
-              spec(session_id="call:7", utterance_index=3, src_lang="ja")]
-    made = await store.submit(others)
-    assert all(m.created for m in made) and len({job.job_id, *(m.job_id for m in made)}) == 3
-    assert [r.job_id for r in await store.submit(others)] == [m.job_id for m in made]
+    # Per target language: another one is another job, and its repeat finds it; another source language
+    # with this target is this identity with other content (issue 8 point 7), in a batch too.
+    (de,) = await store.submit([spec(session_id="call:7", utterance_index=3, tgt_lang="de")])
+    assert de.created and de.job_id != job.job_id
+    assert (await store.submit([spec(session_id="call:7", utterance_index=3, tgt_lang="de")]))[0].job_id == de.job_id
+    for batch in ([spec(session_id="call:7", utterance_index=3, src_lang="ja")],
+                  [spec(session_id="call:7", utterance_index=4), spec(session_id="call:7", utterance_index=3, src_lang="ja")]):
+        with pytest.raises(AlreadyExists, match=re.escape(f"jobs[{len(batch) - 1}]: job {job.job_id}") + ".*in pair zh:en"):
+            await store.submit(batch)
+    assert (await store.submit([spec(session_id="call:7", utterance_index=3, src_lang="ja", tgt_lang="fr")]))[0].created
     # Another session (a prefix of this one's id), another utterance: other identities.
     assert (await store.submit([spec(session_id="call", utterance_index=3)]))[0].created
-    assert (await store.submit([spec(session_id="call:7", utterance_index=4)]))[0].created
+    assert not (await store.submit([spec(session_id="call:7", utterance_index=4)]))[0].created  # the batch's above
     assert await all_keys(redis, keys.PREFIX + "idem:*") == []
 
 
@@ -255,6 +263,13 @@ async def test_explicit_keys_and_default_identities_stay_apart(store: Store, red
     assert (await store.submit([spec(utterance_index=5, idempotency_key="req-5")]))[0].job_id == keyed.job_id
     with pytest.raises(AlreadyExists, match=re.escape(keyed.job_id)):
         await store.submit([spec(utterance_index=5, idempotency_key="req-5", payload=b"other")])
+    # In another source language, the key is the keyed job's and the utterance the default one's: both conflict.
+    with pytest.raises(AlreadyExists, match=re.escape(keyed.job_id)):
+        await store.submit([spec(utterance_index=5, idempotency_key="req-5", src_lang="ja")])
+    with pytest.raises(AlreadyExists, match=re.escape(default.job_id)):
+        await store.submit([spec(utterance_index=5, src_lang="ja")])
+    (other_key,) = await store.submit([spec(utterance_index=5, idempotency_key="req-6", src_lang="ja")])
+    assert other_key.created  # another key: another identity
 
 
 async def test_a_retried_job_keeps_its_identity(store: Store, redis: Any) -> None:

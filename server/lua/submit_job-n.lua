@@ -1,9 +1,10 @@
 --[[
   Creates jobs of one partition (one pool in one shard) in the state submit leads to, or for each job
   returns the job an earlier submit with the same identity made, provided it asked for the same work (same
-  spec digest). An explicit idempotency key is a key of its own; the default identity (utterance and pair)
-  is the session's index plus the digest in the job's record (`dg`): the prelude's identity_in finds either.
-  A repeat inside the call is the call's own earlier job.
+  spec digest). An explicit idempotency key is a key of its own; the default identity (utterance and target
+  language) is the session's index plus the digest in the job's record (`dg`): the prelude's identity_in
+  finds either, and other_pair the identity's job in another source language (a conflict). A repeat inside
+  the call is the call's own earlier job.
 
   One call for a Submit's jobs of a partition (server/store.py groups them): what is per job is its record
   (and payload, explicit identity); the rest is one command per key for the whole call (the queue, the
@@ -66,7 +67,7 @@ local now = now_ms()
 local nowS = string.format("%d", now)  -- numbers go to Redis as integer strings (claim_job-n.lua says why)
 local retention = tonumber(ARGV[2])
 
--- First pass: what the whole call reads once. The default identities' session entries (one ZRANGEBYSCORE
+-- First pass: what the whole call reads once. The session entries at the call's utterances (one ZRANGEBYSCORE
 -- per session, over the utterances of the call, unless they are far apart), the fair-share members (one
 -- ZMSCORE), the bindings (one HMGET).
 local span, fairNames, sessions = {}, {"e"}, {}
@@ -83,11 +84,9 @@ for i = 1, n do
   ask(fairNames, seenFair, "c" .. band)
   ask(fairNames, seenFair, "t" .. band .. ":" .. ARGV[a + 11])
   ask(sessions, seenSession, ARGV[a + 8])
-  if ARGV[a + 13] ~= "1" then
-    local s = span[KEYS[k + 4]] or {}
-    s[#s + 1] = tonumber(ARGV[a + 10])
-    span[KEYS[k + 4]] = s
-  end
+  local s = span[KEYS[k + 4]] or {}
+  s[#s + 1] = tonumber(ARGV[a + 10])
+  span[KEYS[k + 4]] = s
 end
 local atUtterance = {}  -- session key -> utterance -> the session's job ids at it
 for key, us in pairs(span) do
@@ -141,6 +140,9 @@ local function submit(i)
     id, stored = made[idemKey][1], made[idemKey][2]
   elseif keyed then
     id, stored = keyed_job(idemKey)
+    if not id then
+      id, stored = other_pair(idemKey, atUtterance[sessionKey][tonumber(utterance)] or {}, jobId, true)
+    end
   else
     id, stored = identity_in(idemKey, atUtterance[sessionKey][tonumber(utterance)] or {}, jobId)
   end

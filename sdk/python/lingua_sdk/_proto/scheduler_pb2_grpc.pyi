@@ -45,8 +45,9 @@ class SchedulerStub:
     """Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
     the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
     the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
-    priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-    trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
+    priority, max_attempts, execution_timeout, utterance_index, src_lang) is ALREADY_EXISTS naming the
+    job. trace_id and deadline may differ between repeats. Identities are per target language: the same
+    key (or utterance) with another tgt_lang is another job; with another src_lang it is ALREADY_EXISTS.
     The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
     A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
     (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.
@@ -134,8 +135,9 @@ class SchedulerAsyncStub(SchedulerStub):
     """Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
     the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
     the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
-    priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-    trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
+    priority, max_attempts, execution_timeout, utterance_index, src_lang) is ALREADY_EXISTS naming the
+    job. trace_id and deadline may differ between repeats. Identities are per target language: the same
+    key (or utterance) with another tgt_lang is another job; with another src_lang it is ALREADY_EXISTS.
     The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
     A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
     (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.
@@ -226,8 +228,9 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         """Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
         the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
         the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
-        priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-        trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
+        priority, max_attempts, execution_timeout, utterance_index, src_lang) is ALREADY_EXISTS naming the
+        job. trace_id and deadline may differ between repeats. Identities are per target language: the same
+        key (or utterance) with another tgt_lang is another job; with another src_lang it is ALREADY_EXISTS.
         The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
         A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
         (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.

@@ -95,7 +95,7 @@ export type JobSpec = Message<"lingua.scheduler.v1.JobSpec"> & {
   maxAttempts: number;
 
   /**
-   * Client-chosen idempotency key, unique within (tenant_id, session_id, pair). Optional: when
+   * Client-chosen idempotency key, unique within (tenant_id, session_id, tgt_lang). Optional: when
    * empty, tenant_id + session_id + utterance_index + tgt_lang identifies the job.
    *
    * @generated from field: string idempotency_key = 10;
@@ -2124,8 +2124,9 @@ export const Scheduler: GenService<{
    * Submits one or more jobs. Idempotent per job: the same idempotency_key (or, when none is given,
    * the same tenant_id + session_id + utterance_index + tgt_lang) returns the existing job, provided
    * the repeat asks for the same work: a repeat whose content differs (payload or payload_ref,
-   * priority, max_attempts, execution_timeout, utterance_index) is ALREADY_EXISTS naming the job.
-   * trace_id and deadline may differ between repeats. Identities are per pair (src_lang:tgt_lang).
+   * priority, max_attempts, execution_timeout, utterance_index, src_lang) is ALREADY_EXISTS naming the
+   * job. trace_id and deadline may differ between repeats. Identities are per target language: the same
+   * key (or utterance) with another tgt_lang is another job; with another src_lang it is ALREADY_EXISTS.
    * The batch is validated as a whole: one invalid job rejects the batch and nothing is stored.
    * A tenant over a limit of the server's tenants file is RESOURCE_EXHAUSTED with a retry delay
    * (reasons TENANT_RATE_LIMITED, TENANT_QUEUE_FULL): the whole batch is refused, nothing stored.
