@@ -347,6 +347,28 @@ async def test_affinity_bindings_older_than_their_ttl_are_deleted(store: Store, 
     assert await redis.hexists(pk.affinity, keys.session_field("acme", "new-call"))
 
 
+async def test_affinity_keys_expire_a_ttl_after_their_newest_binding(store: Store, redis: Any) -> None:
+    """Only claims delete old bindings: a partition no longer claimed from would keep its bindings for ever,
+    so both keys expire --affinity-ttl-ms after the newest binding (issue 8 point 13)."""
+    ttl = store.settings.affinity_ttl_ms
+    (job,) = await store.submit([spec(session_id="soon-idle")])
+    pk = keys.PartitionKeys.of(keys.tag_of(job.job_id))
+    await store.claim("n1", [(job.job_id, "tok-1")])
+    assert await redis.hexists(pk.affinity, keys.session_field("acme", "soon-idle"))
+    for key in (pk.affinity, pk.affinity_at):
+        assert ttl - 5_000 < await redis.pttl(key) <= ttl, key
+    # As if bound a quarter of the TTL ago: the next claim by its node binds again, and moves them on.
+    field, created = keys.session_field("acme", "soon-idle"), int(await redis.hget(keys.JobKeys.of(job.job_id).fsm, "c"))
+    await redis.hset(pk.affinity, field, f"n1|{created - ttl // 4}")
+    for key in (pk.affinity, pk.affinity_at):
+        await redis.pexpire(key, 10_000)
+    (later,) = await store.submit([spec(session_id="soon-idle", utterance_index=1)])
+    (claim,) = await store.claim("n1", [(later.job_id, "tok-3")])
+    assert claim.code == ScriptCode.APPLIED and (await redis.hget(pk.affinity, field) or b"") > f"n1|{created}".encode()
+    for key in (pk.affinity, pk.affinity_at):
+        assert ttl - 5_000 < await redis.pttl(key) <= ttl, key
+
+
 async def test_a_claim_by_the_bound_node_rewrites_the_binding_only_once_it_is_an_eighth_old(
         store: Store, redis: Any) -> None:
     """The session's binding is rewritten by a claim unless the job prefers the claiming node and the

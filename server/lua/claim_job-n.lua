@@ -25,7 +25,8 @@
     ARGV[2] affinity wait, ms: how long a job is held back for its session's preferred node
     ARGV[3] how many queue heads to return as the next candidates
     ARGV[4] avoid window, ms: how long a requeued job keeps away from the nodes it avoids
-    ARGV[5] affinity time to live, ms: bindings older than this are deleted (by one claim in 8); a claim by
+    ARGV[5] affinity time to live, ms: bindings older than this are deleted (by one claim in 8, and with their
+            keys, which expire this long after their newest binding); a claim by
             the node the job prefers leaves a binding younger than an eighth of it as it is (`pat`)
     then per claim i (a = 5 + 3 * (i - 1)):
     ARGV[a+1] job id (a candidate read from the queue earlier)
@@ -63,6 +64,7 @@ local ackMs, holdMs, avoidMs, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumb
 local claimedTo = {}  -- band -> the highest queue score (pass) the call's claims took from it
 local held, timers, counted = {}, {}, {}  -- written once after the claims: held and timer entries, queued counts
 local sampled = 0  -- claims whose token says "clean the stale bindings"
+local bound = false  -- a binding was written: both affinity keys live a time to live from now (below)
 
 local NONE = {}  -- the candidates of every reply but the call's last (below)
 
@@ -139,6 +141,7 @@ local function claim(fsmKey, payloadKey, jobId, nodeId, token)
   if f[5] ~= nodeId or not f[16] or now - (tonumber(created) - tonumber(f[16])) >= ttl / 8 then
     rcall("HSET", affinityKey, f[7], nodeId .. "|" .. nowS)
     rcall("ZADD", affinityAtKey, nowS, f[7])
+    bound = true
   end
   local dispatched = -1  -- "asg" is the time of the job's latest claim: none before, this is its first
   if not f[12] and created then
@@ -202,7 +205,12 @@ if #held > 0 then
   end
 end
 -- Bindings past their time to live are ignored (lua/submit_job-n.lua); each claim in 8 deletes up to 128
--- of them (in one command for the call).
+-- of them (in one command for the call). The keys expire a time to live after their newest binding, so a
+-- partition no longer claimed from forgets them all, and no binding goes before its time.
+if bound then
+  rcall("PEXPIRE", affinityKey, ttl)
+  rcall("PEXPIRE", affinityAtKey, ttl)
+end
 if sampled > 0 then
   local stale = rcall("ZRANGEBYSCORE", affinityAtKey, "-inf", now - ttl, "LIMIT", 0, 128 * sampled)
   if #stale > 0 then
