@@ -55,6 +55,9 @@ SCHEDULER = "lingua.scheduler.v1.Scheduler"
 # Services anyone may call: load balancers probe health, and `grpcurl list` needs reflection.
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                            "grpc.reflection.v1.ServerReflection"})
+# How far ahead of this host a token's issuer's clock may be: a token whose `nbf` (or `iat`) is up to this
+# far in the future is valid already. `exp` gets no such grace, so a token never lives longer than it says.
+CLOCK_SKEW_S = 60.0
 MIN_SECRET_BYTES = 32  # HS256 secrets shorter than its hash are guessable (RFC 7518 section 3.2)
 # A key file's name says its type: a public key can never be taken for a secret, or the reverse.
 SECRET_SUFFIXES = (".secret", ".hs256")
@@ -419,15 +422,21 @@ class Verifier:
         if not keys:
             raise Unauthenticated("authorization: no configured key verifies this token (kid or alg unknown)")
         for key in keys:
-            try:
+            try:  # nbf is checked below with CLOCK_SKEW_S; iat says when it was made, not when it is valid
                 claims = jwt.decode(token, key.material, algorithms=[key.algorithm], audience=self.audience,
-                                    issuer=self.issuer, options={"require": ["exp"]})
+                                    issuer=self.issuer,
+                                    options={"require": ["exp"], "verify_iat": False, "verify_nbf": False})
             except jwt.InvalidSignatureError:
                 continue  # another key of the same algorithm may have signed it
             except jwt.ExpiredSignatureError:
                 raise Unauthenticated("authorization: the token has expired") from None
             except jwt.InvalidTokenError as err:  # missing exp, wrong aud/iss, bad encoding, ...
                 raise Unauthenticated(f"authorization: invalid token ({err})") from None
+            nbf = claims.get("nbf")
+            if nbf is not None and (not isinstance(nbf, int | float) or isinstance(nbf, bool)):
+                raise Unauthenticated("authorization: invalid token (nbf is not a number)")
+            if nbf is not None and nbf > time.time() + CLOCK_SKEW_S:
+                raise Unauthenticated("authorization: the token is not valid yet (nbf)")
             return Caller.of(claims, key.kid)
         raise Unauthenticated("authorization: the token's signature does not verify")
 

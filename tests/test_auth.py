@@ -131,6 +131,8 @@ def bad_tokens(keys: Path) -> dict[str, str | None]:
         "unsigned (alg none)": jwt.encode(good, None, "none"),
         "bad role": jwt.encode({"role": "root", "exp": now + 60}, SECRET, "HS256"),
         "client without tenants": jwt.encode({"role": "client", "exp": now + 60}, SECRET, "HS256"),
+        "not valid yet": jwt.encode({**good, "nbf": now + 600}, SECRET, "HS256"),
+        "nbf not a number": jwt.encode({**good, "nbf": "soon"}, SECRET, "HS256"),
     }
 
 
@@ -341,6 +343,21 @@ async def test_expired_token_closes_an_open_stream(keys: Path, connect: Callable
     assert await stream_code(watch) == grpc.StatusCode.UNAUTHENTICATED
     assert time.time() >= int(soon)  # they ended because the token expired, not before
     assert await code_of(client.GetJob(pb.GetJobRequest(job_id=job_id))) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_token_from_an_issuer_whose_clock_is_ahead_is_valid_but_never_past_its_exp(keys: Path) -> None:
+    """A token minted on a host whose clock runs ahead (iat and nbf in this host's future, up to
+    CLOCK_SKEW_S) is valid at once: a token provider renewing just before expiry is not refused. Its exp
+    gets no such grace."""
+    verifier = Verifier([str(keys)])
+    ahead = mint(str(keys / "hs.secret"), "admin", ttl_s=600, now=time.time() + 30)
+    assert verifier.verify(f"Bearer {ahead}").role is Role.ADMIN
+    with_nbf = jwt.encode({"role": "admin", "iat": int(time.time()) + 30, "nbf": int(time.time()) + 30,
+                           "exp": int(time.time()) + 600}, SECRET, "HS256", headers={"kid": "hs"})
+    assert verifier.verify(f"Bearer {with_nbf}").role is Role.ADMIN
+    just_expired = jwt.encode({"role": "admin", "exp": int(time.time()) - 1}, SECRET, "HS256", headers={"kid": "hs"})
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(f"Bearer {just_expired}")
 
 
 def test_verified_tokens_are_cached_until_they_expire(keys: Path) -> None:
