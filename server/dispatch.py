@@ -33,7 +33,7 @@ from .consumers import LocalPool, in_turn, pass_want
 from .consumers import new_lease_token as new_lease_token
 from .errors import ScriptCode, StreamOverflow
 from .settings import Settings
-from .store import Claim, Lease, Store
+from .store import SET_ASIDE_MS, Claim, Lease, Store, is_timer
 from .throttle import ThrottledWarning
 from .tracing import Tracing
 
@@ -751,26 +751,37 @@ class Dispatcher:
         forget, fired = wire.FORGET + ":", 0
         tried: set[str] = set()  # timers fired in this sweep (one left due is not fired again on a re-read)
         while True:
-            due = await self.store.due_timers(shards, int(time.time() * 1000) + 1, SWEEP_READ)
+            now_ms = int(time.time() * 1000)
+            due = await self.store.due_timers(shards, now_ms + 1, SWEEP_READ)
+            # What cannot be acted on (a member no scheduler wrote, a record that fails its script) is set
+            # aside, due again SET_ASIDE_MS later: left at the head of its shard's timers, enough of them would
+            # hold back every timer due after them (each read brings the same first SWEEP_READ).
+            aside = [(key, m) for key, m in due if not is_timer(m)]
+            good = [(key, m) for key, m in due if is_timer(m)] if aside else due
             # Forget timers (one per finished job, due as its record expires) go in one round trip, a call per shard.
-            forgets = [m for m in due if m.startswith(forget)]
-            others = [m for m in due if not m.startswith(forget) and m not in tried]
-            tried.update(others)
+            forgets = [(key, m) for key, m in good if m.startswith(forget)]
+            others = [(key, m) for key, m in good if not m.startswith(forget) and m not in tried]
+            tried.update(m for _, m in others)
             forgot = 0
             if forgets:
                 try:
-                    forgot = len(await self.store.forget(forgets))
+                    forgot = len(await self.store.forget([m for _, m in forgets]))
                 except ResponseError as err:  # must not stop the other timers
-                    self._timer_errors("forget timers failed: %r", err)
-            for member in others:
+                    self._timer_errors("forget timers failed (set aside for %d s): %r", SET_ASIDE_MS // 1000, err)
+                    aside += forgets
+            for key, member in others:
                 try:
                     if await self.store.fire_timer(member) is not None:
                         fired += 1
                 except ResponseError as err:  # one bad record must not stop the timers behind it
-                    self._timer_errors("timer %s failed: %r", member, err)
+                    self._timer_errors("timer %s failed (set aside for %d s): %r", member, SET_ASIDE_MS // 1000, err)
+                    aside.append((key, member))
+            if aside:
+                await self.store.set_aside(aside, now_ms + SET_ASIDE_MS)
             fired += forgot
             # Every finished job has a forget timer: at a high finish rate more may be due than one read per
-            # shard brings. Read again at once while a read brought a shard's worth and its forgets were all
-            # acted on (so each read removes some), so they never hold back the timers due after them.
-            if len(due) < SWEEP_READ or not forgets or forgot < len(forgets):
+            # shard brings. Read again at once while a read brought a shard's worth and each read removes some
+            # (its forgets were all acted on, or some were set aside), so they never hold back the timers due
+            # after them.
+            if len(due) < SWEEP_READ or not (aside or (forgets and forgot == len(forgets))):
                 return fired

@@ -72,6 +72,7 @@ from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 _junk_timers = ThrottledWarning(log, interval_s=10)  # a bad writer's members would come every sweep
+SET_ASIDE_MS = 60_000  # a due timer that cannot be acted on is due again this much later (Store.set_aside)
 
 
 def _s(value: bytes | None) -> str:
@@ -159,14 +160,21 @@ def last_error(h: dict[bytes, bytes]) -> tuple[str, str, bool]:
 
 def _timer(member: str) -> wire.Timer | None:
     """A due timer's member read, or None (logged) for one no scheduler wrote: its kind or its job id (which
-    carries its partition's tag) is not one. Such a member is left where it is, never acted on."""
+    carries its partition's tag) is not one. Such a member is never acted on: the sweep sets it aside
+    (Store.set_aside), where it no longer holds back the timers due after it."""
     try:
         timer = wire.parse_timer(member)
         keys.tag_of(timer.job_id)
     except ValueError:
-        _junk_timers("dropping a timer member no scheduler wrote: %r", member)
+        _junk_timers("ignoring a timer member no scheduler wrote (set aside for %d s): %r", SET_ASIDE_MS // 1000,
+                     member)
         return None
     return timer
+
+
+def is_timer(member: str) -> bool:
+    """Whether a due timer's member is one a scheduler wrote (logged when not: see _timer)."""
+    return _timer(member) is not None
 
 
 def _shard_of_job(job_id: str) -> str:
@@ -725,14 +733,24 @@ class Store:
 
     # -- timers ---------------------------------------------------------------------------------
 
-    async def due_timers(self, shards: list[int], now_ms: int, limit: int = 200) -> list[str]:
-        """Members of timers due by now_ms in the given shards (all their pools), one pipelined round
+    async def due_timers(self, shards: list[int], now_ms: int, limit: int = 200) -> list[tuple[str, str]]:
+        """(key, member) of timers due by now_ms in the given shards (all their pools), one pipelined round
         trip: at most `limit` per shard, so the cost is what is due, not how many keys exist."""
+        timers = self.shard_timers(shards)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key in self.shard_timers(shards):
+            for key in timers:
                 pipe.zrangebyscore(key, "-inf", now_ms, start=0, num=limit)
             replies = await pipe.execute()
-        return [_s(m) for members in replies for m in members]
+        return [(key, _s(m)) for key, members in zip(timers, replies, strict=True) for m in members]
+
+    async def set_aside(self, timers: list[tuple[str, str]], until_ms: int) -> None:
+        """Make these due timers (key, member) due again at until_ms, where they no longer stand before the
+        timers due after them: members no scheduler wrote, timers whose record fails (one round trip).
+        Only members still there, and only later (ZADD XX GT): one moved on meanwhile keeps its time."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, member in timers:
+                pipe.zadd(key, {member: until_ms}, xx=True, gt=True)
+            await pipe.execute()
 
     async def keep_partitions(self) -> bytes | None:
         """Store the key layout and this instance's partition count again where Redis lost them (a restart

@@ -18,12 +18,12 @@ from helpers import all_keys, pair, spec, until
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
 from lingua_scheduler.server.calls import ForgetJob, forget_call
-from lingua_scheduler.server.dispatch import MAX_AVOIDED, Consumer, Dispatcher
+from lingua_scheduler.server.dispatch import MAX_AVOIDED, SWEEP_READ, Consumer, Dispatcher
 from lingua_scheduler.server.errors import AlreadyExists, ScriptCode
 from lingua_scheduler.server.node import Session
 from lingua_scheduler.server.operations import Operations
 from lingua_scheduler.server.settings import Settings
-from lingua_scheduler.server.store import Lease, Store, idempotency_key
+from lingua_scheduler.server.store import SET_ASIDE_MS, Lease, Store, idempotency_key
 from lingua_sdk import pb, pb_grpc
 from redis.exceptions import ResponseError
 from simnode import SimNode
@@ -534,6 +534,26 @@ async def test_junk_timer_members_are_skipped_and_the_other_timers_still_fire(st
     assert await redis.zscore(timers, forget) is None
     assert sorted(m.decode() for m in await redis.zrange(timers, 0, -1) if not m.startswith(b"d:")) == sorted(junk)
     assert await store.forget(junk) == [] and await store.fire_timer(junk[0]) is None
+    now_ms = int(time.time() * 1000)
+    for m in junk:  # set aside: due again a minute on, no longer before the timers due after them
+        assert now_ms + SET_ASIDE_MS - 5_000 < await redis.zscore(timers, m) <= now_ms + SET_ASIDE_MS, m
+
+
+async def test_a_shards_worth_of_timers_that_cannot_fire_does_not_hold_back_the_rest(store: Store, redis: Any) -> None:
+    """More due members than one read brings that cannot be acted on (no scheduler wrote them; a record
+    its script fails on) ahead of a real lease timer: the sweep sets them aside and the lease still fires."""
+    (job,) = await store.submit([spec()])
+    await store.claim("n1", [(job.job_id, "t1")])
+    timers = keys.PartitionKeys.of(keys.tag_of(job.job_id)).timers
+    damaged = keys.tag_of(job.job_id) + "01J0000000000000000000DAMG"
+    await redis.set(keys.JobKeys.of(damaged).fsm, "not a hash")  # its scripts fail: WRONGTYPE
+    await redis.zadd(timers, {f"q:junk-{i}": 1 for i in range(SWEEP_READ + 20)} | {wire.lease_timer(damaged, "t"): 1})
+    await store.touch("n1", [Lease(job.job_id, "t1")], mode="shorten", lease_ms=0)  # due now, after all of them
+    shard = int(keys.shard_of_tag(keys.tag_of(job.job_id)).strip("{}"))
+    await Dispatcher(store, store.settings).sweep_once([shard])
+    assert (await store.record(job.job_id)).state == "queued"
+    assert await redis.zcount(timers, "-inf", int(time.time() * 1000)) == 0  # every one set aside or fired
+    assert await redis.zcard(timers) >= SWEEP_READ + 21  # set aside, not removed
 
 
 async def test_an_index_key_of_another_type_fails_only_the_jobs_with_an_entry_there(store: Store, redis: Any) -> None:
@@ -600,7 +620,6 @@ async def test_two_instances_firing_one_forget_act_once(store: Store, redis: Any
 async def test_a_backlog_of_forgets_is_swept_at_once(redis: Any, settings: Settings) -> None:
     """More forget timers due in a shard than one read brings: the sweep reads again at once, so they do
     not hold back the timers due after them (the lease that ran out here)."""
-    from lingua_scheduler.server.dispatch import SWEEP_READ
 
     store = Store(redis, dataclasses.replace(settings, retention_ms=1))
     seconds, micros = await redis.time()
