@@ -8,6 +8,7 @@ import contextvars
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -756,3 +757,24 @@ async def test_an_idle_node_answers_pings_and_keeps_its_stream(app: Any, caplog:
         assert [n.node_id for n in await client.list_nodes()] == ["idle-1"]
         assert app.nodes.sessions.get("idle-1") is session and node.instance_id == app.settings.instance_id
     assert len([r for r in caplog.records if "registered with instance" in r.getMessage()]) == 1
+
+
+def test_submit_keywords_are_type_checked(tmp_path: Path) -> None:
+    """`submit(**fields)` is typed with JobSpec's fields (JobFields): a type checker flags a misspelt or
+    mistyped field, where `**Any` would pass it on to fail at run time."""
+    user = tmp_path / "user.py"
+    user.write_text(
+        "from lingua_sdk import AsyncClient, Client\n"
+        "with Client('127.0.0.1:1') as c:\n"
+        "    c.submit(tenant='acme', session_id='s', src_lang='zh', tgt_lang='en')\n"
+        "    c.submit(tenant_id='acme', session_id='s', src_lang='zh', tgt_lang='en', priority='high')\n"
+        "    c.submit(tenant_id='acme', session_id='s', src_lang='zh', tgt_lang='en', priority=1, payload=b'x')\n"
+        "async def main(a: AsyncClient) -> None:\n"
+        "    await a.submit(tenant_id='acme', session_id='s', src_lang='zh')\n")
+    import lingua_sdk  # its source (an editable install's import hook is not one mypy follows)
+    done = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "--cache-dir",
+                           str(tmp_path / "cache"), user.name], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "MYPYPATH": str(Path(lingua_sdk.__file__).parent.parent)})
+    errors = [line for line in done.stdout.splitlines() if line.startswith("user.py:") and ": error:" in line]
+    assert [int(line.split(":")[1]) for line in errors] == [3, 4, 7], done.stdout
+    assert '"tenant"' in errors[0] and '"priority"' in errors[1] and '"tgt_lang"' in errors[2], done.stdout

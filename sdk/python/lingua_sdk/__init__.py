@@ -32,6 +32,7 @@ from .models import (
     Job,
     JobError,
     JobEvent,
+    JobFields,
     JobPage,
     JobResult,
     JobSpec,
@@ -49,7 +50,7 @@ from .node import Node
 __all__ = [
     "TLS", "Aborted", "AlreadyExists", "Assignment", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded",
     "FailedPrecondition", "FatalError", "HandlerError", "Internal", "InvalidArgument", "Job", "JobError", "JobEvent",
-    "JobPage", "JobResult", "JobSpec", "JobState", "LinguaError", "ModelUnavailable", "Node", "NodeInfo", "NotFound",
+    "JobFields", "JobPage", "JobResult", "JobSpec", "JobState", "LinguaError", "ModelUnavailable", "Node", "NodeInfo", "NotFound",
     "PermissionDenied", "PoolState", "PoolStats", "ResourceExhausted", "RetryableError", "SessionCancelled",
     "SessionEvent", "Stats", "SubmitResult", "Unauthenticated",
     "Unavailable", "Unimplemented",

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Generator, Iterable, Mapping, Sequen
 from contextlib import aclosing, closing
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 
@@ -25,6 +25,7 @@ from .errors import DeadlineExceeded, Unavailable, from_rpc_error
 from .models import (
     Job,
     JobEvent,
+    JobFields,
     JobPage,
     JobSpec,
     JobState,
@@ -138,7 +139,7 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    async def submit(self, **spec: Any) -> SubmitResult:
+    async def submit(self, **spec: Unpack[JobFields]) -> SubmitResult:
         """Submit one job, given as the keyword fields of a JobSpec."""
         return (await self.submit_many([spec]))[0]
 
@@ -285,7 +286,7 @@ class Client:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    def submit(self, **spec: Any) -> SubmitResult:
+    def submit(self, **spec: Unpack[JobFields]) -> SubmitResult:
         """Submit one job, given as the keyword fields of a JobSpec."""
         return self.submit_many([spec])[0]
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, Required, TypedDict
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -102,6 +102,26 @@ class JobSpec:
         if isinstance(spec, JobSpec):
             return spec.to_proto()
         return cls(**spec).to_proto()
+
+
+class JobFields(TypedDict, total=False):
+    """JobSpec's fields as keywords (`client.submit(tenant_id=..., ...)`), so a type checker sees a
+    misspelt or mistyped field."""
+
+    tenant_id: Required[str]
+    session_id: Required[str]
+    src_lang: Required[str]
+    tgt_lang: Required[str]
+    utterance_index: int
+    payload: bytes
+    payload_ref: str
+    trace_id: str
+    priority: int
+    deadline: datetime | None
+    max_attempts: int
+    idempotency_key: str
+    execution_timeout: timedelta | float | None
+    trace_context: Mapping[str, str]
 
 
 @dataclass(frozen=True, kw_only=True)
