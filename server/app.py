@@ -428,6 +428,10 @@ def create_server(settings: Settings, redis: Any = None, tracer_provider: Any = 
         log.warning("authentication on but TLS off on %s: bearer tokens cross the network in plaintext, where "
                     "anyone on the path can read and replay them; give --tls-cert and --tls-key "
                     "(docs/deployment.md)", settings.listen)
+    if settings.auth_jwt_key and settings.http_listen and not is_local(settings.http_listen):
+        log.warning("authentication on and the dashboard's HTTP port %s is not loopback: it speaks plain HTTP, so "
+                    "an admin token typed into the dashboard crosses the network in the clear; reach it through "
+                    "an SSH tunnel or a proxy that terminates TLS (docs/operations.md)", settings.http_listen)
     certificates = ServerCertificates(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
         if settings.tls_cert else None
     verifier = (Verifier(settings.auth_jwt_key, settings.auth_jwt_audience, settings.auth_jwt_issuer)

@@ -580,6 +580,10 @@ async def test_auth_without_tls_beyond_loopback_warns_naming_tls_cert(
     await make_app(auth_jwt_key=(str(keys),), listen="0.0.0.0:0")
     (warning,) = [r for r in caplog.records if "--tls-cert" in r.getMessage()]
     assert warning.levelno == logging.WARNING and "plaintext" in warning.getMessage()
+    assert "HTTP port" not in caplog.text
+    await make_app(auth_jwt_key=(str(keys),), http_listen="0.0.0.0:0")  # the dashboard: plain HTTP only
+    (warning,) = [r for r in caplog.records if "HTTP port 0.0.0.0:0" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and "in the clear" in warning.getMessage()
 
 
 def test_a_call_outside_the_interceptor_fails_closed() -> None:
