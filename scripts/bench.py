@@ -611,13 +611,18 @@ def span(values: list[float], fmt: str = ".2f") -> str:
     return f"{low:{fmt}}" if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}} to {high:{fmt}}"
 
 
+def ratios(values: list[float]) -> str:
+    """A range of ratios, with its median when there are several (the figure a verdict reads)."""
+    return span(values) if len(values) < 2 else f"{span(values)} (median {statistics.median(values):.2f})"
+
+
 def node_ratio_row(label: str, sdk: list[Run], sim: list[Run]) -> str:
     """One markdown row: SDK Node and simnode lifecycles/s and scheduler CPU, and their ratios (ranges
     over the rounds; round i of one beside round i of the other, which ran next to it)."""
     rate = [a.rate / b.rate for a, b in zip(sdk, sim, strict=True)]
     cpu = [a.sched_cpu_per_1000 / b.sched_cpu_per_1000 for a, b in zip(sdk, sim, strict=True)]
-    return (f"| {label} | {span([r.rate for r in sdk], '.0f')} | {span([r.rate for r in sim], '.0f')} | {span(rate)} | "
-            f"{span([r.sched_cpu_per_1000 for r in sdk])} | {span([r.sched_cpu_per_1000 for r in sim])} | {span(cpu)} |")
+    return (f"| {label} | {span([r.rate for r in sdk], '.0f')} | {span([r.rate for r in sim], '.0f')} | {ratios(rate)} | "
+            f"{span([r.sched_cpu_per_1000 for r in sdk])} | {span([r.sched_cpu_per_1000 for r in sim])} | {ratios(cpu)} |")
 
 
 def security_row(label: str, modes: dict[str, list[Run]]) -> str:
@@ -626,7 +631,7 @@ def security_row(label: str, modes: dict[str, list[Run]]) -> str:
     none = modes["none"]
 
     def ratio(runs: list[Run], attr: str) -> str:
-        return span([getattr(a, attr) / getattr(b, attr) for a, b in zip(runs, none, strict=True)])
+        return ratios([getattr(a, attr) / getattr(b, attr) for a, b in zip(runs, none, strict=True)])
 
     cells = [span([r.rate for r in modes[m]], ".0f") for m in SECURITY]
     cells += [ratio(modes[m], "rate") for m in SECURITY[1:]]
