@@ -57,3 +57,12 @@ async def until(predicate: Any, timeout: float = 20.0, what: str = "condition") 
             return
         assert time.monotonic() < deadline, f"{what} did not hold within {timeout} s"
         await asyncio.sleep(0.01)
+
+
+async def set_maxmemory(redis: Any, value: str) -> None:
+    """CONFIG SET maxmemory on the server, or on every primary of a cluster (a private one: "1" makes
+    every write fail with OOM, "0" ends that)."""
+    if hasattr(redis, "get_primaries"):
+        await redis.execute_command("CONFIG SET", "maxmemory", value, target_nodes=redis.get_primaries())
+    else:
+        await redis.config_set("maxmemory", value)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from conftest import AppFactory
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import all_keys, pair, spec, until
+from helpers import all_keys, pair, set_maxmemory, spec, until
 from lingua_scheduler.server import keys, wire
 from lingua_scheduler.server.app import App, connect_redis
 from lingua_scheduler.server.calls import ForgetJob, forget_call
@@ -163,6 +163,32 @@ async def test_a_late_heartbeat_for_an_earlier_claim_does_not_cancel_the_current
     confirmed = (await next_message(call, "confirmed")).confirmed
     assert [(c.job_id, c.ok, c.state, c.lease_token) for c in confirmed] == [
         (job_id, True, pb.JOB_STATE_SUCCEEDED, second.lease_token)]
+    await call.done_writing()
+
+
+async def test_a_completion_the_store_refused_keeps_its_slot(app: App, stub: pb_grpc.SchedulerStub, redis: Any) -> None:
+    """A completion Redis refuses (out of memory: STORE_UNAVAILABLE) leaves the job in flight on its node:
+    the slot stays taken (no second job beside it on a node of concurrency 1) until the result is stored."""
+    call = stub.NodeSession()
+    await call.write(pb.NodeMessage(register=pb.Register(node_id="solo", max_concurrency=1, pairs=[pair()])))
+    assert (await call.read()).HasField("registered")
+    job_id = await submit(stub)
+    a = (await next_message(call, "assignments")).assignments[0]
+    session = app.nodes.sessions["solo"]
+    assert session.free_slots() == 0
+    done = pb.NodeMessage(acks=[lease(a)], completions=[pb.Completion(lease=lease(a), result=pb.JobResult(text_asr="x"))])
+    await set_maxmemory(redis, "1")  # our private Redis: writes now fail with OOM
+    try:
+        await call.write(done)
+        m = await asyncio.wait_for(call.read(), 10)
+        assert [r.reason for r in m.refused] == ["STORE_UNAVAILABLE"] or m.error, m  # (or the whole call failed)
+        assert session.free_slots() == 0 and session.holds(job_id, a.lease_token)
+    finally:
+        await set_maxmemory(redis, "0")
+    await call.write(done)  # sent again: stored now, and the slot is free
+    confirmed = (await next_message(call, "confirmed")).confirmed
+    assert [(c.job_id, c.state) for c in confirmed] == [(job_id, pb.JOB_STATE_SUCCEEDED)]
+    assert session.free_slots() == 1
     await call.done_writing()
 
 

@@ -20,7 +20,7 @@ import yaml
 from conftest import AppFactory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import spec, until
+from helpers import set_maxmemory, spec, until
 from lingua_scheduler.fsm import MACHINE, Event
 from lingua_scheduler.server.app import App
 from lingua_scheduler.server.metrics import ATTEMPT_OUTCOMES, attempt_ending_events
@@ -228,14 +228,6 @@ async def test_streams_not_counted_by_their_handler_are_counted_message_by_messa
     m = await scrape(app)
     assert value(m, "grpc_server_started_total", **labels) == 1
     assert value(m, "grpc_server_msg_received_total", **labels) == 3
-
-
-async def set_maxmemory(redis: Any, value: str) -> None:
-    """CONFIG SET maxmemory on the server, or on every primary of a cluster."""
-    if hasattr(redis, "get_primaries"):
-        await redis.execute_command("CONFIG SET", "maxmemory", value, target_nodes=redis.get_primaries())
-    else:
-        await redis.config_set("maxmemory", value)
 
 
 async def test_redis_errors_are_counted_by_script_and_class(make_app: AppFactory, redis: Any) -> None:
