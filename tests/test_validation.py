@@ -231,8 +231,8 @@ async def test_junk_on_a_node_stream_is_answered_and_the_stream_and_others_go_on
     for junk in JUNK * 3:
         await junky.write(junk)
         assert (await junky.read()).error == "INVALID_ARGUMENT: request: not a valid NodeMessage"
-    for stream, src in ((junky, "zh"), (other, "ja")):
-        job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(src_lang=src)]))).results[0].job_id
+    for utterance, (stream, src) in enumerate(((junky, "zh"), (other, "ja"))):
+        job_id = (await stub.Submit(pb.SubmitRequest(jobs=[spec(src_lang=src, utterance_index=utterance)]))).results[0].job_id
         got = await stream.read()
         assert [a.job_id for a in got.assignments] == [job_id]
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
