@@ -756,8 +756,9 @@ class Dispatcher:
             # What cannot be acted on (a member no scheduler wrote, a record that fails its script) is set
             # aside, due again SET_ASIDE_MS later: left at the head of its shard's timers, enough of them would
             # hold back every timer due after them (each read brings the same first SWEEP_READ).
-            aside = [(key, m) for key, m in due if not is_timer(m)]
-            good = [(key, m) for key, m in due if is_timer(m)] if aside else due
+            readable = [is_timer(m) for _, m in due]
+            aside = [t for t, ok in zip(due, readable, strict=True) if not ok]
+            good = [t for t, ok in zip(due, readable, strict=True) if ok] if aside else due
             # Forget timers (one per finished job, due as its record expires) go in one round trip, a call per shard.
             forgets = [(key, m) for key, m in good if m.startswith(forget)]
             others = [(key, m) for key, m in good if not m.startswith(forget) and m not in tried]
