@@ -55,8 +55,9 @@ SCHEDULER = "lingua.scheduler.v1.Scheduler"
 # Services anyone may call: load balancers probe health, and `grpcurl list` needs reflection.
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                            "grpc.reflection.v1.ServerReflection"})
-# How far ahead of this host a token's issuer's clock may be: a token whose `nbf` (or `iat`) is up to this
-# far in the future is valid already. `exp` gets no such grace, so a token never lives longer than it says.
+# How far ahead of this host a token's issuer's clock may be: a token whose `nbf` is up to this far in the
+# future is valid already (`iat` is not checked: it says when a token was made, not when it is valid).
+# `exp` gets no such grace, so a token never lives longer than it says.
 CLOCK_SKEW_S = 60.0
 MIN_SECRET_BYTES = 32  # HS256 secrets shorter than its hash are guessable (RFC 7518 section 3.2)
 # A key file's name says its type: a public key can never be taken for a secret, or the reverse.
@@ -326,7 +327,7 @@ class OpenStream:
     def __init__(self, caller: Caller) -> None:
         self.caller = caller
         self.expired = self.revoked = False
-        self._waiting: set[asyncio.Task[Any]] = set()  # tasks in next()
+        self._waiting: dict[asyncio.Task[Any], int] = {}  # tasks in next(), with how many waits each
         self._cancelled: set[asyncio.Task[Any]] = set()  # those the expiry cancelled
         loop = asyncio.get_running_loop()
         self._timer: asyncio.Handle | None = (  # the token's expiry on the event loop's clock
@@ -339,21 +340,23 @@ class OpenStream:
             raise TimeoutError
         task = asyncio.current_task()
         assert task is not None
-        self._waiting.add(task)
+        self._waiting[task] = self._waiting.get(task, 0) + 1
+        cancelling = task.cancelling()  # cancellations of others already pending (as asyncio.timeout counts)
         try:
             return await items.__anext__()
         except asyncio.CancelledError:
             if task in self._cancelled:
                 self._cancelled.discard(task)
-                if task.uncancel() == 0:  # the expiry's cancellation alone: a timeout, not a cancel
+                if task.uncancel() <= cancelling:  # the expiry's cancellation alone: a timeout, not a cancel
                     raise TimeoutError from None
             raise
         finally:
-            self._waiting.discard(task)
+            if (left := self._waiting.pop(task) - 1) > 0:
+                self._waiting[task] = left
 
     def _expire(self) -> None:
         self.expired, self._timer = True, None
-        for task in self._waiting - self._cancelled:
+        for task in self._waiting.keys() - self._cancelled:
             self._cancelled.add(task)
             task.cancel()
 

@@ -6,6 +6,7 @@ Every attack of the issue is a test: each succeeded on a server without authenti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -27,7 +28,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import pair, spec
 from lingua_scheduler.server.app import App
-from lingua_scheduler.server.auth import RULES, Role, Verifier, check_node, expires_in, open_context, tenant_visible
+from lingua_scheduler.server.auth import (
+    RULES,
+    Caller,
+    OpenStream,
+    Role,
+    Verifier,
+    check_node,
+    expires_in,
+    open_context,
+    tenant_visible,
+)
 from lingua_scheduler.server.errors import PermissionDenied, Unauthenticated
 from lingua_scheduler.server.tokens import mint
 from lingua_sdk import pb, pb_grpc
@@ -358,6 +369,47 @@ def test_a_token_from_an_issuer_whose_clock_is_ahead_is_valid_but_never_past_its
     just_expired = jwt.encode({"role": "admin", "exp": int(time.time()) - 1}, SECRET, "HS256", headers={"kid": "hs"})
     with pytest.raises(Unauthenticated, match="expired"):
         verifier.verify(f"Bearer {just_expired}")
+
+
+async def test_an_open_stream_ends_every_wait_at_its_tokens_expiry_and_only_then() -> None:
+    """OpenStream's one timer per stream: waits nested in one task, and a task that swallowed an earlier
+    cancellation, both end with TimeoutError at the expiry; a cancel from elsewhere stays a cancel."""
+    never = asyncio.Event()
+
+    async def idle() -> AsyncIterator[None]:
+        await never.wait()
+        yield None
+
+    def stream(seconds: float) -> OpenStream:
+        return OpenStream(Caller(Role.ADMIN, frozenset({"*"}), ("*",), time.time() + seconds))
+
+    nested = stream(0.1)
+
+    async def outer() -> Any:
+        async def inner() -> AsyncIterator[Any]:
+            yield await nested.next(idle())
+        return await nested.next(inner())
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(outer(), 10)
+    swallowing = stream(0.1)
+
+    async def after_a_swallowed_cancel() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(1)
+        assert task.cancelling() == 1
+        return await swallowing.next(idle())
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(after_a_swallowed_cancel(), 10)
+    waiting = asyncio.ensure_future(stream(60).next(idle()))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
 
 def test_verified_tokens_are_cached_until_they_expire(keys: Path) -> None:
