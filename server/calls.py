@@ -70,7 +70,7 @@ class SubmitJob:
 
     def find(self) -> Call:
         """The read-only lookup of the job this submit's identity has already (find_identity)."""
-        return Call("find_identity", [self.identity, self.session_jobs],
+        return Call("find_identity", [self.identity, self.session_jobs, _shard(self.job_id)[1].pools],
                     [self.job_id, self.utterance_index, "1" if self.keyed else ""])
 
 

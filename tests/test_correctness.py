@@ -290,8 +290,9 @@ async def test_explicit_keys_and_default_identities_stay_apart(store: Store, red
     with pytest.raises(AlreadyExists, match=re.escape(keyed.job_id)):
         await store.submit([spec(utterance_index=5, idempotency_key="req-5", payload=b"other")])
     # In another source language, the key is the keyed job's and the utterance the default one's: both conflict.
-    with pytest.raises(AlreadyExists, match=re.escape(keyed.job_id)):
-        await store.submit([spec(utterance_index=5, idempotency_key="req-5", src_lang="ja")])
+    for utterance in (5, 9):  # the key is the identity: at any utterance
+        with pytest.raises(AlreadyExists, match=re.escape(keyed.job_id) + ".*in pair zh:en"):
+            await store.submit([spec(utterance_index=utterance, idempotency_key="req-5", src_lang="ja")])
     with pytest.raises(AlreadyExists, match=re.escape(default.job_id)):
         await store.submit([spec(utterance_index=5, src_lang="ja")])
     (other_key,) = await store.submit([spec(utterance_index=5, idempotency_key="req-6", src_lang="ja")])

@@ -3,8 +3,8 @@
   returns the job an earlier submit with the same identity made, provided it asked for the same work (same
   spec digest). An explicit idempotency key is a key of its own; the default identity (utterance and target
   language) is the session's index plus the digest in the job's record (`dg`): the prelude's identity_in
-  finds either, and other_pair the identity's job in another source language (a conflict). A repeat inside
-  the call is the call's own earlier job.
+  finds either, and other_pair / other_key the identity's job in another source language (a conflict). A
+  repeat inside the call is the call's own earlier job.
 
   One call for a Submit's jobs of a partition (server/store.py groups them): what is per job is its record
   (and payload, explicit identity); the rest is one command per key for the whole call (the queue, the
@@ -67,7 +67,7 @@ local now = now_ms()
 local nowS = string.format("%d", now)  -- numbers go to Redis as integer strings (claim_job-n.lua says why)
 local retention = tonumber(ARGV[2])
 
--- First pass: what the whole call reads once. The session entries at the call's utterances (one ZRANGEBYSCORE
+-- First pass: what the whole call reads once. The default identities' session entries (one ZRANGEBYSCORE
 -- per session, over the utterances of the call, unless they are far apart), the fair-share members (one
 -- ZMSCORE), the bindings (one HMGET).
 local span, fairNames, sessions = {}, {"e"}, {}
@@ -84,9 +84,11 @@ for i = 1, n do
   ask(fairNames, seenFair, "c" .. band)
   ask(fairNames, seenFair, "t" .. band .. ":" .. ARGV[a + 11])
   ask(sessions, seenSession, ARGV[a + 8])
-  local s = span[KEYS[k + 4]] or {}
-  s[#s + 1] = tonumber(ARGV[a + 10])
-  span[KEYS[k + 4]] = s
+  if ARGV[a + 13] ~= "1" then
+    local s = span[KEYS[k + 4]] or {}
+    s[#s + 1] = tonumber(ARGV[a + 10])
+    span[KEYS[k + 4]] = s
+  end
 end
 local atUtterance = {}  -- session key -> utterance -> the session's job ids at it
 for key, us in pairs(span) do
@@ -122,6 +124,7 @@ end
 -- random, and 5 of the 32 characters a ULID ends with pass this test), once per call (a band's, once per band).
 local sampled, cleaned = false, {}
 local made = {}  -- identity key -> {job id, digest} of a job this call created
+local pools = nil  -- the shard's pools (KEYS[7]'s members), read at the call's first new key
 local out = {}
 local queued, timers, index, wakes = {}, {}, {}, {}
 local sessionAdds, tenantAdds = {}, {}  -- key -> {score, member, ...}
@@ -140,8 +143,9 @@ local function submit(i)
     id, stored = made[idemKey][1], made[idemKey][2]
   elseif keyed then
     id, stored = keyed_job(idemKey)
-    if not id then
-      id, stored = other_pair(idemKey, atUtterance[sessionKey][tonumber(utterance)] or {}, jobId, true)
+    if not id then  -- a new key (or one in another source language): the shard's pools, read once a call
+      pools = pools or rcall("ZRANGE", poolsKey, 0, -1)
+      id, stored = other_key(idemKey, pools, jobId)
     end
   else
     id, stored = identity_in(idemKey, atUtterance[sessionKey][tonumber(utterance)] or {}, jobId)
