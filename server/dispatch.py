@@ -72,6 +72,13 @@ SWEEP_READ = 200  # due timers read per shard at a time
 Item = tuple[Consumer, str, str, str]
 
 
+def record_error(err: ResponseError) -> bool:
+    """Whether a script's error is one record's (a value of another type, a script failing on what it read),
+    not Redis' as a whole (out of memory, read-only, a slot on the move, a busy script): those pass."""
+    text = str(err)
+    return text.startswith("WRONGTYPE") or "user_script" in text
+
+
 class Inbox(asyncio.Queue[bytes]):
     """A watcher's messages heard on its channel, at most `maxsize`: a watcher that falls further
     behind (its client does not read) is ended with RESOURCE_EXHAUSTED at its next read (it resumes
@@ -753,9 +760,10 @@ class Dispatcher:
         while True:
             now_ms = int(time.time() * 1000)
             due = await self.store.due_timers(shards, now_ms + 1, SWEEP_READ)
-            # What cannot be acted on (a member no scheduler wrote, a record that fails its script) is set
-            # aside, due again SET_ASIDE_MS later: left at the head of its shard's timers, enough of them would
-            # hold back every timer due after them (each read brings the same first SWEEP_READ).
+            # What cannot be acted on (a member no scheduler wrote, a record that fails its script: not an error
+            # of Redis as a whole, record_error) is set aside, due again SET_ASIDE_MS later: left at the head of
+            # its shard's timers, enough of them would hold back every timer due after them (each read brings
+            # the same first SWEEP_READ).
             readable = [is_timer(m) for _, m in due]
             aside = [t for t, ok in zip(due, readable, strict=True) if not ok]
             good = [t for t, ok in zip(due, readable, strict=True) if ok] if aside else due
@@ -768,17 +776,23 @@ class Dispatcher:
                 try:
                     forgot = len(await self.store.forget([m for _, m in forgets]))
                 except ResponseError as err:  # must not stop the other timers
-                    self._timer_errors("forget timers failed (set aside for %d s): %r", SET_ASIDE_MS // 1000, err)
-                    aside += forgets
+                    self._timer_errors("forget timers failed: %r", err)
+                    if record_error(err):
+                        aside += forgets
             for key, member in others:
                 try:
                     if await self.store.fire_timer(member) is not None:
                         fired += 1
                 except ResponseError as err:  # one bad record must not stop the timers behind it
-                    self._timer_errors("timer %s failed (set aside for %d s): %r", member, SET_ASIDE_MS // 1000, err)
-                    aside.append((key, member))
+                    self._timer_errors("timer %s failed: %r", member, err)
+                    if record_error(err):
+                        aside.append((key, member))
             if aside:
-                await self.store.set_aside(aside, now_ms + SET_ASIDE_MS)
+                try:
+                    await self.store.set_aside(aside, now_ms + SET_ASIDE_MS)
+                except ResponseError as err:
+                    self._timer_errors("setting %d timers aside failed: %r", len(aside), err)
+                    return fired + forgot
             fired += forgot
             # Every finished job has a forget timer: at a high finish rate more may be due than one read per
             # shard brings. Read again at once while a read brought a shard's worth and each read removes some

@@ -583,6 +583,26 @@ async def test_a_shards_worth_of_timers_that_cannot_fire_does_not_hold_back_the_
     assert await redis.zcard(timers) >= SWEEP_READ + 21  # set aside, not removed
 
 
+async def test_a_sweep_while_redis_refuses_writes_sets_nothing_aside(store: Store, redis: Any) -> None:
+    """An error of Redis as a whole (out of memory) is not one record's: the due timer stays due (not set
+    aside a minute) and fires at the first sweep after Redis is back."""
+    (job,) = await store.submit([spec()])
+    await store.claim("n1", [(job.job_id, "t1")])
+    await store.touch("n1", [Lease(job.job_id, "t1")], mode="shorten", lease_ms=0)
+    timers, member = keys.PartitionKeys.of(keys.tag_of(job.job_id)).timers, wire.lease_timer(job.job_id, "t1")
+    due = await redis.zscore(timers, member)
+    shard = int(keys.shard_of_tag(keys.tag_of(job.job_id)).strip("{}"))
+    sweeper = Dispatcher(store, store.settings)
+    await set_maxmemory(redis, "1")
+    try:
+        assert await sweeper.sweep_once([shard]) == 0
+        assert await redis.zscore(timers, member) == due
+    finally:
+        await set_maxmemory(redis, "0")
+    assert await sweeper.sweep_once([shard]) == 1
+    assert (await store.record(job.job_id)).state == "queued"
+
+
 async def test_an_index_key_of_another_type_fails_only_the_jobs_with_an_entry_there(store: Store, redis: Any) -> None:
     """One forget_job call for three jobs of a shard whose tenants' indexes are one good, one a string (no
     scheduler wrote it): the job indexed there gets an error in its place, the others leave every index."""
