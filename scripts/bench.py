@@ -888,7 +888,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: `--tok SECRET` would pass command_line()'s mask into the report.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--jobs", type=int, default=3000, help="lifecycles per row")
     p.add_argument("--combos", default="1x1b1,8x2b1,8x2b10,16x2b25",
                    help="clients x nodes [b batch], comma-separated")
@@ -920,14 +922,19 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=0,
                    help="run the scheduler with --workers N, each client and node on its own connection "
                         "(scripts/bench_workers.py compares worker counts)")
-    p.add_argument("--token", default=os.environ.get("LINGUA_TOKEN"),
-                   help="bearer token (env LINGUA_TOKEN), an admin one, sent by every client and node of the rows "
-                        "not secured by --auth's own key; the schedulers started here read LINGUA_AUTH_JWT_KEY "
-                        "from the environment (as scripts/chaos.py)")
+    p.add_argument("--token", default=None,
+                   help="bearer token (env LINGUA_TOKEN, read when LINGUA_AUTH_JWT_KEY is set), an admin one, sent "
+                        "by every client and node; the schedulers started here read LINGUA_AUTH_JWT_KEY from the "
+                        "environment (as scripts/chaos.py). Not with --auth, whose rows without auth it would secure")
     args = p.parse_args()
-    if bool(args.token) != bool(os.environ.get("LINGUA_AUTH_JWT_KEY")):
+    key = os.environ.get("LINGUA_AUTH_JWT_KEY")
+    if args.token is None and key:
+        args.token = os.environ.get("LINGUA_TOKEN")
+    if bool(args.token) != bool(key):
         p.error("--token (or LINGUA_TOKEN) and LINGUA_AUTH_JWT_KEY go together: the schedulers started here "
                 "verify the token with the key")
+    if args.token and args.auth:
+        p.error("--token with --auth: its rows \"no auth\" would run with auth on (LINGUA_AUTH_JWT_KEY); use one")
     use_workers(args.workers)
     return asyncio.run(main_async(args))
 
