@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -771,10 +772,22 @@ def test_submit_keywords_are_type_checked(tmp_path: Path) -> None:
         "    c.submit(tenant_id='acme', session_id='s', src_lang='zh', tgt_lang='en', priority=1, payload=b'x')\n"
         "async def main(a: AsyncClient) -> None:\n"
         "    await a.submit(tenant_id='acme', session_id='s', src_lang='zh')\n")
-    import lingua_sdk  # its source (an editable install's import hook is not one mypy follows)
+    # As an application in this virtualenv would run it: the SDK found as installed (scripts/_venv.sh
+    # installs it as a plain path, which mypy follows, where an import hook would hide it).
     done = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "--cache-dir",
-                           str(tmp_path / "cache"), user.name], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "MYPYPATH": str(Path(lingua_sdk.__file__).parent.parent)})
-    errors = [line for line in done.stdout.splitlines() if line.startswith("user.py:") and ": error:" in line]
+                           str(tmp_path / "cache"), user.name], capture_output=True, text=True, cwd=tmp_path)
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
     assert [int(line.split(":")[1]) for line in errors] == [3, 4, 7], done.stdout
     assert '"tenant"' in errors[0] and '"priority"' in errors[1] and '"tgt_lang"' in errors[2], done.stdout
+
+
+def test_job_fields_name_every_field_of_a_job_spec() -> None:
+    """JobFields (submit's keywords) and the JobSpec dataclass list the same fields, the same required."""
+    import dataclasses
+
+    from lingua_sdk import JobFields, JobSpec
+    fields = {f.name: f for f in dataclasses.fields(JobSpec)}
+    assert set(JobFields.__annotations__) == set(fields)
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    hints = typing.get_type_hints(JobFields, include_extras=True)  # (the module's annotations are strings)
+    assert {n for n, hint in hints.items() if typing.get_origin(hint) is typing.Required} == required

@@ -112,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a job")
     cancel.add_argument("job_id", help="a job id, as submit printed it")
     cancel.add_argument("--reason", default="", help="why, recorded with the cancellation")
-    sub.add_parser("nodes", parents=[common], help="list registered nodes")
+    sub.add_parser("nodes", parents=[common], help="list registered nodes (admin)")
     session = sub.add_parser("session", parents=[common],
                              help="print a session's finished jobs in utterance order as they finish (WatchSession)")
     session.add_argument("tenant", help="the session's tenant")
