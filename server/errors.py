@@ -42,6 +42,7 @@ class SchedulerError(Exception):
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"
     retry_delay: float | None = None
+    metadata: dict[str, str] = {}  # noqa: RUF012 -- sent as ErrorInfo.metadata; an instance may set its own
 
 
 class FieldError(SchedulerError):
@@ -170,6 +171,11 @@ class AlreadyExists(SchedulerError):
 
     status = grpc.StatusCode.ALREADY_EXISTS
     reason = "IDENTITY_CONFLICT"
+
+    def __init__(self, message: str, job_id: str = "", index: int = 0) -> None:
+        super().__init__(message)
+        if job_id:  # the job the identity has, and the batch entry: for a program, not parsed from the text
+            self.metadata = {"job_id": job_id, "index": str(index)}
 
 
 class ResultConflict(SchedulerError):

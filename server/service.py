@@ -137,7 +137,7 @@ def rich_status(err: BaseException) -> status_pb2.Status:
     (docs/errors.md): ErrorInfo (stable reason, domain) always; BadRequest naming the field of a
     FieldError; RetryInfo when retrying the same call may succeed."""
     typed = scheduler_error(err)
-    details: list[Message] = [error_details_pb2.ErrorInfo(reason=typed.reason, domain=DOMAIN)]
+    details: list[Message] = [error_details_pb2.ErrorInfo(reason=typed.reason, domain=DOMAIN, metadata=typed.metadata)]
     if isinstance(typed, FieldError):
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=typed.field, description=typed.description)]))

@@ -428,10 +428,11 @@ class Store:
                 other = keys.pool_of_tag(keys.tag_of(_s(r[1])))
                 if other != keys.pool_of_tag(keys.tag_of(job.job_id)):
                     raise AlreadyExists(f"jobs[{i}]: job {_s(r[1])} already exists for this identity in pair "
-                                        f"{other} (src_lang differs: an identity is per tgt_lang)")
+                                        f"{other} (src_lang differs: an identity is per tgt_lang)", _s(r[1]), i)
                 raise AlreadyExists(
                     f"jobs[{i}]: job {_s(r[1])} already exists for this identity with different content "
-                    "(payload, payload_ref, priority, max_attempts, execution_timeout or utterance_index differ)")
+                    "(payload, payload_ref, priority, max_attempts, execution_timeout or utterance_index differ)",
+                    _s(r[1]), i)
         out = [
             Submitted(_s(r[1]), r[0] == ScriptCode.APPLIED, _s(r[2]) if r[0] == ScriptCode.APPLIED else "")
             for r in replies

@@ -75,6 +75,8 @@ async def test_reasons_of_the_job_errors(app: Any) -> None:
             await client.cancel(other.job_id)
     assert (missing.value.reason, conflict.value.reason, terminal.value.reason) == \
         ("JOB_NOT_FOUND", "IDENTITY_CONFLICT", "INVALID_TRANSITION")
+    assert conflict.value.metadata == {"job_id": first.job_id, "index": "0"}  # no need to parse the text
+    assert missing.value.metadata == {}
     status = rpc_status.from_call(stale.value)  # type: ignore[arg-type]  # the raw stub: read the details by hand
     assert status is not None and status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     info = error_details_pb2.ErrorInfo()

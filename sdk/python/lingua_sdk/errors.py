@@ -46,6 +46,13 @@ class LinguaError(Exception):
         return info.reason if info is not None else None
 
     @property
+    def metadata(self) -> dict[str, str]:
+        """google.rpc.ErrorInfo.metadata, when given (ALREADY_EXISTS: `job_id` of the identity's job and
+        `index` of the batch entry)."""
+        info = self._detail(error_details_pb2.ErrorInfo)
+        return dict(info.metadata) if info is not None else {}
+
+    @property
     def field_violations(self) -> list[tuple[str, str]]:
         """(field, description) pairs of a google.rpc.BadRequest, when given."""
         bad = self._detail(error_details_pb2.BadRequest)
