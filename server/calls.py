@@ -393,6 +393,15 @@ class ShareSweep:
 
 
 @dataclass(frozen=True, slots=True)
+class DropTimer:
+    key: str  # the timers zset
+    member: str
+
+    def call(self) -> Call:
+        return Call("drop_timer", [self.key], [self.member])
+
+
+@dataclass(frozen=True, slots=True)
 class ReadClock:
     key: str = keys.NODES  # the registry's index: its server judges the entries' ages
 

@@ -35,6 +35,7 @@ from . import keys, wire
 from .calls import (
     CALL_JOBS,
     ClaimJob,
+    DropTimer,
     Fence,
     FinishJob,
     FinishJobs,
@@ -819,9 +820,14 @@ class Store:
             error = pb.JobError(code="LINGUA_DEADLINE_EXCEEDED", message="the job's deadline passed")
             return await self.transition(job_id, Event.EXPIRE, error=error, guard="deadline")
         except (JobNotFound, InvalidTransition, StaleLease):
-            # The job is gone or moved on. The member names this claim (or the job's one deadline), so
-            # removing it can never remove a newer claim's lease timer.
-            await self.redis.zrem(keys.PartitionKeys.of(keys.tag_of(job_id)).timers, member)
+            # The job is gone or moved on. A lease member names this claim, so removing it can never remove a
+            # newer claim's lease timer; a deadline member is the job's one, which a RetryJob may have put back
+            # with a new deadline since: removed only while still due (drop_timer).
+            timers = keys.PartitionKeys.of(keys.tag_of(job_id)).timers
+            if timer.kind == wire.LEASE:
+                await self.redis.zrem(timers, member)
+            else:
+                await self.scripts.call(self.redis, DropTimer(timers, member).call())
         except (NotDue, ConcurrentModification):
             pass  # another instance or a heartbeat got there first
         return None

@@ -630,6 +630,34 @@ async def test_an_index_key_of_another_type_fails_only_the_jobs_with_an_entry_th
     assert [m for m in await redis.zrange(timers, 0, -1) if m.startswith(b"x:")] == []
 
 
+async def test_a_retry_between_a_refused_expiry_and_its_cleanup_keeps_the_new_deadline_timer(
+        store: Store, redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweeper fires a failed job's due deadline timer: the expiry is refused (the job is failed), and
+    before the sweeper removes the timer a RetryJob puts the job back with a new deadline timer under the
+    same member. The sweeper's cleanup must leave that one (issue 8 point 5, deadline timers)."""
+    (job,) = await store.submit([spec()])
+    job_id, timers, deadline = job.job_id, keys.PartitionKeys.of(keys.tag_of(job.job_id)).timers, wire.deadline_timer(job.job_id)
+    await store.claim("n1", [(job_id, "t1")])
+    await store.fail(job_id, "n1", "t1", pb.JobError(code="BAD", retryable=False))
+    await redis.zadd(timers, {deadline: 1})  # due: the sweeper reads it
+    refused_then = store.transition
+
+    async def retry_in_between(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await refused_then(*args, **kwargs)
+        finally:
+            await Operations(store).retry(job_id, deadline_ms=0, max_attempts=0, reason="again")
+
+    monkeypatch.setattr(store, "transition", retry_in_between)
+    assert await store.fire_timer(deadline) is None
+    monkeypatch.undo()
+    assert (await store.record(job_id)).state == "queued"
+    assert (await redis.zscore(timers, deadline) or 0) > time.time() * 1000  # its new deadline, kept
+    await store.cancel(job_id, "")
+    await redis.zadd(timers, {deadline: 1})  # and a due one whose job refuses is still removed
+    assert await store.fire_timer(deadline) is None and await redis.zscore(timers, deadline) is None
+
+
 async def test_a_retry_between_finish_and_forget_keeps_the_entries(store: Store, redis: Any) -> None:
     (job,) = await store.submit([spec()])
     job_id = job.job_id
