@@ -95,6 +95,10 @@ async def test_errors_print_the_status_and_exit_1(app: Any, capsys: pytest.Captu
     err = capsys.readouterr().err
     assert rc == 1 and re.search(r"INVALID_ARGUMENT: .*src_lang", err)
     assert err.count("src_lang") == 1, err  # the field violation once, not again below the status
+    rc, _ = await lingua("--target", t, "--json", *bad)
+    error = json.loads(capsys.readouterr().err)["error"]
+    assert rc == 1 and (error["code"], error["reason"]) == ("INVALID_ARGUMENT", "INVALID_ARGUMENT")
+    assert [v["field"] for v in error["field_violations"]] == ["jobs[0].src_lang"]
 
 
 async def test_wait_timeout_names_the_job_and_its_state(app: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -443,6 +443,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         return _run(args, out or sys.stdout)
     except LinguaError as err:
+        if getattr(args, "json", False):  # a program reads the error as it reads the output: one JSON object
+            sys.stderr.write(json.dumps({"error": {
+                "code": err.code.name, "reason": err.reason, "message": err.message, "metadata": err.metadata,
+                "field_violations": [{"field": f, "description": d} for f, d in err.field_violations],
+                "retry_delay": err.retry_delay}}) + "\n")
+            return 1
         sys.stderr.write(f"lingua: {err}\n")
         for field, why in err.field_violations:  # those the message does not already say
             if f"{field}: {why}" not in err.message:
