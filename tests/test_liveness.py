@@ -46,8 +46,10 @@ async def test_a_node_that_stops_answering_pings_is_dropped_and_its_job_finished
         await until(none_listed, timeout=10, what="the hung node off ListNodes")
         healthy = await SimNode(ch, "healthy", [("zh", "en")]).start()
         events = await watch_until(stub, job_id, pb.JOB_STATE_SUCCEEDED)
-        lost = [e for e in events if e.error.code == "LINGUA_NODE_LOST"]
-        assert lost and lost[0].node_id == "hung" and lost[0].state == pb.JOB_STATE_QUEUED
+        # Taken back at the end of the stream's grace: by this instance (node_lost), or by a sweep that
+        # found the lease, shrunk to that same grace, due a moment earlier (lease_expired; a busy machine).
+        lost = [e for e in events if e.error.code in ("LINGUA_NODE_LOST", "LINGUA_LEASE_EXPIRED")]
+        assert lost and lost[0].node_id == "hung" and lost[0].state == pb.JOB_STATE_QUEUED, events
         assert (events[-1].node_id, events[-1].attempt) == ("healthy", 2)
         assert await listed(stub) == ["healthy"]
         await healthy.stop()
