@@ -7,6 +7,7 @@ export {
   isTerminal, jsonable, stateName, type StateName, type WithStateName, type JobResultInput, type JobSpecInput, type PairInput,
 } from "./convert.js";
 export * from "./errors.js";
+export { SDK_VERSION } from "./version.js";
 export type { ConnectionOptions, TlsOptions } from "./transport.js";
 // The generated messages and the service descriptor, for what the wrappers do not cover.
 export * from "./gen/lingua/scheduler/v1/scheduler_pb.js";

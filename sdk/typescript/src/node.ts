@@ -7,6 +7,7 @@ import { durationMs } from "@bufbuild/protobuf/wkt";
 import { Code, createClient, type Client as GeneratedClient } from "@connectrpc/connect";
 import { jobResult, type JobResultInput, pair, type PairInput } from "./convert.js";
 import { FatalError, ModelUnavailableError, RetryableError, type SchedulerError, toSchedulerError } from "./errors.js";
+import { SDK_VERSION } from "./version.js";
 import {
   type Assignment as AssignmentMessage, type Completion, CompletionSchema, type JobError, JobErrorSchema,
   type JobLease, JobLeaseSchema, type JobResult, type JobSpec, type LeaseStatus, LeaseStatusSchema, type NodeMessage,
@@ -40,6 +41,7 @@ export interface NodeOptions extends ConnectionOptions {
   concurrency: number;
   handler: Handler;
   labels?: Record<string, string>;
+  /** Shown by ListNodes; default `lingua-sdk-typescript/<SDK_VERSION>` (the Python SDK: `lingua-sdk-python/<version>`). */
   version?: string;
   /** Reconnect backoff: first delay and cap, in ms (doubling, with jitter). Default 100 and 5000. */
   reconnectInitialMs?: number;
@@ -287,7 +289,7 @@ export class Node extends EventEmitter<NodeEvents> {
       drain: this.#draining,
       register: {
         nodeId: o.nodeId, pairs: o.pairs.map(pair), maxConcurrency: o.concurrency, labels: o.labels ?? {},
-        version: o.version ?? "", holding: [...this.#jobs.values()].map((w) => w.lease),
+        version: o.version ?? `lingua-sdk-typescript/${SDK_VERSION}`, holding: [...this.#jobs.values()].map((w) => w.lease),
       },
     }));
     let heartbeat: NodeJS.Timeout | undefined;

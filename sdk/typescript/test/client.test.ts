@@ -1,13 +1,13 @@
 import assert from "node:assert/strict";
 import { once } from "node:events";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import * as http2 from "node:http2";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import {
   CancelledError, Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, JobState, Node, NotFoundError,
-  ResourceExhaustedError, SchedulerError, UnimplementedError, stateName,
+  ResourceExhaustedError, SDK_VERSION, SchedulerError, UnimplementedError, stateName,
 } from "../src/index.js";
 import { type RunningScheduler, TEST_FLAGS, startScheduler } from "./scheduler.js";
 
@@ -79,6 +79,9 @@ test("submitMany is idempotent per job; get, watch, cancel and listNodes", { tim
   assert.deepEqual(mine.pools, ["fr:it"]);
   assert.equal(mine.maxConcurrency, 3);
   assert.deepEqual(mine.labels, { zone: "test" });
+  const pkg = JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as { version: string };
+  assert.equal(mine.version, `lingua-sdk-typescript/${pkg.version}`, "SDK_VERSION is package.json's");
+  assert.equal(SDK_VERSION, pkg.version);
   await node.stop();
   await running;
 });
