@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from . import keys, logs, wire
 
@@ -72,10 +72,18 @@ SWEEP_READ = 200  # due timers read per shard at a time
 Item = tuple[Consumer, str, str, str]
 
 
+# Errors of Redis as a whole: a script's error carries "@user_script" whatever its cause, so these go first.
+_REDIS_WIDE = (OutOfMemoryError, ReadOnlyError, BusyLoadingError)
+_REDIS_WIDE_PREFIXES = ("NOREPLICAS", "MISCONF", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "LOADING", "OOM",
+                        "READONLY")
+
+
 def record_error(err: ResponseError) -> bool:
     """Whether a script's error is one record's (a value of another type, a script failing on what it read),
-    not Redis' as a whole (out of memory, read-only, a slot on the move, a busy script): those pass."""
+    not Redis' as a whole (out of memory, a replica or a failover, a slot on the move, a busy script)."""
     text = str(err)
+    if isinstance(err, _REDIS_WIDE) or text.startswith(_REDIS_WIDE_PREFIXES):
+        return False
     return text.startswith("WRONGTYPE") or "user_script" in text
 
 

@@ -583,6 +583,22 @@ async def test_a_shards_worth_of_timers_that_cannot_fire_does_not_hold_back_the_
     assert await redis.zcard(timers) >= SWEEP_READ + 21  # set aside, not removed
 
 
+def test_errors_of_redis_as_a_whole_are_not_a_records() -> None:
+    """A script's error text carries "@user_script" whatever its cause (Redis 7): only WRONGTYPE and a script's
+    own runtime error are a record's."""
+    from lingua_scheduler.server.dispatch import record_error
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError
+
+    tail = " script: 0a1b, on @user_script:12."
+    assert record_error(ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value" + tail))
+    assert record_error(ResponseError("user_script:12: attempt to perform arithmetic on a nil value"))
+    for err in (OutOfMemoryError("command not allowed when used memory > 'maxmemory'." + tail),
+                ReadOnlyError("You can't write against a read only replica." + tail),
+                ResponseError("NOREPLICAS Not enough good replicas to write." + tail),
+                ResponseError("BUSY Redis is busy running a script."), ResponseError("TRYAGAIN Multiple keys" + tail)):
+        assert not record_error(err), err
+
+
 async def test_a_sweep_while_redis_refuses_writes_sets_nothing_aside(store: Store, redis: Any) -> None:
     """An error of Redis as a whole (out of memory) is not one record's: the due timer stays due (not set
     aside a minute) and fires at the first sweep after Redis is back."""
@@ -593,12 +609,20 @@ async def test_a_sweep_while_redis_refuses_writes_sets_nothing_aside(store: Stor
     due = await redis.zscore(timers, member)
     shard = int(keys.shard_of_tag(keys.tag_of(job.job_id)).strip("{}"))
     sweeper = Dispatcher(store, store.settings)
+    set_aside = store.set_aside
+
+    async def redis_back_first(*args: Any) -> None:  # Redis recovers between the refusal and the set-aside
+        await set_maxmemory(redis, "0")
+        await set_aside(*args)
+
+    store.set_aside = redis_back_first  # type: ignore[method-assign]
     await set_maxmemory(redis, "1")
     try:
         assert await sweeper.sweep_once([shard]) == 0
         assert await redis.zscore(timers, member) == due
     finally:
         await set_maxmemory(redis, "0")
+        store.set_aside = set_aside  # type: ignore[method-assign]
     assert await sweeper.sweep_once([shard]) == 1
     assert (await store.record(job.job_id)).state == "queued"
 
