@@ -9,11 +9,11 @@ ensure_venv() {
   local stamp="$venv/.lingua-installed$extras" want
   want=$( (cat pyproject.toml sdk/python/pyproject.toml; declare -f ensure_venv) | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
     # The SDK as a plain path (.pth), not an import hook: type checkers (mypy) find it as an installed,
     # typed package (py.typed), so an application's code is checked against it in this virtualenv too.
-    "$venv/bin/python" -m pip install --quiet -e ./sdk/python --config-settings editable_mode=compat
-    "$venv/bin/python" -m pip install --quiet -e ".$extras"
-    echo "$want" > "$stamp"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip \
+      && "$venv/bin/python" -m pip install --quiet -e ./sdk/python --config-settings editable_mode=compat \
+      && "$venv/bin/python" -m pip install --quiet -e ".$extras" \
+      && echo "$want" > "$stamp"
   fi
 }

@@ -366,6 +366,7 @@ class OpenStream:
         self._expire()
 
     def close(self) -> None:
+        self.expired = True  # a next() after the stream closed ends at once
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
+from types import MappingProxyType
 from typing import NoReturn
 
 import grpc
@@ -42,7 +44,7 @@ class SchedulerError(Exception):
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"
     retry_delay: float | None = None
-    metadata: dict[str, str] = {}  # noqa: RUF012 -- sent as ErrorInfo.metadata; an instance may set its own
+    metadata: Mapping[str, str] = MappingProxyType({})  # sent as ErrorInfo.metadata; an instance may set its own
 
 
 class FieldError(SchedulerError):

@@ -245,7 +245,7 @@ def prelude() -> str:
         "    if id then",
         "      return id, stored",
         "    end",
-        '    return other_key(idemKey, rcall("ZRANGE", poolsKey, 0, -1), jobId)',
+        '    return other_key(idemKey, rcall("ZRANGEBYSCORE", poolsKey, now_ms(), "+inf"), jobId)',
         "  end",
         '  return identity_in(idemKey, rcall("ZRANGEBYSCORE", sessionKey, utterance, utterance), jobId)',
         "end",

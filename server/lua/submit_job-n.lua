@@ -144,7 +144,7 @@ local function submit(i)
   elseif keyed then
     id, stored = keyed_job(idemKey)
     if not id then  -- a new key (or one in another source language): the shard's pools, read once a call
-      pools = pools or rcall("ZRANGE", poolsKey, 0, -1)
+      pools = pools or rcall("ZRANGEBYSCORE", poolsKey, now, "+inf")  -- those whose jobs may still live
       id, stored = other_key(idemKey, pools, jobId)
     end
   else
