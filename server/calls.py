@@ -396,9 +396,10 @@ class ShareSweep:
 class DropTimer:
     key: str  # the timers zset
     member: str
+    job_id: str  # whose record decides
 
     def call(self) -> Call:
-        return Call("drop_timer", [self.key], [self.member])
+        return Call("drop_timer", [self.key, keys.JobKeys.of(self.job_id).fsm], [self.member])
 
 
 @dataclass(frozen=True, slots=True)

@@ -822,12 +822,12 @@ class Store:
         except (JobNotFound, InvalidTransition, StaleLease):
             # The job is gone or moved on. A lease member names this claim, so removing it can never remove a
             # newer claim's lease timer; a deadline member is the job's one, which a RetryJob may have put back
-            # with a new deadline since: removed only while still due (drop_timer).
+            # with a new deadline since: removed unless the job lives again (drop_timer).
             timers = keys.PartitionKeys.of(keys.tag_of(job_id)).timers
             if timer.kind == wire.LEASE:
                 await self.redis.zrem(timers, member)
             else:
-                await self.scripts.call(self.redis, DropTimer(timers, member).call())
+                await self.scripts.call(self.redis, DropTimer(timers, member, job_id).call())
         except (NotDue, ConcurrentModification):
             pass  # another instance or a heartbeat got there first
         return None
