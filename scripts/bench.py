@@ -70,6 +70,11 @@ SESSIONS_PER_CLIENT = 8  # --session-reader: live sessions per client, one Watch
 # channels of one process one connection, which the kernel hands to one worker).
 WORKERS: list[str] = []
 OWN_CONNECTION: list[tuple[str, Any]] = []
+# --nodes-apart: the nodes run in a process of their own (scripts/bench_nodes.py), not in this one beside
+# the clients, so neither side's event loop delays the other's (a fleet's nodes are machines of their own).
+NODES_APART: list[bool] = [False]
+GENERATOR = {False: "the Submit call, its event loop shared by every client and node",
+             True: "the Submit call, the clients' event loop, the nodes' in a process of their own"}
 
 
 def commands_line(run: Run) -> str:
@@ -324,15 +329,43 @@ class Lifecycle:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
 
+    async def start_apart(self, run: Run) -> asyncio.subprocess.Process:
+        """run.nodes SDK Nodes in a process of their own (scripts/bench_nodes.py), once they registered."""
+        assert run.node == "sdk" and self.tls is None, "--nodes-apart runs plaintext SDK Nodes"
+        env = {**os.environ, "LINGUA_TOKEN": self.token or ""}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "bench_nodes.py"), "--target", self.address, "--nodes", str(run.nodes),
+            *(["--own-connection"] if OWN_CONNECTION else []), env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if line.strip() != b"ready":
+            proc.kill()
+            raise RuntimeError(f"bench_nodes.py did not start: {line!r}")
+        return proc
+
+    async def stop_apart(self, run: Run, proc: asyncio.subprocess.Process) -> None:
+        """Stop the nodes' process; each job's dispatch time from when it reached its node's handler there."""
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        arrived = json.loads(await asyncio.wait_for(proc.stdout.read(), 60))  # (one line, over 64 KiB: to EOF)
+        await proc.wait()
+        for (session, utterance), t0 in self.sent.items():
+            at = arrived.get(f"{session}/{utterance}")
+            if at is not None:
+                run.dispatch_ms.append((at - t0) * 1000)
+        self.sent.clear()
+
     async def run(self, run: Run, jobs: int, rate: float = 0.0) -> Run:
         redis = aioredis.from_url(self.redis_url)
         self.raw_channels: list[grpc.aio.Channel] = []
-        nodes = [await self.start_node(run, i) for i in range(run.nodes)]
+        apart = await self.start_apart(run) if NODES_APART[0] else None
+        nodes = [] if apart else [await self.start_node(run, i) for i in range(run.nodes)]
         stubs = [AsyncClient(self.address, token=self.token, tls=self.tls or False, options=OWN_CONNECTION)
                  for _ in range(run.clients)]
         hist0 = scrape_dispatch(self.http)
         before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
-        own0 = time.process_time()
+        own0 = time.process_time() + (cpu_seconds(apart.pid) if apart else 0.0)
         if rate and run.reader == "session":  # open loop, results over WatchSession
             await self.session_open_loop(stubs, run, jobs, rate)
         elif rate:  # open loop: a new lifecycle every 1/rate s
@@ -350,7 +383,7 @@ class Lifecycle:
 
             await asyncio.gather(*[client(s) for s in stubs])
         run.seconds = time.perf_counter() - t0
-        own1 = time.process_time()
+        own1 = time.process_time() + (cpu_seconds(apart.pid) if apart else 0.0)
         after, cpu1 = await redis_counters(redis), cpu_seconds(self.pid)
         run.server_dispatch = {le: n - hist0.get(le, 0.0) for le, n in scrape_dispatch(self.http).items()}
         run.jobs = len(run.e2e_ms)
@@ -365,6 +398,8 @@ class Lifecycle:
         run.bench_cpu_per_1000 = (own1 - own0) / run.jobs * 1000
         for node in nodes:
             await node.stop()
+        if apart:
+            await self.stop_apart(run, apart)
         for channel in self.raw_channels:
             await channel.close(None)
         for stub in stubs:
@@ -738,7 +773,7 @@ message, the client learns the result over WatchJob (rows marked WatchSession: o
 stream per session, {SESSIONS_PER_CLIENT} live sessions per client, each batch spread over them).
 {args.jobs} jobs per row (the best of the rounds); the half-load row submits open-loop at half the best rate.
 At half rate, {server_dispatch(half)}: the dispatch column above also holds the load generator's own
-delays (the Submit call, its event loop shared by every client and node on the same 2 cores).
+delays ({GENERATOR[NODES_APART[0]]}, on the same {os.cpu_count()} cores).
 Latencies in ms (p50 / p99 [/ max]); "cmds" counts every Redis command including those run inside Lua.
 
 | clients x nodes, batch | lifecycles/s | Submit | dispatch (submit -> node) | end to end | cmds/job | Lua calls/job \
@@ -780,6 +815,14 @@ def kept_sections(out: Path, text: str) -> str:
         elif current is not None:
             current.append(line)
     return "".join("\n" + "\n".join(section).rstrip() + "\n" for section in kept)
+
+
+def half_run(best: Run, batch: int, reader: str = "job") -> Run:
+    """The half-rate row of the best row `best`: its clients and nodes, in batches of `batch` (0: its own)."""
+    batch = batch or best.batch
+    session = ", WatchSession" if reader == "session" else ""
+    return Run(f"{best.clients} x {best.nodes}, batch {batch}{session}, at half rate", best.clients, best.nodes, batch,
+               reader=reader)
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -847,11 +890,11 @@ async def main_async(args: argparse.Namespace) -> int:
             rows += [(max(all_session[label], key=lambda r: r.rate), "session") for label in all_session]
             for best, reader in rows:
                 for _ in range(args.rounds):
-                    half = Run(f"{best.label}, at half rate", best.clients, best.nodes, best.batch, reader=reader)
+                    half = half_run(best, args.half_rate_batch, reader)
                     await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
                     print(f"{half.label} ({best.rate / 2:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
-                          f"p99 {pct(half.dispatch_ms, 99):.2f} ms; {server_dispatch(half)}; "
-                          f"{half.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
+                          f"p90 {pct(half.dispatch_ms, 90):.2f} p99 {pct(half.dispatch_ms, 99):.2f} ms; "
+                          f"{server_dispatch(half)}; {half.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
             return 0
         if args.lifecycle_only:
             if secured:
@@ -860,7 +903,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(metrics_section(args, metered))
             return 0
         best = max(runs, key=lambda r: r.rate)
-        half = Run(f"{best.clients} x {best.nodes}, batch {best.batch}, at half rate", best.clients, best.nodes, best.batch)
+        half = half_run(best, args.half_rate_batch)
         await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
         print(f"half rate ({best.rate / 2:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
               f"p99 {pct(half.dispatch_ms, 99):.2f} ms; {server_dispatch(half)}", flush=True)
@@ -919,9 +962,16 @@ def main() -> int:
                    help="the lifecycle rows, then --rounds half-rate rows at half the best rate (dispatch latency, "
                         "the scheduler's histogram; with --session-reader also over WatchSession at half the "
                         "best WatchSession rate); no memory, others or report")
+    p.add_argument("--half-rate-batch", type=int, default=0,
+                   help="jobs per Submit in the half-rate rows (default: the best row's batch); the rate stays half "
+                        "the best row's")
     p.add_argument("--workers", type=int, default=0,
                    help="run the scheduler with --workers N, each client and node on its own connection "
                         "(scripts/bench_workers.py compares worker counts)")
+    p.add_argument("--nodes-apart", action="store_true",
+                   help="run the SDK nodes in a process of their own (scripts/bench_nodes.py), as on machines of "
+                        "their own, not in the clients' process (whose event loop then delays what they receive); "
+                        "plaintext, SDK Node rows only (with --no-baseline, without --auth)")
     p.add_argument("--token", default=None,
                    help="bearer token (env LINGUA_TOKEN, read when LINGUA_AUTH_JWT_KEY is set), an admin one, sent "
                         "by every client and node; the schedulers started here read LINGUA_AUTH_JWT_KEY from the "
@@ -935,7 +985,10 @@ def main() -> int:
                 "verify the token with the key")
     if args.token and args.auth:
         p.error("--token with --auth: its rows \"no auth\" would run with auth on (LINGUA_AUTH_JWT_KEY); use one")
+    if args.nodes_apart and (args.baseline or args.auth):
+        p.error("--nodes-apart runs plaintext SDK Nodes only: add --no-baseline, leave out --auth")
     use_workers(args.workers)
+    NODES_APART[0] = args.nodes_apart
     return asyncio.run(main_async(args))
 
 

@@ -1,0 +1,55 @@
+"""The benchmark with its nodes in a process of their own (`scripts/bench.py --nodes-apart`,
+scripts/bench_nodes.py): every job of a row reaches a node there, and its dispatch time (the client's
+Submit starting -> the node's handler, both on this machine's monotonic clock) is counted once, with
+the nodes' process's CPU in the row's clients + nodes CPU. A real scheduler and a private Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import bench
+import pytest
+from lingua_scheduler.server.embedded import EmbeddedRedis
+from redis_cluster import free_ports
+
+
+@pytest.fixture
+def apart(tmp_path: Path) -> Iterator[str]:
+    """A private Redis (the bench flushes it), and the bench's nodes run apart while the test runs."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_ports(1)[0], persistent=False).start()
+    bench.NODES_APART[0] = True
+    try:
+        yield server.url
+    finally:
+        bench.NODES_APART[0] = False
+        server.stop()
+
+
+@pytest.mark.parametrize(("reader", "rate"), [("job", 0.0), ("session", 400.0)])
+async def test_nodes_apart_count_every_dispatch(apart: str, reader: str, rate: float) -> None:
+    run = bench.Run("apart", 2, 2, 5, reader=reader)
+    await bench.lifecycle(apart, run, 100, rate=rate)
+    assert run.jobs == 100  # every result read back
+    assert len(run.dispatch_ms) == 100  # and every job seen arriving at a node in the other process
+    assert all(0 < ms < 10_000 for ms in run.dispatch_ms)
+    assert run.bench_cpu_per_1000 > 0
+
+
+def test_nodes_apart_is_refused_with_the_rows_it_cannot_run() -> None:
+    import subprocess
+    import sys
+
+    for extra in ([], ["--no-baseline", "--auth"]):
+        done = subprocess.run([sys.executable, str(Path(bench.__file__)), "--nodes-apart", *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert "--nodes-apart runs plaintext SDK Nodes only" in done.stderr
+
+
+def test_the_half_rate_row_takes_its_own_batch_size() -> None:
+    best = bench.Run("16 x 2, batch 25", 16, 2, 25, reader="session")
+    own, ten = bench.half_run(best, 0, "session"), bench.half_run(best, 10, "session")
+    assert (own.batch, own.label) == (25, "16 x 2, batch 25, WatchSession, at half rate")
+    assert (ten.batch, ten.clients, ten.nodes, ten.reader) == (10, 16, 2, "session")
+    assert ten.label == "16 x 2, batch 10, WatchSession, at half rate"
