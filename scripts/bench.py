@@ -817,11 +817,13 @@ def kept_sections(out: Path, text: str) -> str:
     return "".join("\n" + "\n".join(section).rstrip() + "\n" for section in kept)
 
 
-def half_run(best: Run, batch: int, reader: str = "job") -> Run:
-    """The half-rate row of the best row `best`: its clients and nodes, in batches of `batch` (0: its own)."""
+def half_run(best: Run, batch: int, reader: str = "job", fraction: float = 0.5) -> Run:
+    """The half-rate row of the best row `best` (or the row at `fraction` of its rate): its clients and
+    nodes, in batches of `batch` (0: its own)."""
     batch = batch or best.batch
     session = ", WatchSession" if reader == "session" else ""
-    return Run(f"{best.clients} x {best.nodes}, batch {batch}{session}, at half rate", best.clients, best.nodes, batch,
+    at = "half rate" if fraction == 0.5 else f"{fraction:g} of the best rate"
+    return Run(f"{best.clients} x {best.nodes}, batch {batch}{session}, at {at}", best.clients, best.nodes, batch,
                reader=reader)
 
 
@@ -890,9 +892,9 @@ async def main_async(args: argparse.Namespace) -> int:
             rows += [(max(all_session[label], key=lambda r: r.rate), "session") for label in all_session]
             for best, reader in rows:
                 for _ in range(args.rounds):
-                    half = half_run(best, args.half_rate_batch, reader)
-                    await lifecycle(redis.url, half, args.jobs, rate=best.rate / 2)
-                    print(f"{half.label} ({best.rate / 2:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
+                    half = half_run(best, args.half_rate_batch, reader, args.load_fraction)
+                    await lifecycle(redis.url, half, args.jobs, rate=best.rate * args.load_fraction)
+                    print(f"{half.label} ({best.rate * args.load_fraction:.0f}/s): dispatch p50 {pct(half.dispatch_ms, 50):.2f} "
                           f"p90 {pct(half.dispatch_ms, 90):.2f} p99 {pct(half.dispatch_ms, 99):.2f} ms; "
                           f"{server_dispatch(half)}; {half.sched_cpu_per_1000:.2f} sched CPU s/1000", flush=True)
             return 0
@@ -965,6 +967,8 @@ def main() -> int:
     p.add_argument("--half-rate-batch", type=int, default=0,
                    help="jobs per Submit in the half-rate rows (default: the best row's batch); the rate stays half "
                         "the best row's")
+    p.add_argument("--load-fraction", type=float, default=0.5,
+                   help="with --half-rate-only: run those rows at this fraction of the best rate instead of half")
     p.add_argument("--workers", type=int, default=0,
                    help="run the scheduler with --workers N, each client and node on its own connection "
                         "(scripts/bench_workers.py compares worker counts)")
@@ -985,6 +989,8 @@ def main() -> int:
                 "verify the token with the key")
     if args.token and args.auth:
         p.error("--token with --auth: its rows \"no auth\" would run with auth on (LINGUA_AUTH_JWT_KEY); use one")
+    if not 0 < args.load_fraction <= 1 or (args.load_fraction != 0.5 and not args.half_rate_only):
+        p.error("--load-fraction: above 0 and at most 1, with --half-rate-only (the report's row is at half rate)")
     if args.nodes_apart and (args.baseline or args.auth):
         p.error("--nodes-apart runs plaintext SDK Nodes only: add --no-baseline, leave out --auth")
     use_workers(args.workers)

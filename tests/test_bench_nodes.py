@@ -53,3 +53,5 @@ def test_the_half_rate_row_takes_its_own_batch_size() -> None:
     assert (own.batch, own.label) == (25, "16 x 2, batch 25, WatchSession, at half rate")
     assert (ten.batch, ten.clients, ten.nodes, ten.reader) == (10, 16, 2, "session")
     assert ten.label == "16 x 2, batch 10, WatchSession, at half rate"
+    quarter = bench.half_run(best, 10, "session", 0.25)
+    assert quarter.label == "16 x 2, batch 10, WatchSession, at 0.25 of the best rate"
