@@ -15,7 +15,8 @@ server certificate made for the run); the ratios to the row without are printed 
 --metrics each combination also runs, in the same rounds, with the operations HTTP port off
 (`--http-listen ''`: no metrics counted) beside the usual rows (port on: every counter, histogram and
 gRPC metric counted); the ratio on / off is printed and written. Then the
-same at half the best throughput, for dispatch latency. Then Redis memory per queued and per
+same at half the best throughput, for dispatch latency (--nodes-apart: the nodes in a process of their own,
+scripts/bench_nodes.py; --half-rate-batch N: N jobs per Submit there). Then Redis memory per queued and per
 finished job. Then BullMQ, Celery, arq and RQ on the same Redis, each at its defaults and tuned
 (scripts/bench_others.py; --compare-rounds N repeats them), with jobs/s and per job Redis CPU, the
 system's own CPU and Redis commands, beside ours and as ratios us / peer. Writes
