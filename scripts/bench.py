@@ -15,8 +15,8 @@ server certificate made for the run); the ratios to the row without are printed 
 --metrics each combination also runs, in the same rounds, with the operations HTTP port off
 (`--http-listen ''`: no metrics counted) beside the usual rows (port on: every counter, histogram and
 gRPC metric counted); the ratio on / off is printed and written. Then the
-same at half the best throughput, for dispatch latency (--nodes-apart: the nodes in a process of their own,
-scripts/bench_nodes.py; --half-rate-batch N: N jobs per Submit there). Then Redis memory per queued and per
+same at half the best throughput, for dispatch latency (--half-rate-batch N: N jobs per Submit there;
+--nodes-apart: every row's nodes in a process of their own, scripts/bench_nodes.py). Then Redis memory per queued and per
 finished job. Then BullMQ, Celery, arq and RQ on the same Redis, each at its defaults and tuned
 (scripts/bench_others.py; --compare-rounds N repeats them), with jobs/s and per job Redis CPU, the
 system's own CPU and Redis commands, beside ours and as ratios us / peer. Writes
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -75,7 +76,7 @@ OWN_CONNECTION: list[tuple[str, Any]] = []
 # the clients, so neither side's event loop delays the other's (a fleet's nodes are machines of their own).
 NODES_APART: list[bool] = [False]
 GENERATOR = {False: "the Submit call, its event loop shared by every client and node",
-             True: "the Submit call, the clients' event loop, the nodes' in a process of their own"}
+             True: "the Submit call, the clients' event loop; the nodes' event loop, in a process of their own"}
 
 
 def commands_line(run: Run) -> str:
@@ -339,34 +340,31 @@ class Lifecycle:
             *(["--own-connection"] if OWN_CONNECTION else []), env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        if line.strip() != b"ready":
-            proc.kill()
-            raise RuntimeError(f"bench_nodes.py did not start: {line!r}")
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if line.strip() != b"ready":
+                raise RuntimeError(f"bench_nodes.py did not start (its output: {line!r}; its error above)")
+        except BaseException:
+            await end_process(proc)
+            raise
         return proc
 
     async def stop_apart(self, run: Run, proc: asyncio.subprocess.Process) -> None:
         """Stop the nodes' process; each job's dispatch time from when it reached its node's handler there."""
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
-        arrived = json.loads(await asyncio.wait_for(proc.stdout.read(), 60))  # (one line, over 64 KiB: to EOF)
-        await proc.wait()
+        out = await asyncio.wait_for(proc.stdout.read(), 60)  # (one line, over 64 KiB: to EOF)
+        if await asyncio.wait_for(proc.wait(), 60) != 0 or not out.strip():
+            raise RuntimeError(f"bench_nodes.py failed as it stopped (exit status {proc.returncode}; its error above)")
+        arrived = json.loads(out)
         for (session, utterance), t0 in self.sent.items():
             at = arrived.get(f"{session}/{utterance}")
             if at is not None:
                 run.dispatch_ms.append((at - t0) * 1000)
         self.sent.clear()
 
-    async def run(self, run: Run, jobs: int, rate: float = 0.0) -> Run:
-        redis = aioredis.from_url(self.redis_url)
-        self.raw_channels: list[grpc.aio.Channel] = []
-        apart = await self.start_apart(run) if NODES_APART[0] else None
-        nodes = [] if apart else [await self.start_node(run, i) for i in range(run.nodes)]
-        stubs = [AsyncClient(self.address, token=self.token, tls=self.tls or False, options=OWN_CONNECTION)
-                 for _ in range(run.clients)]
-        hist0 = scrape_dispatch(self.http)
-        before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
-        own0 = time.process_time() + (cpu_seconds(apart.pid) if apart else 0.0)
+    async def load(self, stubs: list[AsyncClient], run: Run, jobs: int, rate: float) -> None:
+        """The row's jobs, as `run` says: open loop at `rate` (or closed loop), results over WatchJob or WatchSession."""
         if rate and run.reader == "session":  # open loop, results over WatchSession
             await self.session_open_loop(stubs, run, jobs, rate)
         elif rate:  # open loop: a new lifecycle every 1/rate s
@@ -383,6 +381,56 @@ class Lifecycle:
                     await self.one_batch(stub, run, run.batch)
 
             await asyncio.gather(*[client(s) for s in stubs])
+
+    async def run(self, run: Run, jobs: int, rate: float = 0.0) -> Run:
+        self.raw_channels: list[grpc.aio.Channel] = []
+        apart = await self.start_apart(run) if NODES_APART[0] else None
+        try:
+            return await self._run(run, jobs, rate, apart)
+        finally:
+            if apart is not None:
+                await end_process(apart)
+
+    async def _run(self, run: Run, jobs: int, rate: float, apart: asyncio.subprocess.Process | None) -> Run:
+        redis = aioredis.from_url(self.redis_url)
+        nodes: list[SimulatedNode | SimNode] = []
+        stubs = [AsyncClient(self.address, token=self.token, tls=self.tls or False, options=OWN_CONNECTION)
+                 for _ in range(run.clients)]
+        try:
+            nodes += [] if apart else [await self.start_node(run, i) for i in range(run.nodes)]
+            await self.measure(redis, stubs, run, jobs, rate, apart)
+            for node in nodes:
+                await node.stop()
+            nodes.clear()
+            if apart:
+                await self.stop_apart(run, apart)
+            return run
+        finally:  # (a row that failed too: nothing left open behind it)
+            for node in nodes:
+                await node.crash()
+            for channel in self.raw_channels:
+                await channel.close(None)
+            for stub in stubs:
+                await stub.close()
+            await redis.aclose()
+
+    async def measure(self, redis: Any, stubs: list[AsyncClient], run: Run, jobs: int, rate: float,
+                      apart: asyncio.subprocess.Process | None) -> None:
+        """The row's load, and what it cost: Redis' commands and CPU, the scheduler's CPU and histogram, ours."""
+        hist0 = scrape_dispatch(self.http)
+        before, cpu0, t0 = await redis_counters(redis), cpu_seconds(self.pid), time.perf_counter()
+        own0 = time.process_time() + (cpu_seconds(apart.pid) if apart else 0.0)
+        loading = asyncio.ensure_future(self.load(stubs, run, jobs, rate))
+        if apart is not None:  # the nodes' process ending mid-row would leave the load waiting for ever
+            died = asyncio.ensure_future(apart.wait())
+            await asyncio.wait([loading, died], return_when=asyncio.FIRST_COMPLETED)
+            if not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+                raise RuntimeError(f"bench_nodes.py exited (status {apart.returncode}) in the middle of the row")
+            died.cancel()
+        await loading
         run.seconds = time.perf_counter() - t0
         own1 = time.process_time() + (cpu_seconds(apart.pid) if apart else 0.0)
         after, cpu1 = await redis_counters(redis), cpu_seconds(self.pid)
@@ -397,16 +445,14 @@ class Lifecycle:
         run.redis_reads = (after["_reads"] - before["_reads"]) / run.jobs
         run.sched_cpu_per_1000 = (cpu1 - cpu0) / run.jobs * 1000
         run.bench_cpu_per_1000 = (own1 - own0) / run.jobs * 1000
-        for node in nodes:
-            await node.stop()
-        if apart:
-            await self.stop_apart(run, apart)
-        for channel in self.raw_channels:
-            await channel.close(None)
-        for stub in stubs:
-            await stub.close()
-        await redis.aclose()
-        return run
+
+
+async def end_process(proc: asyncio.subprocess.Process) -> None:
+    """Kill `proc` unless it ended, and reap it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 def start_scheduler(redis_url: str, profile: Path | None, *flags: str) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -967,15 +1013,15 @@ def main() -> int:
                         "best WatchSession rate); no memory, others or report")
     p.add_argument("--half-rate-batch", type=int, default=0,
                    help="jobs per Submit in the half-rate rows (default: the best row's batch); the rate stays half "
-                        "the best row's")
+                        "the best row's (or --load-fraction of it)")
     p.add_argument("--load-fraction", type=float, default=0.5,
                    help="with --half-rate-only: run those rows at this fraction of the best rate instead of half")
     p.add_argument("--workers", type=int, default=0,
                    help="run the scheduler with --workers N, each client and node on its own connection "
                         "(scripts/bench_workers.py compares worker counts)")
     p.add_argument("--nodes-apart", action="store_true",
-                   help="run the SDK nodes in a process of their own (scripts/bench_nodes.py), as on machines of "
-                        "their own, not in the clients' process (whose event loop then delays what they receive); "
+                   help="run every row's SDK nodes in a process of their own (scripts/bench_nodes.py), as on machines "
+                        "of their own, not in the clients' process (whose event loop then delays what they receive); "
                         "plaintext, SDK Node rows only (with --no-baseline, without --auth)")
     p.add_argument("--token", default=None,
                    help="bearer token (env LINGUA_TOKEN, read when LINGUA_AUTH_JWT_KEY is set), an admin one, sent "
@@ -992,6 +1038,8 @@ def main() -> int:
         p.error("--token with --auth: its rows \"no auth\" would run with auth on (LINGUA_AUTH_JWT_KEY); use one")
     if not 0 < args.load_fraction <= 1 or (args.load_fraction != 0.5 and not args.half_rate_only):
         p.error("--load-fraction: above 0 and at most 1, with --half-rate-only (the report's row is at half rate)")
+    if args.half_rate_batch < 0:
+        p.error("--half-rate-batch: 0 (the best row's batch) or more")
     if args.nodes_apart and (args.baseline or args.auth):
         p.error("--nodes-apart runs plaintext SDK Nodes only: add --no-baseline, leave out --auth")
     use_workers(args.workers)
