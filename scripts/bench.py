@@ -16,7 +16,8 @@ server certificate made for the run); the ratios to the row without are printed 
 (`--http-listen ''`: no metrics counted) beside the usual rows (port on: every counter, histogram and
 gRPC metric counted); the ratio on / off is printed and written. Then the
 same at half the best throughput, for dispatch latency (--half-rate-batch N: N jobs per Submit there;
---nodes-apart: every row's nodes in a process of their own, scripts/bench_nodes.py). Then Redis memory per queued and per
+--load-fraction F with --half-rate-only: at F of the best rate instead; --nodes-apart: every row's nodes
+in a process of their own, scripts/bench_nodes.py). Then Redis memory per queued and per
 finished job. Then BullMQ, Celery, arq and RQ on the same Redis, each at its defaults and tuned
 (scripts/bench_others.py; --compare-rounds N repeats them), with jobs/s and per job Redis CPU, the
 system's own CPU and Redis commands, beside ours and as ratios us / peer. Writes
@@ -431,6 +432,8 @@ class Lifecycle:
                 raise RuntimeError(f"bench_nodes.py exited (status {apart.returncode}) in the middle of the row")
             died.cancel()
         await loading
+        if not run.e2e_ms:
+            raise RuntimeError(f"{run.label}: no job ran (--jobs is less than a batch of {run.batch} per client)")
         run.seconds = time.perf_counter() - t0
         own1 = time.process_time() + (cpu_seconds(apart.pid) if apart else 0.0)
         after, cpu1 = await redis_counters(redis), cpu_seconds(self.pid)
@@ -877,6 +880,8 @@ def half_run(best: Run, batch: int, reader: str = "job", fraction: float = 0.5) 
 async def main_async(args: argparse.Namespace) -> int:
     docs = HERE.parent / "docs"
     tmp = Path(tempfile.mkdtemp(prefix="lingua-bench-"))
+    if NODES_APART[0]:
+        print("--nodes-apart: every row's nodes run in a process of their own (scripts/bench_nodes.py)", flush=True)
     redis = EmbeddedRedis(tmp / "redis", port=free_ports(1)[0], persistent=False).start()
     try:
         runs = []
@@ -1012,8 +1017,8 @@ def main() -> int:
                         "the scheduler's histogram; with --session-reader also over WatchSession at half the "
                         "best WatchSession rate); no memory, others or report")
     p.add_argument("--half-rate-batch", type=int, default=0,
-                   help="jobs per Submit in the half-rate rows (default: the best row's batch); the rate stays half "
-                        "the best row's (or --load-fraction of it)")
+                   help="jobs per Submit in the half-rate rows (default 0: the best row's batch); the rate stays "
+                        "half the best row's (or --load-fraction of it)")
     p.add_argument("--load-fraction", type=float, default=0.5,
                    help="with --half-rate-only: run those rows at this fraction of the best rate instead of half")
     p.add_argument("--workers", type=int, default=0,
@@ -1036,10 +1041,12 @@ def main() -> int:
                 "verify the token with the key")
     if args.token and args.auth:
         p.error("--token with --auth: its rows \"no auth\" would run with auth on (LINGUA_AUTH_JWT_KEY); use one")
-    if not 0 < args.load_fraction <= 1 or (args.load_fraction != 0.5 and not args.half_rate_only):
-        p.error("--load-fraction: above 0 and at most 1, with --half-rate-only (the report's row is at half rate)")
-    if args.half_rate_batch < 0:
-        p.error("--half-rate-batch: 0 (the best row's batch) or more")
+    if not 0 < args.load_fraction <= 1:
+        p.error(f"--load-fraction {args.load_fraction}: a fraction of the best rate, above 0 and at most 1")
+    if args.load_fraction != 0.5 and not args.half_rate_only:
+        p.error("--load-fraction goes with --half-rate-only (the full report's row is at half rate)")
+    if not 0 <= args.half_rate_batch <= args.jobs:
+        p.error(f"--half-rate-batch {args.half_rate_batch}: 0 (the best row's batch) up to --jobs ({args.jobs})")
     if args.nodes_apart and (args.baseline or args.auth):
         p.error("--nodes-apart runs plaintext SDK Nodes only: add --no-baseline, leave out --auth")
     use_workers(args.workers)

@@ -77,9 +77,11 @@ def test_nodes_apart_is_refused_with_the_rows_it_cannot_run() -> None:
     import sys
 
     refused = {"--nodes-apart runs plaintext SDK Nodes only": (["--nodes-apart"], ["--nodes-apart", "--no-baseline", "--auth"]),
-               "--load-fraction: above 0": (["--load-fraction", "0.25"], ["--half-rate-only", "--load-fraction", "0"],
-                                            ["--half-rate-only", "--load-fraction", "1.5"]),
-               "--half-rate-batch: 0": (["--half-rate-batch", "-1"],)}
+               "--load-fraction goes with --half-rate-only": (["--load-fraction", "0.25"],),
+               "a fraction of the best rate, above 0 and at most 1": (["--half-rate-only", "--load-fraction", "0"],
+                                                                      ["--half-rate-only", "--load-fraction", "1.5"]),
+               "0 (the best row's batch) up to --jobs (400)": (["--half-rate-batch", "-1", "--jobs", "400"],
+                                                               ["--half-rate-batch", "401", "--jobs", "400"])}
     for why, argvs in refused.items():
         for argv in argvs:
             done = subprocess.run([sys.executable, str(Path(bench.__file__)), *argv],
