@@ -782,7 +782,8 @@ def test_submit_keywords_are_type_checked(tmp_path: Path) -> None:
 
 
 def test_job_fields_name_every_field_of_a_job_spec() -> None:
-    """JobFields (submit's keywords) and the JobSpec dataclass list the same fields, the same required."""
+    """JobFields (submit's keywords) and the JobSpec dataclass list the same fields, of the same types, the
+    same required."""
     import dataclasses
 
     from lingua_sdk import JobFields, JobSpec
@@ -791,3 +792,4 @@ def test_job_fields_name_every_field_of_a_job_spec() -> None:
     required = {n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     hints = typing.get_type_hints(JobFields, include_extras=True)  # (the module's annotations are strings)
     assert {n for n, hint in hints.items() if typing.get_origin(hint) is typing.Required} == required
+    assert typing.get_type_hints(JobFields) == typing.get_type_hints(JobSpec)  # (Required stripped)

@@ -12,7 +12,7 @@
     1 removed, 0 kept (the job lives) or not there
 ]]
 local f = rcall("HMGET", KEYS[2], "c", "state")
-if f[1] and f[2] ~= S.succeeded and f[2] ~= S.failed and f[2] ~= S.cancelled and f[2] ~= S.expired then
-  return 0  -- a record with no state yet is queued: alive
+if f[1] and allowed(E.expire, f[2] or S.queued) then
+  return 0  -- alive: its deadline still applies (a record with no state yet is queued)
 end
 return rcall("ZREM", KEYS[1], ARGV[1])
